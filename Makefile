@@ -1,0 +1,71 @@
+# tunefleet developer commands. Everything runs from a virtual environment in .venv,
+# created on first use. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
+GEN    := gen/python
+BUF    := node_modules/.bin/buf
+
+.PHONY: help install system-deps gen check-gen lint buf-lint breaking typecheck test demo serve clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch comes first, pinned to the CPU wheel on disk, so that nothing pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[server,train,dev]'
+	@# The editable install maps the packages that exist now; this .pth puts the three source roots
+	@# on sys.path as well, so packages added later import without reinstalling.
+	printf '%s\n' $(abspath gen/python services clients) \
+	  > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tunefleet-src.pth
+	touch $@
+
+$(BUF): package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+install: $(VENV)/.installed $(BUF)  ## create .venv with the package, its extras and the dev tools; install buf
+
+system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, promtool); needs root
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus
+
+gen: $(VENV)/.installed  ## regenerate Python code and .pyi stubs from protos/
+	rm -rf $(GEN)/tunefleet/v1
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=quiet:$(GEN) --mypy_grpc_out=quiet:$(GEN) \
+	  $(PROTOS)
+	touch $(GEN)/tunefleet/v1/py.typed
+
+check-gen: gen  ## fail if the committed generated code differs from what protos/ generates
+	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
+	  || (echo "generated code is out of date: run 'make gen' and commit $(GEN)"; exit 1)
+
+buf-lint: $(BUF)  ## buf lint (STANDARD + COMMENTS)
+	$(BUF) lint
+
+breaking: $(BUF)  ## report API changes that break main (not enforced until the API is declared stable)
+	-$(BUF) breaking --against '.git#branch=main'
+
+lint: install buf-lint  ## buf lint, ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services clients tests
+
+test: $(VENV)/.installed  ## run the test suite
+	$(BIN)/python -m pytest
+
+demo: $(VENV)/.installed  ## start the embedded server and show health and reflection
+	$(BIN)/python -m tunefleet.cli.demo
+
+serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
+	$(BIN)/tunefleet serve
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

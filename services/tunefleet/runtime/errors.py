@@ -1,0 +1,159 @@
+"""Typed errors that services raise, and their mapping to gRPC status codes.
+
+Transport-free code raises these; the error interceptor turns them into a gRPC status with a
+`google.rpc.ErrorInfo` detail (and a `google.rpc.BadRequest` field violation for bad input), so
+clients get a machine-readable reason. Anything else that escapes a handler becomes INTERNAL
+"internal error" and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "tunefleet.v1"
+
+
+class TunefleetError(Exception):
+    """Base of every error a client is meant to see.
+
+    `reason` is a stable UPPER_SNAKE_CASE identifier clients can switch on; `metadata` adds
+    context (resource names, limits) as strings.
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason: str = "UNKNOWN"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[any_pb2.Any]:
+        """Detail messages attached to the status."""
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            )
+        )
+        return [info]
+
+    def to_status(self) -> grpc.Status:
+        """The gRPC status (code, message and packed details) for this error."""
+        code_value = self.code.value[0]
+        status = status_pb2.Status(code=code_value, message=self.message, details=self.details())
+        converted: grpc.Status = rpc_status.to_status(status)
+        return converted
+
+
+class InvalidArgument(TunefleetError):
+    """The request is malformed; `field` names the offending field (for example `page_size`)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        field: str,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            f"{field}: {message}", reason=reason, metadata={"field": field, **(metadata or {})}
+        )
+        self.field = field
+        self.description = message
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = any_pb2.Any()
+        bad_request.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=self.field, description=self.description
+                    )
+                ]
+            )
+        )
+        return [*super().details(), bad_request]
+
+
+class NotFound(TunefleetError):
+    """The named resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(TunefleetError):
+    """A resource with that name already exists."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(TunefleetError):
+    """The system is not in a state in which the request can run (for example deleting a dataset
+    that a job uses)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(TunefleetError):
+    """A concurrency conflict, such as a compare-and-set that lost; the client may retry."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class ResourceExhausted(TunefleetError):
+    """A size, count or rate limit was exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(TunefleetError):
+    """No valid credentials were presented."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TunefleetError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class DataLoss(TunefleetError):
+    """Stored data is corrupt (for example a blob whose content no longer matches its sha256)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
+class Unimplemented(TunefleetError):
+    """The RPC exists in the API but this server does not implement it (yet)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "NOT_IMPLEMENTED"
+
+
+def internal_status() -> grpc.Status:
+    """The status sent for unexpected failures: no internals leak to the client."""
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted

@@ -1,0 +1,222 @@
+"""Server interceptors shared by every service, and the wrapper they are built on.
+
+Each interceptor runs an async context manager *around* a call: code before `yield` runs before
+the handler, code after it (or in `except`/`finally`) runs when the handler returns, raises or is
+cancelled. For streaming responses the context spans the whole stream. The server stacks them in
+this order, outermost first: request context (logging), metrics, errors, upload limit, auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+from grpc.aio import AbortError
+
+from tunefleet.runtime import logs
+from tunefleet.runtime.errors import ResourceExhausted, TunefleetError, internal_status
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass(frozen=True)
+class RpcCall:
+    """What an interceptor knows about the call it wraps."""
+
+    full_method: str  # "/tunefleet.v1.DatasetService/GetDataset"
+    metadata: dict[str, str]
+    context: grpc.aio.ServicerContext[Any, Any]
+
+    @property
+    def service(self) -> str:
+        return self.full_method.lstrip("/").partition("/")[0]
+
+    @property
+    def method(self) -> str:
+        return self.full_method.rpartition("/")[2]
+
+
+def final_code(call: RpcCall, exc: BaseException | None) -> grpc.StatusCode:
+    """The status code a call ended with, seen from an interceptor's context manager."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    # Typed as StatusCode, but grpc.aio returns None until a code is set, then an int.
+    code: object = call.context.code()
+    if code is None:
+        return grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+class AroundInterceptor(grpc.aio.ServerInterceptor):
+    """Base class: subclasses implement `around`, and may filter client-streamed requests."""
+
+    def around(self, call: RpcCall) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    def filter_requests(self, call: RpcCall, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return requests
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        metadata = {
+            key: value
+            for key, value in handler_call_details.invocation_metadata
+            if isinstance(value, str)
+        }
+        return _wrap(handler, self, handler_call_details.method, metadata)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    interceptor: AroundInterceptor,
+    method: str,
+    metadata: dict[str, str],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A copy of `handler` whose behaviour runs inside `interceptor.around`."""
+
+    def call_of(context: grpc.aio.ServicerContext[Any, Any]) -> RpcCall:
+        return RpcCall(method, metadata, context)
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    # The stubs type behaviours as synchronous; on a grpc.aio server they are coroutines.
+    inner: Callable[..., Any]
+    if handler.unary_unary or handler.stream_unary:
+        inner = cast(Callable[..., Any], handler.unary_unary or handler.stream_unary)
+        streaming_requests = handler.stream_unary is not None
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = call_of(context)
+            async with interceptor.around(call):
+                if streaming_requests:
+                    request = interceptor.filter_requests(call, request)
+                return await inner(request, context)
+
+        if streaming_requests:
+            return grpc.stream_unary_rpc_method_handler(unary_response, **serializers)
+        return grpc.unary_unary_rpc_method_handler(unary_response, **serializers)
+
+    inner = cast(Callable[..., Any], handler.unary_stream or handler.stream_stream)
+    streaming_requests = handler.stream_stream is not None
+    if inspect.isasyncgenfunction(inner):
+
+        async def stream_response(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            call = call_of(context)
+            async with interceptor.around(call):
+                if streaming_requests:
+                    request = interceptor.filter_requests(call, request)
+                async for response in inner(request, context):
+                    yield response
+
+        wrapped: Callable[..., Any] = stream_response
+    else:  # a coroutine that sends responses with context.write()
+
+        async def write_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            call = call_of(context)
+            async with interceptor.around(call):
+                if streaming_requests:
+                    request = interceptor.filter_requests(call, request)
+                await inner(request, context)
+
+        wrapped = write_response
+    if streaming_requests:
+        return grpc.stream_stream_rpc_method_handler(wrapped, **serializers)
+    return grpc.unary_stream_rpc_method_handler(wrapped, **serializers)
+
+
+class RequestContextInterceptor(AroundInterceptor):
+    """Gives each call a request id (the client's `x-request-id`, or a new one), returns it in the
+    response headers, puts it and the method into every log record of the call, and logs one line
+    per finished call."""
+
+    QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
+
+    @asynccontextmanager
+    async def around(self, call: RpcCall) -> AsyncIterator[None]:
+        rid = call.metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        method_token = logs.rpc_method.set(call.full_method)
+        rid_token = logs.request_id.set(rid)
+        await call.context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        start = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            code = final_code(call, failure)
+            level = logging.DEBUG if call.service in self.QUIET_SERVICES else logging.INFO
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            log.log(level, "finished %s in %.1fms", code.name, elapsed_ms)
+            logs.rpc_method.reset(method_token)
+            logs.request_id.reset(rid_token)
+
+
+class ErrorInterceptor(AroundInterceptor):
+    """Maps typed errors to their status codes with an ErrorInfo reason; anything unexpected is
+    logged with its traceback and becomes INTERNAL "internal error"."""
+
+    @asynccontextmanager
+    async def around(self, call: RpcCall) -> AsyncIterator[None]:
+        try:
+            yield
+        except TunefleetError as exc:
+            status = exc.to_status()
+            await call.context.abort(status.code, status.details, status.trailing_metadata)
+        except (AbortError, asyncio.CancelledError):
+            raise  # the handler already chose its status, or the client went away
+        except Exception:
+            log.exception("unexpected error in %s", call.full_method)
+            status = internal_status()
+            await call.context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class UploadLimitInterceptor(AroundInterceptor):
+    """Caps the total size of a client stream: past `max_upload_bytes` the call fails with
+    RESOURCE_EXHAUSTED (reason UPLOAD_TOO_LARGE)."""
+
+    def __init__(self, max_upload_bytes: int) -> None:
+        self.max_upload_bytes = max_upload_bytes
+
+    @asynccontextmanager
+    async def around(self, call: RpcCall) -> AsyncIterator[None]:
+        yield
+
+    async def filter_requests(
+        self, call: RpcCall, requests: AsyncIterator[Any]
+    ) -> AsyncIterator[Any]:
+        total = 0
+        async for request in requests:
+            total += len(request) if isinstance(request, bytes) else request.ByteSize()
+            if total > self.max_upload_bytes:
+                raise ResourceExhausted(
+                    f"upload exceeds the limit of {self.max_upload_bytes} bytes",
+                    reason="UPLOAD_TOO_LARGE",
+                    metadata={"limit_bytes": str(self.max_upload_bytes)},
+                )
+            yield request

@@ -1,0 +1,154 @@
+"""The gRPC server every tunefleet service runs in: `grpc.aio` with health, reflection, the shared
+interceptors, TLS, message limits, a /metrics endpoint and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from tunefleet.runtime.auth import AuthInterceptor, TokenStore
+from tunefleet.runtime.interceptors import (
+    ErrorInterceptor,
+    RequestContextInterceptor,
+    UploadLimitInterceptor,
+)
+from tunefleet.runtime.metrics import MetricsInterceptor, ServerMetrics, start_metrics_server
+from tunefleet.runtime.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to put on the server: its full name and how to add it."""
+
+    name: str  # for example "tunefleet.v1.DatasetService"
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class TunefleetServer:
+    """A configured server. `start()` binds the ports; `stop()` drains and shuts down."""
+
+    settings: ServerSettings
+    services: Sequence[ServiceRegistration]
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    port: int = 0
+    metrics_port: int = 0
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    _server: grpc.aio.Server | None = None
+    _metrics_http: WSGIServer | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            RequestContextInterceptor(),
+            MetricsInterceptor(self.metrics),
+            ErrorInterceptor(),
+            UploadLimitInterceptor(settings.max_upload_bytes),
+        ]
+        if settings.auth.enabled:
+            assert settings.auth.tokens_file is not None  # checked by the settings
+            interceptors.append(AuthInterceptor(TokenStore.from_file(settings.auth.tokens_file)))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for service in self.services:
+            service.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [s.name for s in self.services]
+        _add_reflection(
+            server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        )
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls.enabled:
+            self.port = server.add_secure_port(address, _server_credentials(settings))
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if settings.metrics_enabled:
+            self._metrics_http = start_metrics_server(
+                self.metrics.registry, settings.metrics_host, settings.metrics_port
+            )
+            self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "serving %s on %s (%s), metrics on %s",
+            ", ".join(names) or "health only",
+            f"{settings.host}:{self.port}",
+            "TLS" if settings.tls.enabled else "plaintext",
+            f"http://{settings.metrics_host}:{self.metrics_port}/metrics"
+            if self.metrics_port
+            else "off",
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Mark every service NOT_SERVING, refuse new calls, give in-flight calls `grace`
+        seconds (default: the settings') to finish, then close."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        self._server = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    async def serve_until_signal(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then stop gracefully."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await self.start()
+        await stopping.wait()
+        log.info("shutting down: in-flight calls get %.0fs", self.settings.shutdown_grace_seconds)
+        await self.stop()
+        log.info("stopped")
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Server reflection under both names clients use: grpcio ships only v1alpha, and v1 (which
+    buf curl and newer grpcurl try first) has the same messages, so one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer(
+        [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1_handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1_handler}),)
+    )
+
+
+def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
+    tls = settings.tls
+    assert tls.cert_file is not None and tls.key_file is not None
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

@@ -1,0 +1,91 @@
+"""The catalogue of tunefleet's four services and how each is put on a server.
+
+A service whose issue is not done yet is registered from its descriptor with every method
+answering UNIMPLEMENTED (reason NOT_IMPLEMENTED) and a message naming the issue, so health,
+reflection and clients see the whole API and nothing pretends to work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from tunefleet.runtime.errors import Unimplemented
+from tunefleet.runtime.server import ServiceRegistration
+from tunefleet.v1 import (
+    adapter_service_pb2,
+    dataset_service_pb2,
+    inference_service_pb2,
+    training_service_pb2,
+)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service of the API and the issue that implements it."""
+
+    key: str  # the name `tunefleet serve <key>` takes
+    descriptor: ServiceDescriptor
+    issue: int
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    spec.key: spec
+    for spec in (
+        ServiceSpec(
+            "datasets", dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"], 3
+        ),
+        ServiceSpec(
+            "training", training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"], 6
+        ),
+        ServiceSpec(
+            "adapters", adapter_service_pb2.DESCRIPTOR.services_by_name["AdapterService"], 4
+        ),
+        ServiceSpec(
+            "inference", inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"], 7
+        ),
+    )
+}
+
+
+def registration(key: str) -> ServiceRegistration:
+    """How to put service `key` (datasets, training, adapters, inference) on a server."""
+    spec = SERVICES[key]
+    handler = unimplemented_handler(spec.descriptor, spec.issue)
+    return ServiceRegistration(
+        spec.descriptor.full_name,
+        lambda server: server.add_generic_rpc_handlers((handler,)),
+    )
+
+
+def unimplemented_handler(service: ServiceDescriptor, issue: int) -> grpc.GenericRpcHandler:
+    """A handler for every method of `service` that fails with UNIMPLEMENTED."""
+    return grpc.method_handlers_generic_handler(
+        service.full_name,
+        {method.name: _unimplemented_method(method, issue) for method in service.methods},
+    )
+
+
+def _unimplemented_method(method: MethodDescriptor, issue: int) -> grpc.RpcMethodHandler[Any, Any]:
+    message = f"{method.full_name} is not implemented yet (tunefleet issue #{issue})"
+
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        raise Unimplemented(message, metadata={"issue": str(issue)})
+
+    request_class = message_factory.GetMessageClass(method.input_type)
+    make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(method.client_streaming, method.server_streaming)]
+    return make(
+        behavior,
+        request_deserializer=request_class.FromString,
+        response_serializer=lambda response: response.SerializeToString(),
+    )

@@ -1,0 +1,195 @@
+"""Typed settings, read once at start-up.
+
+Sources, highest priority first: keyword arguments, environment variables with the `TUNEFLEET_`
+prefix (nested sections joined by `__`, for example `TUNEFLEET_SERVER__PORT=50052`), an optional
+YAML file, then the defaults below. A bad value fails start-up with a `SettingsError` naming the
+setting, for example `server.port (TUNEFLEET_SERVER__PORT): Input should be less than 65536`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "TUNEFLEET_"
+ENV_NESTED_DELIMITER = "__"
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded; the message names each bad setting and why."""
+
+
+class _Section(BaseModel):
+    """A settings section; unknown keys are errors, so typos fail start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Section):
+    """TLS for the gRPC port. Off when `cert_file` is unset."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Set to require and verify client certificates (mutual TLS).
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class AuthSettings(_Section):
+    """Bearer-token authentication. Off by default (the embedded shape)."""
+
+    enabled: bool = False
+    # YAML file listing tokens by their sha256; see tunefleet.runtime.auth.
+    tokens_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tokens(self) -> AuthSettings:
+        if self.enabled and self.tokens_file is None:
+            raise ValueError("tokens_file is required when enabled is true")
+        return self
+
+
+class ServerSettings(_Section):
+    """The gRPC server and its limits."""
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests).
+    port: int = Field(default=50051, ge=0, le=65535)
+    # Prometheus /metrics over HTTP.
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    # Largest single gRPC message in either direction.
+    max_message_bytes: int = Field(default=16 * MiB, ge=1024)
+    # Largest total of one client stream (uploads).
+    max_upload_bytes: int = Field(default=64 * 1024 * MiB, ge=1024)
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = False
+
+
+class S3Settings(_Section):
+    """An S3-compatible object store. Credentials come from the usual AWS environment variables or
+    instance roles, never from this file."""
+
+    bucket: str = ""
+    prefix: str = "tunefleet"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class StorageSettings(_Section):
+    """Where metadata and blobs live."""
+
+    # SQLAlchemy URL; empty means a SQLite file in the data directory.
+    database_url: str = ""
+    blob_backend: Literal["local", "s3"] = "local"
+    # For the local backend; empty means `blobs/` in the data directory.
+    blob_dir: Path | None = None
+    s3: S3Settings = S3Settings()
+
+    @model_validator(mode="after")
+    def _s3(self) -> StorageSettings:
+        if self.blob_backend == "s3" and not self.s3.bucket:
+            raise ValueError("s3.bucket is required when blob_backend is 's3'")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything a tunefleet server process needs to start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+    )
+
+    # Embedded-shape state (SQLite file, local blobs) lives here.
+    data_dir: Path = Path(".tunefleet")
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file, if any, is `model_config["yaml_file"]`, set by `load_settings`.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.data_dir / 'tunefleet.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.storage.blob_dir or self.data_dir / "blobs"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from the environment, an optional YAML file and `overrides`.
+
+    Raises SettingsError naming every invalid setting.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {str(config_file)!r} does not exist")
+    settings_class = Settings
+    if config_file is not None:
+
+        class SettingsFromFile(Settings):
+            model_config = SettingsConfigDict(yaml_file=config_file)
+
+        settings_class = SettingsFromFile
+    try:
+        return settings_class(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "settings"
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(
+            str(part).upper() for part in error["loc"] if isinstance(part, str)
+        )
+        lines.append(f"{path} ({env_name}): {error['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)

@@ -1,0 +1,34 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
+from tunefleet.runtime.settings import ServerSettings
+
+StartServer = Callable[..., Awaitable[TunefleetServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Start a TunefleetServer on free ports: `await start_server(services, **server_settings)`.
+    Servers are stopped when the test ends."""
+    servers: list[TunefleetServer] = []
+
+    async def start(
+        services: Sequence[ServiceRegistration] = (), **settings: Any
+    ) -> TunefleetServer:
+        options: dict[str, Any] = {"port": 0, "metrics_port": 0, "shutdown_grace_seconds": 0}
+        options.update(settings)
+        server = TunefleetServer(ServerSettings.model_validate(options), list(services))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(0)

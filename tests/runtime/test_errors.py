@@ -1,0 +1,100 @@
+"""The error interceptor: typed errors become the right status code with an ErrorInfo reason;
+anything unexpected becomes INTERNAL without leaking internals."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import StartServer
+from tests.helpers import error_info, field_violations, raw_service, unary, unary_stream
+from tunefleet.runtime import errors
+
+CASES = [
+    (errors.NotFound("datasets/x not found"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+    (errors.AlreadyExists("adapters/a exists"), grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    (
+        errors.FailedPrecondition("dataset in use", reason="DATASET_IN_USE"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DATASET_IN_USE",
+    ),
+    (errors.ResourceExhausted("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    (errors.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (errors.PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    (errors.Aborted("lost the race"), grpc.StatusCode.ABORTED, "ABORTED"),
+    (errors.DataLoss("corrupt"), grpc.StatusCode.DATA_LOSS, "DATA_LOSS"),
+    (errors.Unimplemented("later"), grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"),
+]
+
+
+def failing_service(exc: BaseException) -> Any:
+    async def unary(request: bytes, context: Any) -> bytes:
+        raise exc
+
+    async def server_stream(request: bytes, context: Any) -> Any:
+        yield b"first"
+        raise exc
+
+    return raw_service(
+        "test.Errors",
+        {"Unary": ("unary_unary", unary), "Stream": ("unary_stream", server_stream)},
+    )
+
+
+@pytest.mark.parametrize(("exc", "code", "reason"), CASES, ids=lambda v: getattr(v, "name", ""))
+async def test_typed_error_maps_to_code_and_reason(
+    start_server: StartServer, exc: errors.TunefleetError, code: grpc.StatusCode, reason: str
+) -> None:
+    server = await start_server([failing_service(exc)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await unary(channel, "/test.Errors/Unary")(b"")
+    assert raised.value.code() == code
+    assert raised.value.details() == exc.message
+    info = error_info(raised.value)
+    assert info is not None
+    assert (info.reason, info.domain) == (reason, "tunefleet.v1")
+
+
+async def test_invalid_argument_names_the_field(start_server: StartServer) -> None:
+    exc = errors.InvalidArgument("page_size", "must not be negative, got -1")
+    server = await start_server([failing_service(exc)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await unary(channel, "/test.Errors/Unary")(b"")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "page_size: must not be negative, got -1"
+    info = error_info(raised.value)
+    assert info is not None and info.metadata["field"] == "page_size"
+    assert field_violations(raised.value) == [("page_size", "must not be negative, got -1")]
+
+
+async def test_error_in_the_middle_of_a_stream(start_server: StartServer) -> None:
+    server = await start_server([failing_service(errors.NotFound("gone"))])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = unary_stream(channel, "/test.Errors/Stream")(b"")
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for message in call:
+                received.append(message)
+    assert received == [b"first"]
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unexpected_exception_is_internal_and_logged(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server([failing_service(KeyError("secret_column_name"))])
+    with caplog.at_level(logging.ERROR, logger="tunefleet.runtime.interceptors"):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await unary(channel, "/test.Errors/Unary")(b"")
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert raised.value.details() == "internal error"
+    assert "secret_column_name" not in str(raised.value.debug_error_string())
+    assert "secret_column_name" not in (raised.value.details() or "")
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and "KeyError" in caplog.text and "/test.Errors/Unary" in caplog.text

@@ -1,0 +1,114 @@
+"""The metrics interceptor and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import StartServer
+from tests.helpers import raw_service, require_tool, unary
+from tunefleet.runtime.errors import NotFound
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        return str(response.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def service(gate: asyncio.Event | None = None) -> Any:
+    async def ok(request: bytes, context: Any) -> bytes:
+        if gate is not None:
+            await gate.wait()
+        return request
+
+    async def missing(request: bytes, context: Any) -> bytes:
+        raise NotFound("nothing here")
+
+    return raw_service(
+        "test.Echo", {"Ok": ("unary_unary", ok), "Missing": ("unary_unary", missing)}
+    )
+
+
+async def test_requests_are_counted_by_code_and_timed(start_server: StartServer) -> None:
+    server = await start_server([service()])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for _ in range(3):
+            await unary(channel, "/test.Echo/Ok")(b"x")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(channel, "/test.Echo/Missing")(b"x")
+    text = scrape(server.metrics_port)
+    labels = {"grpc_service": "test.Echo", "grpc_method": "Ok"}
+    assert sample(text, "tunefleet_grpc_server_requests_total", **labels, grpc_code="OK") == 3
+    assert (
+        sample(
+            text,
+            "tunefleet_grpc_server_requests_total",
+            grpc_service="test.Echo",
+            grpc_method="Missing",
+            grpc_code="NOT_FOUND",
+        )
+        == 1
+    )
+    assert sample(text, "tunefleet_grpc_server_request_duration_seconds_count", **labels) == 3
+    assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
+
+
+async def test_in_flight_gauge_counts_running_calls(start_server: StartServer) -> None:
+    gate = asyncio.Event()
+    server = await start_server([service(gate)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        calls = [asyncio.ensure_future(unary(channel, "/test.Echo/Ok")(b"x")) for _ in range(2)]
+        labels = {"grpc_service": "test.Echo", "grpc_method": "Ok"}
+        for _ in range(100):
+            text = await asyncio.to_thread(scrape, server.metrics_port)
+            try:
+                if sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 2:
+                    break
+            except AssertionError:
+                pass
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("in-flight gauge never reached 2")
+        gate.set()
+        await asyncio.gather(*calls)
+    text = scrape(server.metrics_port)
+    assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
+
+
+@pytest.mark.promtool
+async def test_exposition_passes_promtool(start_server: StartServer) -> None:
+    promtool = require_tool("promtool", "Debian package prometheus")
+    server = await start_server([service()])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await unary(channel, "/test.Echo/Ok")(b"x")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(channel, "/test.Echo/Missing")(b"x")
+    text = scrape(server.metrics_port)
+    assert "tunefleet_grpc_server_requests_total" in text
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", (
+        "promtool found lint problems"
+    )

@@ -1,0 +1,65 @@
+"""Settings: environment over YAML over defaults; bad values name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunefleet.runtime.settings import SettingsError, load_settings
+
+
+def test_defaults_are_the_embedded_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.server.port == 50051
+    assert settings.server.metrics_port == 9090
+    assert not settings.server.auth.enabled and not settings.server.tls.enabled
+    assert settings.database_url == f"sqlite:///{Path('.tunefleet') / 'tunefleet.db'}"
+    assert settings.storage.blob_backend == "local"
+
+
+def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "tunefleet.yaml"
+    config.write_text("server:\n  port: 6000\n  metrics_port: 9100\nlogging:\n  json_lines: true\n")
+    monkeypatch.setenv("TUNEFLEET_SERVER__PORT", "7000")
+    settings = load_settings(config)
+    assert settings.server.port == 7000
+    assert settings.server.metrics_port == 9100
+    assert settings.logging.json_lines is True
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TUNEFLEET_SERVER__PORT": "70000"}, "server.port (TUNEFLEET_SERVER__PORT)"),
+        ({"TUNEFLEET_LOGGING__LEVEL": "LOUD"}, "logging.level (TUNEFLEET_LOGGING__LEVEL)"),
+        ({"TUNEFLEET_SERVER__PROT": "1"}, "server.prot (TUNEFLEET_SERVER__PROT): Extra inputs"),
+        ({"TUNEFLEET_STORAGE__BLOB_BACKEND": "s3"}, "s3.bucket is required"),
+        ({"TUNEFLEET_SERVER__AUTH__ENABLED": "true"}, "tokens_file is required"),
+        ({"TUNEFLEET_SERVER__TLS__CERT_FILE": "/nope.crt"}, "key_file must be set together"),
+    ],
+)
+def test_bad_values_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings()
+
+
+def test_missing_certificate_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"cert_file '/nope\.crt' is not a readable file"):
+        load_settings(server={"tls": {"cert_file": "/nope.crt", "key_file": str(tmp_path)}})
+
+
+def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "tunefleet.yaml"
+    config.write_text("storage:\n  databse_url: sqlite://\n")
+    with pytest.raises(SettingsError, match=r"storage\.databse_url"):
+        load_settings(config)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")
