@@ -1,0 +1,114 @@
+"""`make demo`: start the embedded server and show what it serves.
+
+Until the service issues land this tour is short: it starts `tunefleet serve` (all four services
+in one process), checks each service's health, lists the API through server reflection, makes
+one call to show that unbuilt RPCs answer UNIMPLEMENTED honestly, reads the Prometheus metrics,
+and shuts the server down with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from tunefleet.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+
+SERVICES = [
+    "tunefleet.v1.DatasetService",
+    "tunefleet.v1.TrainingService",
+    "tunefleet.v1.AdapterService",
+    "tunefleet.v1.InferenceService",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def wait_healthy(stub: health_pb2_grpc.HealthStub, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"tunefleet serve exited with {server.returncode}")
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise SystemExit("tunefleet serve did not become healthy within 60 s")
+
+
+def main() -> int:
+    port, metrics_port = free_port(), free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
+    env = {
+        **os.environ,
+        "TUNEFLEET_DATA_DIR": str(data_dir),
+        "TUNEFLEET_SERVER__PORT": str(port),
+        "TUNEFLEET_SERVER__METRICS_PORT": str(metrics_port),
+        "TUNEFLEET_LOGGING__LEVEL": "WARNING",
+    }
+    step(f"starting `tunefleet serve` on 127.0.0.1:{port} (data in {data_dir})")
+    tunefleet = Path(sys.executable).with_name("tunefleet")
+    server = subprocess.Popen([str(tunefleet), "serve"], env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_healthy(health, server)
+
+            step("health (grpc.health.v1)")
+            for name in SERVICES:
+                status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+                print(f"  {name:34} {status_name}")
+
+            step("API through server reflection")
+            pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+            for name in SERVICES:
+                methods = [m.name for m in pool.FindServiceByName(name).methods]
+                print(f"  {name}: {', '.join(methods)}")
+
+            step("calling DatasetService.GetDataset")
+            try:
+                dataset_service_pb2_grpc.DatasetServiceStub(channel).GetDataset(
+                    dataset_service_pb2.GetDatasetRequest(name="datasets/demo"), timeout=5
+                )
+            except grpc.RpcError as error:
+                print(f"  {error.code().name}: {error.details()}")
+
+        step(f"metrics (http://127.0.0.1:{metrics_port}/metrics)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith("tunefleet_grpc_server_requests_total"):
+                    print(f"  {line}")
+    finally:
+        step("stopping with SIGTERM")
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+        print(f"  tunefleet serve exited with {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

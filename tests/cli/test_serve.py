@@ -1,0 +1,176 @@
+"""`tunefleet serve`: the real command, as a subprocess, checked with real gRPC clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from tests.helpers import IN_CI, error_info, free_port
+from tunefleet.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+TUNEFLEET = Path(sys.executable).with_name("tunefleet")
+ALL_SERVICES = {
+    "tunefleet.v1.DatasetService",
+    "tunefleet.v1.TrainingService",
+    "tunefleet.v1.AdapterService",
+    "tunefleet.v1.InferenceService",
+}
+
+
+class Serve:
+    def __init__(self, process: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+        self.process, self.port, self.metrics_port = process, port, metrics_port
+        self.target = f"127.0.0.1:{port}"
+
+
+def run_serve(tmp_path: Path, *args: str) -> Iterator[Serve]:
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "TUNEFLEET_DATA_DIR": str(tmp_path / "data"),
+        "TUNEFLEET_SERVER__PORT": str(port),
+        "TUNEFLEET_SERVER__METRICS_PORT": str(metrics_port),
+    }
+    process = subprocess.Popen(
+        [str(TUNEFLEET), "serve", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    serve = Serve(process, port, metrics_port)
+    try:
+        wait_serving(serve)
+        yield serve
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def wait_serving(serve: Serve) -> None:
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(serve.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert serve.process.poll() is None, (
+                serve.process.stderr and serve.process.stderr.read()
+            )
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    pytest.fail("tunefleet serve did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    yield from run_serve(tmp_path_factory.mktemp("embedded"))
+
+
+def health_of(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return int(response.status)
+
+
+def reflected_services(target: str) -> set[str]:
+    with grpc.insecure_channel(target) as channel:
+        return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_every_service_is_serving(embedded: Serve) -> None:
+    for service in ["", *ALL_SERVICES]:
+        assert health_of(embedded.target, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_and_describes_the_services(embedded: Serve) -> None:
+    services = reflected_services(embedded.target)
+    assert services >= ALL_SERVICES
+    assert "grpc.health.v1.Health" in services
+    with grpc.insecure_channel(embedded.target) as channel:
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        service = pool.FindServiceByName("tunefleet.v1.TrainingService")
+        assert "CreateTrainingJob" in [m.name for m in service.methods]
+
+
+def test_unbuilt_rpcs_answer_unimplemented_honestly(embedded: Serve) -> None:
+    with grpc.insecure_channel(embedded.target) as channel:
+        stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetDataset(dataset_service_pb2.GetDatasetRequest(name="datasets/x"), timeout=5)
+    error = raised.value
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "issue #3" in (error.details() or "")
+    info = error_info(error)
+    assert info is not None and info.reason == "NOT_IMPLEMENTED"
+
+
+def test_buf_curl_reaches_the_server_through_reflection(embedded: Serve) -> None:
+    buf = ROOT / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        if IN_CI:
+            pytest.fail("buf is not installed (npm install)")
+        pytest.skip("buf is not installed (npm install)")
+    url = f"http://{embedded.target}"
+    listed = subprocess.run(
+        [str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert set(listed.stdout.split()) >= ALL_SERVICES
+    health = subprocess.run(
+        [
+            str(buf),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            f"{url}/grpc.health.v1.Health/Check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert '"status": "SERVING"' in health.stdout
+
+
+def test_one_service_per_process(tmp_path: Path) -> None:
+    for serve in run_serve(tmp_path, "datasets"):
+        assert health_of(serve.target, "tunefleet.v1.DatasetService") == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            health_of(serve.target, "tunefleet.v1.TrainingService")
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        services = reflected_services(serve.target)
+        assert "tunefleet.v1.DatasetService" in services
+        assert not services & (ALL_SERVICES - {"tunefleet.v1.DatasetService"})
+
+
+def test_bad_setting_fails_start_up_naming_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(TUNEFLEET), "serve"],
+        env={**os.environ, "TUNEFLEET_SERVER__PORT": "not-a-port"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "server.port (TUNEFLEET_SERVER__PORT)" in result.stderr
