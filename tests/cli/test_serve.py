@@ -96,6 +96,15 @@ def test_every_service_is_serving(embedded: Serve) -> None:
         assert health_of(embedded.target, service) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_watch_streams_the_status(embedded: Serve) -> None:
+    with grpc.insecure_channel(embedded.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="tunefleet.v1.AdapterService"), timeout=5
+        )
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+
+
 def test_reflection_lists_and_describes_the_services(embedded: Serve) -> None:
     services = reflected_services(embedded.target)
     assert services >= ALL_SERVICES

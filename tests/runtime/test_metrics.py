@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartServer
-from tests.helpers import raw_service, require_tool, unary
+from tests.helpers import raw_service, require_tool, unary, unary_stream
 from tunefleet.runtime.errors import NotFound
 
 
@@ -87,6 +87,27 @@ async def test_in_flight_gauge_counts_running_calls(start_server: StartServer) -
         gate.set()
         await asyncio.gather(*calls)
     text = scrape(server.metrics_port)
+    assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
+
+
+async def test_a_stream_the_client_cancels_is_counted_as_cancelled(start_server: StartServer) -> None:
+    async def endless(request: bytes, context: Any) -> Any:
+        while True:
+            yield b"tick"
+            await asyncio.sleep(0.01)
+
+    server = await start_server([raw_service("test.Feed", {"Follow": ("unary_stream", endless)})])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = unary_stream(channel, "/test.Feed/Follow")(b"")
+        assert await call.read() == b"tick"
+        call.cancel()
+    labels = {"grpc_service": "test.Feed", "grpc_method": "Follow"}
+    for _ in range(100):
+        text = await asyncio.to_thread(scrape, server.metrics_port)
+        if "test.Feed" in text and 'grpc_code="CANCELLED"' in text:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(text, "tunefleet_grpc_server_requests_total", **labels, grpc_code="CANCELLED") == 1
     assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
 
 
