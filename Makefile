@@ -19,7 +19,7 @@ $(BIN)/python:
 # torch comes first, pinned to the CPU wheel on disk, so that nothing pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[server,train,dev]'
+	$(BIN)/pip install --quiet -e '.[server,train,dev,bench]'
 	@# The editable install maps the packages that exist now; this .pth puts the three source roots
 	@# on sys.path as well, so packages added later import without reinstalling.
 	printf '%s\n' $(abspath gen/python services clients) \

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
-from tunefleet.runtime.settings import ServerSettings
+from tunefleet.runtime.settings import ServerSettings, load_settings
 
 StartServer = Callable[..., Awaitable[TunefleetServer]]
 
@@ -32,3 +35,12 @@ async def start_server() -> AsyncIterator[StartServer]:
     yield start
     for server in servers:
         await server.stop(0)
+
+
+@pytest.fixture
+def service_context(tmp_path: Path) -> Iterator[ServiceContext]:
+    """Settings, storage (SQLite and local blobs under tmp_path) and a metrics registry."""
+    settings = load_settings(data_dir=tmp_path / "data")
+    storage = open_storage(settings)
+    yield ServiceContext(settings, storage, CollectorRegistry())
+    storage.close()

@@ -18,8 +18,15 @@ def test_demo_runs_end_to_end() -> None:
     for service in ("DatasetService", "TrainingService", "AdapterService", "InferenceService"):
         assert f"tunefleet.v1.{service}" in result.stdout
     assert result.stdout.count("SERVING") == 4
-    assert "UNIMPLEMENTED: tunefleet.v1.DatasetService.GetDataset is not implemented yet" in (
+    # The sample's flaws are reported: a truncated line, a record without an answer, a duplicate
+    # and an e-mail address.
+    assert "read 243, rejected 2:" in result.stdout
+    assert "line 61: INVALID_JSON" in result.stdout
+    assert "line 102: NO_ASSISTANT_TURN" in result.stdout
+    assert "duplicates removed: 1 exact" in result.stdout
+    assert "PII redacted: 1 x EMAIL" in result.stdout
+    assert "UNIMPLEMENTED: tunefleet.v1.TrainingService.GetTrainingJob is not implemented yet" in (
         result.stdout
     )
-    assert 'grpc_code="UNIMPLEMENTED",grpc_method="GetDataset"' in result.stdout
+    assert "tunefleet_dataset_records_accepted_total 241.0" in result.stdout
     assert "tunefleet serve exited with 0" in result.stdout

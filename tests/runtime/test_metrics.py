@@ -90,7 +90,9 @@ async def test_in_flight_gauge_counts_running_calls(start_server: StartServer) -
     assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
 
 
-async def test_a_stream_the_client_cancels_is_counted_as_cancelled(start_server: StartServer) -> None:
+async def test_a_stream_the_client_cancels_is_counted_as_cancelled(
+    start_server: StartServer,
+) -> None:
     async def endless(request: bytes, context: Any) -> Any:
         while True:
             yield b"tick"
@@ -107,7 +109,9 @@ async def test_a_stream_the_client_cancels_is_counted_as_cancelled(start_server:
         if "test.Feed" in text and 'grpc_code="CANCELLED"' in text:
             break
         await asyncio.sleep(0.02)
-    assert sample(text, "tunefleet_grpc_server_requests_total", **labels, grpc_code="CANCELLED") == 1
+    assert (
+        sample(text, "tunefleet_grpc_server_requests_total", **labels, grpc_code="CANCELLED") == 1
+    )
     assert sample(text, "tunefleet_grpc_server_in_flight_requests", **labels) == 0
 
 

@@ -1,9 +1,10 @@
 """`make demo`: start the embedded server and show what it serves.
 
-Until the service issues land this tour is short: it starts `tunefleet serve` (all four services
-in one process), checks each service's health, lists the API through server reflection, makes
-one call to show that unbuilt RPCs answer UNIMPLEMENTED honestly, reads the Prometheus metrics,
-and shuts the server down with SIGTERM.
+Until the remaining service issues land this tour is short: it starts `tunefleet serve` (all four
+services in one process), checks each service's health, lists the API through server reflection,
+uploads the bundled sample dataset (order extraction, with the flaws a real export has) and shows
+its validation and cleaning report and a preview, shows that unbuilt RPCs answer UNIMPLEMENTED
+honestly, reads the Prometheus metrics, and shuts the server down with SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -25,7 +28,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tunefleet.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+from tunefleet.v1 import (
+    dataset_pb2,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    training_service_pb2,
+    training_service_pb2_grpc,
+)
 
 SERVICES = [
     "tunefleet.v1.DatasetService",
@@ -59,6 +68,42 @@ def wait_healthy(stub: health_pb2_grpc.HealthStub, server: subprocess.Popen[byte
     raise SystemExit("tunefleet serve did not become healthy within 60 s")
 
 
+def upload_sample(stub: dataset_service_pb2_grpc.DatasetServiceStub) -> None:
+    sample = resources.files("tunefleet.cli.data").joinpath("orders.jsonl").read_bytes()
+    step(f"uploading the sample dataset orders.jsonl ({len(sample)} bytes)")
+
+    def requests() -> Iterator[dataset_service_pb2.UploadDatasetRequest]:
+        yield dataset_service_pb2.UploadDatasetRequest(
+            header=dataset_service_pb2.UploadDatasetHeader(display_name="orders-demo")
+        )
+        for start in range(0, len(sample), 16384):
+            yield dataset_service_pb2.UploadDatasetRequest(chunk=sample[start : start + 16384])
+
+    dataset = stub.UploadDataset(requests(), timeout=60)
+    report, cleaning = dataset.validation_report, dataset.cleaning_report
+    print(
+        f"  {dataset.name}: {dataset.record_count} records "
+        f"({dataset.train_record_count} train / {dataset.validation_record_count} validation)"
+    )
+    print(f"  read {report.total_records}, rejected {report.rejected_records}:")
+    for error in report.errors:
+        code = dataset_pb2.RecordErrorCode.Name(error.code).removeprefix("RECORD_ERROR_CODE_")
+        print(f"    line {error.line}: {code}: {error.message}")
+    print(
+        f"  duplicates removed: {cleaning.exact_duplicates_removed} exact, "
+        f"{cleaning.near_duplicates_removed} near"
+    )
+    for count in cleaning.pii_counts:
+        kind = dataset_pb2.PiiType.Name(count.type).removeprefix("PII_TYPE_")
+        print(f"  PII redacted: {count.count} x {kind}")
+    preview = stub.PreviewDatasetRecords(
+        dataset_service_pb2.PreviewDatasetRecordsRequest(name=dataset.name, limit=1), timeout=10
+    )
+    for record in preview:
+        for message in record.messages:
+            print(f"    {message.role:>9}: {message.content}")
+
+
 def main() -> int:
     port, metrics_port = free_port(), free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
@@ -89,10 +134,12 @@ def main() -> int:
                 methods = [m.name for m in pool.FindServiceByName(name).methods]
                 print(f"  {name}: {', '.join(methods)}")
 
-            step("calling DatasetService.GetDataset")
+            upload_sample(dataset_service_pb2_grpc.DatasetServiceStub(channel))
+
+            step("calling TrainingService.GetTrainingJob (not built yet)")
             try:
-                dataset_service_pb2_grpc.DatasetServiceStub(channel).GetDataset(
-                    dataset_service_pb2.GetDatasetRequest(name="datasets/demo"), timeout=5
+                training_service_pb2_grpc.TrainingServiceStub(channel).GetTrainingJob(
+                    training_service_pb2.GetTrainingJobRequest(name="trainingJobs/demo"), timeout=5
                 )
             except grpc.RpcError as error:
                 print(f"  {error.code().name}: {error.details()}")
@@ -100,7 +147,10 @@ def main() -> int:
         step(f"metrics (http://127.0.0.1:{metrics_port}/metrics)")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
             for line in page.read().decode().splitlines():
-                if line.startswith("tunefleet_grpc_server_requests_total"):
+                wanted = line.startswith(
+                    ("tunefleet_grpc_server_requests_total", "tunefleet_dataset_")
+                )
+                if wanted and "_created" not in line and "_bucket" not in line:
                     print(f"  {line}")
     finally:
         step("stopping with SIGTERM")

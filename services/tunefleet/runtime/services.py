@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from tunefleet.runtime.context import ServiceContext
 from tunefleet.runtime.errors import Unimplemented
 from tunefleet.runtime.server import ServiceRegistration
 from tunefleet.v1 import (
@@ -27,18 +28,45 @@ from tunefleet.v1 import (
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A service of the API and the issue that implements it."""
+    """A service of the API: its implementation, or the issue that will implement it."""
 
     key: str  # the name `tunefleet serve <key>` takes
     descriptor: ServiceDescriptor
     issue: int
+    build: Callable[[ServiceContext], ServiceRegistration] | None = None
+
+
+def _datasets(context: ServiceContext) -> ServiceRegistration:
+    from tunefleet.datasets.metrics import DatasetMetrics
+    from tunefleet.datasets.service import DatasetManager
+    from tunefleet.datasets.servicer import DatasetServicer
+    from tunefleet.v1 import dataset_service_pb2_grpc
+
+    settings = context.settings
+    manager = DatasetManager(
+        context.storage.database,
+        context.storage.blobs,
+        workdir=settings.work_dir / "datasets",
+        models=settings.models,
+        metrics=DatasetMetrics(context.registry),
+    )
+    servicer = DatasetServicer(manager)
+    return ServiceRegistration(
+        "tunefleet.v1.DatasetService",
+        lambda server: dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
+            servicer, server
+        ),
+    )
 
 
 SERVICES: dict[str, ServiceSpec] = {
     spec.key: spec
     for spec in (
         ServiceSpec(
-            "datasets", dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"], 3
+            "datasets",
+            dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
+            3,
+            _datasets,
         ),
         ServiceSpec(
             "training", training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"], 6
@@ -53,9 +81,11 @@ SERVICES: dict[str, ServiceSpec] = {
 }
 
 
-def registration(key: str) -> ServiceRegistration:
+def registration(key: str, context: ServiceContext) -> ServiceRegistration:
     """How to put service `key` (datasets, training, adapters, inference) on a server."""
     spec = SERVICES[key]
+    if spec.build is not None:
+        return spec.build(context)
     handler = unimplemented_handler(spec.descriptor, spec.issue)
     return ServiceRegistration(
         spec.descriptor.full_name,

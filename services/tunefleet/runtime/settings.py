@@ -137,8 +137,10 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    # Embedded-shape state (SQLite file, local blobs) lives here.
+    # Embedded-shape state (SQLite file, local blobs, scratch space) lives here.
     data_dir: Path = Path(".tunefleet")
+    # Models the platform knows: name -> local directory (tokenizers, base models).
+    models: dict[str, Path] = {}
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
     storage: StorageSettings = StorageSettings()
@@ -158,6 +160,11 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.storage.database_url or f"sqlite:///{self.data_dir / 'tunefleet.db'}"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for work in progress (upload spools); never shared between processes."""
+        return self.data_dir / "work"
 
     @property
     def blob_dir(self) -> Path:

@@ -38,6 +38,35 @@ def check_request_id(request_id: str) -> str:
         raise InvalidArgument("request_id", f"{request_id!r} is not a UUID") from None
 
 
+def lookup(session: Session, scope: str, request_id: str, request_sha256: str) -> str | None:
+    """The resource an earlier request with this id created, if any; INVALID_ARGUMENT if that
+    request was a different one."""
+    seen = session.get(IdempotencyKey, (scope, request_id))
+    if seen is None:
+        return None
+    if seen.request_sha256 != request_sha256:
+        raise InvalidArgument(
+            "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+        )
+    return seen.resource_name
+
+
+def remember(
+    session: Session, scope: str, request_id: str, request_sha256: str, resource_name: str
+) -> None:
+    """Record what a request created, in the caller's transaction."""
+    session.add(
+        IdempotencyKey(
+            scope=scope,
+            request_id=request_id,
+            request_sha256=request_sha256,
+            resource_name=resource_name,
+            create_time=utcnow(),
+        )
+    )
+    session.flush()
+
+
 def create_once(
     db: Database,
     *,
@@ -59,26 +88,11 @@ def create_once(
     for attempt in range(2):
         try:
             with db.session() as session:
-                seen = session.get(IdempotencyKey, (scope, request_id))
-                if seen is not None:
-                    if seen.request_sha256 != request_sha256:
-                        raise InvalidArgument(
-                            "request_id",
-                            "was already used for a different request",
-                            reason="REQUEST_ID_REUSED",
-                        )
-                    return seen.resource_name, False
+                existing = lookup(session, scope, request_id, request_sha256)
+                if existing is not None:
+                    return existing, False
                 name = create(session)
-                session.add(
-                    IdempotencyKey(
-                        scope=scope,
-                        request_id=request_id,
-                        request_sha256=request_sha256,
-                        resource_name=name,
-                        create_time=utcnow(),
-                    )
-                )
-                session.flush()
+                remember(session, scope, request_id, request_sha256, name)
                 return name, True
         except IntegrityError:
             if attempt:

@@ -104,9 +104,9 @@ class _RecordErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recor
     RECORD_ERROR_CODE_RECORD_TOO_LONG: _RecordErrorCode.ValueType  # 9
     """The record is longer than the upload's limit."""
     RECORD_ERROR_CODE_UNKNOWN_FORMAT: _RecordErrorCode.ValueType  # 10
-    """The record matches no known format, or not the format given for the upload."""
-    RECORD_ERROR_CODE_PII_DROPPED: _RecordErrorCode.ValueType  # 11
-    """The record contained PII and the upload's PII policy drops such records."""
+    """The record matches no known format, or its structure is not the format's (for example
+    `messages` is not a list).
+    """
 
 class RecordErrorCode(_RecordErrorCode, metaclass=_RecordErrorCodeEnumTypeWrapper):
     """RecordErrorCode is the stable reason a record was rejected."""
@@ -132,9 +132,9 @@ RECORD_ERROR_CODE_NON_STRING_CONTENT: RecordErrorCode.ValueType  # 8
 RECORD_ERROR_CODE_RECORD_TOO_LONG: RecordErrorCode.ValueType  # 9
 """The record is longer than the upload's limit."""
 RECORD_ERROR_CODE_UNKNOWN_FORMAT: RecordErrorCode.ValueType  # 10
-"""The record matches no known format, or not the format given for the upload."""
-RECORD_ERROR_CODE_PII_DROPPED: RecordErrorCode.ValueType  # 11
-"""The record contained PII and the upload's PII policy drops such records."""
+"""The record matches no known format, or its structure is not the format's (for example
+`messages` is not a list).
+"""
 Global___RecordErrorCode: _TypeAlias = RecordErrorCode  # noqa: Y015
 
 class _PiiType:

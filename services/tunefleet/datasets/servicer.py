@@ -1,0 +1,233 @@
+"""DatasetService over gRPC: converts between protobuf and the DatasetManager, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tunefleet.datasets.pipeline import IngestOptions
+from tunefleet.datasets.service import DatasetManager, UploadHeader
+from tunefleet.datasets.store import DatasetRow
+from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SPLITS = {
+    dataset_pb2.DATASET_SPLIT_UNSPECIFIED: None,
+    dataset_pb2.DATASET_SPLIT_TRAIN: "train",
+    dataset_pb2.DATASET_SPLIT_VALIDATION: "validation",
+}
+MAX_DISPLAY_NAME = 128
+
+
+class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
+    def __init__(self, manager: DatasetManager) -> None:
+        self.manager = manager
+
+    async def UploadDataset(
+        self,
+        request_iterator: AsyncIterator[dataset_service_pb2.UploadDatasetRequest],
+        context: Context,
+    ) -> dataset_pb2.Dataset:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("header", "the first message of an upload must carry the header")
+        # One thread per upload runs its steps in order, so the clean-up after a cancelled stream
+        # runs only once the chunk being parsed is done.
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        loop = asyncio.get_running_loop()
+        upload = None
+        try:
+            upload = await loop.run_in_executor(
+                worker, self.manager.start_upload, upload_header(first.header)
+            )
+            if upload.existing is None:
+                async for request in requests:
+                    if request.HasField("header"):
+                        raise InvalidArgument("header", "only the first message may carry a header")
+                    await loop.run_in_executor(worker, upload.ingestor.feed, request.chunk)
+            row = await loop.run_in_executor(worker, self.manager.complete, upload)
+        finally:
+            if upload is not None:
+                await asyncio.wrap_future(worker.submit(self.manager.abort, upload))
+            worker.shutdown(wait=False)
+        return to_proto(row, stored=not upload.header.validate_only)
+
+    async def GetDataset(
+        self, request: dataset_service_pb2.GetDatasetRequest, context: Context
+    ) -> dataset_pb2.Dataset:
+        return to_proto(await asyncio.to_thread(self.manager.get, request.name))
+
+    async def ListDatasets(
+        self, request: dataset_service_pb2.ListDatasetsRequest, context: Context
+    ) -> dataset_service_pb2.ListDatasetsResponse:
+        page = await asyncio.to_thread(
+            self.manager.list, request.filter, request.page_size, request.page_token
+        )
+        return dataset_service_pb2.ListDatasetsResponse(
+            datasets=[to_proto(row) for row in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteDataset(
+        self, request: dataset_service_pb2.DeleteDatasetRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.manager.delete, request.name)
+        return empty_pb2.Empty()
+
+    async def PreviewDatasetRecords(
+        self, request: dataset_service_pb2.PreviewDatasetRecordsRequest, context: Context
+    ) -> AsyncIterator[dataset_pb2.DatasetRecord]:
+        records = self.manager.records(
+            request.name, SPLITS.get(request.split), request.offset, request.limit or 100
+        )
+        while True:
+            record = await asyncio.to_thread(next, records, None)
+            if record is None:
+                return
+            yield dataset_pb2.DatasetRecord(
+                index=record["index"],
+                source_line=record["source_line"],
+                split=(
+                    dataset_pb2.DATASET_SPLIT_VALIDATION
+                    if record["split"] == "validation"
+                    else dataset_pb2.DATASET_SPLIT_TRAIN
+                ),
+                messages=[_message(m) for m in record["messages"]],
+                redacted_pii=[dataset_pb2.PiiType.Value(t) for t in record["redacted_pii"]],
+            )
+
+    async def CheckContamination(
+        self, request: dataset_service_pb2.CheckContaminationRequest, context: Context
+    ) -> dataset_pb2.ContaminationReport:
+        threshold = (
+            request.near_duplicate_threshold
+            if request.HasField("near_duplicate_threshold")
+            else 0.8
+        )
+        report = await asyncio.to_thread(
+            self.manager.contamination, request.dataset, request.evaluation_dataset, threshold
+        )
+        return json_format.ParseDict(report, dataset_pb2.ContaminationReport())
+
+
+def upload_header(header: dataset_service_pb2.UploadDatasetHeader) -> UploadHeader:
+    """Validate an upload header, naming the field of any bad value."""
+    if len(header.display_name) > MAX_DISPLAY_NAME:
+        raise InvalidArgument("display_name", f"is longer than {MAX_DISPLAY_NAME} characters")
+    for key, value in header.labels.items():
+        if not key or len(key) > 63 or len(value) > 63:
+            raise InvalidArgument(
+                f"labels[{key!r}]", "keys must be 1-63 and values 0-63 characters"
+            )
+    return UploadHeader(
+        options=ingest_options(header.options),
+        display_name=header.display_name,
+        description=header.description,
+        labels=dict(header.labels),
+        request_id=header.request_id,
+        validate_only=header.validate_only,
+    )
+
+
+def ingest_options(options: dataset_pb2.DatasetOptions) -> IngestOptions:
+    defaults = IngestOptions()
+    threshold = (
+        options.near_duplicate_threshold
+        if options.HasField("near_duplicate_threshold")
+        else defaults.near_duplicate_threshold
+    )
+    if not 0 < threshold <= 1:
+        raise InvalidArgument(
+            "options.near_duplicate_threshold", f"must be in (0, 1], got {threshold}"
+        )
+    fraction = (
+        options.validation_fraction
+        if options.HasField("validation_fraction")
+        else defaults.validation_fraction
+    )
+    if not 0 <= fraction <= 0.5:
+        raise InvalidArgument("options.validation_fraction", f"must be in [0, 0.5], got {fraction}")
+    if options.validation_dataset and options.HasField("validation_fraction") and fraction > 0:
+        raise InvalidArgument(
+            "options.validation_fraction", "cannot be set together with options.validation_dataset"
+        )
+    for name in ("min_record_count", "max_record_chars", "max_sequence_length"):
+        if getattr(options, name) < 0:
+            raise InvalidArgument(
+                f"options.{name}", f"must not be negative, got {getattr(options, name)}"
+            )
+    return IngestOptions(
+        format=options.format or None,
+        invalid_record_policy=(
+            "reject"
+            if options.invalid_record_policy == dataset_pb2.INVALID_RECORD_POLICY_REJECT
+            else "drop"
+        ),
+        min_record_count=options.min_record_count or defaults.min_record_count,
+        max_record_chars=options.max_record_chars or defaults.max_record_chars,
+        remove_exact_duplicates=(
+            options.remove_exact_duplicates if options.HasField("remove_exact_duplicates") else True
+        ),
+        remove_near_duplicates=(
+            options.remove_near_duplicates if options.HasField("remove_near_duplicates") else True
+        ),
+        near_duplicate_threshold=threshold,
+        pii_policy={
+            dataset_pb2.PII_POLICY_REPORT: "report",
+            dataset_pb2.PII_POLICY_DROP: "drop",
+        }.get(options.pii_policy, "redact"),  # type: ignore[arg-type]
+        tokenizer_model=options.tokenizer_model,
+        max_sequence_length=options.max_sequence_length or defaults.max_sequence_length,
+        validation_fraction=0.0 if options.validation_dataset else fraction,
+        split_seed=options.split_seed,
+        validation_dataset=options.validation_dataset,
+    )
+
+
+def to_proto(row: DatasetRow, *, stored: bool = True) -> dataset_pb2.Dataset:
+    dataset = dataset_pb2.Dataset(
+        name=f"datasets/{row.id}" if stored else "",
+        display_name=row.display_name,
+        description=row.description,
+        labels=row.labels,
+        state=dataset_pb2.Dataset.STATE_READY,
+        source_format=row.source_format,  # type: ignore[arg-type]
+        record_count=row.record_count,
+        train_record_count=row.train_record_count,
+        validation_record_count=row.validation_record_count,
+        content_sha256=row.content_sha256,
+        source_size_bytes=row.source_size_bytes,
+        options=json_format.ParseDict(row.options, dataset_pb2.DatasetOptions()),
+        validation_report=json_format.ParseDict(
+            row.validation_report, dataset_pb2.ValidationReport()
+        ),
+        cleaning_report=json_format.ParseDict(row.cleaning_report, dataset_pb2.CleaningReport()),
+        create_time=_timestamp(row),
+    )
+    if row.token_statistics is not None:
+        dataset.token_statistics.CopyFrom(
+            json_format.ParseDict(row.token_statistics, dataset_pb2.TokenStatistics())
+        )
+    return dataset
+
+
+def _timestamp(row: DatasetRow) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(row.create_time)
+    return stamp
+
+
+def _message(message: dict[str, Any]) -> common_pb2.ChatMessage:
+    result = common_pb2.ChatMessage(role=message["role"], content=message["content"])
+    if "weight" in message:
+        result.weight = message["weight"]
+    if "name" in message:
+        result.name = message["name"]
+    return result

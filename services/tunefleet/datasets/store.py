@@ -1,0 +1,120 @@
+"""Dataset metadata: the `datasets` table, leases that block deletion, and queries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from tunefleet.runtime.errors import FailedPrecondition, NotFound
+from tunefleet.storage.database import Base, utcnow
+from tunefleet.storage.filtering import Filter
+from tunefleet.storage.pagination import Page, paginate
+
+
+class DatasetRow(Base):
+    """One immutable dataset. Reports are stored as the JSON of their proto messages."""
+
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(128), index=True)
+    description: Mapped[str]
+    labels: Mapped[dict[str, Any]]
+    source_format: Mapped[int] = mapped_column(Integer)
+    record_count: Mapped[int]
+    train_record_count: Mapped[int]
+    validation_record_count: Mapped[int]
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    source_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    options: Mapped[dict[str, Any]]
+    validation_report: Mapped[dict[str, Any]]
+    cleaning_report: Mapped[dict[str, Any]]
+    token_statistics: Mapped[dict[str, Any] | None]
+    create_time: Mapped[datetime]
+
+
+class DatasetLease(Base):
+    """Something that uses a dataset (for example a training job) and so blocks its deletion."""
+
+    __tablename__ = "dataset_leases"
+    dataset_id: Mapped[str] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    create_time: Mapped[datetime]
+
+
+LIST_FILTER = Filter({"display_name": DatasetRow.display_name}, labels=DatasetRow.labels)
+
+
+def get(session: Session, dataset_id: str) -> DatasetRow:
+    row = session.get(DatasetRow, dataset_id)
+    if row is None:
+        raise NotFound(
+            f"datasets/{dataset_id} not found", metadata={"name": f"datasets/{dataset_id}"}
+        )
+    return row
+
+
+def insert(session: Session, row: DatasetRow) -> DatasetRow:
+    """Store `row` unless a dataset with its id exists (same content and options): then return
+    that one."""
+    existing = session.get(DatasetRow, row.id)
+    if existing is not None:
+        return existing
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_page(
+    session: Session, filter_text: str, page_size: int, page_token: str
+) -> Page[DatasetRow]:
+    statement = LIST_FILTER.apply(select(DatasetRow), filter_text)
+    return paginate(
+        session,
+        statement,
+        [DatasetRow.create_time, DatasetRow.id],
+        page_size=page_size,
+        page_token=page_token,
+        query=filter_text,
+        descending=True,
+    )
+
+
+def delete(session: Session, dataset_id: str) -> str | None:
+    """Delete a dataset; returns the sha256 of its records blob if no other dataset shares it."""
+    row = get(session, dataset_id)
+    holders = session.scalars(
+        select(DatasetLease.holder).where(DatasetLease.dataset_id == dataset_id).limit(5)
+    ).all()
+    if holders:
+        raise FailedPrecondition(
+            f"datasets/{dataset_id} is in use by {', '.join(holders)}",
+            reason="DATASET_IN_USE",
+            metadata={"holders": ",".join(holders)},
+        )
+    sha256 = row.content_sha256
+    session.delete(row)
+    session.flush()
+    shared = session.scalar(
+        select(DatasetRow.id).where(DatasetRow.content_sha256 == sha256).limit(1)
+    )
+    return None if shared else sha256
+
+
+def acquire_lease(session: Session, dataset_id: str, holder: str) -> None:
+    """Mark `dataset_id` as used by `holder` (idempotent)."""
+    get(session, dataset_id)
+    if session.get(DatasetLease, (dataset_id, holder)) is None:
+        session.add(DatasetLease(dataset_id=dataset_id, holder=holder, create_time=utcnow()))
+        session.flush()
+
+
+def release_lease(session: Session, dataset_id: str, holder: str) -> None:
+    lease = session.get(DatasetLease, (dataset_id, holder))
+    if lease is not None:
+        session.delete(lease)
+        session.flush()

@@ -1,0 +1,77 @@
+"""List filters: a small subset of AIP-160 that every List RPC shares.
+
+    display_name = "sales"          equality
+    display_name = "sales*"         prefix (a trailing * in a string)
+    display_name != "draft"         inequality
+    labels.team = "ml"              a label's value
+    labels.team:*                   the label is present
+    a = "x" AND labels.b = "y"      conjunction
+
+Anything else is INVALID_ARGUMENT on `filter`, naming what was not understood.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from tunefleet.runtime.errors import InvalidArgument
+
+_TERM = re.compile(
+    r"\s*(?P<field>[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.\-/]+)?)\s*(?P<op>!=|=|:)\s*"
+    r'(?P<value>"(?:[^"\\]|\\.)*"|\*|[A-Za-z0-9_.\-]+)\s*'
+)
+_AND = re.compile(r"\s+AND\s+")
+
+
+class Filter:
+    """The fields a List RPC can be filtered on: plain columns, and optionally labels."""
+
+    def __init__(
+        self,
+        columns: dict[str, InstrumentedAttribute[Any]],
+        labels: InstrumentedAttribute[Any] | None = None,
+    ) -> None:
+        self.columns = columns
+        self.labels = labels
+
+    def apply(self, statement: Select[Any], text: str) -> Select[Any]:
+        """`statement` narrowed by the filter `text` (empty: unchanged)."""
+        if not text.strip():
+            return statement
+        for term in _AND.split(text.strip()):
+            match = _TERM.fullmatch(term)
+            if match is None:
+                raise InvalidArgument("filter", f'cannot parse {term!r}; expected field = "value"')
+            statement = statement.where(
+                self._condition(match["field"], match["op"], match["value"])
+            )
+        return statement
+
+    def _condition(self, field: str, op: str, raw: str) -> ColumnElement[bool]:
+        value = json.loads(raw) if raw.startswith('"') else raw
+        if field.startswith("labels.") and self.labels is not None:
+            column = self.labels[field.removeprefix("labels.")].as_string()
+            if op == ":":
+                if value != "*":
+                    raise InvalidArgument(
+                        "filter", f"use {field}:* to test that a label is present"
+                    )
+                return cast(ColumnElement[bool], column.is_not(None))
+        elif field in self.columns:
+            column = self.columns[field]
+        else:
+            known = ", ".join(
+                [*self.columns, *(["labels.<key>"] if self.labels is not None else [])]
+            )
+            raise InvalidArgument("filter", f"unknown field {field!r}; filterable: {known}")
+        if op == ":":
+            raise InvalidArgument("filter", f"{field} supports = and !=, not :")
+        if op == "=" and isinstance(value, str) and value.endswith("*"):
+            prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return cast(ColumnElement[bool], column.like(prefix + "%", escape="\\"))
+        return cast(ColumnElement[bool], column == value if op == "=" else column != value)

@@ -1,0 +1,260 @@
+"""DatasetService through a real gRPC server and client."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+
+from tests.conftest import StartServer
+from tests.datasets.records import chunks, jsonl, perturb, records
+from tests.helpers import error_info, field_violations
+from tunefleet.datasets import store
+from tunefleet.runtime.context import ServiceContext
+from tunefleet.runtime.services import registration
+from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from tunefleet.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub as Stub
+
+
+@pytest.fixture
+async def stub(start_server: StartServer, service_context: ServiceContext) -> AsyncIterator[Stub]:
+    server = await start_server([registration("datasets", service_context)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield dataset_service_pb2_grpc.DatasetServiceStub(channel)
+
+
+def header(**fields: Any) -> dataset_service_pb2.UploadDatasetRequest:
+    options = fields.pop("options", {})
+    return dataset_service_pb2.UploadDatasetRequest(
+        header=dataset_service_pb2.UploadDatasetHeader(
+            options=dataset_pb2.DatasetOptions(**options), **fields
+        )
+    )
+
+
+async def stream(
+    first: dataset_service_pb2.UploadDatasetRequest, data: bytes, size: int = 8192
+) -> AsyncIterator[dataset_service_pb2.UploadDatasetRequest]:
+    yield first
+    for chunk in chunks(data, size):
+        yield dataset_service_pb2.UploadDatasetRequest(chunk=chunk)
+
+
+async def upload(stub: Stub, data: bytes, **fields: Any) -> dataset_pb2.Dataset:
+    return await stub.UploadDataset(stream(header(**fields), data))
+
+
+async def test_upload_then_get_list_preview_delete(
+    stub: Stub, service_context: ServiceContext
+) -> None:
+    data = jsonl(records("alpaca", 300))
+    dataset = await upload(stub, data, display_name="support-v1", labels={"team": "ml"})
+    assert dataset.name.startswith("datasets/ds-")
+    assert dataset.state == dataset_pb2.Dataset.STATE_READY
+    assert dataset.source_format == dataset_pb2.DATASET_FORMAT_ALPACA
+    assert (dataset.record_count, dataset.train_record_count, dataset.validation_record_count) == (
+        300,
+        270,
+        30,
+    )
+    assert dataset.source_size_bytes == len(data)
+    assert dataset.validation_report.total_records == 300
+    assert dataset.options.near_duplicate_threshold == pytest.approx(0.8)
+    assert dataset.options.pii_policy == dataset_pb2.PII_POLICY_REDACT
+
+    got = await stub.GetDataset(dataset_service_pb2.GetDatasetRequest(name=dataset.name))
+    assert got == dataset
+
+    await upload(stub, jsonl(records("sharegpt", 20, seed=1)), display_name="chat-v1")
+    listed = await stub.ListDatasets(dataset_service_pb2.ListDatasetsRequest(page_size=1))
+    assert len(listed.datasets) == 1 and listed.next_page_token
+    second = await stub.ListDatasets(
+        dataset_service_pb2.ListDatasetsRequest(page_size=1, page_token=listed.next_page_token)
+    )
+    assert {listed.datasets[0].display_name, second.datasets[0].display_name} == {
+        "support-v1",
+        "chat-v1",
+    }
+    filtered = await stub.ListDatasets(
+        dataset_service_pb2.ListDatasetsRequest(filter='display_name = "support*"')
+    )
+    assert [d.name for d in filtered.datasets] == [dataset.name]
+    by_label = await stub.ListDatasets(
+        dataset_service_pb2.ListDatasetsRequest(filter='labels.team = "ml"')
+    )
+    assert [d.name for d in by_label.datasets] == [dataset.name]
+
+    preview = [
+        record
+        async for record in stub.PreviewDatasetRecords(
+            dataset_service_pb2.PreviewDatasetRecordsRequest(
+                name=dataset.name, split=dataset_pb2.DATASET_SPLIT_VALIDATION, offset=5, limit=3
+            )
+        )
+    ]
+    assert len(preview) == 3
+    assert all(r.split == dataset_pb2.DATASET_SPLIT_VALIDATION for r in preview)
+    assert preview[0].messages[-1].role == "assistant"
+
+    await stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetDataset(dataset_service_pb2.GetDatasetRequest(name=dataset.name))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not service_context.storage.blobs.exists(dataset.content_sha256)
+
+
+async def test_same_upload_and_seed_give_the_same_dataset(stub: Stub) -> None:
+    data = jsonl(records("openai_chat", 200, seed=4))
+    first = await upload(stub, data, options={"split_seed": 1})
+    again = await upload(stub, data, options={"split_seed": 1})
+    other_seed = await upload(stub, data, options={"split_seed": 2})
+    assert first.name == again.name and first.content_sha256 == again.content_sha256
+    assert other_seed.name != first.name
+
+
+async def test_delete_is_refused_while_a_job_uses_the_dataset(
+    stub: Stub, service_context: ServiceContext
+) -> None:
+    dataset = await upload(stub, jsonl(records("alpaca", 20)))
+    with service_context.storage.database.session() as session:
+        store.acquire_lease(session, dataset.name.removeprefix("datasets/"), "trainingJobs/j1")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "DATASET_IN_USE"
+    assert "trainingJobs/j1" in (raised.value.details() or "")
+
+
+async def test_rejected_upload_names_the_lines_and_stores_nothing(
+    stub: Stub, service_context: ServiceContext
+) -> None:
+    lines = jsonl(records("alpaca", 60)).splitlines()
+    lines[41] = b'{"instruction": "q", "output": 7}'
+    data = b"\n".join(lines)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await upload(
+            stub, data, options={"invalid_record_policy": dataset_pb2.INVALID_RECORD_POLICY_REJECT}
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "DATASET_REJECTED"
+    assert field_violations(raised.value) == [
+        ("line 42", "RECORD_ERROR_CODE_NON_STRING_CONTENT: output must be a string, not int")
+    ]
+    assert list(service_context.storage.blobs.list()) == []
+    listed = await stub.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+    assert list(listed.datasets) == []
+
+
+async def test_interrupted_upload_leaves_nothing_behind(
+    stub: Stub, service_context: ServiceContext
+) -> None:
+    data = jsonl(records("alpaca", 3000))
+    sent = asyncio.Event()
+
+    async def cut_off() -> AsyncIterator[dataset_service_pb2.UploadDatasetRequest]:
+        yield header(display_name="cut")
+        for index, chunk in enumerate(chunks(data, 4096)):
+            yield dataset_service_pb2.UploadDatasetRequest(chunk=chunk)
+            if index == 20:
+                sent.set()
+                await asyncio.sleep(3600)  # the client stalls, then goes away
+
+    call = stub.UploadDataset(cut_off())
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    work = service_context.settings.work_dir / "datasets"
+    for _ in range(100):  # the server notices the cancellation and cleans up
+        if not work.exists() or not any(work.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert not work.exists() or list(work.iterdir()) == []
+    assert list(service_context.storage.blobs.list()) == []
+    listed = await stub.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+    assert list(listed.datasets) == []
+
+
+async def test_request_id_makes_retries_idempotent(stub: Stub) -> None:
+    request_id = str(uuid.uuid4())
+    data = jsonl(records("alpaca", 30))
+    first = await upload(stub, data, request_id=request_id)
+    # A retry is answered from the first result, even before its bytes are read again.
+    retry = await stub.UploadDataset(stream(header(request_id=request_id), b"garbage"))
+    assert retry.name == first.name
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await upload(stub, data, request_id=request_id, display_name="other")
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "REQUEST_ID_REUSED"
+
+
+async def test_validate_only_stores_nothing(stub: Stub, service_context: ServiceContext) -> None:
+    dataset = await upload(stub, jsonl(records("alpaca", 30)), validate_only=True)
+    assert dataset.name == "" and dataset.record_count == 30
+    assert list(service_context.storage.blobs.list()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"near_duplicate_threshold": 1.5}, "options.near_duplicate_threshold"),
+        ({"validation_fraction": 0.9}, "options.validation_fraction"),
+        ({"tokenizer_model": "no-such-model"}, "options.tokenizer_model"),
+        ({"validation_dataset": "datasets/missing"}, "options.validation_dataset"),
+    ],
+)
+async def test_bad_options_name_the_field(stub: Stub, options: dict[str, Any], field: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await upload(stub, jsonl(records("alpaca", 5)), options=options)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(f"{field}:")
+
+
+async def test_first_message_must_be_the_header(stub: Stub) -> None:
+    async def chunks_only() -> AsyncIterator[dataset_service_pb2.UploadDatasetRequest]:
+        yield dataset_service_pb2.UploadDatasetRequest(chunk=b"{}")
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.UploadDataset(chunks_only())
+    assert (raised.value.details() or "").startswith("header:")
+
+
+async def test_explicit_validation_dataset(stub: Stub) -> None:
+    held_out = await upload(stub, jsonl(records("alpaca", 20, seed=8)))
+    dataset = await upload(
+        stub,
+        jsonl(records("alpaca", 100, seed=9)),
+        options={"validation_dataset": held_out.name},
+    )
+    assert (dataset.train_record_count, dataset.validation_record_count) == (100, 0)
+    assert dataset.options.validation_dataset == held_out.name
+
+
+async def test_contamination_check(stub: Stub, tmp_path: Path) -> None:
+    rng = random.Random(1)
+    train_items = records("prompt_completion", 500, seed=21)
+    evaluation_items = records("prompt_completion", 50, seed=22)
+    evaluation_items[:5] = train_items[:5]  # leaked exactly
+    evaluation_items[5:8] = [
+        dict(item, completion=perturb(item["completion"], rng)) for item in train_items[5:8]
+    ]  # leaked with an edit
+    train = await upload(stub, jsonl(train_items), options={"validation_fraction": 0})
+    evaluation = await upload(stub, jsonl(evaluation_items), options={"validation_fraction": 0})
+    report = await stub.CheckContamination(
+        dataset_service_pb2.CheckContaminationRequest(
+            dataset=train.name, evaluation_dataset=evaluation.name
+        )
+    )
+    assert (report.evaluation_records, report.exact_overlap, report.near_overlap) == (50, 5, 3)
+    assert {(e.kept_line, e.removed_line) for e in report.examples} == {(i, i) for i in range(1, 9)}
