@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install system-deps gen check-gen lint buf-lint breaking typecheck test demo serve clean
+.PHONY: help install system-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,13 +56,16 @@ breaking: $(BUF)  ## report API changes that break main (not enforced until the 
 lint: install buf-lint  ## buf lint, ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services clients tests
+	$(BIN)/mypy services clients tests benchmarks
 
 test: $(VENV)/.installed  ## run the test suite
 	$(BIN)/python -m pytest
 
 demo: $(VENV)/.installed  ## start the embedded server and show health and reflection
 	$(BIN)/python -m tunefleet.cli.demo
+
+bench-ingest: $(VENV)/.installed  ## ingestion benchmark: tunefleet vs datasets+pandas+datasketch (200k records)
+	$(BIN)/python benchmarks/ingest.py
 
 serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
 	$(BIN)/tunefleet serve

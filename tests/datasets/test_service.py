@@ -258,3 +258,36 @@ async def test_contamination_check(stub: Stub, tmp_path: Path) -> None:
     )
     assert (report.evaluation_records, report.exact_overlap, report.near_overlap) == (50, 5, 3)
     assert {(e.kept_line, e.removed_line) for e in report.examples} == {(i, i) for i in range(1, 9)}
+
+
+async def test_token_statistics_with_a_local_tokenizer(stub: Stub, tokenizer_dir: Path) -> None:
+    dataset = await upload(
+        stub,
+        jsonl(records("sharegpt", 40)),
+        options={"tokenizer_model": str(tokenizer_dir), "max_sequence_length": 100},
+    )
+    stats = dataset.token_statistics
+    assert stats.tokenizer_model == str(tokenizer_dir)
+    assert 0 < stats.trainable_tokens < stats.total_tokens
+    assert stats.tokens_per_record.min <= stats.tokens_per_record.p50 <= stats.tokens_per_record.max
+    assert stats.records_over_max_length == 40  # every conversation is longer than 100 tokens
+
+
+async def test_ingestion_metrics(stub: Stub, service_context: ServiceContext) -> None:
+    lines = jsonl(records("alpaca", 30)).splitlines()
+    lines[3] = b"{broken"
+    lines.append(lines[10])
+    await upload(stub, b"\n".join(lines))
+    registry = service_context.registry
+    assert registry.get_sample_value("tunefleet_dataset_records_accepted_total") == 30
+    assert (
+        registry.get_sample_value(
+            "tunefleet_dataset_records_rejected_total", {"code": "INVALID_JSON"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value("tunefleet_dataset_duplicates_removed_total", {"kind": "exact"})
+        == 1
+    )
+    assert registry.get_sample_value("tunefleet_dataset_ingest_duration_seconds_count") == 1
