@@ -18,7 +18,7 @@ from tunefleet.datasets.dedup import MinHasher, exact_key, jaccard, near_pairs
 from tunefleet.datasets.metrics import DatasetMetrics
 from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
 from tunefleet.datasets.tokens import TokenCounter, resolve_model
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.runtime.errors import InvalidArgument, NotFound
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.database import Database, utcnow
@@ -88,13 +88,11 @@ class DatasetManager:
                     return Upload(header, self._ingestor(options), existing)
         if options.validation_dataset:
             with self.db.session() as session:
+                identifier = dataset_id(options.validation_dataset, "options.validation_dataset")
                 try:
-                    store.get(
-                        session,
-                        dataset_id(options.validation_dataset, "options.validation_dataset"),
-                    )
-                except Exception as exc:
-                    raise InvalidArgument("options.validation_dataset", str(exc)) from None
+                    store.get(session, identifier)
+                except NotFound as exc:
+                    raise InvalidArgument("options.validation_dataset", exc.message) from None
         return Upload(header, self._ingestor(options))
 
     def _ingestor(self, options: IngestOptions) -> Ingestor:
