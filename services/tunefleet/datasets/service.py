@@ -17,8 +17,9 @@ from tunefleet.datasets import store
 from tunefleet.datasets.dedup import MinHasher, exact_key, jaccard, near_pairs
 from tunefleet.datasets.metrics import DatasetMetrics
 from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
-from tunefleet.datasets.tokens import TokenCounter, resolve_model
+from tunefleet.datasets.tokens import TokenCounter
 from tunefleet.runtime.errors import InvalidArgument, NotFound
+from tunefleet.runtime.models import resolve_model
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.database import Database, utcnow

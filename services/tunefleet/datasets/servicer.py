@@ -15,6 +15,7 @@ from tunefleet.datasets.pipeline import IngestOptions
 from tunefleet.datasets.service import DatasetManager, UploadHeader
 from tunefleet.datasets.store import DatasetRow
 from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.runtime.streams import refusing_early
 from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -49,10 +50,13 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 worker, self.manager.start_upload, upload_header(first.header)
             )
             if upload.existing is None:
-                async for request in requests:
-                    if request.HasField("header"):
-                        raise InvalidArgument("header", "only the first message may carry a header")
-                    await loop.run_in_executor(worker, upload.ingestor.feed, request.chunk)
+                async with refusing_early(requests):
+                    async for request in requests:
+                        if request.HasField("header"):
+                            raise InvalidArgument(
+                                "header", "only the first message may carry a header"
+                            )
+                        await loop.run_in_executor(worker, upload.ingestor.feed, request.chunk)
             row = await loop.run_in_executor(worker, self.manager.complete, upload)
         finally:
             if upload is not None:

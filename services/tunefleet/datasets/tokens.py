@@ -15,19 +15,6 @@ from tunefleet.datasets.formats import Message
 from tunefleet.runtime.errors import InvalidArgument
 
 
-def resolve_model(name: str, catalogue: dict[str, Path], field: str) -> Path:
-    """A model name the platform knows (the settings' `models` catalogue) or a local directory."""
-    if name in catalogue:
-        return catalogue[name]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    known = ", ".join(sorted(catalogue)) or "none configured"
-    raise InvalidArgument(
-        field, f"{name!r} is neither a known model ({known}) nor a local model directory"
-    )
-
-
 @functools.cache
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer

@@ -59,6 +59,37 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
     )
 
 
+def _adapters(context: ServiceContext) -> ServiceRegistration:
+    from tunefleet.adapters import peft_ops
+    from tunefleet.adapters.metrics import AdapterMetrics
+    from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
+    from tunefleet.adapters.servicer import AdapterServicer, ChangeSignal
+    from tunefleet.v1 import adapter_service_pb2_grpc
+
+    settings = context.settings
+    signal = ChangeSignal()
+    registry = Registry(
+        context.storage.database,
+        context.storage.blobs,
+        workdir=settings.work_dir / "adapters",
+        models=settings.models,
+        settings=RegistrySettings(
+            vllm_max_lora_rank=settings.adapters.vllm_max_lora_rank,
+            smoke_test=settings.adapters.smoke_test,
+        ),
+        hooks=Hooks(smoke_test=peft_ops.smoke_test, merge=peft_ops.merge),
+        on_change=signal.notify,
+    )
+    metrics = AdapterMetrics(context.registry, lambda: signal.watchers)
+    servicer = AdapterServicer(registry, signal, metrics)
+    return ServiceRegistration(
+        "tunefleet.v1.AdapterService",
+        lambda server: adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(
+            servicer, server
+        ),
+    )
+
+
 SERVICES: dict[str, ServiceSpec] = {
     spec.key: spec
     for spec in (
@@ -72,7 +103,10 @@ SERVICES: dict[str, ServiceSpec] = {
             "training", training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"], 6
         ),
         ServiceSpec(
-            "adapters", adapter_service_pb2.DESCRIPTOR.services_by_name["AdapterService"], 4
+            "adapters",
+            adapter_service_pb2.DESCRIPTOR.services_by_name["AdapterService"],
+            4,
+            _adapters,
         ),
         ServiceSpec(
             "inference", inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"], 7

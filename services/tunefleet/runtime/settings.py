@@ -128,6 +128,16 @@ class StorageSettings(_Section):
         return self
 
 
+class AdapterSettings(_Section):
+    """The adapter registry."""
+
+    # Compatibility reports mark adapters of higher rank as not servable by vLLM.
+    vllm_max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    # Load each new adapter on its base model (when the weights are here) and check that it
+    # changes the logits.
+    smoke_test: bool = True
+
+
 class Settings(BaseSettings):
     """Everything a tunefleet server process needs to start."""
 
@@ -144,6 +154,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
     storage: StorageSettings = StorageSettings()
+    adapters: AdapterSettings = AdapterSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -3,7 +3,8 @@
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from tunefleet.datasets import store as datasets  # noqa: F401  (register the tables)
+from tunefleet.adapters import store as adapters  # noqa: F401  (register the tables)
+from tunefleet.datasets import store as datasets  # noqa: F401
 from tunefleet.storage import changes, idempotency  # noqa: F401
 from tunefleet.storage.database import Base
 

@@ -1,0 +1,90 @@
+"""Adapter registry tables: adapters, immutable versions (with their dataset lineage), aliases and
+the audit trail of alias moves."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, ForeignKey, ForeignKeyConstraint, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from tunefleet.storage.database import Base
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(512), index=True)
+    description: Mapped[str]
+    labels: Mapped[dict[str, Any]]
+    latest_version: Mapped[int] = mapped_column(Integer)
+    create_time: Mapped[datetime]
+    update_time: Mapped[datetime]
+
+
+class VersionRow(Base):
+    __tablename__ = "adapter_versions"
+    adapter_id: Mapped[str] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "adapter" or "full_model"
+    description: Mapped[str]
+    files: Mapped[dict[str, Any]]  # {"files": [{"path", "size_bytes", "sha256"}]}
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    config: Mapped[dict[str, Any]]
+    compatibility: Mapped[dict[str, Any]]  # {"engines": [...], "notes": [...]}
+    smoke_test: Mapped[dict[str, Any]]
+    lineage: Mapped[dict[str, Any]]
+    training_job: Mapped[str] = mapped_column(String(256), index=True)
+    serving_name: Mapped[str] = mapped_column(String(128), unique=True)
+    merged_from: Mapped[str] = mapped_column(String(256))
+    create_time: Mapped[datetime]
+
+
+class VersionDatasetRow(Base):
+    """Lineage in reverse: which versions were trained on a dataset."""
+
+    __tablename__ = "adapter_version_datasets"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["adapter_id", "version"],
+            ["adapter_versions.adapter_id", "adapter_versions.version"],
+            ondelete="CASCADE",
+        ),
+    )
+    adapter_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(256), primary_key=True, index=True)
+
+
+class AliasRow(Base):
+    __tablename__ = "adapter_aliases"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["adapter_id", "version"], ["adapter_versions.adapter_id", "adapter_versions.version"]
+        ),
+    )
+    adapter_id: Mapped[str] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True
+    )
+    alias: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    update_time: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(256))
+
+
+class AliasMoveRow(Base):
+    __tablename__ = "adapter_alias_moves"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    adapter_id: Mapped[str] = mapped_column(String(63), index=True)
+    alias: Mapped[str] = mapped_column(String(63))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    time: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str]
+    revision: Mapped[int] = mapped_column(BigInteger)

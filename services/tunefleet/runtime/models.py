@@ -1,0 +1,29 @@
+"""The models the platform knows: names from the settings' `models` catalogue, or local paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunefleet.runtime.errors import InvalidArgument
+
+
+def resolve_model(name: str, catalogue: dict[str, Path], field: str) -> Path:
+    """A model name the platform knows (the settings' `models` catalogue) or a local directory;
+    INVALID_ARGUMENT naming `field` otherwise."""
+    if name in catalogue:
+        return catalogue[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    known = ", ".join(sorted(catalogue)) or "none configured"
+    raise InvalidArgument(
+        field, f"{name!r} is neither a known model ({known}) nor a local model directory"
+    )
+
+
+def find_model(name: str, catalogue: dict[str, Path]) -> Path | None:
+    """Like resolve_model, but None when the model is not available here."""
+    try:
+        return resolve_model(name, catalogue, "base_model")
+    except InvalidArgument:
+        return None
