@@ -130,3 +130,41 @@ def test_corrupt_safetensors_is_refused(
     shutil.copytree(make_adapter(), broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert refusal(tiny, broken).reason == "BAD_SAFETENSORS"
+
+
+def test_rank_that_contradicts_the_config_is_refused(
+    tiny: Registry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(make_adapter(target_modules=["q_proj"]), broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["r"] = 4
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    error = refusal(tiny, broken)
+    assert error.reason == "RANK_MISMATCH" and "rank 8" in error.description
+
+
+def test_file_size_limit(registry: Registry, make_adapter: MakeAdapter) -> None:
+    from dataclasses import replace
+
+    from tunefleet.runtime.errors import ResourceExhausted
+
+    registry.settings = replace(registry.settings, max_file_bytes=10_000)
+    registry.create_adapter("support", "tiny-llama", "", {})
+    with pytest.raises(ResourceExhausted) as raised:
+        upload(registry, make_adapter())
+    assert raised.value.reason == "FILE_TOO_LARGE"
+    assert raised.value.metadata["file"] == "adapter_model.safetensors"
+
+
+def test_adapters_are_listed_by_base_model_and_label(registry: Registry) -> None:
+    registry.create_adapter("a", "tiny-llama", "", {"team": "ml"})
+    registry.create_adapter("b", "other-model", "", {"team": "ops"})
+    registry.create_adapter("c", "tiny-llama", "", {"team": "ops"})
+    by_base = registry.list_adapters('base_model = "tiny-llama"', 10, "")
+    assert [a.id for a in by_base.items] == ["a", "c"]
+    by_both = registry.list_adapters('base_model = "tiny-llama" AND labels.team = "ops"', 10, "")
+    assert [a.id for a in by_both.items] == ["c"]
+    first = registry.list_adapters("", 2, "")
+    rest = registry.list_adapters("", 2, first.next_page_token)
+    assert [a.id for a in first.items + rest.items] == ["a", "b", "c"]
