@@ -52,6 +52,7 @@ def upload_requests(
             )
             for start in range(0, len(content), chunk):
                 yield pb.UploadAdapterVersionRequest(chunk=content[start : start + chunk])
+        yield pb.UploadAdapterVersionRequest(finish_write=True)
 
     return requests()
 
@@ -271,3 +272,39 @@ async def test_registry_metrics(
     assert value("tunefleet_adapter_versions_registered_total", {"kind": "adapter"}) == 1
     assert value("tunefleet_adapter_stored_bytes_total") == version.size_bytes
     assert value("tunefleet_adapter_alias_moves_total") == 1
+
+
+async def test_cut_off_upload_stores_nothing(
+    stub: Stub, make_adapter: MakeAdapter, adapter_context: ServiceContext
+) -> None:
+    requests = upload_requests(make_adapter(), chunk=1024)
+    sent = asyncio.Event()
+
+    async def cut_off() -> AsyncIterator[pb.UploadAdapterVersionRequest]:
+        count = 0
+        async for request in requests:
+            if request.finish_write:
+                break
+            yield request
+            count += 1
+            if count == 10:
+                sent.set()
+                await asyncio.sleep(3600)
+
+    call = stub.UploadAdapterVersion(cut_off())
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    work = adapter_context.settings.work_dir / "adapters"
+    for _ in range(100):
+        if not work.exists() or not any(work.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert not work.exists() or list(work.iterdir()) == []
+    assert list(adapter_context.storage.blobs.list()) == []
+    listed = await stub.ListAdapterVersions(
+        pb.ListAdapterVersionsRequest(parent="adapters/support")
+    )
+    assert list(listed.adapter_versions) == []

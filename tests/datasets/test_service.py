@@ -46,6 +46,7 @@ async def stream(
     yield first
     for chunk in chunks(data, size):
         yield dataset_service_pb2.UploadDatasetRequest(chunk=chunk)
+    yield dataset_service_pb2.UploadDatasetRequest(finish_write=True)
 
 
 async def upload(stub: Stub, data: bytes, **fields: Any) -> dataset_pb2.Dataset:
@@ -219,6 +220,20 @@ async def test_bad_options_name_the_field(stub: Stub, options: dict[str, Any], f
         await upload(stub, jsonl(records("alpaca", 5)), options=options)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (raised.value.details() or "").startswith(f"{field}:")
+
+
+async def test_a_stream_without_finish_write_stores_nothing(
+    stub: Stub, service_context: ServiceContext
+) -> None:
+    async def unfinished() -> AsyncIterator[dataset_service_pb2.UploadDatasetRequest]:
+        yield header()
+        yield dataset_service_pb2.UploadDatasetRequest(chunk=jsonl(records("alpaca", 10)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.UploadDataset(unfinished())
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "UPLOAD_INCOMPLETE"
+    assert list(service_context.storage.blobs.list()) == []
 
 
 async def test_first_message_must_be_the_header(stub: Stub) -> None:

@@ -78,6 +78,7 @@ def upload_sample(stub: dataset_service_pb2_grpc.DatasetServiceStub) -> None:
         )
         for start in range(0, len(sample), 16384):
             yield dataset_service_pb2.UploadDatasetRequest(chunk=sample[start : start + 16384])
+        yield dataset_service_pb2.UploadDatasetRequest(finish_write=True)
 
     dataset = stub.UploadDataset(requests(), timeout=60)
     report, cleaning = dataset.validation_report, dataset.cleaning_report

@@ -19,7 +19,7 @@ from tunefleet.adapters.registry import Registry, VersionUpload
 from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, VersionRow
 from tunefleet.runtime.auth import current_principal
 from tunefleet.runtime.errors import InvalidArgument
-from tunefleet.runtime.streams import refusing_early
+from tunefleet.runtime.streams import UploadStream
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -133,8 +133,9 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             existing = await loop.run_in_executor(worker, self.registry.existing_for, upload)
             if existing is not None:
                 return await self._version(existing)
-            async with refusing_early(requests):
-                async for request in requests:
+            stream = UploadStream(requests, context)
+            async with stream.refusing_early():
+                async for request in stream:
                     if request.HasField("file"):
                         file = request.file
                         await loop.run_in_executor(
@@ -149,14 +150,17 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                         await loop.run_in_executor(
                             worker, self.registry.write, upload, request.chunk
                         )
-                    else:
+                    elif request.HasField("header"):
                         raise InvalidArgument("header", "only the first message may carry a header")
             with self._registering() as produced:
                 row = await loop.run_in_executor(worker, self.registry.finish_upload, upload)
                 produced.append(row)
         finally:
             if upload is not None:
-                await asyncio.wrap_future(worker.submit(self.registry.abort_upload, upload))
+                # Shielded: a cancelled call must still clean up (after the step in progress).
+                await asyncio.shield(
+                    asyncio.wrap_future(worker.submit(self.registry.abort_upload, upload))
+                )
             worker.shutdown(wait=False)
         return await self._version(row)
 

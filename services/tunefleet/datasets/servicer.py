@@ -15,7 +15,7 @@ from tunefleet.datasets.pipeline import IngestOptions
 from tunefleet.datasets.service import DatasetManager, UploadHeader
 from tunefleet.datasets.store import DatasetRow
 from tunefleet.runtime.errors import InvalidArgument
-from tunefleet.runtime.streams import refusing_early
+from tunefleet.runtime.streams import UploadStream
 from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -50,8 +50,9 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 worker, self.manager.start_upload, upload_header(first.header)
             )
             if upload.existing is None:
-                async with refusing_early(requests):
-                    async for request in requests:
+                stream = UploadStream(requests, context)
+                async with stream.refusing_early():
+                    async for request in stream:
                         if request.HasField("header"):
                             raise InvalidArgument(
                                 "header", "only the first message may carry a header"
@@ -60,7 +61,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             row = await loop.run_in_executor(worker, self.manager.complete, upload)
         finally:
             if upload is not None:
-                await asyncio.wrap_future(worker.submit(self.manager.abort, upload))
+                # Shielded: a cancelled call must still clean up (after the step in progress).
+                await asyncio.shield(asyncio.wrap_future(worker.submit(self.manager.abort, upload)))
             worker.shutdown(wait=False)
         return to_proto(row, stored=not upload.header.validate_only)
 

@@ -27,7 +27,7 @@ from tunefleet.v1 import adapter_pb2 as tunefleet_dot_v1_dot_adapter__pb2
 from tunefleet.v1 import auth_pb2 as tunefleet_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunefleet/v1/adapter_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1atunefleet/v1/adapter.proto\x1a\x17tunefleet/v1/auth.proto\"f\n\x14\x43reateAdapterRequest\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.tunefleet.v1.Adapter\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.tunefleet.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x93\x02\n\x1bUploadAdapterVersionRequest\x12\x42\n\x06header\x18\x01 \x01(\x0b\x32\x30.tunefleet.v1.UploadAdapterVersionRequest.HeaderH\x00\x12)\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x19.tunefleet.v1.AdapterFileH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x1ai\n\x06Header\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x07lineage\x18\x03 \x01(\x0b\x32\x15.tunefleet.v1.Lineage\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\t\n\x07payload\"\xa8\x01\n\x1b\x43reateAdapterVersionRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.tunefleet.v1.AdapterFile\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12&\n\x07lineage\x18\x04 \x01(\x0b\x32\x15.tunefleet.v1.Lineage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"(\n\x18GetAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"c\n\x1aListAdapterVersionsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"n\n\x1bListAdapterVersionsResponse\x12\x36\n\x10\x61\x64\x61pter_versions\x18\x01 \x03(\x0b\x32\x1c.tunefleet.v1.AdapterVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x1b\x44\x65leteAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x1d\x44ownloadAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05paths\x18\x02 \x03(\t\"g\n\x1e\x44ownloadAdapterVersionResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x19.tunefleet.v1.AdapterFileH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"{\n\x16SetAdapterAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"9\n\x19\x44\x65leteAdapterAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"R\n\x19ListAdapterAliasesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x1aListAdapterAliasesResponse\x12+\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x1a.tunefleet.v1.AdapterAlias\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x15ListAliasMovesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x16ListAliasMovesResponse\x12,\n\x0b\x61lias_moves\x18\x01 \x03(\x0b\x32\x17.tunefleet.v1.AliasMove\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x1aWatchAdapterChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"M\n\x1aMergeAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t2\xb4\x0c\n\x0e\x41\x64\x61pterService\x12P\n\rCreateAdapter\x12\".tunefleet.v1.CreateAdapterRequest\x1a\x15.tunefleet.v1.Adapter\"\x04\xe8\xe0\x18\x02\x12J\n\nGetAdapter\x12\x1f.tunefleet.v1.GetAdapterRequest\x1a\x15.tunefleet.v1.Adapter\"\x04\xe8\xe0\x18\x01\x12[\n\x0cListAdapters\x12!.tunefleet.v1.ListAdaptersRequest\x1a\".tunefleet.v1.ListAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12Q\n\rDeleteAdapter\x12\".tunefleet.v1.DeleteAdapterRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12g\n\x14UploadAdapterVersion\x12).tunefleet.v1.UploadAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02(\x01\x12\x65\n\x14\x43reateAdapterVersion\x12).tunefleet.v1.CreateAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02\x12_\n\x11GetAdapterVersion\x12&.tunefleet.v1.GetAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x01\x12p\n\x13ListAdapterVersions\x12(.tunefleet.v1.ListAdapterVersionsRequest\x1a).tunefleet.v1.ListAdapterVersionsResponse\"\x04\xe8\xe0\x18\x01\x12_\n\x14\x44\x65leteAdapterVersion\x12).tunefleet.v1.DeleteAdapterVersionRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12{\n\x16\x44ownloadAdapterVersion\x12+.tunefleet.v1.DownloadAdapterVersionRequest\x1a,.tunefleet.v1.DownloadAdapterVersionResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12Y\n\x0fSetAdapterAlias\x12$.tunefleet.v1.SetAdapterAliasRequest\x1a\x1a.tunefleet.v1.AdapterAlias\"\x04\xe8\xe0\x18\x02\x12[\n\x12\x44\x65leteAdapterAlias\x12\'.tunefleet.v1.DeleteAdapterAliasRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12m\n\x12ListAdapterAliases\x12\'.tunefleet.v1.ListAdapterAliasesRequest\x1a(.tunefleet.v1.ListAdapterAliasesResponse\"\x04\xe8\xe0\x18\x01\x12\x61\n\x0eListAliasMoves\x12#.tunefleet.v1.ListAliasMovesRequest\x1a$.tunefleet.v1.ListAliasMovesResponse\"\x04\xe8\xe0\x18\x01\x12\x64\n\x13WatchAdapterChanges\x12(.tunefleet.v1.WatchAdapterChangesRequest\x1a\x1b.tunefleet.v1.AdapterChange\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x63\n\x13MergeAdapterVersion\x12(.tunefleet.v1.MergeAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunefleet/v1/adapter_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1atunefleet/v1/adapter.proto\x1a\x17tunefleet/v1/auth.proto\"f\n\x14\x43reateAdapterRequest\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.tunefleet.v1.Adapter\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.tunefleet.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa9\x02\n\x1bUploadAdapterVersionRequest\x12\x42\n\x06header\x18\x01 \x01(\x0b\x32\x30.tunefleet.v1.UploadAdapterVersionRequest.HeaderH\x00\x12)\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x19.tunefleet.v1.AdapterFileH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x12\x14\n\x0c\x66inish_write\x18\x04 \x01(\x08\x1ai\n\x06Header\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x07lineage\x18\x03 \x01(\x0b\x32\x15.tunefleet.v1.Lineage\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\t\n\x07payload\"\xa8\x01\n\x1b\x43reateAdapterVersionRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.tunefleet.v1.AdapterFile\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12&\n\x07lineage\x18\x04 \x01(\x0b\x32\x15.tunefleet.v1.Lineage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"(\n\x18GetAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"c\n\x1aListAdapterVersionsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"n\n\x1bListAdapterVersionsResponse\x12\x36\n\x10\x61\x64\x61pter_versions\x18\x01 \x03(\x0b\x32\x1c.tunefleet.v1.AdapterVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x1b\x44\x65leteAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x1d\x44ownloadAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05paths\x18\x02 \x03(\t\"g\n\x1e\x44ownloadAdapterVersionResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x19.tunefleet.v1.AdapterFileH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"{\n\x16SetAdapterAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"9\n\x19\x44\x65leteAdapterAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"R\n\x19ListAdapterAliasesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x1aListAdapterAliasesResponse\x12+\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x1a.tunefleet.v1.AdapterAlias\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x15ListAliasMovesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x16ListAliasMovesResponse\x12,\n\x0b\x61lias_moves\x18\x01 \x03(\x0b\x32\x17.tunefleet.v1.AliasMove\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x1aWatchAdapterChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"M\n\x1aMergeAdapterVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t2\xb4\x0c\n\x0e\x41\x64\x61pterService\x12P\n\rCreateAdapter\x12\".tunefleet.v1.CreateAdapterRequest\x1a\x15.tunefleet.v1.Adapter\"\x04\xe8\xe0\x18\x02\x12J\n\nGetAdapter\x12\x1f.tunefleet.v1.GetAdapterRequest\x1a\x15.tunefleet.v1.Adapter\"\x04\xe8\xe0\x18\x01\x12[\n\x0cListAdapters\x12!.tunefleet.v1.ListAdaptersRequest\x1a\".tunefleet.v1.ListAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12Q\n\rDeleteAdapter\x12\".tunefleet.v1.DeleteAdapterRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12g\n\x14UploadAdapterVersion\x12).tunefleet.v1.UploadAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02(\x01\x12\x65\n\x14\x43reateAdapterVersion\x12).tunefleet.v1.CreateAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02\x12_\n\x11GetAdapterVersion\x12&.tunefleet.v1.GetAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x01\x12p\n\x13ListAdapterVersions\x12(.tunefleet.v1.ListAdapterVersionsRequest\x1a).tunefleet.v1.ListAdapterVersionsResponse\"\x04\xe8\xe0\x18\x01\x12_\n\x14\x44\x65leteAdapterVersion\x12).tunefleet.v1.DeleteAdapterVersionRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12{\n\x16\x44ownloadAdapterVersion\x12+.tunefleet.v1.DownloadAdapterVersionRequest\x1a,.tunefleet.v1.DownloadAdapterVersionResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12Y\n\x0fSetAdapterAlias\x12$.tunefleet.v1.SetAdapterAliasRequest\x1a\x1a.tunefleet.v1.AdapterAlias\"\x04\xe8\xe0\x18\x02\x12[\n\x12\x44\x65leteAdapterAlias\x12\'.tunefleet.v1.DeleteAdapterAliasRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12m\n\x12ListAdapterAliases\x12\'.tunefleet.v1.ListAdapterAliasesRequest\x1a(.tunefleet.v1.ListAdapterAliasesResponse\"\x04\xe8\xe0\x18\x01\x12\x61\n\x0eListAliasMoves\x12#.tunefleet.v1.ListAliasMovesRequest\x1a$.tunefleet.v1.ListAliasMovesResponse\"\x04\xe8\xe0\x18\x01\x12\x64\n\x13WatchAdapterChanges\x12(.tunefleet.v1.WatchAdapterChangesRequest\x1a\x1b.tunefleet.v1.AdapterChange\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x63\n\x13MergeAdapterVersion\x12(.tunefleet.v1.MergeAdapterVersionRequest\x1a\x1c.tunefleet.v1.AdapterVersion\"\x04\xe8\xe0\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -77,39 +77,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEADAPTERREQUEST']._serialized_start=441
   _globals['_DELETEADAPTERREQUEST']._serialized_end=477
   _globals['_UPLOADADAPTERVERSIONREQUEST']._serialized_start=480
-  _globals['_UPLOADADAPTERVERSIONREQUEST']._serialized_end=755
-  _globals['_UPLOADADAPTERVERSIONREQUEST_HEADER']._serialized_start=639
-  _globals['_UPLOADADAPTERVERSIONREQUEST_HEADER']._serialized_end=744
-  _globals['_CREATEADAPTERVERSIONREQUEST']._serialized_start=758
-  _globals['_CREATEADAPTERVERSIONREQUEST']._serialized_end=926
-  _globals['_GETADAPTERVERSIONREQUEST']._serialized_start=928
-  _globals['_GETADAPTERVERSIONREQUEST']._serialized_end=968
-  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_start=970
-  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_end=1069
-  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_start=1071
-  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_end=1181
-  _globals['_DELETEADAPTERVERSIONREQUEST']._serialized_start=1183
-  _globals['_DELETEADAPTERVERSIONREQUEST']._serialized_end=1226
-  _globals['_DOWNLOADADAPTERVERSIONREQUEST']._serialized_start=1228
-  _globals['_DOWNLOADADAPTERVERSIONREQUEST']._serialized_end=1288
-  _globals['_DOWNLOADADAPTERVERSIONRESPONSE']._serialized_start=1290
-  _globals['_DOWNLOADADAPTERVERSIONRESPONSE']._serialized_end=1393
-  _globals['_SETADAPTERALIASREQUEST']._serialized_start=1395
-  _globals['_SETADAPTERALIASREQUEST']._serialized_end=1518
-  _globals['_DELETEADAPTERALIASREQUEST']._serialized_start=1520
-  _globals['_DELETEADAPTERALIASREQUEST']._serialized_end=1577
-  _globals['_LISTADAPTERALIASESREQUEST']._serialized_start=1579
-  _globals['_LISTADAPTERALIASESREQUEST']._serialized_end=1661
-  _globals['_LISTADAPTERALIASESRESPONSE']._serialized_start=1663
-  _globals['_LISTADAPTERALIASESRESPONSE']._serialized_end=1761
-  _globals['_LISTALIASMOVESREQUEST']._serialized_start=1763
-  _globals['_LISTALIASMOVESREQUEST']._serialized_end=1841
-  _globals['_LISTALIASMOVESRESPONSE']._serialized_start=1843
-  _globals['_LISTALIASMOVESRESPONSE']._serialized_end=1938
-  _globals['_WATCHADAPTERCHANGESREQUEST']._serialized_start=1940
-  _globals['_WATCHADAPTERCHANGESREQUEST']._serialized_end=2009
-  _globals['_MERGEADAPTERVERSIONREQUEST']._serialized_start=2011
-  _globals['_MERGEADAPTERVERSIONREQUEST']._serialized_end=2088
-  _globals['_ADAPTERSERVICE']._serialized_start=2091
-  _globals['_ADAPTERSERVICE']._serialized_end=3679
+  _globals['_UPLOADADAPTERVERSIONREQUEST']._serialized_end=777
+  _globals['_UPLOADADAPTERVERSIONREQUEST_HEADER']._serialized_start=661
+  _globals['_UPLOADADAPTERVERSIONREQUEST_HEADER']._serialized_end=766
+  _globals['_CREATEADAPTERVERSIONREQUEST']._serialized_start=780
+  _globals['_CREATEADAPTERVERSIONREQUEST']._serialized_end=948
+  _globals['_GETADAPTERVERSIONREQUEST']._serialized_start=950
+  _globals['_GETADAPTERVERSIONREQUEST']._serialized_end=990
+  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_start=992
+  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_end=1091
+  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_start=1093
+  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_end=1203
+  _globals['_DELETEADAPTERVERSIONREQUEST']._serialized_start=1205
+  _globals['_DELETEADAPTERVERSIONREQUEST']._serialized_end=1248
+  _globals['_DOWNLOADADAPTERVERSIONREQUEST']._serialized_start=1250
+  _globals['_DOWNLOADADAPTERVERSIONREQUEST']._serialized_end=1310
+  _globals['_DOWNLOADADAPTERVERSIONRESPONSE']._serialized_start=1312
+  _globals['_DOWNLOADADAPTERVERSIONRESPONSE']._serialized_end=1415
+  _globals['_SETADAPTERALIASREQUEST']._serialized_start=1417
+  _globals['_SETADAPTERALIASREQUEST']._serialized_end=1540
+  _globals['_DELETEADAPTERALIASREQUEST']._serialized_start=1542
+  _globals['_DELETEADAPTERALIASREQUEST']._serialized_end=1599
+  _globals['_LISTADAPTERALIASESREQUEST']._serialized_start=1601
+  _globals['_LISTADAPTERALIASESREQUEST']._serialized_end=1683
+  _globals['_LISTADAPTERALIASESRESPONSE']._serialized_start=1685
+  _globals['_LISTADAPTERALIASESRESPONSE']._serialized_end=1783
+  _globals['_LISTALIASMOVESREQUEST']._serialized_start=1785
+  _globals['_LISTALIASMOVESREQUEST']._serialized_end=1863
+  _globals['_LISTALIASMOVESRESPONSE']._serialized_start=1865
+  _globals['_LISTALIASMOVESRESPONSE']._serialized_end=1960
+  _globals['_WATCHADAPTERCHANGESREQUEST']._serialized_start=1962
+  _globals['_WATCHADAPTERCHANGESREQUEST']._serialized_end=2031
+  _globals['_MERGEADAPTERVERSIONREQUEST']._serialized_start=2033
+  _globals['_MERGEADAPTERVERSIONREQUEST']._serialized_end=2110
+  _globals['_ADAPTERSERVICE']._serialized_start=2113
+  _globals['_ADAPTERSERVICE']._serialized_end=3701
 # @@protoc_insertion_point(module_scope)

@@ -196,8 +196,13 @@ class UploadAdapterVersionRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    FINISH_WRITE_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """The next bytes of the current file."""
+    finish_write: _builtins.bool
+    """Required on the last message: every file is complete. A stream that ends without it was
+    cut off, and nothing is stored.
+    """
     @_builtins.property
     def header(self) -> Global___UploadAdapterVersionRequest.Header:
         """The first message."""
@@ -212,10 +217,11 @@ class UploadAdapterVersionRequest(_message.Message):
         header: Global___UploadAdapterVersionRequest.Header | None = ...,
         file: _adapter_pb2.AdapterFile | None = ...,
         chunk: _builtins.bytes = ...,
+        finish_write: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file", b"file", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file", b"file", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file", b"file", "finish_write", b"finish_write", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "file", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -156,8 +156,9 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadAdapterVersion(self, request_iterator, context):
-        """Uploads a new version: a header, then each file as a file header followed by its chunks.
-        Validated before it is stored; a stream cut off before it ends stores nothing.
+        """Uploads a new version: a header, then each file as a file header followed by its chunks, and
+        `finish_write` on the last message. Validated before it is stored; a stream cut off before
+        `finish_write` stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

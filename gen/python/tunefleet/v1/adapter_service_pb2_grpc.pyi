@@ -47,8 +47,9 @@ class AdapterServiceStub:
     DeleteAdapter: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.DeleteAdapterRequest, _empty_pb2.Empty]
     """Deletes an adapter with its versions. Fails with FAILED_PRECONDITION while it has an alias."""
     UploadAdapterVersion: _grpc.StreamUnaryMultiCallable[_adapter_service_pb2.UploadAdapterVersionRequest, _adapter_pb2.AdapterVersion]
-    """Uploads a new version: a header, then each file as a file header followed by its chunks.
-    Validated before it is stored; a stream cut off before it ends stores nothing.
+    """Uploads a new version: a header, then each file as a file header followed by its chunks, and
+    `finish_write` on the last message. Validated before it is stored; a stream cut off before
+    `finish_write` stores nothing.
     """
     CreateAdapterVersion: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.CreateAdapterVersionRequest, _adapter_pb2.AdapterVersion]
     """Registers a new version from files already in the blob store (as the trainer writes them)."""
@@ -90,8 +91,9 @@ class AdapterServiceAsyncStub(AdapterServiceStub):
     DeleteAdapter: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.DeleteAdapterRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes an adapter with its versions. Fails with FAILED_PRECONDITION while it has an alias."""
     UploadAdapterVersion: _aio.StreamUnaryMultiCallable[_adapter_service_pb2.UploadAdapterVersionRequest, _adapter_pb2.AdapterVersion]  # type: ignore[assignment]
-    """Uploads a new version: a header, then each file as a file header followed by its chunks.
-    Validated before it is stored; a stream cut off before it ends stores nothing.
+    """Uploads a new version: a header, then each file as a file header followed by its chunks, and
+    `finish_write` on the last message. Validated before it is stored; a stream cut off before
+    `finish_write` stores nothing.
     """
     CreateAdapterVersion: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.CreateAdapterVersionRequest, _adapter_pb2.AdapterVersion]  # type: ignore[assignment]
     """Registers a new version from files already in the blob store (as the trainer writes them)."""
@@ -160,8 +162,9 @@ class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_adapter_service_pb2.UploadAdapterVersionRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_adapter_pb2.AdapterVersion, _abc.Awaitable[_adapter_pb2.AdapterVersion]]:
-        """Uploads a new version: a header, then each file as a file header followed by its chunks.
-        Validated before it is stored; a stream cut off before it ends stores nothing.
+        """Uploads a new version: a header, then each file as a file header followed by its chunks, and
+        `finish_write` on the last message. Validated before it is stored; a stream cut off before
+        `finish_write` stores nothing.
         """
 
     @_abc_1.abstractmethod

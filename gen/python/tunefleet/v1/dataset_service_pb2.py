@@ -27,7 +27,7 @@ from tunefleet.v1 import auth_pb2 as tunefleet_dot_v1_dot_auth__pb2
 from tunefleet.v1 import dataset_pb2 as tunefleet_dot_v1_dot_dataset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunefleet/v1/dataset_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x17tunefleet/v1/auth.proto\x1a\x1atunefleet/v1/dataset.proto\"g\n\x14UploadDatasetRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.tunefleet.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x88\x02\n\x13UploadDatasetHeader\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.tunefleet.v1.UploadDatasetHeader.LabelsEntry\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.DatasetOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rvalidate_only\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tunefleet.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x1cPreviewDatasetRecordsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05split\x18\x02 \x01(\x0e\x32\x1a.tunefleet.v1.DatasetSplit\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"\x8c\x01\n\x19\x43heckContaminationRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1a\n\x12\x65valuation_dataset\x18\x02 \x01(\t\x12%\n\x18near_duplicate_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x1b\n\x19_near_duplicate_threshold2\xb2\x04\n\x0e\x44\x61tasetService\x12R\n\rUploadDataset\x12\".tunefleet.v1.UploadDatasetRequest\x1a\x15.tunefleet.v1.Dataset\"\x04\xe8\xe0\x18\x02(\x01\x12J\n\nGetDataset\x12\x1f.tunefleet.v1.GetDatasetRequest\x1a\x15.tunefleet.v1.Dataset\"\x04\xe8\xe0\x18\x01\x12[\n\x0cListDatasets\x12!.tunefleet.v1.ListDatasetsRequest\x1a\".tunefleet.v1.ListDatasetsResponse\"\x04\xe8\xe0\x18\x01\x12Q\n\rDeleteDataset\x12\".tunefleet.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12h\n\x15PreviewDatasetRecords\x12*.tunefleet.v1.PreviewDatasetRecordsRequest\x1a\x1b.tunefleet.v1.DatasetRecord\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x66\n\x12\x43heckContamination\x12\'.tunefleet.v1.CheckContaminationRequest\x1a!.tunefleet.v1.ContaminationReport\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunefleet/v1/dataset_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x17tunefleet/v1/auth.proto\x1a\x1atunefleet/v1/dataset.proto\"}\n\x14UploadDatasetRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.tunefleet.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x14\n\x0c\x66inish_write\x18\x03 \x01(\x08\x42\t\n\x07payload\"\x88\x02\n\x13UploadDatasetHeader\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.tunefleet.v1.UploadDatasetHeader.LabelsEntry\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.DatasetOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rvalidate_only\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tunefleet.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x1cPreviewDatasetRecordsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05split\x18\x02 \x01(\x0e\x32\x1a.tunefleet.v1.DatasetSplit\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"\x8c\x01\n\x19\x43heckContaminationRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1a\n\x12\x65valuation_dataset\x18\x02 \x01(\t\x12%\n\x18near_duplicate_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x1b\n\x19_near_duplicate_threshold2\xb2\x04\n\x0e\x44\x61tasetService\x12R\n\rUploadDataset\x12\".tunefleet.v1.UploadDatasetRequest\x1a\x15.tunefleet.v1.Dataset\"\x04\xe8\xe0\x18\x02(\x01\x12J\n\nGetDataset\x12\x1f.tunefleet.v1.GetDatasetRequest\x1a\x15.tunefleet.v1.Dataset\"\x04\xe8\xe0\x18\x01\x12[\n\x0cListDatasets\x12!.tunefleet.v1.ListDatasetsRequest\x1a\".tunefleet.v1.ListDatasetsResponse\"\x04\xe8\xe0\x18\x01\x12Q\n\rDeleteDataset\x12\".tunefleet.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12h\n\x15PreviewDatasetRecords\x12*.tunefleet.v1.PreviewDatasetRecordsRequest\x1a\x1b.tunefleet.v1.DatasetRecord\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x66\n\x12\x43heckContamination\x12\'.tunefleet.v1.CheckContaminationRequest\x1a!.tunefleet.v1.ContaminationReport\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,23 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETSERVICE'].methods_by_name['CheckContamination']._loaded_options = None
   _globals['_DATASETSERVICE'].methods_by_name['CheckContamination']._serialized_options = b'\350\340\030\001'
   _globals['_UPLOADDATASETREQUEST']._serialized_start=134
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=237
-  _globals['_UPLOADDATASETHEADER']._serialized_start=240
-  _globals['_UPLOADDATASETHEADER']._serialized_end=504
-  _globals['_UPLOADDATASETHEADER_LABELSENTRY']._serialized_start=459
-  _globals['_UPLOADDATASETHEADER_LABELSENTRY']._serialized_end=504
-  _globals['_GETDATASETREQUEST']._serialized_start=506
-  _globals['_GETDATASETREQUEST']._serialized_end=539
-  _globals['_LISTDATASETSREQUEST']._serialized_start=541
-  _globals['_LISTDATASETSREQUEST']._serialized_end=617
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=619
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=707
-  _globals['_DELETEDATASETREQUEST']._serialized_start=709
-  _globals['_DELETEDATASETREQUEST']._serialized_end=745
-  _globals['_PREVIEWDATASETRECORDSREQUEST']._serialized_start=747
-  _globals['_PREVIEWDATASETRECORDSREQUEST']._serialized_end=865
-  _globals['_CHECKCONTAMINATIONREQUEST']._serialized_start=868
-  _globals['_CHECKCONTAMINATIONREQUEST']._serialized_end=1008
-  _globals['_DATASETSERVICE']._serialized_start=1011
-  _globals['_DATASETSERVICE']._serialized_end=1573
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=259
+  _globals['_UPLOADDATASETHEADER']._serialized_start=262
+  _globals['_UPLOADDATASETHEADER']._serialized_end=526
+  _globals['_UPLOADDATASETHEADER_LABELSENTRY']._serialized_start=481
+  _globals['_UPLOADDATASETHEADER_LABELSENTRY']._serialized_end=526
+  _globals['_GETDATASETREQUEST']._serialized_start=528
+  _globals['_GETDATASETREQUEST']._serialized_end=561
+  _globals['_LISTDATASETSREQUEST']._serialized_start=563
+  _globals['_LISTDATASETSREQUEST']._serialized_end=639
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=641
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=729
+  _globals['_DELETEDATASETREQUEST']._serialized_start=731
+  _globals['_DELETEDATASETREQUEST']._serialized_end=767
+  _globals['_PREVIEWDATASETRECORDSREQUEST']._serialized_start=769
+  _globals['_PREVIEWDATASETRECORDSREQUEST']._serialized_end=887
+  _globals['_CHECKCONTAMINATIONREQUEST']._serialized_start=890
+  _globals['_CHECKCONTAMINATIONREQUEST']._serialized_end=1030
+  _globals['_DATASETSERVICE']._serialized_start=1033
+  _globals['_DATASETSERVICE']._serialized_end=1595
 # @@protoc_insertion_point(module_scope)

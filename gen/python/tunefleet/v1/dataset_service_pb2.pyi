@@ -27,8 +27,13 @@ class UploadDatasetRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    FINISH_WRITE_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """Every later message: the next bytes of the file, at most the server's message size."""
+    finish_write: _builtins.bool
+    """Required on the last message (which may also carry a chunk): the file is complete. A stream
+    that ends without it was cut off, and nothing is stored.
+    """
     @_builtins.property
     def header(self) -> Global___UploadDatasetHeader:
         """The first message: what to build."""
@@ -38,10 +43,11 @@ class UploadDatasetRequest(_message.Message):
         *,
         header: Global___UploadDatasetHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        finish_write: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish_write", b"finish_write", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

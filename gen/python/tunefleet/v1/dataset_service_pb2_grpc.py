@@ -77,8 +77,8 @@ class DatasetServiceServicer:
 
     def UploadDataset(self, request_iterator, context):
         """Uploads a file and builds a dataset from it. The first message carries the header, every
-        later one a chunk of the file. Records are parsed as bytes arrive. A stream cut off before it
-        ends leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
+        later one a chunk of the file, and the last one `finish_write`. Records are parsed as bytes
+        arrive. A stream cut off before `finish_write` leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
         DATASET_REJECTED; `validate_only` returns the dataset that would be built without storing it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -39,8 +39,8 @@ class DatasetServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DatasetServiceAsyncStub: ...
     UploadDataset: _grpc.StreamUnaryMultiCallable[_dataset_service_pb2.UploadDatasetRequest, _dataset_pb2.Dataset]
     """Uploads a file and builds a dataset from it. The first message carries the header, every
-    later one a chunk of the file. Records are parsed as bytes arrive. A stream cut off before it
-    ends leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
+    later one a chunk of the file, and the last one `finish_write`. Records are parsed as bytes
+    arrive. A stream cut off before `finish_write` leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
     DATASET_REJECTED; `validate_only` returns the dataset that would be built without storing it.
     """
     GetDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_pb2.Dataset]
@@ -63,8 +63,8 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadDataset: _aio.StreamUnaryMultiCallable[_dataset_service_pb2.UploadDatasetRequest, _dataset_pb2.Dataset]  # type: ignore[assignment]
     """Uploads a file and builds a dataset from it. The first message carries the header, every
-    later one a chunk of the file. Records are parsed as bytes arrive. A stream cut off before it
-    ends leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
+    later one a chunk of the file, and the last one `finish_write`. Records are parsed as bytes
+    arrive. A stream cut off before `finish_write` leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
     DATASET_REJECTED; `validate_only` returns the dataset that would be built without storing it.
     """
     GetDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_pb2.Dataset]  # type: ignore[assignment]
@@ -90,8 +90,8 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_pb2.Dataset, _abc.Awaitable[_dataset_pb2.Dataset]]:
         """Uploads a file and builds a dataset from it. The first message carries the header, every
-        later one a chunk of the file. Records are parsed as bytes arrive. A stream cut off before it
-        ends leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
+        later one a chunk of the file, and the last one `finish_write`. Records are parsed as bytes
+        arrive. A stream cut off before `finish_write` leaves nothing behind. A rejected upload fails with INVALID_ARGUMENT and reason
         DATASET_REJECTED; `validate_only` returns the dataset that would be built without storing it.
         """
 
