@@ -22,6 +22,16 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+async def settled_scrape(port: int, needle: str) -> str:
+    """A scrape that contains `needle`, waiting briefly for the server to record it."""
+    for _ in range(100):
+        text = await asyncio.to_thread(scrape, port)
+        if needle in text:
+            return text
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{needle} never appeared in the metrics")
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -51,7 +61,8 @@ async def test_requests_are_counted_by_code_and_timed(start_server: StartServer)
             await unary(channel, "/test.Echo/Ok")(b"x")
         with pytest.raises(grpc.aio.AioRpcError):
             await unary(channel, "/test.Echo/Missing")(b"x")
-    text = scrape(server.metrics_port)
+    # The client has its answer a moment before the server's interceptor finishes counting.
+    text = await settled_scrape(server.metrics_port, 'grpc_code="NOT_FOUND"')
     labels = {"grpc_service": "test.Echo", "grpc_method": "Ok"}
     assert sample(text, "tunefleet_grpc_server_requests_total", **labels, grpc_code="OK") == 3
     assert (
@@ -123,8 +134,7 @@ async def test_exposition_passes_promtool(start_server: StartServer) -> None:
         await unary(channel, "/test.Echo/Ok")(b"x")
         with pytest.raises(grpc.aio.AioRpcError):
             await unary(channel, "/test.Echo/Missing")(b"x")
-    text = scrape(server.metrics_port)
-    assert "tunefleet_grpc_server_requests_total" in text
+    text = await settled_scrape(server.metrics_port, 'grpc_code="NOT_FOUND"')
     result = await asyncio.to_thread(
         subprocess.run,
         [promtool, "check", "metrics"],

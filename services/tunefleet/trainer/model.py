@@ -1,0 +1,75 @@
+"""Loading the model to train: LoRA, DoRA, QLoRA (NF4 with double quantisation) or full."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunefleet.trainer.spec import TrainerSpec
+
+ATTENTION_HINTS = ("attn", "attention")
+
+
+def compute_dtype(spec: TrainerSpec) -> Any:
+    import torch
+
+    precision = spec.hyperparameters.precision
+    if precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(spec: TrainerSpec) -> Any:
+    """The model with its trainable parameters set up for the spec's method."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(spec)
+    path = str(spec.model_dir)
+    if spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=torch.cuda.is_available()
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if spec.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    targets: Any = lora.target_modules
+    if targets == "attention":
+        targets = attention_modules(model)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.scaling_alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
+        use_dora=spec.method == "dora",
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def attention_modules(model: Any) -> list[str]:
+    """Names (last part) of the linear layers inside attention blocks."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        parent = name.rsplit(".", 1)[0]
+        if isinstance(module, torch.nn.Linear) and any(h in parent for h in ATTENTION_HINTS):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)

@@ -1,0 +1,405 @@
+"""The training loop: warmup then cosine/linear decay, gradient accumulation weighted by tokens,
+clipping, periodic evaluation with early stopping, checkpoints and resume, evaluation against
+the base model at the end, and the output (adapter or full model) with a result file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tunefleet.trainer import checkpoint
+from tunefleet.trainer.data import (
+    IGNORE,
+    Batch,
+    Encoded,
+    batches,
+    encode,
+    load_conversations,
+    render,
+)
+from tunefleet.trainer.model import load_model
+from tunefleet.trainer.report import Reporter
+from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
+
+log = logging.getLogger(__name__)
+
+
+def batch_loss(model: Any, batch: Batch) -> Any:
+    """Summed cross-entropy over the batch's trainable tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor(batch.input_ids, device=device)
+    labels = torch.tensor(batch.labels, device=device)
+    position_ids = torch.tensor(batch.position_ids, device=device)
+    if batch.segments is not None:
+        # Packed rows: causal attention within each example only.
+        segments = torch.tensor(batch.segments, device=device)
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] > 0)
+        causal = torch.tril(
+            torch.ones(same.shape[-1], same.shape[-1], dtype=torch.bool, device=device)
+        )
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        mask = torch.zeros(same.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~(same & causal), torch.finfo(dtype).min)[:, None]
+    else:
+        mask = torch.tensor(batch.attention_mask, device=device)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+def evaluate_loss(model: Any, eval_batches: list[Batch]) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches:
+            total += float(batch_loss(model, batch))
+            count += batch.trainable
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def task_metrics(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    metrics: Sequence[str],
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """Greedy answers to held-out conversations (all turns but the last assistant one)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    hits = {name: 0 for name in metrics}
+    for messages in conversations:
+        prompt = render(tokenizer, messages[:-1], generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        expected = messages[-1]["content"].strip()
+        if "exact_match" in hits:
+            hits["exact_match"] += answer == expected
+        if "json_valid" in hits:
+            try:
+                json.loads(answer)
+                hits["json_valid"] += 1
+            except ValueError:
+                pass
+    return {name: count / max(len(conversations), 1) for name, count in hits.items()}
+
+
+def _schedule(spec: TrainerSpec, total_steps: int) -> Any:
+    warmup = math.floor(total_steps * spec.hyperparameters.warmup_ratio)
+    kind = spec.hyperparameters.lr_scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, spec: TrainerSpec) -> None:
+        self.spec = spec
+        self.reporter = Reporter(spec.output_dir / "progress.jsonl", spec.report)
+
+    def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[list[dict[str, Any]]]]:
+        """Tokenised training and validation data; refuses data that cannot train."""
+        spec = self.spec
+        hp = spec.hyperparameters
+        train = load_conversations(spec.train_data)
+        validation_spec = spec.validation_data or DataSpec(
+            uri=spec.train_data.uri, split="validation"
+        )
+        validation = load_conversations(validation_spec)
+        if not train:
+            raise SpecError(
+                f"train_data: no {spec.train_data.split} records in {spec.train_data.uri}"
+            )
+        encoded = encode(tokenizer, train, hp.max_sequence_length)
+        if not encoded.examples:
+            raise SpecError(
+                f"train_data: all {len(train)} examples lose every assistant token at "
+                f"max_sequence_length {hp.max_sequence_length}"
+            )
+        held_out = validation[: spec.evaluation.examples] if spec.evaluation.examples else []
+        return encoded, encode(tokenizer, validation, hp.max_sequence_length), held_out
+
+    def run(self) -> dict[str, Any]:
+        import torch
+        from transformers import AutoTokenizer
+
+        spec, hp = self.spec, self.spec.hyperparameters
+        tokenizer = AutoTokenizer.from_pretrained(str(spec.model_dir))
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        train, validation, held_out = self.prepare_data(tokenizer)
+        random.seed(hp.seed)
+        np.random.seed(hp.seed % 2**32)
+        torch.manual_seed(hp.seed)
+        model = load_model(spec)
+        model.train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters, lr=spec.learning_rate, weight_decay=hp.weight_decay
+        )
+        first_epoch = batches(
+            train.examples,
+            hp.micro_batch_size,
+            pad_id,
+            hp.packing,
+            hp.max_sequence_length,
+            hp.seed,
+            0,
+        )
+        steps_per_epoch = math.ceil(len(first_epoch) / hp.gradient_accumulation_steps)
+        total_steps = math.ceil(hp.epochs * steps_per_epoch)
+        if hp.max_steps:
+            total_steps = min(total_steps, hp.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec, total_steps))
+        eval_batches = batches(
+            validation.examples,
+            hp.micro_batch_size,
+            pad_id,
+            False,
+            hp.max_sequence_length,
+            hp.seed,
+            0,
+        )
+        eval_every = hp.eval_every_steps or steps_per_epoch
+        checkpoint_every = hp.checkpoint_every_steps or eval_every
+
+        resumed_from = checkpoint.latest(spec.checkpoint_dir) if spec.resume else None
+        if resumed_from is not None:
+            state = checkpoint.load(resumed_from, model, optimizer, scheduler)
+            self.reporter.event("resumed", step=state["step"], checkpoint=str(resumed_from))
+        else:
+            state = {
+                "step": 0,
+                "epoch": 0,
+                "position": 0,
+                "best": None,
+                "bad_evaluations": 0,
+                "base_validation_loss": None,
+                "base_task_metrics": {},
+            }
+            if eval_batches:
+                state["base_validation_loss"] = self._base_loss(model, eval_batches)
+            if held_out:
+                with self._base_model(model):
+                    state["base_task_metrics"] = task_metrics(
+                        model,
+                        tokenizer,
+                        held_out,
+                        spec.evaluation.metrics,
+                        spec.evaluation.max_new_tokens,
+                    )
+                model.train()
+        self.reporter.event(
+            "started",
+            total_steps=total_steps,
+            examples=len(train.examples),
+            truncated=train.truncated,
+            dropped=train.dropped,
+        )
+
+        started, tokens_seen, stopped_early = time.perf_counter(), 0, False
+        first_step = state["step"]
+        last_validation: float | None = None
+        while state["step"] < total_steps and not stopped_early:
+            epoch_batches = batches(
+                train.examples,
+                hp.micro_batch_size,
+                pad_id,
+                hp.packing,
+                hp.max_sequence_length,
+                hp.seed,
+                state["epoch"],
+            )
+            groups = [
+                epoch_batches[i : i + hp.gradient_accumulation_steps]
+                for i in range(0, len(epoch_batches), hp.gradient_accumulation_steps)
+            ]
+            while state["position"] < len(groups) and state["step"] < total_steps:
+                group = groups[state["position"]]
+                trainable = sum(b.trainable for b in group)
+                train_loss = 0.0
+                for batch in group:
+                    loss = batch_loss(model, batch) / max(trainable, 1)
+                    loss.backward()
+                    train_loss += float(loss)
+                    tokens_seen += batch.tokens
+                if hp.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, hp.max_grad_norm))
+                else:
+                    grad_norm = float(
+                        torch.norm(
+                            torch.stack([p.grad.norm() for p in parameters if p.grad is not None])
+                        )
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["position"] += 1
+                step = state["step"]
+                evaluate_now = bool(eval_batches) and (
+                    step % eval_every == 0 or step == total_steps
+                )
+                validation_loss = evaluate_loss(model, eval_batches) if evaluate_now else None
+                elapsed = time.perf_counter() - started
+                self.reporter.event(
+                    "progress",
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=state["epoch"] + state["position"] / len(groups),
+                    train_loss=train_loss,
+                    validation_loss=validation_loss,
+                    learning_rate=scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm,
+                    tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                    eta_seconds=elapsed / max(step - first_step, 1) * (total_steps - step),
+                )
+                if validation_loss is not None:
+                    last_validation = validation_loss
+                    stopped_early = self._early_stop(state, validation_loss)
+                if step % checkpoint_every == 0 or step == total_steps or stopped_early:
+                    path = checkpoint.save(
+                        spec.checkpoint_dir, step, model, optimizer, scheduler, state
+                    )
+                    self.reporter.event(
+                        "checkpoint",
+                        step=step,
+                        uri=path.resolve().as_uri(),
+                        validation_loss=validation_loss,
+                    )
+                if stopped_early or self.reporter.cancel_requested:
+                    break
+            if state["position"] >= len(groups):
+                state["epoch"] += 1
+                state["position"] = 0
+            if self.reporter.cancel_requested:
+                raise RuntimeError("cancelled by TrainingService")
+        if stopped_early:
+            self.reporter.event("early_stopped", step=state["step"], best=state["best"])
+        return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_validation)
+
+    def _early_stop(self, state: dict[str, Any], validation_loss: float) -> bool:
+        hp = self.spec.hyperparameters
+        best = state["best"]
+        if best is None or validation_loss < best - hp.early_stopping_min_delta:
+            state["best"], state["bad_evaluations"] = validation_loss, 0
+            return False
+        state["bad_evaluations"] += 1
+        return (
+            bool(hp.early_stopping_patience)
+            and state["bad_evaluations"] >= hp.early_stopping_patience
+        )
+
+    def _base_model(self, model: Any) -> Any:
+        import contextlib
+
+        if hasattr(model, "disable_adapter"):
+            return model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _base_loss(self, model: Any, eval_batches: list[Batch]) -> float:
+        with self._base_model(model):
+            return evaluate_loss(model, eval_batches)
+
+    def _finish(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eval_batches: list[Batch],
+        held_out: list[list[dict[str, Any]]],
+        state: dict[str, Any],
+        train: Encoded,
+        last_validation: float | None,
+    ) -> dict[str, Any]:
+        import torch
+
+        spec = self.spec
+        validation_loss = (
+            last_validation
+            if last_validation is not None
+            else (evaluate_loss(model, eval_batches) if eval_batches else None)
+        )
+        evaluation: dict[str, Any] = {
+            "base_validation_loss": state["base_validation_loss"],
+            "validation_loss": validation_loss,
+            "base_perplexity": _perplexity(state["base_validation_loss"]),
+            "perplexity": _perplexity(validation_loss),
+            "base_task_metrics": state["base_task_metrics"],
+            "task_metrics": task_metrics(
+                model, tokenizer, held_out, spec.evaluation.metrics, spec.evaluation.max_new_tokens
+            )
+            if held_out
+            else {},
+        }
+        if hasattr(model, "disable_adapter") and eval_batches:
+            probe = eval_batches[0]
+            model.eval()
+            with torch.no_grad():
+                adapted = float(batch_loss(model, probe))
+                with model.disable_adapter():
+                    plain = float(batch_loss(model, probe))
+            evaluation["adapter_changes_logits"] = adapted != plain
+        else:
+            evaluation["adapter_changes_logits"] = True
+        output = spec.output_dir / ("model" if spec.method == "full" else "adapter")
+        model.save_pretrained(str(output), safe_serialization=True)
+        if spec.method == "full":
+            tokenizer.save_pretrained(str(output))
+        result = {
+            "output_dir": str(output),
+            "steps": state["step"],
+            "examples": len(train.examples),
+            "truncated": train.truncated,
+            "dropped": train.dropped,
+            "evaluation": evaluation,
+        }
+        (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        self.reporter.event(
+            "finished",
+            **{k: v for k, v in result.items() if k != "evaluation"},
+            evaluation=evaluation,
+        )
+        return result
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return math.exp(min(loss, 50.0)) if loss is not None else None

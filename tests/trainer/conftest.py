@@ -1,0 +1,133 @@
+"""A tiny chat model built locally (random Llama + byte-level BPE with a chat template) and a
+learnable synthetic task: each animal has its colour."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ANIMALS = ["cat", "dog", "owl", "fox", "bee", "elk", "yak", "emu", "ant", "bat", "cow", "pig"]
+COLOURS = [
+    "red",
+    "blue",
+    "green",
+    "pink",
+    "gold",
+    "grey",
+    "teal",
+    "navy",
+    "lime",
+    "plum",
+    "rust",
+    "sand",
+]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def conversation(
+    animal: str, colour: str, answer: str = "Colour: {}. Done."
+) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "Answer with one colour."},
+        {"role": "user", "content": f"Which colour goes with the {animal}?"},
+        {"role": "assistant", "content": answer.format(colour)},
+    ]
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|pad|>"]
+    corpus = [TEMPLATE, "Farbe: {} -- fertig!"] + [
+        json.dumps(conversation(a, c)) for a in ANIMALS for c in COLOURS
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = TEMPLATE
+    path = tmp_path_factory.mktemp("chat-model")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_records(
+    path: Path, train: int, validation: int, seed: int = 0, answer: str = "Colour: {}. Done."
+) -> Path:
+    """Records as DatasetService writes them; `answer` is the format of the answers."""
+    rng = random.Random(seed)
+    mapping = dict(zip(ANIMALS, COLOURS, strict=True))
+    with path.open("w") as out:
+        for index in range(train + validation):
+            animal = ANIMALS[index % len(ANIMALS)] if index < train else rng.choice(ANIMALS)
+            record = {
+                "index": index,
+                "messages": conversation(animal, mapping[animal], answer),
+                "split": "train" if index < train else "validation",
+            }
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+MakeSpec = Callable[..., dict[str, Any]]
+LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def make_spec(chat_model: Path, tmp_path: Path) -> MakeSpec:
+    records = write_records(tmp_path / "records.jsonl", train=96, validation=24)
+
+    def make(output: str = "out", **overrides: Any) -> dict[str, Any]:
+        hyper = {
+            "learning_rate": 1e-2,
+            "epochs": 4,
+            "micro_batch_size": 8,
+            "max_sequence_length": 64,
+            "warmup_ratio": 0.1,
+            "seed": 7,
+            **overrides.pop("hyperparameters", {}),
+        }
+        spec = {
+            "base_model": str(chat_model),
+            "method": "lora",
+            # A random model's output layer is random: adapting it as well lets a small adapter
+            # learn the task in a few steps (PEFT's all-linear leaves the output layer out).
+            "lora": {"rank": 8, "dropout": 0.0, "target_modules": [*LINEAR_LAYERS, "lm_head"]},
+            "hyperparameters": hyper,
+            "train_data": {"uri": str(records), "split": "train"},
+            "output_dir": str(tmp_path / output),
+        }
+        spec.update(overrides)
+        return spec
+
+    return make

@@ -1,0 +1,234 @@
+"""The trainer on a tiny model and a learnable synthetic task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import MakeSpec, conversation, write_records
+from tunefleet.trainer.data import IGNORE, Example, batches, encode
+from tunefleet.trainer.spec import SpecError, parse_spec
+from tunefleet.trainer.train import Trainer, batch_loss
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    trainer = Trainer(parse_spec(spec))
+    try:
+        return trainer.run()
+    finally:
+        trainer.reporter.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "learning_rate"),
+    [("lora", 1e-2), ("dora", 1e-2), ("qlora", 1e-2), ("full", 1e-3)],
+)
+def test_each_method_learns_the_task(
+    make_spec: MakeSpec, chat_model: Path, method: str, learning_rate: float
+) -> None:
+    result = train(make_spec(method=method, hyperparameters={"learning_rate": learning_rate}))
+    evaluation = result["evaluation"]
+    assert evaluation["validation_loss"] < 0.6 * evaluation["base_validation_loss"], evaluation
+    assert evaluation["perplexity"] < evaluation["base_perplexity"]
+    assert evaluation["adapter_changes_logits"]
+    output = Path(result["output_dir"])
+    if method == "full":
+        assert (output / "model.safetensors").exists() and (output / "tokenizer.json").exists()
+        return
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["use_dora"] is (method == "dora") and config["r"] == 8
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    probe = torch.tensor([[5, 40, 77, 120, 33]])
+    with torch.no_grad():
+        before = base(probe).logits
+        after = PeftModel.from_pretrained(base, output)(probe).logits
+    assert not torch.allclose(before, after)
+
+
+def test_only_assistant_tokens_carry_loss(chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    messages = [
+        {"role": "system", "content": "Answer with one colour."},
+        {"role": "user", "content": "Which colour goes with the cat?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the dog?"},
+        {"role": "assistant", "content": "blue"},
+    ]
+    (example,) = encode(tokenizer, [messages], 128).examples
+    trained = [
+        t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE
+    ]
+    assert tokenizer.decode(trained) == "red<|end|>blue<|end|>"  # the assistant turns only
+    untrained = tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE]
+    )
+    assert "Which colour" in untrained and "Answer with" in untrained and "red" not in untrained
+
+
+def test_weight_zero_turns_carry_no_loss(chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    messages: list[dict[str, Any]] = [
+        *conversation("cat", "red")[:2],
+        {"role": "assistant", "content": "red", "weight": 0},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "blue"},
+    ]
+    (example,) = encode(tokenizer, [messages], 128).examples
+    labelled = [
+        t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE
+    ]
+    assert tokenizer.decode(labelled) == "blue<|end|>"
+
+
+def test_truncation_is_counted_and_never_silent(chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    normal = conversation("cat", "red")
+    limit = len(encode(tokenizer, [normal], 1000).examples[0].input_ids) + 2
+    long_answer = [*normal[:2], {"role": "assistant", "content": "red " * 40}]
+    encoded = encode(tokenizer, [normal, long_answer], limit)
+    assert (len(encoded.examples), encoded.truncated, encoded.dropped) == (2, 1, 0)
+    assert len(encoded.examples[1].input_ids) == limit
+    too_long_prompt = [
+        {"role": "user", "content": "why " * 60},
+        {"role": "assistant", "content": "x"},
+    ]
+    assert encode(tokenizer, [too_long_prompt], limit).dropped == 1
+
+
+def test_packing_keeps_attention_inside_each_example(chat_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model)
+    model.eval()  # type: ignore[no-untyped-call]
+    examples = encode(
+        tokenizer,
+        [conversation(a, c) for a, c in [("cat", "red"), ("dog", "blue"), ("owl", "green")]],
+        256,
+    ).examples
+    packed = batches(examples, 8, tokenizer.pad_token_id, True, 256, seed=0, epoch=0)
+    assert len(packed) == 1 and len(packed[0].input_ids) == 1  # all three share one row
+    with torch.no_grad():
+        together = float(batch_loss(model, packed[0]))
+        alone = sum(
+            float(batch_loss(model, batches([e], 1, 0, False, 256, 0, 0)[0])) for e in examples
+        )
+    assert together == pytest.approx(alone, rel=1e-5)
+
+
+def test_early_stopping(make_spec: MakeSpec, tmp_path: Path) -> None:
+    # The validation answers have another format: fitting the training data makes the
+    # validation loss rise, and training stops after `patience` evaluations without improvement.
+    other = write_records(
+        tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
+    )
+    spec = make_spec(
+        validation_data={"uri": str(other), "split": "validation"},
+        hyperparameters={"epochs": 20, "eval_every_steps": 2, "early_stopping_patience": 2},
+    )
+    result = train(spec)
+    events = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").open()]
+    stopped = [e for e in events if e["event"] == "early_stopped"]
+    assert stopped and result["steps"] < 20 * 12
+    losses = [e["validation_loss"] for e in events if e.get("validation_loss") is not None]
+    assert min(losses) < losses[-1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "sft"}, "method: Input should be 'lora', 'qlora', 'dora' or 'full'"),
+        ({"lora": {"rank": 0}}, "lora.rank: Input should be greater than or equal to 1"),
+        ({"lora": {"rank": 1024}}, "lora.rank: Input should be less than or equal to 512"),
+        ({"hyperparameters": {"warmup_ratio": 1.5}}, "hyperparameters.warmup_ratio"),
+        ({"base_model": "/nowhere"}, "base_model: '/nowhere' is not a model directory"),
+        ({"train_data": {"uri": "/nowhere.jsonl"}}, "train_data.uri"),
+    ],
+)
+def test_bad_specs_are_refused(make_spec: MakeSpec, change: dict[str, Any], message: str) -> None:
+    spec = make_spec()
+    spec.update(change)
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_spec(spec)
+
+
+def test_qlora_without_bitsandbytes_is_refused(
+    make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(SpecError, match="qlora needs bitsandbytes"):
+        parse_spec(make_spec(method="qlora"))
+
+
+def test_data_that_cannot_fit_is_refused_before_the_model_loads(
+    make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tunefleet.trainer.train as train_module
+
+    def no_model(spec: Any) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(train_module, "load_model", no_model)
+    trainer = Trainer(parse_spec(make_spec(hyperparameters={"max_sequence_length": 16})))
+    with pytest.raises(SpecError, match="lose every assistant token at max_sequence_length 16"):
+        trainer.run()
+    trainer.reporter.close()
+
+
+def test_labels_align_with_examples() -> None:
+    example = Example([1, 2, 3], [IGNORE, 2, 3])
+    (batch,) = batches([example, Example([4, 5], [IGNORE, 5])], 2, 0, False, 8, 0, 0)
+    assert batch.trainable == 3 and batch.tokens == 5
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hyper = {"epochs": 3, "checkpoint_every_steps": 4, "eval_every_steps": 6}
+    lora = {"rank": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+    reference = train(make_spec(output="reference", lora=lora, hyperparameters=hyper))
+
+    spec = make_spec(output="killed", lora=lora, hyperparameters=hyper)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "tunefleet.trainer", "--spec", str(spec_file)]
+    progress = tmp_path / "killed" / "progress.jsonl"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the second checkpoint, then kill
+        events = [json.loads(line) for line in progress.open()] if progress.exists() else []
+        if [e for e in events if e["event"] == "checkpoint" and e["step"] >= 8]:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(e["step"] for e in events if e["event"] == "progress")
+    assert killed_at < reference["steps"], "the run finished before it was killed"
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads((tmp_path / "killed" / "result.json").read_text())
+    assert result["steps"] == reference["steps"]
+    assert result["evaluation"]["validation_loss"] == pytest.approx(
+        reference["evaluation"]["validation_loss"], rel=1e-6, abs=1e-7
+    )
