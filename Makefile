@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install system-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest clean
+.PHONY: help install system-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -66,6 +66,9 @@ demo: $(VENV)/.installed  ## start the embedded server and show health and refle
 
 bench-ingest: $(VENV)/.installed  ## ingestion benchmark: tunefleet vs datasets+pandas+datasketch (200k records)
 	$(BIN)/python benchmarks/ingest.py
+
+bench-train: $(VENV)/.installed  ## training benchmark: tunefleet vs TRL SFTTrainer, QLoRA vs LoRA memory
+	$(BIN)/python benchmarks/train.py
 
 serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
 	$(BIN)/tunefleet serve

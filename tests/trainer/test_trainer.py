@@ -232,3 +232,15 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(
     assert result["evaluation"]["validation_loss"] == pytest.approx(
         reference["evaluation"]["validation_loss"], rel=1e-6, abs=1e-7
     )
+
+
+def test_task_metrics_compare_base_and_result(make_spec: MakeSpec, tmp_path: Path) -> None:
+    # A fixed reply format, which fine-tuning teaches quickly: the result matches it exactly.
+    records = write_records(tmp_path / "fixed.jsonl", train=96, validation=12, answer="All fine.")
+    spec = make_spec(
+        train_data={"uri": str(records), "split": "train"},
+        evaluation={"examples": 6, "metrics": ["exact_match", "json_valid"], "max_new_tokens": 16},
+    )
+    evaluation = train(spec)["evaluation"]
+    assert evaluation["base_task_metrics"] == {"exact_match": 0.0, "json_valid": 0.0}
+    assert evaluation["task_metrics"] == {"exact_match": 1.0, "json_valid": 0.0}

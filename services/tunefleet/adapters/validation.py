@@ -280,6 +280,9 @@ def _check_tensors(
         module_name = (
             match["module"] if match else name.removeprefix("base_model.model.").rsplit(".", 1)[0]
         )
+        # PEFT saves the base weight of an adapted embedding or output layer as
+        # `<module>.base_layer.weight`.
+        module_name = module_name.removesuffix(".base_layer")
         module = modules.get(module_name) if modules is not None else None
         if modules is not None and module is None:
             raise refuse(

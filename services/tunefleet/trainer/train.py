@@ -260,7 +260,7 @@ class Trainer:
                 for batch in group:
                     loss = batch_loss(model, batch) / max(trainable, 1)
                     loss.backward()
-                    train_loss += float(loss)
+                    train_loss += float(loss.detach())
                     tokens_seen += batch.tokens
                 if hp.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, hp.max_grad_norm))
@@ -390,8 +390,14 @@ class Trainer:
             "examples": len(train.examples),
             "truncated": train.truncated,
             "dropped": train.dropped,
+            "model_memory_bytes": int(model.get_memory_footprint()),
             "evaluation": evaluation,
         }
+        if spec.register.endpoint:
+            from tunefleet.trainer.register import register
+
+            metrics = {k: v for k, v in evaluation.items() if isinstance(v, float)}
+            result["adapter_version"] = register(spec, output, metrics)
         (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
         self.reporter.event(
             "finished",

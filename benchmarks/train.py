@@ -1,0 +1,275 @@
+"""Training benchmark: tunefleet's trainer against TRL's SFTTrainer with PEFT, on the same small
+model, data and hyperparameters, in the same run; and QLoRA against LoRA peak memory.
+
+    python benchmarks/train.py [--steps 24]
+
+Throughput is useful (non-padding) tokens per second of the training loop; memory is the peak
+RSS of the process that trained (each run has its own process). Both trainers use LoRA r=16 on
+all linear layers, lr 2e-4 with warmup and cosine decay, micro batch 8, fp32, on CPU here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SMALL: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+LARGER: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+
+
+def build_model(directory: Path, shape: dict[str, Any]) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(ROOT))
+    from tests.datasets.records import WORDS
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        max_position_embeddings=1024,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        **shape,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_data(path: Path, count: int) -> Path:
+    """Conversations of very different lengths (answers of 10 to 200 words)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.datasets.records import sentence
+
+    rng = random.Random(0)
+    with path.open("w") as out:
+        for index in range(count):
+            messages = [
+                {"role": "user", "content": "Explain " + sentence(rng, rng.randint(5, 15))},
+                {"role": "assistant", "content": sentence(rng, rng.randint(10, 200))},
+            ]
+            out.write(json.dumps({"index": index, "messages": messages, "split": "train"}) + "\n")
+    return path
+
+
+# --- runs, each in its own process ------------------------------------------------------------
+
+
+def run_tunefleet(
+    model: Path, data: Path, steps: int, method: str, workdir: Path, max_length: int, batch: int
+) -> dict[str, Any]:
+    from tunefleet.trainer.spec import parse_spec
+    from tunefleet.trainer.train import Trainer
+
+    spec = parse_spec(
+        {
+            "base_model": str(model),
+            "method": method,
+            "lora": {"rank": 16, "dropout": 0.0, "target_modules": "all-linear"},
+            "hyperparameters": {
+                "learning_rate": 2e-4,
+                "max_steps": steps,
+                "epochs": 100,
+                "micro_batch_size": batch,
+                "max_sequence_length": max_length,
+                "precision": "fp32",
+                "seed": 1,
+            },
+            "train_data": {"uri": str(data)},
+            "output_dir": str(workdir / "out"),
+        }
+    )
+    trainer = Trainer(spec)
+    trainer.run()
+    trainer.reporter.close()
+    events = [json.loads(line) for line in (workdir / "out" / "progress.jsonl").open()]
+    last = [e for e in events if e["event"] == "progress"][-1]
+    result = json.loads((workdir / "out" / "result.json").read_text())
+    return {
+        "tokens_per_second": last["tokens_per_second"],
+        "model_mib": result["model_memory_bytes"] / 2**20,
+    }
+
+
+def run_trl(
+    model: Path, data: Path, steps: int, workdir: Path, max_length: int, batch: int
+) -> dict[str, Any]:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+
+    datasets.disable_progress_bars()
+    records = [json.loads(line) for line in data.open()]
+    dataset = datasets.Dataset.from_list([{"messages": r["messages"]} for r in records])
+    config = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_length=max_length,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=1,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(model)),
+        args=config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(str(model)),
+        peft_config=LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
+    return {"tokens_per_second": tokens / seconds}
+
+
+def child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        if args.child == "trl":
+            result = run_trl(
+                args.model, args.data, args.steps, workdir, args.max_length, args.batch
+            )
+        else:
+            result = run_tunefleet(
+                args.model, args.data, args.steps, args.child, workdir, args.max_length, args.batch
+            )
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args.out.write_text(json.dumps(result))
+
+
+def spawn(
+    name: str, model: Path, data: Path, steps: int, max_length: int, batch: int, out: Path
+) -> dict[str, Any]:
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--steps",
+            str(steps),
+            "--max-length",
+            str(max_length),
+            "--batch",
+            str(batch),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        small = build_model(directory / "small", SMALL)
+        data = build_data(directory / "data.jsonl", 512)
+        print(f"model: Llama {SMALL}, data: 512 conversations of 20-230 words", flush=True)
+        ours = spawn("lora", small, data, args.steps, 512, 8, directory / "ours.json")
+        theirs = spawn("trl", small, data, args.steps, 512, 8, directory / "trl.json")
+        print(f"{'trainer':<26}{'tokens/s':>12}{'peak MiB':>10}")
+        print(f"{'tunefleet':<26}{ours['tokens_per_second']:>12,.0f}{ours['peak_mib']:>10,.0f}")
+        print(
+            f"{'TRL SFTTrainer + PEFT':<26}{theirs['tokens_per_second']:>12,.0f}"
+            f"{theirs['peak_mib']:>10,.0f}"
+        )
+        print(
+            f"throughput ratio (tunefleet / TRL): "
+            f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x",
+            flush=True,
+        )
+        larger = build_model(directory / "larger", LARGER)
+        lora = spawn("lora", larger, data, 3, 128, 2, directory / "lora.json")
+        qlora = spawn("qlora", larger, data, 3, 128, 2, directory / "qlora.json")
+        print(f"QLoRA vs LoRA on Llama {LARGER}:")
+        print(
+            f"  model in memory: {qlora['model_mib']:,.0f} MiB vs {lora['model_mib']:,.0f} MiB, "
+            f"ratio {qlora['model_mib'] / lora['model_mib']:.2f}"
+        )
+        print(
+            f"  process peak RSS: {qlora['peak_mib']:,.0f} MiB vs {lora['peak_mib']:,.0f} MiB, "
+            f"ratio {qlora['peak_mib'] / lora['peak_mib']:.2f} (on CPU the peak is set while "
+            "loading: the fp32 checkpoint is read before bitsandbytes quantises it)"
+        )
+
+
+if __name__ == "__main__":
+    main()
