@@ -244,3 +244,45 @@ def test_task_metrics_compare_base_and_result(make_spec: MakeSpec, tmp_path: Pat
     evaluation = train(spec)["evaluation"]
     assert evaluation["base_task_metrics"] == {"exact_match": 0.0, "json_valid": 0.0}
     assert evaluation["task_metrics"] == {"exact_match": 1.0, "json_valid": 0.0}
+
+
+def test_data_and_checkpoints_live_in_the_blob_store(make_spec: MakeSpec, tmp_path: Path) -> None:
+    from tunefleet.storage.blobs import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    records = write_records(tmp_path / "records-for-blob.jsonl", train=48, validation=12)
+    uri = store.uri(store.put_file(records).sha256)
+    storage = {"blob_backend": "local", "blob_dir": str(tmp_path / "blobs")}
+    hyper = {"epochs": 2, "checkpoint_every_steps": 4}
+    reference = train(
+        make_spec(
+            output="first",
+            storage=storage,
+            hyperparameters=hyper,
+            train_data={"uri": uri, "split": "train"},
+        )
+    )
+    events = [json.loads(line) for line in (tmp_path / "first" / "progress.jsonl").open()]
+    stored = {e["step"]: e["uri"] for e in events if e["event"] == "checkpoint"}
+    assert sorted(stored) == [4, 8, 12] and all(
+        u.endswith(tuple("0123456789abcdef")) for u in stored.values()
+    )
+    # Another machine: a fresh output directory, resuming from the checkpoint of step 8.
+    resumed = train(
+        make_spec(
+            output="elsewhere",
+            storage=storage,
+            hyperparameters=hyper,
+            train_data={"uri": uri, "split": "train"},
+            resume_from=stored[8],
+        )
+    )
+    assert resumed["steps"] == reference["steps"] == 12
+    assert resumed["evaluation"]["validation_loss"] == pytest.approx(
+        reference["evaluation"]["validation_loss"], rel=1e-6, abs=1e-7
+    )
+
+
+def test_blob_data_needs_storage(make_spec: MakeSpec) -> None:
+    with pytest.raises(SpecError, match="is a blob, but the spec has no storage"):
+        parse_spec(make_spec(train_data={"uri": "s3://bucket/tunefleet/sha256/ab/" + "a" * 64}))

@@ -23,10 +23,11 @@ IGNORE = -100
 Message = dict[str, Any]
 
 
-def load_conversations(spec: DataSpec) -> list[list[Message]]:
-    """The conversations of a records file, one side of the split (or all)."""
+def load_conversations(spec: DataSpec, path: Path | None = None) -> list[list[Message]]:
+    """The conversations of a records file (at `path` when it was fetched), one side of the
+    split (or all)."""
     conversations = []
-    with Path(spec.path()).open("rb") as file:
+    with (path or spec.path()).open("rb") as file:
         for line in file:
             if not line.strip():
                 continue

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunefleet.runtime.settings import StorageSettings
+
 Method = Literal["lora", "qlora", "dora", "full"]
 
 
@@ -23,8 +25,13 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Records as DatasetService writes them (JSON lines with `messages` and `split`)."""
 
-    uri: str = Field(min_length=1)  # a local path or file:// URI
+    # A local path, a file:// URI, or a blob of the spec's store (s3://.../<sha256>).
+    uri: str = Field(min_length=1)
     split: Literal["train", "validation", "all"] = "train"
+
+    @property
+    def is_blob(self) -> bool:
+        return self.uri.startswith(("s3://", "blob:"))
 
     def path(self) -> Path:
         return Path(self.uri.removeprefix("file://"))
@@ -96,6 +103,10 @@ class TrainerSpec(_Strict):
     validation_data: DataSpec | None = None
     output_dir: Path
     resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
+    # Continue from a checkpoint kept in the blob store (the URI a checkpoint report carried).
+    resume_from: str = ""
+    # Where input blobs are read and checkpoints are kept; unset keeps checkpoints local only.
+    storage: StorageSettings | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
     report: ReportSpec = ReportSpec()
     register: RegisterSpec = RegisterSpec()
@@ -164,5 +175,11 @@ def check_environment(spec: TrainerSpec) -> None:
         except ImportError:
             raise SpecError("method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
     for name, data in (("train_data", spec.train_data), ("validation_data", spec.validation_data)):
-        if data is not None and not data.path().is_file():
+        if data is None:
+            continue
+        if data.is_blob and spec.storage is None:
+            raise SpecError(f"{name}.uri: {data.uri!r} is a blob, but the spec has no storage")
+        if not data.is_blob and not data.path().is_file():
             raise SpecError(f"{name}.uri: {data.uri!r} is not a readable file")
+    if spec.resume_from and spec.storage is None:
+        raise SpecError("resume_from: a stored checkpoint needs the spec's storage")

@@ -27,6 +27,7 @@ from tunefleet.trainer.data import (
 from tunefleet.trainer.model import load_model
 from tunefleet.trainer.report import Reporter
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
+from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,23 @@ class Trainer:
     def __init__(self, spec: TrainerSpec) -> None:
         self.spec = spec
         self.reporter = Reporter(spec.output_dir / "progress.jsonl", spec.report)
+        self.store = open_store(spec.storage, spec.output_dir) if spec.storage else None
 
     def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[list[dict[str, Any]]]]:
         """Tokenised training and validation data; refuses data that cannot train."""
         spec = self.spec
         hp = spec.hyperparameters
-        train = load_conversations(spec.train_data)
-        validation_spec = spec.validation_data or DataSpec(
-            uri=spec.train_data.uri, split="validation"
-        )
-        validation = load_conversations(validation_spec)
+        inputs = spec.output_dir / "inputs"
+        train_path = fetch(spec.train_data.uri, self.store, inputs)
+        train = load_conversations(spec.train_data, train_path)
+        if spec.validation_data is None:
+            validation = load_conversations(
+                DataSpec(uri=spec.train_data.uri, split="validation"), train_path
+            )
+        else:
+            validation = load_conversations(
+                spec.validation_data, fetch(spec.validation_data.uri, self.store, inputs)
+            )
         if not train:
             raise SpecError(
                 f"train_data: no {spec.train_data.split} records in {spec.train_data.uri}"
@@ -202,7 +210,11 @@ class Trainer:
         eval_every = hp.eval_every_steps or steps_per_epoch
         checkpoint_every = hp.checkpoint_every_steps or eval_every
 
-        resumed_from = checkpoint.latest(spec.checkpoint_dir) if spec.resume else None
+        if spec.resume_from:
+            assert self.store is not None  # checked with the spec
+            download_checkpoint(self.store, spec.resume_from, spec.checkpoint_dir)
+        resume = spec.resume or bool(spec.resume_from)
+        resumed_from = checkpoint.latest(spec.checkpoint_dir) if resume else None
         if resumed_from is not None:
             state = checkpoint.load(resumed_from, model, optimizer, scheduler)
             self.reporter.event("resumed", step=state["step"], checkpoint=str(resumed_from))
@@ -300,10 +312,11 @@ class Trainer:
                     path = checkpoint.save(
                         spec.checkpoint_dir, step, model, optimizer, scheduler, state
                     )
+                    stored = upload_checkpoint(self.store, path) if self.store else ""
                     self.reporter.event(
                         "checkpoint",
                         step=step,
-                        uri=path.resolve().as_uri(),
+                        uri=stored or path.resolve().as_uri(),
                         validation_loss=validation_loss,
                     )
                 if stopped_early or self.reporter.cancel_requested:
