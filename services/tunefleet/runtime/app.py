@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from tunefleet.runtime.context import ServiceContext, open_storage
@@ -15,8 +14,6 @@ from tunefleet.runtime.metrics import ServerMetrics
 from tunefleet.runtime.server import TunefleetServer
 from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.runtime.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings, service_keys: Sequence[str] = ()) -> None:

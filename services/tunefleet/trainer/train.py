@@ -5,7 +5,6 @@ the base model at the end, and the output (adapter or full model) with a result 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
@@ -28,8 +27,6 @@ from tunefleet.trainer.model import load_model
 from tunefleet.trainer.report import Reporter
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
 from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
-
-log = logging.getLogger(__name__)
 
 
 def batch_loss(model: Any, batch: Batch) -> Any:
