@@ -44,7 +44,7 @@ async def test_result_is_registered_with_lineage(
             )
         )
         spec = make_spec(
-            register={"endpoint": target, "adapter": "adapters/colours"},
+            registry={"endpoint": target, "adapter": "adapters/colours"},
             job="trainingJobs/j-1",
             datasets=["datasets/ds-colours"],
         )

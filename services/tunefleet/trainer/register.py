@@ -18,7 +18,7 @@ METHODS = {
 
 
 def register(spec: TrainerSpec, output: Path, metrics: dict[str, float]) -> str:
-    """Upload the files in `output` as a new version of spec.register.adapter; its name."""
+    """Upload the files in `output` as a new version of spec.registry.adapter; its name."""
     import grpc
     from google.protobuf import struct_pb2
 
@@ -44,7 +44,7 @@ def register(spec: TrainerSpec, output: Path, metrics: dict[str, float]) -> str:
 
     def requests() -> Iterator[Any]:
         header = request.Header(
-            parent=spec.register.adapter,
+            parent=spec.registry.adapter,
             lineage=lineage,
             description=f"trained by {spec.job or 'the tunefleet trainer'}",
         )
@@ -60,8 +60,8 @@ def register(spec: TrainerSpec, output: Path, metrics: dict[str, float]) -> str:
                     yield request(chunk=chunk)
         yield request(finish_write=True)
 
-    metadata = (("authorization", f"Bearer {spec.register.token}"),) if spec.register.token else ()
-    with grpc.insecure_channel(spec.register.endpoint) as channel:
+    metadata = (("authorization", f"Bearer {spec.registry.token}"),) if spec.registry.token else ()
+    with grpc.insecure_channel(spec.registry.endpoint) as channel:
         stub = adapter_service_pb2_grpc.AdapterServiceStub(channel)
         version = stub.UploadAdapterVersion(requests(), timeout=600, metadata=metadata)
     return str(version.name)

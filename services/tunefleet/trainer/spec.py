@@ -85,7 +85,7 @@ class ReportSpec(_Strict):
     job: str = ""  # trainingJobs/{job}
 
 
-class RegisterSpec(_Strict):
+class RegistrySpec(_Strict):
     """Where the result is registered: an AdapterService and the adapter to add a version to."""
 
     endpoint: str = ""
@@ -109,15 +109,15 @@ class TrainerSpec(_Strict):
     storage: StorageSettings | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
     report: ReportSpec = ReportSpec()
-    register: RegisterSpec = RegisterSpec()
+    registry: RegistrySpec = RegistrySpec()
     job: str = ""  # trainingJobs/{job}, for lineage
     datasets: list[str] = []  # datasets/{dataset}, for lineage
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainerSpec:
-        if self.register.endpoint and not self.register.adapter.startswith("adapters/"):
+        if self.registry.endpoint and not self.registry.adapter.startswith("adapters/"):
             raise ValueError(
-                "register.adapter must be adapters/{adapter} when an endpoint is given"
+                "registry.adapter must be adapters/{adapter} when an endpoint is given"
             )
         if self.report.endpoint and not self.report.job.startswith("trainingJobs/"):
             raise ValueError("report.job must be trainingJobs/{job} when an endpoint is given")

@@ -403,7 +403,7 @@ class Trainer:
             "model_memory_bytes": int(model.get_memory_footprint()),
             "evaluation": evaluation,
         }
-        if spec.register.endpoint:
+        if spec.registry.endpoint:
             from tunefleet.trainer.register import register
 
             metrics = {k: v for k, v in evaluation.items() if isinstance(v, float)}
