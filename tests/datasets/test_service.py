@@ -133,6 +133,9 @@ async def test_delete_is_refused_while_a_job_uses_the_dataset(
     info = error_info(raised.value)
     assert info is not None and info.reason == "DATASET_IN_USE"
     assert "trainingJobs/j1" in (raised.value.details() or "")
+    with service_context.storage.database.session() as session:
+        store.release_lease(session, dataset.name.removeprefix("datasets/"), "trainingJobs/j1")
+    await stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
 
 
 async def test_rejected_upload_names_the_lines_and_stores_nothing(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from tunefleet.adapters import names
 from tunefleet.adapters.metrics import AdapterMetrics
@@ -19,7 +18,8 @@ from tunefleet.adapters.registry import Registry, VersionUpload
 from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, VersionRow
 from tunefleet.runtime.auth import current_principal
 from tunefleet.runtime.errors import InvalidArgument
-from tunefleet.runtime.streams import UploadStream
+from tunefleet.runtime.protos import timestamp
+from tunefleet.runtime.streams import UploadStream, UploadWorker
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -117,12 +117,10 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             raise InvalidArgument("header", "the first message of an upload must carry the header")
         header = first.header
         fingerprint = hashlib.sha256(header.SerializeToString(deterministic=True)).hexdigest()
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-upload")
-        loop = asyncio.get_running_loop()
+        worker = UploadWorker("adapter-upload")
         upload: VersionUpload | None = None
         try:
-            upload = await loop.run_in_executor(
-                worker,
+            upload = await worker.run(
                 self.registry.begin_upload,
                 header.parent,
                 header.description,
@@ -130,7 +128,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                 header.request_id,
                 fingerprint,
             )
-            existing = await loop.run_in_executor(worker, self.registry.existing_for, upload)
+            existing = await worker.run(self.registry.existing_for, upload)
             if existing is not None:
                 return await self._version(existing)
             stream = UploadStream(requests, context)
@@ -138,8 +136,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                 async for request in stream:
                     if request.HasField("file"):
                         file = request.file
-                        await loop.run_in_executor(
-                            worker,
+                        await worker.run(
                             self.registry.start_file,
                             upload,
                             file.path,
@@ -147,21 +144,14 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                             file.sha256,
                         )
                     elif request.HasField("chunk"):
-                        await loop.run_in_executor(
-                            worker, self.registry.write, upload, request.chunk
-                        )
+                        await worker.run(self.registry.write, upload, request.chunk)
                     elif request.HasField("header"):
                         raise InvalidArgument("header", "only the first message may carry a header")
             with self._registering() as produced:
-                row = await loop.run_in_executor(worker, self.registry.finish_upload, upload)
+                row = await worker.run(self.registry.finish_upload, upload)
                 produced.append(row)
         finally:
-            if upload is not None:
-                # Shielded: a cancelled call must still clean up (after the step in progress).
-                await asyncio.shield(
-                    asyncio.wrap_future(worker.submit(self.registry.abort_upload, upload))
-                )
-            worker.shutdown(wait=False)
+            await worker.close(partial(self.registry.abort_upload, upload) if upload else None)
         return await self._version(row)
 
     async def CreateAdapterVersion(
@@ -403,9 +393,3 @@ def change_proto(
         alias=payload.get("alias", ""),
         previous_version=payload.get("previous_version", ""),
     )
-
-
-def timestamp(value: Any) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

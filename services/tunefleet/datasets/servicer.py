@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from tunefleet.datasets.pipeline import IngestOptions
-from tunefleet.datasets.service import DatasetManager, UploadHeader
+from tunefleet.datasets.service import DatasetManager, Upload, UploadHeader
 from tunefleet.datasets.store import DatasetRow
 from tunefleet.runtime.errors import InvalidArgument
-from tunefleet.runtime.streams import UploadStream
+from tunefleet.runtime.protos import timestamp
+from tunefleet.runtime.streams import UploadStream, UploadWorker
 from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -40,15 +40,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         first = await anext(requests, None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("header", "the first message of an upload must carry the header")
-        # One thread per upload runs its steps in order, so the clean-up after a cancelled stream
-        # runs only once the chunk being parsed is done.
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
-        loop = asyncio.get_running_loop()
-        upload = None
+        worker = UploadWorker("dataset-upload")
+        upload: Upload | None = None
         try:
-            upload = await loop.run_in_executor(
-                worker, self.manager.start_upload, upload_header(first.header)
-            )
+            upload = await worker.run(self.manager.start_upload, upload_header(first.header))
             if upload.existing is None:
                 stream = UploadStream(requests, context)
                 async with stream.refusing_early():
@@ -57,13 +52,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                             raise InvalidArgument(
                                 "header", "only the first message may carry a header"
                             )
-                        await loop.run_in_executor(worker, upload.ingestor.feed, request.chunk)
-            row = await loop.run_in_executor(worker, self.manager.complete, upload)
+                        await worker.run(upload.ingestor.feed, request.chunk)
+            row = await worker.run(self.manager.complete, upload)
         finally:
-            if upload is not None:
-                # Shielded: a cancelled call must still clean up (after the step in progress).
-                await asyncio.shield(asyncio.wrap_future(worker.submit(self.manager.abort, upload)))
-            worker.shutdown(wait=False)
+            await worker.close(partial(self.manager.abort, upload) if upload else None)
         return to_proto(row, stored=not upload.header.validate_only)
 
     async def GetDataset(
@@ -215,19 +207,13 @@ def to_proto(row: DatasetRow, *, stored: bool = True) -> dataset_pb2.Dataset:
             row.validation_report, dataset_pb2.ValidationReport()
         ),
         cleaning_report=json_format.ParseDict(row.cleaning_report, dataset_pb2.CleaningReport()),
-        create_time=_timestamp(row),
+        create_time=timestamp(row.create_time),
     )
     if row.token_statistics is not None:
         dataset.token_statistics.CopyFrom(
             json_format.ParseDict(row.token_statistics, dataset_pb2.TokenStatistics())
         )
     return dataset
-
-
-def _timestamp(row: DatasetRow) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(row.create_time)
-    return stamp
 
 
 def _message(message: dict[str, Any]) -> common_pb2.ChatMessage:

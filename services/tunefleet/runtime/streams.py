@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
@@ -62,3 +63,27 @@ class UploadStream:
         async for _ in self._requests:
             pass
         self.ended = True
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class UploadWorker:
+    """Runs the blocking steps of one upload in order on a thread of its own, so that the
+    clean-up after a cancelled stream runs only once the step in progress is done."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
+
+    async def close(self, cleanup: Callable[[], object] | None = None) -> None:
+        """Run `cleanup` after the step in progress, even if this call is being cancelled."""
+        try:
+            if cleanup is not None:
+                await asyncio.shield(asyncio.wrap_future(self._executor.submit(cleanup)))
+        finally:
+            self._executor.shutdown(wait=False)

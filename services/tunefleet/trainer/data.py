@@ -10,7 +10,6 @@ which tokens carry loss. This works with any chat template.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,9 +163,3 @@ def _batch(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
         if batch.segments is not None:
             batch.segments.append(segments + [0] * padding)
     return batch
-
-
-def iterate_steps(epoch_batches: list[Batch], accumulation: int) -> Iterator[list[Batch]]:
-    """Micro batches grouped into optimizer steps."""
-    for start in range(0, len(epoch_batches), accumulation):
-        yield epoch_batches[start : start + accumulation]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tunefleet.runtime.settings import StorageSettings
 from tunefleet.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from tunefleet.trainer.spec import SpecError
 
 _SHA256 = re.compile(r"([0-9a-f]{64})$")
 MANIFEST = "checkpoint.json"
@@ -29,7 +30,7 @@ def fetch(uri: str, store: BlobStore | None, directory: Path) -> Path:
     ):
         match = _SHA256.search(uri)
         if store is None or match is None:
-            raise ValueError(f"{uri!r} names a blob, but the spec has no blob store for it")
+            raise SpecError(f"{uri!r} names a blob, but the spec has no storage to read it from")
         target = directory / match[1]
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def download_checkpoint(store: BlobStore, manifest_uri: str, directory: Path) ->
     """Recreate a stored checkpoint under `directory`; its path."""
     match = _SHA256.search(manifest_uri)
     if match is None:
-        raise ValueError(f"resume_from {manifest_uri!r} does not name a stored checkpoint")
+        raise SpecError(f"resume_from: {manifest_uri!r} does not name a stored checkpoint")
     manifest = json.loads(store.read_bytes(match[1]))
     target: Path = directory / str(manifest["name"])
     partial = directory / f".{manifest['name']}.download"

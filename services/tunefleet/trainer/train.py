@@ -181,16 +181,19 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             parameters, lr=spec.learning_rate, weight_decay=hp.weight_decay
         )
-        first_epoch = batches(
-            train.examples,
-            hp.micro_batch_size,
-            pad_id,
-            hp.packing,
-            hp.max_sequence_length,
-            hp.seed,
-            0,
-        )
-        steps_per_epoch = math.ceil(len(first_epoch) / hp.gradient_accumulation_steps)
+
+        def epoch_batches(epoch: int) -> list[Batch]:
+            return batches(
+                train.examples,
+                hp.micro_batch_size,
+                pad_id,
+                hp.packing,
+                hp.max_sequence_length,
+                hp.seed,
+                epoch,
+            )
+
+        steps_per_epoch = math.ceil(len(epoch_batches(0)) / hp.gradient_accumulation_steps)
         total_steps = math.ceil(hp.epochs * steps_per_epoch)
         if hp.max_steps:
             total_steps = min(total_steps, hp.max_steps)
@@ -249,18 +252,10 @@ class Trainer:
         first_step = state["step"]
         last_validation: float | None = None
         while state["step"] < total_steps and not stopped_early:
-            epoch_batches = batches(
-                train.examples,
-                hp.micro_batch_size,
-                pad_id,
-                hp.packing,
-                hp.max_sequence_length,
-                hp.seed,
-                state["epoch"],
-            )
+            micro_batches = epoch_batches(state["epoch"])
             groups = [
-                epoch_batches[i : i + hp.gradient_accumulation_steps]
-                for i in range(0, len(epoch_batches), hp.gradient_accumulation_steps)
+                micro_batches[i : i + hp.gradient_accumulation_steps]
+                for i in range(0, len(micro_batches), hp.gradient_accumulation_steps)
             ]
             while state["position"] < len(groups) and state["step"] < total_steps:
                 group = groups[state["position"]]
