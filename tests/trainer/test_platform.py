@@ -19,6 +19,7 @@ from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration
 from tunefleet.runtime.services import registration
 from tunefleet.runtime.settings import load_settings
+from tunefleet.trainer.report import Cancelled
 from tunefleet.v1 import (
     adapter_pb2,
     adapter_service_pb2,
@@ -102,7 +103,7 @@ async def test_progress_is_reported_and_cancel_stops_training(
             "job": "trainingJobs/j-2",
         }
     )
-    with pytest.raises(RuntimeError, match="cancelled"):
+    with pytest.raises(Cancelled, match="cancelled"):
         await asyncio.to_thread(train, spec)
     requests = [r for r, _ in service.reports]
     assert {token for _, token in service.reports} == {"Bearer job-secret"}

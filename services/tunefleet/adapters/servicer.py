@@ -19,38 +19,12 @@ from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, Version
 from tunefleet.runtime.auth import current_principal
 from tunefleet.runtime.errors import InvalidArgument
 from tunefleet.runtime.protos import timestamp
-from tunefleet.runtime.streams import UploadStream, UploadWorker
+from tunefleet.runtime.streams import ChangeSignal, UploadStream, UploadWorker
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024
 POLL_SECONDS = 1.0  # watchers also look for changes made by other processes this often
-
-
-class ChangeSignal:
-    """Wakes watchers of this process when the registry changes (from any thread)."""
-
-    def __init__(self) -> None:
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-
-    def notify(self) -> None:
-        for loop, event in list(self._waiters):
-            loop.call_soon_threadsafe(event.set)
-
-    async def wait(self, seconds: float) -> None:
-        event = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), event)
-        self._waiters.add(waiter)
-        try:
-            await asyncio.wait_for(event.wait(), seconds)
-        except TimeoutError:
-            pass
-        finally:
-            self._waiters.discard(waiter)
-
-    @property
-    def watchers(self) -> int:
-        return len(self._waiters)
 
 
 class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceRegistration:
-    """One gRPC service to put on the server: its full name and how to add it."""
+    """One gRPC service to put on the server: its full name, how to add it, and optionally what
+    to run once the server listens (given the server, whose port is then known) and before it
+    stops (background work such as TrainingService's scheduler)."""
 
     name: str  # for example "tunefleet.v1.DatasetService"
     add_to_server: Callable[[grpc.aio.Server], None]
+    on_start: Callable[[TunefleetServer], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -80,6 +84,9 @@ class TunefleetServer:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        for service in self.services:
+            if service.on_start is not None:
+                await service.on_start(self)
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_enabled:
@@ -103,6 +110,9 @@ class TunefleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        for service in self.services:
+            if service.on_stop is not None:
+                await service.on_stop()
         await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         self._server = None
         if self._metrics_http is not None:

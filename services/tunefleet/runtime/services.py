@@ -17,7 +17,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from tunefleet.runtime.context import ServiceContext
 from tunefleet.runtime.errors import Unimplemented
-from tunefleet.runtime.server import ServiceRegistration
+from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.v1 import (
     adapter_service_pb2,
     dataset_service_pb2,
@@ -59,11 +59,53 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
     )
 
 
+def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRegistration:
+    """TrainingService with the launcher the settings name (or `launcher`, for tests)."""
+    from tunefleet.training.manager import TrainingManager
+    from tunefleet.training.metrics import TrainingMetrics
+    from tunefleet.training.servicer import TrainingServicer
+    from tunefleet.v1 import training_service_pb2_grpc
+
+    settings = context.settings
+    if launcher is None and settings.training.launcher == "kubernetes":
+        from tunefleet.training.kubernetes import KubernetesLauncher
+
+        launcher = KubernetesLauncher(settings.training.kubernetes)
+    elif launcher is None:
+        from tunefleet.training.local import LocalLauncher
+
+        launcher = LocalLauncher(settings.data_dir / "training" / "runs")
+    manager = TrainingManager(
+        context.storage.database,
+        context.storage.blobs,
+        settings,
+        launcher,
+        TrainingMetrics(context.registry),
+    )
+    servicer = TrainingServicer(manager)
+
+    async def start(server: TunefleetServer) -> None:
+        host = server.settings.host
+        await manager.start(
+            f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{server.port}"
+        )
+
+    return ServiceRegistration(
+        "tunefleet.v1.TrainingService",
+        lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
+            servicer, server
+        ),
+        on_start=start,
+        on_stop=manager.stop,
+    )
+
+
 def _adapters(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.adapters import peft_ops
     from tunefleet.adapters.metrics import AdapterMetrics
     from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
-    from tunefleet.adapters.servicer import AdapterServicer, ChangeSignal
+    from tunefleet.adapters.servicer import AdapterServicer
+    from tunefleet.runtime.streams import ChangeSignal
     from tunefleet.v1 import adapter_service_pb2_grpc
 
     settings = context.settings
@@ -100,7 +142,10 @@ SERVICES: dict[str, ServiceSpec] = {
             _datasets,
         ),
         ServiceSpec(
-            "training", training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"], 6
+            "training",
+            training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+            6,
+            training_service,
         ),
         ServiceSpec(
             "adapters",

@@ -23,6 +23,7 @@ ENV_PREFIX = "TUNEFLEET_"
 ENV_NESTED_DELIMITER = "__"
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 class SettingsError(ValueError):
@@ -138,6 +139,77 @@ class AdapterSettings(_Section):
     smoke_test: bool = True
 
 
+class KubernetesSettings(_Section):
+    """The Kubernetes launcher: one batch/v1 Job per training run."""
+
+    namespace: str = "tunefleet"
+    # A kubeconfig file; unset uses the in-cluster service account (the Deployment's shape).
+    kubeconfig: Path | None = None
+    # The trainer image: tunefleet with the [train] extra and a CUDA torch.
+    image: str = "ghcr.io/tunefleet/trainer:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account: str = "tunefleet-trainer"
+    node_selector: dict[str, str] = {}
+    # The node label a job's `resources.gpu_type` is matched against.
+    gpu_type_label: str = "nvidia.com/gpu.product"
+    tolerations: list[dict[str, Any]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    # A PersistentVolumeClaim holding base models, mounted read-only at `model_cache_path`; the
+    # `models` catalogue should name directories under it.
+    model_cache_claim: str = ""
+    model_cache_path: str = "/models"
+    # Scratch space (an emptyDir) for the run's output and local checkpoints.
+    scratch_size_bytes: int = Field(default=100 * GiB, ge=GiB)
+    # Pod retries (preemption, node loss) before the Job fails; the trainer resumes each retry
+    # from its last stored checkpoint.
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    # Deadline when a job asks for none.
+    active_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    ttl_seconds_after_finished: int = Field(default=24 * 3600, ge=0)
+    # Secrets whose keys become the trainer's environment (for example S3 credentials).
+    env_from_secrets: list[str] = []
+    # Defaults for jobs that do not ask.
+    cpu_cores: float = Field(default=8.0, gt=0)
+    memory_bytes: int = Field(default=64 * GiB, ge=256 * MiB)
+
+
+class TrainingSettings(_Section):
+    """TrainingService: where jobs run, how many at once, and how workers reach the platform."""
+
+    launcher: Literal["local", "kubernetes"] = "local"
+    # Runs at once per launcher; more jobs wait in the queue (priority, then creation order).
+    max_running_jobs: int = Field(default=1, ge=1)
+    # GPUs the local launcher may hand to its processes (0: CPU only).
+    local_gpus: int = Field(default=0, ge=0)
+    # Most GPUs one job may ask for.
+    max_gpus_per_job: int = Field(default=8, ge=1)
+    # Memory per GPU for the fit check when a job names no `gpu_type` and no memory.
+    gpu_memory_bytes: int = Field(default=80 * GiB, ge=GiB)
+    # Memory per GPU by type, for jobs that name one.
+    gpu_types: dict[str, int] = {
+        "nvidia-h200-141gb": 141 * GiB,
+        "nvidia-h100-80gb": 80 * GiB,
+        "nvidia-a100-80gb": 80 * GiB,
+        "nvidia-a100-40gb": 40 * GiB,
+        "nvidia-l40s": 48 * GiB,
+        "nvidia-l4": 24 * GiB,
+        "nvidia-a10g": 24 * GiB,
+        "nvidia-t4": 16 * GiB,
+    }
+    # gRPC address workers report to and register through; empty: this server's own address.
+    worker_endpoint: str = ""
+    # A writer token workers use to register results when authentication is on.
+    worker_registry_token: str = ""
+    # A running worker that sends nothing for this long fails its job (WORKER_SILENT).
+    worker_timeout_seconds: float = Field(default=600.0, gt=0)
+    # How often workers send a heartbeat between reports.
+    heartbeat_seconds: float = Field(default=30.0, gt=0)
+    # How often the scheduler looks at the queue and the launcher.
+    poll_seconds: float = Field(default=2.0, gt=0)
+    kubernetes: KubernetesSettings = KubernetesSettings()
+
+
 class Settings(BaseSettings):
     """Everything a tunefleet server process needs to start."""
 
@@ -155,6 +227,16 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     storage: StorageSettings = StorageSettings()
     adapters: AdapterSettings = AdapterSettings()
+    training: TrainingSettings = TrainingSettings()
+
+    @model_validator(mode="after")
+    def _pods_reach_blobs(self) -> Settings:
+        if self.training.launcher == "kubernetes" and self.storage.blob_backend == "local":
+            raise ValueError(
+                "training.launcher kubernetes needs storage.blob_backend s3: training Pods "
+                "cannot read this machine's blob directory"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,5 @@
-"""Client-streamed uploads: the end of the stream, and refusals before it."""
+"""Streams: client-streamed uploads (their end, and refusals before it), and the signal that wakes
+server streams following a change feed."""
 
 from __future__ import annotations
 
@@ -87,3 +88,30 @@ class UploadWorker:
                 await asyncio.shield(asyncio.wrap_future(self._executor.submit(cleanup)))
         finally:
             self._executor.shutdown(wait=False)
+
+
+class ChangeSignal:
+    """Wakes the streams of this process that follow a change feed (registry changes, a job's
+    events) when something changed; `notify` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def notify(self) -> None:
+        for loop, event in list(self._waiters):
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, seconds: float) -> None:
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._waiters)

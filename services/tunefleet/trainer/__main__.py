@@ -1,7 +1,8 @@
 """`python -m tunefleet.trainer --spec spec.json`: run one training job.
 
 Exit status: 0 when the job succeeded, 2 when the spec cannot work (nothing big was loaded),
-1 when training failed. Progress goes to OUTPUT_DIR/progress.jsonl (and to TrainingService when
+3 when TrainingService cancelled the job, 1 when training failed.
+Progress goes to OUTPUT_DIR/progress.jsonl (and to TrainingService when
 the spec names an endpoint); the result to OUTPUT_DIR/result.json.
 """
 
@@ -12,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tunefleet.trainer.report import Cancelled
 from tunefleet.trainer.spec import SpecError, load_spec
 
 
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.reporter.event("failed", reason="INVALID_SPEC", message=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Cancelled:
+        logging.info("stopped: the job was cancelled")
+        return 3
     except Exception as error:
         logging.exception("training failed")
         trainer.reporter.event(

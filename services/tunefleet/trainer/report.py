@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,19 @@ from typing import Any
 from tunefleet.trainer.spec import ReportSpec
 
 log = logging.getLogger(__name__)
+EVALUATION_FIELDS = {
+    "base_validation_loss",
+    "validation_loss",
+    "base_perplexity",
+    "perplexity",
+    "base_task_metrics",
+    "task_metrics",
+    "adapter_changes_logits",
+}
+
+
+class Cancelled(Exception):
+    """TrainingService asked the worker to stop."""
 
 
 class Reporter:
@@ -19,20 +33,26 @@ class Reporter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", buffering=1)
         self._remote = _RemoteReporter(remote) if remote.endpoint else None
-        self.cancel_requested = False
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._remote is not None and self._remote.cancel_requested
 
     def event(self, kind: str, **fields: Any) -> None:
         entry = {"event": kind, "time": time.time(), **fields}
         self._file.write(json.dumps(entry) + "\n")
         if self._remote is not None:
-            self.cancel_requested |= self._remote.send(kind, fields)
+            self._remote.send(kind, fields)
 
     def close(self) -> None:
         self._file.close()
+        if self._remote is not None:
+            self._remote.close()
 
 
 class _RemoteReporter:
-    """Sends events to TrainingService.ReportTrainingProgress with the job's worker token.
+    """Sends events to TrainingService.ReportTrainingProgress with the job's worker token, and a
+    heartbeat (a report with no news) whenever nothing was sent for `heartbeat_seconds`.
     A report that fails is logged and training goes on; the service notices silence itself."""
 
     def __init__(self, spec: ReportSpec) -> None:
@@ -43,9 +63,27 @@ class _RemoteReporter:
         self.spec = spec
         self.channel = grpc.insecure_channel(spec.endpoint)
         self.stub = training_service_pb2_grpc.TrainingServiceStub(self.channel)
+        self.cancel_requested = False
+        self._last_sent = time.monotonic()
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        from tunefleet.v1 import training_service_pb2
+
+        interval = self.spec.heartbeat_seconds
+        while not self._stopped.wait(max(0.05, self._last_sent + interval - time.monotonic())):
+            if time.monotonic() - self._last_sent >= interval:
+                request = training_service_pb2.ReportTrainingProgressRequest(name=self.spec.job)
+                self.cancel_requested |= self._call(request)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._heartbeat.join(timeout=5)
+        self.channel.close()
 
     def send(self, kind: str, fields: dict[str, Any]) -> bool:
-        import grpc
         from google.protobuf import duration_pb2
 
         from tunefleet.v1 import training_job_pb2, training_service_pb2
@@ -72,6 +110,16 @@ class _RemoteReporter:
         elif kind == "finished":
             request.worker_state = states.WORKER_STATE_SUCCEEDED
             request.output_adapter_version = fields.get("adapter_version", "")
+            evaluation = fields.get("evaluation") or {}
+            request.evaluation.CopyFrom(
+                training_job_pb2.EvaluationResult(
+                    **{
+                        key: value
+                        for key, value in evaluation.items()
+                        if value is not None and key in EVALUATION_FIELDS
+                    }
+                )
+            )
         elif kind == "failed":
             request.worker_state = states.WORKER_STATE_FAILED
             request.error.reason = fields.get("reason", "TRAINER_FAILED")
@@ -79,8 +127,18 @@ class _RemoteReporter:
         elif kind == "checkpoint":
             request.checkpoint.step = fields["step"]
             request.checkpoint.uri = fields["uri"]
+            request.checkpoint.size_bytes = fields.get("size_bytes", 0)
+            if fields.get("validation_loss") is not None:
+                request.checkpoint.validation_loss = fields["validation_loss"]
         else:
-            return False
+            return self.cancel_requested
+        self.cancel_requested |= self._call(request)
+        return self.cancel_requested
+
+    def _call(self, request: Any) -> bool:
+        import grpc
+
+        self._last_sent = time.monotonic()
         try:
             response = self.stub.ReportTrainingProgress(
                 request,

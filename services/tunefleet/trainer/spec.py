@@ -83,6 +83,9 @@ class ReportSpec(_Strict):
     endpoint: str = ""
     token: str = ""
     job: str = ""  # trainingJobs/{job}
+    # A report with no news at least this often, so that the service knows the worker lives
+    # through long steps (loading a model, evaluating).
+    heartbeat_seconds: float = Field(default=30.0, gt=0)
 
 
 class RegistrySpec(_Strict):

@@ -24,7 +24,7 @@ from tunefleet.trainer.data import (
     render,
 )
 from tunefleet.trainer.model import load_model
-from tunefleet.trainer.report import Reporter
+from tunefleet.trainer.report import Cancelled, Reporter
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
 from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
 
@@ -309,6 +309,7 @@ class Trainer:
                         "checkpoint",
                         step=step,
                         uri=stored or path.resolve().as_uri(),
+                        size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
                         validation_loss=validation_loss,
                     )
                 if stopped_early or self.reporter.cancel_requested:
@@ -317,7 +318,7 @@ class Trainer:
                 state["epoch"] += 1
                 state["position"] = 0
             if self.reporter.cancel_requested:
-                raise RuntimeError("cancelled by TrainingService")
+                raise Cancelled("cancelled by TrainingService")
         if stopped_early:
             self.reporter.event("early_stopped", step=state["step"], best=state["best"])
         return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_validation)

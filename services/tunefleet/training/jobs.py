@@ -1,0 +1,208 @@
+"""Checking a requested TrainingJob and turning it into the trainer's spec.
+
+The hyperparameter and adapter checks are the trainer's own (its pydantic spec), so a job the
+service accepts is one the trainer accepts; errors name the request field, for example
+`training_job.hyperparameters.micro_batch_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.runtime.models import resolve_model
+from tunefleet.runtime.settings import TrainingSettings
+from tunefleet.trainer.spec import Hyperparameters, LoraSpec
+from tunefleet.training.estimate import Estimate, GiB, estimate, model_shape
+from tunefleet.v1 import common_pb2, training_job_pb2
+
+METHODS = {
+    common_pb2.TRAINING_METHOD_LORA: "lora",
+    common_pb2.TRAINING_METHOD_QLORA: "qlora",
+    common_pb2.TRAINING_METHOD_DORA: "dora",
+    common_pb2.TRAINING_METHOD_FULL: "full",
+}
+H = training_job_pb2.Hyperparameters
+SCHEDULERS = {
+    H.LR_SCHEDULER_UNSPECIFIED: "cosine",
+    H.LR_SCHEDULER_COSINE: "cosine",
+    H.LR_SCHEDULER_LINEAR: "linear",
+    H.LR_SCHEDULER_CONSTANT: "constant",
+}
+PRECISIONS = {
+    H.PRECISION_UNSPECIFIED: "auto",
+    H.PRECISION_FP32: "fp32",
+    H.PRECISION_BF16: "bf16",
+    H.PRECISION_FP16: "fp16",
+}
+PRESETS = {
+    training_job_pb2.LoraConfig.TARGET_PRESET_UNSPECIFIED: "all-linear",
+    training_job_pb2.LoraConfig.TARGET_PRESET_ALL_LINEAR: "all-linear",
+    training_job_pb2.LoraConfig.TARGET_PRESET_ATTENTION: "attention",
+}
+FIELD = "training_job"
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A job that passed every check: the method, its trainer settings and the estimate."""
+
+    method: str
+    lora: LoraSpec
+    hyperparameters: Hyperparameters
+    estimate: Estimate
+    gpu_memory_bytes: int  # per GPU, what the fit check compared against
+
+
+def check(
+    job: training_job_pb2.TrainingJob,
+    models: dict[str, Path],
+    settings: TrainingSettings,
+) -> Checked:
+    """Every check of a job that needs no storage: base model, method, adapter shape,
+    hyperparameters, resources and the GPU memory fit."""
+    if not job.base_model:
+        raise InvalidArgument(f"{FIELD}.base_model", "is required")
+    model_dir = resolve_model(job.base_model, models, f"{FIELD}.base_model")
+    method = METHODS.get(job.method)
+    if method is None:
+        raise InvalidArgument(f"{FIELD}.method", "is required (LORA, QLORA, DORA or FULL)")
+    lora = _validated(LoraSpec, _lora(job.lora), "lora")
+    hyperparameters = _validated(
+        Hyperparameters, _hyperparameters(job.hyperparameters), "hyperparameters"
+    )
+    resources = job.resources
+    if resources.gpu_count < 0 or resources.gpu_count > settings.max_gpus_per_job:
+        raise InvalidArgument(
+            f"{FIELD}.resources.gpu_count", f"must be 0 to {settings.max_gpus_per_job}"
+        )
+    if settings.launcher == "local" and resources.gpu_count > settings.local_gpus:
+        raise FailedPrecondition(
+            f"{FIELD}.resources.gpu_count: the local launcher has {settings.local_gpus} GPUs, "
+            f"the job asks for {resources.gpu_count}",
+            reason="NOT_ENOUGH_GPUS",
+        )
+    if settings.launcher == "kubernetes" and resources.gpu_count == 0:
+        raise InvalidArgument(
+            f"{FIELD}.resources.gpu_count", "Kubernetes jobs need at least one GPU"
+        )
+    for name in ("cpu_cores", "memory_bytes", "gpu_memory_bytes"):
+        if getattr(resources, name) < 0:
+            raise InvalidArgument(f"{FIELD}.resources.{name}", "must not be negative")
+    if resources.max_run_duration.seconds < 0:
+        raise InvalidArgument(f"{FIELD}.resources.max_run_duration", "must not be negative")
+    known_type = resources.gpu_type in settings.gpu_types or resources.gpu_memory_bytes
+    if resources.gpu_type and not known_type:
+        known = ", ".join(sorted(settings.gpu_types))
+        raise InvalidArgument(
+            f"{FIELD}.resources.gpu_type",
+            f"{resources.gpu_type!r} is not a known GPU type ({known}); "
+            "give gpu_memory_bytes with it",
+        )
+    try:
+        shape = model_shape(model_dir)
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(
+            f"{FIELD}.base_model", f"cannot read the model's config.json: {error}"
+        ) from None
+    found = estimate(
+        shape,
+        method,
+        hyperparameters.precision,
+        lora.rank,
+        lora.target_modules,
+        hyperparameters.micro_batch_size,
+        hyperparameters.max_sequence_length,
+    )
+    available = (
+        resources.gpu_memory_bytes
+        or settings.gpu_types.get(resources.gpu_type, 0)
+        or settings.gpu_memory_bytes
+    )
+    if resources.gpu_count and found.gpu_memory_bytes > available:
+        raise FailedPrecondition(
+            f"{FIELD}.resources: the job needs about {found.gpu_memory_bytes / GiB:.1f} GiB per "
+            f"GPU but its GPUs have {available / GiB:.1f} GiB ({found.explanation}); "
+            + ("use QLoRA, " if method != "qlora" else "")
+            + "use a smaller micro_batch_size or max_sequence_length, or larger GPUs",
+            reason="INSUFFICIENT_GPU_MEMORY",
+            metadata={
+                "estimated_bytes": str(found.gpu_memory_bytes),
+                "available_bytes": str(available),
+            },
+        )
+    return Checked(method, lora, hyperparameters, found, available)
+
+
+def resolved_hyperparameters(checked: Checked) -> training_job_pb2.Hyperparameters:
+    """The hyperparameters the trainer will use, defaults filled in, to report back."""
+    hp = checked.hyperparameters
+    scheduler = {v: k for k, v in SCHEDULERS.items() if k}[hp.lr_scheduler]
+    precision = {v: k for k, v in PRECISIONS.items()}[hp.precision]
+    return training_job_pb2.Hyperparameters(
+        learning_rate=hp.learning_rate or (2e-5 if checked.method == "full" else 2e-4),
+        epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        micro_batch_size=hp.micro_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        warmup_ratio=hp.warmup_ratio,
+        lr_scheduler=scheduler,
+        max_sequence_length=hp.max_sequence_length,
+        packing=hp.packing,
+        seed=hp.seed,
+        max_grad_norm=hp.max_grad_norm,
+        weight_decay=hp.weight_decay,
+        precision=precision,
+        eval_every_steps=hp.eval_every_steps,
+        checkpoint_every_steps=hp.checkpoint_every_steps,
+        early_stopping_patience=hp.early_stopping_patience,
+        early_stopping_min_delta=hp.early_stopping_min_delta,
+    )
+
+
+def _lora(config: training_job_pb2.LoraConfig) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "rank": config.rank or 16,
+        "use_rslora": config.use_rslora,
+        "target_modules": list(config.target_modules) or PRESETS[config.target_preset],
+    }
+    if config.HasField("alpha"):
+        document["alpha"] = config.alpha
+    if config.HasField("dropout"):
+        document["dropout"] = config.dropout
+    return document
+
+
+def _hyperparameters(hp: training_job_pb2.Hyperparameters) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "max_steps": hp.max_steps,
+        "micro_batch_size": hp.micro_batch_size or 4,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps or 1,
+        "lr_scheduler": SCHEDULERS.get(hp.lr_scheduler, "cosine"),
+        "max_sequence_length": hp.max_sequence_length or 2048,
+        "packing": hp.packing,
+        "weight_decay": hp.weight_decay,
+        "precision": PRECISIONS.get(hp.precision, "auto"),
+        "eval_every_steps": hp.eval_every_steps,
+        "checkpoint_every_steps": hp.checkpoint_every_steps,
+        "early_stopping_patience": hp.early_stopping_patience,
+        "early_stopping_min_delta": hp.early_stopping_min_delta,
+    }
+    for name in ("learning_rate", "epochs", "warmup_ratio", "seed", "max_grad_norm"):
+        if hp.HasField(name):
+            document[name] = getattr(hp, name)
+    return document
+
+
+def _validated(model: type[M], document: dict[str, Any], section: str) -> M:
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise InvalidArgument(f"{FIELD}.{section}.{where}", error["msg"]) from None

@@ -1,0 +1,313 @@
+"""The Kubernetes launcher: each run is a batch/v1 Job (see manifests.py) in one namespace.
+
+Two watch threads (Jobs and Pods with tunefleet's label, each listed first and watched from that
+list's resourceVersion, listed again when the watch expires) keep a cache that `status` reads,
+and wake the scheduler on every change. A run's id is its Job's name, derived from the job id,
+so a launch repeated after a restart finds the Job it created before (409 Conflict) instead of
+creating a second, and a restarted service finds every run by label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from tunefleet.runtime.settings import KubernetesSettings
+from tunefleet.training import manifests
+from tunefleet.training.launcher import LogLine, Phase, Run, RunRequest, RunStatus
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 30
+MAX_LOG_BYTES = 1024 * 1024
+
+
+class KubernetesLauncher:
+    name = "kubernetes"
+
+    def __init__(self, settings: KubernetesSettings, api_client: Any = None) -> None:
+        self.settings = settings
+        self.namespace = settings.namespace
+        self._api_client = api_client
+        self._jobs: dict[str, Any] = {}
+        self._pods: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._wake: Callable[[], None] = lambda: None
+
+    # --- connection and watches ----------------------------------------------------------------
+
+    async def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        await asyncio.to_thread(self._connect)
+        versions = await asyncio.to_thread(lambda: (self._relist("jobs"), self._relist("pods")))
+        for kind, version in zip(("jobs", "pods"), versions, strict=True):
+            thread = threading.Thread(
+                target=self._watch, args=(kind, version), name=f"watch-{kind}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _connect(self) -> None:
+        from kubernetes import client, config
+
+        if self._api_client is None:
+            if self.settings.kubeconfig is not None:
+                self._api_client = config.new_client_from_config(str(self.settings.kubeconfig))
+            else:
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                self._api_client = client.ApiClient(configuration)
+        self.batch = client.BatchV1Api(self._api_client)
+        self.core = client.CoreV1Api(self._api_client)
+
+    async def close(self) -> None:
+        self._stopped.set()
+
+    def _list(self, kind: str) -> Callable[..., Any]:
+        listing: Callable[..., Any] = (
+            self.batch.list_namespaced_job if kind == "jobs" else self.core.list_namespaced_pod
+        )
+        return listing
+
+    def _relist(self, kind: str) -> str:
+        listed = self._list(kind)(self.namespace, label_selector=manifests.SELECTOR)
+        with self._lock:
+            cache = {item.metadata.name: item for item in listed.items}
+            if kind == "jobs":
+                self._jobs = cache
+            else:
+                self._pods = cache
+        self._wake()
+        return str(listed.metadata.resource_version)
+
+    def _watch(self, kind: str, version: str | None) -> None:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        while not self._stopped.is_set():
+            try:
+                if version is None:
+                    version = self._relist(kind)
+                stream = watch.Watch().stream(
+                    self._list(kind),
+                    self.namespace,
+                    label_selector=manifests.SELECTOR,
+                    resource_version=version,
+                    timeout_seconds=WATCH_SECONDS,
+                )
+                for event in stream:
+                    if self._stopped.is_set():
+                        return
+                    item = event["object"]
+                    if event["type"] == "ERROR":  # the version expired (410 Gone)
+                        version = None
+                        break
+                    with self._lock:
+                        cache = self._jobs if kind == "jobs" else self._pods
+                        if event["type"] == "DELETED":
+                            cache.pop(item.metadata.name, None)
+                        else:
+                            cache[item.metadata.name] = item
+                    version = item.metadata.resource_version
+                    self._wake()
+            except ApiException as error:
+                if error.status != 410:
+                    log.warning("watching %s failed: %s", kind, error.reason)
+                    self._stopped.wait(1.0)
+                version = None
+            except Exception:
+                log.exception("watching %s failed", kind)
+                self._stopped.wait(1.0)
+                version = None
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    async def launch(self, request: RunRequest) -> Run:
+        return await asyncio.to_thread(self._launch, request)
+
+    def _launch(self, request: RunRequest) -> Run:
+        from kubernetes.client.exceptions import ApiException
+
+        name = manifests.run_name(request.job_id)
+        secret = manifests.secret_manifest(self.settings, request)
+        try:
+            self.core.create_namespaced_secret(self.namespace, secret)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            self.core.replace_namespaced_secret(name, self.namespace, secret)
+        try:
+            job = self.batch.create_namespaced_job(
+                self.namespace, manifests.job_manifest(self.settings, request)
+            )
+            log.info("created Job %s/%s", self.namespace, name)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            job = self.batch.read_namespaced_job(name, self.namespace)  # launched before
+        # The Secret goes when the Job goes (garbage collection by owner).
+        owner = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": name,
+            "uid": job.metadata.uid,
+        }
+        self.core.patch_namespaced_secret(
+            name, self.namespace, {"metadata": {"ownerReferences": [owner]}}
+        )
+        with self._lock:
+            self._jobs.setdefault(name, job)
+        return Run(name, {"namespace": self.namespace})
+
+    async def status(self, run: Run) -> RunStatus:
+        return await asyncio.to_thread(self._status, run)
+
+    def _status(self, run: Run) -> RunStatus:
+        from kubernetes.client.exceptions import ApiException
+
+        with self._lock:
+            job = self._jobs.get(run.run_id)
+            pods = [p for p in self._pods.values() if _owned_by(p, run.run_id)]
+        if job is None:  # perhaps not seen by the watch yet: ask
+            try:
+                job = self.batch.read_namespaced_job(run.run_id, self.namespace)
+            except ApiException as error:
+                if error.status == 404:
+                    return RunStatus(Phase.MISSING)
+                raise
+        status = job.status
+        retries = int(status.failed or 0)
+        conditions = {c.type: c for c in status.conditions or [] if c.status == "True"}
+        if "Complete" in conditions:
+            return RunStatus(Phase.SUCCEEDED, retries=retries)
+        if "Failed" in conditions:
+            condition = conditions["Failed"]
+            message = condition.message or condition.reason or "the Job failed"
+            termination = _termination_message(pods)
+            return RunStatus(
+                Phase.FAILED,
+                _snake(condition.reason or "JobFailed"),
+                f"{message}{': ' + termination if termination else ''}",
+                retries=retries,
+            )
+        running = any(p.status.phase == "Running" for p in pods)
+        message = _termination_message(pods)
+        return RunStatus(Phase.RUNNING if running else Phase.PENDING, "", message, retries)
+
+    async def cancel(self, run: Run) -> None:
+        await asyncio.to_thread(self._cancel, run)
+
+    def _cancel(self, run: Run) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(
+                run.run_id, self.namespace, propagation_policy="Background"
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        selector = f"{manifests.JOB_LABEL}={_job_id(run.run_id)}"
+        self.core.delete_collection_namespaced_pod(self.namespace, label_selector=selector)
+        log.info("deleted Job %s/%s and its Pods", self.namespace, run.run_id)
+
+    async def logs(self, run: Run, cursor: dict[str, Any]) -> tuple[list[LogLine], dict[str, Any]]:
+        return await asyncio.to_thread(self._logs, run, cursor)
+
+    def _logs(self, run: Run, cursor: dict[str, Any]) -> tuple[list[LogLine], dict[str, Any]]:
+        """New lines of the newest Pod's trainer container, read with timestamps and kept only
+        past the last one seen (the API has no "since this line")."""
+        from kubernetes.client.exceptions import ApiException
+
+        with self._lock:
+            pods = [p for p in self._pods.values() if _owned_by(p, run.run_id)]
+        started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
+        if not started:
+            return [], cursor
+        pod = max(started, key=lambda p: p.metadata.creation_timestamp)
+        last = cursor.get("last", "") if cursor.get("pod") == pod.metadata.name else ""
+        options: dict[str, Any] = {"timestamps": True, "limit_bytes": MAX_LOG_BYTES}
+        if last:
+            seen = datetime.fromisoformat(_instant(last)[:26] + "+00:00")
+            options["since_seconds"] = max(1, int((datetime.now(UTC) - seen).total_seconds()) + 2)
+        try:
+            text = self.core.read_namespaced_pod_log(
+                pod.metadata.name, self.namespace, container=manifests.CONTAINER, **options
+            )
+        except ApiException as error:
+            log.debug("no logs of %s yet: %s", pod.metadata.name, error.reason)
+            return [], cursor
+        lines, last = new_lines(str(text), last)
+        return lines, {"pod": pod.metadata.name, "last": last}
+
+    async def checkpoint_saved(self, run: Run, uri: str) -> None:
+        await asyncio.to_thread(self._resume_from, run, uri)
+
+    def _resume_from(self, run: Run, uri: str) -> None:
+        """Point the run's spec at the checkpoint, so that a retried Pod (preemption, node loss)
+        resumes from it: Secret volumes are read when a Pod starts."""
+        import base64
+
+        secret = self.core.read_namespaced_secret(run.run_id, self.namespace)
+        spec = json.loads(base64.b64decode(secret.data["spec.json"]))
+        if spec.get("resume_from") == uri:
+            return
+        spec["resume_from"] = uri
+        self.core.patch_namespaced_secret(
+            run.run_id, self.namespace, {"stringData": {"spec.json": json.dumps(spec, indent=1)}}
+        )
+
+
+def new_lines(text: str, last: str) -> tuple[list[LogLine], str]:
+    """The lines of a timestamped Pod log (`<RFC 3339 time> <line>`) after time `last`, and the
+    time of the newest line."""
+    lines = []
+    for raw in text.splitlines():
+        stamp, _, line = raw.partition(" ")
+        if last and _instant(stamp) <= _instant(last):
+            continue
+        lines.append(LogLine("stdout", line))
+        last = stamp
+    return lines, last
+
+
+def _instant(stamp: str) -> str:
+    """An RFC 3339 UTC time with nanoseconds padded, so that times compare as strings (the
+    kubelet trims trailing zeros)."""
+    seconds, _, fraction = stamp.rstrip("Z").partition(".")
+    return f"{seconds}.{fraction.ljust(9, '0')}"
+
+
+def _job_id(run_id: str) -> str:
+    return run_id.removeprefix(manifests.run_name(""))
+
+
+def _owned_by(pod: Any, run_id: str) -> bool:
+    return bool((pod.metadata.labels or {}).get(manifests.JOB_LABEL) == _job_id(run_id))
+
+
+def _termination_message(pods: list[Any]) -> str:
+    """What the newest terminated trainer container said (its termination message, or the
+    last lines of its log), with its exit code."""
+    for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp, reverse=True):
+        for container in pod.status.container_statuses or []:
+            terminated = container.state and container.state.terminated
+            if terminated is not None:
+                text = (terminated.message or terminated.reason or "").strip()
+                return f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
+        if pod.status.phase == "Failed":
+            return pod.status.message or pod.status.reason or f"Pod {pod.metadata.name} failed"
+    return ""
+
+
+def _snake(reason: str) -> str:
+    """BackoffLimitExceeded -> BACKOFF_LIMIT_EXCEEDED."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", reason).upper()

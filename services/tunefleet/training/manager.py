@@ -1,0 +1,775 @@
+"""TrainingService's core: jobs, their queue, their lifecycle and their event feed.
+
+The database is the source of truth. Every state change happens in one transaction that also
+appends the job's events (a change feed per job, `trainingJobs/{job}`), so a client following
+the feed sees every transition exactly once and can resume after the last event it saw.
+
+One scheduler loop per service process (run `TrainingService` with one replica) launches
+queued jobs while the launcher has room (priority first, then creation order), follows launched
+runs (state, log lines), fails runs whose worker went silent, and, when the service starts,
+reconciles every unfinished job with what the launcher reports: a run that ended while the
+service was down gets its final state, one still running is followed again, and a job whose
+launch was interrupted is launched with the same request, which launchers treat as idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tunefleet.adapters import names
+from tunefleet.adapters.registry import TOPIC as ADAPTER_TOPIC
+from tunefleet.adapters.store import AdapterRow
+from tunefleet.datasets import store as datasets
+from tunefleet.datasets.service import dataset_id
+from tunefleet.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from tunefleet.runtime.protos import timestamp
+from tunefleet.runtime.settings import Settings
+from tunefleet.runtime.streams import ChangeSignal
+from tunefleet.storage import idempotency
+from tunefleet.storage.blobs import BlobStore
+from tunefleet.storage.changes import Change, append_change, read_changes
+from tunefleet.storage.database import Database, utcnow
+from tunefleet.storage.pagination import Page
+from tunefleet.training import jobs, store
+from tunefleet.training.launcher import JobLauncher, LogLine, Phase, Run, RunRequest, RunStatus
+from tunefleet.training.metrics import TrainingMetrics
+from tunefleet.training.store import TERMINAL, CheckpointRow, JobRow, State
+from tunefleet.v1 import training_job_pb2, training_service_pb2
+
+log = logging.getLogger(__name__)
+
+TrainingJob = training_job_pb2.TrainingJob
+WorkerState = training_service_pb2.ReportTrainingProgressRequest.WorkerState
+USER_FIELDS = [
+    "display_name",
+    "labels",
+    "base_model",
+    "method",
+    "lora",
+    "hyperparameters",
+    "train_dataset",
+    "validation_dataset",
+    "adapter",
+    "resources",
+    "priority",
+]
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    cancel_requested: bool
+    run: Run | None  # the job's run, when the launcher must hear of the report
+    checkpoint_uri: str = ""  # a checkpoint to resume retried runs from
+    stop_run: bool = False  # the worker failed: stop its run (no retries)
+
+
+def topic(job_id: str) -> str:
+    return f"trainingJobs/{job_id}"
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TrainingManager:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        settings: Settings,
+        launcher: JobLauncher,
+        metrics: TrainingMetrics,
+        signal: ChangeSignal | None = None,
+    ) -> None:
+        self.db, self.blobs, self.settings = db, blobs, settings
+        self.training = settings.training
+        self.launcher, self.metrics = launcher, metrics
+        self.signal = signal or ChangeSignal()
+        self.worker_endpoint = self.training.worker_endpoint
+        self.started_at = utcnow()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def create(
+        self, requested: TrainingJob, request_id: str = "", validate_only: bool = False
+    ) -> TrainingJob:
+        job = TrainingJob()
+        for field in USER_FIELDS:
+            value = getattr(requested, field)
+            if isinstance(value, Message):
+                if requested.HasField(field):  # type: ignore[arg-type]
+                    getattr(job, field).CopyFrom(value)
+            elif field == "labels":
+                job.labels.update(requested.labels)
+            else:
+                setattr(job, field, value)
+        checked = jobs.check(job, self.settings.models, self.training)
+        job.hyperparameters.CopyFrom(jobs.resolved_hyperparameters(checked))
+        job.resource_estimate.CopyFrom(
+            training_job_pb2.ResourceEstimate(
+                model_parameters=checked.estimate.model_parameters,
+                gpu_memory_bytes=checked.estimate.gpu_memory_bytes,
+                explanation=checked.estimate.explanation,
+            )
+        )
+        job.launcher = self.launcher.name
+        train_id = dataset_id(job.train_dataset, "training_job.train_dataset")
+        validation_id = (
+            dataset_id(job.validation_dataset, "training_job.validation_dataset")
+            if job.validation_dataset
+            else ""
+        )
+        adapter_id = names.adapter_id(job.adapter, "training_job.adapter")
+        if validate_only:
+            with self.db.session() as session:
+                self._references(session, job, train_id, validation_id, adapter_id)
+            job.state = State.STATE_VALIDATING
+            return job
+        fingerprint = hashlib.sha256(requested.SerializeToString(deterministic=True)).hexdigest()
+
+        def insert(session: Session) -> str:
+            data = self._references(session, job, train_id, validation_id, adapter_id)
+            if session.get(AdapterRow, adapter_id) is None:
+                now = utcnow()
+                session.add(
+                    AdapterRow(
+                        id=adapter_id,
+                        base_model=job.base_model,
+                        description=f"created for training by {job.display_name or 'a job'}",
+                        labels={},
+                        latest_version=0,
+                        create_time=now,
+                        update_time=now,
+                    )
+                )
+                session.flush()
+                append_change(
+                    session, ADAPTER_TOPIC, "TYPE_ADAPTER_CREATED", {"adapter": job.adapter}
+                )
+            identifier = uuid.uuid4().hex[:20]
+            now = utcnow()
+            job.name = topic(identifier)
+            job.create_time.CopyFrom(timestamp(now))
+            row = JobRow(
+                id=identifier,
+                worker_spec=self._worker_spec(job, checked, data),
+                token_sha256="",
+                cancel_requested=False,
+                launcher_state={},
+                last_report_time=None,
+                create_time=now,
+            )
+            job.state = State.STATE_VALIDATING
+            job.state_history.append(_transition_message(job, now))
+            row.store(job)
+            session.add(row)
+            session.flush()
+            self._event(session, identifier, "state_change", job.state_history[0])
+            self._transition(session, row, job, State.STATE_QUEUED)
+            for dataset in {train_id, validation_id} - {""}:
+                datasets.acquire_lease(session, dataset, job.name)
+            return job.name
+
+        name, _ = idempotency.create_once(
+            self.db,
+            scope="CreateTrainingJob",
+            request_id=request_id,
+            request_sha256=fingerprint,
+            create=insert,
+        )
+        self.signal.notify()
+        self.wake()
+        return self.get(name)
+
+    def _references(
+        self,
+        session: Session,
+        job: TrainingJob,
+        train_id: str,
+        validation_id: str,
+        adapter_id: str,
+    ) -> dict[str, Any]:
+        """Check the datasets and the adapter a job names; the data part of its trainer spec."""
+        train = _dataset(session, train_id, "training_job.train_dataset")
+        if train.train_record_count == 0:
+            raise InvalidArgument(
+                "training_job.train_dataset", f"{job.train_dataset} has no train records"
+            )
+        data: dict[str, Any] = {
+            "train_data": {"uri": self.blobs.uri(train.content_sha256), "split": "train"}
+        }
+        if validation_id:
+            other = _dataset(session, validation_id, "training_job.validation_dataset")
+            data["validation_data"] = {"uri": self.blobs.uri(other.content_sha256), "split": "all"}
+        elif train.validation_record_count:
+            data["validation_data"] = {
+                "uri": self.blobs.uri(train.content_sha256),
+                "split": "validation",
+            }
+        adapter = session.get(AdapterRow, adapter_id)
+        if adapter is not None and adapter.base_model != job.base_model:
+            raise FailedPrecondition(
+                f"training_job.adapter: {job.adapter} is for base model {adapter.base_model!r}, "
+                f"not {job.base_model!r}",
+                reason="ADAPTER_BASE_MODEL_MISMATCH",
+            )
+        return data
+
+    def _worker_spec(
+        self, job: TrainingJob, checked: jobs.Checked, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The trainer spec, less what each launch adds (endpoints, token, output directory)."""
+        storage = self.settings.storage.model_dump(mode="json")
+        storage["database_url"] = ""  # workers never touch the database
+        if storage["blob_backend"] == "local":
+            storage["blob_dir"] = str(self.settings.blob_dir.resolve())
+        return {
+            "base_model": job.base_model,
+            "models": {name: str(path) for name, path in self.settings.models.items()},
+            "method": checked.method,
+            "lora": checked.lora.model_dump(mode="json"),
+            "hyperparameters": checked.hyperparameters.model_dump(mode="json"),
+            **data,
+            "storage": storage,
+            "job": job.name,
+            "datasets": sorted({job.train_dataset, job.validation_dataset} - {""}),
+            "report": {"job": job.name},
+            "registry": {"adapter": job.adapter},
+        }
+
+    def get(self, name: str) -> TrainingJob:
+        with self.db.session() as session:
+            return store.get(session, store.job_id(name)).job()
+
+    def list_jobs(self, filter_text: str, page_size: int, page_token: str) -> Page[TrainingJob]:
+        with self.db.session() as session:
+            page = store.list_page(session, filter_text, page_size, page_token)
+            return Page([row.job() for row in page.items], page.next_page_token)
+
+    def checkpoints(self, parent: str, page_size: int, page_token: str) -> Page[CheckpointRow]:
+        with self.db.session() as session:
+            page = store.checkpoints_page(
+                session, store.job_id(parent, "parent"), page_size, page_token
+            )
+            for row in page.items:
+                session.expunge(row)
+            return page
+
+    def events(self, name: str, after: int, limit: int = 500) -> tuple[list[Change], bool]:
+        """Events after sequence `after`, and whether the job has ended."""
+        if after < 0:
+            raise InvalidArgument("after_sequence", "must not be negative")
+        job_id = store.job_id(name)
+        with self.db.session() as session:
+            row = store.get(session, job_id)
+            ended = row.job().state in TERMINAL
+            return read_changes(session, topic(job_id), after, limit), ended
+
+    async def cancel(self, name: str) -> TrainingJob:
+        """Cancel a job: a queued one at once; a launched one is CANCELLING until the scheduler
+        has stopped its run."""
+        job = await asyncio.to_thread(self._cancel, store.job_id(name))
+        self.signal.notify()
+        self.wake()
+        return job
+
+    def _cancel(self, job_id: str) -> TrainingJob:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            job = row.job()
+            if job.state in TERMINAL:
+                raise FailedPrecondition(
+                    f"{job.name} already ended ({State.Name(job.state)})", reason="JOB_ENDED"
+                )
+            run = _run(row)
+            if run is None and not row.launcher_state.get("launching"):
+                self._transition(session, row, job, State.STATE_CANCELLED)
+            else:
+                row.cancel_requested = True
+                self._transition(session, row, job, State.STATE_CANCELLING)
+            return job
+
+    def report(
+        self, request: training_service_pb2.ReportTrainingProgressRequest, token: str
+    ) -> ReportOutcome:
+        job_id = store.job_id(request.name)
+        if not token:
+            raise Unauthenticated(
+                "a worker report needs its job's token (authorization: Bearer <token>)",
+                reason="WORKER_TOKEN_MISSING",
+            )
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            if not row.token_sha256 or not hmac.compare_digest(digest(token), row.token_sha256):
+                raise PermissionDenied(
+                    f"the token is not the worker token of {request.name}",
+                    reason="WORKER_TOKEN_MISMATCH",
+                )
+            job = row.job()
+            if job.state in TERMINAL:
+                return ReportOutcome(cancel_requested=True, run=None)
+            now = utcnow()
+            row.last_report_time = now
+            if request.worker_state == WorkerState.WORKER_STATE_RUNNING:
+                self._transition(session, row, job, State.STATE_RUNNING)
+            if request.HasField("progress"):
+                progress = request.progress
+                if not progress.HasField("time"):
+                    progress.time.CopyFrom(timestamp(now))
+                job.latest_progress.CopyFrom(progress)
+                self._event(session, job_id, "progress", progress)
+                self.metrics.progress(job.name, progress)
+            checkpoint_uri = ""
+            if request.HasField("checkpoint"):
+                checkpoint_uri = self._checkpoint(session, job_id, request.checkpoint, now)
+            if request.HasField("evaluation"):
+                job.evaluation.CopyFrom(request.evaluation)
+                self._event(session, job_id, "evaluation", request.evaluation)
+            for line in request.log_lines:
+                self._event(session, job_id, "log", line)
+            stop_run = False
+            if request.worker_state == WorkerState.WORKER_STATE_SUCCEEDED:
+                job.output_adapter_version = request.output_adapter_version
+                self._transition(session, row, job, State.STATE_SUCCEEDED)
+            elif request.worker_state == WorkerState.WORKER_STATE_FAILED:
+                error = training_job_pb2.JobError(
+                    reason=request.error.reason or "TRAINER_FAILED",
+                    message=request.error.message or "the trainer failed",
+                )
+                self._transition(session, row, job, State.STATE_FAILED, error)
+                stop_run = True
+            row.store(job)
+            outcome = ReportOutcome(row.cancel_requested, _run(row), checkpoint_uri, stop_run)
+        self.signal.notify()
+        return outcome
+
+    def _checkpoint(
+        self,
+        session: Session,
+        job_id: str,
+        checkpoint: training_job_pb2.Checkpoint,
+        now: datetime,
+    ) -> str:
+        if not checkpoint.uri or checkpoint.step <= 0:
+            raise InvalidArgument("checkpoint", "needs a uri and a positive step")
+        if session.get(CheckpointRow, (job_id, checkpoint.step)) is None:
+            session.add(
+                CheckpointRow(
+                    job_id=job_id,
+                    step=checkpoint.step,
+                    uri=checkpoint.uri,
+                    size_bytes=checkpoint.size_bytes,
+                    validation_loss=checkpoint.validation_loss
+                    if checkpoint.HasField("validation_loss")
+                    else None,
+                    create_time=now,
+                )
+            )
+            session.flush()
+            reported = training_job_pb2.Checkpoint()
+            reported.CopyFrom(checkpoint)
+            reported.name = f"{topic(job_id)}/checkpoints/{checkpoint.step}"
+            reported.create_time.CopyFrom(timestamp(now))
+            self._event(session, job_id, "checkpoint", reported)
+        return checkpoint.uri
+
+    async def after_report(self, outcome: ReportOutcome) -> None:
+        """What the launcher must do after a report: keep a checkpoint for retries, or stop the
+        run of a worker that failed."""
+        if outcome.run is None:
+            return
+        if outcome.checkpoint_uri:
+            await self.launcher.checkpoint_saved(outcome.run, outcome.checkpoint_uri)
+        if outcome.stop_run:
+            self._spawn(self.launcher.cancel(outcome.run))
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _transition(
+        self,
+        session: Session,
+        row: JobRow,
+        job: TrainingJob,
+        state: TrainingJob.State.ValueType,
+        error: training_job_pb2.JobError | None = None,
+    ) -> None:
+        """Move `job` to `state` (in the caller's transaction) with its events and metrics."""
+        if job.state == state or job.state in TERMINAL:
+            return
+        if state == State.STATE_RUNNING and job.state != State.STATE_QUEUED:
+            return  # a late "running" report must not undo CANCELLING
+        now = utcnow()
+        job.state = state
+        transition = _transition_message(job, now)
+        job.state_history.append(transition)
+        if state == State.STATE_RUNNING:
+            job.start_time.CopyFrom(timestamp(now))
+            self.metrics.queue_time.observe((now - row.create_time).total_seconds())
+        if error is not None:
+            job.error.CopyFrom(error)
+            self._event(session, row.id, "error", error)
+        if state in TERMINAL:
+            job.end_time.CopyFrom(timestamp(now))
+            started = job.start_time.ToDatetime() if job.HasField("start_time") else None
+            seconds = (now.replace(tzinfo=None) - started).total_seconds() if started else None
+            self.metrics.ended(job.name, State.Name(state).removeprefix("STATE_").lower(), seconds)
+            for dataset in {job.train_dataset, job.validation_dataset} - {""}:
+                datasets.release_lease(session, dataset_id(dataset), job.name)
+            log.info(
+                "%s ended: %s%s",
+                job.name,
+                State.Name(state),
+                f" ({error.reason}: {error.message})" if error else "",
+            )
+        self._event(session, row.id, "state_change", transition)
+        row.store(job)
+
+    def _event(self, session: Session, job_id: str, kind: str, message: Message) -> None:
+        append_change(
+            session,
+            topic(job_id),
+            kind,
+            {"data": json_format.MessageToDict(message, preserving_proto_field_name=True)},
+        )
+
+    # --- the scheduler -------------------------------------------------------------------------
+
+    async def start(self, server_address: str) -> None:
+        """Reconcile with the launcher, then run the scheduler until `stop()`."""
+        if not self.worker_endpoint:
+            self.worker_endpoint = server_address
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.started_at = utcnow()
+        await self.launcher.start(self.wake)
+        await self.tick()
+        self._task = asyncio.create_task(self._run(), name="training-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.launcher.close()
+
+    def wake(self) -> None:
+        """Ask the scheduler to look now (from any thread)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.training.poll_seconds)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("training scheduler tick failed; retrying")
+
+    async def tick(self) -> None:
+        """One look at every unfinished job: follow launched runs, fail silent workers, launch
+        queued jobs while there is room."""
+        for row in await asyncio.to_thread(self._active):
+            run = _run(row)
+            if run is not None:
+                await self._follow(row, run)
+            elif row.launcher_state.get("launching"):
+                await self._launch(row)  # interrupted by a restart: same request, same run
+        for row in await asyncio.to_thread(self._active):
+            if row.state == "RUNNING":
+                await self._check_silence(row)
+        rows = await asyncio.to_thread(self._active)
+        busy = sum(1 for row in rows if _run(row) or row.launcher_state.get("launching"))
+        for row in rows:
+            if busy >= self.training.max_running_jobs:
+                break
+            if row.state == "QUEUED" and not _run(row) and not row.launcher_state.get("launching"):
+                await self._launch(row)
+                busy += 1
+        await asyncio.to_thread(self._count)
+
+    def _active(self) -> list[JobRow]:
+        with self.db.session() as session:
+            rows = store.active(session)
+            for row in rows:
+                session.expunge(row)
+            return rows
+
+    def _count(self) -> None:
+        with self.db.session() as session:
+            counts = dict(
+                session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+            )
+            waiting = sum(
+                1
+                for row in store.active(session)
+                if row.state == "QUEUED" and not row.job().launcher_run_id
+            )
+        self.metrics.counts({str(k): int(v) for k, v in counts.items()}, waiting)
+
+    async def _launch(self, row: JobRow) -> None:
+        token = row.launcher_state.get("token") or secrets.token_urlsafe(32)
+        marked = await asyncio.to_thread(self._mark_launching, row.id, token)
+        if marked is None:
+            return
+        marked_row, resume_from = marked
+        spec = dict(marked_row.worker_spec)
+        endpoint = self.worker_endpoint
+        spec["report"] = {
+            **spec["report"],
+            "endpoint": endpoint,
+            "token": token,
+            "heartbeat_seconds": self.training.heartbeat_seconds,
+        }
+        spec["registry"] = {
+            **spec["registry"],
+            "endpoint": endpoint,
+            "token": self.training.worker_registry_token,
+        }
+        if resume_from:
+            spec["resume_from"] = resume_from
+        resources = marked_row.job().resources
+        request = RunRequest(
+            job_id=row.id,
+            spec=spec,
+            gpu_count=resources.gpu_count,
+            gpu_type=resources.gpu_type,
+            cpu_cores=resources.cpu_cores,
+            memory_bytes=resources.memory_bytes,
+            max_run_seconds=resources.max_run_duration.seconds,
+        )
+        try:
+            run = await self.launcher.launch(request)
+        except Exception as error:
+            log.exception("launching %s failed", topic(row.id))
+            await asyncio.to_thread(
+                self._end,
+                row.id,
+                State.STATE_FAILED,
+                training_job_pb2.JobError(
+                    reason="LAUNCH_FAILED", message=f"{type(error).__name__}: {error}"
+                ),
+            )
+            return
+        launched = await asyncio.to_thread(self._launched, row.id, run)
+        await self._follow(launched, run)
+
+    def _mark_launching(self, job_id: str, token: str) -> tuple[JobRow, str] | None:
+        """Record, before the launch, that it is under way with this token: a restart in the
+        middle repeats the same launch instead of starting a second run. Returns the row and
+        the newest checkpoint to resume from (a job launched again after a lost run)."""
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            repeat = row.launcher_state.get("launching") and row.state == "CANCELLING"
+            if row.state != "QUEUED" and not repeat:
+                return None
+            row.launcher_state = {"launching": True, "token": token}
+            row.token_sha256 = digest(token)
+            latest = store.latest_checkpoint(session, job_id)
+            session.flush()
+            session.expunge(row)
+            return row, latest.uri if latest is not None else ""
+
+    def _launched(self, job_id: str, run: Run) -> JobRow:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            job = row.job()
+            job.launcher_run_id = run.run_id
+            row.launcher_state = {"run": run.state, "cursor": {}, "retries": 0}
+            row.store(job)
+            self._event(
+                session,
+                job_id,
+                "log",
+                training_job_pb2.TrainingEvent.LogLine(
+                    stream="launcher", text=f"launched on {self.launcher.name} as {run.run_id}"
+                ),
+            )
+            session.flush()
+            session.expunge(row)
+        self.signal.notify()
+        return row
+
+    async def _follow(self, row: JobRow, run: Run) -> None:
+        """Bring a launched job up to date with its run: stop it if the job is being cancelled,
+        record new log lines, then the run's state."""
+        job_id = row.id
+        if row.state == "CANCELLING" and not row.launcher_state.get("cancel_sent"):
+            await asyncio.to_thread(self._note_cancel_sent, job_id)
+            self._spawn(self.launcher.cancel(run))
+        cursor = await asyncio.to_thread(self._cursor, job_id)
+        lines, after = await self.launcher.logs(run, cursor)
+        status = await self.launcher.status(run)
+        if status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.MISSING):
+            more, after = await self.launcher.logs(run, after)  # what it printed last
+            lines += more
+        await asyncio.to_thread(self._apply, job_id, lines, after, status)
+
+    def _note_cancel_sent(self, job_id: str) -> None:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            row.launcher_state = {**row.launcher_state, "cancel_sent": True}
+
+    def _cursor(self, job_id: str) -> dict[str, Any]:
+        with self.db.session() as session:
+            return dict(store.get(session, job_id).launcher_state.get("cursor", {}))
+
+    def _apply(
+        self, job_id: str, lines: list[LogLine], cursor: dict[str, Any], status: RunStatus
+    ) -> None:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            job = row.job()
+            for line in lines:
+                message = training_job_pb2.TrainingEvent.LogLine(stream=line.stream, text=line.text)
+                self._event(session, job_id, "log", message)
+            state = dict(row.launcher_state)
+            state["cursor"] = cursor
+            if status.retries > state.get("retries", 0):
+                state["retries"] = status.retries
+                note = (
+                    f"the run failed and is retried (retry {status.retries}): {status.message}; "
+                    "the trainer resumes from its last checkpoint"
+                )
+                self._event(
+                    session,
+                    job_id,
+                    "log",
+                    training_job_pb2.TrainingEvent.LogLine(stream="launcher", text=note),
+                )
+            row.launcher_state = state
+            if job.state not in TERMINAL:
+                self._apply_phase(session, row, job, status)
+            row.store(job)
+        self.signal.notify()
+
+    def _apply_phase(
+        self, session: Session, row: JobRow, job: TrainingJob, status: RunStatus
+    ) -> None:
+        cancelling = job.state == State.STATE_CANCELLING
+        if status.phase == Phase.RUNNING:
+            if job.state == State.STATE_QUEUED:
+                self._transition(session, row, job, State.STATE_RUNNING)
+                row.last_report_time = row.last_report_time or utcnow()
+        elif status.phase == Phase.PENDING:
+            return
+        elif cancelling:
+            self._transition(session, row, job, State.STATE_CANCELLED)
+        elif status.phase == Phase.SUCCEEDED:
+            self._transition(
+                session,
+                row,
+                job,
+                State.STATE_FAILED,
+                training_job_pb2.JobError(
+                    reason="NO_RESULT_REPORTED",
+                    message="the worker ended cleanly but never reported its result",
+                ),
+            )
+        elif status.phase == Phase.FAILED:
+            self._transition(
+                session,
+                row,
+                job,
+                State.STATE_FAILED,
+                training_job_pb2.JobError(reason=status.reason, message=status.message),
+            )
+        else:
+            self._transition(
+                session,
+                row,
+                job,
+                State.STATE_FAILED,
+                training_job_pb2.JobError(
+                    reason="RUN_LOST",
+                    message=f"the {self.launcher.name} launcher has no run {job.launcher_run_id}",
+                ),
+            )
+
+    async def _check_silence(self, row: JobRow) -> None:
+        # After a restart the clock starts again: the service could not hear reports while down.
+        last = max(row.last_report_time or row.create_time, self.started_at)
+        silent = (utcnow() - last).total_seconds()
+        if silent <= self.training.worker_timeout_seconds:
+            return
+        error = training_job_pb2.JobError(
+            reason="WORKER_SILENT",
+            message=f"no report from the worker for {silent:.0f} s "
+            f"(timeout {self.training.worker_timeout_seconds:g} s)",
+        )
+        if await asyncio.to_thread(self._end, row.id, State.STATE_FAILED, error):
+            run = _run(row)
+            if run is not None:
+                await self.launcher.cancel(run)
+
+    def _end(
+        self, job_id: str, state: TrainingJob.State.ValueType, error: training_job_pb2.JobError
+    ) -> bool:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            job = row.job()
+            if job.state in TERMINAL:
+                return False
+            self._transition(session, row, job, state, error)
+        self.signal.notify()
+        return True
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _run(row: JobRow) -> Run | None:
+    run_id = row.document.get("launcher_run_id", "")
+    if not run_id:
+        return None
+    return Run(run_id, row.launcher_state.get("run", {}))
+
+
+def _transition_message(job: TrainingJob, now: datetime) -> TrainingJob.StateTransition:
+    return TrainingJob.StateTransition(state=job.state, time=timestamp(now))
+
+
+def _dataset(session: Session, identifier: str, field: str) -> datasets.DatasetRow:
+    try:
+        return datasets.get(session, identifier)
+    except NotFound:
+        raise InvalidArgument(field, f"datasets/{identifier} does not exist") from None
+
+
+def event_proto(change: Change) -> training_job_pb2.TrainingEvent:
+    """A stored event as the TrainingEvent clients receive."""
+    event = training_job_pb2.TrainingEvent(sequence=change.revision)
+    event.time.CopyFrom(timestamp(change.create_time))
+    field = event.DESCRIPTOR.fields_by_name[change.kind]
+    json_format.ParseDict(change.payload["data"], getattr(event, field.name))
+    return event

@@ -1,0 +1,80 @@
+"""Prometheus metrics of training jobs."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from tunefleet.v1 import training_job_pb2
+
+STATES = [
+    name.removeprefix("STATE_").lower()
+    for name in training_job_pb2.TrainingJob.State.keys()  # noqa: SIM118
+    if name != "STATE_UNSPECIFIED"
+]
+HOURS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 72 * 3600)
+
+
+class TrainingMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Gauge(
+            "tunefleet_training_jobs", "Training jobs by state.", ["state"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "tunefleet_training_queue_depth",
+            "Jobs waiting to be launched.",
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "tunefleet_training_job_duration_seconds",
+            "Time from a job's start to its end, by final state.",
+            ["state"],
+            buckets=HOURS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "tunefleet_training_queue_seconds",
+            "Time from a job's creation to its start.",
+            buckets=(1, 5, 15, 60, *HOURS),
+            registry=registry,
+        )
+        self.train_loss = Gauge(
+            "tunefleet_training_train_loss",
+            "Latest training loss of each running job.",
+            ["job"],
+            registry=registry,
+        )
+        self.validation_loss = Gauge(
+            "tunefleet_training_validation_loss",
+            "Latest validation loss of each running job.",
+            ["job"],
+            registry=registry,
+        )
+        self.tokens_per_second = Gauge(
+            "tunefleet_training_tokens_per_second",
+            "Latest training throughput of each running job (non-padding tokens per second).",
+            ["job"],
+            registry=registry,
+        )
+        for state in STATES:
+            self.jobs.labels(state)
+
+    def progress(self, job: str, progress: training_job_pb2.TrainingProgress) -> None:
+        if progress.HasField("train_loss"):
+            self.train_loss.labels(job).set(progress.train_loss)
+        if progress.HasField("validation_loss"):
+            self.validation_loss.labels(job).set(progress.validation_loss)
+        self.tokens_per_second.labels(job).set(progress.tokens_per_second)
+
+    def ended(self, job: str, state: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self.duration.labels(state).observe(seconds)
+        for gauge in (self.train_loss, self.validation_loss, self.tokens_per_second):
+            with contextlib.suppress(KeyError):
+                gauge.remove(job)
+
+    def counts(self, by_state: dict[str, int], queued_unlaunched: int) -> None:
+        for state in STATES:
+            self.jobs.labels(state).set(by_state.get(state.upper(), 0))
+        self.queue_depth.set(queued_unlaunched)

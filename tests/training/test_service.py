@@ -1,0 +1,471 @@
+"""TrainingService through a real gRPC server, with a fake launcher standing in for where runs
+execute (the local and Kubernetes launchers have their own tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers import error_info
+from tests.training.conftest import Platform, job_request
+from tests.training.fakes import FakeLauncher
+from tunefleet.training.launcher import LogLine, Phase
+from tunefleet.v1 import (
+    adapter_service_pb2,
+    common_pb2,
+    dataset_service_pb2,
+    training_job_pb2,
+    training_service_pb2,
+)
+
+State = training_job_pb2.TrainingJob.State
+Worker = training_service_pb2.ReportTrainingProgressRequest
+MakePlatform = Any
+
+
+async def report(platform: Platform, name: str, token: str, **fields: Any) -> bool:
+    response = await platform.training.ReportTrainingProgress(
+        Worker(name=name, **fields), metadata=(("authorization", f"Bearer {token}"),)
+    )
+    return bool(response.cancel_requested)
+
+
+def states(events: list[training_job_pb2.TrainingEvent]) -> list[str]:
+    return [
+        State.Name(e.state_change.state).removeprefix("STATE_")
+        for e in events
+        if e.HasField("state_change")
+    ]
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value
+
+
+async def test_a_job_runs_reports_and_succeeds(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, labels={"team": "ml"})
+    assert job.name.startswith("trainingJobs/")
+    assert job.launcher == "fake"
+    assert job.hyperparameters.micro_batch_size == 8
+    assert job.hyperparameters.warmup_ratio == pytest.approx(0.05)  # a default, reported back
+    assert job.resource_estimate.model_parameters > 0
+    job = await platform.wait(job.name, "RUNNING")
+    assert job.launcher_run_id == f"fake-{job.name.removeprefix('trainingJobs/')}"
+    run = fake.runs[job.name.removeprefix("trainingJobs/")]
+    spec = run.request.spec
+    assert spec["train_data"]["split"] == "train"
+    assert spec["validation_data"]["split"] == "validation"
+    assert spec["registry"]["adapter"] == "adapters/colours"
+    assert spec["storage"]["database_url"] == ""
+
+    token = run.token
+    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    for step in (1, 2, 3):
+        await report(
+            platform,
+            job.name,
+            token,
+            progress=training_job_pb2.TrainingProgress(
+                step=step, total_steps=3, train_loss=3.0 - step, tokens_per_second=100.0
+            ),
+        )
+    await report(
+        platform,
+        job.name,
+        token,
+        checkpoint=training_job_pb2.Checkpoint(step=3, uri="s3://b/x", validation_loss=0.5),
+    )
+    run.lines.append(LogLine("stderr", "step 3 done"))
+    await report(
+        platform,
+        job.name,
+        token,
+        worker_state=Worker.WORKER_STATE_SUCCEEDED,
+        output_adapter_version="adapters/colours/versions/1",
+        evaluation=training_job_pb2.EvaluationResult(validation_loss=0.5, base_validation_loss=4),
+    )
+    job = await platform.wait(job.name, "SUCCEEDED")
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+    assert job.latest_progress.step == 3
+    assert job.evaluation.base_validation_loss == 4
+    assert [State.Name(t.state) for t in job.state_history] == [
+        "STATE_VALIDATING",
+        "STATE_QUEUED",
+        "STATE_RUNNING",
+        "STATE_SUCCEEDED",
+    ]
+    assert job.HasField("start_time") and job.HasField("end_time")
+    assert fake.runs[job.name.removeprefix("trainingJobs/")].resume_from == "s3://b/x"
+
+    events = await platform.events(job.name)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert states(events) == ["VALIDATING", "QUEUED", "RUNNING", "SUCCEEDED"]
+    assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3]
+    assert [e.checkpoint.name for e in events if e.HasField("checkpoint")] == [
+        f"{job.name}/checkpoints/3"
+    ]
+    logs = [e.log.text for e in events if e.HasField("log")]
+    assert logs[0].startswith("launched on fake")
+    # The last lines come in at the end: the scheduler reads them once more when a run ends.
+    assert "step 3 done" in logs or job.state == State.STATE_SUCCEEDED
+    # Resuming after an event sends only what follows it.
+    later = await platform.events(job.name, after=events[4].sequence)
+    assert [e.sequence for e in later] == [e.sequence for e in events[5:]]
+
+    checkpoints = await platform.training.ListCheckpoints(
+        training_service_pb2.ListCheckpointsRequest(parent=job.name)
+    )
+    assert [(c.step, c.uri, c.validation_loss) for c in checkpoints.checkpoints] == [
+        (3, "s3://b/x", 0.5)
+    ]
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest(filter="state = SUCCEEDED")
+    )
+    assert [j.name for j in listed.training_jobs] == [job.name]
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest(filter='adapter = "adapters/other"')
+    )
+    assert not listed.training_jobs
+    # The adapter named by the job was created for it, on the job's base model.
+    adapter = await platform.adapters.GetAdapter(
+        adapter_service_pb2.GetAdapterRequest(name="adapters/colours")
+    )
+    assert adapter.base_model == "colours"
+
+
+async def test_a_follower_sees_events_as_they_happen(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    request = training_service_pb2.StreamTrainingJobEventsRequest(name=job.name)
+    seen: list[training_job_pb2.TrainingEvent] = []
+
+    async def follow() -> None:
+        async for event in platform.training.StreamTrainingJobEvents(request):
+            seen.append(event)
+
+    follower = asyncio.create_task(follow())
+    job = await platform.wait(job.name, "RUNNING")
+    fake.runs[job.name.removeprefix("trainingJobs/")].lines.append(LogLine("stdout", "hello"))
+    await report(
+        platform,
+        job.name,
+        fake.runs[job.name.removeprefix("trainingJobs/")].token,
+        worker_state=Worker.WORKER_STATE_FAILED,
+        error=training_job_pb2.JobError(reason="OUT_OF_MEMORY", message="CUDA out of memory"),
+    )
+    await asyncio.wait_for(follower, 10)  # the stream ends with the job
+    assert states(seen)[-1] == "FAILED"
+    assert [e.error.reason for e in seen if e.HasField("error")] == ["OUT_OF_MEMORY"]
+    job = await platform.wait(job.name, "FAILED")
+    assert job.error.message == "CUDA out of memory"
+    assert fake.runs == {}  # a failed worker's run is stopped: no retries
+
+
+async def test_create_is_idempotent_with_a_request_id(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    request_id = "8a1c2f63-4c4f-4d55-9a57-0d5b5e0f6f11"
+    first = await platform.create(dataset.name, request_id=request_id)
+    again = await platform.create(dataset.name, request_id=request_id)
+    assert again.name == first.name
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest()
+    )
+    assert len(listed.training_jobs) == 1
+    error = await refused(platform.create(dataset.name, request_id=request_id, priority=3))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "REQUEST_ID_REUSED"  # type: ignore[union-attr]
+    await platform.wait(first.name, "RUNNING")
+    assert fake.launches == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"base_model": ""}, "training_job.base_model"),
+        ({"base_model": "no-such-model"}, "training_job.base_model"),
+        ({"method": common_pb2.TRAINING_METHOD_UNSPECIFIED}, "training_job.method"),
+        ({"train_dataset": "datasets/missing"}, "training_job.train_dataset"),
+        ({"train_dataset": "colours"}, "training_job.train_dataset"),
+        ({"adapter": "Adapters/Bad"}, "training_job.adapter"),
+        (
+            {"hyperparameters": {"micro_batch_size": -1}},
+            "training_job.hyperparameters.micro_batch_size",
+        ),
+        ({"hyperparameters": {"learning_rate": 5.0}}, "training_job.hyperparameters.learning_rate"),
+        ({"lora": {"rank": 1024}}, "training_job.lora.rank"),
+        (
+            {"resources": training_job_pb2.ResourceRequest(gpu_count=99)},
+            "training_job.resources.gpu_count",
+        ),
+        (
+            {"resources": training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="tpu-v9")},
+            "training_job.resources.gpu_type",
+        ),
+    ],
+)
+async def test_bad_jobs_are_refused_naming_the_field(
+    make_platform: MakePlatform, fields: dict[str, Any], field: str
+) -> None:
+    platform = await make_platform(FakeLauncher())
+    dataset = await platform.upload()
+    error = await refused(platform.create(fields.pop("train_dataset", dataset.name), **fields))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith(field)
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest()
+    )
+    assert not listed.training_jobs
+
+
+async def test_an_oversized_job_is_refused_with_the_numbers(make_platform: MakePlatform) -> None:
+    platform = await make_platform(FakeLauncher())
+    dataset = await platform.upload()
+    full = {
+        "base_model": "llama-7b",
+        "adapter": "adapters/big",
+        "method": common_pb2.TRAINING_METHOD_FULL,
+        "hyperparameters": {"micro_batch_size": 1, "max_sequence_length": 2048},
+        "resources": training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-a100-80gb"),
+    }
+    error = await refused(platform.create(dataset.name, **full))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(error)
+    assert info is not None and info.reason == "INSUFFICIENT_GPU_MEMORY"
+    estimated, available = (
+        int(info.metadata["estimated_bytes"]),
+        int(info.metadata["available_bytes"]),
+    )
+    assert available == 80 * 2**30
+    assert estimated > 16 * 6.7e9  # 16 bytes per parameter for full fine-tuning
+    assert "6.74B parameters x 16 bytes (full)" in (error.details() or "")
+    # The same model with QLoRA fits on one 24 GiB GPU (validate_only: nothing is created).
+    qlora = {**full, "method": common_pb2.TRAINING_METHOD_QLORA}
+    qlora["resources"] = training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-l4")
+    checked = await platform.training.CreateTrainingJob(
+        training_service_pb2.CreateTrainingJobRequest(
+            training_job=job_request(dataset.name, **qlora), validate_only=True
+        )
+    )
+    assert checked.name == ""
+    assert 3.4e9 < checked.resource_estimate.gpu_memory_bytes < 24 * 2**30
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest()
+    )
+    assert not listed.training_jobs
+
+
+async def test_workers_can_only_report_for_their_own_job(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake, training={"poll_seconds": 0.1, "max_running_jobs": 2})
+    dataset = await platform.upload()
+    first = await platform.create(dataset.name)
+    second = await platform.create(dataset.name)
+    await platform.wait(first.name, "RUNNING")
+    await platform.wait(second.name, "RUNNING")
+    first_token = fake.runs[first.name.removeprefix("trainingJobs/")].token
+    error = await refused(
+        report(platform, second.name, first_token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    error = await refused(platform.training.ReportTrainingProgress(Worker(name=second.name)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    job = await platform.wait(second.name, "RUNNING")
+    assert not job.HasField("end_time")
+
+
+async def test_queue_runs_by_priority_then_creation_order(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    first = await platform.create(dataset.name)
+    await platform.wait(first.name, "RUNNING")  # takes the only place
+    low = await platform.create(dataset.name)
+    high = await platform.create(dataset.name, priority=10)
+    low_too = await platform.create(dataset.name)
+    assert (await platform.wait(low.name, "QUEUED")).launcher_run_id == ""
+    order = []
+    running = first
+    for _ in range(3):
+        token = fake.runs[running.name.removeprefix("trainingJobs/")].token
+        await report(platform, running.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+        fake.finish(running.name, Phase.SUCCEEDED)
+        await asyncio.sleep(0.3)
+        running_now = [
+            j
+            for j in (
+                await platform.training.ListTrainingJobs(
+                    training_service_pb2.ListTrainingJobsRequest(filter="state = RUNNING")
+                )
+            ).training_jobs
+        ]
+        assert len(running_now) == 1
+        running = running_now[0]
+        order.append(running.name)
+        if len(order) == 3:
+            break
+    assert order == [high.name, low.name, low_too.name]
+
+
+async def test_cancel_a_queued_and_a_running_job(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    running = await platform.create(dataset.name)
+    await platform.wait(running.name, "RUNNING")
+    queued = await platform.create(dataset.name)
+
+    cancelled = await platform.training.CancelTrainingJob(
+        training_service_pb2.CancelTrainingJobRequest(name=queued.name)
+    )
+    assert cancelled.state == State.STATE_CANCELLED
+
+    token = fake.runs[running.name.removeprefix("trainingJobs/")].token
+    cancelling = await platform.training.CancelTrainingJob(
+        training_service_pb2.CancelTrainingJobRequest(name=running.name)
+    )
+    assert cancelling.state == State.STATE_CANCELLING
+    job = await platform.wait(running.name, "CANCELLED")
+    assert fake.cancelled.cancelled
+    assert states(await platform.events(running.name))[-2:] == ["CANCELLING", "CANCELLED"]
+    # A worker that still reports is told to stop.
+    assert await report(platform, running.name, token)
+    error = await refused(
+        platform.training.CancelTrainingJob(
+            training_service_pb2.CancelTrainingJobRequest(name=job.name)
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Both jobs released the dataset.
+    await platform.datasets.DeleteDataset(
+        dataset_service_pb2.DeleteDatasetRequest(name=dataset.name)
+    )
+
+
+async def test_a_used_dataset_cannot_be_deleted(make_platform: MakePlatform) -> None:
+    platform = await make_platform(FakeLauncher())
+    dataset = await platform.upload()
+    await platform.create(dataset.name)
+    error = await refused(
+        platform.datasets.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_silent_worker_fails_its_job(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(
+        fake, training={"poll_seconds": 0.1, "worker_timeout_seconds": 1.0}
+    )
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    job = await platform.wait(job.name, "RUNNING")
+    token = fake.runs[job.name.removeprefix("trainingJobs/")].token
+    for _ in range(4):  # reports keep it alive past the timeout
+        await asyncio.sleep(0.4)
+        await report(platform, job.name, token)
+    assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
+    job = await platform.wait(job.name, "FAILED", within=10)
+    assert job.error.reason == "WORKER_SILENT"
+    assert "no report from the worker" in job.error.message
+    assert fake.cancelled.cancelled  # and its run is stopped
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason"),
+    [(Phase.SUCCEEDED, "NO_RESULT_REPORTED"), (Phase.FAILED, "WORKER_EXITED")],
+)
+async def test_a_run_that_ends_without_a_result_fails_the_job(
+    make_platform: MakePlatform, phase: Phase, reason: str
+) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    await platform.wait(job.name, "RUNNING")
+    fake.finish(job.name, phase, "WORKER_EXITED", "the trainer exited with status 137")
+    job = await platform.wait(job.name, "FAILED")
+    assert job.error.reason == reason
+
+
+async def test_restart_reconciles_without_losing_or_repeating_jobs(
+    make_platform: MakePlatform,
+) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake, training={"poll_seconds": 0.1, "max_running_jobs": 3})
+    dataset = await platform.upload()
+    keeps_running = await platform.create(dataset.name)
+    finishes_while_down = await platform.create(dataset.name)
+    fails_while_down = await platform.create(dataset.name)
+    for job in (keeps_running, finishes_while_down, fails_while_down):
+        await platform.wait(job.name, "RUNNING")
+    token = fake.runs[finishes_while_down.name.removeprefix("trainingJobs/")].token
+    await platform.stop()
+
+    # While TrainingService is down: one worker reported success before it went down and its
+    # run completed; another run crashed.
+    fake.finish(finishes_while_down.name, Phase.SUCCEEDED)
+    fake.finish(fails_while_down.name, Phase.FAILED, "WORKER_EXITED", "exit status 1")
+    launches = fake.launches
+
+    await platform.start()
+    job = await platform.wait(fails_while_down.name, "FAILED")
+    assert job.error.message == "exit status 1"
+    # Its success report never arrived: the run ended cleanly without a result.
+    job = await platform.wait(finishes_while_down.name, "FAILED")
+    assert job.error.reason == "NO_RESULT_REPORTED"
+    await asyncio.sleep(0.5)
+    job = await platform.wait(keeps_running.name, "RUNNING")
+    assert fake.launches == launches  # nothing launched again
+    run = fake.runs[keeps_running.name.removeprefix("trainingJobs/")]
+    await report(platform, job.name, run.token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+    await platform.wait(job.name, "SUCCEEDED")
+    del token
+
+
+async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake)
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    await platform.create(dataset.name)
+    job = await platform.wait(job.name, "RUNNING")
+    token = fake.runs[job.name.removeprefix("trainingJobs/")].token
+    await report(
+        platform,
+        job.name,
+        token,
+        progress=training_job_pb2.TrainingProgress(
+            step=1, train_loss=2.5, validation_loss=2.75, tokens_per_second=1234
+        ),
+    )
+
+    def sample(name: str, **labels: str) -> float | None:
+        value: float | None = platform.registry.get_sample_value(name, labels)
+        return value
+
+    for _ in range(50):
+        if sample("tunefleet_training_queue_depth") == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert sample("tunefleet_training_jobs", state="running") == 1
+    assert sample("tunefleet_training_queue_depth") == 1
+    assert sample("tunefleet_training_train_loss", job=job.name) == 2.5
+    assert sample("tunefleet_training_validation_loss", job=job.name) == 2.75
+    assert sample("tunefleet_training_tokens_per_second", job=job.name) == 1234
+    assert sample("tunefleet_training_queue_seconds_count") == 1
+    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+    await platform.wait(job.name, "SUCCEEDED")
+    assert sample("tunefleet_training_job_duration_seconds_count", state="succeeded") == 1
+    assert sample("tunefleet_training_train_loss", job=job.name) is None
