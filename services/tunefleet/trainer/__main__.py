@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec.model_copy(update={"resume": True})
         from tunefleet.trainer.train import Trainer
 
+        logging.getLogger("tunefleet.trainer").info(
+            "%s: %s fine-tuning of %s", spec.job or "training", spec.method, spec.base_model
+        )
+
         trainer = Trainer(spec)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -405,6 +407,12 @@ class Trainer:
             metrics = {k: v for k, v in evaluation.items() if isinstance(v, float)}
             result["adapter_version"] = register(spec, output, metrics)
         (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        if result_file := os.environ.get("TUNEFLEET_RESULT_FILE"):
+            # Where the launcher looks when the final report could not reach TrainingService
+            # (Kubernetes keeps a container's /dev/termination-log as its termination message).
+            Path(result_file).write_text(
+                json.dumps({"adapter_version": result.get("adapter_version", "")})
+            )
         self.reporter.event(
             "finished",
             **{k: v for k, v in result.items() if k != "evaluation"},

@@ -187,7 +187,7 @@ class KubernetesLauncher:
         retries = int(status.failed or 0)
         conditions = {c.type: c for c in status.conditions or [] if c.status == "True"}
         if "Complete" in conditions:
-            return RunStatus(Phase.SUCCEEDED, retries=retries)
+            return RunStatus(Phase.SUCCEEDED, retries=retries, output_adapter_version=_result(pods))
         if "Failed" in conditions:
             condition = conditions["Failed"]
             message = condition.message or condition.reason or "the Job failed"
@@ -305,6 +305,21 @@ def _termination_message(pods: list[Any]) -> str:
                 return f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
         if pod.status.phase == "Failed":
             return pod.status.message or pod.status.reason or f"Pod {pod.metadata.name} failed"
+    return ""
+
+
+def _result(pods: list[Any]) -> str:
+    """The adapter version a succeeded trainer left in its termination message."""
+    for pod in pods:
+        if pod.status.phase != "Succeeded":
+            continue
+        for container in pod.status.container_statuses or []:
+            terminated = container.state and container.state.terminated
+            if terminated is not None and terminated.message:
+                try:
+                    return str(json.loads(terminated.message).get("adapter_version", ""))
+                except ValueError:
+                    return ""
     return ""
 
 

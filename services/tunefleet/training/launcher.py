@@ -49,6 +49,9 @@ class RunStatus:
     reason: str = ""  # UPPER_SNAKE_CASE, for the job's error
     message: str = ""
     retries: int = 0  # failed attempts the launcher retried (a preempted Pod)
+    # With SUCCEEDED: the registered result the worker left behind, in case its final report
+    # never reached the service (it was down).
+    output_adapter_version: str = ""
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class LocalLauncher:
         spec_path = directory / "spec.json"
         descriptor = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
-            json.dump(request.spec, file)
+            json.dump({**request.spec, "output_dir": str((directory / "output").resolve())}, file)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if request.gpu_count == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -114,7 +114,7 @@ class LocalLauncher:
         if exit_file.exists():
             code = int(exit_file.read_text().strip() or "-1")
             if code == 0:
-                return RunStatus(Phase.SUCCEEDED)
+                return RunStatus(Phase.SUCCEEDED, output_adapter_version=_result(directory))
             reason = EXIT_REASONS.get(code, "WORKER_EXITED")
             return RunStatus(
                 Phase.FAILED, reason, f"the trainer exited with status {code}{_last(directory)}"
@@ -183,6 +183,15 @@ def _alive(pid: int, directory: Path) -> bool:
     except OSError:
         return False
     return str((directory / "spec.json").resolve()).encode() in cmdline
+
+
+def _result(directory: Path) -> str:
+    """The adapter version the trainer registered, from the result.json it wrote."""
+    try:
+        result = json.loads((directory / "output" / "result.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(result.get("adapter_version", ""))
 
 
 def _last(directory: Path) -> str:

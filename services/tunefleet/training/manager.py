@@ -474,6 +474,7 @@ class TrainingManager:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        self._loop = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.launcher.close()
@@ -481,7 +482,8 @@ class TrainingManager:
     def wake(self) -> None:
         """Ask the scheduler to look now (from any thread)."""
         if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed: the service stopped
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -683,6 +685,9 @@ class TrainingManager:
             return
         elif cancelling:
             self._transition(session, row, job, State.STATE_CANCELLED)
+        elif status.phase == Phase.SUCCEEDED and status.output_adapter_version:
+            job.output_adapter_version = status.output_adapter_version
+            self._transition(session, row, job, State.STATE_SUCCEEDED)
         elif status.phase == Phase.SUCCEEDED:
             self._transition(
                 session,

@@ -92,6 +92,8 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
             {"name": "TUNEFLEET_TRAINING_JOB", "value": f"trainingJobs/{request.job_id}"},
+            # The trainer leaves its result in the termination message.
+            {"name": "TUNEFLEET_RESULT_FILE", "value": "/dev/termination-log"},
         ],
         "envFrom": [{"secretRef": {"name": secret}} for secret in settings.env_from_secrets],
         "resources": {
