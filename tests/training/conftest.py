@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
+from tests.helpers import IN_CI
+from tests.kube import cluster
+from tests.storage.conftest import s3_endpoint
 from tests.trainer.conftest import ANIMALS, COLOURS, chat_model, conversation
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.server import TunefleetServer
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from tunefleet.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub
     from tunefleet.v1.training_service_pb2_grpc import TrainingServiceAsyncStub
 
-__all__ = ["chat_model"]  # the trainer tests' fixture, used here too
+__all__ = ["chat_model", "s3_endpoint"]  # fixtures of other test packages, used here too
 
 
 @pytest.fixture(scope="session")
@@ -231,3 +234,15 @@ async def make_platform(
     yield make
     for storage in storages:
         storage.close()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
+    """etcd, kube-apiserver and the Job controller on 127.0.0.1, once per test session."""
+    why = cluster.missing()
+    if why is not None:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    with cluster.running_cluster(tmp_path_factory.mktemp("kube")) as running:
+        yield running

@@ -123,8 +123,10 @@ class KubernetesLauncher:
                     log.warning("watching %s failed: %s", kind, error.reason)
                     self._stopped.wait(1.0)
                 version = None
-            except Exception:
-                log.exception("watching %s failed", kind)
+            except Exception as error:  # the connection broke: list again, then watch
+                if self._stopped.is_set():
+                    return
+                log.warning("watching %s failed (%s); listing again", kind, error)
                 self._stopped.wait(1.0)
                 version = None
 
@@ -244,6 +246,8 @@ class KubernetesLauncher:
             )
         except ApiException as error:
             log.debug("no logs of %s yet: %s", pod.metadata.name, error.reason)
+            return [], cursor
+        if not text:
             return [], cursor
         lines, last = new_lines(str(text), last)
         return lines, {"pod": pod.metadata.name, "last": last}

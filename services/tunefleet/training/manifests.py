@@ -98,7 +98,7 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
         "envFrom": [{"secretRef": {"name": secret}} for secret in settings.env_from_secrets],
         "resources": {
             # Extended resources such as GPUs must have requests equal to limits.
-            "requests": {"cpu": str(cpu), "memory": memory, "nvidia.com/gpu": gpus},
+            "requests": {"cpu": f"{cpu:g}", "memory": memory, "nvidia.com/gpu": gpus},
             "limits": {"memory": memory, "nvidia.com/gpu": gpus},
         },
         "volumeMounts": mounts,
@@ -132,7 +132,10 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
                             "values": [1, 2, 3],
                         },
                     },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
                 ]
             },
             "template": {

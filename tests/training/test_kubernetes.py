@@ -1,0 +1,395 @@
+"""The Kubernetes launcher against a real API server (v1.20, with the real Job controller; the
+tests play the kubelet by patching Pod status), and its manifests against the schemas of
+current Kubernetes versions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from kubernetes import client, config
+
+from tests.kube.cluster import Cluster
+from tests.storage.conftest import s3_client
+from tests.training.conftest import Platform
+from tunefleet.runtime.settings import KubernetesSettings
+from tunefleet.training import manifests
+from tunefleet.training.kubernetes import KubernetesLauncher, new_lines
+from tunefleet.training.launcher import Phase, RunRequest
+from tunefleet.v1 import training_job_pb2, training_service_pb2
+
+State = training_job_pb2.TrainingJob.State
+Worker = training_service_pb2.ReportTrainingProgressRequest
+MakePlatform = Any
+GPU = training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-l4")
+
+
+def request(job_id: str = "abc123", gpus: int = 1, **fields: Any) -> RunRequest:
+    spec = {"base_model": "colours", "report": {"token": "secret", "job": f"trainingJobs/{job_id}"}}
+    return RunRequest(job_id=job_id, spec=spec, gpu_count=gpus, gpu_type="nvidia-l4", **fields)
+
+
+# --- manifests, offline -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> None:
+    settings = KubernetesSettings(
+        model_cache_claim="models", env_from_secrets=["tunefleet-s3"], node_selector={"pool": "a"}
+    )
+    job = manifests.job_manifest(settings, request(gpus=gpus, max_run_seconds=3600))
+    secret = manifests.secret_manifest(settings, request())
+    for manifest in (job, secret):
+        kubernetes_validate.validate(manifest, version, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    if gpus > 1:  # one process per GPU
+        assert container["command"][1:4] == ["-m", "torch.distributed.run", "--standalone"]
+        assert f"--nproc-per-node={gpus}" in container["command"]
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {
+        "pool": "a",
+        "nvidia.com/gpu.product": "nvidia-l4",
+    }
+
+
+def test_the_strict_check_catches_unknown_fields() -> None:
+    job = manifests.job_manifest(KubernetesSettings(), request())
+    job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_pod_log_lines_are_taken_once() -> None:
+    text = (
+        "2026-11-29T10:00:00.5Z first\n"
+        "2026-11-29T10:00:00.51Z second\n"
+        "2026-11-29T10:00:01Z third\n"
+    )
+    lines, last = new_lines(text, "")
+    assert [line.text for line in lines] == ["first", "second", "third"]
+    # Read again from a time before `last` (the API's since is whole seconds): nothing repeats.
+    again, _ = new_lines(text + "2026-11-29T10:00:01.2Z fourth\n", last)
+    assert [line.text for line in again] == ["fourth"]
+    assert new_lines("2026-11-29T10:00:00.6Z x\n", "2026-11-29T10:00:00.5Z")[0][0].text == "x"
+
+
+# --- against the API server ---------------------------------------------------------------------
+
+
+class Kube:
+    """A test namespace and the clients to play the kubelet in it."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        api = config.new_client_from_config(str(cluster.kubeconfig))
+        self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        self.cluster = cluster
+        self.namespace = f"t-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"metadata": {"name": self.namespace}})
+        self.core.create_namespaced_service_account(
+            self.namespace, {"metadata": {"name": "tunefleet-trainer"}}
+        )
+
+    def settings(self, **fields: Any) -> dict[str, Any]:
+        return {"kubeconfig": str(self.cluster.kubeconfig), "namespace": self.namespace, **fields}
+
+    def jobs(self, job_id: str) -> list[Any]:
+        selector = f"{manifests.JOB_LABEL}={job_id}"
+        return list(self.batch.list_namespaced_job(self.namespace, label_selector=selector).items)
+
+    def pods(self, job_id: str) -> list[Any]:
+        selector = f"{manifests.JOB_LABEL}={job_id}"
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        return sorted(items, key=lambda p: p.metadata.creation_timestamp)
+
+    def spec(self, job_id: str) -> dict[str, Any]:
+        secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
+        return dict(json.loads(base64.b64decode(secret.data["spec.json"])))
+
+    def run_pod(self, pod: Any) -> None:
+        now = datetime.now(UTC).isoformat()
+        self._status(pod, "Running", {"running": {"startedAt": now}})
+
+    def end_pod(self, pod: Any, exit_code: int, message: str = "") -> None:
+        now = datetime.now(UTC).isoformat()
+        terminated = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "message": message,
+            "startedAt": now,
+            "finishedAt": now,
+        }
+        self._status(pod, "Succeeded" if exit_code == 0 else "Failed", {"terminated": terminated})
+
+    def _status(self, pod: Any, phase: str, state: dict[str, Any]) -> None:
+        container = {
+            "name": manifests.CONTAINER,
+            "image": "trainer",
+            "imageID": "",
+            "ready": phase == "Running",
+            "restartCount": 0,
+            "state": state,
+        }
+        self.core.patch_namespaced_pod_status(
+            pod.metadata.name,
+            self.namespace,
+            {"status": {"phase": phase, "containerStatuses": [container]}},
+        )
+
+
+@pytest.fixture
+def kube(kube_cluster: Cluster) -> Kube:
+    return Kube(kube_cluster)
+
+
+async def until(check: Callable[[], Awaitable[Any]], within: float = 30.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.1)
+
+
+def pods_of(kube: Kube, job_id: str, count: int = 1) -> Callable[[], Awaitable[list[Any]]]:
+    async def check() -> list[Any]:
+        pods = await asyncio.to_thread(kube.pods, job_id)
+        return pods if len(pods) >= count else []
+
+    return check
+
+
+async def test_the_api_server_accepts_the_job_and_launching_is_idempotent(kube: Kube) -> None:
+    launcher = KubernetesLauncher(KubernetesSettings(**kube.settings()))
+    await launcher.start(lambda: None)
+    try:
+        run = await launcher.launch(request("idem1", cpu_cores=4, memory_bytes=2**34))
+        again = await launcher.launch(request("idem1", cpu_cores=4, memory_bytes=2**34))
+        assert run.run_id == again.run_id == "tunefleet-train-idem1"
+        jobs = kube.jobs("idem1")
+        assert len(jobs) == 1
+        job = jobs[0]
+        pod_spec = job.spec.template.spec
+        container = pod_spec.containers[0]
+        assert container.resources.requests["nvidia.com/gpu"] == "1"
+        assert container.resources.limits["nvidia.com/gpu"] == "1"
+        assert container.resources.requests["cpu"] == "4"
+        assert container.resources.limits["memory"] == str(2**34)
+        assert pod_spec.restart_policy == "Never"
+        assert pod_spec.service_account_name == "tunefleet-trainer"
+        assert pod_spec.node_selector == {"nvidia.com/gpu.product": "nvidia-l4"}
+        assert [t.key for t in pod_spec.tolerations] == ["nvidia.com/gpu"]
+        assert {v.name for v in pod_spec.volumes} == {"spec", "scratch", "dshm"}
+        assert job.spec.backoff_limit == 3
+        assert job.spec.active_deadline_seconds == 7 * 24 * 3600
+        assert job.metadata.labels[manifests.JOB_LABEL] == "idem1"
+        secret = kube.core.read_namespaced_secret(run.run_id, kube.namespace)
+        assert [o.uid for o in secret.metadata.owner_references] == [job.metadata.uid]
+        assert kube.spec("idem1")["output_dir"] == "/scratch/output"
+        pods = await until(pods_of(kube, "idem1"))  # the Job controller made the Pod
+        assert (await launcher.status(run)).phase == Phase.PENDING
+        kube.run_pod(pods[0])
+        await until(lambda: _phase(launcher, run, Phase.RUNNING))
+    finally:
+        await launcher.close()
+
+
+async def _phase(launcher: KubernetesLauncher, run: Any, phase: Phase) -> bool:
+    return (await launcher.status(run)).phase == phase
+
+
+async def test_the_api_server_refuses_what_kubernetes_refuses(kube: Kube) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    job = manifests.job_manifest(KubernetesSettings(namespace=kube.namespace), request("bad1"))
+    job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "2"
+    with pytest.raises(ApiException) as raised:
+        kube.batch.create_namespaced_job(kube.namespace, job)
+    assert raised.value.status == 422  # GPU requests must equal limits
+
+
+@pytest.fixture
+def kube_platform(
+    kube: Kube, make_platform: MakePlatform, s3_endpoint: str, platform_settings: dict[str, Any]
+) -> Iterator[Callable[..., Awaitable[Platform]]]:
+    bucket = f"kube-{uuid.uuid4().hex[:8]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+
+    async def make(**kubernetes: Any) -> Platform:
+        platform: Platform = await make_platform(
+            storage={"blob_backend": "s3", "s3": {"bucket": bucket, "endpoint_url": s3_endpoint}},
+            training={
+                **platform_settings["training"],
+                "launcher": "kubernetes",
+                "max_running_jobs": 4,
+                "worker_endpoint": "tunefleet-training.tunefleet.svc:50051",
+                "kubernetes": kube.settings(**kubernetes),
+            },
+        )
+        return platform
+
+    yield make
+
+
+async def report(platform: Platform, name: str, token: str, **fields: Any) -> bool:
+    response = await platform.training.ReportTrainingProgress(
+        Worker(name=name, **fields), metadata=(("authorization", f"Bearer {token}"),)
+    )
+    return bool(response.cancel_requested)
+
+
+def job_id(name: str) -> str:
+    return name.removeprefix("trainingJobs/")
+
+
+async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) -> None:
+    platform = await kube_platform()
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, resources=GPU)
+    assert job.launcher == "kubernetes"
+    pods = await until(pods_of(kube, job_id(job.name)))
+    job = await platform.wait(job.name, "QUEUED")  # launched, its Pod not running yet
+    assert job.launcher_run_id == f"tunefleet-train-{job_id(job.name)}"
+    spec = kube.spec(job_id(job.name))
+    assert spec["report"]["endpoint"] == "tunefleet-training.tunefleet.svc:50051"
+    assert spec["train_data"]["uri"].startswith("s3://")
+    kube.run_pod(pods[0])
+    await platform.wait(job.name, "RUNNING", within=10)
+    # The worker in the Pod reports with the token from its spec.
+    token = spec["report"]["token"]
+    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    await report(
+        platform,
+        job.name,
+        token,
+        worker_state=Worker.WORKER_STATE_SUCCEEDED,
+        output_adapter_version="adapters/colours/versions/1",
+    )
+    kube.end_pod(pods[0], 0, json.dumps({"adapter_version": "adapters/colours/versions/1"}))
+    job = await platform.wait(job.name, "SUCCEEDED", within=10)
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+    await until(lambda: _job_complete(kube, job_id(job.name)))
+
+
+async def _job_complete(kube: Kube, identifier: str) -> bool:
+    jobs = await asyncio.to_thread(kube.jobs, identifier)
+    conditions = jobs[0].status.conditions or []
+    return any(c.type == "Complete" and c.status == "True" for c in conditions)
+
+
+async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails(
+    kube: Kube, kube_platform: Any
+) -> None:
+    platform = await kube_platform(backoff_limit=1)
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, resources=GPU)
+    identifier = job_id(job.name)
+    pods = await until(pods_of(kube, identifier))
+    kube.run_pod(pods[0])
+    await platform.wait(job.name, "RUNNING", within=10)
+    token = kube.spec(identifier)["report"]["token"]
+    checkpoint = training_job_pb2.Checkpoint(step=40, uri="s3://bucket/checkpoint-40")
+    await report(platform, job.name, token, checkpoint=checkpoint)
+    assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
+
+    kube.end_pod(pods[0], 137, "node lost")  # preempted: the Job controller retries
+    first = pods[0].metadata.name
+    pods = await until(pods_of(kube, identifier, 2), within=60)
+    retried = next(p for p in pods if p.metadata.name != first)
+    # The retried Pod reads the spec at start: it resumes from the checkpoint.
+    assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
+    events = await platform.events(job.name)
+    assert any("retried" in e.log.text for e in events if e.HasField("log"))
+    assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
+
+    kube.run_pod(retried)
+    kube.end_pod(retried, 137, "node lost again")
+    job = await platform.wait(job.name, "FAILED", within=30)
+    assert job.error.reason == "BACKOFF_LIMIT_EXCEEDED"
+    assert "node lost again" in job.error.message
+
+
+async def test_cancel_deletes_the_job_and_its_pods(kube: Kube, kube_platform: Any) -> None:
+    platform = await kube_platform()
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, resources=GPU)
+    identifier = job_id(job.name)
+    pods = await until(pods_of(kube, identifier))
+    kube.run_pod(pods[0])
+    await platform.wait(job.name, "RUNNING", within=10)
+    await platform.training.CancelTrainingJob(
+        training_service_pb2.CancelTrainingJobRequest(name=job.name)
+    )
+    await platform.wait(job.name, "CANCELLED", within=30)
+    assert kube.jobs(identifier) == []
+
+    async def pods_gone() -> bool:
+        return not await asyncio.to_thread(kube.pods, identifier)
+
+    await until(pods_gone)
+
+
+async def test_restart_reconciles_with_the_cluster(kube: Kube, kube_platform: Any) -> None:
+    platform = await kube_platform()
+    dataset = await platform.upload()
+    done = await platform.create(dataset.name, resources=GPU)
+    running = await platform.create(dataset.name, resources=GPU)
+    pending = await platform.create(dataset.name, resources=GPU)
+    done_pods = await until(pods_of(kube, job_id(done.name)))
+    running_pods = await until(pods_of(kube, job_id(running.name)))
+    await until(pods_of(kube, job_id(pending.name)))
+    kube.run_pod(done_pods[0])
+    kube.run_pod(running_pods[0])
+    await platform.wait(done.name, "RUNNING", within=10)
+    await platform.wait(running.name, "RUNNING", within=10)
+    await platform.stop()
+
+    # While TrainingService is down, one run finishes; its last report never arrived, but the
+    # trainer left its result in the termination message.
+    kube.end_pod(done_pods[0], 0, json.dumps({"adapter_version": "adapters/colours/versions/7"}))
+    await until(lambda: _job_complete(kube, job_id(done.name)))
+
+    await platform.start()
+    job = await platform.wait(done.name, "SUCCEEDED", within=20)
+    assert job.output_adapter_version == "adapters/colours/versions/7"
+    assert (await platform.wait(running.name, "RUNNING")).state == State.STATE_RUNNING
+    assert (await platform.wait(pending.name, "QUEUED")).launcher_run_id
+    await asyncio.sleep(1.0)
+    for name in (done.name, running.name, pending.name):  # nothing was launched twice
+        assert len(kube.jobs(job_id(name))) == 1
+        assert len(kube.pods(job_id(name))) == 1
+    kube.run_pod(kube.pods(job_id(pending.name))[0])
+    await platform.wait(pending.name, "RUNNING", within=10)
+
+
+def test_kubernetes_validate_cli_accepts_the_written_manifests(tmp_path: Path) -> None:
+    """The command users run in CI on rendered manifests."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    settings = KubernetesSettings()
+    documents = [
+        manifests.secret_manifest(settings, request()),
+        manifests.job_manifest(settings, request()),
+    ]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    result = subprocess.run(
+        [str(cli), "--strict", "--quiet", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
