@@ -25,7 +25,8 @@ def test_demo_runs_end_to_end() -> None:
     assert "line 102: NO_ASSISTANT_TURN" in result.stdout
     assert "duplicates removed: 1 exact" in result.stdout
     assert "PII redacted: 1 x EMAIL" in result.stdout
-    assert "UNIMPLEMENTED: tunefleet.v1.TrainingService.GetTrainingJob is not implemented yet" in (
+    assert "0 training jobs" in result.stdout
+    assert "UNIMPLEMENTED: tunefleet.v1.InferenceService.ListServedAdapters is not implemented" in (
         result.stdout
     )
     assert "tunefleet_dataset_records_accepted_total 241.0" in result.stdout

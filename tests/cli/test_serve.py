@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from tests.helpers import IN_CI, error_info, free_port
-from tunefleet.v1 import training_service_pb2, training_service_pb2_grpc
+from tunefleet.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNEFLEET = Path(sys.executable).with_name("tunefleet")
@@ -117,14 +117,12 @@ def test_reflection_lists_and_describes_the_services(embedded: Serve) -> None:
 
 def test_unbuilt_rpcs_answer_unimplemented_honestly(embedded: Serve) -> None:
     with grpc.insecure_channel(embedded.target) as channel:
-        stub = training_service_pb2_grpc.TrainingServiceStub(channel)
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.GetTrainingJob(
-                training_service_pb2.GetTrainingJobRequest(name="trainingJobs/x"), timeout=5
-            )
+            stub.ListServedAdapters(inference_service_pb2.ListServedAdaptersRequest(), timeout=5)
     error = raised.value
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "issue #6" in (error.details() or "")
+    assert "issue #7" in (error.details() or "")
     info = error_info(error)
     assert info is not None and info.reason == "NOT_IMPLEMENTED"
 

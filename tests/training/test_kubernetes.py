@@ -72,9 +72,7 @@ def test_the_strict_check_catches_unknown_fields() -> None:
 
 def test_pod_log_lines_are_taken_once() -> None:
     text = (
-        "2026-11-29T10:00:00.5Z first\n"
-        "2026-11-29T10:00:00.51Z second\n"
-        "2026-11-29T10:00:01Z third\n"
+        "2026-11-29T10:00:00.5Z first\n2026-11-29T10:00:00.51Z second\n2026-11-29T10:00:01Z third\n"
     )
     lines, last = new_lines(text, "")
     assert [line.text for line in lines] == ["first", "second", "third"]

@@ -1,10 +1,11 @@
 """`make demo`: start the embedded server and show what it serves.
 
-Until the remaining service issues land this tour is short: it starts `tunefleet serve` (all four
+Until the SDK and CLI issue lands this tour is short: it starts `tunefleet serve` (all four
 services in one process), checks each service's health, lists the API through server reflection,
 uploads the bundled sample dataset (order extraction, with the flaws a real export has) and shows
-its validation and cleaning report and a preview, shows that unbuilt RPCs answer UNIMPLEMENTED
-honestly, reads the Prometheus metrics, and shuts the server down with SIGTERM.
+its validation and cleaning report and a preview, lists training jobs, shows that the unbuilt
+InferenceService answers UNIMPLEMENTED honestly, reads the Prometheus metrics, and shuts the
+server down with SIGTERM.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from tunefleet.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
     training_service_pb2,
     training_service_pb2_grpc,
 )
@@ -137,10 +140,16 @@ def main() -> int:
 
             upload_sample(dataset_service_pb2_grpc.DatasetServiceStub(channel))
 
-            step("calling TrainingService.GetTrainingJob (not built yet)")
+            step("TrainingService.ListTrainingJobs")
+            jobs = training_service_pb2_grpc.TrainingServiceStub(channel).ListTrainingJobs(
+                training_service_pb2.ListTrainingJobsRequest(), timeout=5
+            )
+            print(f"  {len(jobs.training_jobs)} training jobs (the launcher is the local process)")
+
+            step("calling InferenceService.ListServedAdapters (not built yet)")
             try:
-                training_service_pb2_grpc.TrainingServiceStub(channel).GetTrainingJob(
-                    training_service_pb2.GetTrainingJobRequest(name="trainingJobs/demo"), timeout=5
+                inference_service_pb2_grpc.InferenceServiceStub(channel).ListServedAdapters(
+                    inference_service_pb2.ListServedAdaptersRequest(), timeout=5
                 )
             except grpc.RpcError as error:
                 print(f"  {error.code().name}: {error.details()}")
