@@ -286,3 +286,40 @@ def test_data_and_checkpoints_live_in_the_blob_store(make_spec: MakeSpec, tmp_pa
 def test_blob_data_needs_storage(make_spec: MakeSpec) -> None:
     with pytest.raises(SpecError, match="is a blob, but the spec has no storage"):
         parse_spec(make_spec(train_data={"uri": "s3://bucket/tunefleet/sha256/ab/" + "a" * 64}))
+
+
+def test_two_processes_under_torchrun_train_like_one_with_their_combined_batch(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """Data parallelism (what a multi-GPU Job runs), on CPU with the gloo backend: two processes
+    with micro-batches of 8 take the same steps as one process accumulating two micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    from tunefleet.training.launcher import trainer_command
+
+    hyper = {"max_steps": 4, "eval_every_steps": 4}
+    train(make_spec(output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(make_spec(output="parallel", hyperparameters=hyper)))
+    result = subprocess.run(
+        trainer_command(sys.executable, 2, str(spec_file)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    def progress(output: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / output / "progress.jsonl").open()
+        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
+
+    single, parallel = progress("single"), progress("parallel")
+    assert [e["step"] for e in parallel] == [1, 2, 3, 4]  # reported once, by the first process
+    for one, two in zip(single, parallel, strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    assert parallel[-1]["validation_loss"] == pytest.approx(single[-1]["validation_loss"], rel=1e-3)
+    assert (tmp_path / "parallel" / "result.json").exists()

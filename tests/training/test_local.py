@@ -72,6 +72,10 @@ async def test_a_job_trains_registers_its_adapter_and_streams_events(
     )
     assert [c.step for c in checkpoints.checkpoints] == [3, 6]
     assert all(c.size_bytes > 0 for c in checkpoints.checkpoints)
+    for _ in range(50):  # the scheduler counts jobs by state on its next look
+        if platform.registry.get_sample_value("tunefleet_training_jobs", {"state": "succeeded"}):
+            break
+        await asyncio.sleep(0.1)
     assert platform.registry.get_sample_value("tunefleet_training_jobs", {"state": "succeeded"})
     assert (
         platform.registry.get_sample_value(

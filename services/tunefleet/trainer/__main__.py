@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         trainer.reporter.close()
+        trainer.dist.close()
     return 0
 
 

@@ -19,8 +19,8 @@ def compute_dtype(spec: TrainerSpec) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def load_model(spec: TrainerSpec) -> Any:
-    """The model with its trainable parameters set up for the spec's method."""
+def load_model(spec: TrainerSpec, device: str = "cpu") -> Any:
+    """The model on `device` with its trainable parameters set up for the spec's method."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -36,12 +36,15 @@ def load_model(spec: TrainerSpec) -> Any:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization, device_map={"": device}
+        )
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=torch.cuda.is_available()
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = model.to(torch.device(device))  # type: ignore[arg-type]
     if spec.method == "full":
         model.requires_grad_(True)
         return model

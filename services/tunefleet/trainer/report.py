@@ -29,23 +29,32 @@ class Cancelled(Exception):
 
 
 class Reporter:
-    def __init__(self, path: Path, remote: ReportSpec) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", buffering=1)
-        self._remote = _RemoteReporter(remote) if remote.endpoint else None
+    """Writes events to `path` and sends them to TrainingService (when `remote` names it).
+    Without a path (processes other than the first of a distributed run) it reports nothing."""
+
+    def __init__(self, path: Path | None, remote: ReportSpec) -> None:
+        self._file = None
+        self._remote = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", buffering=1)
+            self._remote = _RemoteReporter(remote) if remote.endpoint else None
 
     @property
     def cancel_requested(self) -> bool:
         return self._remote is not None and self._remote.cancel_requested
 
     def event(self, kind: str, **fields: Any) -> None:
+        if self._file is None:
+            return
         entry = {"event": kind, "time": time.time(), **fields}
         self._file.write(json.dumps(entry) + "\n")
         if self._remote is not None:
             self._remote.send(kind, fields)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._remote is not None:
             self._remote.close()
 

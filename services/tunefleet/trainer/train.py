@@ -25,6 +25,7 @@ from tunefleet.trainer.data import (
     load_conversations,
     render,
 )
+from tunefleet.trainer.distributed import Distributed
 from tunefleet.trainer.model import load_model
 from tunefleet.trainer.report import Cancelled, Reporter
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
@@ -133,7 +134,9 @@ def _schedule(spec: TrainerSpec, total_steps: int) -> Any:
 class Trainer:
     def __init__(self, spec: TrainerSpec) -> None:
         self.spec = spec
-        self.reporter = Reporter(spec.output_dir / "progress.jsonl", spec.report)
+        self.dist = Distributed.from_environment()
+        progress = spec.output_dir / "progress.jsonl" if self.dist.main else None
+        self.reporter = Reporter(progress, spec.report)
         self.store = open_store(spec.storage, spec.output_dir) if spec.storage else None
 
     def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[list[dict[str, Any]]]]:
@@ -177,7 +180,8 @@ class Trainer:
         random.seed(hp.seed)
         np.random.seed(hp.seed % 2**32)
         torch.manual_seed(hp.seed)
-        model = load_model(spec)
+        dist = self.dist
+        model = load_model(spec, dist.device)
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -185,7 +189,7 @@ class Trainer:
         )
 
         def epoch_batches(epoch: int) -> list[Batch]:
-            return batches(
+            every = batches(
                 train.examples,
                 hp.micro_batch_size,
                 pad_id,
@@ -194,6 +198,7 @@ class Trainer:
                 hp.seed,
                 epoch,
             )
+            return dist.shard(every)
 
         steps_per_epoch = math.ceil(len(epoch_batches(0)) / hp.gradient_accumulation_steps)
         total_steps = math.ceil(hp.epochs * steps_per_epoch)
@@ -212,9 +217,10 @@ class Trainer:
         eval_every = hp.eval_every_steps or steps_per_epoch
         checkpoint_every = hp.checkpoint_every_steps or eval_every
 
-        if spec.resume_from:
+        if spec.resume_from and dist.main:
             assert self.store is not None  # checked with the spec
             download_checkpoint(self.store, spec.resume_from, spec.checkpoint_dir)
+        dist.barrier()
         resume = spec.resume or bool(spec.resume_from)
         resumed_from = checkpoint.latest(spec.checkpoint_dir) if resume else None
         if resumed_from is not None:
@@ -261,13 +267,15 @@ class Trainer:
             ]
             while state["position"] < len(groups) and state["step"] < total_steps:
                 group = groups[state["position"]]
-                trainable = sum(b.trainable for b in group)
+                trainable = dist.sum(sum(b.trainable for b in group))  # of every process
                 train_loss = 0.0
                 for batch in group:
                     loss = batch_loss(model, batch) / max(trainable, 1)
                     loss.backward()
                     train_loss += float(loss.detach())
-                    tokens_seen += batch.tokens
+                dist.sum_gradients(parameters)
+                train_loss = dist.sum(train_loss)
+                tokens_seen += int(dist.sum(sum(b.tokens for b in group)))
                 if hp.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, hp.max_grad_norm))
                 else:
@@ -302,7 +310,8 @@ class Trainer:
                 if validation_loss is not None:
                     last_validation = validation_loss
                     stopped_early = self._early_stop(state, validation_loss)
-                if step % checkpoint_every == 0 or step == total_steps or stopped_early:
+                save = step % checkpoint_every == 0 or step == total_steps or stopped_early
+                if save and dist.main:
                     path = checkpoint.save(
                         spec.checkpoint_dir, step, model, optimizer, scheduler, state
                     )
@@ -314,15 +323,19 @@ class Trainer:
                         size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
                         validation_loss=validation_loss,
                     )
-                if stopped_early or self.reporter.cancel_requested:
+                cancelled = dist.any(self.reporter.cancel_requested)
+                if stopped_early or cancelled:
                     break
             if state["position"] >= len(groups):
                 state["epoch"] += 1
                 state["position"] = 0
-            if self.reporter.cancel_requested:
+            if dist.any(self.reporter.cancel_requested):
                 raise Cancelled("cancelled by TrainingService")
         if stopped_early:
             self.reporter.event("early_stopped", step=state["step"], best=state["best"])
+        dist.barrier()
+        if not dist.main:  # the first process evaluates, saves and registers
+            return {"steps": state["step"]}
         return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_validation)
 
     def _early_stop(self, state: dict[str, Any], validation_loss: float) -> bool:
