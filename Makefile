@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install system-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train clean
+.PHONY: help install system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ install: $(VENV)/.installed $(BUF)  ## create .venv with the package, its extras
 system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, promtool); needs root
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus
+
+kube-deps:  ## build kube-apiserver and kube-controller-manager v1.20 for the Kubernetes tests (cached in /var/cache/tunefleet-kube); needs root
+	bash tests/kube/build-apiserver.sh
 
 gen: $(VENV)/.installed  ## regenerate Python code and .pyi stubs from protos/
 	rm -rf $(GEN)/tunefleet/v1

@@ -4,17 +4,21 @@
 # these binaries; Debian's source tree carries its vendored dependencies, so the build needs only
 # Debian's Go. The result is cached outside the checkout: a second run on the same machine only
 # prints the directory. Needs root (apt-get). Prints the directory holding the binaries.
+# Also installs etcd (Debian's etcd-server), which the test fixture starts beside them.
 set -euo pipefail
 
 cache="${TUNEFLEET_KUBE_CACHE:-/var/cache/tunefleet-kube}"
 bin="$cache/bin"
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v etcd > /dev/null; then
+  apt-get install -y -qq --no-install-recommends etcd-server >&2
+fi
 if [[ -x "$bin/kube-apiserver" && -x "$bin/kube-controller-manager" ]]; then
   echo "$bin"
   exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq --no-install-recommends golang-go rsync make dpkg-dev etcd-server >&2
+apt-get install -y -qq --no-install-recommends golang-go rsync make dpkg-dev >&2
 
 # A private apt configuration that adds the deb-src line, leaving the system's untouched.
 mkdir -p "$cache/apt/lists/partial" "$cache/src"

@@ -2,8 +2,8 @@
 kube-controller-manager running only the Job and garbage-collection controllers.
 
 There is no kubelet and no scheduler: a test plays them by patching Pod status. The binaries
-come from tests/kube/build-apiserver.sh (Kubernetes v1.20.2 built from Debian's source package),
-found in $TUNEFLEET_KUBE_BIN or /var/cache/tunefleet-kube/bin.
+come from tests/kube/build-apiserver.sh (`make kube-deps`: Kubernetes v1.20.2 built from Debian's
+source package), found in $TUNEFLEET_KUBE_CACHE/bin (default /var/cache/tunefleet-kube/bin).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.helpers import free_port
 from tests.runtime.certs import CertificateAuthority
 
-KUBE_BIN = Path(os.environ.get("TUNEFLEET_KUBE_BIN", "/var/cache/tunefleet-kube/bin"))
+KUBE_BIN = Path(os.environ.get("TUNEFLEET_KUBE_CACHE", "/var/cache/tunefleet-kube")) / "bin"
 
 
 @dataclass(frozen=True)

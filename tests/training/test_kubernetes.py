@@ -169,6 +169,7 @@ def pods_of(kube: Kube, job_id: str, count: int = 1) -> Callable[[], Awaitable[l
     return check
 
 
+@pytest.mark.kubernetes
 async def test_the_api_server_accepts_the_job_and_launching_is_idempotent(kube: Kube) -> None:
     launcher = KubernetesLauncher(KubernetesSettings(**kube.settings()))
     await launcher.start(lambda: None)
@@ -208,6 +209,7 @@ async def _phase(launcher: KubernetesLauncher, run: Any, phase: Phase) -> bool:
     return (await launcher.status(run)).phase == phase
 
 
+@pytest.mark.kubernetes
 async def test_the_api_server_refuses_what_kubernetes_refuses(kube: Kube) -> None:
     from kubernetes.client.exceptions import ApiException
 
@@ -252,6 +254,7 @@ def job_id(name: str) -> str:
     return name.removeprefix("trainingJobs/")
 
 
+@pytest.mark.kubernetes
 async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) -> None:
     platform = await kube_platform()
     dataset = await platform.upload()
@@ -287,6 +290,7 @@ async def _job_complete(kube: Kube, identifier: str) -> bool:
     return any(c.type == "Complete" and c.status == "True" for c in conditions)
 
 
+@pytest.mark.kubernetes
 async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails(
     kube: Kube, kube_platform: Any
 ) -> None:
@@ -319,6 +323,7 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     assert "node lost again" in job.error.message
 
 
+@pytest.mark.kubernetes
 async def test_cancel_deletes_the_job_and_its_pods(kube: Kube, kube_platform: Any) -> None:
     platform = await kube_platform()
     dataset = await platform.upload()
@@ -339,6 +344,7 @@ async def test_cancel_deletes_the_job_and_its_pods(kube: Kube, kube_platform: An
     await until(pods_gone)
 
 
+@pytest.mark.kubernetes
 async def test_restart_reconciles_with_the_cluster(kube: Kube, kube_platform: Any) -> None:
     platform = await kube_platform()
     dataset = await platform.upload()

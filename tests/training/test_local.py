@@ -117,9 +117,9 @@ async def test_a_restart_in_the_middle_of_a_run_loses_and_repeats_nothing(
         if current.latest_progress.step >= 2:
             break
         await asyncio.sleep(0.1)
-    pid = int(current.latest_progress.step and current.launcher_run_id)
+    pid = int(current.launcher_run_id)
     assert current.latest_progress.step < 150
-    port = platform.server.port  # type: ignore[union-attr]
+    port = platform.server.port
     await platform.stop()
     assert alive(pid)  # the run does not depend on the service
     await asyncio.sleep(1.0)
