@@ -312,8 +312,12 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     retried = next(p for p in pods if p.metadata.name != first)
     # The retried Pod reads the spec at start: it resumes from the checkpoint.
     assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
-    events = await platform.events(job.name)
-    assert any("retried" in e.log.text for e in events if e.HasField("log"))
+
+    async def retry_noted() -> bool:
+        events = await platform.events(job.name)
+        return any("retried" in e.log.text for e in events if e.HasField("log"))
+
+    await until(retry_noted)
     assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
 
     kube.run_pod(retried)
@@ -397,3 +401,91 @@ def test_kubernetes_validate_cli_accepts_the_written_manifests(tmp_path: Path) -
         [str(cli), "--strict", "--quiet", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+class FakeKubelet:
+    """The kubelet's log endpoint (HTTPS, `/containerLogs/{namespace}/{pod}/{container}`), which
+    the API server proxies `pods/log` to: serves the lines a test gives it, with timestamps."""
+
+    def __init__(self, directory: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        from tests.runtime.certs import CertificateAuthority
+
+        self.lines: list[str] = []
+        self.paths: list[str] = []
+        kubelet = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                kubelet.paths.append(self.path)
+                body = "".join(f"{line}\n" for line in kubelet.lines).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        pair = CertificateAuthority(directory, "kubelet CA").issue("kubelet", server=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pair.cert, pair.key)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def say(self, text: str) -> None:
+        self.lines.append(f"{datetime.now(UTC).isoformat().replace('+00:00', 'Z')} {text}")
+
+
+@pytest.mark.kubernetes
+async def test_pod_logs_reach_the_event_feed(
+    kube: Kube, kube_platform: Any, tmp_path: Path
+) -> None:
+    kubelet = FakeKubelet(tmp_path)
+    node = f"gpu-node-{uuid.uuid4().hex[:6]}"
+    kube.core.create_node({"metadata": {"name": node}})
+    kube.core.patch_node_status(
+        node,
+        {
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet.port}},
+            }
+        },
+    )
+    platform = await kube_platform()
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, resources=GPU)
+    (pod,) = await until(pods_of(kube, job_id(job.name)))
+    binding = {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": pod.metadata.name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    }  # what the scheduler does
+    kube.core.create_namespaced_pod_binding(
+        pod.metadata.name, kube.namespace, binding, _preload_content=False
+    )
+    kubelet.say("loading the base model")
+    kube.run_pod(pod)
+    await platform.wait(job.name, "RUNNING", within=10)
+
+    async def logged(*texts: str) -> bool:
+        events = await platform.events(job.name)
+        seen = [e.log.text for e in events if e.HasField("log")]
+        return all(text in seen for text in texts)
+
+    await until(lambda: logged("loading the base model"))
+    kubelet.say("step 1 of 10")
+    await until(lambda: logged("loading the base model", "step 1 of 10"))
+    events = await platform.events(job.name)
+    texts = [e.log.text for e in events if e.HasField("log")]
+    assert texts.count("loading the base model") == 1  # each line once
+    assert kubelet.paths[0].startswith(f"/containerLogs/{kube.namespace}/{pod.metadata.name}/")
+    assert "timestamps=true" in kubelet.paths[0]

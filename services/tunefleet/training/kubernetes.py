@@ -241,15 +241,18 @@ class KubernetesLauncher:
             seen = datetime.fromisoformat(_instant(last)[:26] + "+00:00")
             options["since_seconds"] = max(1, int((datetime.now(UTC) - seen).total_seconds()) + 2)
         try:
-            text = self.core.read_namespaced_pod_log(
-                pod.metadata.name, self.namespace, container=manifests.CONTAINER, **options
+            # The raw body: the client's own decoding of a log turns it into the repr of bytes.
+            response = self.core.read_namespaced_pod_log(
+                pod.metadata.name,
+                self.namespace,
+                container=manifests.CONTAINER,
+                _preload_content=False,
+                **options,
             )
         except ApiException as error:
             log.debug("no logs of %s yet: %s", pod.metadata.name, error.reason)
             return [], cursor
-        if not text:
-            return [], cursor
-        lines, last = new_lines(str(text), last)
+        lines, last = new_lines(response.data.decode("utf-8", "replace"), last)
         return lines, {"pod": pod.metadata.name, "last": last}
 
     async def checkpoint_saved(self, run: Run, uri: str) -> None:
@@ -299,17 +302,23 @@ def _owned_by(pod: Any, run_id: str) -> bool:
 
 
 def _termination_message(pods: list[Any]) -> str:
-    """What the newest terminated trainer container said (its termination message, or the
-    last lines of its log), with its exit code."""
-    for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp, reverse=True):
+    """What the trainer container that ended last said (its termination message, or the last
+    lines of its log), with its exit code."""
+    ended = []
+    for pod in pods:
         for container in pod.status.container_statuses or []:
             terminated = container.state and container.state.terminated
             if terminated is not None:
+                # Times have whole seconds; the resource version orders changes within one.
+                finished = terminated.finished_at or pod.metadata.creation_timestamp
+                key = (finished, int(pod.metadata.resource_version or 0))
                 text = (terminated.message or terminated.reason or "").strip()
-                return f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
-        if pod.status.phase == "Failed":
-            return pod.status.message or pod.status.reason or f"Pod {pod.metadata.name} failed"
-    return ""
+                said = f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
+                ended.append((key, said))
+        if pod.status.phase == "Failed" and not pod.status.container_statuses:
+            reason = pod.status.message or pod.status.reason or f"Pod {pod.metadata.name} failed"
+            ended.append(((pod.metadata.creation_timestamp, 0), reason))
+    return max(ended, key=lambda item: item[0])[1] if ended else ""
 
 
 def _result(pods: list[Any]) -> str:

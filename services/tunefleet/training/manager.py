@@ -628,12 +628,21 @@ class TrainingManager:
             await asyncio.to_thread(self._note_cancel_sent, job_id)
             self._spawn(self.launcher.cancel(run))
         cursor = await asyncio.to_thread(self._cursor, job_id)
-        lines, after = await self.launcher.logs(run, cursor)
+        lines, after = await self._logs(run, cursor)
         status = await self.launcher.status(run)
         if status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.MISSING):
-            more, after = await self.launcher.logs(run, after)  # what it printed last
+            more, after = await self._logs(run, after)  # what it printed last
             lines += more
         await asyncio.to_thread(self._apply, job_id, lines, after, status)
+
+    async def _logs(self, run: Run, cursor: dict[str, Any]) -> tuple[list[LogLine], dict[str, Any]]:
+        """New log lines of a run; none (and the same cursor) when they cannot be read now: the
+        job's state must not wait for its logs."""
+        try:
+            return await self.launcher.logs(run, cursor)
+        except Exception as error:
+            log.warning("cannot read the logs of %s: %s", run.run_id, error)
+            return [], cursor
 
     def _note_cancel_sent(self, job_id: str) -> None:
         with self.db.session() as session:
