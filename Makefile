@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train clean
+.PHONY: help install system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train bench-training clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -72,6 +72,9 @@ bench-ingest: $(VENV)/.installed  ## ingestion benchmark: tunefleet vs datasets+
 
 bench-train: $(VENV)/.installed  ## training benchmark: tunefleet vs TRL SFTTrainer, QLoRA vs LoRA memory
 	$(BIN)/python benchmarks/train.py
+
+bench-training: $(VENV)/.installed  ## TrainingService overhead over the trainer by hand; report RPC vs health check
+	$(BIN)/python benchmarks/training_service.py
 
 serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
 	$(BIN)/tunefleet serve
