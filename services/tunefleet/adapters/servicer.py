@@ -93,20 +93,21 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         fingerprint = hashlib.sha256(header.SerializeToString(deterministic=True)).hexdigest()
         worker = UploadWorker("adapter-upload")
         upload: VersionUpload | None = None
+        stream = UploadStream(requests, context)
         try:
-            upload = await worker.run(
-                self.registry.begin_upload,
-                header.parent,
-                header.description,
-                lineage_dict(header.lineage),
-                header.request_id,
-                fingerprint,
-            )
-            existing = await worker.run(self.registry.existing_for, upload)
-            if existing is not None:
-                return await self._version(existing)
-            stream = UploadStream(requests, context)
             async with stream.refusing_early():
+                upload = await worker.run(
+                    self.registry.begin_upload,
+                    header.parent,
+                    header.description,
+                    lineage_dict(header.lineage),
+                    header.request_id,
+                    fingerprint,
+                )
+                existing = await worker.run(self.registry.existing_for, upload)
+                if existing is not None:  # a retry: answered without reading it again
+                    await stream.drain()
+                    return await self._version(existing)
                 async for request in stream:
                     if request.HasField("file"):
                         file = request.file

@@ -42,11 +42,13 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument("header", "the first message of an upload must carry the header")
         worker = UploadWorker("dataset-upload")
         upload: Upload | None = None
+        stream = UploadStream(requests, context)
         try:
-            upload = await worker.run(self.manager.start_upload, upload_header(first.header))
-            if upload.existing is None:
-                stream = UploadStream(requests, context)
-                async with stream.refusing_early():
+            async with stream.refusing_early():
+                upload = await worker.run(self.manager.start_upload, upload_header(first.header))
+                if upload.existing is not None:  # a retry: answered without reading it again
+                    await stream.drain()
+                else:
                     async for request in stream:
                         if request.HasField("header"):
                             raise InvalidArgument(

@@ -55,10 +55,15 @@ class UploadStream:
         try:
             yield
         except TunefleetError:
-            if not self.ended:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
+            await self.drain()
             raise
+
+    async def drain(self) -> None:
+        """Read and discard what the client still sends (for up to DRAIN_SECONDS), so that it
+        receives the answer given before the end of its stream rather than a failed write."""
+        if not self.ended:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
 
     async def _drain(self) -> None:
         async for _ in self._requests:
