@@ -806,7 +806,9 @@ class TrainingEvent(_message.Message):
         STREAM_FIELD_NUMBER: _builtins.int
         TEXT_FIELD_NUMBER: _builtins.int
         stream: _builtins.str
-        """Stream the line came from: `stdout` or `stderr`."""
+        """Stream the line came from: `stdout` or `stderr`, or `launcher` for what the launcher noted
+        (the run started, a Pod was retried).
+        """
         text: _builtins.str
         """The line, without its newline."""
         def __init__(
