@@ -171,6 +171,14 @@ class Platform:
                 )
             await asyncio.sleep(0.05)
 
+    async def report(self, name: str, token: str, **fields: Any) -> bool:
+        """A worker's report with its token; whether the service asks it to stop."""
+        response = await self.training.ReportTrainingProgress(
+            training_service_pb2.ReportTrainingProgressRequest(name=name, **fields),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+        return bool(response.cancel_requested)
+
     async def events(self, name: str, after: int = 0) -> list[training_job_pb2.TrainingEvent]:
         request = training_service_pb2.StreamTrainingJobEventsRequest(
             name=name, after_sequence=after, no_follow=True

@@ -243,15 +243,17 @@ def kube_platform(
     yield make
 
 
-async def report(platform: Platform, name: str, token: str, **fields: Any) -> bool:
-    response = await platform.training.ReportTrainingProgress(
-        Worker(name=name, **fields), metadata=(("authorization", f"Bearer {token}"),)
-    )
-    return bool(response.cancel_requested)
-
-
 def job_id(name: str) -> str:
     return name.removeprefix("trainingJobs/")
+
+
+async def running_job(kube: Kube, platform: Platform) -> tuple[training_job_pb2.TrainingJob, Any]:
+    """A one-GPU job whose Pod the test has started; the job and the Pod."""
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, resources=GPU)
+    (pod,) = await until(pods_of(kube, job_id(job.name)))
+    kube.run_pod(pod)
+    return await platform.wait(job.name, "RUNNING", within=10), pod
 
 
 @pytest.mark.kubernetes
@@ -270,9 +272,8 @@ async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) 
     await platform.wait(job.name, "RUNNING", within=10)
     # The worker in the Pod reports with the token from its spec.
     token = spec["report"]["token"]
-    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
-    await report(
-        platform,
+    await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    await platform.report(
         job.name,
         token,
         worker_state=Worker.WORKER_STATE_SUCCEEDED,
@@ -295,19 +296,15 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     kube: Kube, kube_platform: Any
 ) -> None:
     platform = await kube_platform(backoff_limit=1)
-    dataset = await platform.upload()
-    job = await platform.create(dataset.name, resources=GPU)
+    job, pod = await running_job(kube, platform)
     identifier = job_id(job.name)
-    pods = await until(pods_of(kube, identifier))
-    kube.run_pod(pods[0])
-    await platform.wait(job.name, "RUNNING", within=10)
     token = kube.spec(identifier)["report"]["token"]
     checkpoint = training_job_pb2.Checkpoint(step=40, uri="s3://bucket/checkpoint-40")
-    await report(platform, job.name, token, checkpoint=checkpoint)
+    await platform.report(job.name, token, checkpoint=checkpoint)
     assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
 
-    kube.end_pod(pods[0], 137, "node lost")  # preempted: the Job controller retries
-    first = pods[0].metadata.name
+    kube.end_pod(pod, 137, "node lost")  # preempted: the Job controller retries
+    first = pod.metadata.name
     pods = await until(pods_of(kube, identifier, 2), within=60)
     retried = next(p for p in pods if p.metadata.name != first)
     # The retried Pod reads the spec at start: it resumes from the checkpoint.
@@ -330,12 +327,8 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
 @pytest.mark.kubernetes
 async def test_cancel_deletes_the_job_and_its_pods(kube: Kube, kube_platform: Any) -> None:
     platform = await kube_platform()
-    dataset = await platform.upload()
-    job = await platform.create(dataset.name, resources=GPU)
+    job, _ = await running_job(kube, platform)
     identifier = job_id(job.name)
-    pods = await until(pods_of(kube, identifier))
-    kube.run_pod(pods[0])
-    await platform.wait(job.name, "RUNNING", within=10)
     await platform.training.CancelTrainingJob(
         training_service_pb2.CancelTrainingJobRequest(name=job.name)
     )

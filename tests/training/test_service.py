@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from tests.helpers import error_info
-from tests.training.conftest import Platform, job_request
+from tests.training.conftest import job_request
 from tests.training.fakes import FakeLauncher
 from tunefleet.training.launcher import LogLine, Phase
 from tunefleet.v1 import (
@@ -24,13 +24,6 @@ from tunefleet.v1 import (
 State = training_job_pb2.TrainingJob.State
 Worker = training_service_pb2.ReportTrainingProgressRequest
 MakePlatform = Any
-
-
-async def report(platform: Platform, name: str, token: str, **fields: Any) -> bool:
-    response = await platform.training.ReportTrainingProgress(
-        Worker(name=name, **fields), metadata=(("authorization", f"Bearer {token}"),)
-    )
-    return bool(response.cancel_requested)
 
 
 def states(events: list[training_job_pb2.TrainingEvent]) -> list[str]:
@@ -67,25 +60,22 @@ async def test_a_job_runs_reports_and_succeeds(make_platform: MakePlatform) -> N
     assert spec["storage"]["database_url"] == ""
 
     token = run.token
-    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
     for step in (1, 2, 3):
-        await report(
-            platform,
+        await platform.report(
             job.name,
             token,
             progress=training_job_pb2.TrainingProgress(
                 step=step, total_steps=3, train_loss=3.0 - step, tokens_per_second=100.0
             ),
         )
-    await report(
-        platform,
+    await platform.report(
         job.name,
         token,
         checkpoint=training_job_pb2.Checkpoint(step=3, uri="s3://b/x", validation_loss=0.5),
     )
     run.lines.append(LogLine("stderr", "step 3 done"))
-    await report(
-        platform,
+    await platform.report(
         job.name,
         token,
         worker_state=Worker.WORKER_STATE_SUCCEEDED,
@@ -156,8 +146,7 @@ async def test_a_follower_sees_events_as_they_happen(make_platform: MakePlatform
     follower = asyncio.create_task(follow())
     job = await platform.wait(job.name, "RUNNING")
     fake.runs[job.name.removeprefix("trainingJobs/")].lines.append(LogLine("stdout", "hello"))
-    await report(
-        platform,
+    await platform.report(
         job.name,
         fake.runs[job.name.removeprefix("trainingJobs/")].token,
         worker_state=Worker.WORKER_STATE_FAILED,
@@ -276,7 +265,7 @@ async def test_workers_can_only_report_for_their_own_job(make_platform: MakePlat
     await platform.wait(second.name, "RUNNING")
     first_token = fake.runs[first.name.removeprefix("trainingJobs/")].token
     error = await refused(
-        report(platform, second.name, first_token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+        platform.report(second.name, first_token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     error = await refused(platform.training.ReportTrainingProgress(Worker(name=second.name)))
@@ -299,7 +288,7 @@ async def test_queue_runs_by_priority_then_creation_order(make_platform: MakePla
     running = first
     for _ in range(3):
         token = fake.runs[running.name.removeprefix("trainingJobs/")].token
-        await report(platform, running.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+        await platform.report(running.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
         fake.finish(running.name, Phase.SUCCEEDED)
         await asyncio.sleep(0.3)
         running_now = [
@@ -340,7 +329,7 @@ async def test_cancel_a_queued_and_a_running_job(make_platform: MakePlatform) ->
     assert fake.cancelled.cancelled
     assert states(await platform.events(running.name))[-2:] == ["CANCELLING", "CANCELLED"]
     # A worker that still reports is told to stop.
-    assert await report(platform, running.name, token)
+    assert await platform.report(running.name, token)
     error = await refused(
         platform.training.CancelTrainingJob(
             training_service_pb2.CancelTrainingJobRequest(name=job.name)
@@ -374,7 +363,7 @@ async def test_a_silent_worker_fails_its_job(make_platform: MakePlatform) -> Non
     token = fake.runs[job.name.removeprefix("trainingJobs/")].token
     for _ in range(4):  # reports keep it alive past the timeout
         await asyncio.sleep(0.4)
-        await report(platform, job.name, token)
+        await platform.report(job.name, token)
     assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
     job = await platform.wait(job.name, "FAILED", within=10)
     assert job.error.reason == "WORKER_SILENT"
@@ -429,7 +418,7 @@ async def test_restart_reconciles_without_losing_or_repeating_jobs(
     job = await platform.wait(keeps_running.name, "RUNNING")
     assert fake.launches == launches  # nothing launched again
     run = fake.runs[keeps_running.name.removeprefix("trainingJobs/")]
-    await report(platform, job.name, run.token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+    await platform.report(job.name, run.token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
     await platform.wait(job.name, "SUCCEEDED")
     del token
 
@@ -442,8 +431,7 @@ async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform)
     await platform.create(dataset.name)
     job = await platform.wait(job.name, "RUNNING")
     token = fake.runs[job.name.removeprefix("trainingJobs/")].token
-    await report(
-        platform,
+    await platform.report(
         job.name,
         token,
         progress=training_job_pb2.TrainingProgress(
@@ -465,7 +453,7 @@ async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform)
     assert sample("tunefleet_training_validation_loss", job=job.name) == 2.75
     assert sample("tunefleet_training_tokens_per_second", job=job.name) == 1234
     assert sample("tunefleet_training_queue_seconds_count") == 1
-    await report(platform, job.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
+    await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
     await platform.wait(job.name, "SUCCEEDED")
     assert sample("tunefleet_training_job_duration_seconds_count", state="succeeded") == 1
     assert sample("tunefleet_training_train_loss", job=job.name) is None

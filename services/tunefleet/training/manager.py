@@ -697,36 +697,19 @@ class TrainingManager:
         elif status.phase == Phase.SUCCEEDED and status.output_adapter_version:
             job.output_adapter_version = status.output_adapter_version
             self._transition(session, row, job, State.STATE_SUCCEEDED)
-        elif status.phase == Phase.SUCCEEDED:
-            self._transition(
-                session,
-                row,
-                job,
-                State.STATE_FAILED,
-                training_job_pb2.JobError(
-                    reason="NO_RESULT_REPORTED",
-                    message="the worker ended cleanly but never reported its result",
-                ),
-            )
-        elif status.phase == Phase.FAILED:
-            self._transition(
-                session,
-                row,
-                job,
-                State.STATE_FAILED,
-                training_job_pb2.JobError(reason=status.reason, message=status.message),
-            )
         else:
-            self._transition(
-                session,
-                row,
-                job,
-                State.STATE_FAILED,
-                training_job_pb2.JobError(
-                    reason="RUN_LOST",
-                    message=f"the {self.launcher.name} launcher has no run {job.launcher_run_id}",
-                ),
-            )
+            if status.phase == Phase.SUCCEEDED:
+                reason, message = (
+                    "NO_RESULT_REPORTED",
+                    "the worker ended cleanly but never reported its result",
+                )
+            elif status.phase == Phase.FAILED:
+                reason, message = status.reason, status.message
+            else:
+                reason = "RUN_LOST"
+                message = f"the {self.launcher.name} launcher has no run {job.launcher_run_id}"
+            error = training_job_pb2.JobError(reason=reason, message=message)
+            self._transition(session, row, job, State.STATE_FAILED, error)
 
     async def _check_silence(self, row: JobRow) -> None:
         # After a restart the clock starts again: the service could not hear reports while down.
