@@ -42,8 +42,8 @@ def conversation(
     ]
 
 
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_chat_model(path: Path, hidden_size: int = 64, heads: int = 2) -> Path:
+    """A random Llama with a byte-level BPE tokenizer and a chat template, saved in `path`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,22 +63,26 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>"
     )
     fast.chat_template = TEMPLATE
-    path = tmp_path_factory.mktemp("chat-model")
     fast.save_pretrained(path)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=128,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_chat_model(tmp_path_factory.mktemp("chat-model"))
 
 
 def write_records(

@@ -1,0 +1,90 @@
+"""The PEFT engine against plain transformers + PEFT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference
+from tunefleet.inference.engine import AdapterFiles, Finish, GenerationRequest, Output, Sampling
+from tunefleet.inference.peft_engine import PeftEngine
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture
+async def engine(served: Served) -> AsyncIterator[PeftEngine]:
+    engine = PeftEngine(served.model, batch_window=0.05)
+    await engine.start()
+    for name, path in served.adapters.items():
+        config = json.loads((path / "adapter_config.json").read_text())
+        await engine.load_adapter(AdapterFiles(name, path, config))
+    yield engine
+    await engine.close()
+
+
+async def run(
+    engine: PeftEngine, adapter: str | None, prompt: str, **sampling: Any
+) -> list[Output]:
+    ids = engine.tokenizer(prompt, add_special_tokens=False).input_ids
+    options = {"max_tokens": MAX_TOKENS, **sampling}
+    request = GenerationRequest(ids, adapter, Sampling(**options))
+    return [output async for output in engine.generate(request)]
+
+
+def tokens(outputs: list[Output]) -> list[int]:
+    return [token for output in outputs for token in output.token_ids]
+
+
+async def test_concurrent_mixed_batches_equal_plain_peft(
+    engine: PeftEngine, served: Served
+) -> None:
+    cases = [(adapter, prompt) for adapter in [None, *ADAPTERS] for prompt in PROMPTS]
+    results = await asyncio.gather(*(run(engine, a, p) for a, p in cases))
+    seen = set()
+    for (adapter, prompt), outputs in zip(cases, results, strict=True):
+        expected = reference(served, adapter, prompt, MAX_TOKENS)
+        assert tokens(outputs) == expected, (adapter, prompt)
+        assert outputs[-1].finish is not None
+        assert outputs[-1].completion_tokens == len(expected)
+        text = "".join(o.text for o in outputs)
+        assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+        seen.add(tuple(expected))
+    assert len(seen) > len(PROMPTS)  # the adapters change the output
+
+
+async def test_stop_strings_and_token_limits(engine: PeftEngine) -> None:
+    full = await run(engine, "alpha", PROMPTS[0], max_tokens=8)
+    text = "".join(o.text for o in full)
+    assert full[-1].finish in (Finish.LENGTH, Finish.STOP)
+    if full[-1].finish == Finish.LENGTH:
+        assert full[-1].completion_tokens == 8
+    cut = text[len(text) // 2 : len(text) // 2 + 2]
+    if cut.strip():
+        stopped = await run(engine, "alpha", PROMPTS[0], max_tokens=8, stop=(cut,))
+        assert stopped[-1].finish == Finish.STOP
+        assert "".join(o.text for o in stopped) == text[: text.find(cut)]
+
+
+async def test_seeded_sampling_repeats(engine: PeftEngine) -> None:
+    first = await run(engine, "beta", PROMPTS[1], temperature=1.0, top_p=0.9, seed=7)
+    again = await run(engine, "beta", PROMPTS[1], temperature=1.0, top_p=0.9, seed=7)
+    assert tokens(first) == tokens(again)
+
+
+async def test_unloading_every_adapter_leaves_the_base_model(
+    engine: PeftEngine, served: Served
+) -> None:
+    for name in ADAPTERS:
+        await engine.unload_adapter(name)
+    outputs = await run(engine, None, PROMPTS[0])
+    assert tokens(outputs) == reference(served, None, PROMPTS[0], MAX_TOKENS)
+    path = served.adapters["alpha"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    await engine.load_adapter(AdapterFiles("alpha", path, config))
+    outputs = await run(engine, "alpha", PROMPTS[0])
+    assert tokens(outputs) == reference(served, "alpha", PROMPTS[0], MAX_TOKENS)
