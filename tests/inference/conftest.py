@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def reference(served: Served, adapter: str | None, prompt: str, max_tokens: int)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(served.model))
-    model = AutoModelForCausalLM.from_pretrained(str(served.model))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(served.model))
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(served.adapters[adapter]))
     model.eval()
