@@ -26,8 +26,6 @@ def test_demo_runs_end_to_end() -> None:
     assert "duplicates removed: 1 exact" in result.stdout
     assert "PII redacted: 1 x EMAIL" in result.stdout
     assert "0 training jobs" in result.stdout
-    assert "UNIMPLEMENTED: tunefleet.v1.InferenceService.ListServedAdapters is not implemented" in (
-        result.stdout
-    )
+    assert "FAILED_PRECONDITION: this server serves no model" in result.stdout
     assert "tunefleet_dataset_records_accepted_total 241.0" in result.stdout
     assert "tunefleet serve exited with 0" in result.stdout

@@ -115,16 +115,16 @@ def test_reflection_lists_and_describes_the_services(embedded: Serve) -> None:
         assert "CreateTrainingJob" in [m.name for m in service.methods]
 
 
-def test_unbuilt_rpcs_answer_unimplemented_honestly(embedded: Serve) -> None:
+def test_inference_without_a_base_model_says_so(embedded: Serve) -> None:
     with grpc.insecure_channel(embedded.target) as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.ListServedAdapters(inference_service_pb2.ListServedAdaptersRequest(), timeout=5)
+            stub.Generate(inference_service_pb2.GenerateRequest(prompt="hi"), timeout=5)
     error = raised.value
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "issue #7" in (error.details() or "")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "inference.base_model" in (error.details() or "")
     info = error_info(error)
-    assert info is not None and info.reason == "NOT_IMPLEMENTED"
+    assert info is not None and info.reason == "NO_BASE_MODEL"
 
 
 def test_buf_curl_reaches_the_server_through_reflection(embedded: Serve) -> None:

@@ -3,8 +3,8 @@
 Until the SDK and CLI issue lands this tour is short: it starts `tunefleet serve` (all four
 services in one process), checks each service's health, lists the API through server reflection,
 uploads the bundled sample dataset (order extraction, with the flaws a real export has) and shows
-its validation and cleaning report and a preview, lists training jobs, shows that the unbuilt
-InferenceService answers UNIMPLEMENTED honestly, reads the Prometheus metrics, and shuts the
+its validation and cleaning report and a preview, lists training jobs, shows that
+InferenceService says what it needs (a base model), reads the Prometheus metrics, and shuts the
 server down with SIGTERM.
 """
 
@@ -146,10 +146,10 @@ def main() -> int:
             )
             print(f"  {len(jobs.training_jobs)} training jobs (the launcher is the local process)")
 
-            step("calling InferenceService.ListServedAdapters (not built yet)")
+            step("InferenceService.Generate (no base model is configured in this tour)")
             try:
-                inference_service_pb2_grpc.InferenceServiceStub(channel).ListServedAdapters(
-                    inference_service_pb2.ListServedAdaptersRequest(), timeout=5
+                inference_service_pb2_grpc.InferenceServiceStub(channel).Generate(
+                    inference_service_pb2.GenerateRequest(prompt="Hello"), timeout=5
                 )
             except grpc.RpcError as error:
                 print(f"  {error.code().name}: {error.details()}")

@@ -1,23 +1,17 @@
-"""The catalogue of tunefleet's four services and how each is put on a server.
-
-A service whose issue is not done yet is registered from its descriptor with every method
-answering UNIMPLEMENTED (reason NOT_IMPLEMENTED) and a message naming the issue, so health,
-reflection and clients see the whole API and nothing pretends to work.
-"""
+"""The catalogue of tunefleet's four services and how each is put on a server."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import grpc
-from google.protobuf import message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import ServiceDescriptor
 
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.errors import Unimplemented
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
+from tunefleet.runtime.settings import Settings
 from tunefleet.v1 import (
     adapter_service_pb2,
     dataset_service_pb2,
@@ -28,12 +22,11 @@ from tunefleet.v1 import (
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A service of the API: its implementation, or the issue that will implement it."""
+    """A service of the API and how to build it."""
 
     key: str  # the name `tunefleet serve <key>` takes
     descriptor: ServiceDescriptor
-    issue: int
-    build: Callable[[ServiceContext], ServiceRegistration] | None = None
+    build: Callable[[ServiceContext], ServiceRegistration]
 
 
 def _datasets(context: ServiceContext) -> ServiceRegistration:
@@ -100,6 +93,93 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
     )
 
 
+def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRegistration:
+    """InferenceService with the engines the settings name (or `engines`, for tests); without a
+    base model configured every call answers FAILED_PRECONDITION."""
+    from tunefleet.adapters.registry import Registry
+    from tunefleet.inference.adapters import AdapterPool
+    from tunefleet.inference.feedback import ResponseLog
+    from tunefleet.inference.metrics import InferenceMetrics
+    from tunefleet.inference.service import InferenceManager
+    from tunefleet.inference.servicer import InferenceServicer
+    from tunefleet.runtime.models import resolve_model
+    from tunefleet.v1 import inference_service_pb2_grpc
+
+    settings, options = context.settings, context.settings.inference
+    manager = None
+    if options.base_model:
+        model_dir = resolve_model(options.base_model, settings.models, "inference.base_model")
+        if engines is None:
+            engines = _engines(settings, model_dir)
+        metrics = InferenceMetrics(context.registry)
+        registry = Registry(
+            context.storage.database,
+            context.storage.blobs,
+            workdir=settings.work_dir / "adapters",
+            models=settings.models,
+        )
+        pool = AdapterPool(
+            engines,
+            registry,
+            options.base_model,
+            options.max_loaded_adapters,
+            settings.work_dir / "inference",
+            metrics,
+        )
+        manager = InferenceManager(
+            engines,
+            pool,
+            ResponseLog(context.storage.database),
+            metrics,
+            options.max_tokens_limit,
+            options.aliases,
+            options.watch_seconds,
+        )
+    servicer = InferenceServicer(manager)
+
+    async def start(server: TunefleetServer) -> None:
+        if manager is not None:
+            await manager.start()
+
+    async def stop() -> None:
+        if manager is not None:
+            await manager.stop()
+
+    return ServiceRegistration(
+        "tunefleet.v1.InferenceService",
+        lambda server: inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            servicer, server
+        ),
+        on_start=start,
+        on_stop=stop,
+    )
+
+
+def _engines(settings: Settings, model_dir: Path) -> list[Any]:
+    """The main engine the settings name, and a PEFT engine beside vLLM for what it refuses."""
+    from tunefleet.inference.peft_engine import PeftEngine
+
+    options = settings.inference
+
+    def peft() -> Any:
+        return PeftEngine(
+            model_dir,
+            device=options.device,
+            dtype=options.dtype,
+            batch_window=options.batch_window_ms / 1000,
+            max_batch=options.max_batch,
+        )
+
+    if options.engine == "peft":
+        return [peft()]
+    from tunefleet.inference.vllm_engine import VllmEngine
+
+    engines: list[Any] = [VllmEngine(model_dir, options.vllm)]
+    if options.peft_fallback:
+        engines.append(peft())
+    return engines
+
+
 def _adapters(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.adapters import peft_ops
     from tunefleet.adapters.metrics import AdapterMetrics
@@ -138,23 +218,22 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec(
             "datasets",
             dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"],
-            3,
             _datasets,
         ),
         ServiceSpec(
             "training",
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
-            6,
             training_service,
         ),
         ServiceSpec(
             "adapters",
             adapter_service_pb2.DESCRIPTOR.services_by_name["AdapterService"],
-            4,
             _adapters,
         ),
         ServiceSpec(
-            "inference", inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"], 7
+            "inference",
+            inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+            inference_service,
         ),
     )
 }
@@ -162,39 +241,4 @@ SERVICES: dict[str, ServiceSpec] = {
 
 def registration(key: str, context: ServiceContext) -> ServiceRegistration:
     """How to put service `key` (datasets, training, adapters, inference) on a server."""
-    spec = SERVICES[key]
-    if spec.build is not None:
-        return spec.build(context)
-    handler = unimplemented_handler(spec.descriptor, spec.issue)
-    return ServiceRegistration(
-        spec.descriptor.full_name,
-        lambda server: server.add_generic_rpc_handlers((handler,)),
-    )
-
-
-def unimplemented_handler(service: ServiceDescriptor, issue: int) -> grpc.GenericRpcHandler:
-    """A handler for every method of `service` that fails with UNIMPLEMENTED."""
-    return grpc.method_handlers_generic_handler(
-        service.full_name,
-        {method.name: _unimplemented_method(method, issue) for method in service.methods},
-    )
-
-
-def _unimplemented_method(method: MethodDescriptor, issue: int) -> grpc.RpcMethodHandler[Any, Any]:
-    message = f"{method.full_name} is not implemented yet (tunefleet issue #{issue})"
-
-    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        raise Unimplemented(message, metadata={"issue": str(issue)})
-
-    request_class = message_factory.GetMessageClass(method.input_type)
-    make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(method.client_streaming, method.server_streaming)]
-    return make(
-        behavior,
-        request_deserializer=request_class.FromString,
-        response_serializer=lambda response: response.SerializeToString(),
-    )
+    return SERVICES[key].build(context)

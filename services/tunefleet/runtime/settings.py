@@ -210,6 +210,42 @@ class TrainingSettings(_Section):
     kubernetes: KubernetesSettings = KubernetesSettings()
 
 
+class VllmSettings(_Section):
+    """The vLLM engine's LoRA limits (see vLLM's engine arguments of the same names)."""
+
+    max_loras: int = Field(default=8, ge=1)  # adapters in one batch
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept in host memory
+    max_model_len: int = Field(default=4096, ge=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    dtype: str = "auto"
+
+
+class InferenceSettings(_Section):
+    """InferenceService: one base model, many adapters."""
+
+    # The base model served, a name in `models`; empty: the service serves nothing.
+    base_model: str = ""
+    engine: Literal["peft", "vllm"] = "peft"
+    # Serve adapters the main engine refuses (DoRA, bias, modules_to_save, large ranks on vLLM)
+    # with a PEFT engine beside it, instead of refusing them.
+    peft_fallback: bool = True
+    # Adapter versions kept loaded; the least recently used unpinned one is evicted.
+    max_loaded_adapters: int = Field(default=16, ge=1)
+    # Aliases to route and follow from the start, as `adapters/{adapter}@{alias}`.
+    aliases: list[str] = []
+    # Most tokens one request may generate.
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # PEFT engine: device, dtype, and how long a request waits to be batched with others.
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    max_batch: int = Field(default=16, ge=1)
+    # How often the adapter registry's change feed is read for alias moves.
+    watch_seconds: float = Field(default=0.5, gt=0)
+    vllm: VllmSettings = VllmSettings()
+
+
 class Settings(BaseSettings):
     """Everything a tunefleet server process needs to start."""
 
@@ -228,6 +264,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     adapters: AdapterSettings = AdapterSettings()
     training: TrainingSettings = TrainingSettings()
+    inference: InferenceSettings = InferenceSettings()
 
     @model_validator(mode="after")
     def _pods_reach_blobs(self) -> Settings:

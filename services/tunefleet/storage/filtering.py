@@ -3,6 +3,7 @@
     display_name = "sales"          equality
     display_name = "sales*"         prefix (a trailing * in a string)
     display_name != "draft"         inequality
+    rating < 0                      comparison of a number (<, <=, >, >=)
     labels.team = "ml"              a label's value
     labels.team:*                   the label is present
     a = "x" AND labels.b = "y"      conjunction
@@ -22,7 +23,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from tunefleet.runtime.errors import InvalidArgument
 
 _TERM = re.compile(
-    r"\s*(?P<field>[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.\-/]+)?)\s*(?P<op>!=|=|:)\s*"
+    r"\s*(?P<field>[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.\-/]+)?)\s*(?P<op>!=|<=|>=|=|<|>|:)\s*"
     r'(?P<value>"(?:[^"\\]|\\.)*"|\*|[A-Za-z0-9_.\-]+)\s*'
 )
 _AND = re.compile(r"\s+AND\s+")
@@ -71,6 +72,18 @@ class Filter:
             raise InvalidArgument("filter", f"unknown field {field!r}; filterable: {known}")
         if op == ":":
             raise InvalidArgument("filter", f"{field} supports = and !=, not :")
+        if op in ("<", "<=", ">", ">="):
+            try:
+                number = float(value)
+            except ValueError:
+                raise InvalidArgument("filter", f"{field} {op} needs a number") from None
+            comparisons = {
+                "<": column < number,
+                "<=": column <= number,
+                ">": column > number,
+                ">=": column >= number,
+            }
+            return cast(ColumnElement[bool], comparisons[op])
         if op == "=" and isinstance(value, str) and value.endswith("*"):
             prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             return cast(ColumnElement[bool], column.like(prefix + "%", escape="\\"))

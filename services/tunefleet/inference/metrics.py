@@ -1,0 +1,98 @@
+"""Prometheus metrics of serving, by adapter and version (vLLM's own metrics know only the base
+model)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class InferenceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        by_version = ["adapter", "version"]
+        self.requests = Counter(
+            "tunefleet_inference_requests",
+            "Generation requests by adapter, version and outcome (ok, error, cancelled).",
+            [*by_version, "outcome"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "tunefleet_inference_prompt_tokens",
+            "Prompt tokens, by adapter and version.",
+            by_version,
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "tunefleet_inference_generated_tokens",
+            "Generated tokens, by adapter and version.",
+            by_version,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "tunefleet_inference_time_to_first_token_seconds",
+            "Time from a request's arrival to its first generated text.",
+            by_version,
+            buckets=LATENCY,
+            registry=registry,
+        )
+        self.time_per_output_token = Histogram(
+            "tunefleet_inference_time_per_output_token_seconds",
+            "Time per generated token after the first.",
+            by_version,
+            buckets=PER_TOKEN,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "tunefleet_inference_request_seconds",
+            "End-to-end latency of a request.",
+            by_version,
+            buckets=LATENCY,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "tunefleet_inference_queue_seconds",
+            "Time a request waited before the engine started on it (adapter loading included).",
+            by_version,
+            buckets=LATENCY,
+            registry=registry,
+        )
+        self.loaded = Gauge(
+            "tunefleet_inference_loaded_adapters", "Adapter versions loaded.", registry=registry
+        )
+        self.cache = Counter(
+            "tunefleet_inference_adapter_cache",
+            "Adapter lookups by result (hit: loaded already; miss: loaded on demand).",
+            ["result"],
+            registry=registry,
+        )
+        self.loads = Counter(
+            "tunefleet_inference_adapter_loads",
+            "Adapter loads by outcome (loaded, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            "tunefleet_inference_adapter_load_seconds",
+            "Time to load an adapter version into an engine.",
+            buckets=LATENCY,
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "tunefleet_inference_adapter_evictions",
+            "Adapter versions unloaded to make room.",
+            registry=registry,
+        )
+        self.swaps = Counter(
+            "tunefleet_inference_alias_swaps",
+            "Alias moves followed, by outcome (swapped, failed: the old version keeps serving).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.swap_seconds = Histogram(
+            "tunefleet_inference_swap_seconds",
+            "Time from an alias move in the registry to the new version serving it.",
+            buckets=LATENCY,
+            registry=registry,
+        )

