@@ -4,6 +4,7 @@ and the PEFT engine (the vLLM engine has its own tests)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
