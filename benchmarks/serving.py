@@ -280,7 +280,9 @@ async def main() -> None:
             print(f"  {ADAPTERS} adapters, mixed               {mixed:8.1f} tokens/s")
             print(f"  ratio 8 adapters / 1 adapter     {mixed / single:8.2f}")
             print(f"  ratio 8 adapters / naive swaps   {mixed / baseline:8.2f}")
-            print(f"  hot swap under load ({len(swaps)} moves): median {median:.0f} ms, p99 {p99:.0f} ms")
+            print(f"  hot swap under load ({len(swaps)} moves): median {median:.0f} ms,", end=" ")
+            print(f"p99 {p99:.0f} ms")
+
 
 if __name__ == "__main__":
     asyncio.run(main())
