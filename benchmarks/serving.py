@@ -135,7 +135,7 @@ def make_engine(name: str, model: Path) -> Any:
                 max_loras=ADAPTERS,
                 max_lora_rank=16,
                 max_cpu_loras=ADAPTERS * 2,
-                max_model_len=256,
+                max_model_len=128,
                 gpu_memory_utilization=0.1,
                 dtype="float32",
             ),

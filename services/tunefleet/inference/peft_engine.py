@@ -1,22 +1,27 @@
 """The PEFT engine: transformers + PEFT on CPU or GPU, many adapters on one base model.
 
 Requests wait up to `batch_window` seconds to be batched with others (at most `max_batch`).
-A batch mixes adapters and the base model row by row (PEFT's `adapter_names`); DoRA adapters
-cannot be mixed, so each is batched only with requests for itself. A batch is decoded with the
-KV cache, left-padded, each row with its own sampling, stop strings and token limit, and every
-row streams its text as it is produced. All model work (loading, unloading, decoding) runs on
-one thread, one batch at a time.
+A batch mixes adapters and the base model row by row. PEFT loads and holds the adapters, but
+its own mixed-batch forward (`adapter_names`) loops over the adapters of a batch in every layer;
+instead, each adapted layer gets its adapters' weights stacked (rank padded with zeros, scaling
+folded in, slot 0 all zeros for the base model) and one gathered batched matmul per layer adds
+every row's LoRA delta, the way Punica and S-LoRA do (`_Stacks`). DoRA adapters cannot be
+mixed, so each is batched only with requests for itself, through PEFT. A batch is decoded with
+the KV cache, left-padded, each row with its own sampling, stop strings and token limit, and
+every row streams its text as it is produced. All model work (loading, unloading, decoding)
+runs on one thread, one batch at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tunefleet.inference.engine import (
     AdapterFiles,
@@ -55,6 +60,52 @@ class _Row:
         self.unsent = []
 
 
+class _Stacks:
+    """Every non-DoRA adapter's LoRA weights, stacked per adapted layer, and forward hooks on the
+    layers' base modules that add each row's delta while `rows` (adapter slot per row) is set."""
+
+    def __init__(self, model: Any, adapters: list[str]) -> None:
+        import torch
+        from peft.tuners.lora import Linear as LoraLinear
+
+        self.slots = {name: index + 1 for index, name in enumerate(adapters)}
+        self.rows: Any = None
+        self._hooks: list[Any] = []
+        for module in model.modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            module = cast(Any, module)
+            present = [name for name in adapters if name in module.lora_A]
+            if not present:
+                continue
+            rank = max(module.r[name] for name in present)
+            weight: Any = module.base_layer.weight
+            a = torch.zeros(len(adapters) + 1, rank, weight.shape[1], dtype=weight.dtype)
+            b = torch.zeros(len(adapters) + 1, weight.shape[0], rank, dtype=weight.dtype)
+            for name in present:
+                r, slot = module.r[name], self.slots[name]
+                a[slot, :r] = module.lora_A[name].weight.detach()
+                b[slot, :, :r] = module.lora_B[name].weight.detach() * module.scaling[name]
+            a, b = a.to(weight.device), b.to(weight.device)
+            self._hooks.append(module.base_layer.register_forward_hook(self._hook(a, b)))
+
+    def _hook(self, a: Any, b: Any) -> Any:
+        import torch
+
+        def add_delta(module: Any, inputs: Any, output: Any) -> Any:
+            if self.rows is None:
+                return output
+            x = inputs[0]
+            down = torch.einsum("bsi,bri->bsr", x, a[self.rows])
+            return output + torch.einsum("bsr,bor->bso", down, b[self.rows])
+
+        return add_delta
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 @dataclass
 class PeftEngine:
     model_dir: Path
@@ -66,6 +117,7 @@ class PeftEngine:
     model: Any = None
     tokenizer: Any = None
     _dora: set[str] = field(default_factory=set)
+    _stacks: _Stacks | None = None
     _queue: asyncio.Queue[_Pending] | None = None
     _task: asyncio.Task[None] | None = None
     _executor: ThreadPoolExecutor = field(
@@ -118,6 +170,19 @@ class PeftEngine:
         self.model.eval()
         if adapter.config.get("use_dora"):
             self._dora.add(adapter.serving_name)
+        self._restack()
+
+    def _restack(self) -> None:
+        """Stack the weights of the adapters now loaded (after each load and unload)."""
+        from peft import PeftModel
+
+        if self._stacks is not None:
+            self._stacks.remove()
+            self._stacks = None
+        if isinstance(self.model, PeftModel):
+            names = [n for n in self.model.peft_config if n not in self._dora]
+            if names:
+                self._stacks = _Stacks(self.model, names)
 
     async def unload_adapter(self, serving_name: str) -> None:
         await self._run(self._unload_adapter, serving_name)
@@ -136,6 +201,7 @@ class PeftEngine:
                 self.model.set_adapter(other)
             self.model.delete_adapter(serving_name)
         self._dora.discard(serving_name)
+        self._restack()
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -209,15 +275,19 @@ class PeftEngine:
             mask[i, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra: dict[str, Any] = {}
-        if isinstance(model, PeftModel):
-            names = [p.request.adapter or BASE for p in group]
-            if names[0] in self._dora:
-                model.set_adapter(names[0])  # a DoRA batch: one adapter, no per-row names
-            else:
-                extra["adapter_names"] = names
+        stacks, adapters_off = self._stacks, cast(Any, contextlib.nullcontext())
+        names = [p.request.adapter for p in group]
+        if isinstance(model, PeftModel) and names[0] in self._dora:
+            model.set_adapter(names[0])  # a DoRA batch: one adapter, through PEFT
+            stacks = None
+        elif isinstance(model, PeftModel):
+            # PEFT's own adapters off; the stacked weights add each row's delta instead.
+            adapters_off = model.disable_adapter()
+            if stacks is not None:
+                slots = [stacks.slots.get(n or "", 0) for n in names]
+                stacks.rows = torch.tensor(slots, device=device)
         past = None
-        with torch.inference_mode():
+        with torch.inference_mode(), adapters_off:
             for _ in range(max(p.request.sampling.max_tokens for p in group)):
                 out = model(
                     input_ids=input_ids,
@@ -225,7 +295,6 @@ class PeftEngine:
                     position_ids=positions,
                     past_key_values=past,
                     use_cache=True,
-                    **extra,
                 )
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()
@@ -240,6 +309,8 @@ class PeftEngine:
                 input_ids = torch.tensor(chosen, device=device)[:, None]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
+        if stacks is not None:
+            stacks.rows = None
 
     def _choose(self, logits: Any, row: _Row) -> int:
         import torch
