@@ -440,3 +440,22 @@ def register_directly(registry: Any, adapter: str, path: Path) -> str:
         registry.write(upload, data)
     row = registry.finish_upload(upload)
     return f"adapters/{row.adapter_id}/versions/{row.version}"
+
+
+async def test_a_deleted_alias_stops_being_routed(serving: Serving, served: Served) -> None:
+    alpha = await serving.register("alpha", served.adapters["alpha"])
+    await serving.alias("prod", alpha)
+    assert (await serving.generate("adapters/alpha@prod")).adapter_version == alpha
+    await serving.adapters.DeleteAdapterAlias(
+        adapter_service_pb2.DeleteAdapterAliasRequest(name="adapters/alpha/aliases/prod")
+    )
+    for _ in range(100):
+        try:
+            await serving.generate("adapters/alpha@prod")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the deleted alias is still routed")
+    assert (await serving.generate(alpha)).adapter_version == alpha  # the version still serves

@@ -247,8 +247,12 @@ class AdapterPool:
                 if change.kind in ("TYPE_ALIAS_MOVED", "TYPE_ALIAS_DELETED"):
                     adapter, alias = names.alias_name(change.payload["alias"])
                     routed = f"adapters/{adapter}@{alias}"
-                    if routed in self.routes and change.kind == "TYPE_ALIAS_MOVED":
+                    if routed not in self.routes:
+                        continue
+                    if change.kind == "TYPE_ALIAS_MOVED":
                         await self.swap(routed, change.payload["version"], change.create_time)
+                    else:
+                        self.unroute(routed)
             if not changes:
                 await wait(poll_seconds)
 
@@ -285,6 +289,13 @@ class AdapterPool:
                 task = asyncio.create_task(self.unload(old))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def unroute(self, alias: str) -> None:
+        """Stop routing a deleted alias; its version stays loaded (unpinned) for the cache."""
+        version = self.routes.pop(alias, None)
+        if version is not None and not self.aliases_of(version) and version in self.versions:
+            self.versions[version].pinned = False
+        log.info("%s was deleted: no longer routed", alias)
 
     async def close(self) -> None:
         if self._background:
