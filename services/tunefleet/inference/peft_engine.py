@@ -30,6 +30,7 @@ from tunefleet.inference.engine import (
     Output,
     TextStream,
 )
+from tunefleet.runtime.tasks import cancel
 
 log = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -141,8 +142,7 @@ class PeftEngine:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel(self._task)
         self._executor.shutdown(wait=True)
 
     async def _run(self, function: Any, *args: Any) -> Any:
@@ -228,7 +228,8 @@ class PeftEngine:
             while len(waiting) < self.max_batch:
                 timeout = deadline - asyncio.get_running_loop().time()
                 try:
-                    waiting.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)))
+                    async with asyncio.timeout(max(timeout, 0)):
+                        waiting.append(await self._queue.get())
                 except TimeoutError:
                     break
             for group in self._groups(waiting):

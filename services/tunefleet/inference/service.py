@@ -17,6 +17,7 @@ from tunefleet.inference.engine import Engine, Finish, GenerationRequest, Sampli
 from tunefleet.inference.feedback import ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics
 from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.runtime.tasks import cancel
 from tunefleet.v1 import inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
@@ -74,8 +75,7 @@ class InferenceManager:
 
     async def stop(self) -> None:
         if self._follow is not None:
-            self._follow.cancel()
-            await asyncio.gather(self._follow, return_exceptions=True)
+            await cancel(self._follow)
         await self.pool.close()
         await self.responses.close()
         for engine in self.engines:

@@ -63,7 +63,8 @@ class UploadStream:
         receives the answer given before the end of its stream rather than a failed write."""
         if not self.ended:
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await self._drain()
 
     async def _drain(self) -> None:
         async for _ in self._requests:
@@ -111,7 +112,8 @@ class ChangeSignal:
         waiter = (asyncio.get_running_loop(), event)
         self._waiters.add(waiter)
         try:
-            await asyncio.wait_for(event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await event.wait()
         except TimeoutError:
             pass
         finally:

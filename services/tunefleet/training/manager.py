@@ -45,6 +45,7 @@ from tunefleet.runtime.errors import (
 from tunefleet.runtime.protos import timestamp
 from tunefleet.runtime.settings import Settings
 from tunefleet.runtime.streams import ChangeSignal
+from tunefleet.runtime.tasks import cancel
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.changes import Change, append_change, read_changes
@@ -471,8 +472,7 @@ class TrainingManager:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel(self._task)
             self._task = None
         self._loop = None
         if self._background:
@@ -488,8 +488,11 @@ class TrainingManager:
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as its wait ends, and stop() would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.training.poll_seconds)
+                async with asyncio.timeout(self.training.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.tick()
