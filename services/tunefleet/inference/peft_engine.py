@@ -33,7 +33,6 @@ from tunefleet.inference.engine import (
 from tunefleet.runtime.tasks import cancel
 
 log = logging.getLogger(__name__)
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -244,7 +243,7 @@ class PeftEngine:
         """Mixed batches, except that each DoRA adapter gets a batch of its own."""
         mixed = [p for p in waiting if p.request.adapter not in self._dora]
         groups = [mixed] if mixed else []
-        for name in sorted({p.request.adapter or BASE for p in waiting} & self._dora):
+        for name in sorted({p.request.adapter or "" for p in waiting} & self._dora):
             groups.append([p for p in waiting if p.request.adapter == name])
         return groups
 
