@@ -221,15 +221,28 @@ async def test_bad_requests_name_the_field(
     assert (raised.value.details() or "").startswith(field)
 
 
-async def test_unknown_and_foreign_adapters_are_refused(serving: Serving) -> None:
+async def test_unknown_and_foreign_adapters_are_refused(serving: Serving, served: Served) -> None:
+    await serving.adapters.CreateAdapter(
+        adapter_service_pb2.CreateAdapterRequest(
+            adapter_id="foreign", adapter=adapter_pb2.Adapter(base_model="another-model")
+        )
+    )
+    foreign = await serving.register("foreign", served.adapters["alpha"])
     for adapter, code in [
         ("adapters/missing/versions/1", grpc.StatusCode.NOT_FOUND),
         ("adapters/missing@prod", grpc.StatusCode.NOT_FOUND),
         ("not-an-adapter", grpc.StatusCode.INVALID_ARGUMENT),
+        (foreign, grpc.StatusCode.FAILED_PRECONDITION),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await serving.generate(adapter)
         assert raised.value.code() == code, adapter
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "ADAPTER_BASE_MODEL_MISMATCH"
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    assert not listed.served_adapters  # nothing was loaded
 
 
 async def test_the_cache_evicts_the_least_recently_used_unpinned_version(

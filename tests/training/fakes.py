@@ -34,6 +34,7 @@ class FakeLauncher:
         self.start_phase = start_phase
         self.runs: dict[str, FakeRun] = {}
         self.launches = 0
+        self.cancelled: FakeRun | None = None  # the last run cancelled
         self.wake: Callable[[], None] = lambda: None
 
     async def start(self, wake: Callable[[], None]) -> None:

@@ -329,7 +329,7 @@ async def test_cancel_a_queued_and_a_running_job(make_platform: MakePlatform) ->
     )
     assert cancelling.state == State.STATE_CANCELLING
     job = await platform.wait(running.name, "CANCELLED")
-    assert fake.cancelled.cancelled
+    assert fake.cancelled is not None and fake.cancelled.cancelled
     assert states(await platform.events(running.name))[-2:] == ["CANCELLING", "CANCELLED"]
     # A worker that still reports is told to stop.
     assert await platform.report(running.name, token)
@@ -371,7 +371,7 @@ async def test_a_silent_worker_fails_its_job(make_platform: MakePlatform) -> Non
     job = await platform.wait(job.name, "FAILED", within=10)
     assert job.error.reason == "WORKER_SILENT"
     assert "no report from the worker" in job.error.message
-    assert fake.cancelled.cancelled  # and its run is stopped
+    assert fake.cancelled is not None and fake.cancelled.cancelled  # and its run is stopped
 
 
 @pytest.mark.parametrize(
@@ -402,7 +402,6 @@ async def test_restart_reconciles_without_losing_or_repeating_jobs(
     fails_while_down = await platform.create(dataset.name)
     for job in (keeps_running, finishes_while_down, fails_while_down):
         await platform.wait(job.name, "RUNNING")
-    token = fake.runs[finishes_while_down.name.removeprefix("trainingJobs/")].token
     await platform.stop()
 
     # While TrainingService is down: one worker reported success before it went down and its
@@ -423,7 +422,6 @@ async def test_restart_reconciles_without_losing_or_repeating_jobs(
     run = fake.runs[keeps_running.name.removeprefix("trainingJobs/")]
     await platform.report(job.name, run.token, worker_state=Worker.WORKER_STATE_SUCCEEDED)
     await platform.wait(job.name, "SUCCEEDED")
-    del token
 
 
 async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform) -> None:

@@ -70,7 +70,6 @@ class AdapterPool:
         self.versions: dict[str, ServedVersion] = {}
         self.routes: dict[str, str] = {}  # adapters/{adapter}@{alias} -> version name
         self.revision = 0  # of the registry's change feed, followed for alias moves
-        self._follow_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- requests ------------------------------------------------------------------------------

@@ -129,9 +129,7 @@ class TrainerSpec(_Strict):
     @property
     def learning_rate(self) -> float:
         configured = self.hyperparameters.learning_rate
-        if configured is not None:
-            return configured
-        return 2e-5 if self.method == "full" else 2e-4
+        return configured if configured is not None else default_learning_rate(self.method)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -141,6 +139,10 @@ class TrainerSpec(_Strict):
     def model_dir(self) -> Path:
         path = self.models.get(self.base_model, Path(self.base_model).expanduser())
         return Path(path)
+
+
+def default_learning_rate(method: Method) -> float:
+    return 2e-5 if method == "full" else 2e-4
 
 
 def load_spec(path: Path) -> TrainerSpec:

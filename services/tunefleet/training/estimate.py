@@ -39,7 +39,6 @@ class ModelShape:
 @dataclass(frozen=True)
 class Estimate:
     model_parameters: int
-    adapter_parameters: int
     gpu_memory_bytes: int
     explanation: str
 
@@ -108,4 +107,4 @@ def estimate(
         + f" = {state / GiB:.1f} GiB; activations for {b} x {s} tokens {activations / GiB:.1f} GiB"
         f"; logits {logits / GiB:.1f} GiB; CUDA overhead 1 GiB: about {total / GiB:.1f} GiB per GPU"
     )
-    return Estimate(shape.parameters, adapter, total, explanation)
+    return Estimate(shape.parameters, total, explanation)

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ValidationError
 from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
 from tunefleet.runtime.models import resolve_model
 from tunefleet.runtime.settings import TrainingSettings
-from tunefleet.trainer.spec import Hyperparameters, LoraSpec
+from tunefleet.trainer.spec import Hyperparameters, LoraSpec, Method, default_learning_rate
 from tunefleet.training.estimate import Estimate, GiB, estimate, model_shape
 from tunefleet.v1 import common_pb2, training_job_pb2
 
-METHODS = {
+METHODS: dict[int, Method] = {
     common_pb2.TRAINING_METHOD_LORA: "lora",
     common_pb2.TRAINING_METHOD_QLORA: "qlora",
     common_pb2.TRAINING_METHOD_DORA: "dora",
@@ -52,11 +52,10 @@ M = TypeVar("M", bound=BaseModel)
 class Checked:
     """A job that passed every check: the method, its trainer settings and the estimate."""
 
-    method: str
+    method: Method
     lora: LoraSpec
     hyperparameters: Hyperparameters
     estimate: Estimate
-    gpu_memory_bytes: int  # per GPU, what the fit check compared against
 
 
 def check(
@@ -136,32 +135,21 @@ def check(
                 "available_bytes": str(available),
             },
         )
-    return Checked(method, lora, hyperparameters, found, available)
+    return Checked(method, lora, hyperparameters, found)
 
 
 def resolved_hyperparameters(checked: Checked) -> training_job_pb2.Hyperparameters:
     """The hyperparameters the trainer will use, defaults filled in, to report back."""
     hp = checked.hyperparameters
-    scheduler = {v: k for k, v in SCHEDULERS.items() if k}[hp.lr_scheduler]
-    precision = {v: k for k, v in PRECISIONS.items()}[hp.precision]
+    # The trainer's fields have the proto's names; only the enums and the default learning
+    # rate need translating.
     return training_job_pb2.Hyperparameters(
-        learning_rate=hp.learning_rate or (2e-5 if checked.method == "full" else 2e-4),
-        epochs=hp.epochs,
-        max_steps=hp.max_steps,
-        micro_batch_size=hp.micro_batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        warmup_ratio=hp.warmup_ratio,
-        lr_scheduler=scheduler,
-        max_sequence_length=hp.max_sequence_length,
-        packing=hp.packing,
-        seed=hp.seed,
-        max_grad_norm=hp.max_grad_norm,
-        weight_decay=hp.weight_decay,
-        precision=precision,
-        eval_every_steps=hp.eval_every_steps,
-        checkpoint_every_steps=hp.checkpoint_every_steps,
-        early_stopping_patience=hp.early_stopping_patience,
-        early_stopping_min_delta=hp.early_stopping_min_delta,
+        **{
+            **hp.model_dump(),
+            "learning_rate": hp.learning_rate or default_learning_rate(checked.method),
+            "lr_scheduler": {v: k for k, v in SCHEDULERS.items() if k}[hp.lr_scheduler],
+            "precision": {v: k for k, v in PRECISIONS.items()}[hp.precision],
+        }
     )
 
 
