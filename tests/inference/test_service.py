@@ -262,6 +262,14 @@ async def test_the_cache_evicts_the_least_recently_used_unpinned_version(
     assert serving.sample("tunefleet_inference_loaded_adapters") == 3
 
 
+async def test_concurrent_first_requests_share_one_load(serving: Serving, served: Served) -> None:
+    version = await serving.register("alpha", served.adapters["alpha"])
+    answers = await asyncio.gather(*(serving.generate(version) for _ in range(6)))
+    assert {a.adapter_version for a in answers} == {version}
+    assert serving.sample("tunefleet_inference_adapter_loads_total", outcome="loaded") == 1
+    assert not serving.sample("tunefleet_inference_adapter_loads_total", outcome="failed")
+
+
 async def test_feedback_names_the_version_and_filters(serving: Serving, served: Served) -> None:
     alpha = await serving.register("alpha", served.adapters["alpha"])
     good = await serving.generate(alpha)

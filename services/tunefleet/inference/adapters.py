@@ -68,6 +68,8 @@ class AdapterPool:
         self.engines, self.registry, self.base_model = engines, registry, base_model
         self.capacity, self.workdir, self.metrics = capacity, workdir, metrics
         self.versions: dict[str, ServedVersion] = {}
+        # One load per version at a time: concurrent first requests share it.
+        self._load_locks: dict[str, asyncio.Lock] = {}
         self.routes: dict[str, str] = {}  # adapters/{adapter}@{alias} -> version name
         self.revision = 0  # of the registry's change feed, followed for alias moves
         self._background: set[asyncio.Task[Any]] = set()
@@ -116,6 +118,10 @@ class AdapterPool:
 
     async def load(self, version: str, pin: bool = False) -> ServedVersion:
         """Load a version (or wait for the load under way); raises what refused it."""
+        async with self._load_locks.setdefault(version, asyncio.Lock()):
+            return await self._load(version, pin)
+
+    async def _load(self, version: str, pin: bool) -> ServedVersion:
         served = self.versions.get(version)
         if served is not None and served.state in (LOADED, LOADING):
             served.pinned |= pin
