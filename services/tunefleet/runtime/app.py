@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.logs import configure_logging
 from tunefleet.runtime.metrics import ServerMetrics
+from tunefleet.runtime.models import preload_transformers
 from tunefleet.runtime.server import TunefleetServer
 from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.runtime.settings import Settings
@@ -20,6 +21,7 @@ async def serve(settings: Settings, service_keys: Sequence[str] = ()) -> None:
     """Run the named services (all four when empty) until SIGTERM or SIGINT."""
     configure_logging(settings.logging)
     keys = list(service_keys) or list(SERVICES)
+    preload_transformers()  # before any worker thread imports from it
     storage = open_storage(settings)
     metrics = ServerMetrics()
     context = ServiceContext(settings, storage, metrics.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from tunefleet.runtime.errors import InvalidArgument
@@ -27,3 +28,20 @@ def find_model(name: str, catalogue: dict[str, Path]) -> Path | None:
         return resolve_model(name, catalogue, "base_model")
     except InvalidArgument:
         return None
+
+
+def preload_transformers() -> None:
+    """Resolve the transformers names that services use from worker threads, in this thread.
+
+    transformers 5 resolves its top-level names lazily, and two threads resolving names at the
+    same moment can fail with "cannot import name 'AutoModelForCausalLM' from 'transformers'":
+    seen when an upload's token count and the inference engine's model load ran at once.
+    """
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the server extra installs it
+        return
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        # Without torch the models are unavailable, and never used then.
+        with contextlib.suppress(ImportError, AttributeError):
+            getattr(transformers, name)

@@ -1,0 +1,144 @@
+"""`tunefleet adapters ...`"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+from tunefleet.cli.output import (
+    client,
+    console,
+    handles_errors,
+    output_option,
+    print_json,
+    size,
+    table,
+    when,
+)
+
+
+@click.group()
+def adapters() -> None:
+    """Adapters, their immutable versions and movable aliases."""
+
+
+@adapters.command("list")
+@click.option("--filter", "filter_text", default="", help="Such as base_model=smollm2.")
+@output_option
+@handles_errors
+def list_adapters(filter_text: str, output: str) -> None:
+    """List adapters with their aliases."""
+    with client() as tunefleet:
+        items = list(tunefleet.adapters.list(filter=filter_text))
+    if output == "json":
+        print_json(items)
+        return
+    table(
+        ["NAME", "BASE MODEL", "LATEST", "ALIASES", "UPDATED"],
+        [
+            (
+                a.name,
+                a.base_model,
+                a.latest_version or "-",
+                ", ".join(f"{k}->{v}" for k, v in sorted(a.aliases.items())) or "-",
+                when(a.update_time),
+            )
+            for a in items
+        ],
+    )
+
+
+@adapters.command()
+@click.argument("adapter")
+@output_option
+@handles_errors
+def versions(adapter: str, output: str) -> None:
+    """List an adapter's versions, newest first, with their lineage and metrics."""
+    with client() as tunefleet:
+        items = list(tunefleet.adapters.versions(adapter))
+    if output == "json":
+        print_json(items)
+        return
+    table(
+        ["VERSION", "SIZE", "RANK", "ALIASES", "TRAINING JOB", "METRICS", "CREATED"],
+        [
+            (
+                v.name,
+                size(v.size_bytes),
+                v.config.rank or "-",
+                ", ".join(v.aliases) or "-",
+                v.lineage.training_job or "-",
+                ", ".join(f"{k}={m:.4g}" for k, m in sorted(v.lineage.metrics.items())) or "-",
+                when(v.create_time),
+            )
+            for v in items
+        ],
+    )
+
+
+@adapters.group()
+def alias() -> None:
+    """Move aliases (such as prod) between versions."""
+
+
+@alias.command("set")
+@click.argument("adapter")
+@click.argument("alias_name", metavar="ALIAS")
+@click.argument("version")
+@click.option("--reason", default="", help="Recorded in the audit trail.")
+@click.option(
+    "--expect",
+    "expected_version",
+    default=None,
+    help="Move only if the alias now points at this version ('' = only if it does not exist).",
+)
+@output_option
+@handles_errors
+def set_alias(
+    adapter: str,
+    alias_name: str,
+    version: str,
+    reason: str,
+    expected_version: str | None,
+    output: str,
+) -> None:
+    """Point ALIAS of ADAPTER at VERSION (a number or adapters/{a}/versions/{n}). Servers that
+    route the alias switch to the new version without a restart."""
+    target: str | int = int(version) if version.isdigit() else version
+    with client() as tunefleet:
+        moved = tunefleet.adapters.set_alias(
+            adapter, alias_name, target, reason=reason, expected_version=expected_version
+        )
+    if output == "json":
+        print_json(moved)
+        return
+    console.print(f"{moved.name} -> {moved.version}", markup=False)
+
+
+@adapters.command()
+@click.argument("version")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@output_option
+@handles_errors
+def download(version: str, directory: Path, output: str) -> None:
+    """Download VERSION's files (checked against their sha256) into DIRECTORY."""
+    progress = Progress(
+        "[progress.description]{task.description}",
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=output == "json",
+    )
+    with progress, client() as tunefleet:
+        task = progress.add_task(f"downloading {version}", total=None)
+        paths = tunefleet.adapters.download(
+            version, directory, on_progress=lambda done, _: progress.update(task, completed=done)
+        )
+    if output == "json":
+        print_json({"version": version, "files": [str(p) for p in paths]})
+        return
+    for path in paths:
+        console.print(f"{path} ({size(path.stat().st_size)})", markup=False)

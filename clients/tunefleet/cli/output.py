@@ -1,0 +1,130 @@
+"""How the CLI talks to the user: the client from the global options, tables or JSON, and one-line
+errors with a non-zero exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from tunefleet.client import TLS, Client, TunefleetError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Settings:
+    """The global options, kept on the click context."""
+
+    def __init__(self, target: str, token: str | None, tls: bool, ca_file: Path | None) -> None:
+        self.target, self.token, self.tls, self.ca_file = target, token, tls, ca_file
+
+    def client(self) -> Client:
+        tls: bool | TLS = TLS(ca_file=self.ca_file) if self.ca_file else self.tls
+        return Client(self.target, token=self.token, tls=tls)
+
+
+def client() -> Client:
+    settings: Settings = click.get_current_context().find_object(Settings)  # type: ignore[assignment]
+    return settings.client()
+
+
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: machine-readable output for scripts.",
+)
+
+
+def handles_errors(command: F) -> F:
+    """Turn SDK errors into one line on stderr and exit code 1 (2 for bad input)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TunefleetError as error:
+            hint = ""
+            if error.code.name == "UNAVAILABLE":
+                settings = click.get_current_context().find_object(Settings)
+                hint = f" (is a server running at {settings.target if settings else '?'}?)"
+            errors.print(f"error: {error}{hint}", markup=False)
+            sys.exit(2 if error.code.name == "INVALID_ARGUMENT" else 1)
+        except KeyboardInterrupt:
+            errors.print("interrupted")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def as_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: Message | Sequence[Message] | dict[str, Any]) -> None:
+    if isinstance(value, Message):
+        data: Any = as_dict(value)
+    elif isinstance(value, dict):
+        data = value
+    else:
+        data = [as_dict(item) for item in value]
+    click.echo(json.dumps(data, indent=2))
+
+
+def print_json_line(message: Message) -> None:
+    click.echo(json.dumps(as_dict(message)), nl=True)
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+    view = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
+    count = 0
+    for row in rows:
+        view.add_row(*(str(cell) for cell in row))
+        count += 1
+    if count:
+        console.print(view)
+    else:
+        console.print("(none)")
+
+
+def fields(pairs: Iterable[tuple[str, Any]]) -> None:
+    """A key-value view of one resource."""
+    view = Table(box=None, show_header=False, pad_edge=False)
+    view.add_column(style="bold")
+    view.add_column()
+    for key, value in pairs:
+        view.add_row(key, str(value))
+    console.print(view)
+
+
+def when(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return "-"
+    return datetime.fromtimestamp(stamp.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix)
+
+
+def size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(count)  # pragma: no cover

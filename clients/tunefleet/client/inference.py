@@ -1,0 +1,216 @@
+"""InferenceService in the SDK: generation (whole or streamed), served adapters, feedback."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TypeAlias
+
+from tunefleet.client.core import (
+    Call,
+    Emit,
+    Feed,
+    M,
+    Open,
+    Program,
+    Read,
+    Resource,
+    operation,
+    pages,
+    stream,
+)
+from tunefleet.client.errors import InvalidArgument
+from tunefleet.client.helpers import (
+    to_message,
+)
+from tunefleet.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+)
+
+ChatTurns: TypeAlias = Sequence[common_pb2.ChatMessage | Mapping[str, str]]
+
+
+def generate_request(
+    prompt: str | None,
+    messages: ChatTurns | None,
+    adapter: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: Sequence[str],
+    seed: int | None,
+) -> inference_service_pb2.GenerateRequest:
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("give exactly one of prompt and messages", field="input")
+    request = inference_service_pb2.GenerateRequest(
+        adapter=adapter,
+        sampling=inference_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop
+        ),
+    )
+    if seed is not None:
+        request.sampling.seed = seed
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        for turn in messages or ():
+            request.chat.messages.append(to_message(common_pb2.ChatMessage, turn, "chat.messages"))
+    return request
+
+
+class Inference(Resource[M]):
+    """InferenceService: generation with the base model or an adapter, served adapters and
+    feedback."""
+
+    Stub = inference_service_pb2_grpc.InferenceServiceStub
+
+    @operation
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: ChatTurns | None = None,
+        adapter: str = "",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Program[inference_service_pb2.GenerateResponse]:
+        """Generate a completion of `prompt` (raw text) or of a chat (`messages`, rendered with
+        the model's chat template), with `adapter` (`adapters/{a}@{alias}`,
+        `adapters/{a}/versions/{n}`) or the base model. Greedy unless `temperature` > 0.
+
+        Example::
+
+            answer = client.inference.generate(
+                messages=[{"role": "user", "content": "Kenji wants 4 lamps in Berlin."}],
+                adapter="adapters/orders@prod",
+            )
+            print(answer.text, answer.adapter_version)
+        """
+        request = generate_request(
+            prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed
+        )
+        response: inference_service_pb2.GenerateResponse = yield Call(
+            self.Stub, "Generate", request
+        )
+        return response
+
+    @stream
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: ChatTurns | None = None,
+        adapter: str = "",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> Feed[inference_service_pb2.StreamGenerateResponse]:
+        """Like `generate`, as pieces of text while they are produced; the last piece carries the
+        finish reason and token counts. Leaving the loop early stops the generation.
+
+        Example::
+
+            for piece in client.inference.generate_stream("Once upon", adapter="adapters/a@prod"):
+                print(piece.text_delta, end="", flush=True)
+        """
+        request = inference_service_pb2.StreamGenerateRequest(
+            request=generate_request(
+                prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed
+            )
+        )
+        pieces = yield Open(self.Stub, "StreamGenerate", request, timeout=timeout)
+        while (piece := (yield Read(pieces))) is not None:
+            yield Emit(piece)
+
+    @stream
+    def served(self, page_size: int = 100) -> Feed[inference_pb2.ServedAdapter]:
+        """The adapter versions this server has loaded (or is loading), with the aliases routed
+        to them and their request counts.
+
+        Example::
+
+            for served in client.inference.served():
+                print(served.adapter_version, list(served.routed_aliases), served.request_count)
+        """
+        request = inference_service_pb2.ListServedAdaptersRequest(page_size=page_size)
+        yield from pages(self.Stub, "ListServedAdapters", request, "served_adapters")
+
+    @operation
+    def load(self, adapter: str, *, pin: bool = False) -> Program[inference_pb2.ServedAdapter]:
+        """Load a version (or the one an alias points at) before the first request needs it;
+        `pin` keeps it loaded regardless of the cache's size.
+
+        Example::
+
+            client.inference.load("adapters/orders@prod", pin=True)
+        """
+        request = inference_service_pb2.LoadAdapterRequest(adapter=adapter, pin=pin)
+        served: inference_pb2.ServedAdapter = yield Call(self.Stub, "LoadAdapter", request, True)
+        return served
+
+    @operation
+    def unload(self, adapter: str) -> Program[inference_pb2.ServedAdapter]:
+        """Unload a version from this server.
+
+        Example::
+
+            client.inference.unload("adapters/orders/versions/1")
+        """
+        request = inference_service_pb2.UnloadAdapterRequest(adapter=adapter)
+        served: inference_pb2.ServedAdapter = yield Call(self.Stub, "UnloadAdapter", request, True)
+        return served
+
+    @operation
+    def feedback(
+        self,
+        response_id: str,
+        *,
+        rating: float,
+        corrected_text: str = "",
+        comment: str = "",
+        request_id: str = "",
+    ) -> Program[inference_pb2.Feedback]:
+        """Record feedback on a response: `rating` from -1 (bad) to 1 (good), optionally what the
+        answer should have been. Feeds the retraining loop.
+
+        Example::
+
+            client.inference.feedback(answer.response_id, rating=-1, corrected_text='{"item": ...}')
+        """
+        request = inference_service_pb2.CreateFeedbackRequest(
+            feedback=inference_pb2.Feedback(
+                response_id=response_id,
+                rating=rating,
+                corrected_text=corrected_text,
+                comment=comment,
+            ),
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        feedback: inference_pb2.Feedback = yield Call(self.Stub, "CreateFeedback", request, True)
+        return feedback
+
+    @stream
+    def list_feedback(
+        self,
+        filter: str = "",
+        page_size: int = 100,
+    ) -> Feed[inference_pb2.Feedback]:
+        """Recorded feedback matching `filter`, such as
+        `adapter_version=adapters/orders/versions/2`.
+
+        Example::
+
+            for feedback in client.inference.list_feedback():
+                print(feedback.rating, feedback.corrected_text)
+        """
+        request = inference_service_pb2.ListFeedbackRequest(page_size=page_size, filter=filter)
+        yield from pages(self.Stub, "ListFeedback", request, "feedback")

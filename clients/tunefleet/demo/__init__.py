@@ -1,0 +1,1 @@
+"""`make demo`: the end-to-end tour of tunefleet on one machine (see `tour`)."""

@@ -1,0 +1,102 @@
+"""`tunefleet serve` as a child process with a settings file: what the demo (and the CLI's tests)
+run against."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalServer:
+    """All four services in one `tunefleet serve` process (the embedded shape) on free ports.
+
+    `settings` is merged into the generated settings file (data directory, ports, log level).
+    """
+
+    def __init__(self, data_dir: Path, settings: dict[str, Any] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.config = data_dir / "tunefleet.yaml"
+        self.log = data_dir / "server.log"
+        base: dict[str, Any] = {
+            "data_dir": str(data_dir),
+            "server": {"port": self.port, "metrics_port": self.metrics_port},
+            "logging": {"level": "INFO"},
+        }
+        for key, value in (settings or {}).items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+        self.settings = base
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> LocalServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(self.settings))
+        tunefleet = Path(sys.executable).with_name("tunefleet")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(tunefleet), "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"tunefleet serve exited with {self.process.returncode}:\n{self.tail()}"
+                    )
+                try:
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    return self
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"tunefleet serve was not healthy within {timeout:.0f} s:\n{self.tail()}"
+        )
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as a process manager would; the exit code."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

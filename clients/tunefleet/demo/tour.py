@@ -1,0 +1,288 @@
+"""`make demo`: the whole product on one machine, through the SDK.
+
+It starts the embedded server, ingests the bundled order-extraction sample, fine-tunes
+SmolLM2-135M-Instruct with LoRA (a tiny random model with `--quick`), shows the loss live,
+evaluates base against fine-tuned on held-out examples through InferenceService, registers the
+adapter and points `prod` at it, answers one prompt with base and adapter, trains a second
+version, moves `prod` to it and shows the served version change without a restart, records
+feedback, and prints the per-adapter metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunefleet.client import AsyncClient, Client
+from tunefleet.demo import models, task
+from tunefleet.demo.server import LocalServer
+from tunefleet.v1 import dataset_pb2, training_job_pb2
+
+ADAPTER = "adapters/orders"
+PROD = f"{ADAPTER}@prod"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run trains and evaluates."""
+
+    model: str
+    held_out: int  # validation examples scored per model
+    max_tokens: int
+    first: dict[str, Any]  # hyperparameters of version 1
+    second: dict[str, Any]  # hyperparameters of version 2
+    lora_rank: int
+    must_improve: bool  # a real instruct model must beat its base; a random one need not
+
+
+FULL = Plan(
+    model=models.SMOLLM2,
+    held_out=40,
+    max_tokens=48,
+    # Version 1 is a short first try; version 2 trains twice as long.
+    first={"learningRate": 1e-3, "maxSteps": 10, "microBatchSize": 8, "evalEverySteps": 5},
+    second={"learningRate": 1e-3, "epochs": 1, "microBatchSize": 8, "evalEverySteps": 8},
+    lora_rank=16,
+    must_improve=True,
+)
+QUICK = Plan(
+    model=models.TINY,
+    held_out=12,
+    max_tokens=32,
+    first={"learningRate": 1e-2, "maxSteps": 15, "microBatchSize": 16, "evalEverySteps": 5},
+    second={"learningRate": 1e-2, "maxSteps": 40, "microBatchSize": 16, "evalEverySteps": 10},
+    lora_rank=16,
+    must_improve=False,
+)
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def prepare_model(plan: Plan) -> Path:
+    cache = models.cache_dir()
+    started = time.monotonic()
+    if plan.model == models.SMOLLM2:
+        path = models.smollm2(cache)
+    else:
+        path = models.tiny(cache, task.corpus(), task.questions())
+    print(f"  {plan.model}: {path} ({time.monotonic() - started:.1f} s)")
+    return path
+
+
+def server_settings(plan: Plan, model_path: Path) -> dict[str, Any]:
+    return {
+        "models": {plan.model: str(model_path)},
+        "logging": {"level": "WARNING"},
+        "training": {"heartbeat_seconds": 5, "poll_seconds": 0.5},
+        "inference": {"base_model": plan.model, "max_batch": 16, "watch_seconds": 0.2},
+    }
+
+
+def ingest(client: Client, plan: Plan) -> dataset_pb2.Dataset:
+    sample = task.sample()
+    step(f"ingest: upload the bundled sample orders.jsonl ({len(sample)} bytes)")
+    dataset = client.datasets.upload(
+        sample,
+        display_name="orders",
+        options={"validationFraction": 0.2, "splitSeed": 7, "tokenizerModel": plan.model},
+        on_progress=lambda sent, total: print(f"  sent {sent}/{total} bytes"),
+    )
+    report, cleaning = dataset.validation_report, dataset.cleaning_report
+    print(
+        f"  {dataset.name}: {dataset.record_count} records "
+        f"({dataset.train_record_count} train / {dataset.validation_record_count} validation)"
+    )
+    print(f"  read {report.total_records}, rejected {report.rejected_records}:")
+    for error in report.errors:
+        code = dataset_pb2.RecordErrorCode.Name(error.code).removeprefix("RECORD_ERROR_CODE_")
+        print(f"    line {error.line}: {code}: {error.message}")
+    print(
+        f"  duplicates removed: {cleaning.exact_duplicates_removed} exact, "
+        f"{cleaning.near_duplicates_removed} near"
+    )
+    for count in cleaning.pii_counts:
+        kind = dataset_pb2.PiiType.Name(count.type).removeprefix("PII_TYPE_")
+        print(f"  PII redacted: {count.count} x {kind}")
+    tokens = dataset.token_statistics
+    print(
+        f"  tokens ({tokens.tokenizer_model}): {tokens.total_tokens} in all, "
+        f"{tokens.tokens_per_record.mean:.0f} per record on average"
+    )
+    return dataset
+
+
+def held_out(client: Client, dataset: str, count: int) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt turns, expected answer) of validation records the training never sees."""
+    examples = []
+    for record in client.datasets.preview(
+        dataset, split=dataset_pb2.DATASET_SPLIT_VALIDATION, limit=count
+    ):
+        turns = [{"role": m.role, "content": m.content} for m in record.messages]
+        examples.append((turns[:-1], turns[-1]["content"]))
+    return examples
+
+
+def train(client: Client, plan: Plan, dataset: str, hyperparameters: dict[str, Any]) -> str:
+    """Run a LoRA job, printing the loss as it falls; the registered version."""
+    job = client.training_jobs.create(
+        {
+            "displayName": "orders",
+            "baseModel": plan.model,
+            "method": "TRAINING_METHOD_LORA",
+            "lora": {"rank": plan.lora_rank},
+            "hyperparameters": {"maxSequenceLength": 256, **hyperparameters},
+            "trainDataset": dataset,
+            "adapter": ADAPTER,
+        }
+    )
+    print(f"  {job.name} created; estimate: {job.resource_estimate.explanation}")
+    print(f"  {'step':>9} {'train loss':>10} {'val loss':>9} {'tok/s':>7} {'eta':>6}")
+
+    def show(event: training_job_pb2.TrainingEvent) -> None:
+        if event.HasField("state_change"):
+            state = training_job_pb2.TrainingJob.State.Name(event.state_change.state)
+            print(f"  [{state.removeprefix('STATE_')}]", flush=True)
+        elif event.HasField("progress"):
+            p = event.progress
+            validation = f"{p.validation_loss:9.4f}" if p.HasField("validation_loss") else " " * 9
+            print(
+                f"  {p.step:>4}/{p.total_steps:<4} {p.train_loss:10.4f} {validation} "
+                f"{p.tokens_per_second:7.0f} {p.eta.seconds:5d}s",
+                flush=True,
+            )
+
+    started = time.monotonic()
+    job = client.training_jobs.wait(job.name, on_event=show)
+    if job.state != training_job_pb2.TrainingJob.STATE_SUCCEEDED:
+        raise SystemExit(f"training failed: {job.error.reason}: {job.error.message}")
+    evaluation = job.evaluation
+    print(
+        f"  done in {time.monotonic() - started:.0f} s: validation loss "
+        f"{evaluation.base_validation_loss:.4f} (base) -> {evaluation.validation_loss:.4f}; "
+        f"registered {job.output_adapter_version}"
+    )
+    return job.output_adapter_version
+
+
+async def score(target: str, adapter: str, examples: list[Any], max_tokens: int) -> task.Score:
+    """The task metric of `adapter` (or the base model) on the held-out examples, all requests
+    at once so that the server batches them."""
+    async with AsyncClient(target) as client:
+        answers = await asyncio.gather(
+            *(
+                client.inference.generate(messages=turns, adapter=adapter, max_tokens=max_tokens)
+                for turns, _ in examples
+            )
+        )
+    result = task.Score()
+    for answer, (_, expected) in zip(answers, examples, strict=True):
+        result.add(answer.text, expected)
+    return result
+
+
+def evaluate(target: str, label: str, adapter: str, examples: list[Any], plan: Plan) -> task.Score:
+    started = time.monotonic()
+    result = asyncio.run(score(target, adapter, examples, plan.max_tokens))
+    print(f"  {label:<28} {result}  ({time.monotonic() - started:.1f} s)")
+    return result
+
+
+def ask(client: Client, turns: list[dict[str, str]], adapter: str) -> str:
+    """Stream one answer to the terminal; the version that produced it."""
+    label = adapter or "base model"
+    print(f"  {label:<28} ", end="", flush=True)
+    version = ""
+    for piece in client.inference.generate_stream(messages=turns, adapter=adapter, max_tokens=64):
+        print(piece.text_delta, end="", flush=True)
+        version = piece.adapter_version or version
+    print(f"   [{version or 'base'}]")
+    return version
+
+
+def show_metrics(server: LocalServer) -> None:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as page:  # noqa: S310 - local
+        lines = page.read().decode().splitlines()
+    wanted = ("tunefleet_inference_requests_total", "tunefleet_inference_generated_tokens_total")
+    for line in lines:
+        if line.startswith(wanted) or line.startswith("tunefleet_inference_alias_swaps_total"):
+            print(f"  {line}")
+
+
+def run(quick: bool = False, data_dir: Path | None = None) -> int:
+    plan = QUICK if quick else FULL
+    started = time.monotonic()
+    step(f"base model {plan.model} (converted once and cached)")
+    model_path = prepare_model(plan)
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
+    server = LocalServer(data_dir, server_settings(plan, model_path))
+    step(f"starting `tunefleet serve` on {server.target} (all four services; data in {data_dir})")
+    with server, Client(server.target) as client:
+        dataset = ingest(client, plan)
+        examples = held_out(client, dataset.name, plan.held_out)
+        prompt = examples[0][0]
+        print(f"  held-out prompt: {prompt[-1]['content']!r}")
+
+        step("fine-tune version 1 (LoRA, live loss)")
+        first = train(client, plan, dataset.name, plan.first)
+        moved = client.adapters.set_alias("orders", "prod", first, reason="first version")
+        print(f"  {moved.name} -> {moved.version}")
+
+        step(f"evaluate on {len(examples)} held-out examples through InferenceService")
+        base = evaluate(server.target, "base model", "", examples, plan)
+        tuned = evaluate(server.target, first, first, examples, plan)
+
+        step("the same prompt, base model and adapters/orders@prod")
+        ask(client, prompt, "")
+        served_before = ask(client, prompt, PROD)
+
+        step("fine-tune version 2 (longer)")
+        second = train(client, plan, dataset.name, plan.second)
+        better = evaluate(server.target, second, second, examples, plan)
+
+        step("move prod to version 2 (compare-and-set against version 1), no restart")
+        moved = client.adapters.set_alias(
+            "orders", "prod", second, reason="longer training", expected_version=first
+        )
+        print(f"  {moved.name} -> {moved.version}")
+        deadline = time.monotonic() + 30
+        served_after = served_before
+        while served_after == served_before and time.monotonic() < deadline:
+            answer = client.inference.generate(messages=prompt, adapter=PROD, max_tokens=64)
+            served_after = answer.adapter_version
+        ask(client, prompt, PROD)
+        print(f"  {PROD} served {served_before}, now {served_after}")
+        for served in client.inference.served():
+            aliases = ", ".join(served.routed_aliases) or "-"
+            print(
+                f"  loaded {served.adapter_version}: aliases {aliases}, "
+                f"{served.request_count} requests"
+            )
+
+        step("feedback on an answer")
+        answer = client.inference.generate(messages=prompt, adapter=PROD, max_tokens=64)
+        feedback = client.inference.feedback(answer.response_id, rating=1, comment="correct")
+        print(f"  {feedback.name}: rating {feedback.rating:+.0f} for {feedback.adapter_version}")
+
+        step("per-adapter metrics (Prometheus)")
+        show_metrics(server)
+
+        step("summary")
+        print(f"  {'base model':<28} {base}")
+        print(f"  {first:<28} {tuned}")
+        print(f"  {second:<28} {better}")
+        improved = tuned.exact_match > base.exact_match and better.exact_match > base.exact_match
+        print(f"  the fine-tuned adapters beat the base model: {'yes' if improved else 'no'}")
+        print(f"  served version after the alias move: {served_after}")
+    print(f"  tunefleet serve exited with {server.process.returncode if server.process else 0}")
+    print(f"  demo finished in {time.monotonic() - started:.0f} s")
+    if plan.must_improve and not improved:
+        print("  the task metric did not improve: the demo failed")
+        return 1
+    return 0
