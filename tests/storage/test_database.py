@@ -17,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tunefleet.runtime.errors import InvalidArgument
 from tunefleet.storage.changes import append_change, latest_revision, read_changes
 from tunefleet.storage.database import Database, UtcDateTime
+from tunefleet.storage.filtering import Filter
 from tunefleet.storage.idempotency import create_once
 from tunefleet.storage.pagination import MAX_PAGE_SIZE, paginate
 
@@ -304,3 +305,26 @@ def test_bad_page_tokens_are_refused(items: Database) -> None:
         list_items(items, "odd", 5, token)
     with pytest.raises(InvalidArgument, match="page_token: is not a token this server issued"):
         list_items(items, "even", 5, "garbage!")
+
+
+def test_filter_values_may_be_bare_resource_names_and_prefixes(items: Database) -> None:
+    with items.session() as session:
+        session.add(
+            Item(id=200, kind="adapters/a/v1", create_time=datetime(2031, 1, 1, tzinfo=UTC))
+        )
+        session.add(
+            Item(id=201, kind="adapters/a@prod", create_time=datetime(2031, 1, 1, tzinfo=UTC))
+        )
+    where = Filter({"kind": Item.kind})
+
+    def matching(text: str) -> list[int]:
+        with items.session() as session:
+            return sorted(session.scalars(where.apply(select(Item.id), text)))
+
+    assert matching("kind=adapters/a/v1") == [200]
+    assert matching('kind="adapters/a/v1"') == [200]
+    assert matching("kind = adapters/a@prod") == [201]
+    assert matching("kind=adapters/*") == [200, 201]
+    assert len(matching("kind=ev*")) == 25
+    with pytest.raises(InvalidArgument, match="filter: cannot parse"):
+        matching("kind=a b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -62,20 +63,27 @@ def versions(adapter: str, output: str) -> None:
         print_json(items)
         return
     table(
-        ["VERSION", "SIZE", "RANK", "ALIASES", "TRAINING JOB", "METRICS", "CREATED"],
+        ["VERSION", "SIZE", "RANK", "ALIASES", "TRAINING JOB", "VALIDATION LOSS", "CREATED"],
         [
             (
                 v.name,
                 size(v.size_bytes),
                 v.config.rank or "-",
-                ", ".join(v.aliases) or "-",
+                ", ".join(alias.rsplit("/", 1)[-1] for alias in v.aliases) or "-",
                 v.lineage.training_job or "-",
-                ", ".join(f"{k}={m:.4g}" for k, m in sorted(v.lineage.metrics.items())) or "-",
+                validation(v.lineage.metrics),
                 when(v.create_time),
             )
             for v in items
         ],
     )
+
+
+def validation(metrics: Mapping[str, float]) -> str:
+    if "validation_loss" not in metrics:
+        return "-"
+    base = metrics.get("base_validation_loss")
+    return f"{metrics['validation_loss']:.4f}" + (f" (base {base:.4f})" if base else "")
 
 
 @adapters.group()

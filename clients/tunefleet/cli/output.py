@@ -20,7 +20,8 @@ from rich.table import Table
 from tunefleet.client import TLS, Client, TunefleetError
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(highlight=False, soft_wrap=True)
+# Piped output is not wrapped at 80 columns: names stay whole for scripts and copying.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -89,16 +90,21 @@ def print_json_line(message: Message) -> None:
     click.echo(json.dumps(as_dict(message)), nl=True)
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    view = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
-    count = 0
-    for row in rows:
-        view.add_row(*(str(cell) for cell in row))
-        count += 1
-    if count:
-        console.print(view)
-    else:
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Rows under a header; the first column (the resource name) is never cut or wrapped."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    if not cells:
         console.print("(none)")
+        return
+    view = Table(box=None, header_style="bold", pad_edge=False)
+    for index, column in enumerate(columns):
+        if index == 0:
+            view.add_column(column, no_wrap=True, min_width=max(len(row[0]) for row in cells))
+        else:
+            view.add_column(column)
+    for row in cells:
+        view.add_row(*row, end_section=False)
+    console.print(view)
 
 
 def fields(pairs: Iterable[tuple[str, Any]]) -> None:

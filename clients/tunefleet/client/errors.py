@@ -51,7 +51,9 @@ class TunefleetError(Exception):
         self.field = field
 
     def __str__(self) -> str:
-        return f"{self.code.name} {self.reason}: {self.message}"
+        """`NOT_FOUND: message`, or `FAILED_PRECONDITION ADAPTER_NOT_SERVABLE: message`."""
+        reason = "" if self.reason == self.code.name else f" {self.reason}"
+        return f"{self.code.name}{reason}: {self.message}"
 
 
 class Cancelled(TunefleetError):

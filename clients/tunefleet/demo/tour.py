@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.client import AsyncClient, Client
+from tunefleet.client import AsyncClient, Client, Options
 from tunefleet.demo import models, task
 from tunefleet.demo.server import LocalServer
 from tunefleet.v1 import dataset_pb2, training_job_pb2
@@ -42,8 +42,8 @@ class Plan:
 
 FULL = Plan(
     model=models.SMOLLM2,
-    held_out=40,
-    max_tokens=48,
+    held_out=24,
+    max_tokens=40,
     # Version 1 is a short first try; version 2 trains twice as long.
     first={"learningRate": 1e-3, "maxSteps": 10, "microBatchSize": 8, "evalEverySteps": 5},
     second={"learningRate": 1e-3, "epochs": 1, "microBatchSize": 8, "evalEverySteps": 8},
@@ -81,7 +81,7 @@ def server_settings(plan: Plan, model_path: Path) -> dict[str, Any]:
         "models": {plan.model: str(model_path)},
         "logging": {"level": "WARNING"},
         "training": {"heartbeat_seconds": 5, "poll_seconds": 0.5},
-        "inference": {"base_model": plan.model, "max_batch": 16, "watch_seconds": 0.2},
+        "inference": {"base_model": plan.model, "max_batch": 24, "watch_seconds": 0.2},
     }
 
 
@@ -173,8 +173,9 @@ def train(client: Client, plan: Plan, dataset: str, hyperparameters: dict[str, A
 
 async def score(target: str, adapter: str, examples: list[Any], max_tokens: int) -> task.Score:
     """The task metric of `adapter` (or the base model) on the held-out examples, all requests
-    at once so that the server batches them."""
-    async with AsyncClient(target) as client:
+    at once so that the server batches them (on CPU a batch takes longer than the default
+    30 s deadline would allow)."""
+    async with AsyncClient(target, options=Options(timeout=600)) as client:
         answers = await asyncio.gather(
             *(
                 client.inference.generate(messages=turns, adapter=adapter, max_tokens=max_tokens)

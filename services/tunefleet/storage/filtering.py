@@ -24,7 +24,8 @@ from tunefleet.runtime.errors import InvalidArgument
 
 _TERM = re.compile(
     r"\s*(?P<field>[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.\-/]+)?)\s*(?P<op>!=|<=|>=|=|<|>|:)\s*"
-    r'(?P<value>"(?:[^"\\]|\\.)*"|\*|[A-Za-z0-9_.\-]+)\s*'
+    # A bare value may be a resource name (adapters/a/versions/1, adapters/a@prod) or a prefix*.
+    r'(?P<value>"(?:[^"\\]|\\.)*"|\*|[A-Za-z0-9_.\-/@]+\*?)\s*'
 )
 _AND = re.compile(r"\s+AND\s+")
 

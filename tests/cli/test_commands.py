@@ -1,0 +1,304 @@
+"""Every `tunefleet` command, run as the real installed binary against a real embedded server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from tests.client.conftest import chat_model, colours, platform
+from tests.helpers import free_port
+from tunefleet.cli.main import cli
+from tunefleet.demo.server import LocalServer
+
+__all__ = ["chat_model", "colours", "platform"]  # fixtures shared with the SDK's tests
+pytestmark = pytest.mark.timeout(300)
+TUNEFLEET = Path(sys.executable).with_name("tunefleet")
+
+
+def tunefleet(
+    server: LocalServer | None, *args: str, input: str | None = None, code: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """Run the binary; assert its exit code."""
+    env = {**os.environ, "COLUMNS": "200"}
+    if server is not None:
+        env["TUNEFLEET_TARGET"] = server.target
+    result = subprocess.run(
+        [str(TUNEFLEET), *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        env=env,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == code, f"{args}: {result.returncode}\n{result.stdout}{result.stderr}"
+    return result
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(result.stdout)
+
+
+def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, command in group.commands.items():
+        paths.append((*prefix, name))
+        if isinstance(command, click.Group):
+            paths.extend(command_paths(command, (*prefix, name)))
+    return paths
+
+
+def test_every_command_has_help() -> None:
+    paths = command_paths(cli)
+    assert {("datasets", "upload"), ("jobs", "logs"), ("adapters", "alias", "set")} <= set(paths)
+    assert len(paths) >= 20
+    for path in [(), *paths]:
+        result = tunefleet(None, *path, "--help")
+        assert "Usage: tunefleet" in result.stdout, path
+
+
+def test_datasets_commands(platform: LocalServer, colours: Path) -> None:
+    upload = tunefleet(
+        platform,
+        "datasets",
+        "upload",
+        str(colours),
+        "--validation-fraction",
+        "0.2",
+        "--keep-duplicates",
+        "--label",
+        "suite=cli",
+    )
+    assert "uploaded colours.jsonl" in upload.stdout
+    assert "records" in upload.stdout and "120 (" in upload.stdout
+
+    uploaded = as_json(
+        tunefleet(
+            platform,
+            "datasets",
+            "upload",
+            str(colours),
+            "--name",
+            "scripted",
+            "--keep-duplicates",
+            "--validation-fraction",
+            "0.25",  # other options: another dataset (the same ones give the same dataset)
+            "-o",
+            "json",
+        )
+    )
+    name = uploaded["name"]
+    assert uploaded["display_name"] == "scripted"
+    assert uploaded["record_count"] == "120"  # int64 in protobuf JSON is a string
+
+    listed = tunefleet(platform, "datasets", "list", "--filter", "labels.suite=cli")
+    assert "colours.jsonl" in listed.stdout and "scripted" not in listed.stdout
+    names = [d["name"] for d in as_json(tunefleet(platform, "datasets", "list", "-o", "json"))]
+    assert name in names
+    assert as_json(tunefleet(platform, "datasets", "get", name, "-o", "json"))["name"] == name
+    assert "rejected 0" in tunefleet(platform, "datasets", "get", name).stdout
+
+    preview = tunefleet(
+        platform, "datasets", "preview", name, "--split", "validation", "--limit", "2", "-o", "json"
+    )
+    records = [json.loads(line) for line in preview.stdout.splitlines()]
+    assert len(records) == 2 and {r["split"] for r in records} == {"DATASET_SPLIT_VALIDATION"}
+    shown = tunefleet(platform, "datasets", "preview", name, "--limit", "1").stdout
+    assert "assistant: Colour:" in shown
+
+    assert tunefleet(platform, "datasets", "delete", name).stdout.strip() == f"deleted {name}"
+    missing = tunefleet(platform, "datasets", "get", name, code=1)
+    assert missing.stderr.strip() == f"error: NOT_FOUND: {name} not found"
+    assert missing.stdout == ""
+
+
+def upload(platform: LocalServer, colours: Path) -> str:
+    result = tunefleet(
+        platform,
+        "datasets",
+        "upload",
+        str(colours),
+        "--keep-duplicates",
+        "--validation-fraction",
+        "0.2",
+        "-o",
+        "json",
+    )
+    return str(as_json(result)["name"])
+
+
+JOB = [
+    *("--base-model", "colours", "--rank", "8", "--learning-rate", "0.01"),
+    *("--micro-batch-size", "8", "--max-sequence-length", "64"),
+    *("--eval-every-steps", "2", "--max-steps", "4"),
+]  # fmt: skip
+
+
+def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
+    dataset = upload(platform, colours)
+    created = tunefleet(
+        platform,
+        "jobs",
+        "create",
+        *JOB,
+        "--dataset",
+        dataset,
+        "--adapter",
+        "adapters/cli",
+        "--follow",
+    )
+    out = created.stdout
+    assert out.startswith("created trainingJobs/")
+    job = out.split()[1]
+    assert "SUCCEEDED" in out and "step     4/4" in out
+    assert f"{job} SUCCEEDED adapters/cli/versions/1" in out
+
+    listed = tunefleet(platform, "jobs", "list", "--filter", "state=SUCCEEDED")
+    assert job in listed.stdout and "4/4" in listed.stdout
+    got = as_json(tunefleet(platform, "jobs", "get", job, "-o", "json"))
+    assert got["state"] == "STATE_SUCCEEDED"
+    assert got["output_adapter_version"] == "adapters/cli/versions/1"
+    assert "validation loss" in tunefleet(platform, "jobs", "get", job).stdout
+
+    logs = tunefleet(platform, "jobs", "logs", job).stdout
+    assert "RUNNING" in logs and "checkpoint at step 4" in logs and "  | " in logs
+    events = tunefleet(platform, "jobs", "logs", job, "--follow", "-o", "json").stdout
+    steps = [
+        json.loads(line)["progress"]["step"] for line in events.splitlines() if '"progress"' in line
+    ]
+    assert steps == ["1", "2", "3", "4"]
+
+    long = as_json(
+        tunefleet(
+            platform,
+            "jobs",
+            "create",
+            *JOB[:-2],
+            "--max-steps",
+            "100000",
+            "--epochs",
+            "1000",
+            "--dataset",
+            dataset,
+            "--adapter",
+            "adapters/cli-long",
+            "-o",
+            "json",
+        )
+    )
+    cancelled = tunefleet(platform, "jobs", "cancel", long["name"])
+    assert cancelled.stdout.split()[-1] in ("CANCELLING", "CANCELLED")
+    # Following a job that does not succeed exits non-zero.
+    followed = tunefleet(platform, "jobs", "logs", long["name"], "--follow", code=1)
+    assert f"{long['name']} CANCELLED" in followed.stdout
+
+    invalid = tunefleet(platform, "jobs", "create", "--base-model", "colours", code=2)
+    assert invalid.stderr.startswith("error: INVALID_ARGUMENT")
+    assert len(invalid.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def version(platform: LocalServer, colours: Path) -> str:
+    dataset = upload(platform, colours)
+    job = as_json(
+        tunefleet(
+            platform,
+            "jobs",
+            "create",
+            *JOB,
+            "--dataset",
+            dataset,
+            "--adapter",
+            "adapters/served",
+            "-o",
+            "json",
+        )
+    )
+    tunefleet(platform, "jobs", "logs", job["name"], "--follow")
+    return "adapters/served/versions/1"
+
+
+def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) -> None:
+    listed = tunefleet(platform, "adapters", "list").stdout
+    assert "adapters/served" in listed
+    versions = tunefleet(platform, "adapters", "versions", "served").stdout
+    assert version in versions and "trainingJobs/" in versions
+    assert (
+        as_json(tunefleet(platform, "adapters", "versions", "served", "-o", "json"))[0]["name"]
+        == version
+    )
+
+    moved = tunefleet(platform, "adapters", "alias", "set", "served", "prod", "1", "--reason", "t")
+    assert moved.stdout.strip() == f"adapters/served/aliases/prod -> {version}"
+    conflict = tunefleet(
+        platform, "adapters", "alias", "set", "served", "prod", "1", "--expect", "", code=1
+    )
+    assert conflict.stderr.startswith("error: ABORTED ALIAS_MOVED:")
+    assert "prod->1" in tunefleet(platform, "adapters", "list").stdout
+
+    target = tmp_path / "download"
+    downloaded = tunefleet(platform, "adapters", "download", version, str(target))
+    assert "adapter_config.json" in downloaded.stdout
+    assert (target / "adapter_config.json").is_file()
+    files = as_json(
+        tunefleet(platform, "adapters", "download", version, str(tmp_path / "again"), "-o", "json")
+    )["files"]
+    assert {Path(f).name for f in files} == {p.name for p in target.iterdir()}
+
+
+def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
+    tunefleet(platform, "adapters", "alias", "set", "served", "live", "1")
+    streamed = tunefleet(
+        platform,
+        "generate",
+        "--chat",
+        "--adapter",
+        "adapters/served@live",
+        "--max-tokens",
+        "8",
+        "Which colour goes with the cat?",
+    )
+    assert f"[{version}; " in streamed.stderr and "response " in streamed.stderr
+    whole = as_json(
+        tunefleet(
+            platform,
+            "generate",
+            "--chat",
+            "--adapter",
+            "adapters/served@live",
+            "--max-tokens",
+            "8",
+            "-o",
+            "json",
+            "Which colour goes with the cat?",
+        )
+    )
+    assert streamed.stdout.rstrip("\n") == whole["text"]  # greedy: the same answer
+    assert whole["adapter_version"] == version
+
+    piped = tunefleet(platform, "generate", "--max-tokens", "4", input="Which colour")
+    assert "[base model; " in piped.stderr
+
+    recorded = tunefleet(
+        platform, "feedback", whole["response_id"], "--rating", "-1", "--corrected-text", "red"
+    )
+    assert recorded.stdout.startswith("recorded feedback/")
+    assert f"rating -1 for {version}" in recorded.stdout
+    out_of_range = tunefleet(platform, "feedback", whole["response_id"], "--rating", "3", code=2)
+    assert "--rating" in out_of_range.stderr
+
+
+def test_an_unreachable_server_is_one_line_and_exit_1() -> None:
+    target = f"127.0.0.1:{free_port()}"
+    result = tunefleet(None, "--target", target, "datasets", "list", code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: UNAVAILABLE")
+    assert lines[0].endswith(f"(is a server running at {target}?)")

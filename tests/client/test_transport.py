@@ -1,0 +1,138 @@
+"""Deadlines, retries and credentials of both transports, against a small real gRPC server whose
+answers the tests script (UNAVAILABLE a few times, slow answers)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.client.conftest import connect
+from tunefleet import client as sdk_errors
+from tunefleet.client import Options
+from tunefleet.v1 import (
+    dataset_pb2,
+    dataset_service_pb2_grpc,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+)
+
+
+@dataclass
+class Script:
+    unavailable: int = 0  # answer UNAVAILABLE this many times first
+    delay: float = 0.0
+    calls: list[str] = field(default_factory=list)
+    metadata: list[dict[str, str]] = field(default_factory=list)
+
+    def answer(self, method: str, context: grpc.ServicerContext) -> None:
+        self.calls.append(method)
+        self.metadata.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        time.sleep(self.delay)
+
+
+class Datasets(dataset_service_pb2_grpc.DatasetServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def GetDataset(self, request: Any, context: grpc.ServicerContext) -> dataset_pb2.Dataset:
+        self.script.answer("GetDataset", context)
+        return dataset_pb2.Dataset(name=request.name)
+
+
+class Inference(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.script.answer("Generate", context)
+        return inference_service_pb2.GenerateResponse(text="hi")
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, Script]]:
+    script = Script()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
+        Datasets(script),  # type: ignore[abstract]  # only the methods the tests call
+        server,
+    )
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+        Inference(script),  # type: ignore[abstract]
+        server,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", script
+    server.stop(0)
+
+
+FAST = Options(timeout=5, retries=3, backoff=0.01, max_backoff=0.05)
+
+
+def test_idempotent_calls_are_retried_while_unavailable(
+    mode: str, scripted: tuple[str, Script]
+) -> None:
+    target, script = scripted
+    script.unavailable = 2
+    client = connect(mode, target, options=FAST)
+    assert client.datasets.get("d1").name == "datasets/d1"
+    assert script.calls == ["GetDataset"] * 3
+    client.close()
+
+
+def test_retries_give_up_with_unavailable(mode: str, scripted: tuple[str, Script]) -> None:
+    target, script = scripted
+    script.unavailable = 10
+    client = connect(mode, target, options=FAST)
+    with pytest.raises(sdk_errors.Unavailable) as error:
+        client.datasets.get("d1")
+    assert error.value.message == "restarting"
+    assert len(script.calls) == 1 + FAST.retries
+    client.close()
+
+
+def test_calls_that_are_not_idempotent_are_not_retried(
+    mode: str, scripted: tuple[str, Script]
+) -> None:
+    target, script = scripted
+    script.unavailable = 1
+    client = connect(mode, target, options=FAST)
+    with pytest.raises(sdk_errors.Unavailable):
+        client.inference.generate("hello")
+    assert script.calls == ["Generate"]
+    client.close()
+
+
+def test_a_slow_answer_exceeds_the_deadline(mode: str, scripted: tuple[str, Script]) -> None:
+    target, script = scripted
+    script.delay = 1.0
+    client = connect(mode, target, options=Options(timeout=0.2))
+    started = time.monotonic()
+    with pytest.raises(sdk_errors.DeadlineExceeded):
+        client.datasets.get("d1")
+    assert time.monotonic() - started < 0.9
+    client.close()
+
+
+def test_the_token_is_sent_as_a_bearer_header(mode: str, scripted: tuple[str, Script]) -> None:
+    target, script = scripted
+    client = connect(mode, target, token="s3cret")
+    client.datasets.get("d1")
+    assert script.metadata[-1]["authorization"] == "Bearer s3cret"
+    client.close()
+
+
+def test_a_target_is_required() -> None:
+    from tunefleet.client import Client
+
+    with pytest.raises(sdk_errors.InvalidArgument):
+        Client("")
