@@ -23,16 +23,8 @@ from tunefleet.client.core import (
     stream,
 )
 from tunefleet.client.errors import DataLoss
-from tunefleet.client.helpers import (
-    CHUNK_BYTES,
-    Progress,
-    resource_name,
-)
-from tunefleet.v1 import (
-    adapter_pb2,
-    adapter_service_pb2,
-    adapter_service_pb2_grpc,
-)
+from tunefleet.client.helpers import CHUNK_BYTES, Progress, resource_name
+from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 
 class Adapters(Resource[M]):
@@ -64,7 +56,9 @@ class Adapters(Resource[M]):
             adapter_id=adapter_id,
             request_id=request_id or str(uuid.uuid4()),
         )
-        adapter: adapter_pb2.Adapter = yield Call(self.Stub, "CreateAdapter", request, True)
+        adapter: adapter_pb2.Adapter = yield Call(
+            self.Stub, "CreateAdapter", request, idempotent=True
+        )
         return adapter
 
     @operation
@@ -77,7 +71,7 @@ class Adapters(Resource[M]):
             print(adapter.aliases["prod"])
         """
         request = adapter_service_pb2.GetAdapterRequest(name=resource_name("adapters", name))
-        adapter: adapter_pb2.Adapter = yield Call(self.Stub, "GetAdapter", request, True)
+        adapter: adapter_pb2.Adapter = yield Call(self.Stub, "GetAdapter", request, idempotent=True)
         return adapter
 
     @stream
@@ -105,7 +99,7 @@ class Adapters(Resource[M]):
             client.adapters.delete("orders")
         """
         request = adapter_service_pb2.DeleteAdapterRequest(name=resource_name("adapters", name))
-        yield Call(self.Stub, "DeleteAdapter", request, True)
+        yield Call(self.Stub, "DeleteAdapter", request, idempotent=True)
 
     @stream
     def versions(
@@ -136,7 +130,7 @@ class Adapters(Resource[M]):
         """
         request = adapter_service_pb2.GetAdapterVersionRequest(name=name)
         version: adapter_pb2.AdapterVersion = yield Call(
-            self.Stub, "GetAdapterVersion", request, True
+            self.Stub, "GetAdapterVersion", request, idempotent=True
         )
         return version
 
@@ -149,7 +143,7 @@ class Adapters(Resource[M]):
             client.adapters.delete_version("adapters/orders/versions/1")
         """
         request = adapter_service_pb2.DeleteAdapterVersionRequest(name=name)
-        yield Call(self.Stub, "DeleteAdapterVersion", request, True)
+        yield Call(self.Stub, "DeleteAdapterVersion", request, idempotent=True)
 
     @operation
     def upload_version(
@@ -292,7 +286,7 @@ class Adapters(Resource[M]):
         """
         name = f"{resource_name('adapters', adapter)}/aliases/{alias}"
         request = adapter_service_pb2.DeleteAdapterAliasRequest(name=name, reason=reason)
-        yield Call(self.Stub, "DeleteAdapterAlias", request, True)
+        yield Call(self.Stub, "DeleteAdapterAlias", request, idempotent=True)
 
     @stream
     def aliases(self, adapter: str, page_size: int = 100) -> Feed[adapter_pb2.AdapterAlias]:
@@ -356,7 +350,7 @@ class Adapters(Resource[M]):
             name=version, dtype=dtype, request_id=request_id or str(uuid.uuid4())
         )
         merged: adapter_pb2.AdapterVersion = yield Call(
-            self.Stub, "MergeAdapterVersion", request, True
+            self.Stub, "MergeAdapterVersion", request, idempotent=True
         )
         return merged
 

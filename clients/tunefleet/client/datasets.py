@@ -26,11 +26,7 @@ from tunefleet.client.helpers import (
     resource_name,
     to_message,
 )
-from tunefleet.v1 import (
-    dataset_pb2,
-    dataset_service_pb2,
-    dataset_service_pb2_grpc,
-)
+from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 
 class Datasets(Resource[M]):
@@ -94,7 +90,7 @@ class Datasets(Resource[M]):
             dataset = client.datasets.get("datasets/0f3c...")
         """
         request = dataset_service_pb2.GetDatasetRequest(name=resource_name("datasets", name))
-        dataset: dataset_pb2.Dataset = yield Call(self.Stub, "GetDataset", request, True)
+        dataset: dataset_pb2.Dataset = yield Call(self.Stub, "GetDataset", request, idempotent=True)
         return dataset
 
     @stream
@@ -119,7 +115,7 @@ class Datasets(Resource[M]):
             client.datasets.delete("datasets/0f3c...")
         """
         request = dataset_service_pb2.DeleteDatasetRequest(name=resource_name("datasets", name))
-        yield Call(self.Stub, "DeleteDataset", request, True)
+        yield Call(self.Stub, "DeleteDataset", request, idempotent=True)
 
     @stream
     def preview(
@@ -161,6 +157,6 @@ class Datasets(Resource[M]):
             near_duplicate_threshold=near_duplicate_threshold,
         )
         report: dataset_pb2.ContaminationReport = yield Call(
-            self.Stub, "CheckContamination", request, True
+            self.Stub, "CheckContamination", request, idempotent=True
         )
         return report

@@ -20,9 +20,7 @@ from tunefleet.client.core import (
     stream,
 )
 from tunefleet.client.errors import InvalidArgument
-from tunefleet.client.helpers import (
-    to_message,
-)
+from tunefleet.client.helpers import to_message
 from tunefleet.v1 import (
     common_pb2,
     inference_pb2,
@@ -154,7 +152,9 @@ class Inference(Resource[M]):
             client.inference.load("adapters/orders@prod", pin=True)
         """
         request = inference_service_pb2.LoadAdapterRequest(adapter=adapter, pin=pin)
-        served: inference_pb2.ServedAdapter = yield Call(self.Stub, "LoadAdapter", request, True)
+        served: inference_pb2.ServedAdapter = yield Call(
+            self.Stub, "LoadAdapter", request, idempotent=True
+        )
         return served
 
     @operation
@@ -166,7 +166,9 @@ class Inference(Resource[M]):
             client.inference.unload("adapters/orders/versions/1")
         """
         request = inference_service_pb2.UnloadAdapterRequest(adapter=adapter)
-        served: inference_pb2.ServedAdapter = yield Call(self.Stub, "UnloadAdapter", request, True)
+        served: inference_pb2.ServedAdapter = yield Call(
+            self.Stub, "UnloadAdapter", request, idempotent=True
+        )
         return served
 
     @operation
@@ -195,7 +197,9 @@ class Inference(Resource[M]):
             ),
             request_id=request_id or str(uuid.uuid4()),
         )
-        feedback: inference_pb2.Feedback = yield Call(self.Stub, "CreateFeedback", request, True)
+        feedback: inference_pb2.Feedback = yield Call(
+            self.Stub, "CreateFeedback", request, idempotent=True
+        )
         return feedback
 
     @stream

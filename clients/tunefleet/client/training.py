@@ -23,15 +23,8 @@ from tunefleet.client.core import (
     stream,
 )
 from tunefleet.client.errors import Unavailable
-from tunefleet.client.helpers import (
-    resource_name,
-    to_message,
-)
-from tunefleet.v1 import (
-    training_job_pb2,
-    training_service_pb2,
-    training_service_pb2_grpc,
-)
+from tunefleet.client.helpers import resource_name, to_message
+from tunefleet.v1 import training_job_pb2, training_service_pb2, training_service_pb2_grpc
 
 
 class TrainingJobs(Resource[M]):
@@ -65,7 +58,7 @@ class TrainingJobs(Resource[M]):
             validate_only=validate_only,
         )
         created: training_job_pb2.TrainingJob = yield Call(
-            self.Stub, "CreateTrainingJob", request, True
+            self.Stub, "CreateTrainingJob", request, idempotent=True
         )
         return created
 
@@ -81,7 +74,9 @@ class TrainingJobs(Resource[M]):
         request = training_service_pb2.GetTrainingJobRequest(
             name=resource_name("trainingJobs", name)
         )
-        job: training_job_pb2.TrainingJob = yield Call(self.Stub, "GetTrainingJob", request, True)
+        job: training_job_pb2.TrainingJob = yield Call(
+            self.Stub, "GetTrainingJob", request, idempotent=True
+        )
         return job
 
     @stream
@@ -112,7 +107,7 @@ class TrainingJobs(Resource[M]):
             name=resource_name("trainingJobs", name)
         )
         job: training_job_pb2.TrainingJob = yield Call(
-            self.Stub, "CancelTrainingJob", request, True
+            self.Stub, "CancelTrainingJob", request, idempotent=True
         )
         return job
 
