@@ -84,7 +84,7 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLL
 	$(BIN)/python -m pytest -m "not vllm"
 	$(VLLM_BIN)/python -m pytest -m vllm
 
-demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (~10 min on 2 cores)
+demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (about 7 min on 2 cores)
 	$(BIN)/python -m tunefleet.demo
 
 demo-quick: $(VENV)/.installed  ## the same tour on a tiny model (under a minute)

@@ -27,11 +27,18 @@ def free_port() -> int:
 class LocalServer:
     """All four services in one `tunefleet serve` process (the embedded shape) on free ports.
 
-    `settings` is merged into the generated settings file (data directory, ports, log level).
+    `settings` is merged into the generated settings file (data directory, ports, log level);
+    with TLS in them, `credentials` are what the readiness check connects with.
     """
 
-    def __init__(self, data_dir: Path, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict[str, Any] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.credentials = credentials
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -58,7 +65,12 @@ class LocalServer:
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.secure_channel(self.target, self.credentials)
+            if self.credentials
+            else grpc.insecure_channel(self.target)
+        )
+        with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
