@@ -210,16 +210,20 @@ def ask(client: Client, turns: list[dict[str, str]], adapter: str) -> str:
 def show_metrics(server: LocalServer) -> None:
     with urllib.request.urlopen(server.metrics_url, timeout=5) as page:  # noqa: S310 - local
         lines = page.read().decode().splitlines()
-    wanted = ("tunefleet_inference_requests_total", "tunefleet_inference_generated_tokens_total")
+    wanted = (
+        "tunefleet_inference_requests_total",
+        "tunefleet_inference_generated_tokens_total",
+        "tunefleet_inference_alias_swaps_total",
+    )
     for line in lines:
-        if line.startswith(wanted) or line.startswith("tunefleet_inference_alias_swaps_total"):
+        if line.startswith(wanted):
             print(f"  {line}")
 
 
 def run(quick: bool = False, data_dir: Path | None = None) -> int:
     plan = QUICK if quick else FULL
     started = time.monotonic()
-    step(f"base model {plan.model} (converted once and cached)")
+    step(f"base model {plan.model} (prepared once and cached)")
     model_path = prepare_model(plan)
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
     server = LocalServer(data_dir, server_settings(plan, model_path))
@@ -280,6 +284,10 @@ def run(quick: bool = False, data_dir: Path | None = None) -> int:
         print(f"  {second:<28} {better}")
         improved = tuned.exact_match > base.exact_match and better.exact_match > base.exact_match
         print(f"  the fine-tuned adapters beat the base model: {'yes' if improved else 'no'}")
+        if not plan.must_improve:
+            print(
+                "  (--quick: a tiny model trained for seconds; the loss falls, answers stay wrong)"
+            )
         print(f"  served version after the alias move: {served_after}")
     print(f"  tunefleet serve exited with {server.process.returncode if server.process else 0}")
     print(f"  demo finished in {time.monotonic() - started:.0f} s")
