@@ -112,7 +112,10 @@ class ResponseLog:
         with self.db.session() as session:
             session.add_all(rows)
 
-    async def create_feedback(self, feedback: Feedback, request_id: str = "") -> FeedbackRow:
+    async def create_feedback(
+        self, feedback: Feedback, request_id: str = ""
+    ) -> tuple[FeedbackRow, bool]:
+        """The recorded feedback, and whether it was recorded now (not by an earlier retry)."""
         if not feedback.response_id:
             raise InvalidArgument("feedback.response_id", "is required")
         if not -1.0 <= feedback.rating <= 1.0:
@@ -142,8 +145,8 @@ class ResponseLog:
             session.flush()
             return identifier
 
-        def run() -> FeedbackRow:
-            identifier, _ = idempotency.create_once(
+        def run() -> tuple[FeedbackRow, bool]:
+            identifier, created = idempotency.create_once(
                 self.db,
                 scope="CreateFeedback",
                 request_id=request_id,
@@ -154,7 +157,7 @@ class ResponseLog:
                 row = session.get(FeedbackRow, identifier)
                 assert row is not None
                 session.expunge(row)
-                return row
+                return row, created
 
         return await asyncio.to_thread(run)
 

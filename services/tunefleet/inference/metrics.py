@@ -3,15 +3,20 @@ model)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
+def version_labels(version: str) -> tuple[str, str]:
+    """The (adapter, version) labels of a version name; ("base", "") for the base model."""
+    return (version.split("/versions/")[0] if version else "base", version)
+
+
 class InferenceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        by_version = ["adapter", "version"]
+        by_version = ["adapter", "version"]  # adapter "base" and version "" for the base model
         self.requests = Counter(
             "tunefleet_inference_requests",
             "Generation requests by adapter, version and outcome (ok, error, cancelled).",
@@ -88,6 +93,14 @@ class InferenceMetrics:
             "tunefleet_inference_alias_swaps",
             "Alias moves followed, by outcome (swapped, failed: the old version keeps serving).",
             ["outcome"],
+            registry=registry,
+        )
+        # A summary, not a histogram: histograms with negative buckets do not expose _sum.
+        self.feedback_rating = Summary(
+            "tunefleet_inference_feedback_rating",
+            "Feedback ratings (-1 bad to 1 good) by the adapter and version that answered; "
+            "_sum / _count is the mean rating.",
+            by_version,
             registry=registry,
         )
         self.swap_seconds = Histogram(

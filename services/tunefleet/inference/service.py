@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from tunefleet.inference.adapters import AdapterPool
 from tunefleet.inference.engine import Engine, Finish, GenerationRequest, Sampling
 from tunefleet.inference.feedback import ResponseLog
-from tunefleet.inference.metrics import InferenceMetrics
+from tunefleet.inference.metrics import InferenceMetrics, version_labels
 from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
 from tunefleet.runtime.tasks import cancel
 from tunefleet.v1 import inference_pb2, inference_service_pb2
@@ -89,7 +89,7 @@ class InferenceManager:
         prompt_ids = self._prompt(request)
         served = await self.pool.acquire(request.adapter)
         version = served.version if served is not None else ""
-        labels = (version.split("/versions/")[0] if version else "base", version)
+        labels = version_labels(version)
         engine = served.engine if served is not None and served.engine else self.engine
         response_id = uuid.uuid4().hex
         outcome, text, finish, tokens, first = "error", [], Finish.STOP, 0, None

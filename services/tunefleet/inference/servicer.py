@@ -10,6 +10,7 @@ import grpc
 from tunefleet.adapters import names
 from tunefleet.inference.adapters import AdapterPool, ServedVersion
 from tunefleet.inference.feedback import Feedback, FeedbackRow
+from tunefleet.inference.metrics import version_labels
 from tunefleet.inference.service import InferenceManager
 from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
 from tunefleet.runtime.protos import timestamp
@@ -129,12 +130,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: inference_service_pb2.CreateFeedbackRequest, context: Context
     ) -> inference_pb2.Feedback:
         feedback = request.feedback
-        row = await self.manager.responses.create_feedback(
+        row, created = await self.manager.responses.create_feedback(
             Feedback(
                 feedback.response_id, feedback.rating, feedback.corrected_text, feedback.comment
             ),
             request.request_id,
         )
+        if created:
+            labels = version_labels(row.adapter_version)
+            self.manager.metrics.feedback_rating.labels(*labels).observe(row.rating)
         return feedback_proto(row)
 
     async def ListFeedback(
