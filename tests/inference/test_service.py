@@ -304,11 +304,11 @@ async def test_feedback_names_the_version_and_filters(serving: Serving, served: 
         inference_service_pb2.ListFeedbackRequest(filter=f'adapter_version = "{alpha}"')
     )
     assert [f.response_id for f in of_alpha.feedback] == [good.response_id]
-    # The mean rating per version, for alerts; the retried request is counted once.
-    rating = "tunefleet_inference_feedback_rating"
-    assert serving.sample(f"{rating}_count", adapter="base", version="") == 1
-    assert serving.sample(f"{rating}_sum", adapter="base", version="") == -1
-    assert serving.sample(f"{rating}_sum", adapter="adapters/alpha", version=alpha) == 1
+    # The mean score (0 bad, 1 good) per version, for alerts; the retried request counts once.
+    score = "tunefleet_inference_feedback_score"
+    assert serving.sample(f"{score}_count", adapter="base", version="") == 1
+    assert serving.sample(f"{score}_sum", adapter="base", version="") == 0
+    assert serving.sample(f"{score}_sum", adapter="adapters/alpha", version=alpha) == 1
     for feedback, code in [
         (inference_pb2.Feedback(response_id="nope", rating=1), grpc.StatusCode.NOT_FOUND),
         (

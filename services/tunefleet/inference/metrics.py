@@ -95,11 +95,12 @@ class InferenceMetrics:
             ["outcome"],
             registry=registry,
         )
-        # A summary, not a histogram: histograms with negative buckets do not expose _sum.
-        self.feedback_rating = Summary(
-            "tunefleet_inference_feedback_rating",
-            "Feedback ratings (-1 bad to 1 good) by the adapter and version that answered; "
-            "_sum / _count is the mean rating.",
+        # The score, not the rating: a sum that never falls keeps rate() and increase() right
+        # (a falling _sum would read as a counter reset).
+        self.feedback_score = Summary(
+            "tunefleet_inference_feedback_score",
+            "Feedback as a score from 0 (rating -1, bad) to 1 (rating 1, good), by the adapter "
+            "and version that answered; _sum / _count is the mean score.",
             by_version,
             registry=registry,
         )

@@ -138,7 +138,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
         if created:
             labels = version_labels(row.adapter_version)
-            self.manager.metrics.feedback_rating.labels(*labels).observe(row.rating)
+            self.manager.metrics.feedback_score.labels(*labels).observe((row.rating + 1) / 2)
         return feedback_proto(row)
 
     async def ListFeedback(
