@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -107,6 +107,10 @@ bench-serving: $(VLLM_VENV)/.installed  ## serving: 8 adapters vs 1, vs swapping
 
 serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
 	$(BIN)/tunefleet serve
+
+OVERLAY ?= dev
+deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (dev or gpu) to the current kubectl context
+	kubectl apply -k deploy/overlays/$(OVERLAY)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) $(VLLM_VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

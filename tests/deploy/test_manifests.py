@@ -1,0 +1,151 @@
+"""deploy/: each overlay renders with kustomize, passes strict schema validation for current
+Kubernetes, and has what the cluster shape relies on (probes, security contexts, resources, the
+training service's RBAC, GPUs for serving in the gpu overlay)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helpers import require_tool
+from tunefleet.runtime.settings import load_settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+OVERLAYS = ["dev", "gpu"]
+MONITORING_KINDS = {"PrometheusRule", "ServiceMonitor"}  # CRDs: no schema in kubernetes-validate
+SERVICES = {
+    "datasets": "DatasetService",
+    "training": "TrainingService",
+    "adapters": "AdapterService",
+    "inference": "InferenceService",
+}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    kubectl = require_tool("kubectl", "Google's kubectl package (kustomize built in)")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in documents if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+def test_rendered_manifests_pass_strict_validation(overlay: str, version: str) -> None:
+    documents = render(overlay)
+    for document in documents:
+        if document["kind"] in MONITORING_KINDS:
+            continue
+        kubernetes_validate.validate(document, version, strict=True)
+    assert all(d["metadata"].get("namespace") == "tunefleet" for d in documents[1:])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: str) -> None:
+    documents = render(overlay)
+    deployments = by_kind(documents, "Deployment")
+    services = by_kind(documents, "Service")
+    assert set(deployments) == {f"tunefleet-{key}" for key in SERVICES}
+    assert set(services) == set(deployments)
+    for key, service in SERVICES.items():
+        pod = deployments[f"tunefleet-{key}"]["spec"]["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = spec["containers"]
+        assert container["args"][:2] == ["serve", key]
+        assert container["readinessProbe"]["grpc"] == {
+            "port": 50051,
+            "service": f"tunefleet.v1.{service}",
+        }
+        assert container["livenessProbe"]["grpc"]["port"] == 50051
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["settings"]["configMap"]["name"].startswith("tunefleet-settings-")
+        assert container["envFrom"] == [
+            {"secretRef": {"name": "tunefleet-credentials", "optional": True}}
+        ]
+        expected_account = "tunefleet-training" if key == "training" else "tunefleet"
+        assert spec["serviceAccountName"] == expected_account
+        ports = {p["name"]: p["port"] for p in services[f"tunefleet-{key}"]["spec"]["ports"]}
+        assert ports == {"grpc": 50051, "metrics": 9090}
+    assert deployments["tunefleet-training"]["spec"]["strategy"]["type"] == "Recreate"
+    accounts = by_kind(documents, "ServiceAccount")
+    assert accounts["tunefleet"]["automountServiceAccountToken"] is False
+    assert accounts["tunefleet-trainer"]["automountServiceAccountToken"] is False
+
+
+def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> None:
+    documents = render("dev")
+    (role,) = by_kind(documents, "Role").values()
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("batch", "jobs", "create") in granted and ("", "pods/log", "get") in granted
+    assert all(resource in {"jobs", "pods", "pods/log", "secrets"} for _, resource, _ in granted)
+    assert not any(verb in {"list", "watch", "*"} for _, r, verb in granted if r == "secrets")
+    assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
+    (binding,) = by_kind(documents, "RoleBinding").values()
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tunefleet-training", "namespace": "tunefleet"}
+    ]
+
+
+def test_the_dev_overlay_keeps_state_on_one_volume() -> None:
+    deployments = by_kind(render("dev"), "Deployment")
+    for deployment in deployments.values():
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["data"] == {
+            "name": "data",
+            "persistentVolumeClaim": {"claimName": "tunefleet-data"},
+        }
+
+
+def test_the_gpu_overlay_serves_on_gpus_with_monitoring() -> None:
+    documents = render("gpu")
+    inference = by_kind(documents, "Deployment")["tunefleet-inference"]["spec"]
+    assert inference["replicas"] >= 2
+    pod = inference["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] and pod["tolerations"]
+    kinds = {d["kind"] for d in documents}
+    assert kinds >= MONITORING_KINDS
+    configmaps = by_kind(documents, "ConfigMap").values()
+    labels = [d["metadata"].get("labels", {}) for d in configmaps]
+    dashboards = [label for label in labels if label.get("grafana_dashboard") == "1"]
+    assert len(dashboards) == 1
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_the_settings_files_load(overlay: str) -> None:
+    folder = DEPLOY / "base" if overlay == "base" else DEPLOY / "overlays" / overlay
+    settings = load_settings(folder / "tunefleet.yaml")
+    assert settings.server.host == "0.0.0.0" and settings.server.port == 50051
+    if overlay == "gpu":
+        assert settings.training.launcher == "kubernetes"
+        assert settings.inference.engine == "vllm"
+        assert settings.storage.blob_backend == "s3"
