@@ -12,10 +12,10 @@ from tunefleet.cli.output import (
     client,
     console,
     handles_errors,
+    listing,
     output_option,
     print_json,
     size,
-    table,
     when,
 )
 
@@ -33,21 +33,17 @@ def list_adapters(filter_text: str, output: str) -> None:
     """List adapters with their aliases."""
     with client() as tunefleet:
         items = list(tunefleet.adapters.list(filter=filter_text))
-    if output == "json":
-        print_json(items)
-        return
-    table(
+    listing(
+        items,
+        output,
         ["NAME", "BASE MODEL", "LATEST", "ALIASES", "UPDATED"],
-        [
-            (
-                a.name,
-                a.base_model,
-                a.latest_version or "-",
-                ", ".join(f"{k}->{v}" for k, v in sorted(a.aliases.items())) or "-",
-                when(a.update_time),
-            )
-            for a in items
-        ],
+        lambda a: (
+            a.name,
+            a.base_model,
+            a.latest_version or "-",
+            ", ".join(f"{k}->{v}" for k, v in sorted(a.aliases.items())) or "-",
+            when(a.update_time),
+        ),
     )
 
 
@@ -59,23 +55,19 @@ def versions(adapter: str, output: str) -> None:
     """List an adapter's versions, newest first, with their lineage and metrics."""
     with client() as tunefleet:
         items = list(tunefleet.adapters.versions(adapter))
-    if output == "json":
-        print_json(items)
-        return
-    table(
+    listing(
+        items,
+        output,
         ["VERSION", "SIZE", "RANK", "ALIASES", "TRAINING JOB", "VALIDATION LOSS", "CREATED"],
-        [
-            (
-                v.name,
-                size(v.size_bytes),
-                v.config.rank or "-",
-                ", ".join(alias.rsplit("/", 1)[-1] for alias in v.aliases) or "-",
-                v.lineage.training_job or "-",
-                validation(v.lineage.metrics),
-                when(v.create_time),
-            )
-            for v in items
-        ],
+        lambda v: (
+            v.name,
+            size(v.size_bytes),
+            v.config.rank or "-",
+            ", ".join(alias.rsplit("/", 1)[-1] for alias in v.aliases) or "-",
+            v.lineage.training_job or "-",
+            validation(v.lineage.metrics),
+            when(v.create_time),
+        ),
     )
 
 

@@ -14,6 +14,7 @@ from tunefleet.cli.output import (
     enum_name,
     fields,
     handles_errors,
+    listing,
     output_option,
     print_json,
     print_json_line,
@@ -171,23 +172,19 @@ def list_datasets(filter_text: str, output: str) -> None:
     """List datasets, newest first."""
     with client() as tunefleet:
         items = list(tunefleet.datasets.list(filter=filter_text))
-    if output == "json":
-        print_json(items)
-        return
-    table(
+    listing(
+        items,
+        output,
         ["NAME", "DISPLAY NAME", "RECORDS", "TRAIN", "VALIDATION", "TOKENS", "CREATED"],
-        [
-            (
-                d.name,
-                d.display_name,
-                d.record_count,
-                d.train_record_count,
-                d.validation_record_count,
-                d.token_statistics.total_tokens,
-                when(d.create_time),
-            )
-            for d in items
-        ],
+        lambda d: (
+            d.name,
+            d.display_name,
+            d.record_count,
+            d.train_record_count,
+            d.validation_record_count,
+            d.token_statistics.total_tokens,
+            when(d.create_time),
+        ),
     )
 
 

@@ -15,10 +15,10 @@ from tunefleet.cli.output import (
     enum_name,
     fields,
     handles_errors,
+    listing,
     output_option,
     print_json,
     print_json_line,
-    table,
     when,
 )
 from tunefleet.client import Client
@@ -132,23 +132,19 @@ def list_jobs(filter_text: str, output: str) -> None:
     """List training jobs, newest first."""
     with client() as tunefleet:
         items = list(tunefleet.training_jobs.list(filter=filter_text))
-    if output == "json":
-        print_json(items)
-        return
-    table(
+    listing(
+        items,
+        output,
         ["NAME", "STATE", "BASE MODEL", "ADAPTER", "STEP", "LOSS", "CREATED"],
-        [
-            (
-                j.name,
-                state(j.state),
-                j.base_model,
-                j.output_adapter_version or j.adapter,
-                f"{j.latest_progress.step}/{j.latest_progress.total_steps}",
-                f"{j.latest_progress.train_loss:.4f}" if j.latest_progress.step else "-",
-                when(j.create_time),
-            )
-            for j in items
-        ],
+        lambda j: (
+            j.name,
+            state(j.state),
+            j.base_model,
+            j.output_adapter_version or j.adapter,
+            f"{j.latest_progress.step}/{j.latest_progress.total_steps}",
+            f"{j.latest_progress.train_loss:.4f}" if j.latest_progress.step else "-",
+            when(j.create_time),
+        ),
     )
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from tunefleet.client import TLS, Client, TunefleetError
 
 F = TypeVar("F", bound=Callable[..., Any])
+MessageT = TypeVar("MessageT", bound=Message)
 # Piped output is not wrapped at 80 columns: names stay whole for scripts and copying.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -105,6 +106,19 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     for row in cells:
         view.add_row(*row, end_section=False)
     console.print(view)
+
+
+def listing(
+    items: Sequence[MessageT],
+    output: str,
+    columns: Sequence[str],
+    row: Callable[[MessageT], Sequence[Any]],
+) -> None:
+    """Resources as JSON (`-o json`), or as a table of `row(item)` under `columns`."""
+    if output == "json":
+        print_json(items)
+        return
+    table(columns, [row(item) for item in items])
 
 
 def fields(pairs: Iterable[tuple[str, Any]]) -> None:

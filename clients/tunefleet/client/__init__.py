@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Generic
+from typing import Any, Generic
 
 import grpc
 
@@ -102,20 +102,24 @@ class _Client(Generic[M]):
         self.inference = Inference(transport)
 
 
-def _channel_args(
-    target: str, token: str | None, tls: bool | TLS
-) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, int]], tuple[tuple[str, str], ...]]:
+def _connect(
+    channels: Any, target: str, token: str | None, tls: bool | TLS
+) -> tuple[Any, tuple[tuple[str, str], ...]]:
+    """A channel made by `channels` (the `grpc` or the `grpc.aio` module), and the metadata that
+    every call sends."""
     if not target:
         raise InvalidArgument("target: give the server's address, such as localhost:50051")
-    credentials = None
-    if tls:
-        credentials = (tls if isinstance(tls, TLS) else TLS()).credentials()
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
+    if tls:
+        credentials = (tls if isinstance(tls, TLS) else TLS()).credentials()
+        channel = channels.secure_channel(target, credentials, options)
+    else:
+        channel = channels.insecure_channel(target, options)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return credentials, options, metadata
+    return channel, metadata
 
 
 class Client(_Client[Sync]):
@@ -144,12 +148,8 @@ class Client(_Client[Sync]):
         tls: bool | TLS = False,
         options: Options | None = None,
     ) -> None:
-        credentials, channel_options, metadata = _channel_args(target, token, tls)
-        self.channel = (
-            grpc.secure_channel(target, credentials, channel_options)
-            if credentials
-            else grpc.insecure_channel(target, channel_options)
-        )
+        self.channel: grpc.Channel
+        self.channel, metadata = _connect(grpc, target, token, tls)
         self._attach(SyncTransport(self.channel, metadata, options or Options()))
 
     def close(self) -> None:
@@ -187,12 +187,8 @@ class AsyncClient(_Client[Async]):
         tls: bool | TLS = False,
         options: Options | None = None,
     ) -> None:
-        credentials, channel_options, metadata = _channel_args(target, token, tls)
-        self.channel = (
-            grpc.aio.secure_channel(target, credentials, channel_options)
-            if credentials
-            else grpc.aio.insecure_channel(target, channel_options)
-        )
+        self.channel: grpc.aio.Channel
+        self.channel, metadata = _connect(grpc.aio, target, token, tls)
         self._attach(AsyncTransport(self.channel, metadata, options or Options()))
 
     async def close(self) -> None:

@@ -98,6 +98,17 @@ class Resource(Generic[M]):
         self._transport = transport
 
 
+def _bind(function: Callable[..., Any], obj: Resource[Any], perform: str) -> Any:
+    """`function` bound to `obj`, its generator run by the transport's `perform` method."""
+    run = getattr(obj._transport, perform)
+
+    @functools.wraps(function)
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return run(function(obj, *args, **kwargs))
+
+    return bound
+
+
 class operation(Generic[P, T]):
     """Decorate a generator method of a `Resource` that returns one result."""
 
@@ -112,15 +123,7 @@ class operation(Generic[P, T]):
     @overload
     def __get__(self, obj: Resource[Async], owner: type) -> Callable[P, Coroutine[Any, Any, T]]: ...
     def __get__(self, obj: Resource[Any] | None, owner: type) -> Any:
-        if obj is None:
-            return self
-        transport = obj._transport
-
-        @functools.wraps(self.function)
-        def bound(*args: Any, **kwargs: Any) -> Any:
-            return transport.run(self.function(obj, *args, **kwargs))
-
-        return bound
+        return self if obj is None else _bind(self.function, obj, "run")
 
 
 class stream(Generic[P, T]):
@@ -138,15 +141,7 @@ class stream(Generic[P, T]):
     @overload
     def __get__(self, obj: Resource[Async], owner: type) -> Callable[P, AsyncIterator[T]]: ...
     def __get__(self, obj: Resource[Any] | None, owner: type) -> Any:
-        if obj is None:
-            return self
-        transport = obj._transport
-
-        @functools.wraps(self.function)
-        def bound(*args: Any, **kwargs: Any) -> Any:
-            return transport.iterate(self.function(obj, *args, **kwargs))
-
-        return bound
+        return self if obj is None else _bind(self.function, obj, "iterate")
 
 
 def pages(stub: type, method: str, request: Any, field: str) -> Feed[Any]:
