@@ -295,6 +295,16 @@ def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
     assert "--rating" in out_of_range.stderr
 
 
+def test_bad_options_are_refused_before_any_call(colours: Path, tmp_path: Path) -> None:
+    label = tunefleet(None, "datasets", "upload", str(colours), "--label", "team", code=2)
+    assert "--label" in label.stderr and "expected KEY=VALUE, got 'team'" in label.stderr
+    spec = tmp_path / "job.json"
+    for text, message in [("{not json", "not JSON"), ("[1]", "expected a JSON object")]:
+        spec.write_text(text)
+        refused = tunefleet(None, "jobs", "create", "--from-file", str(spec), code=2)
+        assert "--from-file" in refused.stderr and message in refused.stderr
+
+
 def test_an_unreachable_server_is_one_line_and_exit_1() -> None:
     target = f"127.0.0.1:{free_port()}"
     result = tunefleet(None, "--target", target, "datasets", "list", code=1)

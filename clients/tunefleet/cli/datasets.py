@@ -31,6 +31,18 @@ SPLITS = {
 }
 
 
+def key_values(
+    context: click.Context, parameter: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, equals, text = value.partition("=")
+        if not equals or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}")
+        pairs[key] = text
+    return pairs
+
+
 @click.group()
 def datasets() -> None:
     """Upload, inspect and delete fine-tuning datasets."""
@@ -104,7 +116,9 @@ def report(dataset: dataset_pb2.Dataset) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", "display_name", default="", help="Display name (default: the file name).")
 @click.option("--description", default="")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE", callback=key_values, help="Repeatable."
+)
 @click.option("--validation-fraction", type=float, help="Share of records held out (0-0.5).")
 @click.option("--tokenizer-model", default="", help="Model whose tokenizer measures the tokens.")
 @click.option("--max-sequence-length", type=int, help="Count records longer than this.")
@@ -117,7 +131,7 @@ def upload(
     path: Path,
     display_name: str,
     description: str,
-    labels: tuple[str, ...],
+    labels: dict[str, str],
     validation_fraction: float | None,
     tokenizer_model: str,
     max_sequence_length: int | None,
@@ -136,7 +150,6 @@ def upload(
         options["piiPolicy"] = f"PII_POLICY_{pii.upper()}"
     if keep_duplicates:
         options["removeExactDuplicates"] = options["removeNearDuplicates"] = False
-    label_map = dict(label.split("=", 1) for label in labels if "=" in label)
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -152,7 +165,7 @@ def upload(
             path,
             display_name=display_name,
             description=description,
-            labels=label_map,
+            labels=labels,
             options=options,
             validate_only=validate_only,
             on_progress=lambda sent, _: progress.update(task, completed=sent),

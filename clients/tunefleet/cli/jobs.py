@@ -84,7 +84,16 @@ def create(
     output: str,
 ) -> None:
     """Start a fine-tuning job."""
-    job: dict[str, Any] = json.loads(from_file.read_text()) if from_file else {}
+    job: dict[str, Any] = {}
+    if from_file:
+        try:
+            job = json.loads(from_file.read_text())
+        except ValueError as error:
+            raise click.BadParameter(f"not JSON: {error}", param_hint="--from-file") from None
+        if not isinstance(job, dict):
+            raise click.BadParameter(
+                "expected a JSON object (a TrainingJob)", param_hint="--from-file"
+            )
     given = {
         "baseModel": base_model,
         "trainDataset": train_dataset,
