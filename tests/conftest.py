@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.helpers import IN_CI
+from tests.kube import cluster
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.runtime.settings import ServerSettings, load_settings
@@ -44,3 +46,15 @@ def service_context(tmp_path: Path) -> Iterator[ServiceContext]:
     storage = open_storage(settings)
     yield ServiceContext(settings, storage, CollectorRegistry())
     storage.close()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
+    """etcd, kube-apiserver and the Job controller on 127.0.0.1, once per test session."""
+    why = cluster.missing()
+    if why is not None:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    with cluster.running_cluster(tmp_path_factory.mktemp("kube")) as running:
+        yield running

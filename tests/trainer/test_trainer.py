@@ -10,7 +10,7 @@ import pytest
 
 from tests.trainer.conftest import MakeSpec, conversation, write_records
 from tunefleet.trainer.data import IGNORE, Example, batches, encode
-from tunefleet.trainer.spec import SpecError, parse_spec
+from tunefleet.trainer.spec import SpecError, load_spec, parse_spec
 from tunefleet.trainer.train import Trainer, batch_loss
 
 
@@ -286,6 +286,22 @@ def test_data_and_checkpoints_live_in_the_blob_store(make_spec: MakeSpec, tmp_pa
 def test_blob_data_needs_storage(make_spec: MakeSpec) -> None:
     with pytest.raises(SpecError, match="is a blob, but the spec has no storage"):
         parse_spec(make_spec(train_data={"uri": "s3://bucket/tunefleet/sha256/ab/" + "a" * 64}))
+
+
+def test_a_checkpoint_pointer_beside_the_spec_sets_resume_from(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """On Kubernetes the launcher writes the last checkpoint into the run's Secret, mounted
+    beside the spec; a retried Pod resumes from it."""
+    storage = {"blob_backend": "local", "blob_dir": str(tmp_path / "blobs")}
+    folder = tmp_path / "secret"
+    folder.mkdir()
+    (folder / "spec.json").write_text(json.dumps(make_spec(storage=storage)))
+    assert load_spec(folder / "spec.json").resume_from == ""
+    (folder / "resume_from").write_text("")  # an empty pointer is no pointer
+    assert load_spec(folder / "spec.json").resume_from == ""
+    (folder / "resume_from").write_text("file://checkpoints/40")
+    assert load_spec(folder / "spec.json").resume_from == "file://checkpoints/40"
 
 
 def test_two_processes_under_torchrun_train_like_one_with_their_combined_batch(

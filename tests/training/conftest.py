@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +17,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
-from tests.helpers import IN_CI
-from tests.kube import cluster
 from tests.storage.conftest import s3_endpoint
 from tests.trainer.conftest import ANIMALS, COLOURS, chat_model, conversation
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
@@ -242,15 +240,3 @@ async def make_platform(
     yield make
     for storage in storages:
         storage.close()
-
-
-@pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
-    """etcd, kube-apiserver and the Job controller on 127.0.0.1, once per test session."""
-    why = cluster.missing()
-    if why is not None:
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-    with cluster.running_cluster(tmp_path_factory.mktemp("kube")) as running:
-        yield running

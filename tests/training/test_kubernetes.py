@@ -114,6 +114,11 @@ class Kube:
         secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
         return dict(json.loads(base64.b64decode(secret.data["spec.json"])))
 
+    def resume_from(self, job_id: str) -> str:
+        """The checkpoint pointer the trainer reads beside its spec."""
+        secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
+        return base64.b64decode((secret.data or {}).get(manifests.RESUME_KEY, "")).decode()
+
     def run_pod(self, pod: Any) -> None:
         now = datetime.now(UTC).isoformat()
         self._status(pod, "Running", {"running": {"startedAt": now}})
@@ -301,14 +306,14 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     token = kube.spec(identifier)["report"]["token"]
     checkpoint = training_job_pb2.Checkpoint(step=40, uri="s3://bucket/checkpoint-40")
     await platform.report(job.name, token, checkpoint=checkpoint)
-    assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
+    assert kube.resume_from(identifier) == "s3://bucket/checkpoint-40"
 
     kube.end_pod(pod, 137, "node lost")  # preempted: the Job controller retries
     first = pod.metadata.name
     pods = await until(pods_of(kube, identifier, 2), within=60)
     retried = next(p for p in pods if p.metadata.name != first)
-    # The retried Pod reads the spec at start: it resumes from the checkpoint.
-    assert kube.spec(identifier)["resume_from"] == "s3://bucket/checkpoint-40"
+    # The retried Pod reads the pointer at start: it resumes from the checkpoint.
+    assert kube.resume_from(identifier) == "s3://bucket/checkpoint-40"
 
     async def retry_noted() -> bool:
         events = await platform.events(job.name)

@@ -146,11 +146,20 @@ def default_learning_rate(method: Method) -> float:
 
 
 def load_spec(path: Path) -> TrainerSpec:
-    """Read and check a spec file; SpecError names every bad field."""
+    """Read and check a spec file; SpecError names every bad field.
+
+    A non-empty file `resume_from` beside the spec overrides the spec's `resume_from`: on
+    Kubernetes the launcher writes the last checkpoint there while the job runs, so that a
+    retried Pod resumes from it (tunefleet.training.manifests)."""
     try:
         document = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SpecError(f"cannot read the spec {str(path)!r}: {exc}") from None
+    pointer = path.with_name("resume_from")
+    if isinstance(document, dict) and pointer.is_file():
+        checkpoint = pointer.read_text().strip()
+        if checkpoint:
+            document["resume_from"] = checkpoint
     return parse_spec(document)
 
 

@@ -1,6 +1,10 @@
 """The Kubernetes objects of one training run: a Secret holding the trainer spec (it carries the
 worker token) and a batch/v1 Job running the trainer image on GPU nodes.
 
+The Secret's `spec.json` is written once; the launcher later adds the key `resume_from` (the last
+checkpoint) with a blind patch, so the training service never needs to read Secrets back. The
+trainer reads that file beside its spec (tunefleet.trainer.spec.load_spec).
+
 Plain dictionaries, as `kubectl apply` would take them; tests check them against the schemas of
 current Kubernetes versions with `kubernetes-validate --strict`.
 """
@@ -17,6 +21,7 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 JOB_LABEL = "tunefleet.dev/training-job"
 SELECTOR = f"{MANAGED_BY}=tunefleet"
 SPEC_DIR = "/etc/tunefleet"
+RESUME_KEY = "resume_from"
 SCRATCH = "/scratch"
 CONTAINER = "trainer"
 
