@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -107,6 +107,18 @@ bench-serving: $(VLLM_VENV)/.installed  ## serving: 8 adapters vs 1, vs swapping
 
 serve: $(VENV)/.installed  ## run all four services in one process (the embedded shape)
 	$(BIN)/tunefleet serve
+
+# Container images (deploy/images): the services, the trainer and vLLM serving.
+REGISTRY ?= ghcr.io/tunefleet
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:  ## build the three container images with Docker (REGISTRY=ghcr.io/tunefleet)
+	@docker info > /dev/null 2>&1 || { echo "make images needs a running Docker engine (docker info failed)" >&2; exit 1; }
+	docker build -f deploy/images/services.Dockerfile -t $(REGISTRY)/tunefleet:$(VERSION) .
+	docker build -f deploy/images/trainer.Dockerfile -t $(REGISTRY)/tunefleet-trainer:$(VERSION) .
+	docker build -f deploy/images/vllm.Dockerfile -t $(REGISTRY)/tunefleet-vllm:$(VERSION) .
+
+image-locks: $(VENV)/.installed  ## pin the images' Python packages again (deploy/images/*.txt) with pip's resolver
+	$(BIN)/python deploy/images/lock.py
 
 OVERLAY ?= dev
 deploy:  ## kubectl apply -k deploy/overlays/$(OVERLAY) (dev or gpu) to the current kubectl context

@@ -195,7 +195,10 @@ async def test_the_api_server_accepts_the_job_and_launching_is_idempotent(kube: 
         assert pod_spec.service_account_name == "tunefleet-trainer"
         assert pod_spec.node_selector == {"nvidia.com/gpu.product": "nvidia-l4"}
         assert [t.key for t in pod_spec.tolerations] == ["nvidia.com/gpu"]
-        assert {v.name for v in pod_spec.volumes} == {"spec", "scratch", "dshm"}
+        assert {v.name for v in pod_spec.volumes} == {"spec", "scratch", "tmp", "dshm"}
+        assert pod_spec.security_context.run_as_non_root
+        assert pod_spec.security_context.fs_group == manifests.TRAINER_UID
+        assert container.security_context.read_only_root_filesystem
         assert job.spec.backoff_limit == 3
         assert job.spec.active_deadline_seconds == 7 * 24 * 3600
         assert job.metadata.labels[manifests.JOB_LABEL] == "idem1"

@@ -146,7 +146,7 @@ class KubernetesSettings(_Section):
     # A kubeconfig file; unset uses the in-cluster service account (the Deployment's shape).
     kubeconfig: Path | None = None
     # The trainer image: tunefleet with the [train] extra and a CUDA torch.
-    image: str = "ghcr.io/tunefleet/trainer:latest"
+    image: str = "ghcr.io/tunefleet/tunefleet-trainer:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     service_account: str = "tunefleet-trainer"
     node_selector: dict[str, str] = {}

@@ -24,6 +24,9 @@ SPEC_DIR = "/etc/tunefleet"
 RESUME_KEY = "resume_from"
 SCRATCH = "/scratch"
 CONTAINER = "trainer"
+# The trainer image's user (deploy/images/trainer.Dockerfile); the spec Secret is readable by its
+# group only.
+TRAINER_UID = 10001
 
 
 def run_name(job_id: str) -> str:
@@ -67,14 +70,16 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
     if request.gpu_type:
         node_selector[settings.gpu_type_label] = request.gpu_type
     volumes: list[dict[str, Any]] = [
-        {"name": "spec", "secret": {"secretName": name, "defaultMode": 0o400}},
+        {"name": "spec", "secret": {"secretName": name, "defaultMode": 0o440}},
         {"name": "scratch", "emptyDir": {"sizeLimit": str(settings.scratch_size_bytes)}},
+        {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
         # NCCL exchanges data through shared memory; the container default of 64 MiB is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
         {"name": "scratch", "mountPath": SCRATCH},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (a mount point, not a file)
         {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 (a mount point, not a file)
     ]
     if settings.model_cache_claim:
@@ -95,6 +100,7 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
         "command": trainer_command("python", request.gpu_count, f"{SPEC_DIR}/spec.json"),
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "HOME", "value": SCRATCH},  # caches (torch, triton) go to scratch
             {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
             {"name": "TUNEFLEET_TRAINING_JOB", "value": f"trainingJobs/{request.job_id}"},
             # The trainer leaves its result in the termination message.
@@ -108,6 +114,11 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
         },
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     return {
         "apiVersion": "batch/v1",
@@ -149,6 +160,13 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
                     "restartPolicy": "Never",
                     "serviceAccountName": settings.service_account,
                     "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": TRAINER_UID,
+                        "runAsGroup": TRAINER_UID,
+                        "fsGroup": TRAINER_UID,  # owns the Secret's files and the scratch volume
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "nodeSelector": node_selector,
                     "tolerations": settings.tolerations,
                     "containers": [container],
