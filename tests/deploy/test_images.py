@@ -15,6 +15,9 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 from tests.deploy.test_manifests import by_kind, render
+from tunefleet import demo
+from tunefleet.client import Client
+from tunefleet.demo.server import LocalServer
 from tunefleet.runtime.settings import KubernetesSettings
 from tunefleet.training import manifests
 
@@ -106,3 +109,26 @@ def test_the_services_image_has_the_cpu_torch_and_no_cuda() -> None:
     assert not [name for name in pins if name.startswith(("nvidia-", "cuda-", "triton"))]
     assert lock("trainer")["torch"] == pins["torch"].removesuffix("+cpu")
     assert "nvidia-cublas" in lock("trainer") and "vllm" in lock("vllm")
+
+
+@pytest.mark.images
+@pytest.mark.timeout(900)
+def test_the_services_image_environment_serves(tmp_path: Path) -> None:
+    """What services.Dockerfile does, in a virtual environment: the lock with --no-deps, the
+    package, `pip check`, then `tunefleet serve` from it answers a real upload."""
+    venv = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
+    for step in (
+        [*pip, "-r", str(IMAGES / "services.txt")],
+        [*pip, "--no-build-isolation", str(ROOT)],
+        [str(venv / "bin" / "python"), "-m", "pip", "check"],
+    ):
+        result = subprocess.run(step, capture_output=True, text=True, check=False, timeout=600)
+        assert result.returncode == 0, f"{' '.join(step)}:\n{result.stdout}{result.stderr}"
+    sample = Path(demo.__file__).parent / "data" / "orders.jsonl"
+    server = LocalServer(tmp_path / "data", executable=venv / "bin" / "tunefleet")
+    with server, Client(server.target) as client:
+        dataset = client.datasets.upload(sample, display_name="orders")
+        assert dataset.record_count > 0
+        assert [d.name for d in client.datasets.list()] == [dataset.name]

@@ -28,7 +28,8 @@ class LocalServer:
     """All four services in one `tunefleet serve` process (the embedded shape) on free ports.
 
     `settings` is merged into the generated settings file (data directory, ports, log level);
-    with TLS in them, `credentials` are what the readiness check connects with.
+    with TLS in them, `credentials` are what the readiness check connects with. `executable` is
+    the `tunefleet` command to run, by default the one beside this Python.
     """
 
     def __init__(
@@ -36,8 +37,10 @@ class LocalServer:
         data_dir: Path,
         settings: dict[str, Any] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        executable: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.executable = executable or Path(sys.executable).with_name("tunefleet")
         self.credentials = credentials
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -57,10 +60,9 @@ class LocalServer:
     def start(self, timeout: float = 120.0) -> LocalServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(yaml.safe_dump(self.settings))
-        tunefleet = Path(sys.executable).with_name("tunefleet")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(tunefleet), "serve", "--config", str(self.config)],
+                [str(self.executable), "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
