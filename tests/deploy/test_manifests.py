@@ -58,8 +58,8 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     documents = render(overlay)
     deployments = by_kind(documents, "Deployment")
     services = by_kind(documents, "Service")
-    assert set(deployments) == {f"tunefleet-{key}" for key in SERVICES}
-    assert set(services) == set(deployments)
+    assert set(deployments) == {f"tunefleet-{key}" for key in SERVICES} | {"tunefleet-gateway"}
+    assert set(services) == {f"tunefleet-{key}" for key in SERVICES} | {"tunefleet"}
     for key, service in SERVICES.items():
         pod = deployments[f"tunefleet-{key}"]["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -94,6 +94,30 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     assert accounts["tunefleet-trainer"]["automountServiceAccountToken"] is False
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_is_the_one_address_and_locked_down(overlay: str) -> None:
+    documents = render(overlay)
+    gateway = by_kind(documents, "Deployment")["tunefleet-gateway"]
+    spec = gateway["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["serviceAccountName"] == "tunefleet"  # no token
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    assert "data" not in {v["name"] for v in spec["volumes"]}  # no storage
+    service = by_kind(documents, "Service")["tunefleet"]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "tunefleet-gateway"}
+    assert service["spec"]["ports"][0]["port"] == 50051
+    (config,) = [c for c in by_kind(documents, "ConfigMap") if c.startswith("tunefleet-gateway-")]
+    routes = by_kind(documents, "ConfigMap")[config]["data"]["nginx.conf"]
+    for key, name in SERVICES.items():
+        assert (
+            f"location /tunefleet.v1.{name}/ {{\n      grpc_pass grpc://tunefleet-{key}:50051;"
+            in routes
+        )
+
+
 def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> None:
     documents = render("dev")
     (role,) = by_kind(documents, "Role").values()
@@ -116,6 +140,7 @@ def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> 
 
 def test_the_dev_overlay_keeps_state_on_one_volume() -> None:
     deployments = by_kind(render("dev"), "Deployment")
+    deployments.pop("tunefleet-gateway")  # keeps no state
     for deployment in deployments.values():
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert volumes["data"] == {

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,7 +30,8 @@ class LocalServer:
 
     `settings` is merged into the generated settings file (data directory, ports, log level);
     with TLS in them, `credentials` are what the readiness check connects with. `executable` is
-    the `tunefleet` command to run, by default the one beside this Python.
+    the `tunefleet` command to run, by default the one beside this Python; `services` picks some
+    of the four (the cluster shape: one process per service, all sharing `data_dir`).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class LocalServer:
         settings: dict[str, Any] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         executable: Path | None = None,
+        services: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.executable = executable or Path(sys.executable).with_name("tunefleet")
@@ -45,8 +48,10 @@ class LocalServer:
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.config = data_dir / "tunefleet.yaml"
-        self.log = data_dir / "server.log"
+        self.services = list(services)
+        suffix = "".join(f"-{service}" for service in services)
+        self.config = data_dir / f"tunefleet{suffix}.yaml"
+        self.log = data_dir / f"server{suffix}.log"
         base: dict[str, Any] = {
             "data_dir": str(data_dir),
             "server": {"port": self.port, "metrics_port": self.metrics_port},
@@ -62,7 +67,7 @@ class LocalServer:
         self.config.write_text(yaml.safe_dump(self.settings))
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(self.executable), "serve", "--config", str(self.config)],
+                [str(self.executable), "serve", "--config", str(self.config), *self.services],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
