@@ -24,8 +24,8 @@ SPEC_DIR = "/etc/tunefleet"
 RESUME_KEY = "resume_from"
 SCRATCH = "/scratch"
 CONTAINER = "trainer"
-# The trainer image's user (deploy/images/trainer.Dockerfile); the spec Secret is readable by its
-# group only.
+# The trainer image's user (deploy/images/trainer.Dockerfile); as the Pod's fsGroup it owns the
+# spec Secret's files (mode 0440) and the scratch volume.
 TRAINER_UID = 10001
 
 
@@ -164,7 +164,7 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
                         "runAsNonRoot": True,
                         "runAsUser": TRAINER_UID,
                         "runAsGroup": TRAINER_UID,
-                        "fsGroup": TRAINER_UID,  # owns the Secret's files and the scratch volume
+                        "fsGroup": TRAINER_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "nodeSelector": node_selector,
