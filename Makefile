@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving bench-gateway images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -101,6 +101,9 @@ bench-training: $(VENV)/.installed  ## TrainingService overhead over the trainer
 
 bench-sdk: $(VENV)/.installed  ## SDK (sync and async) against raw generated stubs on one server
 	$(BIN)/python benchmarks/sdk.py
+
+bench-gateway: $(VENV)/.installed  ## the cluster's gateway (nginx) against direct calls to the same server; needs nginx
+	$(BIN)/python benchmarks/gateway.py
 
 bench-serving: $(VLLM_VENV)/.installed  ## serving: 8 adapters vs 1, vs swapping per request, hot-swap latency; PEFT and vLLM engines
 	$(VLLM_BIN)/python benchmarks/serving.py
