@@ -18,7 +18,7 @@ def local_config(config: str, upstreams: Mapping[str, str], port: int, directory
     """The cluster's configuration with each Service name replaced by a local address, listening
     on `port`, with its pid and temporary files in `directory`."""
     for key, target in upstreams.items():
-        config = config.replace(f"grpc://tunefleet-{key}:50051", f"grpc://{target}")
+        config = config.replace(f"server tunefleet-{key}:50051;", f"server {target};")
     config = config.replace("listen 50051 http2", f"listen 127.0.0.1:{port} http2")
     config = config.replace("listen 8081", f"listen 127.0.0.1:{_free_port()}")
     return config.replace(" /tmp/", f" {directory}/")

@@ -112,10 +112,8 @@ def test_the_gateway_is_the_one_address_and_locked_down(overlay: str) -> None:
     (config,) = [c for c in by_kind(documents, "ConfigMap") if c.startswith("tunefleet-gateway-")]
     routes = by_kind(documents, "ConfigMap")[config]["data"]["nginx.conf"]
     for key, name in SERVICES.items():
-        assert (
-            f"location /tunefleet.v1.{name}/ {{\n      grpc_pass grpc://tunefleet-{key}:50051;"
-            in routes
-        )
+        assert f"upstream {key} {{\n    server tunefleet-{key}:50051;" in routes
+        assert f"location /tunefleet.v1.{name}/ {{\n      grpc_pass grpc://{key};" in routes
 
 
 def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> None:
