@@ -20,6 +20,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from tests.deploy.test_manifests import render
+from tests.helpers import require_tool
 from tests.kube.cluster import Cluster
 from tests.training.test_kubernetes import Kube, pods_of, request, until
 from tunefleet.runtime.settings import KubernetesSettings
@@ -36,12 +37,13 @@ CRDS = ["servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.cor
 class Kubectl:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.path = require_tool("kubectl", "Google's kubectl package (kustomize built in)")
 
     def __call__(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.cluster.kubeconfig), *args],
+            [self.path, "--kubeconfig", str(self.cluster.kubeconfig), *args],
             input=stdin,
             capture_output=True,
             text=True,
