@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -14,16 +13,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tunefleet.demo.server import free_port as free_port  # one copy, in the package
 from tunefleet.runtime.server import ServiceRegistration
 
 IN_CI = bool(os.environ.get("CI"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def require_tool(name: str, hint: str) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,20 +142,17 @@ JOB = [
 ]  # fmt: skip
 
 
+def create_job(
+    platform: LocalServer, dataset: str, adapter: str, *options: str, job: Sequence[str] = JOB
+) -> subprocess.CompletedProcess[str]:
+    """`tunefleet jobs create` of a small job (`job`'s flags) training `adapter` on `dataset`."""
+    command = ["jobs", "create", *job, "--dataset", dataset, "--adapter", adapter, *options]
+    return tunefleet(platform, *command)
+
+
 def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
     dataset = upload(platform, colours)
-    created = tunefleet(
-        platform,
-        "jobs",
-        "create",
-        *JOB,
-        "--dataset",
-        dataset,
-        "--adapter",
-        "adapters/cli",
-        "--follow",
-    )
-    out = created.stdout
+    out = create_job(platform, dataset, "adapters/cli", "--follow").stdout
     assert out.startswith("created trainingJobs/")
     job = out.split()[1]
     assert "SUCCEEDED" in out and "step     4/4" in out
@@ -175,24 +173,8 @@ def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
     ]
     assert steps == ["1", "2", "3", "4"]
 
-    long = as_json(
-        tunefleet(
-            platform,
-            "jobs",
-            "create",
-            *JOB[:-2],
-            "--max-steps",
-            "100000",
-            "--epochs",
-            "1000",
-            "--dataset",
-            dataset,
-            "--adapter",
-            "adapters/cli-long",
-            "-o",
-            "json",
-        )
-    )
+    endless = [*JOB[:-2], "--max-steps", "100000", "--epochs", "1000"]
+    long = as_json(create_job(platform, dataset, "adapters/cli-long", "-o", "json", job=endless))
     cancelled = tunefleet(platform, "jobs", "cancel", long["name"])
     assert cancelled.stdout.split()[-1] in ("CANCELLING", "CANCELLED")
     # Following a job that does not succeed exits non-zero.
@@ -207,20 +189,7 @@ def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
 @pytest.fixture(scope="module")
 def version(platform: LocalServer, colours: Path) -> str:
     dataset = upload(platform, colours)
-    job = as_json(
-        tunefleet(
-            platform,
-            "jobs",
-            "create",
-            *JOB,
-            "--dataset",
-            dataset,
-            "--adapter",
-            "adapters/served",
-            "-o",
-            "json",
-        )
-    )
+    job = as_json(create_job(platform, dataset, "adapters/served", "-o", "json"))
     tunefleet(platform, "jobs", "logs", job["name"], "--follow")
     return "adapters/served/versions/1"
 

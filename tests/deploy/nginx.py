@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunefleet.demo.server import free_port
+
 GATEWAY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "base" / "gateway.conf"
 
 
@@ -20,7 +22,7 @@ def local_config(config: str, upstreams: Mapping[str, str], port: int, directory
     for key, target in upstreams.items():
         config = config.replace(f"server tunefleet-{key}:50051;", f"server {target};")
     config = config.replace("listen 50051 http2", f"listen 127.0.0.1:{port} http2")
-    config = config.replace("listen 8081", f"listen 127.0.0.1:{_free_port()}")
+    config = config.replace("listen 8081", f"listen 127.0.0.1:{free_port()}")
     return config.replace(" /tmp/", f" {directory}/")
 
 
@@ -33,7 +35,7 @@ def running_gateway(
     if nginx is None:
         raise FileNotFoundError("nginx not found (Debian package nginx)")
     directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     text = local_config(config or GATEWAY_CONF.read_text(), upstreams, port, directory)
     (directory / "nginx.conf").write_text(text)
     log = directory / "nginx.log"
@@ -55,9 +57,3 @@ def running_gateway(
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
