@@ -224,31 +224,11 @@ def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) 
 
 def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
     tunefleet(platform, "adapters", "alias", "set", "served", "live", "1")
-    streamed = tunefleet(
-        platform,
-        "generate",
-        "--chat",
-        "--adapter",
-        "adapters/served@live",
-        "--max-tokens",
-        "8",
-        "Which colour goes with the cat?",
-    )
+    ask = ["generate", "--chat", "--adapter", "adapters/served@live", "--max-tokens", "8"]
+    question = "Which colour goes with the cat?"
+    streamed = tunefleet(platform, *ask, question)
     assert f"[{version}; " in streamed.stderr and "response " in streamed.stderr
-    whole = as_json(
-        tunefleet(
-            platform,
-            "generate",
-            "--chat",
-            "--adapter",
-            "adapters/served@live",
-            "--max-tokens",
-            "8",
-            "-o",
-            "json",
-            "Which colour goes with the cat?",
-        )
-    )
+    whole = as_json(tunefleet(platform, *ask, "-o", "json", question))
     assert streamed.stdout.rstrip("\n") == whole["text"]  # greedy: the same answer
     assert whole["adapter_version"] == version
 
