@@ -166,6 +166,20 @@ async def until(check: Callable[[], Awaitable[Any]], within: float = 30.0) -> An
         await asyncio.sleep(0.1)
 
 
+async def launched(platform: Platform, name: str) -> training_job_pb2.TrainingJob:
+    """The job once the service has recorded its run: the Kubernetes Job (and its Pod) exists
+    a moment before the service writes down the run's name."""
+
+    async def check() -> training_job_pb2.TrainingJob | None:
+        job = await platform.training.GetTrainingJob(
+            training_service_pb2.GetTrainingJobRequest(name=name)
+        )
+        return job if job.launcher_run_id else None
+
+    job: training_job_pb2.TrainingJob = await until(check)
+    return job
+
+
 def pods_of(kube: Kube, job_id: str, count: int = 1) -> Callable[[], Awaitable[list[Any]]]:
     async def check() -> list[Any]:
         pods = await asyncio.to_thread(kube.pods, job_id)
@@ -271,7 +285,8 @@ async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) 
     job = await platform.create(dataset.name, resources=GPU)
     assert job.launcher == "kubernetes"
     pods = await until(pods_of(kube, job_id(job.name)))
-    job = await platform.wait(job.name, "QUEUED")  # launched, its Pod not running yet
+    job = await launched(platform, job.name)  # its Pod is not running yet
+    assert job.state == State.STATE_QUEUED
     assert job.launcher_run_id == f"tunefleet-train-{job_id(job.name)}"
     spec = kube.spec(job_id(job.name))
     assert spec["report"]["endpoint"] == "tunefleet-training.tunefleet.svc:50051"
@@ -374,7 +389,7 @@ async def test_restart_reconciles_with_the_cluster(kube: Kube, kube_platform: An
     job = await platform.wait(done.name, "SUCCEEDED", within=20)
     assert job.output_adapter_version == "adapters/colours/versions/7"
     assert (await platform.wait(running.name, "RUNNING")).state == State.STATE_RUNNING
-    assert (await platform.wait(pending.name, "QUEUED")).launcher_run_id
+    assert (await launched(platform, pending.name)).state == State.STATE_QUEUED
     await asyncio.sleep(1.0)
     for name in (done.name, running.name, pending.name):  # nothing was launched twice
         assert len(kube.jobs(job_id(name))) == 1
