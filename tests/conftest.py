@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.helpers import IN_CI
 from tests.kube import cluster
+from tests.kube.namespace import Kube
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.runtime.settings import ServerSettings, load_settings
@@ -58,3 +59,9 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.C
         pytest.skip(why)
     with cluster.running_cluster(tmp_path_factory.mktemp("kube")) as running:
         yield running
+
+
+@pytest.fixture
+def kube(kube_cluster: cluster.Cluster) -> Kube:
+    """A namespace of the test's own on the test control plane."""
+    return Kube(kube_cluster)

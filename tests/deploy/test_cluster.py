@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.deploy.test_manifests import render
 from tests.helpers import require_tool
 from tests.kube.cluster import Cluster
-from tests.training.test_kubernetes import Kube, pods_of, request, until
+from tests.kube.namespace import Kube, pods_of, run_request, until
 from tunefleet.runtime.settings import KubernetesSettings
 from tunefleet.training.kubernetes import KubernetesLauncher
 from tunefleet.training.launcher import Phase
@@ -244,8 +244,8 @@ async def test_the_launcher_runs_a_job_with_the_training_accounts_token(
     await launcher.start(lambda: None)  # lists and watches Jobs and Pods
     try:
         identifier = f"rbac{uuid.uuid4().hex[:6]}"
-        run = await launcher.launch(request(identifier))
-        assert (await launcher.launch(request(identifier))).run_id == run.run_id  # again: 409s
+        run = await launcher.launch(run_request(identifier))
+        assert (await launcher.launch(run_request(identifier))).run_id == run.run_id  # again: 409s
         (pod,) = await until(pods_of(kube, identifier))
         kube.run_pod(pod)
 

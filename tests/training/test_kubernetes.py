@@ -5,7 +5,6 @@ current Kubernetes versions."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,26 +14,20 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from kubernetes import client, config
 
-from tests.kube.cluster import Cluster
+from tests.kube.namespace import Kube, pods_of, run_request, until
 from tests.storage.conftest import s3_client
 from tests.training.conftest import Platform
 from tunefleet.runtime.settings import KubernetesSettings
 from tunefleet.training import manifests
 from tunefleet.training.kubernetes import KubernetesLauncher, new_lines
-from tunefleet.training.launcher import Phase, RunRequest
+from tunefleet.training.launcher import Phase
 from tunefleet.v1 import training_job_pb2, training_service_pb2
 
 State = training_job_pb2.TrainingJob.State
 Worker = training_service_pb2.ReportTrainingProgressRequest
 MakePlatform = Any
 GPU = training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-l4")
-
-
-def request(job_id: str = "abc123", gpus: int = 1, **fields: Any) -> RunRequest:
-    spec = {"base_model": "colours", "report": {"token": "secret", "job": f"trainingJobs/{job_id}"}}
-    return RunRequest(job_id=job_id, spec=spec, gpu_count=gpus, gpu_type="nvidia-l4", **fields)
 
 
 # --- manifests, offline -----------------------------------------------------------------------
@@ -46,8 +39,8 @@ def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> Non
     settings = KubernetesSettings(
         model_cache_claim="models", env_from_secrets=["tunefleet-s3"], node_selector={"pool": "a"}
     )
-    job = manifests.job_manifest(settings, request(gpus=gpus, max_run_seconds=3600))
-    secret = manifests.secret_manifest(settings, request())
+    job = manifests.job_manifest(settings, run_request(gpus=gpus, max_run_seconds=3600))
+    secret = manifests.secret_manifest(settings, run_request())
     for manifest in (job, secret):
         kubernetes_validate.validate(manifest, version, strict=True)
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -64,7 +57,7 @@ def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> Non
 
 
 def test_the_strict_check_catches_unknown_fields() -> None:
-    job = manifests.job_manifest(KubernetesSettings(), request())
+    job = manifests.job_manifest(KubernetesSettings(), run_request())
     job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
@@ -85,87 +78,6 @@ def test_pod_log_lines_are_taken_once() -> None:
 # --- against the API server ---------------------------------------------------------------------
 
 
-class Kube:
-    """A test namespace and the clients to play the kubelet in it."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
-        self.cluster = cluster
-        self.namespace = f"t-{uuid.uuid4().hex[:8]}"
-        self.core.create_namespace({"metadata": {"name": self.namespace}})
-        self.core.create_namespaced_service_account(
-            self.namespace, {"metadata": {"name": "tunefleet-trainer"}}
-        )
-
-    def settings(self, **fields: Any) -> dict[str, Any]:
-        return {"kubeconfig": str(self.cluster.kubeconfig), "namespace": self.namespace, **fields}
-
-    def jobs(self, job_id: str) -> list[Any]:
-        selector = f"{manifests.JOB_LABEL}={job_id}"
-        return list(self.batch.list_namespaced_job(self.namespace, label_selector=selector).items)
-
-    def pods(self, job_id: str) -> list[Any]:
-        selector = f"{manifests.JOB_LABEL}={job_id}"
-        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
-        return sorted(items, key=lambda p: p.metadata.creation_timestamp)
-
-    def spec(self, job_id: str) -> dict[str, Any]:
-        secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
-        return dict(json.loads(base64.b64decode(secret.data["spec.json"])))
-
-    def resume_from(self, job_id: str) -> str:
-        """The checkpoint pointer the trainer reads beside its spec."""
-        secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
-        return base64.b64decode((secret.data or {}).get(manifests.RESUME_KEY, "")).decode()
-
-    def run_pod(self, pod: Any) -> None:
-        now = datetime.now(UTC).isoformat()
-        self._status(pod, "Running", {"running": {"startedAt": now}})
-
-    def end_pod(self, pod: Any, exit_code: int, message: str = "") -> None:
-        now = datetime.now(UTC).isoformat()
-        terminated = {
-            "exitCode": exit_code,
-            "reason": "Completed" if exit_code == 0 else "Error",
-            "message": message,
-            "startedAt": now,
-            "finishedAt": now,
-        }
-        self._status(pod, "Succeeded" if exit_code == 0 else "Failed", {"terminated": terminated})
-
-    def _status(self, pod: Any, phase: str, state: dict[str, Any]) -> None:
-        container = {
-            "name": manifests.CONTAINER,
-            "image": "trainer",
-            "imageID": "",
-            "ready": phase == "Running",
-            "restartCount": 0,
-            "state": state,
-        }
-        self.core.patch_namespaced_pod_status(
-            pod.metadata.name,
-            self.namespace,
-            {"status": {"phase": phase, "containerStatuses": [container]}},
-        )
-
-
-@pytest.fixture
-def kube(kube_cluster: Cluster) -> Kube:
-    return Kube(kube_cluster)
-
-
-async def until(check: Callable[[], Awaitable[Any]], within: float = 30.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.1)
-
-
 async def launched(platform: Platform, name: str) -> training_job_pb2.TrainingJob:
     """The job once the service has recorded its run: the Kubernetes Job (and its Pod) exists
     a moment before the service writes down the run's name."""
@@ -180,21 +92,13 @@ async def launched(platform: Platform, name: str) -> training_job_pb2.TrainingJo
     return job
 
 
-def pods_of(kube: Kube, job_id: str, count: int = 1) -> Callable[[], Awaitable[list[Any]]]:
-    async def check() -> list[Any]:
-        pods = await asyncio.to_thread(kube.pods, job_id)
-        return pods if len(pods) >= count else []
-
-    return check
-
-
 @pytest.mark.kubernetes
 async def test_the_api_server_accepts_the_job_and_launching_is_idempotent(kube: Kube) -> None:
     launcher = KubernetesLauncher(KubernetesSettings(**kube.settings()))
     await launcher.start(lambda: None)
     try:
-        run = await launcher.launch(request("idem1", cpu_cores=4, memory_bytes=2**34))
-        again = await launcher.launch(request("idem1", cpu_cores=4, memory_bytes=2**34))
+        run = await launcher.launch(run_request("idem1", cpu_cores=4, memory_bytes=2**34))
+        again = await launcher.launch(run_request("idem1", cpu_cores=4, memory_bytes=2**34))
         assert run.run_id == again.run_id == "tunefleet-train-idem1"
         jobs = kube.jobs("idem1")
         assert len(jobs) == 1
@@ -235,7 +139,7 @@ async def _phase(launcher: KubernetesLauncher, run: Any, phase: Phase) -> bool:
 async def test_the_api_server_refuses_what_kubernetes_refuses(kube: Kube) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    job = manifests.job_manifest(KubernetesSettings(namespace=kube.namespace), request("bad1"))
+    job = manifests.job_manifest(KubernetesSettings(namespace=kube.namespace), run_request("bad1"))
     job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "2"
     with pytest.raises(ApiException) as raised:
         kube.batch.create_namespaced_job(kube.namespace, job)
@@ -407,8 +311,8 @@ def test_kubernetes_validate_cli_accepts_the_written_manifests(tmp_path: Path) -
 
     settings = KubernetesSettings()
     documents = [
-        manifests.secret_manifest(settings, request()),
-        manifests.job_manifest(settings, request()),
+        manifests.secret_manifest(settings, run_request()),
+        manifests.job_manifest(settings, run_request()),
     ]
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump_all(documents))
