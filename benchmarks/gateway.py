@@ -48,11 +48,12 @@ def compare(direct: Callable[[int], object], gateway: Callable[[int], object]) -
     return [statistics.median(t) for t in times]
 
 
-def report(label: str, times: list[float], count: int, unit: str, scale: float) -> None:
+def report(label: str, times: list[float], count: int, unit: str) -> None:
+    """Microseconds per `unit` (a call, a message, a record), and the ratio."""
     direct, gateway = times
     print(
-        f"{label:<34} direct {direct / count * scale:9.1f} {unit}"
-        f"  gateway {gateway / count * scale:9.1f} {unit}  ratio {gateway / direct:5.2f}"
+        f"{label:<34} direct {direct / count * 1e6:9.1f} us/{unit}"
+        f"  gateway {gateway / count * 1e6:9.1f} us/{unit}  ratio {gateway / direct:5.2f}"
     )
 
 
@@ -114,33 +115,24 @@ def main() -> None:
 
                 return run
 
-            report(
-                "GetDataset, one at a time",
-                compare(gets(direct), gets(gateway)),
-                calls,
-                "us/call",
-                1e6,
-            )
+            report("GetDataset, one at a time", compare(gets(direct), gets(gateway)), calls, "call")
             report(
                 f"GetDataset, {THREADS} threads",
                 compare(parallel_gets(direct), parallel_gets(gateway)),
                 calls,
-                "us/call",
-                1e6,
+                "call",
             )
             report(
                 "PreviewDatasetRecords stream",
                 compare(preview(direct), preview(gateway)),
                 dataset.record_count,
-                "us/msg",
-                1e6,
+                "msg",
             )
             report(
                 "UploadDataset stream",
                 compare(upload(direct), upload(gateway)),
                 args.records,
-                "us/record",
-                1e6,
+                "record",
             )
 
 

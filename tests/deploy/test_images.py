@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.deploy.test_manifests import by_kind, render
 from tunefleet import demo
@@ -36,11 +37,11 @@ def dockerfile(image: str) -> str:
 
 
 def lock(image: str) -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in (IMAGES / f"{image}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            pins[canonicalize_name(name)] = version
     return pins
 
 
@@ -97,7 +98,7 @@ def test_the_locks_pin_what_the_package_asks_for(image: str) -> None:
         requirement = Requirement(line)
         if requirement.marker and not requirement.marker.evaluate(environment):
             continue
-        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        name = canonicalize_name(requirement.name)
         assert name in pins, f"{image}.txt pins no {name}: run make image-locks"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{image}.txt pins {name}=={pins[name]}, outside {requirement}: run make image-locks"
