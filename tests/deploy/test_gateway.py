@@ -29,7 +29,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (name,) = [name for name in maps if name.startswith("tunefleet-gateway-")]
     config = maps[name]["data"]["nginx.conf"]
     assert config == GATEWAY_CONF.read_text()  # what the Pods mount
-    servers = [LocalServer(directory / "data", services=[key]).start() for key in SERVICES]
+    servers = [LocalServer(directory / "data", services=[key]) for key in SERVICES]
+    adapters = servers[list(SERVICES).index("adapters")]
+    servers[list(SERVICES).index("training")].settings["training"] = {
+        "registry_endpoint": adapters.target  # as the dev overlay sets it
+    }
+    for server in servers:
+        server.start()
     try:
         upstreams = {key: server.target for key, server in zip(SERVICES, servers, strict=True)}
         with running_gateway(directory / "nginx", upstreams, config) as address:

@@ -339,3 +339,113 @@ def test_two_processes_under_torchrun_train_like_one_with_their_combined_batch(
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
     assert parallel[-1]["validation_loss"] == pytest.approx(single[-1]["validation_loss"], rel=1e-3)
     assert (tmp_path / "parallel" / "result.json").exists()
+
+
+def _lora_gradients(model: Any, batch: Any) -> dict[str, Any]:
+    model.zero_grad(set_to_none=True)
+    batch_loss(model, batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_qlora_gradients_are_the_same_after_an_evaluation(
+    make_spec: MakeSpec, chat_model: Path, monkeypatch: pytest.MonkeyPatch, guarded: bool
+) -> None:
+    # bitsandbytes repacks 4-bit weights for its CPU inference kernel (which has no backward)
+    # the first time a layer runs outside training mode, on CPUs with AVX512-BF16. Pretend this
+    # one has it, so the test takes that path on any machine.
+    import bitsandbytes.nn.modules
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunefleet.trainer import model as trainer_model
+    from tunefleet.trainer.train import evaluate_loss
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    if not guarded:  # the control: without the guard the test sees the defect
+        monkeypatch.setattr(trainer_model, "keep_4bit_layers_trainable", lambda model: None)
+    spec = parse_spec(make_spec(method="qlora"))
+    torch.manual_seed(0)
+    model = trainer_model.load_model(spec)
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    examples = encode(tokenizer, [conversation("cat", "red"), conversation("dog", "blue")], 64)
+    (batch,) = batches(examples.examples, 2, tokenizer.eos_token_id, False, 64, 0, 0)
+    before = _lora_gradients(model, batch)
+    evaluate_loss(model, [batch])  # model.eval(), as the base and periodic evaluations do
+    after = _lora_gradients(model, batch)
+    assert before.keys() == after.keys() and before
+    relative = max(
+        float((after[n] - before[n]).norm() / before[n].norm().clamp_min(1e-12)) for n in before
+    )
+    if guarded:
+        assert relative < 1e-4, f"LoRA gradients changed by up to {relative:.1%} after evaluating"
+    else:
+        assert relative > 0.05
+
+
+def test_checkpoints_are_pruned_to_the_newest_and_the_best(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    other = write_records(
+        tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
+    )
+    spec = make_spec(
+        validation_data={"uri": str(other), "split": "validation"},
+        keep_checkpoints=2,
+        hyperparameters={"epochs": 3, "eval_every_steps": 2, "checkpoint_every_steps": 2},
+    )
+    train(spec)
+    events = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").open()]
+    saved = [e["step"] for e in events if e["event"] == "checkpoint"]
+    losses = {e["step"]: e["validation_loss"] for e in events if e["event"] == "checkpoint"}
+    best = min(losses, key=lambda step: (losses[step], step))
+    assert len(saved) > 3 and best not in saved[-2:], "the task should peak early"
+    left = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert left == [f"checkpoint-{step:08d}" for step in sorted({best, *saved[-2:]})]
+
+
+def test_early_stopping_keeps_the_best_steps_adapter(
+    make_spec: MakeSpec, chat_model: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    other = write_records(
+        tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
+    )
+    spec = make_spec(
+        validation_data={"uri": str(other), "split": "validation"},
+        keep_checkpoints=1,
+        hyperparameters={
+            "epochs": 20,
+            "eval_every_steps": 2,
+            "checkpoint_every_steps": 4,
+            "early_stopping_patience": 2,
+        },
+    )
+    result = train(spec)
+    events = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").open()]
+    (stopped,) = [e for e in events if e["event"] == "early_stopped"]
+    losses = {e["step"]: e["validation_loss"] for e in events if e.get("validation_loss")}
+    best_step = min(losses, key=lambda step: (losses[step], step))
+    assert stopped["best_step"] == best_step < stopped["step"]
+    # The result is the best step's: its validation loss, and the weights of its checkpoint.
+    assert result["evaluation"]["validation_loss"] == pytest.approx(losses[best_step], rel=1e-5)
+    best = load_file(
+        str(
+            tmp_path
+            / "out"
+            / "checkpoints"
+            / f"checkpoint-{best_step:08d}"
+            / "trainable.safetensors"
+        )
+    )
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(chat_model), result["output_dir"]
+    )
+    saved = dict(adapter.named_parameters())
+    for name, value in best.items():
+        assert torch.equal(saved[name], value), name

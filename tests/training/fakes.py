@@ -19,6 +19,8 @@ class FakeRun:
     lines: list[LogLine] = field(default_factory=list)
     cancelled: bool = False
     resume_from: str = ""
+    output_adapter_version: str = ""  # what the worker left behind (its outcome)
+    output_request: str = ""
 
     @property
     def token(self) -> str:
@@ -53,7 +55,14 @@ class FakeLauncher:
         fake = self.runs.get(run.state["job"])
         if fake is None:
             return RunStatus(Phase.MISSING)
-        return RunStatus(fake.phase, fake.reason, fake.message, fake.retries)
+        return RunStatus(
+            fake.phase,
+            fake.reason,
+            fake.message,
+            fake.retries,
+            fake.output_adapter_version,
+            fake.output_request,
+        )
 
     async def cancel(self, run: Run) -> None:
         fake = self.runs.pop(run.state["job"], None)
@@ -74,7 +83,16 @@ class FakeLauncher:
         if fake is not None:
             fake.resume_from = uri
 
-    def finish(self, job: str, phase: Phase, reason: str = "", message: str = "") -> None:
+    def finish(
+        self,
+        job: str,
+        phase: Phase,
+        reason: str = "",
+        message: str = "",
+        output_adapter_version: str = "",
+        output_request: str = "",
+    ) -> None:
         fake = self.runs[job.removeprefix("trainingJobs/")]
         fake.phase, fake.reason, fake.message = phase, reason, message
+        fake.output_adapter_version, fake.output_request = output_adapter_version, output_request
         self.wake()

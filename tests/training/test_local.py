@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,72 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/cmdline").read_bytes() != b""  # not a zombie
+
+
+def group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+async def gone(pgid: int, within: float) -> bool:
+    """Whether every process of the group has ended within `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while group(pgid):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+async def stopped_run(platform: Platform) -> tuple[str, int]:
+    """A long job whose trainer reported a step, then was stopped (SIGSTOP to the trainer, not
+    to the wrapper shell that started it: the shell ends on SIGTERM, the trainer does not)."""
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, hyperparameters={"max_steps": 100000, "epochs": 1000})
+    for _ in range(1200):
+        current = await platform.wait(job.name, "RUNNING", within=60)
+        if current.latest_progress.step >= 1:
+            break
+        await asyncio.sleep(0.1)
+    pgid = int(current.launcher_run_id)
+    trainers = [pid for pid in group(pgid) if pid != pgid]
+    assert trainers, "the trainer runs in the wrapper's process group"
+    for pid in trainers:
+        os.kill(pid, signal.SIGSTOP)
+    return job.name, pgid
+
+
+async def test_a_stopped_trainer_is_gone_within_the_grace_after_cancel(
+    make_platform: MakePlatform,
+) -> None:
+    platform = await make_platform()
+    name, pgid = await stopped_run(platform)
+    await platform.training.CancelTrainingJob(
+        training_service_pb2.CancelTrainingJobRequest(name=name)
+    )
+    job = await platform.wait(name, "CANCELLED", within=60)
+    assert not job.HasField("error")
+    # The launcher's grace is 10 s, then SIGKILL; a few seconds more for a busy machine.
+    assert await gone(pgid, within=20), f"left running: {group(pgid)}"
+
+
+async def test_a_stopped_trainer_fails_worker_silent_and_is_gone(
+    make_platform: MakePlatform, platform_settings: dict[str, Any]
+) -> None:
+    training = {**platform_settings["training"], "worker_timeout_seconds": 3.0}
+    platform = await make_platform(training=training)
+    name, pgid = await stopped_run(platform)
+    job = await platform.wait(name, "FAILED", within=60)
+    assert job.error.reason == "WORKER_SILENT"
+    assert await gone(pgid, within=20), f"left running: {group(pgid)}"
 
 
 async def follow(platform: Platform, name: str) -> list[training_job_pb2.TrainingEvent]:
@@ -138,3 +205,10 @@ async def test_a_restart_in_the_middle_of_a_run_loses_and_repeats_nothing(
     steps = [e.progress.step for e in events if e.HasField("progress")]
     assert steps == sorted(steps) and steps[-1] == 800
     assert steps[-1] > current.latest_progress.step  # reports kept coming after the restart
+    # Reports made while the service was down were delivered when it came back: none is lost
+    # (one the old process recorded but could not answer may come twice).
+    assert sorted(set(steps)) == list(range(1, 801))
+    checkpoints = await platform.training.ListCheckpoints(
+        training_service_pb2.ListCheckpointsRequest(parent=job.name)
+    )
+    assert [c.step for c in checkpoints.checkpoints] == [400, 800]

@@ -4,16 +4,22 @@ execute (the local and Kubernetes launchers have their own tests)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from tests.helpers import error_info
-from tests.training.conftest import job_request
+from tests.training.conftest import Platform, job_request
 from tests.training.fakes import FakeLauncher
+from tunefleet.trainer import register
+from tunefleet.trainer.storage import upload_checkpoint
 from tunefleet.training.launcher import LogLine, Phase
 from tunefleet.v1 import (
+    adapter_pb2,
     adapter_service_pb2,
     common_pb2,
     dataset_service_pb2,
@@ -458,3 +464,124 @@ async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform)
     await platform.wait(job.name, "SUCCEEDED")
     assert sample("tunefleet_training_job_duration_seconds_count", state="succeeded") == 1
     assert sample("tunefleet_training_train_loss", job=job.name) is None
+
+
+def lora_adapter(chat_model: Path, directory: Path) -> Path:
+    """A real LoRA adapter of the tiny chat model, with weights that change its output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(directory))
+    return directory
+
+
+def stored_request(platform: Platform, job: str, adapter: Path) -> str:
+    """What a trainer that could not register leaves behind: its files and its registration
+    request in the blob store; the request's URI."""
+    blobs = platform.storage.blobs
+    files = []
+    for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
+        info = blobs.put_file(path)
+        files.append(
+            adapter_pb2.AdapterFile(
+                path=str(path.relative_to(adapter)),
+                uri=blobs.uri(info.sha256),
+                sha256=info.sha256,
+                size_bytes=info.size,
+            )
+        )
+    request = adapter_service_pb2.CreateAdapterVersionRequest(
+        parent="adapters/colours",
+        files=files,
+        lineage=adapter_pb2.Lineage(training_job=job),
+        request_id=register.request_id(job),
+    )
+    return blobs.uri(blobs.put([request.SerializeToString()]).sha256)
+
+
+async def test_a_result_left_behind_is_registered_or_checked_through_the_registry(
+    make_platform: MakePlatform, chat_model: Path, tmp_path: Path
+) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake, training={"poll_seconds": 0.1, "max_running_jobs": 4})
+    dataset = await platform.upload()
+    jobs = [await platform.create(dataset.name) for _ in range(4)]
+    for job in jobs:
+        await platform.wait(job.name, "RUNNING")
+    trained, impostor, honest, forged = (job.name for job in jobs)
+    adapter = lora_adapter(chat_model, tmp_path / "adapter")
+
+    # Trained and stored, but the registry was away until the trainer gave up: the service
+    # registers the stored request itself.
+    request_uri = stored_request(platform, trained, adapter)
+    fake.finish(trained, Phase.FAILED, "REGISTRATION_FAILED", "gave up", output_request=request_uri)
+    job = await platform.wait(trained, "SUCCEEDED", "FAILED")
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+    # Sending the same request again (the trainer's own late retry) makes no second version.
+    blobs = platform.storage.blobs
+    again = adapter_service_pb2.CreateAdapterVersionRequest.FromString(
+        blobs.read_bytes(request_uri.rsplit("/", 1)[-1])
+    )
+    assert (await platform.adapters.CreateAdapterVersion(again)).name == job.output_adapter_version
+
+    # A termination message naming a version the job did not train is not believed.
+    fake.finish(impostor, Phase.SUCCEEDED, output_adapter_version=job.output_adapter_version)
+    failed = await platform.wait(impostor, "FAILED")
+    assert failed.error.reason == "RESULT_NOT_REGISTERED"
+
+    # One naming the job's own version is checked and believed.
+    own = await platform.adapters.CreateAdapterVersion(
+        adapter_service_pb2.CreateAdapterVersionRequest.FromString(
+            blobs.read_bytes(stored_request(platform, honest, adapter).rsplit("/", 1)[-1])
+        )
+    )
+    fake.finish(honest, Phase.SUCCEEDED, output_adapter_version=own.name)
+    succeeded = await platform.wait(honest, "SUCCEEDED")
+    assert succeeded.output_adapter_version == own.name == "adapters/colours/versions/2"
+
+    # A stored request of another job is refused, not registered under this one.
+    fake.finish(forged, Phase.SUCCEEDED, output_request=request_uri)
+    failed = await platform.wait(forged, "FAILED")
+    assert failed.error.reason == "REGISTRATION_FAILED" and "not" in failed.error.message
+    versions = await platform.adapters.ListAdapterVersions(
+        adapter_service_pb2.ListAdapterVersionsRequest(parent="adapters/colours")
+    )
+    assert len(versions.adapter_versions) == 2
+
+
+async def test_only_the_newest_and_the_best_checkpoints_are_kept(
+    make_platform: MakePlatform, tmp_path: Path
+) -> None:
+    fake = FakeLauncher()
+    platform = await make_platform(fake, training={"poll_seconds": 0.1, "keep_checkpoints": 2})
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    await platform.wait(job.name, "RUNNING")
+    run = fake.runs[job.name.removeprefix("trainingJobs/")]
+    blobs = platform.storage.blobs
+    stored: dict[int, tuple[str, set[str]]] = {}
+    for step, loss in zip(range(1, 6), [3.0, 1.0, 2.0, 2.5, 2.7], strict=True):
+        directory = tmp_path / f"checkpoint-{step:08d}"
+        directory.mkdir()
+        (directory / "trainable.safetensors").write_bytes(os.urandom(64))
+        (directory / "state.json").write_text("{}")  # the same in every checkpoint
+        uri = upload_checkpoint(blobs, directory)
+        manifest = json.loads(blobs.read_bytes(uri[-64:]))
+        stored[step] = (uri, {uri[-64:], *manifest["files"].values()})
+        checkpoint = training_job_pb2.Checkpoint(
+            step=step, uri=uri, size_bytes=64, validation_loss=loss
+        )
+        await platform.report(job.name, run.token, checkpoint=checkpoint)
+
+    listed = await platform.training.ListCheckpoints(
+        training_service_pb2.ListCheckpointsRequest(parent=job.name)
+    )
+    assert [c.step for c in listed.checkpoints] == [2, 4, 5]  # the best (2) and the newest two
+    kept = set().union(*(stored[step][1] for step in (2, 4, 5)))
+    assert all(blobs.exists(sha256) for sha256 in kept)
+    for step in (1, 3):
+        assert not any(blobs.exists(sha256) for sha256 in stored[step][1] - kept), step
+    assert run.resume_from == stored[5][0]  # a retried run resumes from the newest

@@ -80,9 +80,9 @@ def serve(services: tuple[str, ...], config_file: Path | None) -> None:
         ) from None
     try:
         settings = load_settings(config_file)
+        asyncio.run(run_server(settings, services))
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    asyncio.run(run_server(settings, services))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tunefleet.adapters import names, validation
@@ -369,18 +370,29 @@ class Registry:
                 blob_files = {path: self.blobs.put_file(file) for path, file in staged.items()}
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        return self._commit(
-            adapter,
-            blob_files,
-            analysis,
-            smoke,
-            description,
-            lineage,
-            scope_name,
-            request_id,
-            request_sha256,
-            merged_from,
-        )
+        try:
+            return self._commit(
+                adapter,
+                blob_files,
+                analysis,
+                smoke,
+                description,
+                lineage,
+                scope_name,
+                request_id,
+                request_sha256,
+                merged_from,
+            )
+        except IntegrityError:
+            if not request_id:
+                raise
+            # A concurrent call with the same request id (a retry racing the first attempt)
+            # committed first: its version is this call's answer too.
+            with self.db.session() as session:
+                existing = idempotency.lookup(session, scope_name, request_id, request_sha256)
+            if existing is None:
+                raise
+            return self.get_version(existing)
 
     def _materialise(self, blob_files: dict[str, BlobInfo], directory: Path) -> dict[str, Path]:
         """Copies of the blobs that checks read (configuration, weights) in a local directory."""

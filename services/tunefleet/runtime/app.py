@@ -24,7 +24,7 @@ async def serve(settings: Settings, service_keys: Sequence[str] = ()) -> None:
     preload_transformers()  # before any worker thread imports from it
     storage = open_storage(settings)
     metrics = ServerMetrics()
-    context = ServiceContext(settings, storage, metrics.registry)
+    context = ServiceContext(settings, storage, metrics.registry, tuple(keys))
     try:
         registrations = [registration(key, context) for key in keys]
         server = TunefleetServer(settings.server, registrations, metrics)

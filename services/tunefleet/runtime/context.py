@@ -47,3 +47,5 @@ class ServiceContext:
     settings: Settings
     storage: Storage
     registry: CollectorRegistry
+    # The services this process serves (`tunefleet serve training` serves one); empty: unknown.
+    services: tuple[str, ...] = ()

@@ -11,7 +11,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from tunefleet.runtime.context import ServiceContext
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
-from tunefleet.runtime.settings import Settings
+from tunefleet.runtime.settings import Settings, SettingsError
 from tunefleet.v1 import (
     adapter_service_pb2,
     dataset_service_pb2,
@@ -60,6 +60,16 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
     from tunefleet.v1 import training_service_pb2_grpc
 
     settings = context.settings
+    if (
+        not settings.training.registry_endpoint
+        and context.services
+        and "adapters" not in context.services
+    ):
+        raise SettingsError(
+            "training.registry_endpoint: must name an AdapterService (the gateway or the "
+            "adapters Service) when this process does not serve adapters; without it trained "
+            "results cannot be registered"
+        )
     if launcher is None and settings.training.launcher == "kubernetes":
         from tunefleet.training.kubernetes import KubernetesLauncher
 

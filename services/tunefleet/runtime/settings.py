@@ -197,10 +197,18 @@ class TrainingSettings(_Section):
         "nvidia-a10g": 24 * GiB,
         "nvidia-t4": 16 * GiB,
     }
-    # gRPC address workers report to and register through; empty: this server's own address.
+    # gRPC address workers report to (TrainingService); empty: this server's own address.
     worker_endpoint: str = ""
-    # A writer token workers use to register results when authentication is on.
+    # gRPC address of the AdapterService workers register their results with (the gateway or
+    # the adapters Service); empty: this server's own address, which needs AdapterService in
+    # this process (the embedded shape).
+    registry_endpoint: str = ""
+    # A writer token workers (and TrainingService) use to register results when authentication
+    # is on.
     worker_registry_token: str = ""
+    # Checkpoints kept per job: the newest this many and the best; older ones are deleted (the
+    # trainer's local copies and the stored ones).
+    keep_checkpoints: int = Field(default=3, ge=1)
     # A running worker that sends nothing for this long fails its job (WORKER_SILENT).
     worker_timeout_seconds: float = Field(default=600.0, gt=0)
     # How often workers send a heartbeat between reports.

@@ -1,9 +1,11 @@
 """`python -m tunefleet.trainer --spec spec.json`: run one training job.
 
 Exit status: 0 when the job succeeded, 2 when the spec cannot work (nothing big was loaded),
-3 when TrainingService cancelled the job, 1 when training failed.
+3 when TrainingService cancelled the job, 4 when the trained result could not be registered,
+5 when memory ran out, 1 when training failed otherwise.
 Progress goes to OUTPUT_DIR/progress.jsonl (and to TrainingService when
-the spec names an endpoint); the result to OUTPUT_DIR/result.json.
+the spec names an endpoint); the result to OUTPUT_DIR/result.json; the outcome (see outcome.py)
+to $TUNEFLEET_RESULT_FILE.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tunefleet.trainer import outcome
+from tunefleet.trainer.register import RegistrationFailed
 from tunefleet.trainer.report import Cancelled
 from tunefleet.trainer.spec import SpecError, load_spec
 
@@ -23,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # `import peft` imports bitsandbytes, which on CPUs with AVX512-BF16 tries to fetch an
+    # inference kernel from the Hugging Face Hub and warns ("pip install kernels") in every
+    # trainer log when it cannot. The trainer never uses that kernel (see model.py).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         spec = load_spec(args.spec)
         if args.resume:
@@ -35,27 +43,41 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(spec)
     except SpecError as error:
+        outcome.record(reason="INVALID_SPEC", message=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         trainer.run()
     except SpecError as error:
-        trainer.reporter.event("failed", reason="INVALID_SPEC", message=str(error))
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _failed(trainer, 2, "INVALID_SPEC", str(error))
     except Cancelled:
         logging.info("stopped: the job was cancelled")
         return 3
+    except RegistrationFailed as error:
+        return _failed(trainer, 4, "REGISTRATION_FAILED", str(error))
     except Exception as error:
         logging.exception("training failed")
-        trainer.reporter.event(
-            "failed", reason="TRAINER_FAILED", message=f"{type(error).__name__}: {error}"
-        )
-        return 1
+        code, reason = (5, "OUT_OF_MEMORY") if _out_of_memory(error) else (1, "TRAINER_FAILED")
+        return _failed(trainer, code, reason, f"{type(error).__name__}: {error}")
     finally:
         trainer.reporter.close()
         trainer.dist.close()
     return 0
+
+
+def _failed(trainer: object, code: int, reason: str, message: str) -> int:
+    """Say why the run failed, to TrainingService and in the outcome; the exit status."""
+    print(f"error: {reason}: {message}", file=sys.stderr)
+    outcome.record(reason=reason, message=message)
+    trainer.reporter.event("failed", reason=reason, message=message)  # type: ignore[attr-defined]
+    return code
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 if __name__ == "__main__":

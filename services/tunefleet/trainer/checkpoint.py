@@ -24,7 +24,7 @@ def save(
     import torch
     from safetensors.torch import save_file
 
-    final = directory / f"checkpoint-{step:08d}"
+    final = path(directory, step)
     partial = directory / f".checkpoint-{step:08d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -47,21 +47,42 @@ def save(
     return final
 
 
+def path(directory: Path, step: int) -> Path:
+    return directory / f"checkpoint-{step:08d}"
+
+
+def prune(directory: Path, keep: int, best_step: int | None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and the one of `best_step`; those deleted."""
+    found = sorted(directory.glob("checkpoint-*"))
+    kept = set(found[-keep:]) | ({path(directory, best_step)} if best_step is not None else set())
+    removed = [p for p in found if p not in kept]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
+
+
 def latest(directory: Path) -> Path | None:
     found = sorted(directory.glob("checkpoint-*")) if directory.is_dir() else []
     return found[-1] if found else None
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore a checkpoint into the model, optimizer and scheduler; returns the loop state."""
+def load_weights(checkpoint: Path, model: Any) -> None:
+    """Copy a checkpoint's trainable weights into `model`."""
     import torch
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             parameters[name].copy_(value)
+
+
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore a checkpoint into the model, optimizer and scheduler; returns the loop state."""
+    import torch
+
+    load_weights(path, model)
     # The checkpoint is this trainer's own output, so loading its pickled optimizer state is safe.
     saved = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])

@@ -42,6 +42,7 @@ def load_model(spec: TrainerSpec, device: str = "cpu") -> Any:
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=torch.cuda.is_available()
         )
+        keep_4bit_layers_trainable(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model = model.to(torch.device(device))  # type: ignore[arg-type]
@@ -64,6 +65,22 @@ def load_model(spec: TrainerSpec, device: str = "cpu") -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def keep_4bit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for inference on CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit.forward` outside training mode (every
+    evaluation) repacks the weights in place for its fast inference kernel, and from then on
+    every forward pass, training ones too, goes through `gemv_4bit`, which has no backward: the
+    LoRA gradients come out wrong (a median 90% off) while the loss still falls. The layers'
+    flag turns that path off; evaluation then uses the same kernel as training.
+    """
+    from bitsandbytes.nn.modules import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attention_modules(model: Any) -> list[str]:

@@ -3,6 +3,7 @@ RPC when the spec names an endpoint."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -62,34 +63,116 @@ class Reporter:
 class _RemoteReporter:
     """Sends events to TrainingService.ReportTrainingProgress with the job's worker token, and a
     heartbeat (a report with no news) whenever nothing was sent for `heartbeat_seconds`.
-    A report that fails is logged and training goes on; the service notices silence itself."""
+
+    One sender thread delivers reports in order. While the service answers, `send` waits for
+    its report (so a cancellation is seen at the next step); while it does not (a restart, a
+    rolling update), training goes on and reports queue up, each retried until the service is
+    back: a checkpoint report is never dropped, or a retried run would resume from an older
+    checkpoint. `close` waits a bounded time for the queue to drain (the final report).
+    """
+
+    QUEUE_LIMIT = 10_000  # beyond it the oldest progress-only reports are dropped
+    CALL_SECONDS = 10.0
+    DRAIN_SECONDS = 60.0
 
     def __init__(self, spec: ReportSpec) -> None:
         import grpc
 
+        from tunefleet.trainer.register import RECONNECT_OPTIONS
         from tunefleet.v1 import training_service_pb2_grpc
 
         self.spec = spec
-        self.channel = grpc.insecure_channel(spec.endpoint)
+        self.channel = grpc.insecure_channel(spec.endpoint, options=RECONNECT_OPTIONS)
         self.stub = training_service_pb2_grpc.TrainingServiceStub(self.channel)
         self.cancel_requested = False
+        self.healthy = True  # the last call reached the service
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._changed = threading.Condition()
+        self._stopping = False
         self._last_sent = time.monotonic()
-        self._stopped = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-        self._heartbeat.start()
+        self._sender = threading.Thread(target=self._send_loop, name="reports", daemon=True)
+        self._sender.start()
 
-    def _beat(self) -> None:
+    def _send_loop(self) -> None:
         from tunefleet.v1 import training_service_pb2
 
         interval = self.spec.heartbeat_seconds
-        while not self._stopped.wait(max(0.05, self._last_sent + interval - time.monotonic())):
-            if time.monotonic() - self._last_sent >= interval:
-                request = training_service_pb2.ReportTrainingProgressRequest(name=self.spec.job)
-                self.cancel_requested |= self._call(request)
+        while True:
+            with self._changed:
+                while not self._queue and not self._stopping:
+                    idle = time.monotonic() - self._last_sent
+                    if idle >= interval:
+                        heartbeat = training_service_pb2.ReportTrainingProgressRequest(
+                            name=self.spec.job
+                        )
+                        self._queue.append(_Pending(heartbeat))
+                        break
+                    self._changed.wait(interval - idle)
+                if not self._queue:
+                    return  # stopping, and everything was delivered
+                pending = self._queue[0]
+            delivered = self._call(pending.request)
+            with self._changed:
+                if delivered or self._stopping:
+                    self._queue.popleft()
+                    pending.done.set()
+                    self._changed.notify_all()
+
+    def _call(self, request: Any) -> bool:
+        """Deliver one report; False when it should be tried again (the service is away)."""
+        import grpc
+
+        self._last_sent = time.monotonic()
+        try:
+            response = self.stub.ReportTrainingProgress(
+                request,
+                timeout=self.CALL_SECONDS,
+                wait_for_ready=True,
+                metadata=(("authorization", f"Bearer {self.spec.token}"),)
+                if self.spec.token
+                else (),
+            )
+        except grpc.RpcError as error:
+            code = error.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if self.healthy:
+                    log.warning("progress reports wait for TrainingService: %s", error.details())
+                self.healthy = False
+                time.sleep(0.5)
+                return False
+            log.warning("a progress report was refused (%s): %s", code, error.details())
+            return True
+        if not self.healthy:
+            log.info("TrainingService answers again; sending the reports it missed")
+        self.healthy = True
+        self.cancel_requested |= bool(response.cancel_requested)
+        return True
+
+    def _enqueue(self, request: Any) -> _Pending:
+        pending = _Pending(request)
+        with self._changed:
+            if len(self._queue) >= self.QUEUE_LIMIT:
+                for queued in list(self._queue)[1:]:
+                    if queued.progress_only:
+                        self._queue.remove(queued)
+                        queued.done.set()
+                        break
+            self._queue.append(pending)
+            self._changed.notify_all()
+        return pending
 
     def close(self) -> None:
-        self._stopped.set()
-        self._heartbeat.join(timeout=5)
+        """Deliver what is queued (waiting at most DRAIN_SECONDS), then stop."""
+        with self._changed:
+            deadline = time.monotonic() + self.DRAIN_SECONDS
+            while self._queue and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            if self._queue:
+                log.warning("%d progress reports were never delivered", len(self._queue))
+            self._stopping = True
+            self._queue.clear()
+            self._changed.notify_all()
+        self._sender.join(timeout=self.CALL_SECONDS + 5)
         self.channel.close()
 
     def send(self, kind: str, fields: dict[str, Any]) -> bool:
@@ -141,22 +224,18 @@ class _RemoteReporter:
                 request.checkpoint.validation_loss = fields["validation_loss"]
         else:
             return self.cancel_requested
-        self.cancel_requested |= self._call(request)
+        pending = self._enqueue(request)
+        if self.healthy:
+            pending.done.wait(self.CALL_SECONDS + 5)
         return self.cancel_requested
 
-    def _call(self, request: Any) -> bool:
-        import grpc
 
-        self._last_sent = time.monotonic()
-        try:
-            response = self.stub.ReportTrainingProgress(
-                request,
-                timeout=10,
-                metadata=(("authorization", f"Bearer {self.spec.token}"),)
-                if self.spec.token
-                else (),
-            )
-        except grpc.RpcError as error:
-            log.warning("progress report failed: %s", error.details())
-            return False
-        return bool(response.cancel_requested)
+class _Pending:
+    """A report waiting to be delivered."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self.progress_only = request.HasField("progress") and not (
+            request.worker_state or request.HasField("checkpoint")
+        )

@@ -94,6 +94,9 @@ class RegistrySpec(_Strict):
     endpoint: str = ""
     token: str = ""
     adapter: str = ""  # adapters/{adapter}
+    # How long to keep retrying while the registry is unavailable before failing the run
+    # (REGISTRATION_FAILED; TrainingService can still register the stored output).
+    retry_seconds: float = Field(default=600.0, ge=0)
 
 
 class TrainerSpec(_Strict):
@@ -108,6 +111,9 @@ class TrainerSpec(_Strict):
     resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
     # Continue from a checkpoint kept in the blob store (the URI a checkpoint report carried).
     resume_from: str = ""
+    # Checkpoints kept: the newest this many, and the best (lowest validation loss); older
+    # ones are deleted as new ones are written (TrainingService deletes their stored copies).
+    keep_checkpoints: int = Field(default=3, ge=1)
     # Where input blobs are read and checkpoints are kept; unset keeps checkpoints local only.
     storage: StorageSettings | None = None
     evaluation: EvaluationSpec = EvaluationSpec()

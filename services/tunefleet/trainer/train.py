@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tunefleet.trainer import checkpoint
+from tunefleet.trainer import checkpoint, outcome
 from tunefleet.trainer.data import (
     IGNORE,
     Batch,
@@ -225,6 +223,9 @@ class Trainer:
         resumed_from = checkpoint.latest(spec.checkpoint_dir) if resume else None
         if resumed_from is not None:
             state = checkpoint.load(resumed_from, model, optimizer, scheduler)
+            state.setdefault("best_step", None)
+            if state.get("best_step") == state["step"]:
+                state["best_uri"] = spec.resume_from  # this checkpoint is the best one
             self.reporter.event("resumed", step=state["step"], checkpoint=str(resumed_from))
         else:
             state = {
@@ -232,6 +233,8 @@ class Trainer:
                 "epoch": 0,
                 "position": 0,
                 "best": None,
+                "best_step": None,  # the step of the best evaluation, and its stored checkpoint
+                "best_uri": "",
                 "bad_evaluations": 0,
                 "base_validation_loss": None,
                 "base_task_metrics": {},
@@ -307,22 +310,19 @@ class Trainer:
                     tokens_per_second=tokens_seen / max(elapsed, 1e-9),
                     eta_seconds=elapsed / max(step - first_step, 1) * (total_steps - step),
                 )
+                improved = False
                 if validation_loss is not None:
                     last_validation = validation_loss
-                    stopped_early = self._early_stop(state, validation_loss)
-                save = step % checkpoint_every == 0 or step == total_steps or stopped_early
+                    improved, stopped_early = self._early_stop(state, validation_loss, step)
+                save = (
+                    step % checkpoint_every == 0
+                    or step == total_steps
+                    or stopped_early
+                    # With early stopping the result is the best step's: keep its weights.
+                    or (improved and hp.early_stopping_patience > 0)
+                )
                 if save and dist.main:
-                    path = checkpoint.save(
-                        spec.checkpoint_dir, step, model, optimizer, scheduler, state
-                    )
-                    stored = upload_checkpoint(self.store, path) if self.store else ""
-                    self.reporter.event(
-                        "checkpoint",
-                        step=step,
-                        uri=stored or path.resolve().as_uri(),
-                        size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-                        validation_loss=validation_loss,
-                    )
+                    self._save_checkpoint(step, model, optimizer, scheduler, state, validation_loss)
                 cancelled = dist.any(self.reporter.cancel_requested)
                 if stopped_early or cancelled:
                     break
@@ -332,23 +332,74 @@ class Trainer:
             if dist.any(self.reporter.cancel_requested):
                 raise Cancelled("cancelled by TrainingService")
         if stopped_early:
-            self.reporter.event("early_stopped", step=state["step"], best=state["best"])
+            self.reporter.event(
+                "early_stopped",
+                step=state["step"],
+                best=state["best"],
+                best_step=state["best_step"],
+            )
+            if dist.main and self._restore_best(model, state):
+                last_validation = None  # evaluated again, on the restored weights
         dist.barrier()
         if not dist.main:  # the first process evaluates, saves and registers
             return {"steps": state["step"]}
         return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_validation)
 
-    def _early_stop(self, state: dict[str, Any], validation_loss: float) -> bool:
+    def _early_stop(
+        self, state: dict[str, Any], validation_loss: float, step: int
+    ) -> tuple[bool, bool]:
+        """Whether this evaluation is the best so far, and whether training should stop."""
         hp = self.spec.hyperparameters
         best = state["best"]
         if best is None or validation_loss < best - hp.early_stopping_min_delta:
-            state["best"], state["bad_evaluations"] = validation_loss, 0
-            return False
+            state["best"], state["best_step"], state["bad_evaluations"] = validation_loss, step, 0
+            return True, False
         state["bad_evaluations"] += 1
-        return (
+        stop = (
             bool(hp.early_stopping_patience)
             and state["bad_evaluations"] >= hp.early_stopping_patience
         )
+        return False, stop
+
+    def _save_checkpoint(
+        self,
+        step: int,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        state: dict[str, Any],
+        validation_loss: float | None,
+    ) -> None:
+        """Write, store and report a checkpoint, then delete local ones no longer kept (the
+        newest `keep_checkpoints` and the best stay)."""
+        spec = self.spec
+        path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state)
+        stored = upload_checkpoint(self.store, path) if self.store else ""
+        if state["best_step"] == step:
+            state["best_uri"] = stored
+        self.reporter.event(
+            "checkpoint",
+            step=step,
+            uri=stored or path.resolve().as_uri(),
+            size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+            validation_loss=validation_loss,
+        )
+        checkpoint.prune(spec.checkpoint_dir, spec.keep_checkpoints, state["best_step"])
+
+    def _restore_best(self, model: Any, state: dict[str, Any]) -> bool:
+        """Put the best evaluation's weights back in `model` (training stopped early); whether
+        they were not the model's already."""
+        best_step = state["best_step"]
+        if best_step is None or best_step == state["step"]:
+            return False
+        path = checkpoint.path(self.spec.checkpoint_dir, best_step)
+        if not path.exists() and state["best_uri"] and self.store is not None:
+            download_checkpoint(self.store, state["best_uri"], self.spec.checkpoint_dir)
+        if not path.exists():
+            raise RuntimeError(f"the checkpoint of the best step {best_step} is gone")
+        checkpoint.load_weights(path, model)
+        self.reporter.event("restored_best", step=best_step, best=state["best"])
+        return True
 
     def _base_model(self, model: Any) -> Any:
         import contextlib
@@ -414,18 +465,15 @@ class Trainer:
             "model_memory_bytes": int(model.get_memory_footprint()),
             "evaluation": evaluation,
         }
+        (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
         if spec.registry.endpoint:
             from tunefleet.trainer.register import register
 
             metrics = {k: v for k, v in evaluation.items() if isinstance(v, float)}
-            result["adapter_version"] = register(spec, output, metrics)
-        (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
-        if result_file := os.environ.get("TUNEFLEET_RESULT_FILE"):
-            # Where the launcher looks when the final report could not reach TrainingService
-            # (Kubernetes keeps a container's /dev/termination-log as its termination message).
-            Path(result_file).write_text(
-                json.dumps({"adapter_version": result.get("adapter_version", "")})
-            )
+            result["adapter_version"] = register(spec, output, metrics, self.store)
+            (spec.output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        # Where the launcher looks when the final report cannot reach TrainingService.
+        outcome.record(adapter_version=result.get("adapter_version", ""))
         self.reporter.event(
             "finished",
             **{k: v for k, v in result.items() if k != "evaluation"},

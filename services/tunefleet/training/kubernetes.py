@@ -10,7 +10,6 @@ creating a second, and a restarted service finds every run by label.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
@@ -19,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tunefleet.runtime.settings import KubernetesSettings
+from tunefleet.trainer import outcome
 from tunefleet.training import manifests
 from tunefleet.training.launcher import LogLine, Phase, Run, RunRequest, RunStatus
 
@@ -192,17 +192,29 @@ class KubernetesLauncher:
         status = job.status
         retries = int(status.failed or 0)
         conditions = {c.type: c for c in status.conditions or [] if c.status == "True"}
+        said = _outcome(pods)
         if "Complete" in conditions:
-            return RunStatus(Phase.SUCCEEDED, retries=retries, output_adapter_version=_result(pods))
+            return RunStatus(
+                Phase.SUCCEEDED,
+                retries=retries,
+                output_adapter_version=str(said.get("adapter_version", "")),
+                output_request=str(said.get("output_request", "")),
+            )
         if "Failed" in conditions:
             condition = conditions["Failed"]
             message = condition.message or condition.reason or "the Job failed"
             termination = _termination_message(pods)
+            reason = _snake(condition.reason or "JobFailed")
+            if said.get("reason"):
+                reason = str(said["reason"])  # the trainer said why (PodFailurePolicy)
+            elif _last_terminated_reason(pods) == "OOMKilled":
+                reason = "OUT_OF_MEMORY"
             return RunStatus(
                 Phase.FAILED,
-                _snake(condition.reason or "JobFailed"),
+                reason,
                 f"{message}{': ' + termination if termination else ''}",
-                retries=retries,
+                retries=max(0, retries - 1),  # the last failure ended the Job: not retried
+                output_request=str(said.get("output_request", "")),
             )
         running = any(p.status.phase == "Running" for p in pods)
         message = _termination_message(pods)
@@ -221,9 +233,9 @@ class KubernetesLauncher:
         except ApiException as error:
             if error.status != 404:
                 raise
-        selector = f"{manifests.JOB_LABEL}={_job_id(run.run_id)}"
-        self.core.delete_collection_namespaced_pod(self.namespace, label_selector=selector)
-        log.info("deleted Job %s/%s and its Pods", self.namespace, run.run_id)
+        # Its Pods go with it: the garbage collector deletes what the Job owns (Background
+        # propagation), so the account needs no right to delete Pods.
+        log.info("deleted Job %s/%s (its Pods follow)", self.namespace, run.run_id)
 
     async def logs(self, run: Run, cursor: dict[str, Any]) -> tuple[list[LogLine], dict[str, Any]]:
         return await asyncio.to_thread(self._logs, run, cursor)
@@ -299,9 +311,8 @@ def _owned_by(pod: Any, run_id: str) -> bool:
     return bool((pod.metadata.labels or {}).get(manifests.JOB_LABEL) == _job_id(run_id))
 
 
-def _termination_message(pods: list[Any]) -> str:
-    """What the trainer container that ended last said (its termination message, or the last
-    lines of its log), with its exit code."""
+def _terminated(pods: list[Any]) -> list[tuple[Any, Any]]:
+    """The trainer containers that ended, oldest first, as (sort key, terminated state)."""
     ended = []
     for pod in pods:
         for container in pod.status.container_statuses or []:
@@ -309,29 +320,41 @@ def _termination_message(pods: list[Any]) -> str:
             if terminated is not None:
                 # Times have whole seconds; the resource version orders changes within one.
                 finished = terminated.finished_at or pod.metadata.creation_timestamp
-                key = (finished, int(pod.metadata.resource_version or 0))
-                text = (terminated.message or terminated.reason or "").strip()
-                said = f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
-                ended.append((key, said))
+                ended.append(((finished, int(pod.metadata.resource_version or 0)), terminated))
+    return sorted(ended, key=lambda item: item[0])
+
+
+def _termination_message(pods: list[Any]) -> str:
+    """What the trainer container that ended last said (the reason and message of its outcome,
+    or the last lines of its log), with its exit code."""
+    ended = []
+    for key, terminated in _terminated(pods):
+        text = (terminated.message or terminated.reason or "").strip()
+        said = outcome.read(text)
+        if said.get("reason"):
+            text = f"{said['reason']}: {said.get('message', '')}"
+        elif said:
+            text = terminated.reason or ""
+        told = f"exit code {terminated.exit_code}" + (f": {text[-500:]}" if text else "")
+        ended.append((key, told))
+    for pod in pods:
         if pod.status.phase == "Failed" and not pod.status.container_statuses:
             reason = pod.status.message or pod.status.reason or f"Pod {pod.metadata.name} failed"
             ended.append(((pod.metadata.creation_timestamp, 0), reason))
     return max(ended, key=lambda item: item[0])[1] if ended else ""
 
 
-def _result(pods: list[Any]) -> str:
-    """The adapter version a succeeded trainer left in its termination message."""
-    for pod in pods:
-        if pod.status.phase != "Succeeded":
-            continue
-        for container in pod.status.container_statuses or []:
-            terminated = container.state and container.state.terminated
-            if terminated is not None and terminated.message:
-                try:
-                    return str(json.loads(terminated.message).get("adapter_version", ""))
-                except ValueError:
-                    return ""
-    return ""
+def _last_terminated_reason(pods: list[Any]) -> str:
+    ended = _terminated(pods)
+    return str(ended[-1][1].reason or "") if ended else ""
+
+
+def _outcome(pods: list[Any]) -> dict[str, Any]:
+    """What the trainer container that ended last left in its termination message (see
+    tunefleet.trainer.outcome): the registered version, the stored registration request, or
+    why it failed."""
+    ended = _terminated(pods)
+    return outcome.read(ended[-1][1].message or "") if ended else {}
 
 
 def _snake(reason: str) -> str:

@@ -49,9 +49,11 @@ class RunStatus:
     reason: str = ""  # UPPER_SNAKE_CASE, for the job's error
     message: str = ""
     retries: int = 0  # failed attempts the launcher retried (a preempted Pod)
-    # With SUCCEEDED: the registered result the worker left behind, in case its final report
-    # never reached the service (it was down).
+    # The registered result the worker left behind, in case its final report never reached
+    # the service (it was down); the stored registration request of a result it trained but
+    # could not register, for the service to send itself.
     output_adapter_version: str = ""
+    output_request: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,4 +103,10 @@ def trainer_command(python: str, gpu_count: int, spec_path: str) -> list[str]:
 
 
 # The trainer's exit statuses (see tunefleet.trainer.__main__).
-EXIT_REASONS = {1: "TRAINER_FAILED", 2: "INVALID_SPEC", 3: "CANCELLED"}
+EXIT_REASONS = {
+    1: "TRAINER_FAILED",
+    2: "INVALID_SPEC",
+    3: "CANCELLED",
+    4: "REGISTRATION_FAILED",
+    5: "OUT_OF_MEMORY",
+}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunefleet.trainer import outcome
 from tunefleet.training.launcher import (
     EXIT_REASONS,
     LogLine,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # Runs the trainer, then records its exit status where a restarted service can read it.
 WRAPPER = '"$@"; code=$?; echo $code > exit_code.tmp && mv exit_code.tmp exit_code; exit $code'
 STREAMS = ("stdout", "stderr")
+OUTCOME = "outcome.json"  # the trainer's outcome (tunefleet.trainer.outcome)
 MAX_LINE = 4096
 
 
@@ -76,7 +78,11 @@ class LocalLauncher:
         descriptor = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
             json.dump({**request.spec, "output_dir": str((directory / "output").resolve())}, file)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TUNEFLEET_RESULT_FILE": str((directory / OUTCOME).resolve()),
+        }
         if request.gpu_count == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
         command = trainer_command(self.python, request.gpu_count, str(spec_path.resolve()))
@@ -99,7 +105,7 @@ class LocalLauncher:
         self._children[request.job_id] = process
         threading.Thread(target=self._reap, args=(process,), daemon=True).start()
         log.info("started the trainer for job %s as pid %d", request.job_id, process.pid)
-        return Run(str(process.pid), {"dir": str(directory)})
+        return Run(str(process.pid), {"dir": str(directory), "oom_kills": _oom_kills() or 0})
 
     def _reap(self, process: subprocess.Popen[bytes]) -> None:
         process.wait()
@@ -113,11 +119,24 @@ class LocalLauncher:
         exit_file = directory / "exit_code"
         if exit_file.exists():
             code = int(exit_file.read_text().strip() or "-1")
+            said = _outcome(directory)
             if code == 0:
-                return RunStatus(Phase.SUCCEEDED, output_adapter_version=_result(directory))
+                return RunStatus(
+                    Phase.SUCCEEDED,
+                    output_adapter_version=str(said.get("adapter_version", "")),
+                    output_request=str(said.get("output_request", "")),
+                )
             reason = EXIT_REASONS.get(code, "WORKER_EXITED")
+            if code == 137 and _oom_killed(directory, run.state):
+                reason = "OUT_OF_MEMORY"
+            why = f": {said['message']}" if said.get("message") else _last(directory)
+            if reason == "OUT_OF_MEMORY" and code == 137:
+                why = ": killed by the kernel's out-of-memory killer"
             return RunStatus(
-                Phase.FAILED, reason, f"the trainer exited with status {code}{_last(directory)}"
+                Phase.FAILED,
+                reason,
+                f"the trainer exited with status {code}{why}",
+                output_request=str(said.get("output_request", "")),
             )
         if _alive(int(run.run_id), directory):
             return RunStatus(Phase.RUNNING)
@@ -132,16 +151,20 @@ class LocalLauncher:
         await asyncio.to_thread(self._cancel, run)
 
     def _cancel(self, run: Run) -> None:
+        """SIGTERM to the run's process group (with SIGCONT, so that a stopped trainer sees it),
+        SIGKILL to the group after the grace; done when no process of the group is left."""
         pid, directory = int(run.run_id), Path(run.state["dir"])
         for sig, wait in ((signal.SIGTERM, self.stop_grace_seconds), (signal.SIGKILL, 5.0)):
-            if not _alive(pid, directory):
+            if not _group_alive(pid, directory):
                 return
             try:
                 os.killpg(pid, sig)
+                if sig == signal.SIGTERM:
+                    os.killpg(pid, signal.SIGCONT)
             except ProcessLookupError:
                 return
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(pid, directory):
+            while time.monotonic() < deadline and _group_alive(pid, directory):
                 child = self._children.get(directory.name)
                 if child is not None:
                     child.poll()
@@ -185,13 +208,50 @@ def _alive(pid: int, directory: Path) -> bool:
     return str((directory / "spec.json").resolve()).encode() in cmdline
 
 
-def _result(directory: Path) -> str:
-    """The adapter version the trainer registered, from the result.json it wrote."""
+def _group_alive(pgid: int, directory: Path) -> bool:
+    """Whether any process of the run's process group is left (not a zombie). The wrapper shell
+    may be gone while the trainer it started (stopped, or ignoring SIGTERM) is not."""
+    if _alive(pgid, directory):
+        return True
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command name: state, ppid, pgrp.
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _outcome(directory: Path) -> dict[str, Any]:
+    """What the trainer left in its outcome file (see tunefleet.trainer.outcome)."""
     try:
-        result = json.loads((directory / "output" / "result.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    return str(result.get("adapter_version", ""))
+        return outcome.read((directory / OUTCOME).read_text())
+    except OSError:
+        return {}
+
+
+def _oom_killed(directory: Path, state: dict[str, Any]) -> bool:
+    """Whether the kernel's OOM killer killed a process of this cgroup since the run started
+    (cgroup v2 `memory.events`; False where that cannot be read)."""
+    now = _oom_kills()
+    return now is not None and now > int(state.get("oom_kills", now))
+
+
+def _oom_kills() -> int | None:
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        events = Path(f"/sys/fs/cgroup{cgroup}/memory.events").read_text()
+    except (OSError, IndexError):
+        return None
+    for line in events.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
 
 
 def _last(directory: Path) -> str:

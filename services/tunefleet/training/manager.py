@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
+import json
 import logging
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -54,10 +57,12 @@ from tunefleet.storage.pagination import Page
 from tunefleet.training import jobs, store
 from tunefleet.training.launcher import JobLauncher, LogLine, Phase, Run, RunRequest, RunStatus
 from tunefleet.training.metrics import TrainingMetrics
+from tunefleet.training.registry import RegistrationRefused, RegistryClient, RegistryUnavailable
 from tunefleet.training.store import TERMINAL, CheckpointRow, JobRow, State
 from tunefleet.v1 import training_job_pb2, training_service_pb2
 
 log = logging.getLogger(__name__)
+_URI_SHA = re.compile(r"([0-9a-f]{64})$")
 
 TrainingJob = training_job_pb2.TrainingJob
 WorkerState = training_service_pb2.ReportTrainingProgressRequest.WorkerState
@@ -82,6 +87,9 @@ class ReportOutcome:
     run: Run | None  # the job's run, when the launcher must hear of the report
     checkpoint_uri: str = ""  # a checkpoint to resume retried runs from
     stop_run: bool = False  # the worker failed: stop its run (no retries)
+    # Checkpoints no longer kept (their stored copies go) and those kept (which may share files).
+    pruned: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
 
 
 def topic(job_id: str) -> str:
@@ -107,6 +115,8 @@ class TrainingManager:
         self.launcher, self.metrics = launcher, metrics
         self.signal = signal or ChangeSignal()
         self.worker_endpoint = self.training.worker_endpoint
+        self.registry: RegistryClient | None = None
+        self._settling: dict[str, asyncio.Task[None]] = {}
         self.started_at = utcnow()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -345,8 +355,11 @@ class TrainingManager:
                 self._event(session, job_id, "progress", progress)
                 self.metrics.progress(job.name, progress)
             checkpoint_uri = ""
+            pruned: list[str] = []
+            kept: list[str] = []
             if request.HasField("checkpoint"):
                 checkpoint_uri = self._checkpoint(session, job_id, request.checkpoint, now)
+                pruned, kept = self._prune_checkpoints(session, job_id)
             if request.HasField("evaluation"):
                 job.evaluation.CopyFrom(request.evaluation)
                 self._event(session, job_id, "evaluation", request.evaluation)
@@ -364,7 +377,14 @@ class TrainingManager:
                 self._transition(session, row, job, State.STATE_FAILED, error)
                 stop_run = True
             row.store(job)
-            outcome = ReportOutcome(row.cancel_requested, _run(row), checkpoint_uri, stop_run)
+            outcome = ReportOutcome(
+                row.cancel_requested,
+                _run(row),
+                checkpoint_uri,
+                stop_run,
+                tuple(pruned),
+                tuple(kept),
+            )
         self.signal.notify()
         return outcome
 
@@ -398,9 +418,43 @@ class TrainingManager:
             self._event(session, job_id, "checkpoint", reported)
         return checkpoint.uri
 
+    def _prune_checkpoints(self, session: Session, job_id: str) -> tuple[list[str], list[str]]:
+        """Forget all checkpoints of a job but the newest `keep_checkpoints` and the best (the
+        lowest validation loss, the earliest of equals), as the trainer does with its local
+        copies. Returns the URIs forgotten and those kept."""
+        rows = list(
+            session.scalars(
+                select(CheckpointRow)
+                .where(CheckpointRow.job_id == job_id)
+                .order_by(CheckpointRow.step)
+            )
+        )
+        kept = rows[-self.training.keep_checkpoints :]
+        evaluated = [row for row in rows if row.validation_loss is not None]
+        if evaluated:
+            kept.append(min(evaluated, key=lambda row: (row.validation_loss, row.step)))
+        pruned = [row for row in rows if row not in kept]
+        for row in pruned:
+            session.delete(row)
+        session.flush()
+        return [row.uri for row in pruned], [row.uri for row in kept]
+
+    def _delete_checkpoint_blobs(self, pruned: tuple[str, ...], kept: tuple[str, ...]) -> None:
+        """Delete the stored copies of checkpoints no longer kept: each one's manifest and the
+        files it names, except files a kept checkpoint names too."""
+        keep = set().union(*(_checkpoint_blobs(self.blobs, uri) for uri in kept))
+        for uri in pruned:
+            for sha256 in _checkpoint_blobs(self.blobs, uri) - keep:
+                try:
+                    self.blobs.delete(sha256)
+                except Exception as error:  # a blob already gone, a store hiccup: not fatal
+                    log.warning("cannot delete checkpoint blob %s: %s", sha256, error)
+
     async def after_report(self, outcome: ReportOutcome) -> None:
         """What the launcher must do after a report: keep a checkpoint for retries, or stop the
-        run of a worker that failed."""
+        run of a worker that failed; and delete the stored checkpoints no longer kept."""
+        if outcome.pruned:
+            await asyncio.to_thread(self._delete_checkpoint_blobs, outcome.pruned, outcome.kept)
         if outcome.run is None:
             return
         if outcome.checkpoint_uri:
@@ -463,6 +517,11 @@ class TrainingManager:
         """Reconcile with the launcher, then run the scheduler until `stop()`."""
         if not self.worker_endpoint:
             self.worker_endpoint = server_address
+        self.registry = RegistryClient(
+            self.training.registry_endpoint or server_address,
+            self.training.worker_registry_token,
+            self.blobs,
+        )
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.started_at = utcnow()
@@ -475,8 +534,12 @@ class TrainingManager:
             await cancel(self._task)
             self._task = None
         self._loop = None
+        for task in list(self._settling.values()):
+            await cancel(task)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.registry is not None:
+            await self.registry.close()
         await self.launcher.close()
 
     def wake(self) -> None:
@@ -554,11 +617,13 @@ class TrainingManager:
             "token": token,
             "heartbeat_seconds": self.training.heartbeat_seconds,
         }
+        assert self.registry is not None, "start() the manager first"
         spec["registry"] = {
             **spec["registry"],
-            "endpoint": endpoint,
+            "endpoint": self.registry.endpoint,
             "token": self.training.worker_registry_token,
         }
+        spec["keep_checkpoints"] = self.training.keep_checkpoints
         if resume_from:
             spec["resume_from"] = resume_from
         resources = marked_row.job().resources
@@ -636,7 +701,69 @@ class TrainingManager:
         if status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.MISSING):
             more, after = await self._logs(run, after)  # what it printed last
             lines += more
+        ended = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
+        if (
+            ended
+            and row.state == "RUNNING"
+            and (status.output_adapter_version or status.output_request)
+        ):
+            # The worker left a result behind without reporting it: check it, or register it,
+            # through AdapterService before the job ends.
+            if job_id not in self._settling:
+                task = asyncio.ensure_future(self._settle(job_id, row.name, status))
+                self._settling[job_id] = task
+            status = dataclasses.replace(status, phase=Phase.PENDING)
         await asyncio.to_thread(self._apply, job_id, lines, after, status)
+
+    async def _settle(self, job_id: str, job_name: str, status: RunStatus) -> None:
+        """End a job whose run ended without reporting its result: SUCCEEDED with the version
+        the worker named if AdapterService has it as this job's, else with the version the
+        stored registration request makes (idempotent: the job's request id), else FAILED.
+        Retried with backoff while AdapterService is unavailable."""
+        assert self.registry is not None
+        delay = 1.0
+        try:
+            while True:
+                try:
+                    version = status.output_adapter_version
+                    if version and not await self.registry.trained_by(version, job_name):
+                        log.warning("%s: %s is not a version it trained", job_name, version)
+                        version = ""
+                    if not version and status.output_request:
+                        version = await self.registry.register(status.output_request, job_name)
+                        log.info("%s: registered its stored output as %s", job_name, version)
+                    break
+                except RegistryUnavailable as error:
+                    log.warning(
+                        "%s: the registry is unavailable (%s); again in %.0f s",
+                        job_name,
+                        error,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                except RegistrationRefused as error:
+                    await asyncio.to_thread(
+                        self._end,
+                        job_id,
+                        State.STATE_FAILED,
+                        training_job_pb2.JobError(reason="REGISTRATION_FAILED", message=str(error)),
+                    )
+                    return
+            if version:
+                final = RunStatus(Phase.SUCCEEDED, output_adapter_version=version)
+            elif status.phase == Phase.SUCCEEDED:
+                final = RunStatus(
+                    Phase.FAILED,
+                    "RESULT_NOT_REGISTERED",
+                    f"the worker named {status.output_adapter_version}, which the registry "
+                    "does not have as a version this job trained",
+                )
+            else:
+                final = status
+            await asyncio.to_thread(self._apply, job_id, [], None, final)
+        finally:
+            self._settling.pop(job_id, None)
 
     async def _logs(self, run: Run, cursor: dict[str, Any]) -> tuple[list[LogLine], dict[str, Any]]:
         """New log lines of a run; none (and the same cursor) when they cannot be read now: the
@@ -657,7 +784,11 @@ class TrainingManager:
             return dict(store.get(session, job_id).launcher_state.get("cursor", {}))
 
     def _apply(
-        self, job_id: str, lines: list[LogLine], cursor: dict[str, Any], status: RunStatus
+        self,
+        job_id: str,
+        lines: list[LogLine],
+        cursor: dict[str, Any] | None,
+        status: RunStatus,
     ) -> None:
         with self.db.session() as session:
             row = store.get(session, job_id, for_update=True)
@@ -666,7 +797,8 @@ class TrainingManager:
                 message = training_job_pb2.TrainingEvent.LogLine(stream=line.stream, text=line.text)
                 self._event(session, job_id, "log", message)
             state = dict(row.launcher_state)
-            state["cursor"] = cursor
+            if cursor is not None:
+                state["cursor"] = cursor
             if status.retries > state.get("retries", 0):
                 state["retries"] = status.retries
                 note = (
@@ -715,6 +847,8 @@ class TrainingManager:
             self._transition(session, row, job, State.STATE_FAILED, error)
 
     async def _check_silence(self, row: JobRow) -> None:
+        if row.id in self._settling:
+            return  # the run has ended; its result is being registered
         # After a restart the clock starts again: the service could not hear reports while down.
         last = max(row.last_report_time or row.create_time, self.started_at)
         silent = (utcnow() - last).total_seconds()
@@ -746,6 +880,20 @@ class TrainingManager:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _checkpoint_blobs(blobs: BlobStore, uri: str) -> set[str]:
+    """The blobs of a stored checkpoint (its manifest and files); none for a local one."""
+    match = _URI_SHA.search(uri)
+    if match is None or not uri.startswith(blobs.uri(match[1]).rsplit(match[1], 1)[0]):
+        return set()
+    try:
+        manifest = json.loads(blobs.read_bytes(match[1]))
+        files = {str(sha) for sha in manifest["files"].values()}
+    except Exception as error:  # gone already, or not a checkpoint manifest
+        log.warning("cannot read checkpoint manifest %s: %s", uri, error)
+        return set()
+    return {match[1], *files}
 
 
 def _run(row: JobRow) -> Run | None:

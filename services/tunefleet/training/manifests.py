@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from tunefleet.runtime.settings import KubernetesSettings
-from tunefleet.training.launcher import RunRequest, trainer_command
+from tunefleet.training.launcher import EXIT_REASONS, RunRequest, trainer_command
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 JOB_LABEL = "tunefleet.dev/training-job"
@@ -135,9 +135,12 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
             "completions": 1,
             "parallelism": 1,
-            # Trainer failures (1), bad specs (2) and cancels (3) are final; a Pod disrupted by
-            # preemption or eviction is retried without counting against backoffLimit. (Servers
-            # before 1.26 ignore this and retry every failure up to backoffLimit.)
+            # The trainer's own failures are final (see EXIT_REASONS: it failed, the spec cannot
+            # work, it was cancelled, its result could not be registered, memory ran out); a Pod
+            # disrupted by preemption or eviction is retried without counting against
+            # backoffLimit. (Servers before 1.26 ignore this and retry every failure up to
+            # backoffLimit.) The empty `onPodConditions` is for the 1.27 and 1.28 schemas, which
+            # require the field; their servers accept it empty beside `onExitCodes`.
             "podFailurePolicy": {
                 "rules": [
                     {
@@ -145,8 +148,9 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
                         "onExitCodes": {
                             "containerName": CONTAINER,
                             "operator": "In",
-                            "values": [1, 2, 3],
+                            "values": sorted(EXIT_REASONS),
                         },
+                        "onPodConditions": [],
                     },
                     {
                         "action": "Ignore",

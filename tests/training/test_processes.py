@@ -1,0 +1,217 @@
+"""Training in the cluster shape: datasets, adapters, training (local launcher) and inference as
+separate `tunefleet serve <service>` processes sharing one data directory, as the dev overlay
+runs them. The trainer reports to TrainingService and registers with AdapterService at its own
+address; the result is served by InferenceService and matches plain PEFT."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.training.conftest import colour_records, job_request
+from tunefleet.demo.server import LocalServer
+from tunefleet.v1 import (
+    adapter_service_pb2,
+    adapter_service_pb2_grpc,
+    dataset_pb2,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    inference_pb2,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    training_job_pb2,
+    training_service_pb2,
+    training_service_pb2_grpc,
+)
+
+State = training_job_pb2.TrainingJob.State
+pytestmark = pytest.mark.timeout(600)
+PROMPT = "Which colour goes with the cat?"
+
+
+class Cluster:
+    """One process per service; `servers[key]` and a channel to each."""
+
+    def __init__(self, data_dir: Path, chat_model: Path, keys: list[str]) -> None:
+        common = {
+            "models": {"colours": str(chat_model)},
+            "logging": {"level": "INFO"},
+        }
+        self.servers = {key: LocalServer(data_dir, common, services=[key]) for key in keys}
+        training = self.servers["training"].settings
+        training["training"] = {
+            "poll_seconds": 0.2,
+            "heartbeat_seconds": 1.0,
+            # What the dev overlay sets: the adapters Service, not TrainingService's own address.
+            "registry_endpoint": self.servers["adapters"].target,
+        }
+        if "inference" in self.servers:
+            self.servers["inference"].settings["inference"] = {"base_model": "colours"}
+        self.channels: dict[str, grpc.Channel] = {}
+
+    def start(self) -> Cluster:
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            list(pool.map(lambda server: server.start(timeout=300), self.servers.values()))
+        self.channels = {
+            key: grpc.insecure_channel(server.target) for key, server in self.servers.items()
+        }
+        return self
+
+    def stop(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        for server in self.servers.values():
+            if server.process is not None and server.process.poll() is None:
+                server.stop()
+
+    @property
+    def training(self) -> Any:
+        return training_service_pb2_grpc.TrainingServiceStub(self.channels["training"])
+
+    @property
+    def adapters(self) -> Any:
+        return adapter_service_pb2_grpc.AdapterServiceStub(self.channels["adapters"])
+
+    def upload(self) -> str:
+        def requests() -> Iterator[dataset_service_pb2.UploadDatasetRequest]:
+            options = dataset_pb2.DatasetOptions(
+                remove_exact_duplicates=False,
+                remove_near_duplicates=False,
+                validation_fraction=0.2,
+            )
+            header = dataset_service_pb2.UploadDatasetHeader(display_name="c", options=options)
+            yield dataset_service_pb2.UploadDatasetRequest(header=header)
+            yield dataset_service_pb2.UploadDatasetRequest(chunk=colour_records())
+            yield dataset_service_pb2.UploadDatasetRequest(finish_write=True)
+
+        stub = dataset_service_pb2_grpc.DatasetServiceStub(self.channels["datasets"])
+        return str(stub.UploadDataset(requests(), timeout=120).name)
+
+    def create(self, dataset: str, **fields: Any) -> str:
+        request = training_service_pb2.CreateTrainingJobRequest(
+            training_job=job_request(dataset, **fields)
+        )
+        return str(self.training.CreateTrainingJob(request, timeout=60).name)
+
+    def job(self, name: str) -> training_job_pb2.TrainingJob:
+        request = training_service_pb2.GetTrainingJobRequest(name=name)
+        job: training_job_pb2.TrainingJob = self.training.GetTrainingJob(request, timeout=30)
+        return job
+
+    def wait(self, name: str, *states: str, within: float = 300.0) -> training_job_pb2.TrainingJob:
+        wanted = {State.Value(f"STATE_{state}") for state in states}
+        deadline = time.monotonic() + within
+        while True:
+            job = self.job(name)
+            if job.state in wanted:
+                return job
+            assert time.monotonic() < deadline, f"{name} is {State.Name(job.state)}: {job.error}"
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        request = training_service_pb2.StreamTrainingJobEventsRequest(name=name, no_follow=True)
+        events = self.training.StreamTrainingJobEvents(request, timeout=30)
+        return "\n".join(e.log.text for e in events if e.HasField("log"))
+
+    def versions(self) -> list[Any]:
+        request = adapter_service_pb2.ListAdapterVersionsRequest(parent="adapters/colours")
+        return list(self.adapters.ListAdapterVersions(request, timeout=30).adapter_versions)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, chat_model: Path) -> Iterator[Any]:
+    clusters: list[Cluster] = []
+
+    def make(*keys: str) -> Cluster:
+        cluster = Cluster(tmp_path / "data", chat_model, list(keys))
+        clusters.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+def peft_reference(chat_model: Path, adapter: Path, prompt: str, max_tokens: int) -> str:
+    """Greedy text from plain transformers + PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_model))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_model), adapter)
+    model.eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(  # type: ignore[no-untyped-call]
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_a_job_trains_registers_and_is_served_across_processes(
+    make_cluster: Any, chat_model: Path, tmp_path: Path
+) -> None:
+    cluster = make_cluster("datasets", "training", "adapters", "inference")
+    name = cluster.create(cluster.upload())
+    job = cluster.wait(name, "SUCCEEDED", "FAILED")
+    assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{cluster.log(name)[-3000:]}"
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+    version = cluster.adapters.GetAdapterVersion(
+        adapter_service_pb2.GetAdapterVersionRequest(name=job.output_adapter_version)
+    )
+    assert version.lineage.training_job == name
+
+    inference = inference_service_pb2_grpc.InferenceServiceStub(cluster.channels["inference"])
+    request = inference_service_pb2.GenerateRequest(
+        adapter=job.output_adapter_version,
+        prompt=PROMPT,
+        sampling=inference_pb2.SamplingParams(max_tokens=8, temperature=0.0),
+    )
+    response = inference.Generate(request, timeout=120, wait_for_ready=True)
+    assert response.adapter_version == job.output_adapter_version
+    adapter = tmp_path / "data" / "training" / "runs" / name.split("/")[1] / "output" / "adapter"
+    assert response.text == peft_reference(chat_model, adapter, PROMPT, 8)
+
+
+def test_the_adapters_process_killed_while_the_trainer_registers(make_cluster: Any) -> None:
+    cluster = make_cluster("datasets", "training", "adapters")
+    name = cluster.create(cluster.upload(), hyperparameters={"max_steps": 12})
+    while cluster.job(name).latest_progress.step < 1:  # training, before registering
+        assert cluster.job(name).state in (State.STATE_QUEUED, State.STATE_RUNNING)
+        time.sleep(0.1)
+    adapters = cluster.servers["adapters"]
+    assert adapters.process is not None
+    adapters.process.kill()
+    adapters.process.wait()
+    killed = time.monotonic()
+    deadline = killed + 300
+    while "registering adapters/colours" not in cluster.log(name):  # the trainer's own log
+        assert time.monotonic() < deadline and cluster.job(name).state == State.STATE_RUNNING
+        time.sleep(0.2)
+    time.sleep(max(0.0, killed + 10 - time.monotonic()))
+    adapters.start(timeout=300)  # on the same port, as a restarted Pod behind its Service
+
+    job = cluster.wait(name, "SUCCEEDED", "FAILED")
+    assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{cluster.log(name)[-3000:]}"
+    versions = cluster.versions()
+    assert [v.name for v in versions] == [job.output_adapter_version]
+    assert versions[0].lineage.training_job == name
+
+
+def test_training_alone_needs_a_registry_endpoint(tmp_path: Path) -> None:
+    server = LocalServer(tmp_path, services=["training"])
+    with pytest.raises(
+        RuntimeError, match=r"training\.registry_endpoint: must name an AdapterService"
+    ):
+        server.start(timeout=120)
