@@ -62,11 +62,11 @@ class Kube:
         now = datetime.now(UTC).isoformat()
         self._status(pod, "Running", {"running": {"startedAt": now}})
 
-    def end_pod(self, pod: Any, exit_code: int, message: str = "") -> None:
+    def end_pod(self, pod: Any, exit_code: int, message: str = "", reason: str = "") -> None:
         now = datetime.now(UTC).isoformat()
         terminated = {
             "exitCode": exit_code,
-            "reason": "Completed" if exit_code == 0 else "Error",
+            "reason": reason or ("Completed" if exit_code == 0 else "Error"),
             "message": message,
             "startedAt": now,
             "finishedAt": now,

@@ -449,3 +449,41 @@ def test_early_stopping_keeps_the_best_steps_adapter(
     saved = dict(adapter.named_parameters())
     for name, value in best.items():
         assert torch.equal(saved[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason"),
+    [
+        ("torch.OutOfMemoryError", 5, "OUT_OF_MEMORY"),
+        ("MemoryError", 5, "OUT_OF_MEMORY"),
+        ("RuntimeError", 1, "TRAINER_FAILED"),
+    ],
+)
+def test_the_exit_status_and_the_outcome_say_why_training_failed(
+    make_spec: MakeSpec,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: str,
+    code: int,
+    reason: str,
+) -> None:
+    import torch
+
+    from tunefleet.trainer.__main__ import main
+
+    kind = {
+        "torch.OutOfMemoryError": torch.OutOfMemoryError,
+        "MemoryError": MemoryError,
+        "RuntimeError": RuntimeError,
+    }[error]
+
+    def fail(self: Trainer) -> None:
+        raise kind("out of memory at step 3")
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(make_spec()))
+    monkeypatch.setenv("TUNEFLEET_RESULT_FILE", str(tmp_path / "outcome.json"))
+    monkeypatch.setattr(Trainer, "run", fail)
+    assert main(["--spec", str(spec)]) == code
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome["reason"] == reason and "out of memory at step 3" in outcome["message"]

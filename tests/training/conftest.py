@@ -23,7 +23,10 @@ from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.server import TunefleetServer
 from tunefleet.runtime.services import registration, training_service
 from tunefleet.runtime.settings import Settings, load_settings
+from tunefleet.trainer import register
 from tunefleet.v1 import (
+    adapter_pb2,
+    adapter_service_pb2,
     adapter_service_pb2_grpc,
     common_pb2,
     dataset_pb2,
@@ -240,3 +243,38 @@ async def make_platform(
     yield make
     for storage in storages:
         storage.close()
+
+
+def lora_adapter(chat_model: Path, directory: Path) -> Path:
+    """A real LoRA adapter of the tiny chat model, with weights that change its output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(directory))
+    return directory
+
+
+def stored_request(platform: Platform, job: str, adapter: Path) -> str:
+    """What a trainer that could not register leaves behind: its files and its registration
+    request in the blob store; the request's URI."""
+    blobs = platform.storage.blobs
+    files = []
+    for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
+        info = blobs.put_file(path)
+        files.append(
+            adapter_pb2.AdapterFile(
+                path=str(path.relative_to(adapter)),
+                uri=blobs.uri(info.sha256),
+                sha256=info.sha256,
+                size_bytes=info.size,
+            )
+        )
+    request = adapter_service_pb2.CreateAdapterVersionRequest(
+        parent="adapters/colours",
+        files=files,
+        lineage=adapter_pb2.Lineage(training_job=job),
+        request_id=register.request_id(job),
+    )
+    return blobs.uri(blobs.put([request.SerializeToString()]).sha256)

@@ -17,12 +17,12 @@ import pytest
 
 from tests.kube.namespace import Kube, pods_of, run_request, until
 from tests.storage.conftest import s3_client
-from tests.training.conftest import Platform
+from tests.training.conftest import Platform, lora_adapter, stored_request
 from tunefleet.runtime.settings import KubernetesSettings
 from tunefleet.training import manifests
 from tunefleet.training.kubernetes import KubernetesLauncher, new_lines
 from tunefleet.training.launcher import Phase
-from tunefleet.v1 import training_job_pb2, training_service_pb2
+from tunefleet.v1 import adapter_service_pb2, training_job_pb2, training_service_pb2
 
 State = training_job_pb2.TrainingJob.State
 Worker = training_service_pb2.ReportTrainingProgressRequest
@@ -33,7 +33,9 @@ GPU = training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-l4")
 # --- manifests, offline -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+@pytest.mark.parametrize(
+    "version", ["1.27.0", "1.28.0", "1.30.0", kubernetes_validate.latest_version()]
+)
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> None:
     settings = KubernetesSettings(
@@ -249,6 +251,41 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     job = await platform.wait(job.name, "FAILED", within=30)
     assert job.error.reason == "BACKOFF_LIMIT_EXCEEDED"
     assert "node lost again" in job.error.message
+    events = await platform.events(job.name)
+    # One retry, noted once: the failure that ended the Job is not called a retry.
+    assert sum("retried" in e.log.text for e in events if e.HasField("log")) == 1
+
+
+@pytest.mark.kubernetes
+async def test_an_oom_killed_pod_fails_the_job_out_of_memory(
+    kube: Kube, kube_platform: Any
+) -> None:
+    platform = await kube_platform(backoff_limit=0)
+    job, pod = await running_job(kube, platform)
+    kube.end_pod(pod, 137, reason="OOMKilled")
+    job = await platform.wait(job.name, "FAILED", within=30)
+    assert job.error.reason == "OUT_OF_MEMORY", job.error
+
+
+@pytest.mark.kubernetes
+async def test_a_trainer_that_could_not_register_leaves_it_to_the_service(
+    kube: Kube, kube_platform: Any, chat_model: Path, tmp_path: Path
+) -> None:
+    platform = await kube_platform(backoff_limit=0)
+    job, pod = await running_job(kube, platform)
+    # The trainer stored its output and request in S3, but the registry stayed away: it exits 4
+    # with its outcome in the termination message, and the service registers the output.
+    request_uri = stored_request(platform, job.name, lora_adapter(chat_model, tmp_path / "a"))
+    assert request_uri.startswith("s3://")
+    outcome = {
+        "reason": "REGISTRATION_FAILED",
+        "message": "the registry stayed unavailable",
+        "output_request": request_uri,
+    }
+    kube.end_pod(pod, 4, json.dumps(outcome))
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=60)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    assert job.output_adapter_version == "adapters/colours/versions/1"
 
 
 @pytest.mark.kubernetes
@@ -269,7 +306,9 @@ async def test_cancel_deletes_the_job_and_its_pods(kube: Kube, kube_platform: An
 
 
 @pytest.mark.kubernetes
-async def test_restart_reconciles_with_the_cluster(kube: Kube, kube_platform: Any) -> None:
+async def test_restart_reconciles_with_the_cluster(
+    kube: Kube, kube_platform: Any, chat_model: Path, tmp_path: Path
+) -> None:
     platform = await kube_platform()
     dataset = await platform.upload()
     done = await platform.create(dataset.name, resources=GPU)
@@ -282,16 +321,24 @@ async def test_restart_reconciles_with_the_cluster(kube: Kube, kube_platform: An
     kube.run_pod(running_pods[0])
     await platform.wait(done.name, "RUNNING", within=10)
     await platform.wait(running.name, "RUNNING", within=10)
+    # One trainer registers its result, then TrainingService goes down.
+    adapter = lora_adapter(chat_model, tmp_path / "adapter")
+    request_uri = stored_request(platform, done.name, adapter)
+    registered = await platform.adapters.CreateAdapterVersion(
+        adapter_service_pb2.CreateAdapterVersionRequest.FromString(
+            platform.storage.blobs.read_bytes(request_uri[-64:])
+        )
+    )
     await platform.stop()
 
-    # While TrainingService is down, one run finishes; its last report never arrived, but the
-    # trainer left its result in the termination message.
-    kube.end_pod(done_pods[0], 0, json.dumps({"adapter_version": "adapters/colours/versions/7"}))
+    # While it is down, that run finishes; its last report never arrived, but the trainer left
+    # the version's name in the termination message.
+    kube.end_pod(done_pods[0], 0, json.dumps({"adapter_version": registered.name}))
     await until(lambda: _job_complete(kube, job_id(done.name)))
 
     await platform.start()
     job = await platform.wait(done.name, "SUCCEEDED", within=20)
-    assert job.output_adapter_version == "adapters/colours/versions/7"
+    assert job.output_adapter_version == registered.name
     assert (await platform.wait(running.name, "RUNNING")).state == State.STATE_RUNNING
     assert (await launched(platform, pending.name)).state == State.STATE_QUEUED
     await asyncio.sleep(1.0)

@@ -13,13 +13,11 @@ import grpc
 import pytest
 
 from tests.helpers import error_info
-from tests.training.conftest import Platform, job_request
+from tests.training.conftest import job_request, lora_adapter, stored_request
 from tests.training.fakes import FakeLauncher
-from tunefleet.trainer import register
 from tunefleet.trainer.storage import upload_checkpoint
 from tunefleet.training.launcher import LogLine, Phase
 from tunefleet.v1 import (
-    adapter_pb2,
     adapter_service_pb2,
     common_pb2,
     dataset_service_pb2,
@@ -464,41 +462,6 @@ async def test_metrics_count_jobs_and_follow_losses(make_platform: MakePlatform)
     await platform.wait(job.name, "SUCCEEDED")
     assert sample("tunefleet_training_job_duration_seconds_count", state="succeeded") == 1
     assert sample("tunefleet_training_train_loss", job=job.name) is None
-
-
-def lora_adapter(chat_model: Path, directory: Path) -> Path:
-    """A real LoRA adapter of the tiny chat model, with weights that change its output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(chat_model)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(str(directory))
-    return directory
-
-
-def stored_request(platform: Platform, job: str, adapter: Path) -> str:
-    """What a trainer that could not register leaves behind: its files and its registration
-    request in the blob store; the request's URI."""
-    blobs = platform.storage.blobs
-    files = []
-    for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
-        info = blobs.put_file(path)
-        files.append(
-            adapter_pb2.AdapterFile(
-                path=str(path.relative_to(adapter)),
-                uri=blobs.uri(info.sha256),
-                sha256=info.sha256,
-                size_bytes=info.size,
-            )
-        )
-    request = adapter_service_pb2.CreateAdapterVersionRequest(
-        parent="adapters/colours",
-        files=files,
-        lineage=adapter_pb2.Lineage(training_job=job),
-        request_id=register.request_id(job),
-    )
-    return blobs.uri(blobs.put([request.SerializeToString()]).sha256)
 
 
 async def test_a_result_left_behind_is_registered_or_checked_through_the_registry(

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True, help="the job spec (JSON)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
+    outcome.reset()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # `import peft` imports bitsandbytes, which on CPUs with AVX512-BF16 tries to fetch an
     # inference kernel from the Hugging Face Hub and warns ("pip install kernels") in every

@@ -16,6 +16,10 @@ LIMIT = 3500  # Kubernetes keeps 4096 bytes of a termination message
 _fields: dict[str, Any] = {}
 
 
+def reset() -> None:
+    _fields.clear()
+
+
 def record(**fields: Any) -> None:
     """Add `fields` to the outcome and write it where the launcher reads it (if anywhere)."""
     _fields.update(fields)
