@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-sdk bench-serving bench-gateway images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-checkpoints bench-sdk bench-serving bench-gateway images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -98,6 +98,9 @@ bench-train: $(VENV)/.installed  ## training benchmark: tunefleet vs TRL SFTTrai
 
 bench-training: $(VENV)/.installed  ## TrainingService overhead over the trainer by hand; report RPC vs health check
 	$(BIN)/python benchmarks/training_service.py
+
+bench-checkpoints: $(VENV)/.installed  ## checkpoint retention: scratch disk and time, keep 3 + best vs keep all
+	$(BIN)/python benchmarks/checkpoints.py
 
 bench-sdk: $(VENV)/.installed  ## SDK (sync and async) against raw generated stubs on one server
 	$(BIN)/python benchmarks/sdk.py

@@ -33,7 +33,7 @@ from tunefleet.runtime.errors import (
 )
 from tunefleet.runtime.models import find_model
 from tunefleet.storage import idempotency
-from tunefleet.storage.blobs import BlobInfo, BlobStore
+from tunefleet.storage.blobs import BlobInfo, BlobStore, uri_sha256
 from tunefleet.storage.changes import Change, append_change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.filtering import Filter
@@ -41,7 +41,6 @@ from tunefleet.storage.pagination import Page, paginate
 
 TOPIC = "adapters"
 CONFIG_LIMIT = 1024 * 1024
-_URI_SHA = re.compile(r"([0-9a-f]{64})$")
 
 
 @dataclass(frozen=True)
@@ -300,13 +299,13 @@ class Registry:
         blob_files: dict[str, BlobInfo] = {}
         for index, entry in enumerate(files):
             path = validation.check_path(entry["path"])
-            match = _URI_SHA.search(entry.get("uri", ""))
-            if match is None:
+            sha256 = uri_sha256(entry.get("uri", ""))
+            if sha256 is None:
                 raise InvalidArgument(f"files[{index}].uri", "must name a blob of this store")
             try:
-                info = self.blobs.stat(match[1])
+                info = self.blobs.stat(sha256)
             except NotFound:
-                raise InvalidArgument(f"files[{index}].uri", f"no blob {match[1]}") from None
+                raise InvalidArgument(f"files[{index}].uri", f"no blob {sha256}") from None
             if entry.get("sha256") and entry["sha256"] != info.sha256:
                 raise validation.refuse(path, "CHECKSUM_MISMATCH", "sha256 differs from the blob's")
             if entry.get("size_bytes") and entry["size_bytes"] != info.size:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_URI_SHA256 = re.compile(r"([0-9a-f]{64})$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class BlobInfo:
 
     sha256: str
     size: int
+
+
+def uri_sha256(uri: str) -> str | None:
+    """The blob a URI written by `BlobStore.uri` names (its last 64 hex digits), if any."""
+    match = _URI_SHA256.search(uri)
+    return match[1] if match else None
 
 
 def check_sha256(sha256: str, field: str = "sha256") -> str:

@@ -4,14 +4,12 @@ there, so that a job whose Pod is lost resumes anywhere from its last checkpoint
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from tunefleet.runtime.settings import StorageSettings
-from tunefleet.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from tunefleet.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore, uri_sha256
 from tunefleet.trainer.spec import SpecError
 
-_SHA256 = re.compile(r"([0-9a-f]{64})$")
 MANIFEST = "checkpoint.json"
 
 
@@ -26,17 +24,17 @@ def fetch(uri: str, store: BlobStore | None, directory: Path) -> Path:
     """A local path for `uri`: a local path or file:// URI as is, a blob of the store (named by
     its sha256, as `store.uri()` writes it) copied and verified into `directory`."""
     if uri.startswith(("s3://", "blob:")) or (
-        store is not None and uri.startswith("file://") and _SHA256.search(uri)
+        store is not None and uri.startswith("file://") and uri_sha256(uri)
     ):
-        match = _SHA256.search(uri)
-        if store is None or match is None:
+        sha256 = uri_sha256(uri)
+        if store is None or sha256 is None:
             raise SpecError(f"{uri!r} names a blob, but the spec has no storage to read it from")
-        target = directory / match[1]
+        target = directory / sha256
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".partial")
             with partial.open("wb") as out:
-                for chunk in store.open(match[1]):
+                for chunk in store.open(sha256):
                     out.write(chunk)
             partial.rename(target)
         return target
@@ -52,10 +50,10 @@ def upload_checkpoint(store: BlobStore, checkpoint: Path) -> str:
 
 def download_checkpoint(store: BlobStore, manifest_uri: str, directory: Path) -> Path:
     """Recreate a stored checkpoint under `directory`; its path."""
-    match = _SHA256.search(manifest_uri)
-    if match is None:
+    sha256 = uri_sha256(manifest_uri)
+    if sha256 is None:
         raise SpecError(f"resume_from: {manifest_uri!r} does not name a stored checkpoint")
-    manifest = json.loads(store.read_bytes(match[1]))
+    manifest = json.loads(store.read_bytes(sha256))
     target: Path = directory / str(manifest["name"])
     partial = directory / f".{manifest['name']}.download"
     partial.mkdir(parents=True, exist_ok=True)

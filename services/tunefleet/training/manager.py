@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from tunefleet.runtime.settings import Settings
 from tunefleet.runtime.streams import ChangeSignal
 from tunefleet.runtime.tasks import cancel
 from tunefleet.storage import idempotency
-from tunefleet.storage.blobs import BlobStore
+from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.storage.changes import Change, append_change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
@@ -62,7 +61,6 @@ from tunefleet.training.store import TERMINAL, CheckpointRow, JobRow, State
 from tunefleet.v1 import training_job_pb2, training_service_pb2
 
 log = logging.getLogger(__name__)
-_URI_SHA = re.compile(r"([0-9a-f]{64})$")
 
 TrainingJob = training_job_pb2.TrainingJob
 WorkerState = training_service_pb2.ReportTrainingProgressRequest.WorkerState
@@ -359,7 +357,8 @@ class TrainingManager:
             kept: list[str] = []
             if request.HasField("checkpoint"):
                 checkpoint_uri = self._checkpoint(session, job_id, request.checkpoint, now)
-                pruned, kept = self._prune_checkpoints(session, job_id)
+                min_delta = job.hyperparameters.early_stopping_min_delta
+                pruned, kept = self._prune_checkpoints(session, job_id, min_delta)
             if request.HasField("evaluation"):
                 job.evaluation.CopyFrom(request.evaluation)
                 self._event(session, job_id, "evaluation", request.evaluation)
@@ -418,10 +417,13 @@ class TrainingManager:
             self._event(session, job_id, "checkpoint", reported)
         return checkpoint.uri
 
-    def _prune_checkpoints(self, session: Session, job_id: str) -> tuple[list[str], list[str]]:
-        """Forget all checkpoints of a job but the newest `keep_checkpoints` and the best (the
-        lowest validation loss, the earliest of equals), as the trainer does with its local
-        copies. Returns the URIs forgotten and those kept."""
+    def _prune_checkpoints(
+        self, session: Session, job_id: str, min_delta: float
+    ) -> tuple[list[str], list[str]]:
+        """Forget all checkpoints of a job but the newest `keep_checkpoints` and the best, as the
+        trainer does with its local copies. The best is the trainer's: the first validation loss,
+        replaced by each one lower by more than the early stopping `min_delta` (with early
+        stopping every such evaluation is checkpointed). Returns the URIs forgotten and kept."""
         rows = list(
             session.scalars(
                 select(CheckpointRow)
@@ -430,9 +432,17 @@ class TrainingManager:
             )
         )
         kept = rows[-self.training.keep_checkpoints :]
-        evaluated = [row for row in rows if row.validation_loss is not None]
-        if evaluated:
-            kept.append(min(evaluated, key=lambda row: (row.validation_loss, row.step)))
+        best: CheckpointRow | None = None
+        for row in rows:
+            loss = row.validation_loss
+            if loss is not None and (
+                best is None
+                or best.validation_loss is None
+                or loss < best.validation_loss - min_delta
+            ):
+                best = row
+        if best is not None:
+            kept.append(best)
         pruned = [row for row in rows if row not in kept]
         for row in pruned:
             session.delete(row)
@@ -704,7 +714,7 @@ class TrainingManager:
         ended = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
         if (
             ended
-            and row.state == "RUNNING"
+            and row.state in ("QUEUED", "RUNNING")
             and (status.output_adapter_version or status.output_request)
         ):
             # The worker left a result behind without reporting it: check it, or register it,
@@ -884,16 +894,16 @@ class TrainingManager:
 
 def _checkpoint_blobs(blobs: BlobStore, uri: str) -> set[str]:
     """The blobs of a stored checkpoint (its manifest and files); none for a local one."""
-    match = _URI_SHA.search(uri)
-    if match is None or not uri.startswith(blobs.uri(match[1]).rsplit(match[1], 1)[0]):
+    sha256 = uri_sha256(uri)
+    if sha256 is None or uri != blobs.uri(sha256):
         return set()
     try:
-        manifest = json.loads(blobs.read_bytes(match[1]))
+        manifest = json.loads(blobs.read_bytes(sha256))
         files = {str(sha) for sha in manifest["files"].values()}
     except Exception as error:  # gone already, or not a checkpoint manifest
         log.warning("cannot read checkpoint manifest %s: %s", uri, error)
         return set()
-    return {match[1], *files}
+    return {sha256, *files}
 
 
 def _run(row: JobRow) -> Run | None:

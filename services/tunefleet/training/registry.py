@@ -5,15 +5,13 @@ request id, so a registration that did happen is not repeated)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import grpc
 
-from tunefleet.storage.blobs import BlobStore
+from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.v1 import adapter_service_pb2, adapter_service_pb2_grpc
 
-_URI_SHA = re.compile(r"([0-9a-f]{64})$")
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -65,12 +63,12 @@ class RegistryClient:
 
     async def register(self, request_uri: str, job: str) -> str:
         """Send the stored CreateAdapterVersionRequest at `request_uri`; the version's name."""
-        match = _URI_SHA.search(request_uri)
+        sha256 = uri_sha256(request_uri)
         try:
-            if match is None:
+            if sha256 is None:
                 raise ValueError(f"{request_uri!r} does not name a blob")
             request = adapter_service_pb2.CreateAdapterVersionRequest.FromString(
-                self.blobs.read_bytes(match[1])
+                self.blobs.read_bytes(sha256)
             )
         except Exception as error:
             raise RegistrationRefused(
