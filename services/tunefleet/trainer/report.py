@@ -114,7 +114,8 @@ class _RemoteReporter:
             delivered = self._call(pending.request)
             with self._changed:
                 if delivered or self._stopping:
-                    self._queue.popleft()
+                    if self._queue and self._queue[0] is pending:  # close() may have cleared it
+                        self._queue.popleft()
                     pending.done.set()
                     self._changed.notify_all()
 
