@@ -67,6 +67,7 @@ def run(
         "storage": {"blob_backend": "local", "blob_dir": str(workdir / f"blobs-{keep}")},
         "keep_checkpoints": keep,
     }
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"spec-{keep}.json"
     path.write_text(json.dumps(spec))
     peak, done = 0, threading.Event()
