@@ -130,14 +130,19 @@ def test_packing_keeps_attention_inside_each_example(chat_model: Path) -> None:
     assert together == pytest.approx(alone, rel=1e-5)
 
 
-def test_early_stopping(make_spec: MakeSpec, tmp_path: Path) -> None:
-    # The validation answers have another format: fitting the training data makes the
-    # validation loss rise, and training stops after `patience` evaluations without improvement.
+def drifting_validation(tmp_path: Path) -> dict[str, str]:
+    """Validation data whose answers have another format: fitting the training data makes its
+    loss fall at first, then rise."""
     other = write_records(
         tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
     )
+    return {"uri": str(other), "split": "validation"}
+
+
+def test_early_stopping(make_spec: MakeSpec, tmp_path: Path) -> None:
+    # Training stops after `patience` evaluations without improvement.
     spec = make_spec(
-        validation_data={"uri": str(other), "split": "validation"},
+        validation_data=drifting_validation(tmp_path),
         hyperparameters={"epochs": 20, "eval_every_steps": 2, "early_stopping_patience": 2},
     )
     result = train(spec)
@@ -387,11 +392,8 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(
 def test_checkpoints_are_pruned_to_the_newest_and_the_best(
     make_spec: MakeSpec, tmp_path: Path
 ) -> None:
-    other = write_records(
-        tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
-    )
     spec = make_spec(
-        validation_data={"uri": str(other), "split": "validation"},
+        validation_data=drifting_validation(tmp_path),
         keep_checkpoints=2,
         hyperparameters={"epochs": 3, "eval_every_steps": 2, "checkpoint_every_steps": 2},
     )
@@ -413,11 +415,8 @@ def test_early_stopping_keeps_the_best_steps_adapter(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    other = write_records(
-        tmp_path / "other.jsonl", train=0, validation=24, answer="Farbe: {} -- fertig!"
-    )
     spec = make_spec(
-        validation_data={"uri": str(other), "split": "validation"},
+        validation_data=drifting_validation(tmp_path),
         keep_checkpoints=1,
         hyperparameters={
             "epochs": 20,

@@ -24,9 +24,8 @@ from tunefleet.runtime.server import TunefleetServer
 from tunefleet.runtime.services import registration, training_service
 from tunefleet.runtime.settings import Settings, load_settings
 from tunefleet.trainer import register
+from tunefleet.trainer.spec import DataSpec, RegistrySpec, TrainerSpec
 from tunefleet.v1 import (
-    adapter_pb2,
-    adapter_service_pb2,
     adapter_service_pb2_grpc,
     common_pb2,
     dataset_pb2,
@@ -257,24 +256,14 @@ def lora_adapter(chat_model: Path, directory: Path) -> Path:
 
 
 def stored_request(platform: Platform, job: str, adapter: Path) -> str:
-    """What a trainer that could not register leaves behind: its files and its registration
-    request in the blob store; the request's URI."""
-    blobs = platform.storage.blobs
-    files = []
-    for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
-        info = blobs.put_file(path)
-        files.append(
-            adapter_pb2.AdapterFile(
-                path=str(path.relative_to(adapter)),
-                uri=blobs.uri(info.sha256),
-                sha256=info.sha256,
-                size_bytes=info.size,
-            )
-        )
-    request = adapter_service_pb2.CreateAdapterVersionRequest(
-        parent="adapters/colours",
-        files=files,
-        lineage=adapter_pb2.Lineage(training_job=job),
-        request_id=register.request_id(job),
+    """What a trainer that could not register leaves behind (trainer/register.py): its files
+    and its registration request in the blob store; the request's URI."""
+    spec = TrainerSpec(
+        base_model="colours",
+        train_data=DataSpec(uri="unused"),
+        output_dir=adapter,
+        job=job,
+        registry=RegistrySpec(adapter="adapters/colours"),
     )
-    return blobs.uri(blobs.put([request.SerializeToString()]).sha256)
+    _, uri = register.stored_request(spec, adapter, {}, platform.storage.blobs)
+    return uri

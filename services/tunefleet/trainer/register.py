@@ -74,9 +74,9 @@ def lineage(spec: TrainerSpec, metrics: dict[str, float]) -> Any:
 
 def stored_request(
     spec: TrainerSpec, output: Path, metrics: dict[str, float], store: BlobStore
-) -> Any:
+) -> tuple[Any, str]:
     """Put the output's files in the blob store; the CreateAdapterVersionRequest naming them,
-    itself stored, with its URI recorded in the outcome file."""
+    and the URI of its own stored copy."""
     from tunefleet.v1 import adapter_pb2, adapter_service_pb2
 
     files = []
@@ -98,8 +98,7 @@ def stored_request(
         request_id=request_id(spec.job),
     )
     stored = store.put([request.SerializeToString(deterministic=True)])
-    outcome.record(output_request=store.uri(stored.sha256))
-    return request
+    return request, store.uri(stored.sha256)
 
 
 def register(
@@ -120,7 +119,8 @@ def register(
     with grpc.insecure_channel(spec.registry.endpoint, options=RECONNECT_OPTIONS) as channel:
         stub = adapter_service_pb2_grpc.AdapterServiceStub(channel)
         if store is not None:
-            request = stored_request(spec, output, metrics, store)
+            request, request_uri = stored_request(spec, output, metrics, store)
+            outcome.record(output_request=request_uri)  # for TrainingService, if this fails
 
             def call(timeout: float) -> Any:
                 return stub.CreateAdapterVersion(
