@@ -38,6 +38,12 @@ METHODS = {
 # Codes that mean "not now": the registry is restarting, overloaded or slow.
 TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED"}
 ATTEMPT_SECONDS = 300.0  # one call: validation and the smoke test of a large adapter take a while
+# Reconnect soon after the peer comes back (gRPC's default backoff grows to two minutes).
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 
 class RegistrationFailed(Exception):
@@ -47,6 +53,10 @@ class RegistrationFailed(Exception):
 def request_id(job: str) -> str:
     """The idempotency key of a job's registration: the same for every attempt of the job."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tunefleet:{job}")) if job else str(uuid.uuid4())
+
+
+def description(spec: TrainerSpec) -> str:
+    return f"trained by {spec.job or 'the tunefleet trainer'}"
 
 
 def lineage(spec: TrainerSpec, metrics: dict[str, float]) -> Any:
@@ -93,7 +103,7 @@ def stored_request(
     request = adapter_service_pb2.CreateAdapterVersionRequest(
         parent=spec.registry.adapter,
         files=files,
-        description=f"trained by {spec.job or 'the tunefleet trainer'}",
+        description=description(spec),
         lineage=lineage(spec, metrics),
         request_id=request_id(spec.job),
     )
@@ -147,7 +157,7 @@ def upload_requests(
     header = request.Header(
         parent=spec.registry.adapter,
         lineage=lineage(spec, metrics),
-        description=f"trained by {spec.job or 'the tunefleet trainer'}",
+        description=description(spec),
         request_id=request_id(spec.job),
     )
 
@@ -165,14 +175,6 @@ def upload_requests(
         yield request(finish_write=True)
 
     return requests
-
-
-# Reconnect soon after the peer comes back (gRPC's default backoff grows to two minutes).
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
 
 
 def with_retries(call: Callable[[float], T], retry_seconds: float, endpoint: str) -> T:

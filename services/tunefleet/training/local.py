@@ -128,10 +128,9 @@ class LocalLauncher:
                 )
             reason = EXIT_REASONS.get(code, "WORKER_EXITED")
             if code == 137 and _oom_killed(directory, run.state):
-                reason = "OUT_OF_MEMORY"
-            why = f": {said['message']}" if said.get("message") else _last(directory)
-            if reason == "OUT_OF_MEMORY" and code == 137:
-                why = ": killed by the kernel's out-of-memory killer"
+                reason, why = "OUT_OF_MEMORY", ": killed by the kernel's out-of-memory killer"
+            else:
+                why = f": {said['message']}" if said.get("message") else _last(directory)
             return RunStatus(
                 Phase.FAILED,
                 reason,
