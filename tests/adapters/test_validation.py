@@ -80,10 +80,21 @@ def test_pickled_weights_are_refused(tiny: Registry, make_adapter: MakeAdapter) 
     assert error.field == "files['adapter_model.bin']"
 
 
-@pytest.mark.parametrize("path", ["../adapter_config.json", "/etc/passwd", "a/../../b.safetensors"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../adapter_config.json",
+        "/etc/passwd",
+        "a/../../b.safetensors",
+        "./adapter_model.safetensors",  # another name for a file of the version
+        "a//b.safetensors",
+        "adapter\x00model.safetensors",
+        "README\n.md",
+    ],
+)
 def test_path_traversal_is_refused(tiny: Registry, make_adapter: MakeAdapter, path: str) -> None:
     error = refusal(tiny, make_adapter(), extra={path: b"{}"})
-    assert error.reason == "PATH_NOT_ALLOWED" and path in error.field
+    assert error.reason == "PATH_NOT_ALLOWED" and repr(path) in error.field
 
 
 def test_unexpected_files_are_refused(tiny: Registry, make_adapter: MakeAdapter) -> None:

@@ -210,6 +210,9 @@ def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) 
         platform, "adapters", "alias", "set", "served", "prod", "1", "--expect", "", code=1
     )
     assert conflict.stderr.startswith("error: ABORTED ALIAS_MOVED:")
+    # --expect takes a version number as well as a name.
+    again = tunefleet(platform, "adapters", "alias", "set", "served", "prod", "1", "--expect", "1")
+    assert again.stdout.strip() == f"adapters/served/aliases/prod -> {version}"
     assert "prod->1" in tunefleet(platform, "adapters", "list").stdout
 
     target = tmp_path / "download"

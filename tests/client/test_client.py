@@ -171,6 +171,8 @@ def test_adapters_versions_aliases_and_download(sdk: Client, trained: str, tmp_p
         sdk.adapters.set_alias("colours-sdk", alias, 1, expected_version="")
     assert lost.value.reason == "ALIAS_MOVED"
     assert lost.value.metadata["current_version"] == trained
+    same = sdk.adapters.set_alias("colours-sdk", alias, trained, expected_version=1)
+    assert same.version == trained
     assert alias in [a.name.rsplit("/", 1)[-1] for a in sdk.adapters.aliases("colours-sdk")]
     assert any(m.reason == "sdk test" for m in sdk.adapters.alias_moves("colours-sdk"))
 
@@ -180,6 +182,22 @@ def test_adapters_versions_aliases_and_download(sdk: Client, trained: str, tmp_p
     version = sdk.adapters.get_version(trained)
     for file in version.files:
         assert hashlib.sha256(files[file.path].read_bytes()).hexdigest() == file.sha256
+
+
+def test_uploading_a_folder_refuses_links_out_of_it(
+    sdk: Client, trained: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "adapter"
+    sdk.adapters.download(trained, folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a password")
+    (folder / "README.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match="links outside"):
+        sdk.adapters.upload_version("colours-sdk", folder)
+    (folder / "README.txt").unlink()
+    (folder / "README.txt").symlink_to(folder / "adapter_config.json")  # inside: uploaded
+    version = sdk.adapters.upload_version("colours-sdk", folder)
+    assert "README.txt" in {f.path for f in version.files}
 
 
 def test_generate_stream_and_feedback(sdk: Client, trained: str) -> None:

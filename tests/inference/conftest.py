@@ -4,13 +4,31 @@ are initialised at random (`init_lora_weights=False`) so that each changes the o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from tests.conftest import StartServer
 from tests.trainer.conftest import build_chat_model
+from tunefleet.runtime.context import ServiceContext, Storage, open_storage
+from tunefleet.runtime.server import TunefleetServer
+from tunefleet.runtime.services import inference_service, registration
+from tunefleet.runtime.settings import load_settings
+from tunefleet.v1 import (
+    adapter_pb2,
+    adapter_service_pb2,
+    adapter_service_pb2_grpc,
+    inference_pb2,
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+)
 
 PROMPTS = [
     "<|user|>Which colour goes with the cat?<|end|><|assistant|>",
@@ -34,29 +52,87 @@ ADAPTERS = {
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    root = tmp_path_factory.mktemp("served")
+    model = build_chat_model(root / "model", hidden_size=128, heads=2)
+    adapters = {
+        name: save_adapter(model, root / name, 100 + index, **options)
+        for index, (name, options) in enumerate(ADAPTERS.items())
+    }
+    return Served(model, adapters)
+
+
+# Every kind of LoRA adapter the registry accepts, as PEFT saves it.
+KINDS: dict[str, dict[str, Any]] = {
+    "q_v": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+    "all_linear": {"r": 8, "target_modules": "all-linear"},
+    "rslora": {"r": 16, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
+    "high_rank": {"r": 128, "target_modules": ["q_proj", "v_proj"]},
+    "dora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True},
+    "lora_bias": {"r": 8, "target_modules": ["q_proj", "v_proj"], "lora_bias": True},
+    "bias": {"r": 8, "target_modules": ["q_proj", "v_proj"], "bias": "lora_only"},
+    "trained_head": {
+        "r": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"],
+    },
+    "embedding": {"r": 8, "target_modules": ["embed_tokens", "q_proj"]},
+}
+
+
+def save_adapter(model: Path, directory: Path, seed: int, **options: Any) -> Path:
+    """A PEFT adapter of `model` with random weights strong enough to change its greedy output:
+    LoRA weights, lora_B biases and saved modules alike."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("served")
-    model = build_chat_model(root / "model", hidden_size=128, heads=2)
-    adapters = {}
-    for index, (name, options) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(100 + index)
-        base = AutoModelForCausalLM.from_pretrained(str(model))
-        config = LoraConfig(init_lora_weights=False, lora_alpha=16, **options)  # type: ignore[arg-type]
-        peft_model = get_peft_model(base, config)
-        with torch.no_grad():  # strong enough to change a random model's greedy output
-            for parameter_name, parameter in peft_model.named_parameters():
-                if "lora_" in parameter_name:
-                    parameter.mul_(4.0)
-        adapters[name] = root / name
-        peft_model.save_pretrained(str(adapters[name]))
-    return Served(model, adapters)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    config = LoraConfig(init_lora_weights=False, lora_alpha=16, **options)
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(4.0)
+                if name.endswith("lora_B.default.bias"):
+                    parameter.normal_(0, 0.5)
+            elif "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * parameter.std() * 2)
+    peft_model.save_pretrained(str(directory))
+    return directory
 
 
-def reference(served: Served, adapter: str | None, prompt: str, max_tokens: int) -> list[int]:
-    """Greedy token ids from plain transformers (+ PEFT), one request at a time."""
+@pytest.fixture(scope="session")
+def kinds(served: Served, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kinds")
+    return {
+        name: save_adapter(served.model, root / name, 200 + index, **options)
+        for index, (name, options) in enumerate(KINDS.items())
+    }
+
+
+def summary(model: Path, adapter: Path) -> dict[str, Any]:
+    """The adapter's summary as the registry stores it (what the engines' checks read)."""
+    from tunefleet.adapters import validation
+    from tunefleet.adapters.registry import _read_header
+
+    files = {p.name: p.stat().st_size for p in adapter.iterdir()}
+    weights = "adapter_model.safetensors"
+    analysis = validation.analyse(
+        files,
+        (adapter / validation.ADAPTER_CONFIG).read_bytes(),
+        {weights: _read_header(weights, adapter / weights)},
+        validation.base_modules(model),
+        vllm_max_lora_rank=64,
+    )
+    return analysis.config
+
+
+def reference(
+    served: Served, adapter: str | Path | None, prompt: str, max_tokens: int
+) -> list[int]:
+    """Greedy token ids from plain transformers (+ PEFT), one request at a time; `adapter` is
+    a name in `served.adapters` or a PEFT directory."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +140,8 @@ def reference(served: Served, adapter: str | None, prompt: str, max_tokens: int)
     tokenizer = AutoTokenizer.from_pretrained(str(served.model))
     model: Any = AutoModelForCausalLM.from_pretrained(str(served.model))
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(served.adapters[adapter]))
+        path = served.adapters[adapter] if isinstance(adapter, str) else adapter
+        model = PeftModel.from_pretrained(model, str(path))
     model.eval()
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -79,3 +156,106 @@ def reference(served: Served, adapter: str | None, prompt: str, max_tokens: int)
     if generated and generated[-1] == tokenizer.eos_token_id:
         generated = generated[:-1]
     return generated
+
+
+MAX_TOKENS = 10
+
+
+@dataclass
+class Serving:
+    server: TunefleetServer
+    storage: Storage
+    registry: CollectorRegistry
+    channel: grpc.aio.Channel
+
+    @property
+    def inference(self) -> Any:
+        return inference_service_pb2_grpc.InferenceServiceStub(self.channel)
+
+    @property
+    def adapters(self) -> Any:
+        return adapter_service_pb2_grpc.AdapterServiceStub(self.channel)
+
+    async def register(self, adapter: str, path: Path) -> str:
+        """Upload a PEFT directory as a new version of `adapters/{adapter}`; its name."""
+        try:
+            await self.adapters.CreateAdapter(
+                adapter_service_pb2.CreateAdapterRequest(
+                    adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="tiny")
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        files = await asyncio.to_thread(read_directory, path)
+
+        async def requests() -> AsyncIterator[Any]:
+            request = adapter_service_pb2.UploadAdapterVersionRequest
+            yield request(header=request.Header(parent=f"adapters/{adapter}"))
+            for name, data in files.items():
+                yield request(file=adapter_pb2.AdapterFile(path=name, size_bytes=len(data)))
+                yield request(chunk=data)
+            yield request(finish_write=True)
+
+        version = await self.adapters.UploadAdapterVersion(requests())
+        return str(version.name)
+
+    async def alias(self, alias: str, version: str) -> None:
+        adapter = version.split("/versions/")[0]
+        await self.adapters.SetAdapterAlias(
+            adapter_service_pb2.SetAdapterAliasRequest(
+                name=f"{adapter}/aliases/{alias}", version=version
+            )
+        )
+
+    async def generate(
+        self, adapter: str, prompt: str = PROMPTS[0], max_tokens: int = MAX_TOKENS, **sampling: Any
+    ) -> Any:
+        return await self.inference.Generate(
+            inference_service_pb2.GenerateRequest(
+                adapter=adapter,
+                prompt=prompt,
+                sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, **sampling),
+            )
+        )
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        value: float | None = self.registry.get_sample_value(name, labels)
+        return value
+
+
+def read_directory(path: Path) -> dict[str, bytes]:
+    return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
+
+
+@contextlib.asynccontextmanager
+async def start_serving(
+    start_server: StartServer, served: Served, tmp_path: Path, **inference: Any
+) -> AsyncIterator[Serving]:
+    """AdapterService and InferenceService on one real gRPC server, serving the tiny model with
+    the `inference` settings given (the PEFT engine, 3 loaded versions by default)."""
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        models={"tiny": str(served.model)},
+        inference={
+            "base_model": "tiny",
+            "watch_seconds": 0.05,
+            "max_loaded_adapters": 3,
+            **inference,
+        },
+    )
+    storage = open_storage(settings)
+    registry = CollectorRegistry()
+    context = ServiceContext(settings, storage, registry)
+    server = await start_server([registration("adapters", context), inference_service(context)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Serving(server, storage, registry, channel)
+    storage.close()
+
+
+@pytest.fixture
+async def serving(
+    start_server: StartServer, served: Served, tmp_path: Path
+) -> AsyncIterator[Serving]:
+    async with start_serving(start_server, served, tmp_path) as serving:
+        yield serving

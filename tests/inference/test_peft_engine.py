@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture
 async def engine(served: Served) -> AsyncIterator[PeftEngine]:
-    engine = PeftEngine(served.model, batch_window=0.05)
+    engine = PeftEngine(served.model)
     await engine.start()
     for name, path in served.adapters.items():
         config = json.loads((path / "adapter_config.json").read_text())
@@ -88,3 +90,47 @@ async def test_unloading_every_adapter_leaves_the_base_model(
     await engine.load_adapter(AdapterFiles("alpha", path, config))
     outputs = await run(engine, "alpha", PROMPTS[0])
     assert tokens(outputs) == reference(served, "alpha", PROMPTS[0], MAX_TOKENS)
+
+
+async def until(condition: Any) -> None:
+    """Wait for a state of the engine (it changes on its own thread)."""
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the engine never reached the state waited for")
+
+
+async def test_a_cancelled_long_prefill_stops_within_one_step(tmp_path: Path) -> None:
+    """A 30,000-token prompt is prefilled in chunks; the client leaves after the first ones:
+    the engine does at most one more step for it, and a small request sent then needs no more
+    steps than on an idle engine."""
+    from tunefleet.demo.models import build_chat_model
+
+    model = build_chat_model(tmp_path / "long", ["a long context"], max_positions=32768)
+    engine = PeftEngine(model, prefill_chunk=512)
+    await engine.start()
+    try:
+        small = GenerationRequest([5, 6, 7], None, Sampling(max_tokens=4))
+
+        async def steps_of(request: GenerationRequest) -> int:
+            before = engine.steps
+            async for _ in engine.generate(request):
+                pass
+            return engine.steps - before
+
+        idle = await steps_of(small)
+        long = GenerationRequest([5 + i % 40 for i in range(30_000)], None, Sampling(max_tokens=4))
+        task = asyncio.create_task(steps_of(long))
+        await until(lambda: engine.steps >= idle + 3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        left = engine.steps  # the client is gone (its generator's cleanup has run)
+        assert left < idle + 30_000 // 512  # it was cancelled mid-prefill
+        after = await steps_of(small)
+        assert after <= idle + 1
+        await until(lambda: not any(lane.busy for lane in engine._lanes.values()))
+        assert engine.steps - left <= 1 + after  # one step for the long prompt, at most
+    finally:
+        await engine.close()

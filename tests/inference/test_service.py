@@ -5,117 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
 from tests.helpers import error_info
-from tests.inference.conftest import PROMPTS, Served, reference
-from tunefleet.runtime.context import ServiceContext, Storage, open_storage
-from tunefleet.runtime.server import TunefleetServer
-from tunefleet.runtime.services import inference_service, registration
-from tunefleet.runtime.settings import load_settings
+from tests.inference.conftest import MAX_TOKENS, PROMPTS, Served, Serving, reference
+from tunefleet.runtime.context import ServiceContext
+from tunefleet.runtime.services import inference_service
 from tunefleet.v1 import (
     adapter_pb2,
     adapter_service_pb2,
-    adapter_service_pb2_grpc,
     common_pb2,
     inference_pb2,
     inference_service_pb2,
     inference_service_pb2_grpc,
 )
 
-MAX_TOKENS = 10
 State = inference_pb2.ServedAdapter.State
-
-
-@dataclass
-class Serving:
-    server: TunefleetServer
-    storage: Storage
-    registry: CollectorRegistry
-    channel: grpc.aio.Channel
-
-    @property
-    def inference(self) -> Any:
-        return inference_service_pb2_grpc.InferenceServiceStub(self.channel)
-
-    @property
-    def adapters(self) -> Any:
-        return adapter_service_pb2_grpc.AdapterServiceStub(self.channel)
-
-    async def register(self, adapter: str, path: Path) -> str:
-        """Upload a PEFT directory as a new version of `adapters/{adapter}`; its name."""
-        try:
-            await self.adapters.CreateAdapter(
-                adapter_service_pb2.CreateAdapterRequest(
-                    adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="tiny")
-                )
-            )
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-
-        files = await asyncio.to_thread(read_directory, path)
-
-        async def requests() -> AsyncIterator[Any]:
-            request = adapter_service_pb2.UploadAdapterVersionRequest
-            yield request(header=request.Header(parent=f"adapters/{adapter}"))
-            for name, data in files.items():
-                yield request(file=adapter_pb2.AdapterFile(path=name, size_bytes=len(data)))
-                yield request(chunk=data)
-            yield request(finish_write=True)
-
-        version = await self.adapters.UploadAdapterVersion(requests())
-        return str(version.name)
-
-    async def alias(self, alias: str, version: str) -> None:
-        adapter = version.split("/versions/")[0]
-        await self.adapters.SetAdapterAlias(
-            adapter_service_pb2.SetAdapterAliasRequest(
-                name=f"{adapter}/aliases/{alias}", version=version
-            )
-        )
-
-    async def generate(self, adapter: str, prompt: str = PROMPTS[0], **sampling: Any) -> Any:
-        return await self.inference.Generate(
-            inference_service_pb2.GenerateRequest(
-                adapter=adapter,
-                prompt=prompt,
-                sampling=inference_pb2.SamplingParams(max_tokens=MAX_TOKENS, **sampling),
-            )
-        )
-
-    def sample(self, name: str, **labels: str) -> float | None:
-        value: float | None = self.registry.get_sample_value(name, labels)
-        return value
-
-
-def read_directory(path: Path) -> dict[str, bytes]:
-    return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
-
-
-@pytest.fixture
-async def serving(
-    start_server: StartServer, served: Served, tmp_path: Path
-) -> AsyncIterator[Serving]:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        models={"tiny": str(served.model)},
-        inference={"base_model": "tiny", "watch_seconds": 0.05, "max_loaded_adapters": 3},
-    )
-    storage = open_storage(settings)
-    registry = CollectorRegistry()
-    context = ServiceContext(settings, storage, registry)
-    server = await start_server([registration("adapters", context), inference_service(context)])
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield Serving(server, storage, registry, channel)
-    storage.close()
 
 
 def expected_text(served: Served, adapter: str | None, prompt: str = PROMPTS[0]) -> str:
@@ -243,6 +153,54 @@ async def test_unknown_and_foreign_adapters_are_refused(serving: Serving, served
         inference_service_pb2.ListServedAdaptersRequest()
     )
     assert not listed.served_adapters  # nothing was loaded
+    # The registry could not check it against a model it does not know: no engine serves it.
+    version = await serving.adapters.GetAdapterVersion(
+        adapter_service_pb2.GetAdapterVersionRequest(name=foreign)
+    )
+    assert version.config.unchecked
+    assert not any(c.compatible for c in version.compatibility)
+    # Every request is counted once: the client's mistakes as invalid, under no name it sent;
+    # the refusal of a version that exists under that version.
+    requests = "tunefleet_inference_requests_total"
+    assert serving.sample(requests, adapter="unresolved", version="", outcome="invalid") == 3
+    assert (
+        serving.sample(requests, adapter="adapters/foreign", version=foreign, outcome="error") == 1
+    )
+
+
+async def test_an_adapter_of_the_served_models_path_is_served(
+    serving: Serving, served: Served
+) -> None:
+    await serving.adapters.CreateAdapter(
+        adapter_service_pb2.CreateAdapterRequest(
+            adapter_id="local", adapter=adapter_pb2.Adapter(base_model=str(served.model))
+        )
+    )
+    version = await serving.register("local", served.adapters["alpha"])
+    assert (await serving.generate(version)).text == expected_text(served, "alpha")
+
+
+async def test_a_full_cache_says_so(serving: Serving, served: Served) -> None:
+    """Three pinned versions fill the server's three slots: a fourth is refused
+    RESOURCE_EXHAUSTED (ADAPTER_CACHE_FULL), counted under its version, and nothing is lost."""
+    names = [await serving.register(n, served.adapters[n]) for n in ("alpha", "beta", "gamma")]
+    for name in names:
+        await serving.inference.LoadAdapter(
+            inference_service_pb2.LoadAdapterRequest(adapter=name, pin=True)
+        )
+    fourth = await serving.register("delta", served.adapters["delta"])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await serving.generate(fourth)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "ADAPTER_CACHE_FULL"
+    requests = "tunefleet_inference_requests_total"
+    assert serving.sample(requests, adapter="adapters/delta", version=fourth, outcome="error") == 1
+    assert (await serving.generate(names[0])).text == expected_text(served, "alpha")
+    await serving.inference.UnloadAdapter(
+        inference_service_pb2.UnloadAdapterRequest(adapter=names[2])
+    )
+    assert (await serving.generate(fourth)).text == expected_text(served, "delta")
 
 
 async def test_the_cache_evicts_the_least_recently_used_unpinned_version(

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.helpers import IN_CI
-from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference
+from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference, summary
 from tunefleet.inference.engine import AdapterFiles, GenerationRequest, Output, Sampling
 from tunefleet.runtime.settings import VllmSettings
 
@@ -88,6 +88,55 @@ async def test_dora_and_other_unservable_adapters_are_refused_before_the_engine(
     assert [t for o in outputs for t in o.token_ids] == expected
 
 
+async def test_every_kind_is_served_exactly_or_refused(
+    engine: Any, served: Served, kinds: dict[str, Path]
+) -> None:
+    """vLLM serves plain LoRA (any linear targets, rsLoRA) equal to plain PEFT; every other kind
+    the registry accepts is refused before it reaches the engine."""
+    servable = {}
+    for name, path in kinds.items():
+        config = summary(served.model, path)
+        if engine.refusal(config) is None:
+            await engine.load_adapter(AdapterFiles(f"kind-{name}", path, config))
+            servable[name] = path
+    assert set(servable) == {"q_v", "all_linear", "rslora"}  # high_rank: above max_lora_rank 16
+    cases = [(name, prompt) for name in servable for prompt in PROMPTS]
+    results = await asyncio.gather(*(run(engine, f"kind-{n}", p) for n, p in cases))
+    for (name, prompt), outputs in zip(cases, results, strict=True):
+        produced = [t for o in outputs for t in o.token_ids]
+        assert produced == reference(served, servable[name], prompt, MAX_TOKENS), name
+    for name in servable:
+        await engine.unload_adapter(f"kind-{name}")
+
+
+async def test_a_client_that_leaves_is_aborted_in_vllm(engine: Any) -> None:
+    """AsyncLLM aborts a request whose consumer stops listening: nothing keeps generating."""
+    ids = engine.tokenizer(PROMPTS[0], add_special_tokens=False).input_ids
+    request = GenerationRequest(ids, "alpha", Sampling(max_tokens=100, stop=("never there",)))
+    stream = engine.generate(request)
+    await stream.__anext__()  # generation has started
+    await stream.aclose()  # what a cancelled gRPC handler does to it
+    processor = engine.engine.output_processor
+    for _ in range(400):
+        if processor.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert processor.get_num_unfinished_requests() == 0
+
+
+async def test_a_max_model_len_above_the_models_context_is_one_clear_error(
+    served: Served,
+) -> None:
+    vllm_available()
+    from tunefleet.inference.vllm_engine import VllmEngine
+    from tunefleet.runtime.settings import SettingsError
+
+    engine = VllmEngine(served.model, VllmSettings(max_model_len=4096))
+    with pytest.raises(SettingsError, match="max_model_len 4096 is above the model's context"):
+        await engine.start()
+    await engine.close()
+
+
 async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     engine: Any, served: Served, tmp_path: Path
 ) -> None:
@@ -106,7 +155,9 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
 
     settings = load_settings(data_dir=tmp_path / "data", models={"tiny": str(served.model)})
     storage = open_storage(settings)
-    registry = Registry(storage.database, storage.blobs, workdir=tmp_path / "work")
+    registry = Registry(
+        storage.database, storage.blobs, workdir=tmp_path / "work", models=settings.models
+    )
     dora = register_directly(registry, "delta", served.adapters["delta"])
     peft = PeftEngine(served.model)
     await peft.start()

@@ -37,6 +37,7 @@ def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ({"TUNEFLEET_STORAGE__BLOB_BACKEND": "s3"}, "s3.bucket is required"),
         ({"TUNEFLEET_SERVER__AUTH__ENABLED": "true"}, "tokens_file is required"),
         ({"TUNEFLEET_SERVER__TLS__CERT_FILE": "/nope.crt"}, "key_file must be set together"),
+        ({"TUNEFLEET_INFERENCE__VLLM__MAX_LORA_RANK": "24"}, "must be one of 1, 8, 16"),
     ],
 )
 def test_bad_values_name_the_setting(
@@ -46,6 +47,14 @@ def test_bad_values_name_the_setting(
         monkeypatch.setenv(key, value)
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings()
+
+
+def test_lora_ranks_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEFLEET_ADAPTERS__VLLM_MAX_LORA_RANK", "128")
+    monkeypatch.setenv("TUNEFLEET_INFERENCE__VLLM__MAX_LORA_RANK", "256")
+    settings = load_settings()
+    assert settings.adapters.vllm_max_lora_rank == 128
+    assert settings.inference.vllm.max_lora_rank == 256
 
 
 def test_missing_certificate_file_is_named(tmp_path: Path) -> None:

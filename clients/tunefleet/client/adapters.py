@@ -162,7 +162,7 @@ class Adapters(Resource[M]):
 
             version = client.adapters.upload_version("orders", "out/adapter")
         """
-        files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+        files = _version_files(Path(directory))
         total = sum(p.stat().st_size for p in files)
 
         def requests() -> Iterator[adapter_service_pb2.UploadAdapterVersionRequest]:
@@ -254,23 +254,25 @@ class Adapters(Resource[M]):
         version: str | int,
         *,
         reason: str = "",
-        expected_version: str | None = None,
+        expected_version: str | int | None = None,
     ) -> Program[adapter_pb2.AdapterAlias]:
         """Point `alias` of `adapter` at `version` (a number or a version name). With
-        `expected_version` the move is a compare-and-set (ABORTED when someone else moved it;
-        "" means the alias must not exist yet). Servers routing the alias follow it at once.
+        `expected_version` (the same) the move is a compare-and-set (ABORTED when someone else
+        moved it; "" means the alias must not exist yet). Servers routing the alias follow it
+        at once.
 
         Example::
 
             client.adapters.set_alias("orders", "prod", 2, reason="better exact match")
         """
         parent = resource_name("adapters", adapter)
-        target = f"{parent}/versions/{version}" if isinstance(version, int) else version
         request = adapter_service_pb2.SetAdapterAliasRequest(
-            name=f"{parent}/aliases/{alias}", version=target, reason=reason
+            name=f"{parent}/aliases/{alias}", version=_version_name(parent, version), reason=reason
         )
         if expected_version is not None:
-            request.expected_version = expected_version
+            request.expected_version = (
+                _version_name(parent, expected_version) if expected_version != "" else ""
+            )
         moved: adapter_pb2.AdapterAlias = yield Call(
             self.Stub, "SetAdapterAlias", request, expected_version is not None
         )
@@ -360,3 +362,26 @@ def _check_file(file: adapter_pb2.AdapterFile, size: int, sha256: str) -> None:
         raise DataLoss(f"{file.path}: received {size} bytes, expected {file.size_bytes}")
     if file.sha256 and sha256 != file.sha256:
         raise DataLoss(f"{file.path}: sha256 {sha256} does not match {file.sha256}")
+
+
+def _version_name(parent: str, version: str | int) -> str:
+    """A version number (as int or digits) as the full name under `parent`; names as given."""
+    if isinstance(version, int) or version.isdigit():
+        return f"{parent}/versions/{int(version)}"
+    return version
+
+
+def _version_files(directory: Path) -> list[Path]:
+    """The files of a version folder. A link is followed only when its target is inside the
+    folder: a link out of it (a README pointing at a secret) would upload the target."""
+    root = directory.resolve()
+    if not root.is_dir():
+        raise ValueError(f"{directory} is not a folder")
+    files = []
+    for path in sorted(directory.rglob("*")):
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(f"{path} links outside {directory} (to {target}): not uploaded")
+        if target.is_file():
+            files.append(path)
+    return files

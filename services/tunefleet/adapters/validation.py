@@ -13,9 +13,10 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from tunefleet.inference import kinds
 from tunefleet.runtime.errors import InvalidArgument
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,7 +59,7 @@ SAFETENSORS_DTYPES = frozenset(
 )
 _LORA_TENSOR = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
-    r"lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
+    r"lora_embedding_B|lora_magnitude_vector)(?:\.(?P<part>weight|bias))?$"
 )
 
 
@@ -70,7 +71,9 @@ def check_path(path: str) -> str:
     """A file path a version may contain: relative, no `..`, an allowed kind of file."""
     if not path or path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", path):
         raise refuse(path, "PATH_NOT_ALLOWED", "absolute paths are not allowed")
-    parts = PurePosixPath(path).parts
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise refuse(path, "PATH_NOT_ALLOWED", "paths must not contain control characters")
+    parts = tuple(path.split("/"))  # not PurePosixPath: it drops "." and empty parts
     if "\\" in path or any(part in ("..", ".", "") for part in parts) or len(parts) > 4:
         raise refuse(path, "PATH_NOT_ALLOWED", "paths must be relative, without '..' or '\\'")
     name = parts[-1]
@@ -206,15 +209,23 @@ def analyse(
             "an adapter needs adapter_model.safetensors",
         )
     config = _adapter_config(config_text)
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r", 0), *(pattern.values() if isinstance(pattern, dict) else [None])]
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise refuse(
+            ADAPTER_CONFIG, "BAD_ADAPTER_CONFIG", "r and rank_pattern values must be integers"
+        )
     summary: dict[str, Any] = {
         "peft_type": str(config.get("peft_type", "")),
-        "rank": int(config.get("r", 0) or 0),
+        "rank": ranks[0],
         "alpha": float(config.get("lora_alpha", 0) or 0),
         "target_modules": _targets(config),
         "use_dora": bool(config.get("use_dora")),
         "use_rslora": bool(config.get("use_rslora")),
         "bias": str(config.get("bias", "none")),
         "modules_to_save": list(config.get("modules_to_save") or []),
+        "lora_bias": bool(config.get("lora_bias")),
+        "max_rank": max(ranks),
     }
     analysis = Analysis("adapter", config=summary)
     if summary["peft_type"] != "LORA":
@@ -229,22 +240,9 @@ def analyse(
             ADAPTER_CONFIG, "BAD_ADAPTER_CONFIG", "r (the rank) must be a positive integer"
         )
     _check_tensors(tensors.get("adapter_model.safetensors", {}), config, summary, modules, analysis)
-    reasons = []
-    if summary["use_dora"]:
-        reasons.append("DoRA adapters are not supported by vLLM (serve with PEFT, or merge)")
-    if summary["bias"] != "none":
-        reasons.append(f"LoRA bias ({summary['bias']}) is not supported by vLLM")
-    if summary["modules_to_save"]:
-        reasons.append(
-            f"modules_to_save ({', '.join(summary['modules_to_save'])}) is not supported by vLLM"
-        )
-    ranks = [summary["rank"], *(int(r) for r in (config.get("rank_pattern") or {}).values())]
-    if max(ranks) > vllm_max_lora_rank:
-        reasons.append(f"rank {max(ranks)} is above vLLM's max_lora_rank {vllm_max_lora_rank}")
-    analysis.compatibility = [
-        {"engine": "SERVING_ENGINE_VLLM", "compatible": not reasons, "reasons": reasons},
-        {"engine": "SERVING_ENGINE_PEFT", "compatible": True, "reasons": []},
-    ]
+    analysis.compatibility = kinds.compatibility(summary, vllm_max_lora_rank)
+    if why := kinds.peft_own_batch(summary):
+        analysis.notes.append(f"PEFT engine: {why}")
     return analysis
 
 
@@ -275,6 +273,7 @@ def _check_tensors(
         raise refuse(path, "BAD_SAFETENSORS", "contains no tensors")
     rank_pattern = config.get("rank_pattern") or {}
     adapted: set[str] = set()
+    kinds_seen: set[str] = set()
     for name, info in sorted(tensors.items()):
         match = _LORA_TENSOR.match(name)
         module_name = (
@@ -306,6 +305,21 @@ def _check_tensors(
                 )
             continue
         adapted.add(module_name)
+        if module is not None:
+            kinds_seen.add(module.kind)
+        if match["part"] == "bias":
+            summary["lora_bias"] = True
+            if match["kind"] != "lora_B" or (
+                module is not None
+                and module.kind == "Linear"
+                and info.shape != module.weight_shape[:1]
+            ):
+                raise refuse(
+                    path,
+                    "SHAPE_MISMATCH",
+                    f"tensor {name!r}: only lora_B has a bias, of the layer's output size",
+                )
+            continue
         rank = int(
             next((r for k, r in rank_pattern.items() if module_name.endswith(k)), summary["rank"])
         )
@@ -333,8 +347,11 @@ def _check_tensors(
                 f"for the base model's {module_name} ({in_features} -> {out_features})",
             )
     if modules is None:
+        # Not servable until checked: an engine would serve what it cannot verify.
+        summary["unchecked"] = "the base model is not known to the registry"
         analysis.notes.append("base model not available here: shapes not checked")
         return
+    summary["target_kinds"] = sorted(kinds_seen)
     for target in summary["target_modules"]:
         if not any(m == target or m.endswith("." + target) for m in modules):
             raise refuse(

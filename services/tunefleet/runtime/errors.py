@@ -152,6 +152,14 @@ class Unimplemented(TunefleetError):
     default_reason = "NOT_IMPLEMENTED"
 
 
+class Unavailable(TunefleetError):
+    """The service cannot answer now (an engine stopped, a route kept changing); retrying later
+    may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
 def internal_status() -> grpc.Status:
     """The status sent for unexpected failures: no internals leak to the client."""
     status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")

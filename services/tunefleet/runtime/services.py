@@ -135,6 +135,7 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
             options.max_loaded_adapters,
             settings.work_dir / "inference",
             metrics,
+            settings.models,
         )
         manager = InferenceManager(
             engines,
@@ -142,6 +143,7 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
             ResponseLog(context.storage.database),
             metrics,
             options.max_tokens_limit,
+            options.max_prompt_tokens,
             options.aliases,
             options.watch_seconds,
         )
@@ -176,8 +178,8 @@ def _engines(settings: Settings, model_dir: Path) -> list[Any]:
             model_dir,
             device=options.device,
             dtype=options.dtype,
-            batch_window=options.batch_window_ms / 1000,
             max_batch=options.max_batch,
+            prefill_chunk=options.prefill_chunk_tokens,
         )
 
     if options.engine == "peft":

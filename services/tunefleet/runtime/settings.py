@@ -9,9 +9,16 @@ setting, for example `server.port (TUNEFLEET_SERVER__PORT): Input should be less
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +31,20 @@ ENV_NESTED_DELIMITER = "__"
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_rank(value: int) -> int:
+    if value not in VLLM_LORA_RANKS:
+        raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+    return value
+
+
+# An int checked against vLLM's ranks (a Literal of ints refuses every value from the
+# environment, which arrive as strings).
+LoraRank = Annotated[int, AfterValidator(_lora_rank)]
 
 
 class SettingsError(ValueError):
@@ -133,7 +154,7 @@ class AdapterSettings(_Section):
     """The adapter registry."""
 
     # Compatibility reports mark adapters of higher rank as not servable by vLLM.
-    vllm_max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    vllm_max_lora_rank: LoraRank = 64
     # Load each new adapter on its base model (when the weights are here) and check that it
     # changes the logits.
     smoke_test: bool = True
@@ -222,9 +243,10 @@ class VllmSettings(_Section):
     """The vLLM engine's LoRA limits (see vLLM's engine arguments of the same names)."""
 
     max_loras: int = Field(default=8, ge=1)  # adapters in one batch
-    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    max_lora_rank: LoraRank = 64
     max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept in host memory
-    max_model_len: int = Field(default=4096, ge=16)
+    # Longest prompt + generation; 0: the model's own context (max_position_embeddings).
+    max_model_len: int = Field(default=0, ge=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     dtype: str = "auto"
 
@@ -244,11 +266,14 @@ class InferenceSettings(_Section):
     aliases: list[str] = []
     # Most tokens one request may generate.
     max_tokens_limit: int = Field(default=4096, ge=1)
-    # PEFT engine: device, dtype, and how long a request waits to be batched with others.
+    # Most prompt tokens one request may send; 0: the model's context. Prompts are also
+    # bounded by the context less the tokens asked for.
+    max_prompt_tokens: int = Field(default=0, ge=0)
+    # PEFT engine: device, dtype, rows decoded together, prompt tokens prefilled per step.
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_window_ms: float = Field(default=5.0, ge=0)
     max_batch: int = Field(default=16, ge=1)
+    prefill_chunk_tokens: int = Field(default=512, ge=16)
     # How often the adapter registry's change feed is read for alias moves.
     watch_seconds: float = Field(default=0.5, gt=0)
     vllm: VllmSettings = VllmSettings()

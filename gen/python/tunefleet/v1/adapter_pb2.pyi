@@ -176,6 +176,10 @@ class AdapterConfigSummary(_message.Message):
     USE_RSLORA_FIELD_NUMBER: _builtins.int
     BIAS_FIELD_NUMBER: _builtins.int
     MODULES_TO_SAVE_FIELD_NUMBER: _builtins.int
+    LORA_BIAS_FIELD_NUMBER: _builtins.int
+    MAX_RANK_FIELD_NUMBER: _builtins.int
+    TARGET_KINDS_FIELD_NUMBER: _builtins.int
+    UNCHECKED_FIELD_NUMBER: _builtins.int
     peft_type: _builtins.str
     """PEFT type, for example `LORA`."""
     rank: _builtins.int
@@ -188,6 +192,14 @@ class AdapterConfigSummary(_message.Message):
     """Whether it uses rsLoRA scaling."""
     bias: _builtins.str
     """Bias training: `none`, `all` or `lora_only`."""
+    lora_bias: _builtins.bool
+    """Whether lora_B has a trained bias (PEFT `lora_bias`)."""
+    max_rank: _builtins.int
+    """The highest rank of any layer (`r` and `rank_pattern`)."""
+    unchecked: _builtins.str
+    """Set when the registry could not check the adapter against its base model (the reason):
+    such a version is served by no engine until it is registered again where the base is known.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Adapted modules."""
@@ -195,6 +207,10 @@ class AdapterConfigSummary(_message.Message):
     @_builtins.property
     def modules_to_save(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Modules saved whole beside the adapter."""
+
+    @_builtins.property
+    def target_kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Kinds of the base model's layers adapted, for example `Linear` and `Embedding`."""
 
     def __init__(
         self,
@@ -207,10 +223,14 @@ class AdapterConfigSummary(_message.Message):
         use_rslora: _builtins.bool = ...,
         bias: _builtins.str = ...,
         modules_to_save: _abc.Iterable[_builtins.str] | None = ...,
+        lora_bias: _builtins.bool = ...,
+        max_rank: _builtins.int = ...,
+        target_kinds: _abc.Iterable[_builtins.str] | None = ...,
+        unchecked: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "bias", b"bias", "modules_to_save", b"modules_to_save", "peft_type", b"peft_type", "rank", b"rank", "target_modules", b"target_modules", "use_dora", b"use_dora", "use_rslora", b"use_rslora"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "bias", b"bias", "lora_bias", b"lora_bias", "max_rank", b"max_rank", "modules_to_save", b"modules_to_save", "peft_type", b"peft_type", "rank", b"rank", "target_kinds", b"target_kinds", "target_modules", b"target_modules", "unchecked", b"unchecked", "use_dora", b"use_dora", "use_rslora", b"use_rslora"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
