@@ -2,33 +2,31 @@
 continuous batching.
 
 One scheduler thread owns the model and runs it step by step. Requests join and leave a running
-batch at token boundaries, as in vLLM: each new request's prompt is prefilled in chunks of
-`prefill_chunk` tokens, one chunk per step beside the running rows' decoding step (so a short
-prompt never waits behind a long one), then its KV cache joins the batch's (left-padded); a row
-that finished, or whose client cancelled or gave up, leaves at the next step. Adapter loads and
-unloads run between two steps.
+batch at token boundaries, as in vLLM: new prompts are prefilled beside the running rows'
+decoding step (those that fit one chunk of `prefill_chunk` tokens together, longer ones one
+chunk per step each, so a short prompt never waits behind a long one), then their KV caches
+join the batch's (left-padded); a row that finished, or whose client cancelled or gave up,
+leaves at the next step. Adapter loads and unloads run between two steps.
 
 Requests for the base model and plain LoRA adapters share one batch (the mixed lane). PEFT holds
 the adapters, but its own mixed-batch forward loops over the adapters in every layer; instead,
-each adapted linear layer gets its adapters' weights stacked (rank padded with zeros, scaling
-folded in, slot 0 all zeros for the base model) and one gathered batched matmul per layer adds
-every row's LoRA delta, the way Punica and S-LoRA do (`_Stacks`). Adapters that path cannot
-represent exactly (DoRA, a bias on lora_B, modules_to_save, LoRA on embeddings: whatever
-`_Stacks` finds it does not cover) get a lane of their own, decoded through PEFT's own forward
-with that adapter active. Lanes take turns, one step each.
+each adapted linear layer gets its adapters' weights stacked and adds every row's LoRA delta in
+one pass for the whole batch (`_Stacks`), as Punica and S-LoRA do on GPUs. Adapters that path
+cannot represent exactly (DoRA, a bias on lora_B, modules_to_save, LoRA on embeddings: whatever
+`_Stacks.covers` finds it does not cover) get a lane of their own, decoded through PEFT's own
+forward with that adapter active. Lanes take turns, one step each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import inspect
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +44,7 @@ from tunefleet.inference.engine import (
 
 log = logging.getLogger(__name__)
 _STOP = object()
+_MIXED = object()  # the model's mode for the mixed lane: PEFT's adapters off
 
 
 @dataclass
@@ -81,6 +80,10 @@ class _Row:
     @property
     def adapter(self) -> str | None:
         return self.pending.request.adapter
+
+    @property
+    def prompt(self) -> int:
+        return len(self.pending.request.prompt_ids)
 
     @property
     def gone(self) -> bool:
@@ -120,33 +123,57 @@ class _Lane:
 class _Stacks:
     """The LoRA weights of every adapter that `covers` (plain LoRA on linear layers), stacked
     per adapted layer, and forward hooks on the layers' base modules that add each row's delta
-    while `rows` (adapter slot per row) is set."""
+    while rows are selected (`select`).
+
+    Each layer holds its adapters' A matrices one under the other (ranks padded with zeros to
+    the largest, scaling folded into B): x @ A_all gives every adapter's down-projection at
+    once, a 0/1 mask keeps each row's own block (none for the base model), and @ B_all adds its
+    delta. Two dense matmuls per layer and no per-row gather of weights: on CPUs this beat
+    Punica-style gathered batched matmuls (which copy every row's matrices at every layer)."""
 
     def __init__(self, model: Any, adapters: list[str]) -> None:
         import torch
         from peft.tuners.lora import Linear as LoraLinear
 
-        self.slots = {name: index + 1 for index, name in enumerate(adapters)}
-        self.rows: Any = None
+        self.slots = {name: index for index, name in enumerate(adapters)}
+        self.select: Any = None  # [rows, 1, adapters * rank] while a batch runs
         self._hooks: list[Any] = []
-        for module in model.modules():
-            if not isinstance(module, LoraLinear):
-                continue
-            module = cast(Any, module)
-            present = [name for name in adapters if name in module.lora_A]
-            if not present:
-                continue
-            rank = max(module.r[name] for name in present)
-            weight: Any = module.base_layer.weight
-            slots = len(adapters) + 1
-            a = torch.zeros(slots, rank, module.in_features, dtype=weight.dtype)
-            b = torch.zeros(slots, module.out_features, rank, dtype=weight.dtype)
-            for name in present:
-                r, slot = module.r[name], self.slots[name]
-                a[slot, :r] = module.lora_A[name].weight.detach()
-                b[slot, :, :r] = module.lora_B[name].weight.detach() * module.scaling[name]
-            a, b = a.to(weight.device), b.to(weight.device)
-            self._hooks.append(module.base_layer.register_forward_hook(self._hook(a, b)))
+        layers = [
+            cast(Any, m)
+            for m in model.modules()
+            if isinstance(m, LoraLinear) and any(name in m.lora_A for name in adapters)
+        ]
+        self.rank = max(
+            (layer.r[name] for layer in layers for name in adapters if name in layer.lora_A),
+            default=0,
+        )
+        self._dtype: Any = None
+        for layer in layers:
+            weight: Any = layer.base_layer.weight
+            self._dtype = weight.dtype
+            width = len(adapters) * self.rank
+            a = torch.zeros(width, layer.in_features, dtype=weight.dtype)
+            b = torch.zeros(width, layer.out_features, dtype=weight.dtype)
+            for name in adapters:
+                if name in layer.lora_A:
+                    start, r = self.slots[name] * self.rank, layer.r[name]
+                    a[start : start + r] = layer.lora_A[name].weight.detach()
+                    b[start : start + r] = (
+                        layer.lora_B[name].weight.detach() * layer.scaling[name]
+                    ).T
+            hook = self._hook(a.T.contiguous().to(weight.device), b.to(weight.device))
+            self._hooks.append(layer.base_layer.register_forward_hook(hook))
+
+    def use(self, adapters: list[str | None], device: Any) -> None:
+        """Select each row's adapter (None: the base model) for the next forward pass."""
+        import torch
+
+        select = torch.zeros(len(adapters), 1, len(self.slots) * self.rank, dtype=self._dtype)
+        for row, name in enumerate(adapters):
+            if name is not None:
+                start = self.slots[name] * self.rank
+                select[row, 0, start : start + self.rank] = 1
+        self.select = select.to(device)
 
     @staticmethod
     def covers(model: Any, name: str) -> bool:
@@ -175,14 +202,10 @@ class _Stacks:
         return True
 
     def _hook(self, a: Any, b: Any) -> Any:
-        import torch
-
         def add_delta(module: Any, inputs: Any, output: Any) -> Any:
-            if self.rows is None:
+            if self.select is None:
                 return output
-            x = inputs[0]
-            down = torch.einsum("bsi,bri->bsr", x, a[self.rows])
-            return output + torch.einsum("bsr,bor->bso", down, b[self.rows])
+            return output + ((inputs[0] @ a) * self.select) @ b
 
         return add_delta
 
@@ -200,7 +223,7 @@ class PeftEngine:
         device: str = "cpu",
         dtype: str = "float32",
         max_batch: int = 16,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 256,
     ) -> None:
         self.model_dir, self.device, self.dtype = model_dir, device, dtype
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
@@ -213,6 +236,7 @@ class PeftEngine:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._cache_argument = "cache"
+        self._mode: object = None  # how the model runs now: _MIXED, an adapter, None: unknown
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_base)
@@ -283,6 +307,7 @@ class PeftEngine:
         """Stack the weights of the adapters now loaded (after each load and unload)."""
         from peft import PeftModel
 
+        self._mode = None  # loading may have changed which adapters are on
         if self._stacks is not None:
             self._stacks.remove()
             self._stacks = None
@@ -414,30 +439,38 @@ class PeftEngine:
             self._leave(lane)
             if not lane.busy:
                 return
-            with torch.inference_mode(), self._active(lane):
-                room = self.max_batch - len(lane.rows)
-                for row in list(lane.joining)[: max(room, 0)]:
-                    self._prefill(lane, row)
+            self._activate(lane)
+            with torch.inference_mode():
+                joining = list(lane.joining)[: max(self.max_batch - len(lane.rows), 0)]
+                short = [r for r in joining if not r.prefilled and r.prompt <= self.prefill_chunk]
+                if short:
+                    self._prefill_together(lane, short)
+                for row in joining:
+                    if row not in short:
+                        self._prefill(lane, row)
                 if lane.rows:
                     self._decode(lane)
         except Exception as error:
             log.exception("a decoding step failed")
             lane.fail(error)
 
-    @contextlib.contextmanager
-    def _active(self, lane: _Lane) -> Iterator[None]:
-        """The model as `lane` runs it: one adapter through PEFT, or PEFT's adapters off and
-        the stacked weights adding each row's delta."""
+    def _activate(self, lane: _Lane) -> None:
+        """Set the model up as `lane` runs it: one adapter active through PEFT, or PEFT's
+        adapters off and the stacked weights adding each row's delta. Switching walks every
+        module (as PEFT's own disable_adapter does): it is done only when the lane changes."""
         from peft import PeftModel
 
-        if not isinstance(self.model, PeftModel):
-            yield
-        elif lane.adapter is not None:
-            self.model.set_adapter(lane.adapter)
-            yield
+        mode = lane.adapter if lane.adapter is not None else _MIXED
+        if not isinstance(self.model, PeftModel) or self._mode == mode:
+            return
+        self._mode = None  # unknown until done
+        tuner: Any = self.model.base_model
+        if lane.adapter is None:
+            tuner.disable_adapter_layers()
         else:
-            with self.model.disable_adapter():
-                yield
+            tuner.enable_adapter_layers()
+            self.model.set_adapter(lane.adapter)
+        self._mode = mode
 
     def _forward(self, lane: _Lane, rows: list[_Row], ids: Any, mask: Any, cache: Any) -> Any:
         import torch
@@ -446,8 +479,7 @@ class PeftEngine:
         positions = mask.cumsum(-1)[:, -ids.shape[1] :] - 1
         stacks = self._stacks if lane.adapter is None else None
         if stacks is not None:
-            slots = [stacks.slots[r.adapter] if r.adapter else 0 for r in rows]
-            stacks.rows = torch.tensor(slots, device=device)
+            stacks.use([row.adapter for row in rows], device)
         try:
             self.steps += 1
             return self.model(
@@ -460,11 +492,32 @@ class PeftEngine:
             )
         finally:
             if stacks is not None:
-                stacks.rows = None
+                stacks.select = None
+
+    def _prefill_together(self, lane: _Lane, rows: list[_Row]) -> None:
+        """Prefill prompts that fit one chunk in one left-padded batch; their first tokens, and
+        the rows join the lane's batch."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(row.prompt for row in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - row.prompt :] = torch.tensor(row.pending.request.prompt_ids)
+            mask[i, width - row.prompt :] = 1
+        cache = DynamicCache()
+        out = self._forward(lane, rows, ids, mask, cache)
+        for i, row in enumerate(rows):
+            lane.joining.remove(row)
+            row.prefilled = row.prompt
+            row.next_id = self._choose(out.logits[i, -1].float(), row)
+            self._emit(row, row.next_id)
+        self._join(lane, rows, cache, mask)  # rows already done leave at the next step
 
     def _prefill(self, lane: _Lane, row: _Row) -> None:
-        """One chunk of a joining row's prompt; the last one gives its first token and joins
-        the row to the lane's batch."""
+        """One chunk of a long prompt; the last one gives its first token, and the row joins
+        the lane's batch."""
         import torch
         from transformers import DynamicCache
 
@@ -486,31 +539,30 @@ class PeftEngine:
         lane.joining.remove(row)
         row.next_id = self._choose(out.logits[0, -1].float(), row)
         self._emit(row, row.next_id)
-        if not row.done:
-            self._join(lane, row)
+        self._join(lane, [row], row.cache, torch.ones((1, end), dtype=torch.long))
+        row.cache = None
 
-    def _join(self, lane: _Lane, row: _Row) -> None:
-        """Add a prefilled row's KV cache to the lane's batch, left-padding the shorter."""
+    def _join(self, lane: _Lane, rows: list[_Row], cache: Any, mask: Any) -> None:
+        """Add prefilled rows (their KV cache and mask) to the lane's batch, left-padding the
+        shorter side."""
         import torch
         from torch.nn.functional import pad
 
-        mask = torch.ones((1, row.prefilled), dtype=torch.long)
         if not lane.rows:
-            lane.rows, lane.cache, lane.mask = [row], row.cache, mask
-        else:
-            width = max(lane.mask.shape[1], row.prefilled)
-            grow, fit = width - lane.mask.shape[1], width - row.prefilled
-            for mine, theirs in zip(lane.cache.layers, row.cache.layers, strict=True):
-                # [batch, heads, positions, head size]: pad positions on the left
-                mine.keys = torch.cat(
-                    [pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, fit, 0))]
-                )
-                mine.values = torch.cat(
-                    [pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, fit, 0))]
-                )
-            lane.mask = torch.cat([pad(lane.mask, (grow, 0)), pad(mask, (fit, 0))])
-            lane.rows.append(row)
-        row.cache = None
+            lane.rows, lane.cache, lane.mask = list(rows), cache, mask
+            return
+        width = max(lane.mask.shape[1], mask.shape[1])
+        grow, fit = width - lane.mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(lane.cache.layers, cache.layers, strict=True):
+            # [batch, heads, positions, head size]: pad positions on the left
+            mine.keys = torch.cat(
+                [pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, fit, 0))]
+            )
+            mine.values = torch.cat(
+                [pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, fit, 0))]
+            )
+        lane.mask = torch.cat([pad(lane.mask, (grow, 0)), pad(mask, (fit, 0))])
+        lane.rows.extend(rows)
 
     def _decode(self, lane: _Lane) -> None:
         import torch
@@ -519,9 +571,11 @@ class PeftEngine:
         lane.mask = torch.cat([lane.mask, torch.ones_like(lane.mask[:, :1])], dim=1)
         out = self._forward(lane, lane.rows, ids, lane.mask, lane.cache)
         logits = out.logits[:, -1, :].float()
+        greedy = logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
         for i, row in enumerate(lane.rows):
             if not row.gone:
-                row.next_id = self._choose(logits[i], row)
+                sampled = row.pending.request.sampling.temperature > 0
+                row.next_id = self._choose(logits[i], row) if sampled else greedy[i]
                 self._emit(row, row.next_id)
 
     def _leave(self, lane: _Lane) -> None:

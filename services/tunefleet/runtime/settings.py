@@ -273,7 +273,7 @@ class InferenceSettings(_Section):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch: int = Field(default=16, ge=1)
-    prefill_chunk_tokens: int = Field(default=512, ge=16)
+    prefill_chunk_tokens: int = Field(default=256, ge=16)
     # How often the adapter registry's change feed is read for alias moves.
     watch_seconds: float = Field(default=0.5, gt=0)
     vllm: VllmSettings = VllmSettings()
