@@ -163,10 +163,14 @@ MAX_TOKENS = 10
 
 @dataclass
 class Serving:
-    server: TunefleetServer
-    storage: Storage
-    registry: CollectorRegistry
+    """Stubs for AdapterService and InferenceService: on one in-process server (with its
+    storage and metrics), or in separate processes (`adapters_channel` set, no metrics)."""
+
+    server: TunefleetServer | None
+    storage: Storage | None
+    registry: CollectorRegistry | None
     channel: grpc.aio.Channel
+    adapters_channel: grpc.aio.Channel | None = None
 
     @property
     def inference(self) -> Any:
@@ -174,7 +178,7 @@ class Serving:
 
     @property
     def adapters(self) -> Any:
-        return adapter_service_pb2_grpc.AdapterServiceStub(self.channel)
+        return adapter_service_pb2_grpc.AdapterServiceStub(self.adapters_channel or self.channel)
 
     async def register(self, adapter: str, path: Path) -> str:
         """Upload a PEFT directory as a new version of `adapters/{adapter}`; its name."""
@@ -220,6 +224,7 @@ class Serving:
         )
 
     def sample(self, name: str, **labels: str) -> float | None:
+        assert self.registry is not None, "metrics are read in-process only"
         value: float | None = self.registry.get_sample_value(name, labels)
         return value
 
@@ -259,3 +264,27 @@ async def serving(
 ) -> AsyncIterator[Serving]:
     async with start_serving(start_server, served, tmp_path) as serving:
         yield serving
+
+
+@pytest.fixture
+async def serving_processes(served: Served, tmp_path: Path) -> AsyncIterator[Serving]:
+    """AdapterService and InferenceService as separate `tunefleet serve` processes sharing one
+    data directory, as the dev overlay runs them."""
+    from tunefleet.demo.server import LocalServer
+
+    settings = {
+        "models": {"tiny": str(served.model)},
+        "inference": {"base_model": "tiny", "watch_seconds": 0.05, "max_loaded_adapters": 3},
+    }
+    servers = [
+        LocalServer(tmp_path / "data", settings, services=[key])
+        for key in ("adapters", "inference")
+    ]
+    try:
+        await asyncio.gather(*(asyncio.to_thread(s.start, 300) for s in servers))
+        adapters, inference = (grpc.aio.insecure_channel(s.target) for s in servers)
+        async with adapters, inference:
+            yield Serving(None, None, None, inference, adapters)
+    finally:
+        for server in servers:
+            server.stop()
