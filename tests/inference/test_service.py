@@ -348,7 +348,7 @@ async def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
         adapter_service_pb2.GetAdapterVersionRequest(name=alpha_v2)
     )
     (weights,) = [f for f in version.files if f.path == "adapter_model.safetensors"]
-    assert isinstance(serving.storage.blobs, LocalBlobStore)
+    assert serving.storage is not None and isinstance(serving.storage.blobs, LocalBlobStore)
     serving.storage.blobs.path(weights.sha256).write_bytes(b"not the weights")
     await serving.alias("prod", alpha_v1)
     assert (await serving.generate("adapters/alpha@prod")).adapter_version == alpha_v1
