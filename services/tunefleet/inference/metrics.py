@@ -19,7 +19,9 @@ class InferenceMetrics:
         by_version = ["adapter", "version"]  # adapter "base" and version "" for the base model
         self.requests = Counter(
             "tunefleet_inference_requests",
-            "Generation requests by adapter, version and outcome (ok, error, cancelled).",
+            "Generation requests by adapter, version and outcome (ok, cancelled, invalid: the "
+            "client's error, error); adapter 'unresolved' for requests that named no version "
+            "that exists.",
             [*by_version, "outcome"],
             registry=registry,
         )
