@@ -52,10 +52,16 @@ class _Request:
     request: GenerationRequest
     outputs: asyncio.Queue[Output | BaseException]
     loop: asyncio.AbstractEventLoop
+    outbox: list[tuple[_Request, Output | BaseException]]  # the engine's, sent after each step
     cancelled: bool = False  # set by the client's side when it stops listening
 
     def put(self, item: Output | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        self.outbox.append((self, item))
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Output | BaseException]]) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
 @dataclass
@@ -234,6 +240,7 @@ class PeftEngine:
         self._stacks: _Stacks | None = None
         self._lanes: dict[str | None, _Lane] = {}
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outbox: list[tuple[_Request, Output | BaseException]] = []
         self._thread: threading.Thread | None = None
         self._cache_argument = "cache"
         self._mode: object = None  # how the model runs now: _MIXED, an adapter, None: unknown
@@ -348,7 +355,7 @@ class PeftEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
         if self._thread is None:
             raise EngineClosed("the PEFT engine is not running")
-        pending = _Request(request, asyncio.Queue(), asyncio.get_running_loop())
+        pending = _Request(request, asyncio.Queue(), asyncio.get_running_loop(), self._outbox)
         self._inbox.put(pending)
         try:
             while True:
@@ -372,13 +379,14 @@ class PeftEngine:
             closed = EngineClosed("the PEFT engine failed: see the server log")
         for lane in self._lanes.values():
             lane.fail(closed)
+        self._send()
         while True:  # whatever arrived after the end
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if isinstance(item, _Request):
-                item.put(closed)
+                item.loop.call_soon_threadsafe(item.outputs.put_nowait, closed)
             elif isinstance(item, _Call):
                 item.future.set_exception(closed)
 
@@ -399,7 +407,17 @@ class PeftEngine:
             self._step(lane)
             if key is not None and not lane.busy:
                 del self._lanes[key]
+        self._send()
         return True
+
+    def _send(self) -> None:
+        """Hand the step's outputs to their event loops: one wake-up per loop, not per token."""
+        sent, self._outbox[:] = list(self._outbox), []
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for pending, item in sent:
+            by_loop.setdefault(pending.loop, []).append((pending.outputs, item))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _take(self, item: _Call | _Request) -> None:
         if isinstance(item, _Call):
