@@ -1,12 +1,14 @@
 """A server with one slow RPC, run as a subprocess by the graceful shutdown tests.
 
 Usage: python -m tests.runtime.slow_server GRACE_SECONDS SLEEP_SECONDS
-Prints "PORT <n>" once serving, and "SLOW STARTED" when a slow call begins.
+Prints "PORT <n>" once serving, "SLOW STARTED" and "SLOW FINISHED" around a slow call, and
+"ON_STOP" when the service's background work is stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from typing import Any
 
@@ -19,14 +21,25 @@ async def main(grace: float, sleep: float) -> None:
     async def slow(request: bytes, context: Any) -> bytes:
         print("SLOW STARTED", flush=True)
         await asyncio.sleep(sleep)
+        print("SLOW FINISHED", flush=True)
         return b"finished"
+
+    async def on_stop() -> None:
+        print("ON_STOP", flush=True)
 
     async def fast(request: bytes, context: Any) -> bytes:
         return b"fast"
 
     server = TunefleetServer(
         ServerSettings(port=0, metrics_enabled=False, shutdown_grace_seconds=grace),
-        [raw_service("test.Slow", {"Slow": ("unary_unary", slow), "Fast": ("unary_unary", fast)})],
+        [
+            dataclasses.replace(
+                raw_service(
+                    "test.Slow", {"Slow": ("unary_unary", slow), "Fast": ("unary_unary", fast)}
+                ),
+                on_stop=on_stop,
+            )
+        ],
     )
     serving = asyncio.ensure_future(server.serve_until_signal())
     while not server.port:  # noqa: ASYNC110 (the port is known once start() has bound it)

@@ -40,6 +40,8 @@ async def wait_for_slow_call(process: asyncio.subprocess.Process) -> None:
 
 
 async def test_in_flight_call_finishes_and_new_calls_are_refused() -> None:
+    """New calls are refused at once (on the open channel and on a new one), the call in
+    flight finishes, and only then does the service stop its background work (its engine)."""
     process, port = await start(grace=10, sleep=1.5)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         assert await unary(channel, "/test.Slow/Fast")(b"") == b"fast"
@@ -47,12 +49,18 @@ async def test_in_flight_call_finishes_and_new_calls_are_refused() -> None:
         await wait_for_slow_call(process)
         process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, "/test.Slow/Fast")(b"", timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as late_channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await unary(late_channel, "/test.Slow/Fast")(b"", timeout=2)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert await in_flight == b"finished"
     assert await asyncio.wait_for(process.wait(), 10) == 0
+    assert process.stdout is not None
+    rest = (await process.stdout.read()).decode().split()
+    assert rest == ["SLOW", "FINISHED", "ON_STOP"]  # the engine outlives the calls it serves
 
 
 async def test_grace_period_bounds_the_wait() -> None:

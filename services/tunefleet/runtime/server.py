@@ -26,6 +26,11 @@ from tunefleet.runtime.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
+# How long the services' own shutdown (closing engines, stopping schedulers) may take after the
+# in-flight calls' grace: the process exits within grace + this.
+ON_STOP_SECONDS = 1.5
+
+
 @dataclass(frozen=True)
 class ServiceRegistration:
     """One gRPC service to put on the server: its full name, how to add it, and optionally what
@@ -105,16 +110,22 @@ class TunefleetServer:
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Mark every service NOT_SERVING, refuse new calls, give in-flight calls `grace`
-        seconds (default: the settings') to finish, then close."""
+        """Mark every service NOT_SERVING, refuse new calls at once, give in-flight calls
+        `grace` seconds (default: the settings') to finish, and only then stop the services'
+        background work (engines, schedulers), within ON_STOP_SECONDS in all."""
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
-        for service in self.services:
-            if service.on_stop is not None:
-                await service.on_stop()
         await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         self._server = None
+        deadline = asyncio.get_running_loop().time() + ON_STOP_SECONDS
+        for service in self.services:
+            if service.on_stop is not None:
+                left = max(deadline - asyncio.get_running_loop().time(), 0.1)
+                try:
+                    await asyncio.wait_for(service.on_stop(), left)
+                except TimeoutError:
+                    log.warning("%s did not stop within %.1fs: leaving it", service.name, left)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
