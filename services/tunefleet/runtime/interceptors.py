@@ -3,12 +3,14 @@
 Each interceptor runs an async context manager *around* a call: code before `yield` runs before
 the handler, code after it (or in `except`/`finally`) runs when the handler returns, raises or is
 cancelled. For streaming responses the context spans the whole stream. The server stacks them in
-this order, outermost first: request context (logging), metrics, errors, upload limit, auth.
+this order, outermost first: request context (logging), metrics, errors, draining, upload limit,
+auth, request decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -22,7 +24,13 @@ import grpc
 from grpc.aio import AbortError
 
 from tunefleet.runtime import logs
-from tunefleet.runtime.errors import ResourceExhausted, TunefleetError, internal_status
+from tunefleet.runtime.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    TunefleetError,
+    Unavailable,
+    internal_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,9 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
     def filter_requests(self, call: RpcCall, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         return requests
 
+    def filter_request(self, call: RpcCall, request: Any) -> Any:
+        return request
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -112,6 +123,8 @@ def _wrap(
             async with interceptor.around(call):
                 if streaming_requests:
                     request = interceptor.filter_requests(call, request)
+                else:
+                    request = interceptor.filter_request(call, request)
                 return await inner(request, context)
 
         if streaming_requests:
@@ -129,6 +142,8 @@ def _wrap(
             async with interceptor.around(call):
                 if streaming_requests:
                     request = interceptor.filter_requests(call, request)
+                else:
+                    request = interceptor.filter_request(call, request)
                 async for response in inner(request, context):
                     yield response
 
@@ -140,6 +155,8 @@ def _wrap(
             async with interceptor.around(call):
                 if streaming_requests:
                     request = interceptor.filter_requests(call, request)
+                else:
+                    request = interceptor.filter_request(call, request)
                 await inner(request, context)
 
         wrapped = write_response
@@ -194,6 +211,99 @@ class ErrorInterceptor(AroundInterceptor):
             log.exception("unexpected error in %s", call.full_method)
             status = internal_status()
             await call.context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class DrainInterceptor(AroundInterceptor):
+    """Counts the calls in flight and, once `drain()` is called (at SIGTERM), refuses new ones
+    with UNAVAILABLE (grpcio's own stop cancels calls that race it, which clients read as
+    CANCELLED). Health checks pass through, so probes see NOT_SERVING."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def around(self, call: RpcCall) -> AsyncIterator[None]:
+        if call.service == "grpc.health.v1.Health":
+            yield
+            return
+        if self.draining:
+            raise Unavailable("the server is shutting down: retry on another replica")
+        self.active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls; wait up to `grace` seconds for those in flight."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message the method's parser refused, kept until the call's checks
+    (authentication first) have run."""
+
+    size: int
+    error: str
+
+    def ByteSize(self) -> int:  # a protobuf message's name for it
+        return self.size
+
+
+class DecodeInterceptor(AroundInterceptor):
+    """The innermost interceptor. Bytes that do not parse as the method's request would make
+    grpcio answer UNKNOWN (naming the parser's exception) or INTERNAL before any interceptor
+    runs; here they reach the call as `Undecodable` and are refused, after authentication, as
+    INVALID_ARGUMENT (UNDECODABLE_REQUEST)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        parse = handler.request_deserializer if handler is not None else None
+        if handler is None or parse is None:
+            return handler
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:
+                return Undecodable(len(data), type(error).__name__)
+
+        replaced = cast(Any, handler)._replace(request_deserializer=tolerant)
+        return _wrap(replaced, self, handler_call_details.method, {})
+
+    @asynccontextmanager
+    async def around(self, call: RpcCall) -> AsyncIterator[None]:
+        yield
+
+    def filter_request(self, call: RpcCall, request: Any) -> Any:
+        if isinstance(request, Undecodable):
+            raise InvalidArgument(
+                "request",
+                f"{request.size} bytes that do not parse as {call.method}'s request message",
+                reason="UNDECODABLE_REQUEST",
+            )
+        return request
+
+    async def filter_requests(
+        self, call: RpcCall, requests: AsyncIterator[Any]
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self.filter_request(call, request)
 
 
 class UploadLimitInterceptor(AroundInterceptor):

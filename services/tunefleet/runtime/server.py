@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from tunefleet.runtime.auth import AuthInterceptor, TokenStore
 from tunefleet.runtime.interceptors import (
+    DecodeInterceptor,
+    DrainInterceptor,
     ErrorInterceptor,
     RequestContextInterceptor,
     UploadLimitInterceptor,
@@ -53,20 +55,24 @@ class TunefleetServer:
     port: int = 0
     metrics_port: int = 0
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    _drain: DrainInterceptor = field(default_factory=DrainInterceptor)
     _server: grpc.aio.Server | None = None
     _metrics_http: WSGIServer | None = None
 
     async def start(self) -> None:
         settings = self.settings
+        self._drain = DrainInterceptor()
         interceptors: list[grpc.aio.ServerInterceptor] = [
             RequestContextInterceptor(),
             MetricsInterceptor(self.metrics),
             ErrorInterceptor(),
+            self._drain,
             UploadLimitInterceptor(settings.max_upload_bytes),
         ]
         if settings.auth.enabled:
             assert settings.auth.tokens_file is not None  # checked by the settings
             interceptors.append(AuthInterceptor(TokenStore.from_file(settings.auth.tokens_file)))
+        interceptors.append(DecodeInterceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -116,7 +122,8 @@ class TunefleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self._drain.drain(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self._server.stop(0)  # what is still running after the grace is cancelled
         self._server = None
         deadline = asyncio.get_running_loop().time() + ON_STOP_SECONDS
         for service in self.services:
