@@ -79,6 +79,10 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
     def filter_request(self, call: RpcCall, request: Any) -> Any:
         return request
 
+    def adapt(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler to wrap (subclasses may swap its serializers)."""
+        return handler
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -89,6 +93,7 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        handler = self.adapt(handler)
         metadata = {
             key: value
             for key, value in handler_call_details.invocation_metadata
@@ -253,7 +258,6 @@ class Undecodable:
     (authentication first) have run."""
 
     size: int
-    error: str
 
     def ByteSize(self) -> int:  # a protobuf message's name for it
         return self.size
@@ -265,26 +269,21 @@ class DecodeInterceptor(AroundInterceptor):
     runs; here they reach the call as `Undecodable` and are refused, after authentication, as
     INVALID_ARGUMENT (UNDECODABLE_REQUEST)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        parse = handler.request_deserializer if handler is not None else None
-        if handler is None or parse is None:
+    def adapt(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        parse = handler.request_deserializer
+        if parse is None:
             return handler
 
         def tolerant(data: bytes) -> Any:
             try:
                 return parse(data)
-            except Exception as error:
-                return Undecodable(len(data), type(error).__name__)
+            except Exception:
+                return Undecodable(len(data))
 
-        replaced = cast(Any, handler)._replace(request_deserializer=tolerant)
-        return _wrap(replaced, self, handler_call_details.method, {})
+        adapted: grpc.RpcMethodHandler[Any, Any] = cast(Any, handler)._replace(
+            request_deserializer=tolerant
+        )
+        return adapted
 
     @asynccontextmanager
     async def around(self, call: RpcCall) -> AsyncIterator[None]:
