@@ -66,10 +66,12 @@ def wait_serving(serve: Serve) -> None:
                 serve.process.stderr and serve.process.stderr.read()
             )
             try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
             except grpc.RpcError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
     pytest.fail("tunefleet serve did not become healthy")
 
 

@@ -41,12 +41,13 @@ def conversation(
     ]
 
 
-def build_chat_model(path: Path, hidden_size: int = 64, heads: int = 2) -> Path:
-    """A random Llama with a byte-level BPE tokenizer and a chat template, saved in `path`."""
+def build_chat_model(path: Path, hidden_size: int = 64, heads: int = 2, **options: Any) -> Path:
+    """A random Llama with a byte-level BPE tokenizer and a chat template, saved in `path`
+    (`options`: more of `models.build_chat_model`'s, such as `max_positions`)."""
     corpus = [TEMPLATE, "Farbe: {} -- fertig!"] + [
         json.dumps(conversation(a, c)) for a in ANIMALS for c in COLOURS
     ]
-    return models.build_chat_model(path, corpus, hidden_size=hidden_size, heads=heads)
+    return models.build_chat_model(path, corpus, hidden_size=hidden_size, heads=heads, **options)
 
 
 @pytest.fixture(scope="session")

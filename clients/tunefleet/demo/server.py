@@ -85,10 +85,12 @@ class LocalServer:
                         f"tunefleet serve exited with {self.process.returncode}:\n{self.tail()}"
                     )
                 try:
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return self
+                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self  # every service has started
                 except grpc.RpcError:
-                    time.sleep(0.2)
+                    pass
+                time.sleep(0.2)
         self.stop()
         raise RuntimeError(
             f"tunefleet serve was not healthy within {timeout:.0f} s:\n{self.tail()}"

@@ -358,7 +358,7 @@ class AdapterPool:
             adapter, alias = names.alias_name(payload["alias"])
             routed = f"adapters/{adapter}@{alias}"
             if routed in self.routes:
-                await self.swap(routed, moved_at)
+                await self.swap(routed, payload.get("version"), moved_at)
         elif kind == "TYPE_VERSION_DELETED":
             self._forget(lambda s: s.version == payload["version"])
         elif kind == "TYPE_ADAPTER_DELETED":
@@ -380,9 +380,10 @@ class AdapterPool:
         with self.registry.db.session() as session:
             return latest_revision(session, TOPIC)
 
-    async def swap(self, alias: str, moved_at: datetime | None = None) -> None:
-        """Route `alias` to its current target in the registry (or stop routing it when it is
-        gone), one move at a time per alias."""
+    async def swap(self, alias: str, target: str | None, moved_at: datetime | None = None) -> None:
+        """Follow one move of `alias` to the version `target` (None: the alias was deleted), one
+        move at a time per alias. A move that a later one has already superseded in the registry
+        is skipped: the later move's own change follows it."""
         async with self._lock(alias):
             old = self.routes.get(alias)
             try:
@@ -392,9 +393,9 @@ class AdapterPool:
                 self.routes.pop(alias, None)
                 log.info("%s was deleted: no longer routed", alias)
                 return
-            if old is not None and old.serving_name == row.serving_name:
-                return
             version = names.version_name(row.adapter_id, row.version)
+            if version != target or (old is not None and old.serving_name == row.serving_name):
+                return
             try:
                 new = await self._ensure(row)
             except Exception as error:

@@ -76,11 +76,13 @@ class InferenceManager:
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
         self.aliases, self.watch_seconds = aliases, watch_seconds
         self._follow: asyncio.Task[None] | None = None
+        self.longest_token = 0  # characters: what bounds a prompt's size before tokenising it
 
     async def start(self) -> None:
         """Start the engines, route the configured aliases, follow alias moves."""
         for engine in self.engines:
             await engine.start()
+        self.longest_token = await asyncio.to_thread(longest_token, self.engine.tokenizer)
         await self.responses.start()
         for alias in self.aliases:
             await self.pool.route(alias)
@@ -107,6 +109,7 @@ class InferenceManager:
         text, finish, tokens, first = [], Finish.STOP, 0, None
         try:
             sampling = self._sampling(request.sampling)
+            self._check_size(request, sampling)
             served = await self.pool.acquire(request.adapter)
             version = served.version if served is not None else ""
             labels = version_labels(version)
@@ -183,6 +186,44 @@ class InferenceManager:
         seed = params.seed if params.HasField("seed") else None
         return Sampling(max_tokens, temperature, top_p, tuple(params.stop), seed)
 
+    def _budget(self, sampling: Sampling, context: int) -> tuple[int | None, str]:
+        """The most tokens a prompt may have, and the limits that set it."""
+        budget, limits = [], []
+        if context:
+            if sampling.max_tokens >= context:
+                raise InvalidArgument(
+                    "sampling.max_tokens",
+                    f"{sampling.max_tokens} leaves no room for a prompt in the model's context "
+                    f"of {context} tokens",
+                )
+            budget.append(context - sampling.max_tokens)
+            limits.append(f"the model's context of {context} tokens less max_tokens")
+        if self.max_prompt_tokens:
+            budget.append(self.max_prompt_tokens)
+            limits.append(f"max_prompt_tokens {self.max_prompt_tokens}")
+        return (min(budget) if budget else None), " and ".join(limits)
+
+    def _check_size(
+        self, request: inference_service_pb2.GenerateRequest, sampling: Sampling
+    ) -> None:
+        """Refuse a prompt too long to fit the budget before anything costly (finding the
+        adapter, tokenising): no token is longer than `longest_token` characters, so a prompt
+        of more characters than budget times that has more tokens than the budget."""
+        budget, limits = self._budget(sampling, self.engine.context_length)
+        if budget is None or not self.longest_token:
+            return
+        if request.WhichOneof("input") == "chat":
+            size = sum(len(m.role) + len(m.content) for m in request.chat.messages)
+        else:
+            size = len(request.prompt)
+        if size > budget * self.longest_token:
+            raise InvalidArgument(
+                "input",
+                f"the prompt is {size} characters: more than the {budget} tokens that fit "
+                f"({limits}) can hold",
+                reason="PROMPT_TOO_LONG",
+            )
+
     async def _prompt(
         self,
         request: inference_service_pb2.GenerateRequest,
@@ -196,26 +237,14 @@ class InferenceManager:
             which == "chat" and request.chat.messages
         ):
             raise InvalidArgument("input", "a prompt or chat messages are required")
-        context = engine.context_length or self.engine.context_length
-        budget = [self.max_prompt_tokens] if self.max_prompt_tokens else []
-        if context:
-            if sampling.max_tokens >= context:
-                raise InvalidArgument(
-                    "sampling.max_tokens",
-                    f"{sampling.max_tokens} leaves no room for a prompt in the model's context "
-                    f"of {context} tokens",
-                )
-            budget.append(context - sampling.max_tokens)
+        budget, limits = self._budget(sampling, engine.context_length or self.engine.context_length)
         ids = await asyncio.to_thread(self._tokenise, request, which)
         if not ids:
             raise InvalidArgument("input", "the prompt has no tokens")
-        if budget and len(ids) > min(budget):
-            limits = f"the model's context of {context} tokens less max_tokens" if context else ""
-            if self.max_prompt_tokens:
-                limits += f"{' and ' if limits else ''}max_prompt_tokens {self.max_prompt_tokens}"
+        if budget is not None and len(ids) > budget:
             raise InvalidArgument(
                 "input",
-                f"the prompt has {len(ids)} tokens; at most {min(budget)} fit ({limits})",
+                f"the prompt has {len(ids)} tokens; at most {budget} fit ({limits})",
                 reason="PROMPT_TOO_LONG",
             )
         return ids
@@ -234,3 +263,11 @@ class InferenceManager:
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def longest_token(tokenizer: Any) -> int:
+    """An upper bound on the prompt characters one token covers: the longest vocabulary entry.
+    An entry spells what it covers with at least one character per character (byte-level BPE
+    one per byte, SentencePiece `▁` for a space, byte fallback `<0x0A>` six for one byte);
+    only tokenizers that drop text (whitespace-splitting WordPiece, not an LLM's) escape it."""
+    return max(len(token) for token in tokenizer.get_vocab())

@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -218,24 +218,37 @@ class ErrorInterceptor(AroundInterceptor):
             await call.context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class DrainInterceptor(AroundInterceptor):
-    """Counts the calls in flight and, once `drain()` is called (at SIGTERM), refuses new ones
-    with UNAVAILABLE (grpcio's own stop cancels calls that race it, which clients read as
-    CANCELLED). Health checks pass through, so probes see NOT_SERVING."""
+class GateInterceptor(AroundInterceptor):
+    """Lets a call through only while its service is up: before the service has started it is
+    refused with UNAVAILABLE (SERVICE_STARTING), and once `drain()` is called (at SIGTERM) every
+    new call is (SHUTTING_DOWN; grpcio's own stop cancels calls that race it, which clients read
+    as CANCELLED). Counts the calls in flight for the drain. Services it was not told about
+    (health, reflection) always pass, so probes see the health status."""
 
-    def __init__(self) -> None:
+    def __init__(self, services: Sequence[str] = ()) -> None:
+        self.gated, self.started = set(services), set[str]()
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def open(self, service: str) -> None:
+        """`service` has started: let its calls through."""
+        self.started.add(service)
+
     @asynccontextmanager
     async def around(self, call: RpcCall) -> AsyncIterator[None]:
-        if call.service == "grpc.health.v1.Health":
+        if call.service not in self.gated:
             yield
             return
         if self.draining:
-            raise Unavailable("the server is shutting down: retry on another replica")
+            raise Unavailable(
+                "the server is shutting down: retry on another replica", reason="SHUTTING_DOWN"
+            )
+        if call.service not in self.started:
+            raise Unavailable(
+                f"{call.service} is starting: retry shortly", reason="SERVICE_STARTING"
+            )
         self.active += 1
         self._idle.clear()
         try:

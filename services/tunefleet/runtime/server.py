@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from tunefleet.runtime.auth import AuthInterceptor, TokenStore
 from tunefleet.runtime.interceptors import (
     DecodeInterceptor,
-    DrainInterceptor,
     ErrorInterceptor,
+    GateInterceptor,
     RequestContextInterceptor,
     UploadLimitInterceptor,
 )
@@ -55,18 +55,19 @@ class TunefleetServer:
     port: int = 0
     metrics_port: int = 0
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
-    _drain: DrainInterceptor = field(default_factory=DrainInterceptor)
+    _gate: GateInterceptor = field(default_factory=GateInterceptor)
     _server: grpc.aio.Server | None = None
     _metrics_http: WSGIServer | None = None
 
     async def start(self) -> None:
         settings = self.settings
-        self._drain = DrainInterceptor()
+        names = [s.name for s in self.services]
+        self._gate = GateInterceptor(names)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             RequestContextInterceptor(),
             MetricsInterceptor(self.metrics),
             ErrorInterceptor(),
-            self._drain,
+            self._gate,
             UploadLimitInterceptor(settings.max_upload_bytes),
         ]
         if settings.auth.enabled:
@@ -83,8 +84,10 @@ class TunefleetServer:
         )
         for service in self.services:
             service.add_to_server(server)
+        # grpcio's health servicer starts with "" SERVING: nothing is, until every service started.
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [s.name for s in self.services]
         _add_reflection(
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
@@ -98,8 +101,9 @@ class TunefleetServer:
         for service in self.services:
             if service.on_start is not None:
                 await service.on_start(self)
-        for name in ["", *names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._gate.open(service.name)
+            await self.health.set(service.name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_enabled:
             self._metrics_http = start_metrics_server(
                 self.metrics.registry, settings.metrics_host, settings.metrics_port
@@ -122,7 +126,7 @@ class TunefleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
-        await self._drain.drain(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self._gate.drain(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self._server.stop(0)  # what is still running after the grace is cancelled
         self._server = None
         deadline = asyncio.get_running_loop().time() + ON_STOP_SECONDS
