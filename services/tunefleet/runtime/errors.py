@@ -16,6 +16,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "tunefleet.v1"
+# Bounds on what an error carries back, in UTF-8 bytes: a status travels in HTTP/2 trailers,
+# whose size grpcio caps (8 KiB by default), and messages may quote client input.
+MAX_MESSAGE_BYTES = 1024
+MAX_METADATA_BYTES = 256
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` UTF-8 bytes (saying so) when it is longer."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 40].decode(errors="ignore") + f"... ({len(data)} bytes in all)"
 
 
 class TunefleetError(Exception):
@@ -31,10 +43,13 @@ class TunefleetError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> None:
+        message = bounded(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.metadata = dict(metadata or {})
+        self.metadata = {
+            key: bounded(value, MAX_METADATA_BYTES) for key, value in (metadata or {}).items()
+        }
 
     def details(self) -> list[any_pb2.Any]:
         """Detail messages attached to the status."""
@@ -71,8 +86,8 @@ class InvalidArgument(TunefleetError):
         super().__init__(
             f"{field}: {message}", reason=reason, metadata={"field": field, **(metadata or {})}
         )
-        self.field = field
-        self.description = message
+        self.field = bounded(field, MAX_METADATA_BYTES)
+        self.description = bounded(message, MAX_MESSAGE_BYTES)
 
     def details(self) -> list[any_pb2.Any]:
         bad_request = any_pb2.Any()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import Message
 from grpc.aio import AbortError
 
 from tunefleet.runtime import logs
@@ -31,6 +32,7 @@ from tunefleet.runtime.errors import (
     Unavailable,
     internal_status,
 )
+from tunefleet.runtime.fields import check_request
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,10 @@ class RequestContextInterceptor(AroundInterceptor):
             level = logging.DEBUG if call.service in self.QUIET_SERVICES else logging.INFO
             elapsed_ms = (time.perf_counter() - start) * 1000
             log.log(level, "finished %s in %.1fms", code.name, elapsed_ms)
-            logs.rpc_method.reset(method_token)
-            logs.request_id.reset(rid_token)
+            # A response stream the client left is closed by the event loop, in another context.
+            with contextlib.suppress(ValueError):
+                logs.rpc_method.reset(method_token)
+                logs.request_id.reset(rid_token)
 
 
 class ErrorInterceptor(AroundInterceptor):
@@ -276,11 +280,12 @@ class Undecodable:
         return self.size
 
 
-class DecodeInterceptor(AroundInterceptor):
-    """The innermost interceptor. Bytes that do not parse as the method's request would make
-    grpcio answer UNKNOWN (naming the parser's exception) or INTERNAL before any interceptor
-    runs; here they reach the call as `Undecodable` and are refused, after authentication, as
-    INVALID_ARGUMENT (UNDECODABLE_REQUEST)."""
+class CheckInterceptor(AroundInterceptor):
+    """The innermost interceptor: every request message is checked here, after authentication.
+    Bytes that do not parse as the method's request would make grpcio answer UNKNOWN (naming the
+    parser's exception) or INTERNAL before any interceptor runs; here they reach the call as
+    `Undecodable` and are refused as INVALID_ARGUMENT (UNDECODABLE_REQUEST). Messages that parse
+    get the checks of `fields.check_request` (NUL and control characters, lengths, enums)."""
 
     def adapt(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         parse = handler.request_deserializer
@@ -309,6 +314,8 @@ class DecodeInterceptor(AroundInterceptor):
                 f"{request.size} bytes that do not parse as {call.method}'s request message",
                 reason="UNDECODABLE_REQUEST",
             )
+        if isinstance(request, Message):
+            check_request(request)
         return request
 
     async def filter_requests(

@@ -7,19 +7,30 @@ from pathlib import Path
 
 from tunefleet.runtime.errors import InvalidArgument
 
+# What a model directory holds: transformers' config.json, or a tokenizer's own configuration.
+MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
 
 def resolve_model(name: str, catalogue: dict[str, Path], field: str) -> Path:
     """A model name the platform knows (the settings' `models` catalogue) or a local directory;
     INVALID_ARGUMENT naming `field` otherwise."""
     if name in catalogue:
         return catalogue[name]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    if name and _looks_like_model(Path(name).expanduser()):
+        return Path(name).expanduser()
     known = ", ".join(sorted(catalogue)) or "none configured"
     raise InvalidArgument(
         field, f"{name!r} is neither a known model ({known}) nor a local model directory"
     )
+
+
+def _looks_like_model(path: Path) -> bool:
+    """A directory holding a model's or a tokenizer's configuration (any other path, however
+    odd, is not one: the caller says so in the same words whether it exists or not)."""
+    try:
+        return any((path / name).is_file() for name in MODEL_FILES)
+    except (OSError, ValueError):  # a name too long, a NUL
+        return False
 
 
 def find_model(name: str, catalogue: dict[str, Path]) -> Path | None:

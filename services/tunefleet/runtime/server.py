@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from tunefleet.runtime.auth import AuthInterceptor, TokenStore
 from tunefleet.runtime.interceptors import (
-    DecodeInterceptor,
+    CheckInterceptor,
     ErrorInterceptor,
     GateInterceptor,
     RequestContextInterceptor,
@@ -45,6 +46,19 @@ class ServiceRegistration:
     on_stop: Callable[[], Awaitable[None]] | None = None
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio is untyped
+    """grpcio's health servicer, with `List` (which it leaves unimplemented)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 @dataclass
 class TunefleetServer:
     """A configured server. `start()` binds the ports; `stop()` drains and shuts down."""
@@ -54,7 +68,7 @@ class TunefleetServer:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     port: int = 0
     metrics_port: int = 0
-    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    health: HealthServicer = field(default_factory=HealthServicer)
     _gate: GateInterceptor = field(default_factory=GateInterceptor)
     _server: grpc.aio.Server | None = None
     _metrics_http: WSGIServer | None = None
@@ -73,7 +87,7 @@ class TunefleetServer:
         if settings.auth.enabled:
             assert settings.auth.tokens_file is not None  # checked by the settings
             interceptors.append(AuthInterceptor(TokenStore.from_file(settings.auth.tokens_file)))
-        interceptors.append(DecodeInterceptor())
+        interceptors.append(CheckInterceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -55,7 +55,14 @@ class Filter:
         return statement
 
     def _condition(self, field: str, op: str, raw: str) -> ColumnElement[bool]:
-        value = json.loads(raw) if raw.startswith('"') else raw
+        try:
+            value = json.loads(raw) if raw.startswith('"') else raw
+        except ValueError as error:  # a bad escape, a control character in the string
+            raise InvalidArgument(
+                "filter", f"the string of {field} is not valid: {error}"
+            ) from None
+        if isinstance(value, str) and any(ord(c) < 32 or c == "\x7f" for c in value):
+            raise InvalidArgument("filter", f"the string of {field} contains a control character")
         if field.startswith("labels.") and self.labels is not None:
             column = self.labels[field.removeprefix("labels.")].as_string()
             if op == ":":
