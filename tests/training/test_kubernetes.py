@@ -155,11 +155,12 @@ def kube_platform(
     bucket = f"kube-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
 
-    async def make(**kubernetes: Any) -> Platform:
+    async def make(training: dict[str, Any] | None = None, **kubernetes: Any) -> Platform:
         platform: Platform = await make_platform(
             storage={"blob_backend": "s3", "s3": {"bucket": bucket, "endpoint_url": s3_endpoint}},
             training={
                 **platform_settings["training"],
+                **(training or {}),
                 "launcher": "kubernetes",
                 "max_running_jobs": 4,
                 "worker_endpoint": "tunefleet-training.tunefleet.svc:50051",
@@ -244,9 +245,13 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
         return any("retried" in e.log.text for e in events if e.HasField("log"))
 
     await until(retry_noted)
-    assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
+    # Until the retried Pod runs, the job waits (QUEUED: no worker to hear from).
+    job = await platform.wait(job.name, "QUEUED")
+    assert job.state_history[-1].reason == "WAITING_FOR_CAPACITY"
 
     kube.run_pod(retried)
+    job = await platform.wait(job.name, "RUNNING")
+    assert job.state_history[-1].reason == "RESUMED"
     kube.end_pod(retried, 137, "node lost again")
     job = await platform.wait(job.name, "FAILED", within=30)
     assert job.error.reason == "BACKOFF_LIMIT_EXCEEDED"
@@ -254,6 +259,63 @@ async def test_a_lost_pod_is_retried_from_the_last_checkpoint_then_the_job_fails
     events = await platform.events(job.name)
     # One retry, noted once: the failure that ended the Job is not called a retry.
     assert sum("retried" in e.log.text for e in events if e.HasField("log")) == 1
+
+
+@pytest.mark.kubernetes
+async def test_a_preempted_job_waits_past_the_worker_timeout_and_resumes(
+    kube: Kube, kube_platform: Any
+) -> None:
+    """Kueue suspends the Job to preempt it, its Pod goes away, and no GPU is free to run the
+    one the Job controller makes again: the job waits (for longer than the worker timeout)
+    instead of failing, and resumes from its checkpoint once a Pod runs."""
+    platform = await kube_platform(training={"worker_timeout_seconds": 2})
+    job, pod = await running_job(kube, platform)
+    identifier = job_id(job.name)
+    token = kube.spec(identifier)["report"]["token"]
+    checkpoint = training_job_pb2.Checkpoint(step=40, uri="s3://bucket/checkpoint-40")
+    await platform.report(job.name, token, checkpoint=checkpoint)
+
+    (kube_job,) = kube.jobs(identifier)
+    now = datetime.now(UTC).isoformat()
+    suspended = {
+        "type": "Suspended",
+        "status": "True",
+        "reason": "JobSuspended",
+        "message": "Job suspended",
+        "lastProbeTime": now,
+        "lastTransitionTime": now,
+    }
+    kube.batch.patch_namespaced_job_status(
+        kube_job.metadata.name, kube.namespace, {"status": {"conditions": [suspended]}}
+    )
+    kube.core.delete_namespaced_pod(pod.metadata.name, kube.namespace, grace_period_seconds=0)
+    job = await platform.wait(job.name, "QUEUED", within=30)
+    assert job.state_history[-1].reason == "PREEMPTED"
+
+    await asyncio.sleep(5)  # well past the worker timeout
+    job = await platform.wait(job.name, "QUEUED", "FAILED")
+    assert job.state == State.STATE_QUEUED, job.error
+    assert kube.jobs(identifier), "the Kubernetes Job was deleted"
+
+    # Capacity again: the Job runs a Pod, which resumes from the checkpoint.
+    kube.batch.patch_namespaced_job_status(
+        kube_job.metadata.name,
+        kube.namespace,
+        {"status": {"conditions": [{**suspended, "status": "False"}]}},
+    )
+    pods = await until(pods_of(kube, identifier), within=60)
+    (again,) = [p for p in pods if p.metadata.name != pod.metadata.name]
+    assert kube.resume_from(identifier) == "s3://bucket/checkpoint-40"
+    kube.run_pod(again)
+    job = await platform.wait(job.name, "RUNNING", within=30)
+    assert [t.state for t in job.state_history][-3:] == [
+        State.STATE_RUNNING,
+        State.STATE_QUEUED,
+        State.STATE_RUNNING,
+    ]
+    await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    await asyncio.sleep(1)
+    assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
 
 
 @pytest.mark.kubernetes

@@ -32,9 +32,9 @@ from tunefleet.runtime.errors import (
     ResourceExhausted,
 )
 from tunefleet.runtime.models import find_model
-from tunefleet.storage import idempotency
+from tunefleet.storage import idempotency, spools
 from tunefleet.storage.blobs import BlobInfo, BlobStore, uri_sha256
-from tunefleet.storage.changes import Change, append_change, read_changes
+from tunefleet.storage.changes import Change, append_change, latest_revision, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.filtering import Filter
 from tunefleet.storage.pagination import Page, paginate
@@ -73,6 +73,7 @@ class VersionUpload:
     total: int = 0
     _current: str | None = None
     _handle: IO[bytes] | None = None
+    _owner: IO[str] | None = None  # the spool's lock (storage.spools)
     _expected: dict[str, tuple[int, str]] = field(default_factory=dict)
     _hashes: dict[str, Any] = field(default_factory=dict)
 
@@ -144,17 +145,17 @@ class Registry:
         return self.get_adapter(name)
 
     def get_adapter(self, name: str) -> AdapterRow:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return _adapter(session, names.adapter_id(name))
 
     def aliases_of(self, adapter: str) -> dict[str, int]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             rows = session.scalars(select(AliasRow).where(AliasRow.adapter_id == adapter))
             return {row.alias: row.version for row in rows}
 
     def list_adapters(self, filter_text: str, page_size: int, page_token: str) -> Page[AdapterRow]:
         adapter_filter = Filter({"base_model": AdapterRow.base_model}, labels=AdapterRow.labels)
-        with self.db.session() as session:
+        with self.db.read() as session:
             statement = adapter_filter.apply(select(AdapterRow), filter_text)
             return paginate(
                 session,
@@ -202,9 +203,11 @@ class Registry:
         self.get_adapter(parent)
         staging = self.workdir / f"upload-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
-        return VersionUpload(
+        upload = VersionUpload(
             adapter, description, _check_lineage(lineage), staging, request_id, request_sha256
         )
+        upload._owner = spools.hold(staging)
+        return upload
 
     def existing_for(self, upload: VersionUpload) -> VersionRow | None:
         """The version an earlier upload with the same request id created, if any."""
@@ -283,6 +286,8 @@ class Registry:
         if upload._handle is not None:
             upload._handle.close()
         shutil.rmtree(upload.staging, ignore_errors=True)
+        if upload._owner is not None:
+            upload._owner.close()
 
     def register(
         self,
@@ -492,7 +497,7 @@ class Registry:
 
     def get_version(self, name: str, field: str = "name") -> VersionRow:
         ref = names.version_ref(name, field)
-        with self.db.session() as session:
+        with self.db.read() as session:
             return _version(session, ref)
 
     def list_versions(
@@ -532,7 +537,7 @@ class Registry:
                 statement = statement.where(
                     VersionRow.lineage["base_model"].as_string() == match["value"]
                 )
-        with self.db.session() as session:
+        with self.db.read() as session:
             return paginate(
                 session,
                 statement,
@@ -544,7 +549,7 @@ class Registry:
             )
 
     def aliases_pointing_at(self, row: VersionRow) -> list[str]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return list(
                 session.scalars(
                     select(AliasRow.alias).where(
@@ -701,7 +706,7 @@ class Registry:
 
     def list_aliases(self, parent: str, page_size: int, page_token: str) -> Page[AliasRow]:
         adapter = names.adapter_id(parent, "parent")
-        with self.db.session() as session:
+        with self.db.read() as session:
             _adapter(session, adapter)
             return paginate(
                 session,
@@ -720,7 +725,7 @@ class Registry:
         statement = select(AliasMoveRow).where(AliasMoveRow.adapter_id == adapter)
         if alias is not None:
             statement = statement.where(AliasMoveRow.alias == alias)
-        with self.db.session() as session:
+        with self.db.read() as session:
             return paginate(
                 session,
                 statement,
@@ -733,9 +738,14 @@ class Registry:
 
     # --- watch ---------------------------------------------------------------------------------
 
+    def latest_revision(self) -> int:
+        """The revision of the newest change (0 before any)."""
+        with self.db.read() as session:
+            return latest_revision(session, TOPIC)
+
     def changes(self, after_revision: int, adapter: str = "", limit: int = 500) -> list[Change]:
         """Changes after a revision (of one adapter when given), oldest first."""
-        with self.db.session() as session:
+        with self.db.read() as session:
             changes = read_changes(session, TOPIC, after_revision, limit)
         if adapter:
             changes = [c for c in changes if c.payload.get("adapter") == adapter]

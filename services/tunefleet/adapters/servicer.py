@@ -16,10 +16,10 @@ from tunefleet.adapters import names
 from tunefleet.adapters.metrics import AdapterMetrics
 from tunefleet.adapters.registry import Registry, VersionUpload
 from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, VersionRow
-from tunefleet.runtime.auth import current_principal
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.runtime.auth import ANONYMOUS, current_principal
+from tunefleet.runtime.errors import InvalidArgument, ResourceExhausted
 from tunefleet.runtime.protos import timestamp
-from tunefleet.runtime.streams import ChangeSignal, UploadStream, UploadWorker
+from tunefleet.runtime.streams import ChangeFeed, UploadStream, UploadWorker
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -27,9 +27,26 @@ CHUNK = 1024 * 1024
 POLL_SECONDS = 1.0  # watchers also look for changes made by other processes this often
 
 
+def _client(context: Context) -> str:
+    """Who holds a stream: the caller's token subject, or its address when auth is off."""
+    principal = current_principal.get()
+    if principal is not ANONYMOUS:
+        return f"subject:{principal.subject}"
+    peer = context.peer() or ""  # ipv4:127.0.0.1:5000, ipv6:[::1]:5000
+    return "address:" + peer.rsplit(":", 1)[0]
+
+
 class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
-    def __init__(self, registry: Registry, signal: ChangeSignal, metrics: AdapterMetrics) -> None:
-        self.registry, self.signal, self.metrics = registry, signal, metrics
+    def __init__(
+        self,
+        registry: Registry,
+        feed: ChangeFeed,
+        metrics: AdapterMetrics,
+        max_watchers_per_client: int = 64,
+    ) -> None:
+        self.registry, self.feed, self.metrics = registry, feed, metrics
+        self.max_watchers_per_client = max_watchers_per_client
+        self._watching: dict[str, int] = {}  # streams per client
 
     @contextmanager
     def _registering(self) -> Iterator[list[VersionRow]]:
@@ -261,15 +278,30 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         if request.after_revision < 0:
             raise InvalidArgument("after_revision", "must not be negative")
         revision = request.after_revision
-        while True:
-            changes = await asyncio.to_thread(self.registry.changes, revision)
-            for change in changes:
-                revision = change.revision
-                if adapter and change.payload.get("adapter") != adapter:
-                    continue
-                yield change_proto(change.revision, change.kind, change.payload, change.create_time)
-            if not changes:
-                await self.signal.wait(POLL_SECONDS)
+        client = _client(context)
+        if self._watching.get(client, 0) >= self.max_watchers_per_client:
+            raise ResourceExhausted(
+                f"this client already holds {self.max_watchers_per_client} watch streams",
+                reason="TOO_MANY_STREAMS",
+                metadata={"limit": str(self.max_watchers_per_client)},
+            )
+        self._watching[client] = self._watching.get(client, 0) + 1
+        try:
+            while True:
+                changes = await asyncio.to_thread(self.registry.changes, revision)
+                for change in changes:
+                    revision = change.revision
+                    if adapter and change.payload.get("adapter") != adapter:
+                        continue
+                    yield change_proto(
+                        change.revision, change.kind, change.payload, change.create_time
+                    )
+                if not changes:
+                    await self.feed.wait_past(revision)
+        finally:
+            self._watching[client] -= 1
+            if not self._watching[client]:
+                del self._watching[client]
 
     async def MergeAdapterVersion(
         self, request: adapter_service_pb2.MergeAdapterVersionRequest, context: Context

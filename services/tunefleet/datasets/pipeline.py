@@ -34,6 +34,7 @@ from tunefleet.datasets.dedup import NUM_PERM, MinHasher, UnionFind, exact_key, 
 from tunefleet.datasets.formats import FileFormat, Message, RecordInvalid, normalise
 from tunefleet.datasets.reader import RawRecord, RecordReader
 from tunefleet.runtime.errors import TunefleetError
+from tunefleet.storage import spools
 from tunefleet.v1.dataset_pb2 import DatasetFormat, PiiType, RecordErrorCode
 
 MAX_LISTED_ERRORS = 10_000
@@ -157,6 +158,7 @@ class Ingestor:
         self.options = options
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self._owner = spools.hold(workdir)  # a sweep after a crash knows it was abandoned
         self._started = time.perf_counter()
         self._reader = RecordReader(max_record_bytes=options.max_record_chars * 4 + 65_536)
         self._file = FileFormat(options.format)
@@ -440,6 +442,7 @@ class Ingestor:
         for handle in (self._spool, self._signatures):
             handle.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self._owner.close()
 
 
 def _text_of(messages: list[Message]) -> str:

@@ -167,11 +167,11 @@ class DatasetManager:
     # --- reading -------------------------------------------------------------------------------
 
     def get(self, name: str) -> store.DatasetRow:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return store.get(session, dataset_id(name))
 
     def list(self, filter_text: str, page_size: int, page_token: str) -> Page[store.DatasetRow]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return store.list_page(session, filter_text, page_size, page_token)
 
     def delete(self, name: str) -> None:

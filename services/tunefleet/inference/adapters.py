@@ -337,7 +337,7 @@ class AdapterPool:
 
     async def follow(self, poll_seconds: float, wait: Callable[[float], Any]) -> None:
         """Follow the registry's change feed: alias moves and deletions, deleted versions."""
-        self.revision = await asyncio.to_thread(self._latest_revision)
+        self.revision = await asyncio.to_thread(self.registry.latest_revision)
         while True:
             try:
                 changes = await asyncio.to_thread(self.registry.changes, self.revision)
@@ -372,13 +372,6 @@ class AdapterPool:
             served.pinned = False
             log.info("%s was deleted: unloading it", served.version)
             self._retire(served)
-
-    def _latest_revision(self) -> int:
-        from tunefleet.adapters.registry import TOPIC
-        from tunefleet.storage.changes import latest_revision
-
-        with self.registry.db.session() as session:
-            return latest_revision(session, TOPIC)
 
     async def swap(self, alias: str, target: str | None, moved_at: datetime | None = None) -> None:
         """Follow one move of `alias` to the version `target` (None: the alias was deleted), one

@@ -165,7 +165,7 @@ class ResponseLog:
         self, filter_text: str, page_size: int, page_token: str
     ) -> Page[FeedbackRow]:
         def run() -> Page[FeedbackRow]:
-            with self.db.session() as session:
+            with self.db.read() as session:
                 page = paginate(
                     session,
                     LIST_FILTER.apply(select(FeedbackRow), filter_text),

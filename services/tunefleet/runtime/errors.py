@@ -175,6 +175,42 @@ class Unavailable(TunefleetError):
     default_reason = "UNAVAILABLE"
 
 
+def environment_error(error: BaseException) -> TunefleetError | None:
+    """The status of a fault of the server's environment rather than of the request or the
+    code: a full disk, a database that is locked or unreachable, a read-only file system."""
+    import errno
+
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return Unavailable(
+                "the database connection was lost: retry", reason="DATABASE_UNAVAILABLE"
+            )
+        error = error.orig if isinstance(error.orig, BaseException) else error
+    text = str(error).lower()
+    code = getattr(error, "errno", None)
+    name = type(error).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text or name == "DiskFull":
+        return ResourceExhausted(
+            "the server's disk is full: nothing was stored; retry once space is freed",
+            reason="DISK_FULL",
+        )
+    if code == errno.EROFS or "readonly database" in text:
+        return Unavailable(
+            "the server's storage is read-only: nothing was stored", reason="STORAGE_READ_ONLY"
+        )
+    if "database is locked" in text or "database table is locked" in text:
+        return Unavailable(
+            "the database is busy (locked by another writer): retry", reason="DATABASE_BUSY"
+        )
+    if name in ("OperationalError", "InterfaceError") and type(error).__module__.startswith(
+        "psycopg"
+    ):
+        return Unavailable("the database is unreachable: retry", reason="DATABASE_UNAVAILABLE")
+    return None
+
+
 def internal_status() -> grpc.Status:
     """The status sent for unexpected failures: no internals leak to the client."""
     status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")

@@ -30,6 +30,7 @@ from tunefleet.runtime.errors import (
     ResourceExhausted,
     TunefleetError,
     Unavailable,
+    environment_error,
     internal_status,
 )
 from tunefleet.runtime.fields import check_request
@@ -204,8 +205,10 @@ class RequestContextInterceptor(AroundInterceptor):
 
 
 class ErrorInterceptor(AroundInterceptor):
-    """Maps typed errors to their status codes with an ErrorInfo reason; anything unexpected is
-    logged with its traceback and becomes INTERNAL "internal error"."""
+    """Maps typed errors to their status codes with an ErrorInfo reason, and faults of the
+    environment to theirs (`errors.environment_error`: RESOURCE_EXHAUSTED for a full disk,
+    UNAVAILABLE for a locked or lost database); anything else is logged with its traceback and
+    becomes INTERNAL "internal error"."""
 
     @asynccontextmanager
     async def around(self, call: RpcCall) -> AsyncIterator[None]:
@@ -216,7 +219,12 @@ class ErrorInterceptor(AroundInterceptor):
             await call.context.abort(status.code, status.details, status.trailing_metadata)
         except (AbortError, asyncio.CancelledError):
             raise  # the handler already chose its status, or the client went away
-        except Exception:
+        except Exception as exc:
+            fault = environment_error(exc)
+            if fault is not None:
+                log.warning("%s failed: %s (%s)", call.full_method, fault.message, exc)
+                status = fault.to_status()
+                await call.context.abort(status.code, status.details, status.trailing_metadata)
             log.exception("unexpected error in %s", call.full_method)
             status = internal_status()
             await call.context.abort(status.code, status.details, status.trailing_metadata)

@@ -196,8 +196,8 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.adapters import peft_ops
     from tunefleet.adapters.metrics import AdapterMetrics
     from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
-    from tunefleet.adapters.servicer import AdapterServicer
-    from tunefleet.runtime.streams import ChangeSignal
+    from tunefleet.adapters.servicer import POLL_SECONDS, AdapterServicer
+    from tunefleet.runtime.streams import ChangeFeed, ChangeSignal
     from tunefleet.v1 import adapter_service_pb2_grpc
 
     settings = context.settings
@@ -214,8 +214,9 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         hooks=Hooks(smoke_test=peft_ops.smoke_test, merge=peft_ops.merge),
         on_change=signal.notify,
     )
-    metrics = AdapterMetrics(context.registry, lambda: signal.watchers)
-    servicer = AdapterServicer(registry, signal, metrics)
+    feed = ChangeFeed(registry.latest_revision, signal, POLL_SECONDS)
+    metrics = AdapterMetrics(context.registry, lambda: feed.watchers)
+    servicer = AdapterServicer(registry, feed, metrics, settings.adapters.max_watchers_per_client)
     return ServiceRegistration(
         "tunefleet.v1.AdapterService",
         lambda server: adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(

@@ -138,6 +138,8 @@ class StorageSettings(_Section):
 
     # SQLAlchemy URL; empty means a SQLite file in the data directory.
     database_url: str = ""
+    # How long a SQLite writer waits for another's lock before the call is UNAVAILABLE.
+    sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0)
     blob_backend: Literal["local", "s3"] = "local"
     # For the local backend; empty means `blobs/` in the data directory.
     blob_dir: Path | None = None
@@ -158,6 +160,8 @@ class AdapterSettings(_Section):
     # Load each new adapter on its base model (when the weights are here) and check that it
     # changes the logits.
     smoke_test: bool = True
+    # WatchAdapterChanges streams one client (its token, or its address without auth) may hold.
+    max_watchers_per_client: int = Field(default=64, ge=1)
 
 
 class KubernetesSettings(_Section):

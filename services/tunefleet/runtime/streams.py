@@ -1,9 +1,10 @@
-"""Streams: client-streamed uploads (their end, and refusals before it), and the signal that wakes
-server streams following a change feed."""
+"""Streams: client-streamed uploads (their end, and refusals before it), the signal that wakes
+server streams following a change feed, and the one poller its watchers share."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -12,6 +13,8 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 
 from tunefleet.runtime.errors import InvalidArgument, TunefleetError
+
+log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
 
@@ -122,3 +125,46 @@ class ChangeSignal:
     @property
     def watchers(self) -> int:
         return len(self._waiters)
+
+
+class ChangeFeed:
+    """Where the watchers of one change feed (the registry's) wait: one poller per process
+    reads the feed's latest revision every `poll_seconds` while anyone watches (and at once
+    when this process changed something), and wakes the watchers whose revision it passed.
+    Idle watchers cost nothing, however many there are."""
+
+    def __init__(
+        self, latest: Callable[[], int], signal: ChangeSignal, poll_seconds: float
+    ) -> None:
+        self.latest, self.signal, self.poll_seconds = latest, signal, poll_seconds
+        self.revision = 0
+        self.watchers = 0
+        self._wake: asyncio.Event | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait_past(self, revision: int) -> None:
+        """Return once the feed holds a change after `revision`."""
+        self.watchers += 1
+        try:
+            if self._poller is None or self._poller.done():
+                self._wake = asyncio.Event()
+                self._poller = asyncio.create_task(self._poll(), name="change-feed")
+            while self.revision <= revision:
+                assert self._wake is not None
+                await self._wake.wait()
+        finally:
+            self.watchers -= 1
+
+    async def _poll(self) -> None:
+        while self.watchers:
+            try:
+                latest = await asyncio.to_thread(self.latest)
+            except Exception:
+                log.warning("reading the change feed's revision failed", exc_info=True)
+                latest = self.revision
+            if latest != self.revision:
+                self.revision = latest
+                woken, self._wake = self._wake, asyncio.Event()
+                if woken is not None:
+                    woken.set()
+            await self.signal.wait(self.poll_seconds)

@@ -2,8 +2,9 @@
 with the schema managed by Alembic migrations.
 
 The same code runs on both; the differences are confined to `Database.__init__`: SQLite gets
-WAL, foreign keys, a busy timeout and `BEGIN IMMEDIATE` transactions (so concurrent writers
-queue instead of failing with "database is locked").
+WAL, foreign keys, a busy timeout and `BEGIN IMMEDIATE` transactions for writers (so concurrent
+writers queue instead of failing with "database is locked"); readers (`Database.read`) take
+none of the write lock.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def utcnow() -> datetime:
 class Database:
     """An engine, a session factory and the migrations for one database URL."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 30.0) -> None:
         parsed = make_url(url)
         self.url = url
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -80,18 +81,30 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(
-                url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+                url,
+                echo=echo,
+                connect_args={"check_same_thread": False, "timeout": busy_timeout},
             )
-            event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", _sqlite_begin_immediate)
+            event.listen(self.engine, "connect", _sqlite_on_connect(busy_timeout))
+            event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._reads = sessionmaker(
+            self.engine.execution_options(tunefleet_read=True), expire_on_commit=False
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A transaction: committed when the block ends, rolled back if it raises."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction that only reads: on SQLite a deferred one, which neither waits for nor
+        blocks writers (WAL), where `session()` takes the write lock at once."""
+        with self._reads.begin() as session:
             yield session
 
     def migrate(self, revision: str = "head") -> None:
@@ -121,16 +134,23 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy, not the driver, decide when transactions begin (see _sqlite_begin_immediate).
+def _sqlite_on_connect(busy_timeout: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        _sqlite_setup(dbapi_connection, busy_timeout)
+
+    return on_connect
+
+
+def _sqlite_setup(dbapi_connection: Any, busy_timeout: float) -> None:
+    # Let SQLAlchemy, not the driver, decide when transactions begin (see _sqlite_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout = 30000")
+    cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     cursor.execute("PRAGMA foreign_keys = ON")
     # Switching a new database to WAL needs an exclusive lock and, unlike other statements,
     # answers "database is locked" at once (without the busy timeout) while another connection
     # is open: retry for as long as the busy timeout would have waited.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + busy_timeout
     while True:
         try:
             cursor.execute("PRAGMA journal_mode = WAL")
@@ -143,7 +163,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin_immediate(connection: Any) -> None:
-    # Take the write lock at the start: two deferred transactions that both upgrade to writing
-    # would deadlock, and SQLite answers that with an immediate "database is locked".
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_begin(connection: Any) -> None:
+    # Writers take the write lock at the start: two deferred transactions that both upgrade to
+    # writing would deadlock, and SQLite answers that with an immediate "database is locked".
+    # Readers (Database.read) never upgrade, so theirs is deferred.
+    if connection.get_execution_options().get("tunefleet_read"):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -216,9 +216,22 @@ class KubernetesLauncher:
                 retries=max(0, retries - 1),  # the last failure ended the Job: not retried
                 output_request=str(said.get("output_request", "")),
             )
-        running = any(p.status.phase == "Running" for p in pods)
-        message = _termination_message(pods)
-        return RunStatus(Phase.RUNNING if running else Phase.PENDING, "", message, retries)
+        if any(p.status.phase == "Running" for p in pods):
+            return RunStatus(Phase.RUNNING, "", _termination_message(pods), retries)
+        if "Suspended" in conditions or getattr(job.spec, "suspend", False):
+            return RunStatus(
+                Phase.PENDING,
+                "PREEMPTED",
+                "the Job was suspended (preempted by the cluster's queue); it resumes from its "
+                "last checkpoint when it runs again",
+                retries,
+            )
+        return RunStatus(
+            Phase.PENDING,
+            "WAITING_FOR_CAPACITY",
+            "no Pod of the Job is running (waiting to be scheduled)",
+            retries,
+        )
 
     async def cancel(self, run: Run) -> None:
         await asyncio.to_thread(self._cancel, run)

@@ -193,7 +193,9 @@ class TrainingManager:
                 create_time=now,
             )
             job.state = State.STATE_VALIDATING
-            job.state_history.append(_transition_message(job, now))
+            job.state_history.append(
+                TrainingJob.StateTransition(state=job.state, time=timestamp(now))
+            )
             row.store(job)
             session.add(row)
             session.flush()
@@ -271,16 +273,16 @@ class TrainingManager:
         }
 
     def get(self, name: str) -> TrainingJob:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return store.get(session, store.job_id(name)).job()
 
     def list_jobs(self, filter_text: str, page_size: int, page_token: str) -> Page[TrainingJob]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             page = store.list_page(session, filter_text, page_size, page_token)
             return Page([row.job() for row in page.items], page.next_page_token)
 
     def checkpoints(self, parent: str, page_size: int, page_token: str) -> Page[CheckpointRow]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             page = store.checkpoints_page(
                 session, store.job_id(parent, "parent"), page_size, page_token
             )
@@ -293,7 +295,7 @@ class TrainingManager:
         if after < 0:
             raise InvalidArgument("after_sequence", "must not be negative")
         job_id = store.job_id(name)
-        with self.db.session() as session:
+        with self.db.read() as session:
             row = store.get(session, job_id)
             ended = row.job().state in TERMINAL
             return read_changes(session, topic(job_id), after, limit), ended
@@ -481,6 +483,8 @@ class TrainingManager:
         job: TrainingJob,
         state: TrainingJob.State.ValueType,
         error: training_job_pb2.JobError | None = None,
+        reason: str = "",
+        message: str = "",
     ) -> None:
         """Move `job` to `state` (in the caller's transaction) with its events and metrics."""
         if job.state == state or job.state in TERMINAL:
@@ -489,9 +493,11 @@ class TrainingManager:
             return  # a late "running" report must not undo CANCELLING
         now = utcnow()
         job.state = state
-        transition = _transition_message(job, now)
+        transition = TrainingJob.StateTransition(
+            state=state, time=timestamp(now), reason=reason, message=message
+        )
         job.state_history.append(transition)
-        if state == State.STATE_RUNNING:
+        if state == State.STATE_RUNNING and not job.HasField("start_time"):
             job.start_time.CopyFrom(timestamp(now))
             self.metrics.queue_time.observe((now - row.create_time).total_seconds())
         if error is not None:
@@ -595,14 +601,14 @@ class TrainingManager:
         await asyncio.to_thread(self._count)
 
     def _active(self) -> list[JobRow]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             rows = store.active(session)
             for row in rows:
                 session.expunge(row)
             return rows
 
     def _count(self) -> None:
-        with self.db.session() as session:
+        with self.db.read() as session:
             counts = dict(
                 session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
             )
@@ -790,7 +796,7 @@ class TrainingManager:
             row.launcher_state = {**row.launcher_state, "cancel_sent": True}
 
     def _cursor(self, job_id: str) -> dict[str, Any]:
-        with self.db.session() as session:
+        with self.db.read() as session:
             return dict(store.get(session, job_id).launcher_state.get("cursor", {}))
 
     def _apply(
@@ -832,10 +838,32 @@ class TrainingManager:
     ) -> None:
         cancelling = job.state == State.STATE_CANCELLING
         if status.phase == Phase.RUNNING:
-            if job.state == State.STATE_QUEUED:
+            if job.state == State.STATE_QUEUED and job.HasField("start_time"):
+                # Back from waiting: the silence clock starts again now.
+                self._transition(
+                    session,
+                    row,
+                    job,
+                    State.STATE_RUNNING,
+                    reason="RESUMED",
+                    message="a Pod runs again; it resumes from the last checkpoint",
+                )
+                row.last_report_time = utcnow()
+            elif job.state == State.STATE_QUEUED:
                 self._transition(session, row, job, State.STATE_RUNNING)
                 row.last_report_time = row.last_report_time or utcnow()
         elif status.phase == Phase.PENDING:
+            if job.state == State.STATE_RUNNING:
+                # Preempted, or its Pod lost and no capacity for another: it waits (QUEUED, so
+                # the silence clock stops) instead of failing as a silent worker.
+                self._transition(
+                    session,
+                    row,
+                    job,
+                    State.STATE_QUEUED,
+                    reason=status.reason or "WAITING_FOR_CAPACITY",
+                    message=status.message or "no Pod of the run is running",
+                )
             return
         elif cancelling:
             self._transition(session, row, job, State.STATE_CANCELLED)
@@ -911,10 +939,6 @@ def _run(row: JobRow) -> Run | None:
     if not run_id:
         return None
     return Run(run_id, row.launcher_state.get("run", {}))
-
-
-def _transition_message(job: TrainingJob, now: datetime) -> TrainingJob.StateTransition:
-    return TrainingJob.StateTransition(state=job.state, time=timestamp(now))
 
 
 def _dataset(session: Session, identifier: str, field: str) -> datasets.DatasetRow:

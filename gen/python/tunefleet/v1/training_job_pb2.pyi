@@ -621,8 +621,17 @@ class TrainingJob(_message.Message):
 
         STATE_FIELD_NUMBER: _builtins.int
         TIME_FIELD_NUMBER: _builtins.int
+        REASON_FIELD_NUMBER: _builtins.int
+        MESSAGE_FIELD_NUMBER: _builtins.int
         state: Global___TrainingJob.State.ValueType
         """The state entered."""
+        reason: _builtins.str
+        """Why, when the platform moved it on its own: `PREEMPTED` (its Kubernetes Job was
+        suspended) or `WAITING_FOR_CAPACITY` (its Pod is gone and none runs) when a running job
+        goes back to QUEUED, `RESUMED` when it runs again.
+        """
+        message: _builtins.str
+        """What happened, in words."""
         @_builtins.property
         def time(self) -> _timestamp_pb2.Timestamp:
             """When."""
@@ -632,10 +641,12 @@ class TrainingJob(_message.Message):
             *,
             state: Global___TrainingJob.State.ValueType = ...,
             time: _timestamp_pb2.Timestamp | None = ...,
+            reason: _builtins.str = ...,
+            message: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "time", b"time"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "state", b"state", "time", b"time"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
