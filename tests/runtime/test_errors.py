@@ -98,3 +98,45 @@ async def test_unexpected_exception_is_internal_and_logged(
     assert "secret_column_name" not in (raised.value.details() or "")
     logged = [r for r in caplog.records if r.exc_info]
     assert logged and "KeyError" in caplog.text and "/test.Errors/Unary" in caplog.text
+
+
+def _wrapped(orig: BaseException, invalidated: bool = False) -> Exception:
+    """`orig` as SQLAlchemy raises a driver's error."""
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("INSERT ...", {}, orig, connection_invalidated=invalidated)
+
+
+def test_faults_of_the_environment_get_their_own_statuses() -> None:
+    """The faults the real-server tests cannot stage here (test_faults.py stages a full disk
+    and a locked SQLite file): a file system turned read-only under a running server, a lost
+    or unreachable PostgreSQL."""
+    import errno
+    import sqlite3
+
+    import psycopg
+
+    cases = [
+        (OSError(errno.EROFS, "Read-only file system"), "UNAVAILABLE", "STORAGE_READ_ONLY"),
+        (
+            _wrapped(sqlite3.OperationalError("attempt to write a readonly database")),
+            "UNAVAILABLE",
+            "STORAGE_READ_ONLY",
+        ),
+        (
+            _wrapped(psycopg.OperationalError("connection refused")),
+            "UNAVAILABLE",
+            "DATABASE_UNAVAILABLE",
+        ),
+        (
+            _wrapped(Exception("server closed"), invalidated=True),
+            "UNAVAILABLE",
+            "DATABASE_UNAVAILABLE",
+        ),
+        (OSError(errno.ENOSPC, "No space left on device"), "RESOURCE_EXHAUSTED", "DISK_FULL"),
+    ]
+    for error, code, reason in cases:
+        fault = errors.environment_error(error)
+        assert fault is not None, error
+        assert (fault.code.name, fault.reason) == (code, reason), error
+    assert errors.environment_error(KeyError("a bug")) is None  # a bug stays INTERNAL

@@ -8,6 +8,7 @@ clients get a machine-readable reason. Anything else that escapes a handler beco
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 
 import grpc
@@ -178,9 +179,7 @@ class Unavailable(TunefleetError):
 def environment_error(error: BaseException) -> TunefleetError | None:
     """The status of a fault of the server's environment rather than of the request or the
     code: a full disk, a database that is locked or unreachable, a read-only file system."""
-    import errno
-
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError  # the server extra's: imported only when needed
 
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:

@@ -221,12 +221,12 @@ class ErrorInterceptor(AroundInterceptor):
             raise  # the handler already chose its status, or the client went away
         except Exception as exc:
             fault = environment_error(exc)
-            if fault is not None:
+            if fault is None:
+                log.exception("unexpected error in %s", call.full_method)
+                status = internal_status()
+            else:
                 log.warning("%s failed: %s (%s)", call.full_method, fault.message, exc)
                 status = fault.to_status()
-                await call.context.abort(status.code, status.details, status.trailing_metadata)
-            log.exception("unexpected error in %s", call.full_method)
-            status = internal_status()
             await call.context.abort(status.code, status.details, status.trailing_metadata)
 
 

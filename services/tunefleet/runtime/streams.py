@@ -122,10 +122,6 @@ class ChangeSignal:
         finally:
             self._waiters.discard(waiter)
 
-    @property
-    def watchers(self) -> int:
-        return len(self._waiters)
-
 
 class ChangeFeed:
     """Where the watchers of one change feed (the registry's) wait: one poller per process
@@ -139,7 +135,7 @@ class ChangeFeed:
         self.latest, self.signal, self.poll_seconds = latest, signal, poll_seconds
         self.revision = 0
         self.watchers = 0
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # replaced each time the revision moves
         self._poller: asyncio.Task[None] | None = None
 
     async def wait_past(self, revision: int) -> None:
@@ -147,10 +143,8 @@ class ChangeFeed:
         self.watchers += 1
         try:
             if self._poller is None or self._poller.done():
-                self._wake = asyncio.Event()
                 self._poller = asyncio.create_task(self._poll(), name="change-feed")
             while self.revision <= revision:
-                assert self._wake is not None
                 await self._wake.wait()
         finally:
             self.watchers -= 1
@@ -165,6 +159,5 @@ class ChangeFeed:
             if latest != self.revision:
                 self.revision = latest
                 woken, self._wake = self._wake, asyncio.Event()
-                if woken is not None:
-                    woken.set()
+                woken.set()
             await self.signal.wait(self.poll_seconds)

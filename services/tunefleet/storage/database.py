@@ -85,7 +85,11 @@ class Database:
                 echo=echo,
                 connect_args={"check_same_thread": False, "timeout": busy_timeout},
             )
-            event.listen(self.engine, "connect", _sqlite_on_connect(busy_timeout))
+            event.listen(
+                self.engine,
+                "connect",
+                lambda connection, _record: _sqlite_on_connect(connection, busy_timeout),
+            )
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
@@ -134,14 +138,7 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
-def _sqlite_on_connect(busy_timeout: float) -> Any:
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        _sqlite_setup(dbapi_connection, busy_timeout)
-
-    return on_connect
-
-
-def _sqlite_setup(dbapi_connection: Any, busy_timeout: float) -> None:
+def _sqlite_on_connect(dbapi_connection: Any, busy_timeout: float) -> None:
     # Let SQLAlchemy, not the driver, decide when transactions begin (see _sqlite_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
