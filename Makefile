@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-checkpoints bench-sdk bench-serving bench-gateway images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -101,6 +101,9 @@ bench-training: $(VENV)/.installed  ## TrainingService overhead over the trainer
 
 bench-checkpoints: $(VENV)/.installed  ## checkpoint retention: scratch disk and time, keep 3 + best vs keep all
 	$(BIN)/python benchmarks/checkpoints.py
+
+bench-upload-space: $(VENV)/.installed  ## an upload's peak working space against what its space accounting claims
+	$(BIN)/python benchmarks/upload_space.py
 
 bench-sdk: $(VENV)/.installed  ## SDK (sync and async) against raw generated stubs on one server
 	$(BIN)/python benchmarks/sdk.py

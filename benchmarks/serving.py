@@ -226,6 +226,7 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
     from tests.inference.test_service import register_directly
     from tunefleet.adapters.registry import Registry
     from tunefleet.runtime.context import ServiceContext, open_storage
+    from tunefleet.runtime.models import ModelCatalogue
     from tunefleet.runtime.server import TunefleetServer
     from tunefleet.runtime.services import inference_service
     from tunefleet.runtime.settings import ServerSettings, load_settings
@@ -237,7 +238,10 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
     )
     storage = open_storage(settings)
     registry = Registry(
-        storage.database, storage.blobs, workdir=workdir / "registry", models=settings.models
+        storage.database,
+        storage.blobs,
+        workdir=workdir / "registry",
+        models=ModelCatalogue.of(settings),
     )
     versions = [register_directly(registry, "bench", path) for path in adapters[:2]]
     registry.set_alias("adapters/bench/aliases/prod", versions[0], "benchmark", "bench")

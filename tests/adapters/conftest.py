@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from tests.storage.conftest import database_url, postgres_server  # noqa: F401 (fixtures)
 from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
 from tunefleet.runtime.context import ServiceContext, Storage
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import load_settings
 from tunefleet.storage.blobs import LocalBlobStore
 from tunefleet.storage.database import Database
@@ -67,7 +68,7 @@ def registry_for(db: Database, tmp_path: Path, base_model: Path, **settings: Any
         db,
         LocalBlobStore(tmp_path / "blobs"),
         workdir=tmp_path / "work",
-        models={"tiny-llama": base_model},
+        models=ModelCatalogue({"tiny-llama": base_model}),
         settings=RegistrySettings(**settings),
         hooks=Hooks(smoke_test=peft_ops.smoke_test, merge=peft_ops.merge),
     )

@@ -44,6 +44,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServ
                 "tls": {"cert_file": str(pair.cert), "key_file": str(pair.key)},
                 "auth": {"enabled": True, "tokens_file": str(tokens)},
             },
+            "training": {"worker_registry_token": TOKENS["writer"]},
         },
         credentials=grpc.ssl_channel_credentials(ca.pair.cert.read_bytes()),
     )

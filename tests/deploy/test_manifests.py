@@ -17,6 +17,7 @@ from tunefleet.runtime.settings import load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ["dev", "gpu"]
+TOKENS_FILE = Path("/etc/tunefleet-tokens/tokens.yaml")
 MONITORING_KINDS = {"PrometheusRule", "ServiceMonitor"}  # CRDs: no schema in kubernetes-validate
 SERVICES = {
     "datasets": "DatasetService",
@@ -81,6 +82,13 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
         }
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["settings"]["configMap"]["name"].startswith("tunefleet-settings-")
+        # Fail closed: no Pod starts without the tokens (a required Secret, digests only).
+        assert volumes["tokens"]["secret"] == {
+            "secretName": "tunefleet-tokens",
+            "items": [{"key": "tokens.yaml", "path": "tokens.yaml"}],
+        }
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert f"{mounts['tokens']}/tokens.yaml" == str(TOKENS_FILE)
         assert container["envFrom"] == [
             {"secretRef": {"name": "tunefleet-credentials", "optional": True}}
         ]
@@ -89,6 +97,11 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
         ports = {p["name"]: p["port"] for p in services[f"tunefleet-{key}"]["spec"]["ports"]}
         assert ports == {"grpc": 50051, "metrics": 9090}
     assert deployments["tunefleet-training"]["spec"]["strategy"]["type"] == "Recreate"
+    (training,) = deployments["tunefleet-training"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in training["env"]}
+    assert env["TUNEFLEET_TRAINING__WORKER_REGISTRY_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tunefleet-tokens", "key": "worker-registry-token"}
+    }
     accounts = by_kind(documents, "ServiceAccount")
     assert accounts["tunefleet"]["automountServiceAccountToken"] is False
     assert accounts["tunefleet-trainer"]["automountServiceAccountToken"] is False
@@ -168,6 +181,7 @@ def test_the_settings_files_load(overlay: str) -> None:
     folder = DEPLOY / "base" if overlay == "base" else DEPLOY / "overlays" / overlay
     settings = load_settings(folder / "tunefleet.yaml")
     assert settings.server.host == "0.0.0.0" and settings.server.port == 50051
+    assert settings.server.auth.enabled and settings.server.auth.tokens_file == TOKENS_FILE
     if overlay == "gpu":
         assert settings.training.launcher == "kubernetes"
         assert settings.inference.engine == "vllm"

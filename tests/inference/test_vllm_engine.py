@@ -151,12 +151,16 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     from tunefleet.inference.peft_engine import PeftEngine
     from tunefleet.runtime.context import open_storage
     from tunefleet.runtime.errors import FailedPrecondition
+    from tunefleet.runtime.models import ModelCatalogue
     from tunefleet.runtime.settings import load_settings
 
     settings = load_settings(data_dir=tmp_path / "data", models={"tiny": str(served.model)})
     storage = open_storage(settings)
     registry = Registry(
-        storage.database, storage.blobs, workdir=tmp_path / "work", models=settings.models
+        storage.database,
+        storage.blobs,
+        workdir=tmp_path / "work",
+        models=ModelCatalogue.of(settings),
     )
     dora = register_directly(registry, "delta", served.adapters["delta"])
     peft = PeftEngine(served.model)

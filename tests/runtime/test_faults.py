@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,8 +75,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_resource_exhausted_and_reads_go_on(small_disk: Path) -> None:
+    no_accounting = {"storage": {"upload_space_factor": 0}}  # the disk itself says it is full
     with (
-        LocalServer(small_disk / "data") as server,
+        LocalServer(small_disk / "data", no_accounting) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         upload(channel, records(50), "first")
@@ -93,6 +95,65 @@ def test_a_full_disk_is_resource_exhausted_and_reads_go_on(small_disk: Path) -> 
         assert list_datasets(channel) >= 1  # what was stored is still served
         assert not list((small_disk / "data" / "work" / "datasets").glob("upload-*"))
         assert "Traceback" not in server.log.read_text()
+
+
+def spool_bytes(data: Path) -> int:
+    spools = (data / "work" / "datasets").glob("upload-*/records.spool")
+    return sum(spool.stat().st_size for spool in spools if spool.exists())
+
+
+def test_uploads_the_disk_could_not_finish_are_refused_before_it_fills(small_disk: Path) -> None:
+    """Two uploads that each fit the 24 MiB disk alone but not together: the second is refused
+    (INSUFFICIENT_SPACE) while both stream, the first finishes, the disk never fills."""
+    data = small_disk / "data"
+    first, second = records(8000, seed=1), records(9000, seed=2)
+    with (
+        LocalServer(data, {"storage": {"min_free_bytes": 1024 * 1024}}) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        halfway = threading.Event()
+        outcomes: dict[str, object] = {}
+
+        def send(name: str, data_: bytes, pause: threading.Event | None) -> None:
+            stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+            request = dataset_service_pb2.UploadDatasetRequest
+
+            def messages() -> Iterator[dataset_service_pb2.UploadDatasetRequest]:
+                yield request(header=dataset_service_pb2.UploadDatasetHeader(display_name=name))
+                for index, start in enumerate(range(0, len(data_), 64 * 1024)):
+                    if pause is not None and index == 20:
+                        halfway.set()
+                        pause.wait(120)
+                    yield request(chunk=data_[start : start + 64 * 1024])
+                yield request(finish_write=True)
+
+            try:
+                outcomes[name] = stub.UploadDataset(messages(), timeout=180)
+            except grpc.RpcError as error:
+                outcomes[name] = error
+
+        go_on = threading.Event()
+        first_thread = threading.Thread(target=send, args=("first", first, go_on))
+        first_thread.start()
+        assert halfway.wait(60)
+        # Wait until the server has written what the first upload sent so far.
+        deadline = time.monotonic() + 60
+        while spool_bytes(data) < 18 * 64 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        send("second", second, None)  # streams while the first waits halfway
+        go_on.set()
+        first_thread.join(180)
+        refused = outcomes["second"]
+        assert isinstance(refused, grpc.RpcError), refused
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        info = error_info(refused)
+        assert info is not None and info.reason == "INSUFFICIENT_SPACE", refused
+        assert not isinstance(outcomes["first"], grpc.RpcError), outcomes["first"]
+        assert list_datasets(channel) == 1
+        upload(channel, records(2000, seed=3), "after")  # the space came back
+        assert not list((data / "work" / "datasets").glob("upload-*"))
+        log = server.log.read_text()
+        assert "No space left" not in log and "Traceback" not in log
 
 
 def test_a_locked_database_is_unavailable_and_reads_go_on(tmp_path: Path) -> None:

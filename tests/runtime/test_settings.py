@@ -72,3 +72,22 @@ def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.0.0.7", "tunefleet.example"])
+def test_a_server_other_machines_reach_needs_tokens_or_says_it_runs_open(
+    tmp_path: Path, host: str
+) -> None:
+    with pytest.raises(SettingsError, match=rf"host '{host}' is reachable .* auth\.disabled"):
+        load_settings(server={"host": host})
+    tokens = tmp_path / "tokens.yaml"
+    on = load_settings(server={"host": host, "auth": {"enabled": True, "tokens_file": tokens}})
+    assert on.server.auth.enabled
+    assert not load_settings(server={"host": host, "auth": {"disabled": True}}).server.auth.enabled
+    with pytest.raises(SettingsError, match="enabled and disabled cannot both be true"):
+        load_settings(server={"auth": {"enabled": True, "tokens_file": tokens, "disabled": True}})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_the_loopback_serves_without_tokens(host: str) -> None:
+    assert not load_settings(server={"host": host}).server.auth.enabled

@@ -31,7 +31,7 @@ from tunefleet.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from tunefleet.runtime.models import find_model
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage import idempotency, spools
 from tunefleet.storage.blobs import BlobInfo, BlobStore, uri_sha256
 from tunefleet.storage.changes import Change, append_change, latest_revision, read_changes
@@ -85,13 +85,13 @@ class Registry:
         blobs: BlobStore,
         *,
         workdir: Path,
-        models: dict[str, Path] | None = None,
+        models: ModelCatalogue | None = None,
         settings: RegistrySettings | None = None,
         hooks: Hooks | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.db, self.blobs, self.workdir = db, blobs, workdir
-        self.models = models or {}
+        self.models = models or ModelCatalogue()
         self.settings = settings or RegistrySettings()
         self.hooks = hooks or Hooks()
         self.on_change = on_change or (lambda: None)
@@ -364,7 +364,7 @@ class Registry:
                 for path, file in staged.items()
                 if path.endswith(".safetensors")
             }
-            model_dir = find_model(base_model, self.models)
+            model_dir = self.models.find(base_model)
             modules = _modules(model_dir)
             analysis = validation.analyse(
                 sizes, config_text, tensors, modules, self.settings.vllm_max_lora_rank
@@ -760,7 +760,7 @@ class Registry:
         if row.kind != "adapter":
             raise FailedPrecondition(f"{name} is already a full model")
         base_model = self.get_adapter(f"adapters/{row.adapter_id}").base_model
-        model_dir = find_model(base_model, self.models)
+        model_dir = self.models.find(base_model)
         if model_dir is None or self.hooks.merge is None:
             raise FailedPrecondition(
                 f"the base model {base_model!r} is not available on this server",

@@ -185,6 +185,13 @@ class Ingestor:
         for raw in self._reader.feed(chunk):
             self._record(raw)
 
+    @property
+    def written_bytes(self) -> int:
+        """Bytes of working files written so far (spool and signatures, those of the batch not
+        yet hashed included)."""
+        batched = len(self._pending_texts) * NUM_PERM * 4  # uint32 each
+        return self._spool.tell() + self._signatures.tell() + batched
+
     def _record(self, raw: RawRecord) -> None:
         self._validation.total_records += 1
         if raw.error is not None:

@@ -19,11 +19,12 @@ from tunefleet.datasets.metrics import DatasetMetrics
 from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
 from tunefleet.datasets.tokens import TokenCounter
 from tunefleet.runtime.errors import InvalidArgument, NotFound
-from tunefleet.runtime.models import resolve_model
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
+from tunefleet.storage.spools import SpaceBudget
 from tunefleet.v1.dataset_pb2 import DatasetFormat
 
 UPLOAD_SCOPE = "UploadDataset"
@@ -52,7 +53,7 @@ class UploadHeader:
         return hashlib.sha256(orjson.dumps(document)).hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)  # each upload is its own (a key of the space budget)
 class Upload:
     """An upload in progress: feed it chunks, then `DatasetManager.complete` it."""
 
@@ -68,12 +69,14 @@ class DatasetManager:
         blobs: BlobStore,
         *,
         workdir: Path,
-        models: dict[str, Path] | None = None,
+        models: ModelCatalogue | None = None,
         metrics: DatasetMetrics | None = None,
+        space: SpaceBudget | None = None,
     ) -> None:
         self.db, self.blobs, self.workdir = db, blobs, workdir
-        self.models = models or {}
+        self.models = models or ModelCatalogue()
         self.metrics = metrics
+        self.space = space or SpaceBudget(workdir, factor=0, min_free_bytes=0)
 
     # --- upload --------------------------------------------------------------------------------
 
@@ -99,9 +102,14 @@ class DatasetManager:
     def _ingestor(self, options: IngestOptions) -> Ingestor:
         counter = None
         if options.tokenizer_model:
-            path = resolve_model(options.tokenizer_model, self.models, "options.tokenizer_model")
+            path = self.models.resolve(options.tokenizer_model, "options.tokenizer_model")
             counter = TokenCounter(path)
         return Ingestor(options, self.workdir / f"upload-{uuid.uuid4().hex}", count_tokens=counter)
+
+    def feed(self, upload: Upload, chunk: bytes) -> None:
+        """The upload's next bytes, once the volume has room for what they will need."""
+        upload.ingestor.feed(chunk)
+        self.space.claim(upload, upload.ingestor.written_bytes)
 
     def complete(self, upload: Upload) -> store.DatasetRow:
         """Finish the upload: store the records blob and the dataset (unless validate_only).
@@ -134,10 +142,11 @@ class DatasetManager:
                     )
             return row
         finally:
-            upload.ingestor.close()
+            self.abort(upload)
 
     def abort(self, upload: Upload) -> None:
         upload.ingestor.close()
+        self.space.release(upload)
 
     @staticmethod
     def _row(header: UploadHeader, result: IngestResult) -> store.DatasetRow:

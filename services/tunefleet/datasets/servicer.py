@@ -54,7 +54,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                             raise InvalidArgument(
                                 "header", "only the first message may carry a header"
                             )
-                        await worker.run(upload.ingestor.feed, request.chunk)
+                        await worker.run(self.manager.feed, upload, request.chunk)
             row = await worker.run(self.manager.complete, upload)
         finally:
             await worker.close(partial(self.manager.abort, upload) if upload else None)

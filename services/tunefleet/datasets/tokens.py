@@ -8,22 +8,28 @@ the prompt that precedes it (generation prompt included), which works with any c
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
 from tunefleet.datasets.formats import Message
 from tunefleet.runtime.errors import InvalidArgument
 
+log = logging.getLogger(__name__)
+
 
 @functools.cache
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        # transformers' words name server paths: the log has them, the caller does not.
+        log.warning("cannot load the tokenizer in %s: %s", path, error)
+        raise InvalidArgument("options.tokenizer_model", "its tokenizer cannot be loaded") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgument(
-            "options.tokenizer_model", f"the tokenizer in {path} has no chat template"
-        )
+        raise InvalidArgument("options.tokenizer_model", "its tokenizer has no chat template")
     return tokenizer
 
 

@@ -45,7 +45,7 @@ from tunefleet.runtime.errors import (
     TunefleetError,
     Unavailable,
 )
-from tunefleet.runtime.models import find_model
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage.database import utcnow
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,11 @@ class AdapterPool:
         capacity: int,
         workdir: Path,
         metrics: InferenceMetrics,
-        models: dict[str, Path] | None = None,
+        models: ModelCatalogue | None = None,
     ) -> None:
         self.engines, self.registry, self.base_model = engines, registry, base_model
         self.capacity, self.workdir, self.metrics = capacity, workdir, metrics
-        self.models = models or {}
+        self.models = models or ModelCatalogue()
         self.served: dict[str, ServedVersion] = {}  # serving name -> entry
         self.routes: dict[str, ServedVersion] = {}  # adapters/{adapter}@{alias} -> entry
         self._alias_locks: dict[str, asyncio.Lock] = {}
@@ -233,8 +233,8 @@ class AdapterPool:
     def _same_model(self, base_model: str) -> bool:
         if base_model == self.base_model:
             return True
-        mine = find_model(self.base_model, self.models)
-        theirs = find_model(base_model, self.models)
+        mine = self.models.find(self.base_model)
+        theirs = self.models.find(base_model)
         return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
 
     def _materialise(self, row: VersionRow) -> Path:

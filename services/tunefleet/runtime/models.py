@@ -1,44 +1,79 @@
-"""The models the platform knows: names from the settings' `models` catalogue, or local paths."""
+"""The models the platform knows: names from the settings' `models` catalogue, or local paths
+where the settings allow them."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunefleet.runtime.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from tunefleet.runtime.settings import Settings
 
 # What a model directory holds: transformers' config.json, or a tokenizer's own configuration.
 MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
 
 
-def resolve_model(name: str, catalogue: dict[str, Path], field: str) -> Path:
-    """A model name the platform knows (the settings' `models` catalogue) or a local directory;
-    INVALID_ARGUMENT naming `field` otherwise."""
-    if name in catalogue:
-        return catalogue[name]
-    if name and _looks_like_model(Path(name).expanduser()):
-        return Path(name).expanduser()
-    known = ", ".join(sorted(catalogue)) or "none configured"
-    raise InvalidArgument(
-        field, f"{name!r} is neither a known model ({known}) nor a local model directory"
-    )
+@dataclass(frozen=True)
+class ModelCatalogue:
+    """Models by name, and which local directories a request may name instead.
 
+    `roots` None: any local model directory (the embedded shape, auth off: whoever calls owns
+    the machine). Otherwise only directories under one of `roots` (none: names only), so a caller
+    can neither read another team's model nor probe the server's file system.
+    """
 
-def _looks_like_model(path: Path) -> bool:
-    """A directory holding a model's or a tokenizer's configuration (any other path, however
-    odd, is not one: the caller says so in the same words whether it exists or not)."""
-    try:
-        return any((path / name).is_file() for name in MODEL_FILES)
-    except (OSError, ValueError):  # a name too long, a NUL
-        return False
+    named: Mapping[str, Path] = field(default_factory=dict)
+    roots: tuple[Path, ...] | None = None
 
+    @classmethod
+    def of(cls, settings: Settings) -> ModelCatalogue:
+        if not settings.server.auth.enabled:
+            return cls(dict(settings.models))
+        return cls(dict(settings.models), tuple(settings.model_roots))
 
-def find_model(name: str, catalogue: dict[str, Path]) -> Path | None:
-    """Like resolve_model, but None when the model is not available here."""
-    try:
-        return resolve_model(name, catalogue, "base_model")
-    except InvalidArgument:
-        return None
+    def resolve(self, name: str, field: str) -> Path:
+        """The directory of a known model name or an allowed local directory; INVALID_ARGUMENT
+        naming `field` otherwise, in the same words whether the path exists or not."""
+        if name in self.named:
+            return self.named[name]
+        path = self._local(name)
+        if path is not None:
+            return path
+        known = ", ".join(sorted(self.named)) or "none configured"
+        if self.roots is None:
+            why = f"{name!r} is neither a known model ({known}) nor a local model directory"
+        elif self.roots:
+            why = f"{name!r} is neither a known model ({known}) nor a model under the allowed roots"
+        else:
+            why = f"{name!r} is not a known model ({known})"
+        raise InvalidArgument(field, why)
+
+    def find(self, name: str) -> Path | None:
+        """Like resolve, but None when the model is not available here."""
+        try:
+            return self.resolve(name, "base_model")
+        except InvalidArgument:
+            return None
+
+    def _local(self, name: str) -> Path | None:
+        if not name or self.roots == ():
+            return None
+        try:
+            path = Path(name).expanduser()
+            if self.roots is not None:
+                path = path.resolve()  # links and `..` cannot leave a root
+                if not any(path.is_relative_to(root.resolve()) for root in self.roots):
+                    return None
+            # A directory holding a model's or a tokenizer's configuration (any other path,
+            # however odd, is not one).
+            return path if any((path / file).is_file() for file in MODEL_FILES) else None
+        except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, a link loop
+            return None
 
 
 def preload_transformers() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 
 from tunefleet.runtime.context import ServiceContext
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.runtime.settings import Settings, SettingsError
 from tunefleet.v1 import (
@@ -33,6 +34,7 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.datasets.metrics import DatasetMetrics
     from tunefleet.datasets.service import DatasetManager
     from tunefleet.datasets.servicer import DatasetServicer
+    from tunefleet.storage.spools import SpaceBudget
     from tunefleet.v1 import dataset_service_pb2_grpc
 
     settings = context.settings
@@ -40,8 +42,13 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
         context.storage.database,
         context.storage.blobs,
         workdir=settings.work_dir / "datasets",
-        models=settings.models,
+        models=ModelCatalogue.of(settings),
         metrics=DatasetMetrics(context.registry),
+        space=SpaceBudget(
+            settings.work_dir,
+            settings.storage.upload_space_factor,
+            settings.storage.min_free_bytes,
+        ),
     )
     servicer = DatasetServicer(manager)
     return ServiceRegistration(
@@ -69,6 +76,11 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
             "training.registry_endpoint: must name an AdapterService (the gateway or the "
             "adapters Service) when this process does not serve adapters; without it trained "
             "results cannot be registered"
+        )
+    if settings.server.auth.enabled and not settings.training.worker_registry_token:
+        raise SettingsError(
+            "training.worker_registry_token: required when server.auth is enabled: trainers and "
+            "this service register results with AdapterService with it (a writer token)"
         )
     if launcher is None and settings.training.launcher == "kubernetes":
         from tunefleet.training.kubernetes import KubernetesLauncher
@@ -112,13 +124,15 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
     from tunefleet.inference.metrics import InferenceMetrics
     from tunefleet.inference.service import InferenceManager
     from tunefleet.inference.servicer import InferenceServicer
-    from tunefleet.runtime.models import resolve_model
     from tunefleet.v1 import inference_service_pb2_grpc
 
     settings, options = context.settings, context.settings.inference
     manager = None
     if options.base_model:
-        model_dir = resolve_model(options.base_model, settings.models, "inference.base_model")
+        # The operator's own setting: any local folder will do.
+        model_dir = ModelCatalogue(settings.models).resolve(
+            options.base_model, "inference.base_model"
+        )
         if engines is None:
             engines = _engines(settings, model_dir)
         metrics = InferenceMetrics(context.registry)
@@ -126,7 +140,7 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
             context.storage.database,
             context.storage.blobs,
             workdir=settings.work_dir / "adapters",
-            models=settings.models,
+            models=ModelCatalogue.of(settings),
         )
         pool = AdapterPool(
             engines,
@@ -135,7 +149,7 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
             options.max_loaded_adapters,
             settings.work_dir / "inference",
             metrics,
-            settings.models,
+            ModelCatalogue.of(settings),
         )
         manager = InferenceManager(
             engines,
@@ -206,7 +220,7 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         context.storage.database,
         context.storage.blobs,
         workdir=settings.work_dir / "adapters",
-        models=settings.models,
+        models=ModelCatalogue.of(settings),
         settings=RegistrySettings(
             vllm_max_lora_rank=settings.adapters.vllm_max_lora_rank,
             smoke_test=settings.adapters.smoke_test,

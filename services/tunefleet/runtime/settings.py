@@ -8,6 +8,7 @@ setting, for example `server.port (TUNEFLEET_SERVER__PORT): Input should be less
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,16 +84,21 @@ class TlsSettings(_Section):
 
 
 class AuthSettings(_Section):
-    """Bearer-token authentication. Off by default (the embedded shape)."""
+    """Bearer-token authentication. Off by default (the embedded shape, on the loopback); a server
+    on an address other machines reach needs it on, or `disabled` to say it runs open on purpose."""
 
     enabled: bool = False
     # YAML file listing tokens by their sha256; see tunefleet.runtime.auth.
     tokens_file: Path | None = None
+    # Serve without tokens on a non-loopback address (behind a proxy that authenticates).
+    disabled: bool = False
 
     @model_validator(mode="after")
     def _tokens(self) -> AuthSettings:
         if self.enabled and self.tokens_file is None:
             raise ValueError("tokens_file is required when enabled is true")
+        if self.enabled and self.disabled:
+            raise ValueError("enabled and disabled cannot both be true")
         return self
 
 
@@ -114,6 +120,25 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _fail_closed(self) -> ServerSettings:
+        if not _loopback(self.host) and not self.auth.enabled and not self.auth.disabled:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and auth is off: set "
+                "auth.enabled with a tokens_file, or auth.disabled: true to serve without tokens "
+                "on purpose"
+            )
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class LoggingSettings(_Section):
@@ -144,6 +169,12 @@ class StorageSettings(_Section):
     # For the local backend; empty means `blobs/` in the data directory.
     blob_dir: Path | None = None
     s3: S3Settings = S3Settings()
+    # An upload finishing writes about this many times the working files it wrote while
+    # streaming (records file, blob copy); each claims that space as it streams and is refused
+    # (RESOURCE_EXHAUSTED INSUFFICIENT_SPACE) rather than leave under `min_free_bytes` free on
+    # the data volume. 0: no accounting.
+    upload_space_factor: float = Field(default=2.0, ge=0)
+    min_free_bytes: int = Field(default=256 * MiB, ge=0)
 
     @model_validator(mode="after")
     def _s3(self) -> StorageSettings:
@@ -296,6 +327,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".tunefleet")
     # Models the platform knows: name -> local directory (tokenizers, base models).
     models: dict[str, Path] = {}
+    # With auth on, requests may name a model folder instead of a name in `models` only under
+    # these directories (none: names only); with auth off, any local model folder.
+    model_roots: list[Path] = []
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
     storage: StorageSettings = StorageSettings()

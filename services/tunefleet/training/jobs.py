@@ -7,18 +7,20 @@ service accepts is one the trainer accepts; errors name the request field, for e
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
-from tunefleet.runtime.models import resolve_model
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import TrainingSettings
 from tunefleet.trainer.spec import Hyperparameters, LoraSpec, Method, default_learning_rate
 from tunefleet.training.estimate import Estimate, GiB, estimate, model_shape
 from tunefleet.v1 import common_pb2, training_job_pb2
+
+log = logging.getLogger(__name__)
 
 METHODS: dict[int, Method] = {
     common_pb2.TRAINING_METHOD_LORA: "lora",
@@ -60,14 +62,14 @@ class Checked:
 
 def check(
     job: training_job_pb2.TrainingJob,
-    models: dict[str, Path],
+    models: ModelCatalogue,
     settings: TrainingSettings,
 ) -> Checked:
     """Every check of a job that needs no storage: base model, method, adapter shape,
     hyperparameters, resources and the GPU memory fit."""
     if not job.base_model:
         raise InvalidArgument(f"{FIELD}.base_model", "is required")
-    model_dir = resolve_model(job.base_model, models, f"{FIELD}.base_model")
+    model_dir = models.resolve(job.base_model, f"{FIELD}.base_model")
     method = METHODS.get(job.method)
     if method is None:
         raise InvalidArgument(f"{FIELD}.method", "is required (LORA, QLORA, DORA or FULL)")
@@ -106,8 +108,10 @@ def check(
     try:
         shape = model_shape(model_dir)
     except (OSError, ValueError) as error:
+        # transformers' words name server paths: the log has them, the caller does not.
+        log.warning("cannot read the config of %s: %s", job.base_model, error)
         raise InvalidArgument(
-            f"{FIELD}.base_model", f"cannot read the model's config.json: {error}"
+            f"{FIELD}.base_model", "its config.json cannot be read as a transformers model"
         ) from None
     found = estimate(
         shape,

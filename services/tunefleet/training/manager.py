@@ -44,6 +44,7 @@ from tunefleet.runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.protos import timestamp
 from tunefleet.runtime.settings import Settings
 from tunefleet.runtime.streams import ChangeSignal
@@ -109,6 +110,7 @@ class TrainingManager:
         signal: ChangeSignal | None = None,
     ) -> None:
         self.db, self.blobs, self.settings = db, blobs, settings
+        self.models = ModelCatalogue.of(settings)
         self.training = settings.training
         self.launcher, self.metrics = launcher, metrics
         self.signal = signal or ChangeSignal()
@@ -136,7 +138,7 @@ class TrainingManager:
                 job.labels.update(requested.labels)
             else:
                 setattr(job, field, value)
-        checked = jobs.check(job, self.settings.models, self.training)
+        checked = jobs.check(job, self.models, self.training)
         job.hyperparameters.CopyFrom(jobs.resolved_hyperparameters(checked))
         job.resource_estimate.CopyFrom(
             training_job_pb2.ResourceEstimate(
@@ -809,13 +811,17 @@ class TrainingManager:
         with self.db.session() as session:
             row = store.get(session, job_id, for_update=True)
             job = row.job()
+            if job.state in TERMINAL:
+                # A job's final state change is its last event: a stream that has seen it has
+                # seen everything (lines the run printed after its final report are dropped).
+                lines = []
             for line in lines:
                 message = training_job_pb2.TrainingEvent.LogLine(stream=line.stream, text=line.text)
                 self._event(session, job_id, "log", message)
             state = dict(row.launcher_state)
             if cursor is not None:
                 state["cursor"] = cursor
-            if status.retries > state.get("retries", 0):
+            if status.retries > state.get("retries", 0) and job.state not in TERMINAL:
                 state["retries"] = status.retries
                 note = (
                     f"the run failed and is retried (retry {status.retries}): {status.message}; "
