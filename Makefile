@@ -80,9 +80,12 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services clients tests benchmarks
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLLM engine's tests in .venv-vllm)
-	$(BIN)/python -m pytest -m "not vllm"
-	$(VLLM_BIN)/python -m pytest -m vllm
+test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLLM engine's tests in .venv-vllm); both parts run, then both results
+	@main=0; vllm=0; \
+	$(BIN)/python -m pytest -m "not vllm" --durations=15 || main=$$?; \
+	$(VLLM_BIN)/python -m pytest -m vllm --durations=5 || vllm=$$?; \
+	echo "make test: main suite exit $$main, vLLM suite exit $$vllm"; \
+	[ $$main -eq 0 ] && [ $$vllm -eq 0 ]
 
 demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (about 7 min on 2 cores)
 	$(BIN)/python -m tunefleet.demo

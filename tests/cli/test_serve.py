@@ -185,3 +185,39 @@ def test_bad_setting_fails_start_up_naming_it(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "server.port (TUNEFLEET_SERVER__PORT)" in result.stderr
+
+
+ORPHANING_PARENT = """
+import sys, threading
+from pathlib import Path
+from tunefleet.demo.server import LocalServer
+server = LocalServer(Path(sys.argv[1])).start(300)
+print(server.process.pid, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_server_whose_parent_is_killed_stops(tmp_path: Path) -> None:
+    """The demo's and the tests' servers (`--exit-with-parent`) stop when whoever started them is
+    SIGKILLed, instead of holding their port for ever."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_PARENT, str(tmp_path / "data")], stdout=subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    server_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 120
+    while alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(server_pid)
+    assert "is gone: stopping" in (tmp_path / "data" / "server.log").read_text()
+
+
+def alive(pid: int) -> bool:
+    """Running (an exited process nobody has reaped yet is a zombie: not running)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"

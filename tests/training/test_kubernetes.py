@@ -182,7 +182,7 @@ async def running_job(kube: Kube, platform: Platform) -> tuple[training_job_pb2.
     job = await platform.create(dataset.name, resources=GPU)
     (pod,) = await until(pods_of(kube, job_id(job.name)))
     kube.run_pod(pod)
-    return await platform.wait(job.name, "RUNNING", within=10), pod
+    return await platform.wait(job.name, "RUNNING", within=60), pod
 
 
 @pytest.mark.kubernetes
@@ -199,7 +199,7 @@ async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) 
     assert spec["report"]["endpoint"] == "tunefleet-training.tunefleet.svc:50051"
     assert spec["train_data"]["uri"].startswith("s3://")
     kube.run_pod(pods[0])
-    await platform.wait(job.name, "RUNNING", within=10)
+    await platform.wait(job.name, "RUNNING", within=60)
     # The worker in the Pod reports with the token from its spec.
     token = spec["report"]["token"]
     await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
@@ -210,7 +210,7 @@ async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) 
         output_adapter_version="adapters/colours/versions/1",
     )
     kube.end_pod(pods[0], 0, json.dumps({"adapter_version": "adapters/colours/versions/1"}))
-    job = await platform.wait(job.name, "SUCCEEDED", within=10)
+    job = await platform.wait(job.name, "SUCCEEDED", within=60)
     assert job.output_adapter_version == "adapters/colours/versions/1"
     await until(lambda: _job_complete(kube, job_id(job.name)))
 
@@ -381,8 +381,8 @@ async def test_restart_reconciles_with_the_cluster(
     await until(pods_of(kube, job_id(pending.name)))
     kube.run_pod(done_pods[0])
     kube.run_pod(running_pods[0])
-    await platform.wait(done.name, "RUNNING", within=10)
-    await platform.wait(running.name, "RUNNING", within=10)
+    await platform.wait(done.name, "RUNNING", within=60)
+    await platform.wait(running.name, "RUNNING", within=60)
     # One trainer registers its result, then TrainingService goes down.
     adapter = lora_adapter(chat_model, tmp_path / "adapter")
     request_uri = stored_request(platform, done.name, adapter)
@@ -408,7 +408,7 @@ async def test_restart_reconciles_with_the_cluster(
         assert len(kube.jobs(job_id(name))) == 1
         assert len(kube.pods(job_id(name))) == 1
     kube.run_pod(kube.pods(job_id(pending.name))[0])
-    await platform.wait(pending.name, "RUNNING", within=10)
+    await platform.wait(pending.name, "RUNNING", within=60)
 
 
 def test_kubernetes_validate_cli_accepts_the_written_manifests(tmp_path: Path) -> None:
@@ -503,7 +503,7 @@ async def test_pod_logs_reach_the_event_feed(
     )
     kubelet.say("loading the base model")
     kube.run_pod(pod)
-    await platform.wait(job.name, "RUNNING", within=10)
+    await platform.wait(job.name, "RUNNING", within=60)
 
     async def logged(*texts: str) -> bool:
         events = await platform.events(job.name)

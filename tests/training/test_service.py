@@ -372,7 +372,7 @@ async def test_a_silent_worker_fails_its_job(make_platform: MakePlatform) -> Non
         await asyncio.sleep(0.4)
         await platform.report(job.name, token)
     assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
-    job = await platform.wait(job.name, "FAILED", within=10)
+    job = await platform.wait(job.name, "FAILED", within=60)
     assert job.error.reason == "WORKER_SILENT"
     assert "no report from the worker" in job.error.message
     assert fake.cancelled is not None and fake.cancelled.cancelled  # and its run is stopped

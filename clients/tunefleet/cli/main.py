@@ -65,7 +65,12 @@ cli.add_command(feedback)
     envvar="TUNEFLEET_CONFIG",
     help="YAML settings file (environment variables TUNEFLEET_* override it).",
 )
-def serve(services: tuple[str, ...], config_file: Path | None) -> None:
+@click.option(
+    "--exit-with-parent",
+    is_flag=True,
+    help="Also stop (as on SIGTERM) when the process that started this one dies.",
+)
+def serve(services: tuple[str, ...], config_file: Path | None, exit_with_parent: bool) -> None:
     """Run tunefleet services until SIGTERM.
 
     With no SERVICES, all four run in one process on one port (the embedded shape); otherwise
@@ -80,7 +85,7 @@ def serve(services: tuple[str, ...], config_file: Path | None) -> None:
         ) from None
     try:
         settings = load_settings(config_file)
-        asyncio.run(run_server(settings, services))
+        asyncio.run(run_server(settings, services, exit_with_parent))
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
 

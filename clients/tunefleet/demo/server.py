@@ -67,7 +67,14 @@ class LocalServer:
         self.config.write_text(yaml.safe_dump(self.settings))
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(self.executable), "serve", "--config", str(self.config), *self.services],
+                [
+                    str(self.executable),
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--exit-with-parent",  # a killed demo or test leaves no server behind
+                    *self.services,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, select
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tunefleet.runtime.errors import FailedPrecondition, NotFound
@@ -18,6 +18,7 @@ class DatasetRow(Base):
     """One immutable dataset. Reports are stored as the JSON of their proto messages."""
 
     __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_create_time_id", "create_time", "id"),)  # list pages
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     display_name: Mapped[str] = mapped_column(String(128), index=True)
     description: Mapped[str]

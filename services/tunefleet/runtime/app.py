@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from tunefleet.runtime.context import ServiceContext, open_storage
@@ -17,8 +18,11 @@ from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.runtime.settings import Settings
 
 
-async def serve(settings: Settings, service_keys: Sequence[str] = ()) -> None:
-    """Run the named services (all four when empty) until SIGTERM or SIGINT."""
+async def serve(
+    settings: Settings, service_keys: Sequence[str] = (), exit_with_parent: bool = False
+) -> None:
+    """Run the named services (all four when empty) until SIGTERM or SIGINT (or, with
+    `exit_with_parent`, until the process that started this one dies)."""
     configure_logging(settings.logging)
     keys = list(service_keys) or list(SERVICES)
     preload_transformers()  # before any worker thread imports from it
@@ -28,6 +32,6 @@ async def serve(settings: Settings, service_keys: Sequence[str] = ()) -> None:
     try:
         registrations = [registration(key, context) for key in keys]
         server = TunefleetServer(settings.server, registrations, metrics)
-        await server.serve_until_signal()
+        await server.serve_until_signal(os.getppid() if exit_with_parent else None)
     finally:
         storage.close()

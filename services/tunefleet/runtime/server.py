@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -156,17 +157,29 @@ class TunefleetServer:
             self._metrics_http.server_close()
             self._metrics_http = None
 
-    async def serve_until_signal(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then stop gracefully."""
+    async def serve_until_signal(self, parent: int | None = None) -> None:
+        """Start, run until SIGTERM or SIGINT (or, given `parent`, until that process is gone),
+        then stop gracefully."""
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        watch = None if parent is None else asyncio.create_task(_orphaned(parent, stopping))
         await self.start()
         await stopping.wait()
+        if watch is not None:
+            watch.cancel()
         log.info("shutting down: in-flight calls get %.0fs", self.settings.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")
+
+
+async def _orphaned(parent: int, stopping: asyncio.Event) -> None:
+    """Set `stopping` once the process `parent` has died (this one is then re-parented)."""
+    while os.getppid() == parent:  # noqa: ASYNC110 (nothing signals a parent's death portably)
+        await asyncio.sleep(0.5)
+    log.warning("the process that started this server (pid %d) is gone: stopping", parent)
+    stopping.set()
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

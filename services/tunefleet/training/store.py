@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, select
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tunefleet.runtime.errors import InvalidArgument, NotFound
@@ -64,7 +64,7 @@ class CheckpointRow(Base):
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     uri: Mapped[str]
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    validation_loss: Mapped[float | None]
+    validation_loss: Mapped[float | None] = mapped_column(Float)
     create_time: Mapped[datetime]
 
 

@@ -3,10 +3,10 @@
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from tunefleet.adapters import store as adapters  # noqa: F401  (register the tables)
-from tunefleet.datasets import store as datasets  # noqa: F401
-from tunefleet.storage import changes, idempotency  # noqa: F401
 from tunefleet.storage.database import Base
+from tunefleet.storage.migrations.tables import register_tables
+
+register_tables()
 
 config = context.config
 connection = config.attributes.get("connection")
