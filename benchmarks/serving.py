@@ -13,9 +13,10 @@ rotating order, each round printed:
    engine, warmed, holding one adapter at a time; requests are served in arrival order, those
    for the adapter loaded run together (batched), and the next adapter is swapped in when they
    end: with requests arriving round-robin over 8 adapters, one swap per request.
-Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency through the whole
-InferenceService at its default alias polling (from the registry's move to the first response
-naming the new version) while clients keep requesting the alias; and, for the PEFT engine,
+Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency through
+AdapterService and InferenceService (from sending the move to AdapterService to the first
+response naming the new version, the move pushed on WatchAdapterChanges) while clients keep
+requesting the alias; and, for the PEFT engine,
 the latency of a small request sent right after a client cancelled a 30,000-token prompt,
 against the same request on an idle engine.
 """
@@ -228,9 +229,15 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
     from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.models import ModelCatalogue
     from tunefleet.runtime.server import TunefleetServer
-    from tunefleet.runtime.services import inference_service
+    from tunefleet.runtime.services import inference_service, registration
     from tunefleet.runtime.settings import ServerSettings, load_settings
-    from tunefleet.v1 import inference_pb2, inference_service_pb2, inference_service_pb2_grpc
+    from tunefleet.v1 import (
+        adapter_service_pb2,
+        adapter_service_pb2_grpc,
+        inference_pb2,
+        inference_service_pb2,
+        inference_service_pb2_grpc,
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     settings = load_settings(
@@ -247,14 +254,18 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
     registry.set_alias("adapters/bench/aliases/prod", versions[0], "benchmark", "bench")
     context = ServiceContext(settings, storage, CollectorRegistry())
     engines = [make_engine(name, model)]
+    # AdapterService and InferenceService as the embedded shape runs them: moves are made
+    # through AdapterService and pushed to InferenceService on WatchAdapterChanges.
     server = TunefleetServer(
-        ServerSettings(port=0, metrics_enabled=False), [inference_service(context, engines)]
+        ServerSettings(port=0, metrics_enabled=False),
+        [registration("adapters", context), inference_service(context, engines)],
     )
     await server.start()
     latencies: list[float] = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            registry_stub = adapter_service_pb2_grpc.AdapterServiceStub(channel)
             request = inference_service_pb2.GenerateRequest(
                 adapter="adapters/bench@prod",
                 prompt=PROMPTS[0],
@@ -282,10 +293,12 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
             for move in range(args.swaps):
                 target = versions[(move + 1) % 2]
                 await asyncio.sleep(0.3)
-                await asyncio.to_thread(
-                    registry.set_alias, "adapters/bench/aliases/prod", target, "bench", "bench"
+                moved = time.perf_counter()  # from before the move is sent: its commit is later
+                await registry_stub.SetAdapterAlias(
+                    adapter_service_pb2.SetAdapterAliasRequest(
+                        name="adapters/bench/aliases/prod", version=target
+                    )
                 )
-                moved = time.perf_counter()
                 while not any(t > moved and v == target for t, v in seen):
                     answered.clear()
                     await answered.wait()
@@ -388,7 +401,7 @@ async def main() -> None:
                 f" p99 {percentile(first, 0.99) * 1000:.0f} ms ({len(first)} requests)"
             )
             print(
-                f"  hot swap under load ({len(swaps)} moves, default alias polling): "
+                f"  hot swap under load ({len(swaps)} moves, pushed): "
                 f"p50 {statistics.median(swaps) * 1000:.0f} ms, "
                 f"p99 {percentile(swaps, 0.99) * 1000:.0f} ms"
             )

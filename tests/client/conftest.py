@@ -28,7 +28,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, chat_model: Path) -> Iter
             "models": {"colours": str(chat_model)},
             "logging": {"level": "WARNING"},
             "training": {"heartbeat_seconds": 1, "poll_seconds": 0.2},
-            "inference": {"base_model": "colours", "watch_seconds": 0.1},
+            "inference": {"base_model": "colours"},
         },
     )
     with server:

@@ -102,6 +102,11 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     assert env["TUNEFLEET_TRAINING__WORKER_REGISTRY_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "tunefleet-tokens", "key": "worker-registry-token"}
     }
+    (inference,) = deployments["tunefleet-inference"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in inference["env"]}
+    assert env["TUNEFLEET_INFERENCE__REGISTRY_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tunefleet-tokens", "key": "inference-registry-token"}
+    }
     accounts = by_kind(documents, "ServiceAccount")
     assert accounts["tunefleet"]["automountServiceAccountToken"] is False
     assert accounts["tunefleet-trainer"]["automountServiceAccountToken"] is False
@@ -182,6 +187,7 @@ def test_the_settings_files_load(overlay: str) -> None:
     settings = load_settings(folder / "tunefleet.yaml")
     assert settings.server.host == "0.0.0.0" and settings.server.port == 50051
     assert settings.server.auth.enabled and settings.server.auth.tokens_file == TOKENS_FILE
+    assert settings.inference.registry_endpoint.startswith("tunefleet-adapters")
     if overlay == "gpu":
         assert settings.training.launcher == "kubernetes"
         assert settings.inference.engine == "vllm"

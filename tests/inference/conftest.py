@@ -244,7 +244,6 @@ async def start_serving(
         models={"tiny": str(served.model)},
         inference={
             "base_model": "tiny",
-            "watch_seconds": 0.05,
             "max_loaded_adapters": 3,
             **inference,
         },
@@ -272,14 +271,16 @@ async def serving_processes(served: Served, tmp_path: Path) -> AsyncIterator[Ser
     data directory, as the dev overlay runs them."""
     from tunefleet.demo.server import LocalServer
 
-    settings = {
-        "models": {"tiny": str(served.model)},
-        "inference": {"base_model": "tiny", "watch_seconds": 0.05, "max_loaded_adapters": 3},
-    }
+    settings = {"models": {"tiny": str(served.model)}}
     servers = [
         LocalServer(tmp_path / "data", settings, services=[key])
         for key in ("adapters", "inference")
     ]
+    servers[1].settings["inference"] = {  # what it serves comes from the adapters process
+        "base_model": "tiny",
+        "max_loaded_adapters": 3,
+        "registry_endpoint": servers[0].target,
+    }
     try:
         await asyncio.gather(*(asyncio.to_thread(s.start, 300) for s in servers))
         adapters, inference = (grpc.aio.insecure_channel(s.target) for s in servers)

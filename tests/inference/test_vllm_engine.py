@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import pytest_asyncio
 
@@ -144,40 +145,52 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     refused with a reason and nothing reaches vLLM."""
     from prometheus_client import CollectorRegistry
 
-    from tests.inference.test_service import register_directly
-    from tunefleet.adapters.registry import Registry
+    from tests.inference.conftest import Serving
     from tunefleet.inference.adapters import AdapterPool
     from tunefleet.inference.metrics import InferenceMetrics
     from tunefleet.inference.peft_engine import PeftEngine
-    from tunefleet.runtime.context import open_storage
+    from tunefleet.inference.registry import AdapterRegistry
+    from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.errors import FailedPrecondition
-    from tunefleet.runtime.models import ModelCatalogue
-    from tunefleet.runtime.settings import load_settings
+    from tunefleet.runtime.server import TunefleetServer
+    from tunefleet.runtime.services import registration
+    from tunefleet.runtime.settings import ServerSettings, load_settings
 
     settings = load_settings(data_dir=tmp_path / "data", models={"tiny": str(served.model)})
     storage = open_storage(settings)
-    registry = Registry(
-        storage.database,
-        storage.blobs,
-        workdir=tmp_path / "work",
-        models=ModelCatalogue.of(settings),
+    context = ServiceContext(settings, storage, CollectorRegistry())
+    # On the engine's event loop (the `engine` fixture is module-scoped): not `start_server`.
+    server = TunefleetServer(
+        ServerSettings(port=0, metrics_enabled=False), [registration("adapters", context)]
     )
-    dora = register_directly(registry, "delta", served.adapters["delta"])
+    await server.start()
     peft = PeftEngine(served.model)
     await peft.start()
+    target = f"127.0.0.1:{server.port}"
     try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            dora = await Serving(server, storage, None, channel).register(
+                "delta", served.adapters["delta"]
+            )
         metrics = InferenceMetrics(CollectorRegistry())
-        pool = AdapterPool([engine, peft], registry, "tiny", 4, tmp_path / "served", metrics)
+        pool = AdapterPool(
+            [engine, peft], AdapterRegistry(target), "tiny", 4, tmp_path / "served", metrics
+        )
         loaded = await pool.load(dora)
         assert loaded.engine is peft
-        alone = AdapterPool([engine], registry, "tiny", 4, tmp_path / "alone", metrics)
+        alone = AdapterPool(
+            [engine], AdapterRegistry(target), "tiny", 4, tmp_path / "alone", metrics
+        )
         with pytest.raises(FailedPrecondition, match="DoRA") as raised:
             await alone.load(dora)
         assert raised.value.reason == "ADAPTER_NOT_SERVABLE"
+        await pool.close()
+        await alone.close()
         outputs = await run(engine, None, PROMPTS[1])
         assert [t for o in outputs for t in o.token_ids] == reference(
             served, None, PROMPTS[1], MAX_TOKENS
         )
     finally:
         await peft.close()
+        await server.stop(0)
         storage.close()

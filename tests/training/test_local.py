@@ -89,7 +89,8 @@ async def test_a_stopped_trainer_is_gone_within_the_grace_after_cancel(
 async def test_a_stopped_trainer_fails_worker_silent_and_is_gone(
     make_platform: MakePlatform, platform_settings: dict[str, Any]
 ) -> None:
-    training = {**platform_settings["training"], "worker_timeout_seconds": 3.0}
+    # Long enough for a busy machine's trainer to start up and report, short for the test.
+    training = {**platform_settings["training"], "worker_timeout_seconds": 10.0}
     platform = await make_platform(training=training)
     name, pgid = await stopped_run(platform)
     job = await platform.wait(name, "FAILED", within=60)

@@ -52,7 +52,10 @@ class Cluster:
             "registry_endpoint": self.servers["adapters"].target,
         }
         if "inference" in self.servers:
-            self.servers["inference"].settings["inference"] = {"base_model": "colours"}
+            self.servers["inference"].settings["inference"] = {
+                "base_model": "colours",
+                "registry_endpoint": self.servers["adapters"].target,
+            }
         self.channels: dict[str, grpc.Channel] = {}
 
     def start(self) -> Cluster:
@@ -213,5 +216,17 @@ def test_training_alone_needs_a_registry_endpoint(tmp_path: Path) -> None:
     server = LocalServer(tmp_path, services=["training"])
     with pytest.raises(
         RuntimeError, match=r"training\.registry_endpoint: must name an AdapterService"
+    ):
+        server.start(timeout=120)
+
+
+def test_inference_alone_needs_a_registry_endpoint(tmp_path: Path, chat_model: Path) -> None:
+    server = LocalServer(
+        tmp_path,
+        {"models": {"colours": str(chat_model)}, "inference": {"base_model": "colours"}},
+        services=["inference"],
+    )
+    with pytest.raises(
+        RuntimeError, match=r"inference\.registry_endpoint: must name an AdapterService"
     ):
         server.start(timeout=120)

@@ -81,7 +81,7 @@ def server_settings(plan: Plan, model_path: Path) -> dict[str, Any]:
         "models": {plan.model: str(model_path)},
         "logging": {"level": "WARNING"},
         "training": {"heartbeat_seconds": 5, "poll_seconds": 0.5},
-        "inference": {"base_model": plan.model, "max_batch": 24, "watch_seconds": 0.2},
+        "inference": {"base_model": plan.model, "max_batch": 24},
     }
 
 

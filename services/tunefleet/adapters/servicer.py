@@ -278,6 +278,8 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         if request.after_revision < 0:
             raise InvalidArgument("after_revision", "must not be negative")
         revision = request.after_revision
+        if request.start_at_latest:
+            revision = await asyncio.to_thread(self.registry.latest_revision)
         client = _client(context)
         if self._watching.get(client, 0) >= self.max_watchers_per_client:
             raise ResourceExhausted(
@@ -287,6 +289,10 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             )
         self._watching[client] = self._watching.get(client, 0) + 1
         try:
+            if request.send_bookmarks:
+                yield adapter_pb2.AdapterChange(
+                    revision=revision, type=adapter_pb2.AdapterChange.TYPE_BOOKMARK
+                )
             while True:
                 changes = await asyncio.to_thread(self.registry.changes, revision)
                 for change in changes:

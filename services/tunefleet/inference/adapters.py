@@ -2,15 +2,18 @@
 aliases to versions, and hot-swapping when an alias moves.
 
 The rules that keep every response answered by the weights of the version stamped on it:
+- Everything comes from AdapterService's public RPCs (`inference/registry.py`), never its tables.
 - A loaded version is known by its serving name, which the registry derives from the version's
   content and never reuses; a version name is resolved to it on every request, so a deleted and
   re-created `adapters/x/versions/1` with other bytes is a different entry, and a deleted version
-  answers NOT_FOUND at once.
+  answers NOT_FOUND at once. While AdapterService cannot answer, a version already loaded goes on
+  serving requests that name it.
 - A request holds a reference to the loaded version it was routed to until it ends
   (`acquire`/`release`): unloading waits for the last reference, and a version being unloaded
   takes no new ones. Routes only ever point at loaded versions.
-- Alias moves are serialised per alias and converge on the alias's current target in the
-  registry (the change feed only says *that* an alias moved): the new version is loaded, routing
+- Alias moves arrive pushed on `WatchAdapterChanges`, which resumes after its last revision when
+  the stream breaks (AdapterService restarting loses no move). They are serialised per alias and
+  converge on the alias's current target in the registry: the new version is loaded, routing
   switches in one step, and the old version drains and is unloaded. A version wanted again while
   it drains (A→B→A within one request) is kept, not reloaded. If the new version fails to load,
   the alias keeps routing to the old one and the failure shows in the served list and metrics.
@@ -29,15 +32,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tunefleet.adapters import names
-from tunefleet.adapters.registry import Registry
-from tunefleet.adapters.store import VersionRow
 from tunefleet.inference.engine import AdapterFiles, Engine
 from tunefleet.inference.metrics import InferenceMetrics
+from tunefleet.inference.registry import AdapterRegistry, Version
 from tunefleet.runtime.errors import (
     FailedPrecondition,
     NotFound,
@@ -47,6 +49,7 @@ from tunefleet.runtime.errors import (
 )
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage.database import utcnow
+from tunefleet.v1 import adapter_pb2
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class AdapterPool:
     def __init__(
         self,
         engines: list[Engine],
-        registry: Registry,
+        registry: AdapterRegistry,
         base_model: str,
         capacity: int,
         workdir: Path,
@@ -95,7 +98,8 @@ class AdapterPool:
         self.served: dict[str, ServedVersion] = {}  # serving name -> entry
         self.routes: dict[str, ServedVersion] = {}  # adapters/{adapter}@{alias} -> entry
         self._alias_locks: dict[str, asyncio.Lock] = {}
-        self.revision = 0  # of the registry's change feed, followed for alias moves
+        self.revision = -1  # of the registry's change feed (-1: from its newest change on)
+        self.following = asyncio.Event()  # the watch is open: moves from now on are seen
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- requests ------------------------------------------------------------------------------
@@ -110,8 +114,7 @@ class AdapterPool:
             if ref.alias is not None:
                 served = self.routes.get(reference) or await self.route(reference)
             else:
-                row = await asyncio.to_thread(self.registry.get_version, reference, "adapter")
-                served = await self._ensure(row)
+                served = await self._version(reference)
             # Nothing awaits between this check and taking the reference: a version that is
             # LOADED here cannot start unloading before the request holds it.
             if served.state == LOADED:
@@ -123,6 +126,19 @@ class AdapterPool:
             if served.state == FAILED and served.failure is not None:
                 raise served.failure
         raise Unavailable(f"{reference} kept moving while this request was routed: retry")
+
+    async def _version(self, name: str) -> ServedVersion:
+        """The entry of a version name, resolved now; while AdapterService cannot answer, the
+        copy already loaded (if any)."""
+        try:
+            info = await self.registry.version(name)
+        except Unavailable:
+            loaded = [s for s in self.find(name) if s.state == LOADED]
+            if not loaded:
+                raise
+            log.warning("AdapterService is unavailable: serving %s as loaded", name)
+            return loaded[0]
+        return await self._ensure(info)
 
     def release(self, served: ServedVersion | None) -> None:
         if served is None:
@@ -142,19 +158,18 @@ class AdapterPool:
 
     async def load(self, version: str, pin: bool = False) -> ServedVersion:
         """Load a version (or wait for the load under way); raises what refused it."""
-        row = await asyncio.to_thread(self.registry.get_version, version, "adapter")
-        served = await self._ensure(row, pin)
+        served = await self._ensure(await self.registry.version(version), pin)
         if served.state == FAILED and served.failure is not None:
             raise served.failure
         return served
 
-    async def _ensure(self, row: VersionRow, pin: bool = False) -> ServedVersion:
-        """The entry of a version row, loaded if needed. The result may be FAILED, or (rarely,
+    async def _ensure(self, info: Version, pin: bool = False) -> ServedVersion:
+        """The entry of a version, loaded if needed. The result may be FAILED, or (rarely,
         when it was evicted meanwhile) UNLOADING: callers check its state."""
         while True:
-            served = self.served.get(row.serving_name)
+            served = self.served.get(info.serving_name)
             if served is None or served.state == FAILED:
-                return await self._load(row, pin)
+                return await self._load(info, pin)
             served.pinned |= pin
             if served.state == LOADING:
                 self.metrics.cache.labels("miss").inc()
@@ -169,23 +184,25 @@ class AdapterPool:
             self.metrics.cache.labels("hit").inc()
             return served
 
-    async def _load(self, row: VersionRow, pin: bool) -> ServedVersion:
-        version = names.version_name(row.adapter_id, row.version)
-        served = ServedVersion(version, row.serving_name, pinned=pin)
-        self.served[row.serving_name] = served  # before any await: one load per version
+    async def _load(self, info: Version, pin: bool) -> ServedVersion:
+        version = info.name
+        served = ServedVersion(version, info.serving_name, pinned=pin)
+        self.served[info.serving_name] = served  # before any await: one load per version
         self.metrics.cache.labels("miss").inc()
         started = time.perf_counter()
         try:
-            served.engine = await self._engine_for(row, version)
+            self._check_model(info)
+            path = await self._materialise(info)
+            config = json.loads(await asyncio.to_thread((path / "adapter_config.json").read_text))
+            served.engine = self._engine_for(version, config)
             await self._make_room(served)
-            path = await asyncio.to_thread(self._materialise, row)
-            await served.engine.load_adapter(AdapterFiles(row.serving_name, path, row.config))
+            await served.engine.load_adapter(AdapterFiles(info.serving_name, path, config))
         except Exception as error:
             served.state, served.error = FAILED, f"{type(error).__name__}: {error}"
             if isinstance(error, REFUSALS):
                 # Refused (not servable here, no room): said as it is, and not listed.
                 served.failure = error
-                self.served.pop(row.serving_name, None)
+                self.served.pop(info.serving_name, None)
             else:
                 served.failure = FailedPrecondition(
                     f"{version} could not be loaded: {served.error}",
@@ -204,24 +221,26 @@ class AdapterPool:
             self._count()
         return served
 
-    async def _engine_for(self, row: VersionRow, version: str) -> Engine:
-        """The first engine that serves this version exactly; FAILED_PRECONDITION naming why
-        none does."""
-        adapter = await asyncio.to_thread(self.registry.get_adapter, f"adapters/{row.adapter_id}")
-        if not self._same_model(adapter.base_model):
+    def _check_model(self, info: Version) -> None:
+        """FAILED_PRECONDITION unless the version is an adapter of the model served here."""
+        if not self._same_model(info.base_model):
             raise FailedPrecondition(
-                f"{version} is an adapter of {adapter.base_model!r}; this server serves "
+                f"{info.name} is an adapter of {info.base_model!r}; this server serves "
                 f"{self.base_model!r}",
                 reason="ADAPTER_BASE_MODEL_MISMATCH",
             )
-        if row.kind != "adapter":
+        if info.full_model:
             raise FailedPrecondition(
-                f"{version} is a full model, served as a base model of its own",
+                f"{info.name} is a full model, served as a base model of its own",
                 reason="NOT_AN_ADAPTER",
             )
+
+    def _engine_for(self, version: str, config: dict[str, Any]) -> Engine:
+        """The first engine that serves this version exactly; FAILED_PRECONDITION naming why
+        none does."""
         refusals = []
         for engine in self.engines:
-            why = engine.refusal(row.config)  # kinds: the registry's report reads the same rules
+            why = engine.refusal(config)  # kinds: the registry's report reads the same rules
             if why is None:
                 return engine
             refusals.append(f"{engine.name}: {why}")
@@ -237,22 +256,26 @@ class AdapterPool:
         theirs = self.models.find(base_model)
         return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
 
-    def _materialise(self, row: VersionRow) -> Path:
-        """The version's weights and config in a local directory named by its serving name."""
-        directory = self.workdir / row.serving_name
-        if (directory / "adapter_config.json").exists():
+    async def _materialise(self, info: Version) -> Path:
+        """The version's weights and config in a local directory named by its serving name,
+        downloaded from AdapterService."""
+        directory = self.workdir / info.serving_name
+        if await asyncio.to_thread((directory / "adapter_config.json").exists):
             return directory
         partial = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for file in row.files["files"]:
-            if file["path"] in WEIGHT_FILES or file["path"].endswith(".safetensors"):
-                with (partial / file["path"]).open("wb") as out:
-                    for chunk in self.registry.file_chunks(row, file["path"]):
-                        out.write(chunk)
-        if not (partial / "adapter_config.json").exists():
-            (partial / "adapter_config.json").write_text(json.dumps(row.config))
-        partial.rename(directory)
+        await asyncio.to_thread(shutil.rmtree, partial, True)
+        await asyncio.to_thread(partial.mkdir, parents=True)
+        paths = [
+            file.path
+            for file in info.files
+            if file.path in WEIGHT_FILES or file.path.endswith(".safetensors")
+        ]
+        if "adapter_config.json" not in paths:
+            raise FailedPrecondition(
+                f"{info.name} has no adapter_config.json", reason="ADAPTER_NOT_SERVABLE"
+            )
+        await self.registry.download(info, paths, partial)
+        await asyncio.to_thread(partial.rename, directory)
         return directory
 
     async def _make_room(self, incoming: ServedVersion) -> None:
@@ -327,42 +350,43 @@ class AdapterPool:
             routed = self.routes.get(alias)
             if routed is not None:
                 return routed
-            row = await asyncio.to_thread(self.registry.get_version, alias, "adapter")
-            served = await self._ensure(row)
+            served = await self._ensure(await self.registry.version(alias))
             if served.state == FAILED and served.failure is not None:
                 raise served.failure
             if served.state == LOADED:
                 self.routes[alias] = served
             return served
 
-    async def follow(self, poll_seconds: float, wait: Callable[[float], Any]) -> None:
-        """Follow the registry's change feed: alias moves and deletions, deleted versions."""
-        self.revision = await asyncio.to_thread(self.registry.latest_revision)
-        while True:
+    async def follow(self) -> None:
+        """Follow AdapterService's change feed for ever: alias moves and deletions, deleted
+        versions. `following` is set once the watch is open."""
+        async for change in self.registry.changes(self.revision, on_connect=self._connected):
+            self.revision = change.revision
             try:
-                changes = await asyncio.to_thread(self.registry.changes, self.revision)
+                await self._apply(change)
             except Exception:
-                log.exception("reading the adapter registry's changes failed")
-                changes = []
-            for change in changes:
-                self.revision = change.revision
-                try:
-                    await self._apply(change.kind, change.payload, change.create_time)
-                except Exception:
-                    log.exception("following %s %s failed", change.kind, change.payload)
-            if not changes:
-                await wait(poll_seconds)
+                log.exception("following change %d (%s) failed", change.revision, change.type)
 
-    async def _apply(self, kind: str, payload: dict[str, Any], moved_at: datetime) -> None:
-        if kind in ("TYPE_ALIAS_MOVED", "TYPE_ALIAS_DELETED"):
-            adapter, alias = names.alias_name(payload["alias"])
+    async def _connected(self, revision: int) -> None:
+        again = self.following.is_set()
+        self.revision = revision
+        self.following.set()
+        if again:  # resumed after a break: the feed brings what was missed; make sure of it
+            for alias in list(self.routes):
+                await self.swap(alias, None, current=True)
+
+    async def _apply(self, change: adapter_pb2.AdapterChange) -> None:
+        kinds = adapter_pb2.AdapterChange
+        if change.type in (kinds.TYPE_ALIAS_MOVED, kinds.TYPE_ALIAS_DELETED):
+            adapter, alias = names.alias_name(change.alias)
             routed = f"adapters/{adapter}@{alias}"
             if routed in self.routes:
-                await self.swap(routed, payload.get("version"), moved_at)
-        elif kind == "TYPE_VERSION_DELETED":
-            self._forget(lambda s: s.version == payload["version"])
-        elif kind == "TYPE_ADAPTER_DELETED":
-            self._forget(lambda s: s.version.startswith(payload["adapter"] + "/versions/"))
+                moved_at = change.time.ToDatetime(tzinfo=UTC)
+                await self.swap(routed, change.version or None, moved_at)
+        elif change.type == kinds.TYPE_VERSION_DELETED:
+            self._forget(lambda s: s.version == change.version)
+        elif change.type == kinds.TYPE_ADAPTER_DELETED:
+            self._forget(lambda s: s.version.startswith(change.adapter + "/versions/"))
 
     def _forget(self, deleted: Callable[[ServedVersion], bool]) -> None:
         """Unload deleted versions once their requests end."""
@@ -373,27 +397,37 @@ class AdapterPool:
             log.info("%s was deleted: unloading it", served.version)
             self._retire(served)
 
-    async def swap(self, alias: str, target: str | None, moved_at: datetime | None = None) -> None:
+    async def swap(
+        self,
+        alias: str,
+        target: str | None,
+        moved_at: datetime | None = None,
+        *,
+        current: bool = False,
+    ) -> None:
         """Follow one move of `alias` to the version `target` (None: the alias was deleted), one
         move at a time per alias. A move that a later one has already superseded in the registry
-        is skipped: the later move's own change follows it."""
+        is skipped: the later move's own change follows it. With `current`, follow the alias to
+        wherever it points now."""
         async with self._lock(alias):
             old = self.routes.get(alias)
             try:
-                row = await asyncio.to_thread(self.registry.get_version, alias, "adapter")
+                info = await self.registry.version(alias)
             except NotFound:
                 # Its version stays loaded (for requests naming it) until the cache evicts it.
                 self.routes.pop(alias, None)
                 log.info("%s was deleted: no longer routed", alias)
                 return
-            version = names.version_name(row.adapter_id, row.version)
-            if version != target or (old is not None and old.serving_name == row.serving_name):
+            version = info.name
+            if (version != target and not current) or (
+                old is not None and old.serving_name == info.serving_name
+            ):
                 return
             try:
-                new = await self._ensure(row)
+                new = await self._ensure(info)
             except Exception as error:
-                new = ServedVersion(version, row.serving_name, state=FAILED, error=str(error))
-                self.served.setdefault(row.serving_name, new)
+                new = ServedVersion(version, info.serving_name, state=FAILED, error=str(error))
+                self.served.setdefault(info.serving_name, new)
             if new.state != LOADED:
                 self.metrics.swaps.labels("failed").inc()
                 log.warning(
@@ -414,3 +448,4 @@ class AdapterPool:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.registry.close()

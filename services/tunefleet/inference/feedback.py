@@ -65,6 +65,7 @@ class ResponseLog:
         self.db = db
         self.flush_seconds = flush_seconds
         self._pending: list[ResponseRow] = []
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -100,13 +101,16 @@ class ResponseLog:
                 log.exception("recording responses failed; retrying")
 
     async def flush(self) -> None:
-        rows, self._pending = self._pending, []
-        if rows:
-            try:
-                await asyncio.to_thread(self._write, rows)
-            except Exception:
-                self._pending[:0] = rows
-                raise
+        """Write what is pending; returns once every response recorded before the call is
+        stored (a flush under way in the background included)."""
+        async with self._flushing:
+            rows, self._pending = self._pending, []
+            if rows:
+                try:
+                    await asyncio.to_thread(self._write, rows)
+                except Exception:
+                    self._pending[:0] = rows
+                    raise
 
     def _write(self, rows: list[ResponseRow]) -> None:
         with self.db.session() as session:

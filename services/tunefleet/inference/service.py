@@ -69,12 +69,11 @@ class InferenceManager:
         max_tokens_limit: int,
         max_prompt_tokens: int = 0,
         aliases: list[str] = [],  # noqa: B006 (never mutated)
-        watch_seconds: float = 0.5,
     ) -> None:
         self.engines, self.engine, self.pool = engines, engines[0], pool
         self.responses, self.metrics = responses, metrics
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
-        self.aliases, self.watch_seconds = aliases, watch_seconds
+        self.aliases = aliases
         self._follow: asyncio.Task[None] | None = None
         self.longest_token = 0  # characters: what bounds a prompt's size before tokenising it
 
@@ -84,11 +83,11 @@ class InferenceManager:
             await engine.start()
         self.longest_token = await asyncio.to_thread(longest_token, self.engine.tokenizer)
         await self.responses.start()
+        # Follow first, then route: a move made while the aliases are routed is not missed.
+        self._follow = asyncio.create_task(self.pool.follow(), name="alias-follower")
+        await self.pool.following.wait()
         for alias in self.aliases:
             await self.pool.route(alias)
-        self._follow = asyncio.create_task(
-            self.pool.follow(self.watch_seconds, asyncio.sleep), name="alias-follower"
-        )
 
     async def stop(self) -> None:
         if self._follow is not None:

@@ -176,6 +176,55 @@ class Unavailable(TunefleetError):
     default_reason = "UNAVAILABLE"
 
 
+def relayed(error: grpc.aio.AioRpcError, service: str) -> TunefleetError:
+    """What a failed call to another tunefleet service means to the caller of this one: its own
+    error (NOT_FOUND, INVALID_ARGUMENT with its field, ...) passed on with reason and metadata;
+    a fault of that service or of the way there (UNAVAILABLE, INTERNAL, a deadline) UNAVAILABLE,
+    so the caller retries; refused credentials FAILED_PRECONDITION (this service's own token
+    for `service` is wrong: not the caller's fault)."""
+    code, message = error.code(), error.details() or ""
+    reason, field = "", ""
+    metadata: dict[str, str] = {}
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field = bad.field_violations[0].field
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        metadata.pop("field", None)
+        description = message.removeprefix(f"{field}: ") if field else message
+        return InvalidArgument(
+            field or "request", description, reason=reason or None, metadata=metadata
+        )
+    kinds: dict[grpc.StatusCode, type[TunefleetError]] = {
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+        grpc.StatusCode.ABORTED: Aborted,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+        grpc.StatusCode.DATA_LOSS: DataLoss,
+    }
+    kind = kinds.get(code)
+    if kind is not None:
+        return kind(message, reason=reason or None, metadata=metadata)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return FailedPrecondition(
+            f"this service's credentials for {service} are refused ({code.name}: {message})",
+            reason="SERVICE_CREDENTIALS_REFUSED",
+        )
+    return Unavailable(
+        f"{service} did not answer ({code.name}: {message}); retry",
+        reason="UPSTREAM_UNAVAILABLE",
+        metadata={"service": service},
+    )
+
+
 def environment_error(error: BaseException) -> TunefleetError | None:
     """The status of a fault of the server's environment rather than of the request or the
     code: a full disk, a database that is locked or unreachable, a read-only file system."""

@@ -44,6 +44,8 @@ class ServiceRegistration:
     name: str  # for example "tunefleet.v1.DatasetService"
     add_to_server: Callable[[grpc.aio.Server], None]
     on_start: Callable[[TunefleetServer], Awaitable[None]] | None = None
+    # Shutdown began: end the streams that would otherwise run until the grace is over.
+    on_drain: Callable[[], None] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
 
 
@@ -141,6 +143,9 @@ class TunefleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        for service in self.services:
+            if service.on_drain is not None:
+                service.on_drain()
         await self._gate.drain(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self._server.stop(0)  # what is still running after the grace is cancelled
         self._server = None
@@ -156,6 +161,12 @@ class TunefleetServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+
+    @property
+    def own_address(self) -> str:
+        """The address this server's own services call it on."""
+        host = self.settings.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.port}"
 
     async def serve_until_signal(self, parent: int | None = None) -> None:
         """Start, run until SIGTERM or SIGINT (or, given `parent`, until that process is gone),

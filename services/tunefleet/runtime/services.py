@@ -100,10 +100,7 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
     servicer = TrainingServicer(manager)
 
     async def start(server: TunefleetServer) -> None:
-        host = server.settings.host
-        await manager.start(
-            f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{server.port}"
-        )
+        await manager.start(server.own_address)
 
     return ServiceRegistration(
         "tunefleet.v1.TrainingService",
@@ -111,6 +108,7 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
             servicer, server
         ),
         on_start=start,
+        on_drain=manager.drain,
         on_stop=manager.stop,
     )
 
@@ -118,16 +116,28 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
 def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRegistration:
     """InferenceService with the engines the settings name (or `engines`, for tests); without a
     base model configured every call answers FAILED_PRECONDITION."""
-    from tunefleet.adapters.registry import Registry
     from tunefleet.inference.adapters import AdapterPool
     from tunefleet.inference.feedback import ResponseLog
     from tunefleet.inference.metrics import InferenceMetrics
+    from tunefleet.inference.registry import AdapterRegistry
     from tunefleet.inference.service import InferenceManager
     from tunefleet.inference.servicer import InferenceServicer
     from tunefleet.v1 import inference_service_pb2_grpc
 
     settings, options = context.settings, context.settings.inference
     manager = None
+    remote = context.services and "adapters" not in context.services
+    if options.base_model and not options.registry_endpoint and remote:
+        raise SettingsError(
+            "inference.registry_endpoint: must name an AdapterService (the adapters Service) "
+            "when this process does not serve adapters; versions and alias moves come from it"
+        )
+    if settings.server.auth.enabled and options.base_model and not options.registry_token:
+        raise SettingsError(
+            "inference.registry_token: required when server.auth is enabled: InferenceService "
+            "reads versions and follows aliases on AdapterService with it (a reader token)"
+        )
+    registry = AdapterRegistry(options.registry_endpoint, options.registry_token)
     if options.base_model:
         # The operator's own setting: any local folder will do.
         model_dir = ModelCatalogue(settings.models).resolve(
@@ -136,12 +146,6 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
         if engines is None:
             engines = _engines(settings, model_dir)
         metrics = InferenceMetrics(context.registry)
-        registry = Registry(
-            context.storage.database,
-            context.storage.blobs,
-            workdir=settings.work_dir / "adapters",
-            models=ModelCatalogue.of(settings),
-        )
         pool = AdapterPool(
             engines,
             registry,
@@ -159,17 +163,18 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
             options.max_tokens_limit,
             options.max_prompt_tokens,
             options.aliases,
-            options.watch_seconds,
         )
     servicer = InferenceServicer(manager)
 
     async def start(server: TunefleetServer) -> None:
+        registry.endpoint = registry.endpoint or server.own_address
         if manager is not None:
             await manager.start()
 
     async def stop() -> None:
         if manager is not None:
             await manager.stop()
+        await registry.close()
 
     return ServiceRegistration(
         "tunefleet.v1.InferenceService",
@@ -236,6 +241,7 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         lambda server: adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(
             servicer, server
         ),
+        on_drain=feed.close,
     )
 
 

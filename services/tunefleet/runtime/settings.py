@@ -309,8 +309,12 @@ class InferenceSettings(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch: int = Field(default=16, ge=1)
     prefill_chunk_tokens: int = Field(default=256, ge=16)
-    # How often the adapter registry's change feed is read for alias moves.
-    watch_seconds: float = Field(default=0.5, gt=0)
+    # gRPC address of the AdapterService whose versions are served and whose alias moves are
+    # followed (the adapters Service); empty: this server's own address, which needs
+    # AdapterService in this process (the embedded shape).
+    registry_endpoint: str = ""
+    # A reader token for those calls when authentication is on.
+    registry_token: str = ""
     vllm: VllmSettings = VllmSettings()
 
 

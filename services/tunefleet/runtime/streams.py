@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from tunefleet.runtime.errors import InvalidArgument, TunefleetError
+from tunefleet.runtime.errors import InvalidArgument, TunefleetError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,28 @@ class ChangeFeed:
         self.latest, self.signal, self.poll_seconds = latest, signal, poll_seconds
         self.revision = 0
         self.watchers = 0
+        self.closed = False
         self._wake = asyncio.Event()  # replaced each time the revision moves
         self._poller: asyncio.Task[None] | None = None
 
+    def close(self) -> None:
+        """End every wait (the server is draining): watchers answer UNAVAILABLE and resume
+        elsewhere after their last revision, instead of holding the shutdown for its grace."""
+        self.closed = True
+        self._wake.set()
+
     async def wait_past(self, revision: int) -> None:
-        """Return once the feed holds a change after `revision`."""
+        """Return once the feed holds a change after `revision`; UNAVAILABLE once closed."""
         self.watchers += 1
         try:
             if self._poller is None or self._poller.done():
                 self._poller = asyncio.create_task(self._poll(), name="change-feed")
             while self.revision <= revision:
+                if self.closed:
+                    raise Unavailable(
+                        "the server is shutting down: watch again after your last revision",
+                        reason="SHUTTING_DOWN",
+                    )
                 await self._wake.wait()
         finally:
             self.watchers -= 1

@@ -111,6 +111,7 @@ class TrainingManager:
     ) -> None:
         self.db, self.blobs, self.settings = db, blobs, settings
         self.models = ModelCatalogue.of(settings)
+        self.draining = False
         self.training = settings.training
         self.launcher, self.metrics = launcher, metrics
         self.signal = signal or ChangeSignal()
@@ -546,6 +547,12 @@ class TrainingManager:
         await self.launcher.start(self.wake)
         await self.tick()
         self._task = asyncio.create_task(self._run(), name="training-scheduler")
+
+    def drain(self) -> None:
+        """Shutdown began: event streams that follow running jobs end (UNAVAILABLE) instead of
+        holding the shutdown for its grace; clients resume after their last sequence."""
+        self.draining = True
+        self.signal.notify()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from tunefleet.runtime.errors import Unavailable
 from tunefleet.runtime.protos import timestamp
 from tunefleet.training.manager import TrainingManager, event_proto
 from tunefleet.training.store import CheckpointRow
@@ -61,6 +62,11 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
                 continue
             if ended or request.no_follow:
                 return
+            if self.manager.draining:
+                raise Unavailable(
+                    "the server is shutting down: follow again after your last sequence",
+                    reason="SHUTTING_DOWN",
+                )
             await self.manager.signal.wait(POLL_SECONDS)
 
     async def ListCheckpoints(

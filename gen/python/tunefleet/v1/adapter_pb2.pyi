@@ -618,6 +618,10 @@ class AdapterChange(_message.Message):
         """An alias was created or moved."""
         TYPE_ALIAS_DELETED: AdapterChange._Type.ValueType  # 6
         """An alias was deleted."""
+        TYPE_BOOKMARK: AdapterChange._Type.ValueType  # 7
+        """Not a change: every change up to `revision` has been sent (only when asked for with
+        `send_bookmarks`).
+        """
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper):
         """Type is what changed."""
@@ -636,6 +640,10 @@ class AdapterChange(_message.Message):
     """An alias was created or moved."""
     TYPE_ALIAS_DELETED: AdapterChange.Type.ValueType  # 6
     """An alias was deleted."""
+    TYPE_BOOKMARK: AdapterChange.Type.ValueType  # 7
+    """Not a change: every change up to `revision` has been sent (only when asked for with
+    `send_bookmarks`).
+    """
 
     REVISION_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int

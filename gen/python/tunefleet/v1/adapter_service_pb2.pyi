@@ -625,19 +625,32 @@ class WatchAdapterChangesRequest(_message.Message):
 
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
+    START_AT_LATEST_FIELD_NUMBER: _builtins.int
+    SEND_BOOKMARKS_FIELD_NUMBER: _builtins.int
     after_revision: _builtins.int
     """Optional. Send changes after this revision; 0 sends every change still kept."""
     adapter: _builtins.str
     """Optional. Only changes of this adapter, `adapters/{adapter}`; empty watches all."""
+    start_at_latest: _builtins.bool
+    """Optional. Start after the newest change, ignoring `after_revision`: only changes made from
+    now on.
+    """
+    send_bookmarks: _builtins.bool
+    """Optional. Also send `TYPE_BOOKMARK` messages, which carry the revision the stream has
+    reached: one as soon as the stream is open, so a client that starts at the latest change
+    knows where to resume from if the stream breaks before any change arrives.
+    """
     def __init__(
         self,
         *,
         after_revision: _builtins.int = ...,
         adapter: _builtins.str = ...,
+        start_at_latest: _builtins.bool = ...,
+        send_bookmarks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "after_revision", b"after_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "after_revision", b"after_revision", "send_bookmarks", b"send_bookmarks", "start_at_latest", b"start_at_latest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
