@@ -177,6 +177,24 @@ async def never_other_bytes(serving: Serving, served: Served) -> None:
     assert before not in await served_versions(serving)
     assert len(await served_versions(serving)) == 1
 
+    # The same bytes again, in an adapter created anew for another base model: refused at once,
+    # though those bytes are loaded here.
+    await serving.adapters.DeleteAdapter(
+        adapter_service_pb2.DeleteAdapterRequest(name="adapters/x")
+    )
+    await serving.adapters.CreateAdapter(
+        adapter_service_pb2.CreateAdapterRequest(
+            adapter_id="x", adapter=adapter_pb2.Adapter(base_model="another-model")
+        )
+    )
+    assert await serving.register("x", served.adapters["beta"]) == new
+    try:
+        await serving.generate(new)
+        raise AssertionError("an adapter of another base model answered")
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert "another-model" in (error.details() or "")
+
 
 async def test_a_client_that_leaves_frees_its_row_and_is_counted(
     serving: Serving, served: Served

@@ -166,6 +166,9 @@ class AdapterPool:
     async def _ensure(self, info: Version, pin: bool = False) -> ServedVersion:
         """The entry of a version, loaded if needed. The result may be FAILED, or (rarely,
         when it was evicted meanwhile) UNLOADING: callers check its state."""
+        # Also for a loaded entry: the same bytes may come back in an adapter created again
+        # for another base model.
+        self._check_model(info)
         while True:
             served = self.served.get(info.serving_name)
             if served is None or served.state == FAILED:
@@ -191,7 +194,6 @@ class AdapterPool:
         self.metrics.cache.labels("miss").inc()
         started = time.perf_counter()
         try:
-            self._check_model(info)
             path = await self._materialise(info)
             config = json.loads(await asyncio.to_thread((path / "adapter_config.json").read_text))
             served.engine = self._engine_for(version, config)
@@ -228,11 +230,13 @@ class AdapterPool:
                 f"{info.name} is an adapter of {info.base_model!r}; this server serves "
                 f"{self.base_model!r}",
                 reason="ADAPTER_BASE_MODEL_MISMATCH",
+                metadata={"adapter_version": info.name},
             )
         if info.full_model:
             raise FailedPrecondition(
                 f"{info.name} is a full model, served as a base model of its own",
                 reason="NOT_AN_ADAPTER",
+                metadata={"adapter_version": info.name},
             )
 
     def _engine_for(self, version: str, config: dict[str, Any]) -> Engine:

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import grpc
 
 from tunefleet.runtime.errors import DataLoss, relayed
+from tunefleet.runtime.peers import Peer
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,39 +39,30 @@ class Version:
     files: tuple[adapter_pb2.AdapterFile, ...]
 
 
-class AdapterRegistry:
+class AdapterRegistry(Peer):
     """AdapterService, seen from InferenceService."""
 
+    stub_class = adapter_service_pb2_grpc.AdapterServiceStub
+
     def __init__(self, endpoint: str = "", token: str = "") -> None:
-        self.endpoint = endpoint  # may be set until the first call (the server's own address)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel: grpc.aio.Channel | None = None
-        self._base_models: dict[str, str] = {}  # adapters/{adapter} -> its base model (fixed)
-
-    @property
-    def _stub(self) -> Any:  # the generated stubs are typed for the blocking API, not grpc.aio
-        if self._channel is None:
-            assert self.endpoint, "AdapterService's address is not known yet"
-            self._channel = grpc.aio.insecure_channel(self.endpoint)
-        return adapter_service_pb2_grpc.AdapterServiceStub(self._channel)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        super().__init__(endpoint, token)
+        # A version (serving name and creation time: an adapter deleted and created again, for
+        # another base model perhaps, has versions created anew) -> its adapter's base model.
+        self._base_models: dict[tuple[str, int], str] = {}
 
     async def version(self, reference: str) -> Version:
         """The version a name or `adapters/{adapter}@{alias}` points at now; AdapterService's
         own error (NOT_FOUND, ...) otherwise."""
         request = adapter_service_pb2.GetAdapterVersionRequest(name=reference)
-        found = await self._call(self._stub.GetAdapterVersion, request)
-        adapter = found.name.split("/versions/")[0]
-        base_model = self._base_models.get(adapter)
+        found = await self._call(self.stub.GetAdapterVersion, request)
+        key = (found.serving_name, found.create_time.ToNanoseconds())
+        base_model = self._base_models.get(key)
         if base_model is None:
+            adapter = found.name.split("/versions/")[0]
             parent = await self._call(
-                self._stub.GetAdapter, adapter_service_pb2.GetAdapterRequest(name=adapter)
+                self.stub.GetAdapter, adapter_service_pb2.GetAdapterRequest(name=adapter)
             )
-            base_model = self._base_models[adapter] = parent.base_model
+            base_model = self._base_models[key] = parent.base_model
         return Version(
             name=found.name,
             serving_name=found.serving_name,
@@ -86,7 +78,7 @@ class AdapterRegistry:
         request = adapter_service_pb2.DownloadAdapterVersionRequest(
             name=version.name, paths=sorted(wanted)
         )
-        stream = self._stub.DownloadAdapterVersion(
+        stream = self.stub.DownloadAdapterVersion(
             request, timeout=DOWNLOAD_SECONDS, metadata=self.metadata
         )
         arrived: list[str] = []
@@ -129,7 +121,7 @@ class AdapterRegistry:
             request = adapter_service_pb2.WatchAdapterChangesRequest(
                 after_revision=max(after, 0), start_at_latest=after < 0, send_bookmarks=True
             )
-            stream = self._stub.WatchAdapterChanges(request, metadata=self.metadata)
+            stream = self.stub.WatchAdapterChanges(request, metadata=self.metadata)
             try:
                 async for change in stream:
                     delay = RETRY_SECONDS

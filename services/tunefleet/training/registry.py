@@ -5,10 +5,9 @@ request id, so a registration that did happen is not repeated)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
+from tunefleet.runtime.peers import Peer
 from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.v1 import adapter_service_pb2, adapter_service_pb2_grpc
 
@@ -29,27 +28,17 @@ class RegistrationRefused(Exception):
     """AdapterService refused the output, or the output is not there: final."""
 
 
-class RegistryClient:
+class RegistryClient(Peer):
+    stub_class = adapter_service_pb2_grpc.AdapterServiceStub
+
     def __init__(self, endpoint: str, token: str, blobs: BlobStore) -> None:
-        self.endpoint, self.blobs = endpoint, blobs
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel: grpc.aio.Channel | None = None
-
-    @property
-    def _stub(self) -> Any:
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.endpoint)
-        return adapter_service_pb2_grpc.AdapterServiceStub(self._channel)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        super().__init__(endpoint, token)
+        self.blobs = blobs
 
     async def trained_by(self, version: str, job: str) -> bool:
         """Whether `version` exists and its lineage names `job`."""
         try:
-            found = await self._stub.GetAdapterVersion(
+            found = await self.stub.GetAdapterVersion(
                 adapter_service_pb2.GetAdapterVersionRequest(name=version),
                 timeout=30,
                 metadata=self.metadata,
@@ -79,7 +68,7 @@ class RegistryClient:
                 f"the stored registration request {request_uri} is not {job}'s"
             )
         try:
-            version = await self._stub.CreateAdapterVersion(
+            version = await self.stub.CreateAdapterVersion(
                 request, timeout=CALL_SECONDS, metadata=self.metadata, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as error:

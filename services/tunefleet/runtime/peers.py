@@ -1,0 +1,32 @@
+"""Calls from one tunefleet service to another, over the other's public gRPC API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+
+class Peer:
+    """Another tunefleet service, seen from this one: one channel, opened on first use (so the
+    address may be set until then: the embedded shape calls its own port), and this service's own
+    bearer token on every call. Subclasses name the stub."""
+
+    stub_class: Any  # the generated stub (typed for the blocking API, used with grpc.aio)
+
+    def __init__(self, endpoint: str = "", token: str = "") -> None:
+        self.endpoint = endpoint
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def stub(self) -> Any:
+        if self._channel is None:
+            assert self.endpoint, f"{type(self).__name__}: the address is not known yet"
+            self._channel = grpc.aio.insecure_channel(self.endpoint)
+        return self.stub_class(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
