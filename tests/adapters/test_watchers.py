@@ -14,8 +14,11 @@ from typing import Any
 
 import grpc
 
+from tests.conftest import StartServer
 from tests.helpers import error_info
 from tunefleet.demo.server import LocalServer
+from tunefleet.runtime.context import ServiceContext
+from tunefleet.runtime.services import registration
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 STREAMS = 300
@@ -110,3 +113,36 @@ async def test_one_client_cannot_hold_every_stream(tmp_path: Path) -> None:
                 stream.cancel()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_shutdown_ends_watch_streams_at_once_and_they_resume(
+    start_server: StartServer, service_context: ServiceContext
+) -> None:
+    """A watch never ends on its own: at shutdown it is told UNAVAILABLE SHUTTING_DOWN at once
+    (not after the grace) with where it had reached, and `start_at_latest` with bookmarks tells
+    a new watcher the revision to resume from."""
+    server = await start_server([registration("adapters", service_context)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = adapter_service_pb2_grpc.AdapterServiceStub(channel)
+        await stub.CreateAdapter(
+            adapter_service_pb2.CreateAdapterRequest(
+                adapter_id="a", adapter=adapter_pb2.Adapter(base_model="m")
+            )
+        )
+        watch = stub.WatchAdapterChanges(
+            adapter_service_pb2.WatchAdapterChangesRequest(
+                start_at_latest=True, send_bookmarks=True
+            )
+        )
+        bookmark: Any = await watch.read()
+        assert bookmark.type == adapter_pb2.AdapterChange.TYPE_BOOKMARK
+        assert bookmark.revision >= 1  # the adapter's creation is behind it, not sent
+        stopping = asyncio.create_task(server.stop(grace=600))
+        try:
+            await watch.read()
+            raise AssertionError("the watch went on during the shutdown")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            info = error_info(error)
+            assert info is not None and info.reason == "SHUTTING_DOWN"
+        await asyncio.wait_for(stopping, 300)  # well before the 600 s grace

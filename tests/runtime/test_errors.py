@@ -140,3 +140,50 @@ def test_faults_of_the_environment_get_their_own_statuses() -> None:
         assert fault is not None, error
         assert (fault.code.name, fault.reason) == (code, reason), error
     assert errors.environment_error(KeyError("a bug")) is None  # a bug stays INTERNAL
+
+
+def failed_call(error: errors.TunefleetError) -> grpc.aio.AioRpcError:
+    """What a client of another service holds when that service raised `error`."""
+    status = error.to_status()
+    return grpc.aio.AioRpcError(
+        status.code,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*status.trailing_metadata),
+        status.details,
+    )
+
+
+@pytest.mark.parametrize(
+    ("upstream", "code", "reason", "field"),
+    [
+        (
+            errors.NotFound("adapters/x not found", reason="ADAPTER_NOT_FOUND"),
+            "NOT_FOUND",
+            "ADAPTER_NOT_FOUND",
+            "",
+        ),
+        (
+            errors.InvalidArgument("name", "is not a version"),
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+            "name",
+        ),
+        (
+            errors.PermissionDenied("reader may not"),
+            "FAILED_PRECONDITION",
+            "SERVICE_CREDENTIALS_REFUSED",
+            "",
+        ),
+        (errors.Unavailable("restarting"), "UNAVAILABLE", "UPSTREAM_UNAVAILABLE", ""),
+    ],
+)
+def test_another_services_error_is_passed_on_as_the_callers_own(
+    upstream: errors.TunefleetError, code: str, reason: str, field: str
+) -> None:
+    relayed = errors.relayed(failed_call(upstream), "AdapterService")
+    assert (relayed.code.name, relayed.reason) == (code, reason)
+    assert getattr(relayed, "field", "") == field
+    if field:  # the description once, not prefixed with the field twice
+        assert relayed.message == "name: is not a version"
+    if code == "NOT_FOUND":
+        assert relayed.message == "adapters/x not found"

@@ -182,37 +182,29 @@ def relayed(error: grpc.aio.AioRpcError, service: str) -> TunefleetError:
     a fault of that service or of the way there (UNAVAILABLE, INTERNAL, a deadline) UNAVAILABLE,
     so the caller retries; refused credentials FAILED_PRECONDITION (this service's own token
     for `service` is wrong: not the caller's fault)."""
-    code, message = error.code(), error.details() or ""
-    reason, field = "", ""
-    metadata: dict[str, str] = {}
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field = bad.field_violations[0].field
+    from tunefleet.client.errors import from_rpc_error  # the SDK reads status details already
+
+    parsed = from_rpc_error(error)
+    code, message, metadata = parsed.code, parsed.message, dict(parsed.metadata)
+    reason = None if parsed.reason == code.name else parsed.reason
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         metadata.pop("field", None)
-        description = message.removeprefix(f"{field}: ") if field else message
-        return InvalidArgument(
-            field or "request", description, reason=reason or None, metadata=metadata
+        field = parsed.field or "request"
+        description = message.removeprefix(f"{field}: ")
+        return InvalidArgument(field, description, reason=reason, metadata=metadata)
+    passed_on: dict[grpc.StatusCode, type[TunefleetError]] = {
+        kind.code: kind
+        for kind in (
+            NotFound,
+            AlreadyExists,
+            FailedPrecondition,
+            Aborted,
+            ResourceExhausted,
+            DataLoss,
         )
-    kinds: dict[grpc.StatusCode, type[TunefleetError]] = {
-        grpc.StatusCode.NOT_FOUND: NotFound,
-        grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-        grpc.StatusCode.ABORTED: Aborted,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-        grpc.StatusCode.DATA_LOSS: DataLoss,
     }
-    kind = kinds.get(code)
-    if kind is not None:
-        return kind(message, reason=reason or None, metadata=metadata)
+    if code in passed_on:
+        return passed_on[code](message, reason=reason, metadata=metadata)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return FailedPrecondition(
             f"this service's credentials for {service} are refused ({code.name}: {message})",
