@@ -79,6 +79,7 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services clients tests benchmarks
+	$(BIN)/lint-imports  # the layers in .importlinter (docs/architecture.md)
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLLM engine's tests in .venv-vllm); both parts run, then both results
 	@main=0; vllm=0; \

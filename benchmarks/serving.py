@@ -226,10 +226,10 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
 
     from tests.inference.test_service import register_directly
     from tunefleet.adapters.registry import Registry
+    from tunefleet.app.services import inference_service, registration
     from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.models import ModelCatalogue
     from tunefleet.runtime.server import TunefleetServer
-    from tunefleet.runtime.services import inference_service, registration
     from tunefleet.runtime.settings import ServerSettings, load_settings
     from tunefleet.v1 import (
         adapter_service_pb2,

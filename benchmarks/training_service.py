@@ -67,9 +67,9 @@ async def through_the_service(
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from prometheus_client import CollectorRegistry
 
+    from tunefleet.app.services import registration, training_service
     from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.server import TunefleetServer
-    from tunefleet.runtime.services import registration, training_service
     from tunefleet.runtime.settings import ServerSettings, load_settings
     from tunefleet.v1 import (
         common_pb2,

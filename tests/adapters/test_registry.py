@@ -13,7 +13,7 @@ import pytest
 from tests.adapters.conftest import MakeAdapter
 from tests.adapters.test_validation import upload
 from tunefleet.adapters.registry import Registry
-from tunefleet.runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from tunefleet.core.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_a_stored_blob_that_changed_is_detected(three_versions: Registry, tmp_pa
     weights = next(f for f in row.files["files"] if f["path"] == "adapter_model.safetensors")
     blob = tmp_path / "blobs" / "sha256" / weights["sha256"][:2] / weights["sha256"]
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
-    from tunefleet.runtime.errors import DataLoss
+    from tunefleet.core.errors import DataLoss
 
     with pytest.raises(DataLoss):
         b"".join(registry.file_chunks(row, "adapter_model.safetensors"))

@@ -14,8 +14,8 @@ import pytest
 from tests.adapters.conftest import MakeAdapter
 from tests.conftest import StartServer
 from tests.helpers import error_info
+from tunefleet.app.services import registration
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import registration
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.adapters.conftest import MakeAdapter
 from tunefleet.adapters.registry import Registry
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 
 
 def upload(
@@ -158,7 +158,7 @@ def test_rank_that_contradicts_the_config_is_refused(
 def test_file_size_limit(registry: Registry, make_adapter: MakeAdapter) -> None:
     from dataclasses import replace
 
-    from tunefleet.runtime.errors import ResourceExhausted
+    from tunefleet.core.errors import ResourceExhausted
 
     registry.settings = replace(registry.settings, max_file_bytes=10_000)
     registry.create_adapter("support", "tiny-llama", "", {})

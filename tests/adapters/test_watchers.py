@@ -16,9 +16,9 @@ import grpc
 
 from tests.conftest import StartServer
 from tests.helpers import error_info
+from tunefleet.app.services import registration
 from tunefleet.demo.server import LocalServer
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import registration
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 STREAMS = 300

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 
-from tunefleet.runtime.services import SERVICES
+from tunefleet.app.services import SERVICES
 
-# Every RPC the service issues need, by service (issues 3, 4, 6 and 7).
+# Every RPC the service issues need, by service (issues 3, 4, 6, 7 and 17).
 REQUIRED_RPCS = {
     "datasets": {
         "UploadDataset",
@@ -15,6 +15,9 @@ REQUIRED_RPCS = {
         "DeleteDataset",
         "PreviewDatasetRecords",
         "CheckContamination",
+        "CreateDatasetLease",
+        "DeleteDatasetLease",
+        "ListDatasetLeases",
     },
     "training": {
         "CreateTrainingJob",

@@ -18,8 +18,8 @@ from tests.conftest import StartServer
 from tests.datasets.records import jsonl, records
 from tests.datasets.test_service import header, stream
 from tests.helpers import field_violations
+from tunefleet.app.services import registration
 from tunefleet.runtime.context import ServiceContext, open_storage
-from tunefleet.runtime.services import registration
 from tunefleet.runtime.settings import load_settings
 from tunefleet.v1 import (
     common_pb2,

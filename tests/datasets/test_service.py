@@ -15,9 +15,8 @@ import pytest
 from tests.conftest import StartServer
 from tests.datasets.records import chunks, jsonl, perturb, records
 from tests.helpers import error_info, field_violations
-from tunefleet.datasets import store
+from tunefleet.app.services import registration
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import registration
 from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -121,21 +120,112 @@ async def test_same_upload_and_seed_give_the_same_dataset(stub: Stub) -> None:
     assert other_seed.name != first.name
 
 
-async def test_delete_is_refused_while_a_job_uses_the_dataset(
-    stub: Stub, service_context: ServiceContext
-) -> None:
+def lease_request(
+    parent: str, lease_id: str = "job-j1", holder: str = "trainingJobs/j1"
+) -> dataset_service_pb2.CreateDatasetLeaseRequest:
+    return dataset_service_pb2.CreateDatasetLeaseRequest(
+        parent=parent, lease_id=lease_id, lease=dataset_pb2.DatasetLease(holder=holder)
+    )
+
+
+async def test_a_leased_dataset_cannot_be_deleted_until_its_leases_go(stub: Stub) -> None:
     dataset = await upload(stub, jsonl(records("alpaca", 20)))
-    with service_context.storage.database.session() as session:
-        store.acquire_lease(session, dataset.name.removeprefix("datasets/"), "trainingJobs/j1")
+    lease = await stub.CreateDatasetLease(lease_request(dataset.name))
+    assert lease.name == f"{dataset.name}/leases/job-j1" and lease.holder == "trainingJobs/j1"
+    # A retry gets the same lease; another holder may not take its id.
+    again = await stub.CreateDatasetLease(lease_request(dataset.name))
+    assert again == lease
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateDatasetLease(lease_request(dataset.name, holder="trainingJobs/other"))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await stub.CreateDatasetLease(lease_request(dataset.name, "job-j2", "trainingJobs/j2"))
+    listed = await stub.ListDatasetLeases(
+        dataset_service_pb2.ListDatasetLeasesRequest(parent=dataset.name, page_size=1)
+    )
+    rest = await stub.ListDatasetLeases(
+        dataset_service_pb2.ListDatasetLeasesRequest(
+            parent=dataset.name, page_token=listed.next_page_token
+        )
+    )
+    assert [x.holder for x in [*listed.leases, *rest.leases]] == [
+        "trainingJobs/j1",
+        "trainingJobs/j2",
+    ]
+
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(raised.value)
     assert info is not None and info.reason == "DATASET_IN_USE"
     assert "trainingJobs/j1" in (raised.value.details() or "")
-    with service_context.storage.database.session() as session:
-        store.release_lease(session, dataset.name.removeprefix("datasets/"), "trainingJobs/j1")
+
+    for name in (lease.name, f"{dataset.name}/leases/job-j2"):
+        await stub.DeleteDatasetLease(dataset_service_pb2.DeleteDatasetLeaseRequest(name=name))
+    # Gone: an error unless allow_missing (a release retried after its answer was lost).
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.DeleteDatasetLease(
+            dataset_service_pb2.DeleteDatasetLeaseRequest(name=lease.name)
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.DeleteDatasetLease(
+        dataset_service_pb2.DeleteDatasetLeaseRequest(name=lease.name, allow_missing=True)
+    )
     await stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name))
+    await stub.DeleteDatasetLease(
+        dataset_service_pb2.DeleteDatasetLeaseRequest(name=lease.name, allow_missing=True)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateDatasetLease(lease_request(dataset.name))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"parent": "datasets"}, "parent"),
+        ({"lease_id": "Job_1"}, "lease_id"),
+        ({"lease_id": "x" * 64}, "lease_id"),
+        ({"holder": ""}, "lease.holder"),
+        ({"holder": "h" * 257}, "lease.holder"),
+    ],
+)
+async def test_bad_leases_are_refused_naming_the_field(
+    stub: Stub, request_fields: dict[str, str], field: str
+) -> None:
+    dataset = await upload(stub, jsonl(records("alpaca", 20)))
+    arguments = {"parent": dataset.name, **request_fields}
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateDatasetLease(lease_request(**arguments))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(raised.value)] == [field]
+    bad_name = dataset_service_pb2.DeleteDatasetLeaseRequest(name=f"{dataset.name}/leases")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.DeleteDatasetLease(bad_name)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_lease_racing_a_delete_never_leaves_a_lease_on_a_deleted_dataset(
+    stub: Stub,
+) -> None:
+    """Either the delete wins (the lease is NOT_FOUND) or the lease does (the delete is
+    refused): never both."""
+    outcomes = set()
+    for round_ in range(12):
+        dataset = await upload(stub, jsonl(records("alpaca", 20, seed=round_)))
+        lease, delete = await asyncio.gather(
+            stub.CreateDatasetLease(lease_request(dataset.name)),
+            stub.DeleteDataset(dataset_service_pb2.DeleteDatasetRequest(name=dataset.name)),
+            return_exceptions=True,
+        )
+        if isinstance(lease, grpc.aio.AioRpcError):
+            assert lease.code() == grpc.StatusCode.NOT_FOUND and not isinstance(delete, Exception)
+            outcomes.add("deleted")
+        else:
+            assert isinstance(delete, grpc.aio.AioRpcError)
+            assert delete.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await stub.GetDataset(dataset_service_pb2.GetDatasetRequest(name=dataset.name))
+            outcomes.add("leased")
+    assert outcomes  # which side wins is up to the scheduler; the invariant holds either way
 
 
 async def test_rejected_upload_names_the_lines_and_stores_nothing(

@@ -31,8 +31,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert config == GATEWAY_CONF.read_text()  # what the Pods mount
     servers = [LocalServer(directory / "data", services=[key]) for key in SERVICES]
     adapters = servers[list(SERVICES).index("adapters")]
+    datasets = servers[list(SERVICES).index("datasets")]
     servers[list(SERVICES).index("training")].settings["training"] = {
-        "registry_endpoint": adapters.target  # as the dev overlay sets it
+        # as the dev overlay sets them
+        "registry_endpoint": adapters.target,
+        "datasets_endpoint": datasets.target,
     }
     for server in servers:
         server.start()

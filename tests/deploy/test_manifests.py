@@ -92,6 +92,13 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
         assert container["envFrom"] == [
             {"secretRef": {"name": "tunefleet-credentials", "optional": True}}
         ]
+        # Its own database and no other's.
+        databases = {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container["env"]
+            if e["name"].startswith("TUNEFLEET_STORAGE__DATABASE")
+        }
+        assert databases == {f"tunefleet-{key}-database"}
         expected_account = "tunefleet-training" if key == "training" else "tunefleet"
         assert spec["serviceAccountName"] == expected_account
         ports = {p["name"]: p["port"] for p in services[f"tunefleet-{key}"]["spec"]["ports"]}
@@ -101,6 +108,9 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     env = {e["name"]: e for e in training["env"]}
     assert env["TUNEFLEET_TRAINING__WORKER_REGISTRY_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "tunefleet-tokens", "key": "worker-registry-token"}
+    }
+    assert env["TUNEFLEET_TRAINING__SERVICE_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tunefleet-tokens", "key": "training-service-token"}
     }
     (inference,) = deployments["tunefleet-inference"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in inference["env"]}
@@ -188,6 +198,10 @@ def test_the_settings_files_load(overlay: str) -> None:
     assert settings.server.host == "0.0.0.0" and settings.server.port == 50051
     assert settings.server.auth.enabled and settings.server.auth.tokens_file == TOKENS_FILE
     assert settings.inference.registry_endpoint.startswith("tunefleet-adapters")
+    if overlay == "dev":  # a database file per service on the shared volume
+        assert len(set(settings.storage.databases.values())) == len(SERVICES)
+    if overlay != "base":
+        assert settings.training.datasets_endpoint.startswith("tunefleet-datasets")
     if overlay == "gpu":
         assert settings.training.launcher == "kubernetes"
         assert settings.inference.engine == "vllm"

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
 from tests.trainer.conftest import build_chat_model
+from tunefleet.app.services import inference_service, registration
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.server import TunefleetServer
-from tunefleet.runtime.services import inference_service, registration
 from tunefleet.runtime.settings import load_settings
 from tunefleet.v1 import (
     adapter_pb2,

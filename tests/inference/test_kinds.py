@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import error_info
 from tests.inference.conftest import KINDS, PROMPTS, Served, Serving, reference, summary
-from tunefleet.inference import kinds as rules
+from tunefleet.core import kinds as rules
 from tunefleet.inference.engine import AdapterFiles, GenerationRequest, Sampling
 from tunefleet.inference.peft_engine import PeftEngine
 from tunefleet.v1 import adapter_service_pb2

@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import StartServer
 from tests.helpers import error_info
 from tests.inference.conftest import MAX_TOKENS, PROMPTS, Served, Serving, reference
+from tunefleet.app.services import inference_service
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import inference_service
 from tunefleet.v1 import (
     adapter_pb2,
     adapter_service_pb2,
@@ -413,7 +413,7 @@ def register_directly(registry: Any, adapter: str, path: Path) -> str:
     """Register a PEFT directory through the Registry itself (no server); the version's name."""
     import hashlib
 
-    from tunefleet.runtime.errors import AlreadyExists
+    from tunefleet.core.errors import AlreadyExists
 
     with contextlib.suppress(AlreadyExists):
         registry.create_adapter(adapter, "tiny", "", {})

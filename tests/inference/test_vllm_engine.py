@@ -146,14 +146,14 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     from prometheus_client import CollectorRegistry
 
     from tests.inference.conftest import Serving
+    from tunefleet.app.services import registration
+    from tunefleet.core.errors import FailedPrecondition
     from tunefleet.inference.adapters import AdapterPool
     from tunefleet.inference.metrics import InferenceMetrics
     from tunefleet.inference.peft_engine import PeftEngine
     from tunefleet.inference.registry import AdapterRegistry
     from tunefleet.runtime.context import ServiceContext, open_storage
-    from tunefleet.runtime.errors import FailedPrecondition
     from tunefleet.runtime.server import TunefleetServer
-    from tunefleet.runtime.services import registration
     from tunefleet.runtime.settings import ServerSettings, load_settings
 
     settings = load_settings(data_dir=tmp_path / "data", models={"tiny": str(served.model)})

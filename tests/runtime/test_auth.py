@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import StartServer
 from tests.helpers import error_info
+from tunefleet.app.services import SERVICES, registration
 from tunefleet.runtime.auth import TokenStore, required_role
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.v1 import (
     auth_pb2,
     dataset_service_pb2,
@@ -24,6 +24,7 @@ from tunefleet.v1 import (
 )
 
 TOKENS = {"reader": "r-secret", "writer": "w-secret", "admin": "a-secret"}
+SERVICE_TOKEN = "s-secret"  # a service's own: writer on DatasetService only
 
 
 @pytest.fixture
@@ -32,6 +33,13 @@ def tokens_file(tmp_path: Path) -> Path:
     for role, token in TOKENS.items():
         digest = hashlib.sha256(token.encode()).hexdigest()
         lines += [f"  - subject: {role}-user", f"    role: {role}", f"    sha256: {digest}"]
+    digest = hashlib.sha256(SERVICE_TOKEN.encode()).hexdigest()
+    lines += [
+        "  - subject: training-service",
+        "    role: writer",
+        f"    sha256: {digest}",
+        "    services: [DatasetService]",
+    ]
     path = tmp_path / "tokens.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -110,6 +118,36 @@ async def test_roles_are_ordered(target: str) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.DeleteDataset(delete, metadata=bearer(role))
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_service_token_reaches_its_services_only(target: str) -> None:
+    """Least privilege for service-to-service calls: the token works where it is meant to and
+    is PERMISSION_DENIED on every other service, whatever its role."""
+    metadata = (("authorization", f"Bearer {SERVICE_TOKEN}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        delete = dataset_service_pb2.DeleteDatasetRequest(name="datasets/x")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await datasets.DeleteDataset(delete, metadata=metadata)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # through auth
+        inference = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await inference.ListServedAdapters(
+                inference_service_pb2.ListServedAdaptersRequest(), metadata=metadata
+            )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "SERVICE_NOT_ALLOWED"
+    assert info.metadata["service"] == "InferenceService"
+
+
+def test_a_token_for_an_unknown_service_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(
+        f"tokens:\n  - {{subject: s, role: reader, sha256: {'a' * 64}, services: [Nope]}}\n"
+    )
+    with pytest.raises(ValueError, match=r"(?s)tokens\.yaml.*services.*'DatasetService'"):
+        TokenStore.from_file(path)
 
 
 async def test_health_needs_no_token(target: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import StartServer
 from tests.helpers import error_info, field_violations, raw_service, unary, unary_stream
-from tunefleet.runtime import errors
+from tunefleet.core import errors
 
 CASES = [
     (errors.NotFound("datasets/x not found"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import StartServer
 from tests.helpers import error_info, field_violations
+from tunefleet.app.services import SERVICES, registration
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.v1 import (
     adapter_pb2,
     adapter_service_pb2,

@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import StartServer
 from tests.helpers import error_info
 from tests.runtime.test_auth import TOKENS, tokens_file  # noqa: F401 (a fixture)
+from tunefleet.app.services import SERVICES, registration
 from tunefleet.runtime.context import ServiceContext
-from tunefleet.runtime.services import SERVICES, registration
 
 GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\x80" * 11]
 

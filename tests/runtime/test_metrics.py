@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartServer
 from tests.helpers import raw_service, require_tool, unary, unary_stream
-from tunefleet.runtime.errors import NotFound
+from tunefleet.core.errors import NotFound
 
 
 def scrape(port: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import load_settings
 

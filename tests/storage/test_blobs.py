@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.runtime.errors import DataLoss, InvalidArgument, NotFound
+from tunefleet.core.errors import DataLoss, InvalidArgument, NotFound
 from tunefleet.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import BigInteger, String, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 from tunefleet.storage.changes import append_change, latest_revision, read_changes
 from tunefleet.storage.database import Database, UtcDateTime
 from tunefleet.storage.filtering import Filter

@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import StartServer
 from tests.trainer.conftest import MakeSpec
 from tests.trainer.test_trainer import train
+from tunefleet.app.services import registration
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration
-from tunefleet.runtime.services import registration
 from tunefleet.runtime.settings import load_settings
 from tunefleet.trainer.report import Cancelled
 from tunefleet.v1 import (

@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import StartServer
 from tests.storage.conftest import s3_endpoint
 from tests.trainer.conftest import ANIMALS, COLOURS, chat_model, conversation
+from tunefleet.app.services import registration, training_service
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.server import TunefleetServer
-from tunefleet.runtime.services import registration, training_service
 from tunefleet.runtime.settings import Settings, load_settings
 from tunefleet.trainer import register
 from tunefleet.trainer.spec import DataSpec, RegistrySpec, TrainerSpec

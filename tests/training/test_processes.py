@@ -50,6 +50,7 @@ class Cluster:
             "heartbeat_seconds": 1.0,
             # What the dev overlay sets: the adapters Service, not TrainingService's own address.
             "registry_endpoint": self.servers["adapters"].target,
+            "datasets_endpoint": self.servers["datasets"].target,
         }
         if "inference" in self.servers:
             self.servers["inference"].settings["inference"] = {
@@ -216,6 +217,16 @@ def test_training_alone_needs_a_registry_endpoint(tmp_path: Path) -> None:
     server = LocalServer(tmp_path, services=["training"])
     with pytest.raises(
         RuntimeError, match=r"training\.registry_endpoint: must name an AdapterService"
+    ):
+        server.start(timeout=120)
+
+
+def test_training_alone_needs_a_datasets_endpoint(tmp_path: Path) -> None:
+    server = LocalServer(
+        tmp_path, {"training": {"registry_endpoint": "adapters:50051"}}, services=["training"]
+    )
+    with pytest.raises(
+        RuntimeError, match=r"training\.datasets_endpoint: must name a DatasetService"
     ):
         server.start(timeout=120)
 

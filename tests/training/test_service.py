@@ -61,7 +61,7 @@ async def test_a_job_runs_reports_and_succeeds(make_platform: MakePlatform) -> N
     assert spec["train_data"]["split"] == "train"
     assert spec["validation_data"]["split"] == "validation"
     assert spec["registry"]["adapter"] == "adapters/colours"
-    assert spec["storage"]["database_url"] == ""
+    assert spec["storage"]["database_url"] == "" and spec["storage"]["databases"] == {}
 
     token = run.token
     await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)

@@ -77,7 +77,7 @@ def serve(services: tuple[str, ...], config_file: Path | None, exit_with_parent:
     only those named (the cluster shape, one service per process).
     """
     try:
-        from tunefleet.runtime.app import serve as run_server
+        from tunefleet.app.process import serve as run_server
         from tunefleet.runtime.settings import SettingsError, load_settings
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise click.ClickException(

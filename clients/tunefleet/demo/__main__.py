@@ -1,4 +1,4 @@
-"""python -m tunefleet.demo [--quick] [--data-dir DIR]"""
+"""python -m tunefleet.demo [--quick] [--data-dir DIR | --target ADDRESS [--metrics-url URL]]"""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ def main() -> int:
         "--quick", action="store_true", help="a tiny random model instead of SmolLM2 (< 2 min)"
     )
     parser.add_argument("--data-dir", type=Path, help="where the server keeps its data")
+    parser.add_argument(
+        "--target",
+        default="",
+        help="run the tour on services already running at this address (a gateway, or "
+        "`tunefleet serve`) instead of starting one; they must serve the plan's base model",
+    )
+    parser.add_argument("--metrics-url", default="", help="InferenceService's /metrics, shown")
     args = parser.parse_args()
-    return run(quick=args.quick, data_dir=args.data_dir)
+    return run(args.quick, args.data_dir, args.target, args.metrics_url)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def ask(client: Client, turns: list[dict[str, str]], adapter: str) -> str:
     return version
 
 
-def show_metrics(server: LocalServer) -> None:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as page:  # noqa: S310 - local
+def show_metrics(metrics_url: str) -> None:
+    with urllib.request.urlopen(metrics_url, timeout=5) as page:  # noqa: S310 - local
         lines = page.read().decode().splitlines()
     wanted = (
         "tunefleet_inference_requests_total",
@@ -220,15 +220,36 @@ def show_metrics(server: LocalServer) -> None:
             print(f"  {line}")
 
 
-def run(quick: bool = False, data_dir: Path | None = None) -> int:
+def run(
+    quick: bool = False,
+    data_dir: Path | None = None,
+    target: str = "",
+    metrics_url: str = "",
+) -> int:
+    """The tour on `tunefleet serve` started here, or (`target`) on services already running
+    there, a gateway in front of them for example, with the base model of the plan."""
     plan = QUICK if quick else FULL
     started = time.monotonic()
-    step(f"base model {plan.model} (prepared once and cached)")
-    model_path = prepare_model(plan)
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
-    server = LocalServer(data_dir, server_settings(plan, model_path))
-    step(f"starting `tunefleet serve` on {server.target} (all four services; data in {data_dir})")
-    with server, Client(server.target) as client:
+    if target:
+        step(f"the services at {target}, serving {plan.model}")
+        code = tour(target, metrics_url, plan)
+    else:
+        step(f"base model {plan.model} (prepared once and cached)")
+        model_path = prepare_model(plan)
+        data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
+        server = LocalServer(data_dir, server_settings(plan, model_path))
+        step(
+            f"starting `tunefleet serve` on {server.target} (all four services; data in {data_dir})"
+        )
+        with server:
+            code = tour(server.target, server.metrics_url, plan)
+        print(f"  tunefleet serve exited with {server.process.returncode if server.process else 0}")
+    print(f"  demo finished in {time.monotonic() - started:.0f} s")
+    return code
+
+
+def tour(target: str, metrics_url: str, plan: Plan) -> int:
+    with Client(target) as client:
         dataset = ingest(client, plan)
         examples = held_out(client, dataset.name, plan.held_out)
         prompt = examples[0][0]
@@ -240,8 +261,8 @@ def run(quick: bool = False, data_dir: Path | None = None) -> int:
         print(f"  {moved.name} -> {moved.version}")
 
         step(f"evaluate on {len(examples)} held-out examples through InferenceService")
-        base = evaluate(server.target, "base model", "", examples, plan)
-        tuned = evaluate(server.target, first, first, examples, plan)
+        base = evaluate(target, "base model", "", examples, plan)
+        tuned = evaluate(target, first, first, examples, plan)
 
         step("the same prompt, base model and adapters/orders@prod")
         ask(client, prompt, "")
@@ -249,7 +270,7 @@ def run(quick: bool = False, data_dir: Path | None = None) -> int:
 
         step("fine-tune version 2 (longer)")
         second = train(client, plan, dataset.name, plan.second)
-        better = evaluate(server.target, second, second, examples, plan)
+        better = evaluate(target, second, second, examples, plan)
 
         step("move prod to version 2 (compare-and-set against version 1), no restart")
         moved = client.adapters.set_alias(
@@ -275,8 +296,9 @@ def run(quick: bool = False, data_dir: Path | None = None) -> int:
         feedback = client.inference.feedback(answer.response_id, rating=1, comment="correct")
         print(f"  {feedback.name}: rating {feedback.rating:+.0f} for {feedback.adapter_version}")
 
-        step("per-adapter metrics (Prometheus)")
-        show_metrics(server)
+        if metrics_url:
+            step("per-adapter metrics (Prometheus)")
+            show_metrics(metrics_url)
 
         step("summary")
         print(f"  {'base model':<28} {base}")
@@ -289,8 +311,6 @@ def run(quick: bool = False, data_dir: Path | None = None) -> int:
                 "  (--quick: a tiny model trained for seconds; the loss falls, answers stay wrong)"
             )
         print(f"  served version after the alias move: {served_after}")
-    print(f"  tunefleet serve exited with {server.process.returncode if server.process else 0}")
-    print(f"  demo finished in {time.monotonic() - started:.0f} s")
     if plan.must_improve and not improved:
         print("  the task metric did not improve: the demo failed")
         return 1

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tunefleet.adapters import names, validation
+from tunefleet.adapters import validation
 from tunefleet.adapters.store import (
     AdapterRow,
     AliasMoveRow,
@@ -23,7 +23,8 @@ from tunefleet.adapters.store import (
     VersionDatasetRow,
     VersionRow,
 )
-from tunefleet.runtime.errors import (
+from tunefleet.core import names
+from tunefleet.core.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,

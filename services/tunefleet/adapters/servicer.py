@@ -12,13 +12,13 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, json_format
 
-from tunefleet.adapters import names
 from tunefleet.adapters.metrics import AdapterMetrics
 from tunefleet.adapters.registry import Registry, VersionUpload
 from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, VersionRow
+from tunefleet.core import names
+from tunefleet.core.errors import InvalidArgument, ResourceExhausted
+from tunefleet.core.protos import timestamp
 from tunefleet.runtime.auth import ANONYMOUS, current_principal
-from tunefleet.runtime.errors import InvalidArgument, ResourceExhausted
-from tunefleet.runtime.protos import timestamp
 from tunefleet.runtime.streams import ChangeFeed, UploadStream, UploadWorker
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 

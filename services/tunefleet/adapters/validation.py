@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefleet.inference import kinds
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core import kinds
+from tunefleet.core.errors import InvalidArgument
 
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")

@@ -29,11 +29,11 @@ import orjson
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
+from tunefleet.core.errors import TunefleetError
 from tunefleet.datasets import pii
 from tunefleet.datasets.dedup import NUM_PERM, MinHasher, UnionFind, exact_key, jaccard, near_pairs
 from tunefleet.datasets.formats import FileFormat, Message, RecordInvalid, normalise
 from tunefleet.datasets.reader import RawRecord, RecordReader
-from tunefleet.runtime.errors import TunefleetError
 from tunefleet.storage import spools
 from tunefleet.v1.dataset_pb2 import DatasetFormat, PiiType, RecordErrorCode
 

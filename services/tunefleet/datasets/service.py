@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tunefleet.core import names
+from tunefleet.core.errors import InvalidArgument, NotFound
+from tunefleet.core.names import dataset_id, lease_name
 from tunefleet.datasets import store
 from tunefleet.datasets.dedup import MinHasher, exact_key, jaccard, near_pairs
 from tunefleet.datasets.metrics import DatasetMetrics
 from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
 from tunefleet.datasets.tokens import TokenCounter
-from tunefleet.runtime.errors import InvalidArgument, NotFound
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore
@@ -29,6 +31,7 @@ from tunefleet.v1.dataset_pb2 import DatasetFormat
 
 UPLOAD_SCOPE = "UploadDataset"
 MAX_CONTAMINATION_EXAMPLES = 20
+MAX_HOLDER = 256
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,33 @@ class DatasetManager:
         if orphan is not None:
             self.blobs.delete(orphan)
 
+    # --- leases ----------------------------------------------------------------------------------
+
+    def create_lease(self, parent: str, lease_id: str, holder: str) -> store.DatasetLease:
+        identifier = dataset_id(parent, "parent")
+        names.check_id(lease_id, "lease_id")
+        if not holder or len(holder) > MAX_HOLDER:
+            raise InvalidArgument("lease.holder", f"is required, at most {MAX_HOLDER} characters")
+        with self.db.session() as session:
+            lease = store.create_lease(session, identifier, lease_id, holder)
+            session.expunge(lease)
+            return lease
+
+    def delete_lease(self, name: str, allow_missing: bool) -> None:
+        identifier, lease_id = lease_name(name)
+        with self.db.session() as session:
+            if session.get(store.DatasetRow, identifier) is None and allow_missing:
+                return
+            store.get(session, identifier)
+            store.delete_lease(session, identifier, lease_id, allow_missing)
+
+    def leases(self, parent: str, page_size: int, page_token: str) -> Page[store.DatasetLease]:
+        with self.db.read() as session:
+            page = store.leases_page(session, dataset_id(parent, "parent"), page_size, page_token)
+            for lease in page.items:
+                session.expunge(lease)
+            return page
+
     def records(
         self, name: str, split: str | None = None, offset: int = 0, limit: int | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -265,14 +295,6 @@ class DatasetManager:
             "near_overlap": len(near),
             "examples": examples[:MAX_CONTAMINATION_EXAMPLES],
         }
-
-
-def dataset_id(name: str, field: str = "name") -> str:
-    """The id in `datasets/{id}`; INVALID_ARGUMENT naming `field` for anything else."""
-    prefix, _, identifier = name.partition("/")
-    if prefix != "datasets" or not identifier or "/" in identifier:
-        raise InvalidArgument(field, f"{name!r} is not a dataset name (datasets/{{dataset}})")
-    return identifier
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, json_format
 
+from tunefleet.core.errors import InvalidArgument
+from tunefleet.core.protos import timestamp
 from tunefleet.datasets.pipeline import IngestOptions
 from tunefleet.datasets.service import DatasetManager, Upload, UploadHeader
-from tunefleet.datasets.store import DatasetRow
-from tunefleet.runtime.errors import InvalidArgument
-from tunefleet.runtime.protos import timestamp
+from tunefleet.datasets.store import DatasetLease, DatasetRow
 from tunefleet.runtime.streams import UploadStream, UploadWorker
 from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
@@ -80,6 +80,31 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     ) -> empty_pb2.Empty:
         await asyncio.to_thread(self.manager.delete, request.name)
         return empty_pb2.Empty()
+
+    async def CreateDatasetLease(
+        self, request: dataset_service_pb2.CreateDatasetLeaseRequest, context: Context
+    ) -> dataset_pb2.DatasetLease:
+        lease = await asyncio.to_thread(
+            self.manager.create_lease, request.parent, request.lease_id, request.lease.holder
+        )
+        return lease_proto(lease)
+
+    async def DeleteDatasetLease(
+        self, request: dataset_service_pb2.DeleteDatasetLeaseRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.manager.delete_lease, request.name, request.allow_missing)
+        return empty_pb2.Empty()
+
+    async def ListDatasetLeases(
+        self, request: dataset_service_pb2.ListDatasetLeasesRequest, context: Context
+    ) -> dataset_service_pb2.ListDatasetLeasesResponse:
+        page = await asyncio.to_thread(
+            self.manager.leases, request.parent, request.page_size, request.page_token
+        )
+        return dataset_service_pb2.ListDatasetLeasesResponse(
+            leases=[lease_proto(lease) for lease in page.items],
+            next_page_token=page.next_page_token,
+        )
 
     async def PreviewDatasetRecords(
         self, request: dataset_service_pb2.PreviewDatasetRecordsRequest, context: Context
@@ -188,6 +213,14 @@ def ingest_options(options: dataset_pb2.DatasetOptions) -> IngestOptions:
         validation_fraction=0.0 if options.validation_dataset else fraction,
         split_seed=options.split_seed,
         validation_dataset=options.validation_dataset,
+    )
+
+
+def lease_proto(lease: DatasetLease) -> dataset_pb2.DatasetLease:
+    return dataset_pb2.DatasetLease(
+        name=f"datasets/{lease.dataset_id}/leases/{lease.id}",
+        holder=lease.holder,
+        create_time=timestamp(lease.create_time),
     )
 
 

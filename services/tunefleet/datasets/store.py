@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from tunefleet.runtime.errors import FailedPrecondition, NotFound
+from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from tunefleet.storage.database import Base, utcnow
 from tunefleet.storage.filtering import Filter
 from tunefleet.storage.pagination import Page, paginate
@@ -43,15 +43,18 @@ class DatasetLease(Base):
     dataset_id: Mapped[str] = mapped_column(
         ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
     )
-    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    id: Mapped[str] = mapped_column("lease_id", String(63), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
     create_time: Mapped[datetime]
 
 
 LIST_FILTER = Filter({"display_name": DatasetRow.display_name}, labels=DatasetRow.labels)
 
 
-def get(session: Session, dataset_id: str) -> DatasetRow:
-    row = session.get(DatasetRow, dataset_id)
+def get(session: Session, dataset_id: str, *, for_update: bool = False) -> DatasetRow:
+    """The dataset; with `for_update`, locked until the transaction ends (leasing and deleting
+    take this lock, so a lease cannot slip in while a delete checks for leases)."""
+    row = session.get(DatasetRow, dataset_id, with_for_update=for_update)
     if row is None:
         raise NotFound(
             f"datasets/{dataset_id} not found", metadata={"name": f"datasets/{dataset_id}"}
@@ -87,7 +90,7 @@ def list_page(
 
 def delete(session: Session, dataset_id: str) -> str | None:
     """Delete a dataset; returns the sha256 of its records blob if no other dataset shares it."""
-    row = get(session, dataset_id)
+    row = get(session, dataset_id, for_update=True)
     holders = session.scalars(
         select(DatasetLease.holder).where(DatasetLease.dataset_id == dataset_id).limit(5)
     ).all()
@@ -106,16 +109,43 @@ def delete(session: Session, dataset_id: str) -> str | None:
     return None if shared else sha256
 
 
-def acquire_lease(session: Session, dataset_id: str, holder: str) -> None:
-    """Mark `dataset_id` as used by `holder` (idempotent)."""
-    get(session, dataset_id)
-    if session.get(DatasetLease, (dataset_id, holder)) is None:
-        session.add(DatasetLease(dataset_id=dataset_id, holder=holder, create_time=utcnow()))
-        session.flush()
-
-
-def release_lease(session: Session, dataset_id: str, holder: str) -> None:
-    lease = session.get(DatasetLease, (dataset_id, holder))
+def create_lease(session: Session, dataset_id: str, lease_id: str, holder: str) -> DatasetLease:
+    """Lease `dataset_id` for `holder`; the lease that exists when a retry asks again."""
+    get(session, dataset_id, for_update=True)
+    lease = session.get(DatasetLease, (dataset_id, lease_id))
     if lease is not None:
-        session.delete(lease)
-        session.flush()
+        if lease.holder != holder:
+            raise AlreadyExists(
+                f"datasets/{dataset_id}/leases/{lease_id} is held by {lease.holder}",
+                metadata={"holder": lease.holder},
+            )
+        return lease
+    lease = DatasetLease(dataset_id=dataset_id, id=lease_id, holder=holder, create_time=utcnow())
+    session.add(lease)
+    session.flush()
+    return lease
+
+
+def delete_lease(session: Session, dataset_id: str, lease_id: str, allow_missing: bool) -> None:
+    lease = session.get(DatasetLease, (dataset_id, lease_id))
+    if lease is None:
+        if allow_missing:
+            return
+        name = f"datasets/{dataset_id}/leases/{lease_id}"
+        raise NotFound(f"{name} not found", metadata={"name": name})
+    session.delete(lease)
+
+
+def leases_page(
+    session: Session, dataset_id: str, page_size: int, page_token: str
+) -> Page[DatasetLease]:
+    get(session, dataset_id)
+    statement = select(DatasetLease).where(DatasetLease.dataset_id == dataset_id)
+    return paginate(
+        session,
+        statement,
+        [DatasetLease.create_time, DatasetLease.id],
+        page_size=page_size,
+        page_token=page_token,
+        query=dataset_id,
+    )

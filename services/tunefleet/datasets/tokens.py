@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tunefleet.core.errors import InvalidArgument
 from tunefleet.datasets.formats import Message
-from tunefleet.runtime.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

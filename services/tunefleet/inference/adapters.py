@@ -36,17 +36,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tunefleet.adapters import names
-from tunefleet.inference.engine import AdapterFiles, Engine
-from tunefleet.inference.metrics import InferenceMetrics
-from tunefleet.inference.registry import AdapterRegistry, Version
-from tunefleet.runtime.errors import (
+from tunefleet.core import names
+from tunefleet.core.errors import (
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
     TunefleetError,
     Unavailable,
 )
+from tunefleet.inference.engine import AdapterFiles, Engine
+from tunefleet.inference.metrics import InferenceMetrics
+from tunefleet.inference.registry import AdapterRegistry, Version
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage.database import utcnow
 from tunefleet.v1 import adapter_pb2

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Float, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tunefleet.runtime.errors import InvalidArgument, NotFound
+from tunefleet.core.errors import InvalidArgument, NotFound
 from tunefleet.storage import idempotency
 from tunefleet.storage.database import Base, Database, utcnow
 from tunefleet.storage.filtering import Filter

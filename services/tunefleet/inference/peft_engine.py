@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from tunefleet.inference import kinds
+from tunefleet.core import kinds
 from tunefleet.inference.engine import (
     AdapterFiles,
     AdapterNotLoaded,

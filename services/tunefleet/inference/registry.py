@@ -12,17 +12,16 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import grpc
 
-from tunefleet.runtime.errors import DataLoss, relayed
+from tunefleet.core.errors import DataLoss, relayed
 from tunefleet.runtime.peers import Peer
 from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CALL_SECONDS = 30.0
 DOWNLOAD_SECONDS = 600.0
 # Reconnecting the watch: first after this, doubling up to the most.
 RETRY_SECONDS, MAX_RETRY_SECONDS = 0.2, 5.0
@@ -42,6 +41,8 @@ class Version:
 class AdapterRegistry(Peer):
     """AdapterService, seen from InferenceService."""
 
+    service = "AdapterService"
+
     stub_class = adapter_service_pb2_grpc.AdapterServiceStub
 
     def __init__(self, endpoint: str = "", token: str = "") -> None:
@@ -54,13 +55,13 @@ class AdapterRegistry(Peer):
         """The version a name or `adapters/{adapter}@{alias}` points at now; AdapterService's
         own error (NOT_FOUND, ...) otherwise."""
         request = adapter_service_pb2.GetAdapterVersionRequest(name=reference)
-        found = await self._call(self.stub.GetAdapterVersion, request)
+        found = await self.call("GetAdapterVersion", request)
         key = (found.serving_name, found.create_time.ToNanoseconds())
         base_model = self._base_models.get(key)
         if base_model is None:
             adapter = found.name.split("/versions/")[0]
-            parent = await self._call(
-                self.stub.GetAdapter, adapter_service_pb2.GetAdapterRequest(name=adapter)
+            parent = await self.call(
+                "GetAdapter", adapter_service_pb2.GetAdapterRequest(name=adapter)
             )
             base_model = self._base_models[key] = parent.base_model
         return Version(
@@ -143,12 +144,6 @@ class AdapterRegistry(Peer):
                 stream.cancel()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_SECONDS)
-
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=CALL_SECONDS, metadata=self.metadata)
-        except grpc.aio.AioRpcError as error:
-            raise relayed(error, "AdapterService") from None
 
 
 def _check(file: adapter_pb2.AdapterFile | None, digest: hashlib._Hash, version: Version) -> None:

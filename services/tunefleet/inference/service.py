@@ -13,6 +13,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from tunefleet.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    TunefleetError,
+    Unavailable,
+)
+from tunefleet.core.tasks import cancel
 from tunefleet.inference.adapters import AdapterPool
 from tunefleet.inference.engine import (
     AdapterNotLoaded,
@@ -24,13 +31,6 @@ from tunefleet.inference.engine import (
 )
 from tunefleet.inference.feedback import ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics, version_labels
-from tunefleet.runtime.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    TunefleetError,
-    Unavailable,
-)
-from tunefleet.runtime.tasks import cancel
 from tunefleet.v1 import inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8

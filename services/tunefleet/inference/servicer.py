@@ -8,13 +8,13 @@ from typing import Any
 
 import grpc
 
-from tunefleet.adapters import names
+from tunefleet.core import names
+from tunefleet.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from tunefleet.core.protos import timestamp
 from tunefleet.inference.adapters import AdapterPool, ServedVersion
 from tunefleet.inference.feedback import Feedback, FeedbackRow
 from tunefleet.inference.metrics import version_labels
 from tunefleet.inference.service import InferenceManager
-from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from tunefleet.runtime.protos import timestamp
 from tunefleet.storage.pagination import check_page_size, decode_page_token, encode_page_token
 from tunefleet.v1 import (
     common_pb2,

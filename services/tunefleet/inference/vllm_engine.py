@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tunefleet.inference import kinds
+from tunefleet.core import kinds
 from tunefleet.inference.engine import (
     AdapterFiles,
     AdapterNotLoaded,

@@ -8,9 +8,11 @@ only as sha256 digests:
       - subject: ci-bot          # who; recorded in audit trails
         role: writer             # reader | writer | admin
         sha256: 9f86d0...        # hex sha256 of the token (`printf %s TOKEN | sha256sum`)
+        services: [AdapterService]  # optional: only these services' RPCs (a service's token)
 
 Clients send `authorization: Bearer <token>`. A missing or unknown token is UNAUTHENTICATED; a
-known token with too small a role is PERMISSION_DENIED. Health checks and reflection stay open.
+known token with too small a role, or for other services, is PERMISSION_DENIED. Health checks and
+reflection stay open.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import yaml
 from google.protobuf import descriptor_pool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunefleet.runtime.errors import PermissionDenied, Unauthenticated
+from tunefleet.core.errors import PermissionDenied, Unauthenticated
 from tunefleet.runtime.interceptors import AroundInterceptor, RpcCall
 from tunefleet.v1 import auth_pb2
 
+ApiService = Literal["DatasetService", "TrainingService", "AdapterService", "InferenceService"]
 PUBLIC_SERVICE_PREFIXES = ("grpc.health.", "grpc.reflection.")
 ROLE_RANK = {
     auth_pb2.ACCESS_ROLE_READER: 1,
@@ -52,6 +55,7 @@ class Principal:
 
     subject: str
     role: auth_pb2.AccessRole.ValueType
+    services: frozenset[str] | None = None  # the API services it may call; None: all
 
 
 ANONYMOUS = Principal("anonymous", auth_pb2.ACCESS_ROLE_ADMIN)
@@ -65,6 +69,7 @@ class _TokenEntry(BaseModel):
     subject: str = Field(min_length=1)
     role: Literal["reader", "writer", "admin"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    services: list[ApiService] | None = Field(default=None, min_length=1)
 
 
 class _TokensFile(BaseModel):
@@ -85,7 +90,16 @@ class TokenStore:
             parsed = _TokensFile.model_validate(yaml.safe_load(path.read_text()))
         except (OSError, yaml.YAMLError, ValidationError) as exc:
             raise ValueError(f"tokens file {str(path)!r}: {exc}") from None
-        return cls({e.sha256: Principal(e.subject, ROLE_BY_NAME[e.role]) for e in parsed.tokens})
+        return cls(
+            {
+                e.sha256: Principal(
+                    e.subject,
+                    ROLE_BY_NAME[e.role],
+                    frozenset(e.services) if e.services is not None else None,
+                )
+                for e in parsed.tokens
+            }
+        )
 
     def authenticate(self, token: str) -> Principal | None:
         digest = hashlib.sha256(token.encode()).hexdigest()
@@ -138,6 +152,14 @@ class AuthInterceptor(AroundInterceptor):
                 f"which requires {needed_role}",
                 reason="ROLE_TOO_LOW",
                 metadata={"required_role": needed_role, "role": role},
+            )
+        service = call.full_method.split("/")[1].removeprefix("tunefleet.v1.")
+        if principal.services is not None and service not in principal.services:
+            raise PermissionDenied(
+                f"{principal.subject} may call {', '.join(sorted(principal.services))} only, "
+                f"not {call.full_method}",
+                reason="SERVICE_NOT_ALLOWED",
+                metadata={"service": service},
             )
         token = current_principal.set(principal)
         try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from tunefleet.runtime.settings import Settings, SettingsError
+from tunefleet.runtime.settings import ServiceKey, Settings, SettingsError
 from tunefleet.storage import spools
 from tunefleet.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from tunefleet.storage.database import Database
@@ -16,25 +16,40 @@ from tunefleet.storage.database import Database
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Storage:
-    """The metadata database and the blob store a process uses."""
+    """The metadata databases and the blob store a process uses: one database per service, or
+    one they share (`storage.database_url` and `storage.databases`); each is connected to, and
+    migrated to the newest schema, when a service of this process first asks for it."""
 
-    database: Database
-    blobs: BlobStore
+    def __init__(self, settings: Settings, blobs: BlobStore) -> None:
+        self.settings, self.blobs = settings, blobs
+        self._databases: dict[str, Database] = {}
+
+    def database_for(self, service: ServiceKey | None) -> Database:
+        """The database of `service`; None: the shared one."""
+        own = self.settings.storage.databases.get(service) if service else None
+        url = own or self.settings.database_url
+        if url not in self._databases:
+            database = Database(url, busy_timeout=self.settings.storage.sqlite_busy_timeout_seconds)
+            database.migrate()
+            self._databases[url] = database
+        return self._databases[url]
+
+    @property
+    def database(self) -> Database:
+        """The shared database (`storage.database_url`)."""
+        return self.database_for(None)
 
     def close(self) -> None:
-        self.database.close()
+        for database in self._databases.values():
+            database.close()
+        self._databases.clear()
 
 
 def open_storage(settings: Settings) -> Storage:
-    """Connect to the configured database (migrating it to the newest schema) and blob store,
-    clearing leftovers of writes a killed process never finished."""
+    """Connect to the configured blob store, clearing leftovers of writes a killed process never
+    finished; the databases are opened as the services ask for them."""
     check_writable(settings)
-    database = Database(
-        settings.database_url, busy_timeout=settings.storage.sqlite_busy_timeout_seconds
-    )
-    database.migrate()
     blobs: BlobStore
     if settings.storage.blob_backend == "s3":
         s3 = settings.storage.s3
@@ -46,7 +61,7 @@ def open_storage(settings: Settings) -> Storage:
         log.info("removed %d unfinished blob writes", swept)
     for work in settings.work_dir.glob("*"):
         spools.sweep(work)  # uploads a killed process left behind
-    return Storage(database, blobs)
+    return Storage(settings, blobs)
 
 
 def check_writable(settings: Settings) -> None:

@@ -18,7 +18,7 @@ import unicodedata
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 
 MAX_NAME_BYTES = 512  # the longest name column (base_model) holds 512 characters
 # Free text: prompts, chat content, descriptions, comments, log lines, stop strings.

@@ -24,8 +24,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc.aio import AbortError
 
-from tunefleet.runtime import logs
-from tunefleet.runtime.errors import (
+from tunefleet.core.errors import (
     InvalidArgument,
     ResourceExhausted,
     TunefleetError,
@@ -33,6 +32,7 @@ from tunefleet.runtime.errors import (
     environment_error,
     internal_status,
 )
+from tunefleet.runtime import logs
 from tunefleet.runtime.fields import check_request
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,8 @@ from typing import Any
 
 import grpc
 
+from tunefleet.core.errors import relayed
+
 
 class Peer:
     """Another tunefleet service, seen from this one: one channel, opened on first use (so the
@@ -13,6 +15,8 @@ class Peer:
     bearer token on every call. Subclasses name the stub."""
 
     stub_class: Any  # the generated stub (typed for the blocking API, used with grpc.aio)
+    service = "the service"  # its name in errors
+    call_seconds = 30.0
 
     def __init__(self, endpoint: str = "", token: str = "") -> None:
         self.endpoint = endpoint
@@ -25,6 +29,15 @@ class Peer:
             assert self.endpoint, f"{type(self).__name__}: the address is not known yet"
             self._channel = grpc.aio.insecure_channel(self.endpoint)
         return self.stub_class(self._channel)
+
+    async def call(self, method: str, request: Any) -> Any:
+        """One unary call; a refusal is relayed as this service's own error (see `relayed`)."""
+        try:
+            return await getattr(self.stub, method)(
+                request, timeout=self.call_seconds, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise relayed(error, self.service) from None
 
     async def close(self) -> None:
         if self._channel is not None:

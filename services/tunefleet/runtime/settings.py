@@ -158,11 +158,17 @@ class S3Settings(_Section):
     region: str | None = None
 
 
+ServiceKey = Literal["datasets", "training", "adapters", "inference"]
+
+
 class StorageSettings(_Section):
     """Where metadata and blobs live."""
 
     # SQLAlchemy URL; empty means a SQLite file in the data directory.
     database_url: str = ""
+    # A database of its own for some services ({datasets, training, adapters, inference: URL});
+    # the others use database_url. Services never read each other's tables, so each may move.
+    databases: dict[ServiceKey, str] = {}
     # How long a SQLite writer waits for another's lock before the call is UNAVAILABLE.
     sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0)
     blob_backend: Literal["local", "s3"] = "local"
@@ -259,9 +265,14 @@ class TrainingSettings(_Section):
     # the adapters Service); empty: this server's own address, which needs AdapterService in
     # this process (the embedded shape).
     registry_endpoint: str = ""
-    # A writer token workers (and TrainingService) use to register results when authentication
-    # is on.
+    # gRPC address of the DatasetService jobs' datasets are checked and leased on; empty: this
+    # server's own address (the embedded shape).
+    datasets_endpoint: str = ""
+    # A writer token workers use to register results when authentication is on.
     worker_registry_token: str = ""
+    # TrainingService's own token for DatasetService (datasets, leases) and AdapterService
+    # (adapters, registrations the workers left); empty: worker_registry_token.
+    service_token: str = ""
     # Checkpoints kept per job: the newest this many and the best; older ones are deleted (the
     # trainer's local copies and the stored ones).
     keep_checkpoints: int = Field(default=3, ge=1)

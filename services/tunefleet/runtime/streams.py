@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from tunefleet.runtime.errors import InvalidArgument, TunefleetError, Unavailable
+from tunefleet.core.errors import InvalidArgument, TunefleetError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tunefleet.runtime.errors import DataLoss, InvalidArgument, NotFound
+from tunefleet.core.errors import DataLoss, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

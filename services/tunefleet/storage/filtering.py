@@ -20,7 +20,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.orm import InstrumentedAttribute
 
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 
 _TERM = re.compile(
     r"\s*(?P<field>[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.\-/]+)?)\s*(?P<op>!=|<=|>=|=|<|>|:)\s*"

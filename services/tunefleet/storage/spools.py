@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tunefleet.runtime.errors import ResourceExhausted
+from tunefleet.core.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 

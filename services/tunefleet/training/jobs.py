@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from tunefleet.runtime.errors import FailedPrecondition, InvalidArgument
+from tunefleet.core.errors import FailedPrecondition, InvalidArgument
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import TrainingSettings
 from tunefleet.trainer.spec import Hyperparameters, LoraSpec, Method, default_learning_rate

@@ -29,32 +29,31 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from tunefleet.adapters import names
-from tunefleet.adapters.registry import TOPIC as ADAPTER_TOPIC
-from tunefleet.adapters.store import AdapterRow
-from tunefleet.datasets import store as datasets
-from tunefleet.datasets.service import dataset_id
-from tunefleet.runtime.errors import (
+from tunefleet.core import names
+from tunefleet.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    TunefleetError,
     Unauthenticated,
 )
+from tunefleet.core.names import dataset_id
+from tunefleet.core.protos import timestamp
+from tunefleet.core.tasks import cancel
 from tunefleet.runtime.models import ModelCatalogue
-from tunefleet.runtime.protos import timestamp
 from tunefleet.runtime.settings import Settings
 from tunefleet.runtime.streams import ChangeSignal
-from tunefleet.runtime.tasks import cancel
 from tunefleet.storage import idempotency
 from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.storage.changes import Change, append_change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
 from tunefleet.training import jobs, store
+from tunefleet.training.datasets import DatasetClient
 from tunefleet.training.launcher import JobLauncher, LogLine, Phase, Run, RunRequest, RunStatus
 from tunefleet.training.metrics import TrainingMetrics
 from tunefleet.training.registry import RegistrationRefused, RegistryClient, RegistryUnavailable
@@ -116,7 +115,12 @@ class TrainingManager:
         self.launcher, self.metrics = launcher, metrics
         self.signal = signal or ChangeSignal()
         self.worker_endpoint = self.training.worker_endpoint
-        self.registry: RegistryClient | None = None
+        # DatasetService and AdapterService, called with TrainingService's own token; an empty
+        # address is this server's own (set by start()).
+        token = self.training.service_token or self.training.worker_registry_token
+        self.datasets = DatasetClient(self.training.datasets_endpoint, token)
+        self.registry = RegistryClient(self.training.registry_endpoint, token, blobs)
+        self._leasing = asyncio.Lock()
         self._settling: dict[str, asyncio.Task[None]] = {}
         self.started_at = utcnow()
         self._wake: asyncio.Event | None = None
@@ -126,9 +130,11 @@ class TrainingManager:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def create(
+    async def create(
         self, requested: TrainingJob, request_id: str = "", validate_only: bool = False
     ) -> TrainingJob:
+        """Check a job and what it names (its datasets on DatasetService, its adapter on
+        AdapterService, which creates it if need be), store it and lease its datasets."""
         job = TrainingJob()
         for field in USER_FIELDS:
             value = getattr(requested, field)
@@ -149,39 +155,23 @@ class TrainingManager:
             )
         )
         job.launcher = self.launcher.name
-        train_id = dataset_id(job.train_dataset, "training_job.train_dataset")
-        validation_id = (
+        dataset_id(job.train_dataset, "training_job.train_dataset")
+        if job.validation_dataset:
             dataset_id(job.validation_dataset, "training_job.validation_dataset")
-            if job.validation_dataset
-            else ""
-        )
-        adapter_id = names.adapter_id(job.adapter, "training_job.adapter")
+        names.adapter_id(job.adapter, "training_job.adapter")
+        data = await self._data(job)
         if validate_only:
-            with self.db.session() as session:
-                self._references(session, job, train_id, validation_id, adapter_id)
+            await self.registry.check_adapter(job.adapter, job.base_model)
             job.state = State.STATE_VALIDATING
             return job
+        await self.registry.ensure_adapter(
+            job.adapter,
+            job.base_model,
+            f"created for training by {job.display_name or 'a job'}",
+        )
         fingerprint = hashlib.sha256(requested.SerializeToString(deterministic=True)).hexdigest()
 
         def insert(session: Session) -> str:
-            data = self._references(session, job, train_id, validation_id, adapter_id)
-            if session.get(AdapterRow, adapter_id) is None:
-                now = utcnow()
-                session.add(
-                    AdapterRow(
-                        id=adapter_id,
-                        base_model=job.base_model,
-                        description=f"created for training by {job.display_name or 'a job'}",
-                        labels={},
-                        latest_version=0,
-                        create_time=now,
-                        update_time=now,
-                    )
-                )
-                session.flush()
-                append_change(
-                    session, ADAPTER_TOPIC, "TYPE_ADAPTER_CREATED", {"adapter": job.adapter}
-                )
             identifier = uuid.uuid4().hex[:20]
             now = utcnow()
             job.name = topic(identifier)
@@ -192,6 +182,7 @@ class TrainingManager:
                 token_sha256="",
                 cancel_requested=False,
                 launcher_state={},
+                lease_state=store.LEASES_WANTED,
                 last_report_time=None,
                 create_time=now,
             )
@@ -204,31 +195,28 @@ class TrainingManager:
             session.flush()
             self._event(session, identifier, "state_change", job.state_history[0])
             self._transition(session, row, job, State.STATE_QUEUED)
-            for dataset in {train_id, validation_id} - {""}:
-                datasets.acquire_lease(session, dataset, job.name)
             return job.name
 
-        name, _ = idempotency.create_once(
+        name, _ = await asyncio.to_thread(
+            idempotency.create_once,
             self.db,
             scope="CreateTrainingJob",
             request_id=request_id,
             request_sha256=fingerprint,
             create=insert,
         )
+        # Leased now, so that the dataset cannot go between this answer and the job's launch;
+        # should DatasetService not answer, the scheduler leases them before it launches the job.
+        await self._lease(store.job_id(name))
         self.signal.notify()
         self.wake()
-        return self.get(name)
+        return await asyncio.to_thread(self.get, name)
 
-    def _references(
-        self,
-        session: Session,
-        job: TrainingJob,
-        train_id: str,
-        validation_id: str,
-        adapter_id: str,
-    ) -> dict[str, Any]:
-        """Check the datasets and the adapter a job names; the data part of its trainer spec."""
-        train = _dataset(session, train_id, "training_job.train_dataset")
+    async def _data(self, job: TrainingJob) -> dict[str, Any]:
+        """Check the datasets a job names (on DatasetService); the data part of its trainer
+        spec: the URIs of their records in the blob store."""
+        datasets = self.datasets
+        train = await datasets.dataset(job.train_dataset, "training_job.train_dataset")
         if train.train_record_count == 0:
             raise InvalidArgument(
                 "training_job.train_dataset", f"{job.train_dataset} has no train records"
@@ -236,29 +224,78 @@ class TrainingManager:
         data: dict[str, Any] = {
             "train_data": {"uri": self.blobs.uri(train.content_sha256), "split": "train"}
         }
-        if validation_id:
-            other = _dataset(session, validation_id, "training_job.validation_dataset")
+        if job.validation_dataset:
+            other = await datasets.dataset(
+                job.validation_dataset, "training_job.validation_dataset"
+            )
             data["validation_data"] = {"uri": self.blobs.uri(other.content_sha256), "split": "all"}
         elif train.validation_record_count:
             data["validation_data"] = {
                 "uri": self.blobs.uri(train.content_sha256),
                 "split": "validation",
             }
-        adapter = session.get(AdapterRow, adapter_id)
-        if adapter is not None and adapter.base_model != job.base_model:
-            raise FailedPrecondition(
-                f"training_job.adapter: {job.adapter} is for base model {adapter.base_model!r}, "
-                f"not {job.base_model!r}",
-                reason="ADAPTER_BASE_MODEL_MISMATCH",
-            )
         return data
+
+    # --- dataset leases (DatasetService's) ------------------------------------------------------
+
+    async def _lease(self, job_id: str) -> None:
+        """Lease the datasets of a job that wants its leases. A dataset deleted since the job was
+        checked fails the job; DatasetService not answering leaves it for the next tick."""
+        async with self._leasing:
+            row = await asyncio.to_thread(self._row, job_id)
+            job = row.job()
+            if row.lease_state != store.LEASES_WANTED or job.state in TERMINAL:
+                return
+            for dataset in _datasets(job):
+                try:
+                    await self.datasets.lease(dataset, job_id, job.name)
+                except NotFound:
+                    error = training_job_pb2.JobError(
+                        reason="DATASET_DELETED",
+                        message=f"{dataset} was deleted before the job could lease it",
+                    )
+                    await asyncio.to_thread(self._end, job_id, State.STATE_FAILED, error)
+                    break
+                except TunefleetError as error:
+                    log.warning("cannot lease %s for %s yet: %s", dataset, job.name, error)
+                    return
+            await asyncio.to_thread(self._lease_state, job_id, store.LEASES_HELD)
+
+    async def _release(self, row: JobRow) -> None:
+        """Delete the leases of a job that ended; DatasetService not answering leaves them for
+        the next tick."""
+        async with self._leasing:
+            for dataset in _datasets(row.job()):
+                try:
+                    await self.datasets.release(dataset, row.id)
+                except TunefleetError as error:
+                    log.warning("cannot release %s for %s yet: %s", dataset, row.name, error)
+                    return
+            await asyncio.to_thread(self._lease_state, row.id, store.LEASES_RELEASED)
+
+    def _row(self, job_id: str) -> JobRow:
+        with self.db.read() as session:
+            row = store.get(session, job_id)
+            session.expunge(row)
+            return row
+
+    def _lease_state(self, job_id: str, state: str) -> None:
+        with self.db.session() as session:
+            store.get(session, job_id, for_update=True).lease_state = state
+
+    def _ended_holding_leases(self) -> list[JobRow]:
+        with self.db.read() as session:
+            rows = store.ended_holding_leases(session)
+            for row in rows:
+                session.expunge(row)
+            return rows
 
     def _worker_spec(
         self, job: TrainingJob, checked: jobs.Checked, data: dict[str, Any]
     ) -> dict[str, Any]:
         """The trainer spec, less what each launch adds (endpoints, token, output directory)."""
         storage = self.settings.storage.model_dump(mode="json")
-        storage["database_url"] = ""  # workers never touch the database
+        storage["database_url"], storage["databases"] = "", {}  # workers never touch a database
         if storage["blob_backend"] == "local":
             storage["blob_dir"] = str(self.settings.blob_dir.resolve())
         return {
@@ -270,7 +307,7 @@ class TrainingManager:
             **data,
             "storage": storage,
             "job": job.name,
-            "datasets": sorted({job.train_dataset, job.validation_dataset} - {""}),
+            "datasets": _datasets(job),
             "report": {"job": job.name},
             "registry": {"adapter": job.adapter},
         }
@@ -511,8 +548,8 @@ class TrainingManager:
             started = job.start_time.ToDatetime() if job.HasField("start_time") else None
             seconds = (now.replace(tzinfo=None) - started).total_seconds() if started else None
             self.metrics.ended(job.name, State.Name(state).removeprefix("STATE_").lower(), seconds)
-            for dataset in {job.train_dataset, job.validation_dataset} - {""}:
-                datasets.release_lease(session, dataset_id(dataset), job.name)
+            # Its leases go once this commits (the scheduler deletes them on DatasetService).
+            event.listen(session, "after_commit", lambda _: self.wake(), once=True)
             log.info(
                 "%s ended: %s%s",
                 job.name,
@@ -536,11 +573,8 @@ class TrainingManager:
         """Reconcile with the launcher, then run the scheduler until `stop()`."""
         if not self.worker_endpoint:
             self.worker_endpoint = server_address
-        self.registry = RegistryClient(
-            self.training.registry_endpoint or server_address,
-            self.training.worker_registry_token,
-            self.blobs,
-        )
+        self.datasets.endpoint = self.datasets.endpoint or server_address
+        self.registry.endpoint = self.registry.endpoint or server_address
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.started_at = utcnow()
@@ -563,8 +597,8 @@ class TrainingManager:
             await cancel(task)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self.registry is not None:
-            await self.registry.close()
+        await self.registry.close()
+        await self.datasets.close()
         await self.launcher.close()
 
     def wake(self) -> None:
@@ -589,7 +623,13 @@ class TrainingManager:
 
     async def tick(self) -> None:
         """One look at every unfinished job: follow launched runs, fail silent workers, launch
-        queued jobs while there is room."""
+        queued jobs while there is room; lease datasets for new jobs and release those of ended
+        ones."""
+        for row in await asyncio.to_thread(self._ended_holding_leases):
+            await self._release(row)
+        for row in await asyncio.to_thread(self._active):
+            if row.lease_state == store.LEASES_WANTED:
+                await self._lease(row.id)
         for row in await asyncio.to_thread(self._active):
             run = _run(row)
             if run is not None:
@@ -604,7 +644,12 @@ class TrainingManager:
         for row in rows:
             if busy >= self.training.max_running_jobs:
                 break
-            if row.state == "QUEUED" and not _run(row) and not row.launcher_state.get("launching"):
+            if (
+                row.state == "QUEUED"
+                and row.lease_state == store.LEASES_HELD
+                and not _run(row)
+                and not row.launcher_state.get("launching")
+            ):
                 await self._launch(row)
                 busy += 1
         await asyncio.to_thread(self._count)
@@ -954,11 +999,8 @@ def _run(row: JobRow) -> Run | None:
     return Run(run_id, row.launcher_state.get("run", {}))
 
 
-def _dataset(session: Session, identifier: str, field: str) -> datasets.DatasetRow:
-    try:
-        return datasets.get(session, identifier)
-    except NotFound:
-        raise InvalidArgument(field, f"datasets/{identifier} does not exist") from None
+def _datasets(job: TrainingJob) -> list[str]:
+    return sorted({job.train_dataset, job.validation_dataset} - {""})
 
 
 def event_proto(change: Change) -> training_job_pb2.TrainingEvent:

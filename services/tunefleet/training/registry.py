@@ -1,15 +1,17 @@
-"""TrainingService's client of AdapterService, for the end of a run whose final report never
-arrived: check that a version the worker left behind exists and was trained by the job, or
-register the output it stored but could not register itself (the same request, with the same
-request id, so a registration that did happen is not repeated)."""
+"""TrainingService's client of AdapterService: the adapter a job trains is created (or checked)
+when the job is, and at the end of a run whose final report never arrived, a version the worker
+left behind is checked (it exists and was trained by the job), or the output it stored but could
+not register is registered (the same request, with the same request id, so a registration that
+did happen is not repeated)."""
 
 from __future__ import annotations
 
 import grpc
 
+from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from tunefleet.runtime.peers import Peer
 from tunefleet.storage.blobs import BlobStore, uri_sha256
-from tunefleet.v1 import adapter_service_pb2, adapter_service_pb2_grpc
+from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
 
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
@@ -30,10 +32,41 @@ class RegistrationRefused(Exception):
 
 class RegistryClient(Peer):
     stub_class = adapter_service_pb2_grpc.AdapterServiceStub
+    service = "AdapterService"
 
     def __init__(self, endpoint: str, token: str, blobs: BlobStore) -> None:
         super().__init__(endpoint, token)
         self.blobs = blobs
+
+    async def check_adapter(self, name: str, base_model: str) -> bool:
+        """Whether adapter `name` exists; FAILED_PRECONDITION when it is for another base model."""
+        try:
+            request = adapter_service_pb2.GetAdapterRequest(name=name)
+            adapter = await self.call("GetAdapter", request)
+        except NotFound:
+            return False
+        if adapter.base_model != base_model:
+            raise FailedPrecondition(
+                f"training_job.adapter: {name} is for base model {adapter.base_model!r}, "
+                f"not {base_model!r}",
+                reason="ADAPTER_BASE_MODEL_MISMATCH",
+            )
+        return True
+
+    async def ensure_adapter(self, name: str, base_model: str, description: str) -> None:
+        """Create adapter `name` for `base_model` unless it exists (for that base model)."""
+        if await self.check_adapter(name, base_model):
+            return
+        try:
+            await self.call(
+                "CreateAdapter",
+                adapter_service_pb2.CreateAdapterRequest(
+                    adapter_id=name.removeprefix("adapters/"),
+                    adapter=adapter_pb2.Adapter(base_model=base_model, description=description),
+                ),
+            )
+        except AlreadyExists:  # another job created it meanwhile
+            await self.check_adapter(name, base_model)
 
     async def trained_by(self, version: str, job: str) -> bool:
         """Whether `version` exists and its lineage names `job`."""

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from tunefleet.runtime.errors import Unavailable
-from tunefleet.runtime.protos import timestamp
+from tunefleet.core.errors import Unavailable
+from tunefleet.core.protos import timestamp
 from tunefleet.training.manager import TrainingManager, event_proto
 from tunefleet.training.store import CheckpointRow
 from tunefleet.v1 import training_job_pb2, training_service_pb2, training_service_pb2_grpc
@@ -25,8 +25,8 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     async def CreateTrainingJob(
         self, request: training_service_pb2.CreateTrainingJobRequest, context: Context
     ) -> training_job_pb2.TrainingJob:
-        return await asyncio.to_thread(
-            self.manager.create, request.training_job, request.request_id, request.validate_only
+        return await self.manager.create(
+            request.training_job, request.request_id, request.validate_only
         )
 
     async def GetTrainingJob(

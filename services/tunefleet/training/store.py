@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from tunefleet.runtime.errors import InvalidArgument, NotFound
+from tunefleet.core.errors import InvalidArgument, NotFound
 from tunefleet.storage.database import Base
 from tunefleet.storage.filtering import Filter
 from tunefleet.storage.pagination import Page, paginate
@@ -24,6 +24,7 @@ from tunefleet.v1 import training_job_pb2
 
 State = training_job_pb2.TrainingJob.State
 TERMINAL = {State.STATE_SUCCEEDED, State.STATE_FAILED, State.STATE_CANCELLED}
+LEASES_WANTED, LEASES_HELD, LEASES_RELEASED = "wanted", "held", "released"
 ACTIVE_NAMES = ["STATE_VALIDATING", "STATE_QUEUED", "STATE_RUNNING", "STATE_CANCELLING"]
 
 
@@ -38,6 +39,9 @@ class JobRow(Base):
     token_sha256: Mapped[str] = mapped_column(String(64))
     cancel_requested: Mapped[bool]
     launcher_state: Mapped[dict[str, Any]]
+    # The job's leases on its datasets (DatasetService's): WANTED until taken, HELD, then
+    # RELEASED after the job ended. The scheduler moves them along, so none outlives its job.
+    lease_state: Mapped[str] = mapped_column(String(16), index=True, server_default="released")
     last_report_time: Mapped[datetime | None]
     create_time: Mapped[datetime] = mapped_column(index=True)
 
@@ -100,6 +104,16 @@ def list_page(session: Session, filter_text: str, page_size: int, page_token: st
         page_token=page_token,
         query=filter_text,
         descending=True,
+    )
+
+
+def ended_holding_leases(session: Session) -> list[JobRow]:
+    """Jobs that ended and may still hold leases on their datasets."""
+    final = [State.Name(state).removeprefix("STATE_") for state in TERMINAL]
+    return list(
+        session.scalars(
+            select(JobRow).where(JobRow.lease_state == LEASES_HELD, JobRow.state.in_(final))
+        )
     )
 
 

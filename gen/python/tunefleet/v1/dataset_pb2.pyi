@@ -385,6 +385,42 @@ class Dataset(_message.Message):
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
 
 @_typing.final
+class DatasetLease(_message.Message):
+    """DatasetLease marks a dataset as in use (for example by a training job): a dataset with leases
+    cannot be deleted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Output only. Resource name, `datasets/{dataset}/leases/{lease}`."""
+    holder: _builtins.str
+    """Required. Who holds the lease, as a resource name such as `trainingJobs/{job}`; at most 256
+    characters.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the lease was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "holder", b"holder", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetLease: _TypeAlias = DatasetLease  # noqa: Y015
+
+@_typing.final
 class DatasetOptions(_message.Message):
     """DatasetOptions are the choices an upload makes about validation, cleaning and splitting."""
 

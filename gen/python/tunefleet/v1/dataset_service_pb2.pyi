@@ -290,3 +290,121 @@ class CheckContaminationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__near_duplicate_threshold) -> _WhichOneofReturnType__near_duplicate_threshold | None: ...
 
 Global___CheckContaminationRequest: _TypeAlias = CheckContaminationRequest  # noqa: Y015
+
+@_typing.final
+class CreateDatasetLeaseRequest(_message.Message):
+    """CreateDatasetLeaseRequest leases a dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The dataset, `datasets/{dataset}`."""
+    lease_id: _builtins.str
+    """Required. The lease id, which becomes `datasets/{dataset}/leases/{lease_id}`: 1 to 63
+    lowercase letters, digits and hyphens, starting with a letter.
+    """
+    @_builtins.property
+    def lease(self) -> _dataset_pb2.DatasetLease:
+        """Required. The lease; output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        lease: _dataset_pb2.DatasetLease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "lease_id", b"lease_id", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDatasetLeaseRequest: _TypeAlias = CreateDatasetLeaseRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetLeaseRequest(_message.Message):
+    """DeleteDatasetLeaseRequest names a lease to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `datasets/{dataset}/leases/{lease}`."""
+    allow_missing: _builtins.bool
+    """Optional. Succeed when the lease or its dataset does not exist."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetLeaseRequest: _TypeAlias = DeleteDatasetLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetLeasesRequest(_message.Message):
+    """ListDatasetLeasesRequest asks for a page of a dataset's leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The dataset, `datasets/{dataset}`."""
+    page_size: _builtins.int
+    """Optional. Page size, 1 to 1000; 0 means the server default of 50."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetLeasesRequest: _TypeAlias = ListDatasetLeasesRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetLeasesResponse(_message.Message):
+    """ListDatasetLeasesResponse is a page of leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_pb2.DatasetLease]:
+        """The leases."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[_dataset_pb2.DatasetLease] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetLeasesResponse: _TypeAlias = ListDatasetLeasesResponse  # noqa: Y015

@@ -63,6 +63,21 @@ class DatasetServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.PreviewDatasetRecordsRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_dataset__pb2.DatasetRecord.FromString,
                 _registered_method=True)
+        self.CreateDatasetLease = channel.unary_unary(
+                '/tunefleet.v1.DatasetService/CreateDatasetLease',
+                request_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.CreateDatasetLeaseRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_dataset__pb2.DatasetLease.FromString,
+                _registered_method=True)
+        self.DeleteDatasetLease = channel.unary_unary(
+                '/tunefleet.v1.DatasetService/DeleteDatasetLease',
+                request_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.DeleteDatasetLeaseRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListDatasetLeases = channel.unary_unary(
+                '/tunefleet.v1.DatasetService/ListDatasetLeases',
+                request_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesResponse.FromString,
+                _registered_method=True)
         self.CheckContamination = channel.unary_unary(
                 '/tunefleet.v1.DatasetService/CheckContamination',
                 request_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.CheckContaminationRequest.SerializeToString,
@@ -100,7 +115,7 @@ class DatasetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDataset(self, request, context):
-        """Deletes a dataset. Fails with FAILED_PRECONDITION while a training job uses it.
+        """Deletes a dataset. Fails with FAILED_PRECONDITION (reason DATASET_IN_USE) while it has leases.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +123,29 @@ class DatasetServiceServicer:
 
     def PreviewDatasetRecords(self, request, context):
         """Streams a dataset's normalised records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDatasetLease(self, request, context):
+        """Leases a dataset for a user of it (a training job): the dataset cannot be deleted until every
+        lease on it is deleted. Creating a lease that exists for the same holder returns it, so a
+        retried call is safe; another holder's lease of that id is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDatasetLease(self, request, context):
+        """Deletes a lease. With `allow_missing`, a lease (or dataset) that is gone is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasetLeases(self, request, context):
+        """Lists the leases on a dataset, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +185,21 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.PreviewDatasetRecords,
                     request_deserializer=tunefleet_dot_v1_dot_dataset__service__pb2.PreviewDatasetRecordsRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_dataset__pb2.DatasetRecord.SerializeToString,
+            ),
+            'CreateDatasetLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDatasetLease,
+                    request_deserializer=tunefleet_dot_v1_dot_dataset__service__pb2.CreateDatasetLeaseRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_dataset__pb2.DatasetLease.SerializeToString,
+            ),
+            'DeleteDatasetLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDatasetLease,
+                    request_deserializer=tunefleet_dot_v1_dot_dataset__service__pb2.DeleteDatasetLeaseRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListDatasetLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasetLeases,
+                    request_deserializer=tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesResponse.SerializeToString,
             ),
             'CheckContamination': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckContamination,
@@ -291,6 +344,87 @@ class DatasetService:
             '/tunefleet.v1.DatasetService/PreviewDatasetRecords',
             tunefleet_dot_v1_dot_dataset__service__pb2.PreviewDatasetRecordsRequest.SerializeToString,
             tunefleet_dot_v1_dot_dataset__pb2.DatasetRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDatasetLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.DatasetService/CreateDatasetLease',
+            tunefleet_dot_v1_dot_dataset__service__pb2.CreateDatasetLeaseRequest.SerializeToString,
+            tunefleet_dot_v1_dot_dataset__pb2.DatasetLease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDatasetLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.DatasetService/DeleteDatasetLease',
+            tunefleet_dot_v1_dot_dataset__service__pb2.DeleteDatasetLeaseRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasetLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.DatasetService/ListDatasetLeases',
+            tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesRequest.SerializeToString,
+            tunefleet_dot_v1_dot_dataset__service__pb2.ListDatasetLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,9 +48,18 @@ class DatasetServiceStub:
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]
     """Lists datasets, newest first."""
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _empty_pb2.Empty]
-    """Deletes a dataset. Fails with FAILED_PRECONDITION while a training job uses it."""
+    """Deletes a dataset. Fails with FAILED_PRECONDITION (reason DATASET_IN_USE) while it has leases."""
     PreviewDatasetRecords: _grpc.UnaryStreamMultiCallable[_dataset_service_pb2.PreviewDatasetRecordsRequest, _dataset_pb2.DatasetRecord]
     """Streams a dataset's normalised records."""
+    CreateDatasetLease: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.CreateDatasetLeaseRequest, _dataset_pb2.DatasetLease]
+    """Leases a dataset for a user of it (a training job): the dataset cannot be deleted until every
+    lease on it is deleted. Creating a lease that exists for the same holder returns it, so a
+    retried call is safe; another holder's lease of that id is ALREADY_EXISTS.
+    """
+    DeleteDatasetLease: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetLeaseRequest, _empty_pb2.Empty]
+    """Deletes a lease. With `allow_missing`, a lease (or dataset) that is gone is not an error."""
+    ListDatasetLeases: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetLeasesRequest, _dataset_service_pb2.ListDatasetLeasesResponse]
+    """Lists the leases on a dataset, oldest first."""
     CheckContamination: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.CheckContaminationRequest, _dataset_pb2.ContaminationReport]
     """Compares an evaluation dataset with a training dataset for exact and near-duplicate overlap."""
 
@@ -72,9 +81,18 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     ListDatasets: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     """Lists datasets, newest first."""
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Deletes a dataset. Fails with FAILED_PRECONDITION while a training job uses it."""
+    """Deletes a dataset. Fails with FAILED_PRECONDITION (reason DATASET_IN_USE) while it has leases."""
     PreviewDatasetRecords: _aio.UnaryStreamMultiCallable[_dataset_service_pb2.PreviewDatasetRecordsRequest, _dataset_pb2.DatasetRecord]  # type: ignore[assignment]
     """Streams a dataset's normalised records."""
+    CreateDatasetLease: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.CreateDatasetLeaseRequest, _dataset_pb2.DatasetLease]  # type: ignore[assignment]
+    """Leases a dataset for a user of it (a training job): the dataset cannot be deleted until every
+    lease on it is deleted. Creating a lease that exists for the same holder returns it, so a
+    retried call is safe; another holder's lease of that id is ALREADY_EXISTS.
+    """
+    DeleteDatasetLease: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetLeaseRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a lease. With `allow_missing`, a lease (or dataset) that is gone is not an error."""
+    ListDatasetLeases: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetLeasesRequest, _dataset_service_pb2.ListDatasetLeasesResponse]  # type: ignore[assignment]
+    """Lists the leases on a dataset, oldest first."""
     CheckContamination: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.CheckContaminationRequest, _dataset_pb2.ContaminationReport]  # type: ignore[assignment]
     """Compares an evaluation dataset with a training dataset for exact and near-duplicate overlap."""
 
@@ -117,7 +135,7 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dataset_service_pb2.DeleteDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Deletes a dataset. Fails with FAILED_PRECONDITION while a training job uses it."""
+        """Deletes a dataset. Fails with FAILED_PRECONDITION (reason DATASET_IN_USE) while it has leases."""
 
     @_abc_1.abstractmethod
     def PreviewDatasetRecords(
@@ -126,6 +144,33 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dataset_pb2.DatasetRecord], _abc.AsyncIterator[_dataset_pb2.DatasetRecord]]:
         """Streams a dataset's normalised records."""
+
+    @_abc_1.abstractmethod
+    def CreateDatasetLease(
+        self,
+        request: _dataset_service_pb2.CreateDatasetLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_pb2.DatasetLease, _abc.Awaitable[_dataset_pb2.DatasetLease]]:
+        """Leases a dataset for a user of it (a training job): the dataset cannot be deleted until every
+        lease on it is deleted. Creating a lease that exists for the same holder returns it, so a
+        retried call is safe; another holder's lease of that id is ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDatasetLease(
+        self,
+        request: _dataset_service_pb2.DeleteDatasetLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a lease. With `allow_missing`, a lease (or dataset) that is gone is not an error."""
+
+    @_abc_1.abstractmethod
+    def ListDatasetLeases(
+        self,
+        request: _dataset_service_pb2.ListDatasetLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.ListDatasetLeasesResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetLeasesResponse]]:
+        """Lists the leases on a dataset, oldest first."""
 
     @_abc_1.abstractmethod
     def CheckContamination(

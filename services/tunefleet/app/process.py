@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from tunefleet.app.services import SERVICES, registration
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.logs import configure_logging
 from tunefleet.runtime.metrics import ServerMetrics
 from tunefleet.runtime.models import preload_transformers
 from tunefleet.runtime.server import TunefleetServer
-from tunefleet.runtime.services import SERVICES, registration
 from tunefleet.runtime.settings import Settings
 
 

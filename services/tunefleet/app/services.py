@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import ServiceDescriptor
 
@@ -13,6 +13,11 @@ from tunefleet.runtime.context import ServiceContext
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.runtime.settings import Settings, SettingsError
+
+if TYPE_CHECKING:  # the services' modules load only when their service is put on a server
+    from tunefleet.inference.engine import Engine
+    from tunefleet.training.launcher import JobLauncher
+
 from tunefleet.v1 import (
     adapter_service_pb2,
     dataset_service_pb2,
@@ -39,7 +44,7 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
 
     settings = context.settings
     manager = DatasetManager(
-        context.storage.database,
+        context.storage.database_for("datasets"),
         context.storage.blobs,
         workdir=settings.work_dir / "datasets",
         models=ModelCatalogue.of(settings),
@@ -59,7 +64,9 @@ def _datasets(context: ServiceContext) -> ServiceRegistration:
     )
 
 
-def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRegistration:
+def training_service(
+    context: ServiceContext, launcher: JobLauncher | None = None
+) -> ServiceRegistration:
     """TrainingService with the launcher the settings name (or `launcher`, for tests)."""
     from tunefleet.training.manager import TrainingManager
     from tunefleet.training.metrics import TrainingMetrics
@@ -67,15 +74,18 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
     from tunefleet.v1 import training_service_pb2_grpc
 
     settings = context.settings
-    if (
-        not settings.training.registry_endpoint
-        and context.services
-        and "adapters" not in context.services
-    ):
+    remote = set(context.services and {"datasets", "adapters"} - set(context.services))
+    if not settings.training.registry_endpoint and "adapters" in remote:
         raise SettingsError(
             "training.registry_endpoint: must name an AdapterService (the gateway or the "
             "adapters Service) when this process does not serve adapters; without it trained "
             "results cannot be registered"
+        )
+    if not settings.training.datasets_endpoint and "datasets" in remote:
+        raise SettingsError(
+            "training.datasets_endpoint: must name a DatasetService (the gateway or the "
+            "datasets Service) when this process does not serve datasets; jobs' datasets are "
+            "checked and leased there"
         )
     if settings.server.auth.enabled and not settings.training.worker_registry_token:
         raise SettingsError(
@@ -91,7 +101,7 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
 
         launcher = LocalLauncher(settings.data_dir / "training" / "runs")
     manager = TrainingManager(
-        context.storage.database,
+        context.storage.database_for("training"),
         context.storage.blobs,
         settings,
         launcher,
@@ -113,7 +123,9 @@ def training_service(context: ServiceContext, launcher: Any = None) -> ServiceRe
     )
 
 
-def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRegistration:
+def inference_service(
+    context: ServiceContext, engines: list[Engine] | None = None
+) -> ServiceRegistration:
     """InferenceService with the engines the settings name (or `engines`, for tests); without a
     base model configured every call answers FAILED_PRECONDITION."""
     from tunefleet.inference.adapters import AdapterPool
@@ -158,7 +170,7 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
         manager = InferenceManager(
             engines,
             pool,
-            ResponseLog(context.storage.database),
+            ResponseLog(context.storage.database_for("inference")),
             metrics,
             options.max_tokens_limit,
             options.max_prompt_tokens,
@@ -186,13 +198,13 @@ def inference_service(context: ServiceContext, engines: Any = None) -> ServiceRe
     )
 
 
-def _engines(settings: Settings, model_dir: Path) -> list[Any]:
+def _engines(settings: Settings, model_dir: Path) -> list[Engine]:
     """The main engine the settings name, and a PEFT engine beside vLLM for what it refuses."""
     from tunefleet.inference.peft_engine import PeftEngine
 
     options = settings.inference
 
-    def peft() -> Any:
+    def peft() -> Engine:
         return PeftEngine(
             model_dir,
             device=options.device,
@@ -205,7 +217,7 @@ def _engines(settings: Settings, model_dir: Path) -> list[Any]:
         return [peft()]
     from tunefleet.inference.vllm_engine import VllmEngine
 
-    engines: list[Any] = [VllmEngine(model_dir, options.vllm)]
+    engines: list[Engine] = [VllmEngine(model_dir, options.vllm)]
     if options.peft_fallback:
         engines.append(peft())
     return engines
@@ -222,7 +234,7 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
     settings = context.settings
     signal = ChangeSignal()
     registry = Registry(
-        context.storage.database,
+        context.storage.database_for("adapters"),
         context.storage.blobs,
         workdir=settings.work_dir / "adapters",
         models=ModelCatalogue.of(settings),

@@ -1,12 +1,14 @@
-"""Resource names of the registry: `adapters/{adapter}`, `adapters/{adapter}/versions/{n}`,
-`adapters/{adapter}@{alias}` and `adapters/{adapter}/aliases/{alias}`."""
+"""Resource names the services share: the registry's `adapters/{adapter}`,
+`adapters/{adapter}/versions/{n}`, `adapters/{adapter}@{alias}` and
+`adapters/{adapter}/aliases/{alias}`; datasets' `datasets/{dataset}` and
+`datasets/{dataset}/leases/{lease}`."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from tunefleet.runtime.errors import InvalidArgument
+from tunefleet.core.errors import InvalidArgument
 
 ID = r"[a-z][a-z0-9-]{0,62}"
 _ID = re.compile(rf"^{ID}$")
@@ -64,3 +66,21 @@ def alias_name(name: str, field: str = "name") -> tuple[str, str]:
 
 def version_name(adapter: str, version: int) -> str:
     return f"adapters/{adapter}/versions/{version}"
+
+
+def dataset_id(name: str, field: str = "name") -> str:
+    """The id in `datasets/{id}`; INVALID_ARGUMENT naming `field` for anything else."""
+    prefix, _, identifier = name.partition("/")
+    if prefix != "datasets" or not identifier or "/" in identifier:
+        raise InvalidArgument(field, f"{name!r} is not a dataset name (datasets/{{dataset}})")
+    return identifier
+
+
+def lease_name(name: str) -> tuple[str, str]:
+    """The dataset and lease ids in `datasets/{dataset}/leases/{lease}`."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "datasets" or parts[2] != "leases" or "" in parts:
+        raise InvalidArgument(
+            "name", f"{name!r} is not a lease name (datasets/{{dataset}}/leases/{{lease}})"
+        )
+    return parts[1], parts[3]

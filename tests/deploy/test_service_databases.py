@@ -1,0 +1,129 @@
+"""The cluster shape with a database per service: four `tunefleet serve <service>` processes, each
+with its own database (SQLite files; and PostgreSQL databases), behind the gateway's nginx, run
+the demo tour (upload, train twice, register, move `prod`, served without a restart, feedback).
+Afterwards each database holds rows of its own service's tables only: everything else went
+through the other services' RPCs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from tests.cli.test_demo import check_tour
+from tests.deploy.nginx import running_gateway
+from tests.deploy.test_manifests import SERVICES
+from tests.helpers import require_tool
+from tests.storage.conftest import postgres_server  # noqa: F401 (a fixture)
+from tunefleet.demo import tour
+from tunefleet.demo.server import LocalServer
+
+pytestmark = pytest.mark.timeout(1500)  # a generous bound for a busy machine, not a claim
+
+# The tables each service writes (the change feed and idempotency keys are everyone's own).
+OWN_TABLES = {
+    "datasets": {"datasets", "dataset_leases"},
+    "training": {"training_jobs", "training_checkpoints"},
+    "adapters": {
+        "adapters",
+        "adapter_versions",
+        "adapter_version_datasets",
+        "adapter_aliases",
+        "adapter_alias_moves",
+    },
+    "inference": {"inference_responses", "feedback"},
+}
+SHARED_TABLES = {"changes", "change_counters", "idempotency_keys", "alembic_version"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A separate, empty database for each service."""
+    if request.param == "sqlite":
+        yield {key: f"sqlite:///{tmp_path / f'{key}.db'}" for key in SERVICES}
+        return
+    base = request.getfixturevalue("postgres_server")
+    plain = base.replace("postgresql+psycopg://", "postgresql://")
+    names = {key: f"test_{key}_{uuid.uuid4().hex[:8]}" for key in SERVICES}
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as connection:
+        for name in names.values():
+            connection.execute(f'CREATE DATABASE "{name}"')
+    yield {key: f"{base}/{name}" for key, name in names.items()}
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as connection:
+        for name in names.values():
+            connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def rows_by_table(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                table: connection.execute(text(f'SELECT count(*) FROM "{table}"')).scalar_one()
+                for table in inspect(connection).get_table_names()
+            }
+    finally:
+        engine.dispose()
+
+
+def test_the_demo_tour_runs_on_four_services_with_four_databases(
+    tmp_path: Path, database_urls: dict[str, str]
+) -> None:
+    require_tool("nginx", "Debian package nginx")
+    model = tour.prepare_model(tour.QUICK)
+    data = tmp_path / "data"  # the blob store stays shared, as the object store is
+    servers: dict[str, LocalServer] = {}
+    for key in SERVICES:
+        settings: dict[str, Any] = {
+            "storage": {"database_url": database_urls[key]},
+            "models": {tour.QUICK.model: str(model)},
+            "logging": {"level": "INFO"},
+        }
+        servers[key] = LocalServer(data, settings, services=[key])
+    servers["training"].settings["training"] = {
+        **tour.server_settings(tour.QUICK, model)["training"],
+        "registry_endpoint": servers["adapters"].target,
+        "datasets_endpoint": servers["datasets"].target,
+    }
+    servers["inference"].settings["inference"] = {
+        **tour.server_settings(tour.QUICK, model)["inference"],
+        "registry_endpoint": servers["adapters"].target,
+    }
+    try:
+        for server in servers.values():
+            server.start(timeout=300)
+        upstreams = {key: server.target for key, server in servers.items()}
+        with running_gateway(tmp_path / "nginx", upstreams) as gateway:
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tunefleet.demo",
+                    "--quick",
+                    "--target",
+                    gateway,
+                    "--metrics-url",
+                    servers["inference"].metrics_url,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+                check=False,
+            )
+        assert result.returncode == 0, result.stdout + result.stderr
+        check_tour(result.stdout)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    for key, url in database_urls.items():
+        used = {table for table, count in rows_by_table(url).items() if count}
+        assert used - SHARED_TABLES <= OWN_TABLES[key], f"{key}'s database: {used}"
+        assert OWN_TABLES[key] & used, f"{key} stored nothing in its own database"
