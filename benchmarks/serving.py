@@ -14,10 +14,12 @@ rotating order, each round printed:
    for the adapter loaded run together (batched), and the next adapter is swapped in when they
    end: with requests arriving round-robin over 8 adapters, one swap per request.
 Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency through
-AdapterService and InferenceService (from sending the move to AdapterService to the first
-response naming the new version, the move pushed on WatchAdapterChanges) while clients keep
-requesting the alias; and, for the PEFT engine,
-the latency of a small request sent right after a client cancelled a 30,000-token prompt,
+AdapterService and InferenceService while 4 clients keep streaming 16-token answers from the
+alias: from sending the move to AdapterService (the move pushed on WatchAdapterChanges) to the
+first streamed token, and to the first complete response, naming the new version, every move
+printed, for moves alternating between a version never loaded (a promotion: downloaded and
+loaded first) and the version served before (a rollback: still loaded); and, for the PEFT
+engine, the latency of a small request sent right after a client cancelled a 30,000-token prompt,
 against the same request on an idle engine.
 """
 
@@ -219,13 +221,18 @@ async def throughput(name: str, model: Path, adapters: list[Path], args: Any) ->
     return runs
 
 
-async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> list[float]:
-    """Seconds from each alias move to the first response naming the new version."""
+async def hot_swap(
+    name: str, model: Path, adapters: list[Path], args: Any
+) -> dict[str, list[float]]:
+    """Seconds from each alias move to the first response naming the new version, for moves
+    that alternate: `fresh`, to a version never loaded (a promotion: downloaded from
+    AdapterService and loaded first), and `back`, to the version served before it (a rollback:
+    still loaded)."""
     import grpc
     from prometheus_client import CollectorRegistry
 
     from tests.inference.test_service import register_directly
-    from tunefleet.adapters.registry import Registry
+    from tunefleet.adapters.manager import AdapterManager
     from tunefleet.app.services import inference_service, registration
     from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.models import ModelCatalogue
@@ -244,14 +251,18 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
         data_dir=workdir, models={"tiny": str(model)}, inference={"base_model": "tiny"}
     )
     storage = open_storage(settings)
-    registry = Registry(
+    registry = AdapterManager(
         storage.database,
         storage.blobs,
         workdir=workdir / "registry",
         models=ModelCatalogue.of(settings),
     )
-    versions = [register_directly(registry, "bench", path) for path in adapters[:2]]
-    registry.set_alias("adapters/bench/aliases/prod", versions[0], "benchmark", "bench")
+    fresh = [
+        register_directly(registry, "bench", adapters[1 + move % (len(adapters) - 1)])
+        for move in range((args.swaps + 1) // 2)
+    ]
+    home = register_directly(registry, "bench", adapters[0])
+    registry.aliases.set_alias("adapters/bench/aliases/prod", home, "benchmark", "bench")
     context = ServiceContext(settings, storage, CollectorRegistry())
     engines = [make_engine(name, model)]
     # AdapterService and InferenceService as the embedded shape runs them: moves are made
@@ -261,7 +272,9 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
         [registration("adapters", context), inference_service(context, engines)],
     )
     await server.start()
-    latencies: list[float] = []
+    latencies: dict[str, list[float]] = {
+        f"{kind} {end}": [] for kind in ("fresh", "back") for end in ("token", "response")
+    }
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
@@ -274,24 +287,39 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
             await stub.LoadAdapter(
                 inference_service_pb2.LoadAdapterRequest(adapter=request.adapter)
             )
-            seen: list[tuple[float, str]] = []
+            # (when, version) of each response's first streamed piece and of its end.
+            firsts: list[tuple[float, str]] = []
+            ends: list[tuple[float, str]] = []
+            durations: list[float] = []
             stop, answered = asyncio.Event(), asyncio.Event()
             failures = 0
 
             async def client() -> None:
                 nonlocal failures
                 while not stop.is_set():
+                    sent, version = time.perf_counter(), ""
                     try:
-                        response = await stub.Generate(request)
+                        stream = stub.StreamGenerate(
+                            inference_service_pb2.StreamGenerateRequest(request=request)
+                        )
+                        async for piece in stream:
+                            if not version and piece.adapter_version:
+                                version = piece.adapter_version
+                                firsts.append((time.perf_counter(), version))
                     except grpc.aio.AioRpcError:
                         failures += 1
                         continue
-                    seen.append((time.perf_counter(), response.adapter_version))
+                    ends.append((time.perf_counter(), version))
+                    durations.append(ends[-1][0] - sent)
                     answered.set()
+
+            def after(events: list[tuple[float, str]], moved: float, target: str) -> float:
+                return min(t for t, v in events if t > moved and v == target) - moved
 
             clients = [asyncio.create_task(client()) for _ in range(4)]
             for move in range(args.swaps):
-                target = versions[(move + 1) % 2]
+                kind = "back" if move % 2 else "fresh"
+                target = home if move % 2 else fresh[move // 2]
                 await asyncio.sleep(0.3)
                 moved = time.perf_counter()  # from before the move is sent: its commit is later
                 await registry_stub.SetAdapterAlias(
@@ -299,14 +327,22 @@ async def hot_swap(name: str, model: Path, adapters: list[Path], args: Any) -> l
                         name="adapters/bench/aliases/prod", version=target
                     )
                 )
-                while not any(t > moved and v == target for t, v in seen):
+                while not any(t > moved and v == target for t, v in ends):
                     answered.clear()
                     await answered.wait()
-                latencies.append(min(t for t, v in seen if t > moved and v == target) - moved)
+                latencies[f"{kind} token"].append(after(firsts, moved, target))
+                latencies[f"{kind} response"].append(after(ends, moved, target))
             stop.set()
             await asyncio.gather(*clients)
             if failures:
                 raise SystemExit(f"{failures} requests failed during hot swaps")
+            routed = context.registry.get_sample_value("tunefleet_inference_swap_seconds_sum")
+            count = context.registry.get_sample_value("tunefleet_inference_swap_seconds_count")
+            print(
+                f"  {name}: a request for the alias during the moves took p50 "
+                f"{statistics.median(durations) * 1000:.0f} ms; the server switched the route "
+                f"{(routed or 0) / (count or 1) * 1000:.0f} ms after each move's commit (mean)"
+            )
     finally:
         await server.stop(0)
         storage.close()
@@ -400,11 +436,18 @@ async def main() -> None:
                 f"  time to first token, 8 adapters  p50 {percentile(first, 0.5) * 1000:.0f} ms,"
                 f" p99 {percentile(first, 0.99) * 1000:.0f} ms ({len(first)} requests)"
             )
-            print(
-                f"  hot swap under load ({len(swaps)} moves, pushed): "
-                f"p50 {statistics.median(swaps) * 1000:.0f} ms, "
-                f"p99 {percentile(swaps, 0.99) * 1000:.0f} ms"
-            )
+            print("  hot swap under load (moves pushed on WatchAdapterChanges), from sending the")
+            print("  move to the new version's first token / first complete response:")
+            for kind, what in (("fresh", "to a version not loaded"), ("back", "back (loaded)")):
+                for end in ("token", "response"):
+                    times = swaps[f"{kind} {end}"]
+                    print(
+                        f"    {what:<24} first {end:<8} ({len(times)} moves): "
+                        f"p50 {statistics.median(times) * 1000:.0f} ms, "
+                        f"p99 {percentile(times, 0.99) * 1000:.0f} ms, "
+                        f"max {max(times) * 1000:.0f} ms"
+                    )
+                    print("      every move, ms: " + " ".join(f"{t * 1000:.0f}" for t in times))
         if "peft" in engines:
             pairs = await cancellation(Path(directory), args.rounds)
             for index, (idle, after) in enumerate(pairs):

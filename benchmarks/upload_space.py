@@ -33,8 +33,8 @@ def tiny(rng: random.Random) -> dict[str, Any]:
 
 
 def measure(name: str, lines: list[dict[str, Any]], directory: Path) -> float:
+    from tunefleet.datasets.manager import DatasetManager, UploadHeader
     from tunefleet.datasets.pipeline import IngestOptions
-    from tunefleet.datasets.service import DatasetManager, UploadHeader
     from tunefleet.runtime.context import open_storage
     from tunefleet.runtime.settings import load_settings
 

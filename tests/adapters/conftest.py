@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.storage.conftest import database_url, postgres_server  # noqa: F401 (fixtures)
-from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
+from tunefleet.adapters.manager import AdapterManager
+from tunefleet.adapters.versions import Hooks, RegistrySettings
 from tunefleet.runtime.context import ServiceContext, Storage
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import load_settings
@@ -61,10 +62,10 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory) -> MakeAdapter:
     return make
 
 
-def registry_for(db: Database, tmp_path: Path, base_model: Path, **settings: Any) -> Registry:
+def registry_for(db: Database, tmp_path: Path, base_model: Path, **settings: Any) -> AdapterManager:
     from tunefleet.adapters import peft_ops
 
-    return Registry(
+    return AdapterManager(
         db,
         LocalBlobStore(tmp_path / "blobs"),
         workdir=tmp_path / "work",
@@ -75,7 +76,7 @@ def registry_for(db: Database, tmp_path: Path, base_model: Path, **settings: Any
 
 
 @pytest.fixture
-def registry(database_url: str, tmp_path: Path, base_model: Path) -> Iterator[Registry]:  # noqa: F811
+def registry(database_url: str, tmp_path: Path, base_model: Path) -> Iterator[AdapterManager]:  # noqa: F811
     db = Database(database_url)
     db.migrate()
     yield registry_for(db, tmp_path, base_model)

@@ -12,19 +12,19 @@ import pytest
 
 from tests.adapters.conftest import MakeAdapter
 from tests.adapters.test_validation import upload
-from tunefleet.adapters.registry import Registry
+from tunefleet.adapters.manager import AdapterManager
 from tunefleet.core.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 
 
 @pytest.fixture
-def three_versions(registry: Registry, make_adapter: MakeAdapter) -> Registry:
+def three_versions(registry: AdapterManager, make_adapter: MakeAdapter) -> AdapterManager:
     registry.create_adapter("support", "tiny-llama", "support bot", {"team": "ml"})
     for seed in (1, 2, 3):
         upload(registry, make_adapter(seed=seed, target_modules=["q_proj", "v_proj"]))
     return registry
 
 
-def test_versions_are_numbered_and_immutable(three_versions: Registry) -> None:
+def test_versions_are_numbered_and_immutable(three_versions: AdapterManager) -> None:
     registry = three_versions
     rows = [registry.get_version(f"adapters/support/versions/{n}") for n in (1, 2, 3)]
     assert [r.version for r in rows] == [1, 2, 3]
@@ -35,13 +35,13 @@ def test_versions_are_numbered_and_immutable(three_versions: Registry) -> None:
         registry.create_adapter("support", "tiny-llama", "", {})
 
 
-def test_aliases_resolve_move_and_are_audited(three_versions: Registry) -> None:
+def test_aliases_resolve_move_and_are_audited(three_versions: AdapterManager) -> None:
     registry = three_versions
-    registry.set_alias(
+    registry.aliases.set_alias(
         "adapters/support/aliases/prod", "adapters/support/versions/1", "first", "ann"
     )
     assert registry.get_version("adapters/support@prod").version == 1
-    registry.set_alias(
+    registry.aliases.set_alias(
         "adapters/support/aliases/prod",
         "adapters/support/versions/3",
         "better",
@@ -50,7 +50,7 @@ def test_aliases_resolve_move_and_are_audited(three_versions: Registry) -> None:
     )
     assert registry.get_version("adapters/support@prod").version == 3
     with pytest.raises(Aborted) as raised:
-        registry.set_alias(
+        registry.aliases.set_alias(
             "adapters/support/aliases/prod",
             "adapters/support/versions/2",
             "",
@@ -58,7 +58,7 @@ def test_aliases_resolve_move_and_are_audited(three_versions: Registry) -> None:
             expected_version="adapters/support/versions/1",
         )
     assert raised.value.metadata["current_version"] == "adapters/support/versions/3"
-    moves = registry.list_moves("adapters/support", 10, "").items
+    moves = registry.aliases.list_moves("adapters/support", 10, "").items
     assert [(m.from_version, m.to_version, m.actor, m.reason) for m in moves] == [
         (1, 3, "bob", "better"),
         (None, 1, "ann", "first"),
@@ -72,10 +72,10 @@ def test_aliases_resolve_move_and_are_audited(three_versions: Registry) -> None:
         registry.get_version("adapters/support/versions/2")
 
 
-def test_concurrent_movers_are_atomic_and_audited(three_versions: Registry) -> None:
+def test_concurrent_movers_are_atomic_and_audited(three_versions: AdapterManager) -> None:
     registry = three_versions
     alias = "adapters/support/aliases/prod"
-    registry.set_alias(alias, "adapters/support/versions/1", "start", "init")
+    registry.aliases.set_alias(alias, "adapters/support/versions/1", "start", "init")
     barrier = threading.Barrier(6)
     wins: list[tuple[str, str]] = []
     lock = threading.Lock()
@@ -89,7 +89,7 @@ def test_concurrent_movers_are_atomic_and_audited(three_versions: Registry) -> N
             )
             target = f"adapters/support/versions/{rng.choice([1, 2, 3])}"
             try:
-                registry.set_alias(
+                registry.aliases.set_alias(
                     alias, target, f"w{worker}", f"worker-{worker}", expected_version=current
                 )
             except Aborted:
@@ -99,7 +99,7 @@ def test_concurrent_movers_are_atomic_and_audited(three_versions: Registry) -> N
 
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(mover, range(6)))
-    moves = sorted(registry.list_moves(alias, 1000, "").items, key=lambda m: m.revision)
+    moves = sorted(registry.aliases.list_moves(alias, 1000, "").items, key=lambda m: m.revision)
     assert len(moves) == len(wins) + 1
     # Every move starts where the previous one ended: no lost update.
     for before, after in itertools.pairwise(moves):
@@ -107,19 +107,23 @@ def test_concurrent_movers_are_atomic_and_audited(three_versions: Registry) -> N
     assert registry.get_version("adapters/support@prod").version == moves[-1].to_version
 
 
-def test_change_feed_resumes_without_gaps(three_versions: Registry) -> None:
+def test_change_feed_resumes_without_gaps(three_versions: AdapterManager) -> None:
     registry = three_versions
     first = registry.changes(0)
     assert [c.kind for c in first] == ["TYPE_ADAPTER_CREATED"] + ["TYPE_VERSION_CREATED"] * 3
-    registry.set_alias("adapters/support/aliases/prod", "adapters/support/versions/2", "", "a")
-    registry.delete_alias("adapters/support/aliases/prod", "rollback", "a")
+    registry.aliases.set_alias(
+        "adapters/support/aliases/prod", "adapters/support/versions/2", "", "a"
+    )
+    registry.aliases.delete_alias("adapters/support/aliases/prod", "rollback", "a")
     later = registry.changes(first[-1].revision)
     assert [c.kind for c in later] == ["TYPE_ALIAS_MOVED", "TYPE_ALIAS_DELETED"]
     assert [c.revision for c in first + later] == list(range(1, 7))
     assert later[0].payload["version"] == "adapters/support/versions/2"
 
 
-def test_lineage_is_queryable_both_ways(registry: Registry, make_adapter: MakeAdapter) -> None:
+def test_lineage_is_queryable_both_ways(
+    registry: AdapterManager, make_adapter: MakeAdapter
+) -> None:
     registry.create_adapter("a", "tiny-llama", "", {})
     registry.create_adapter("b", "tiny-llama", "", {})
     adapter = make_adapter(target_modules=["q_proj"])
@@ -137,8 +141,8 @@ def test_lineage_is_queryable_both_ways(registry: Registry, make_adapter: MakeAd
             },
         )
         for file in sorted(adapter.iterdir()):
-            registry.start_file(up, file.name, 0, "")
-            registry.write(up, file.read_bytes())
+            up.start_file(file.name, 0, "")
+            up.write(file.read_bytes())
         registry.finish_upload(up)
 
     register("a", ["datasets/ds-1"], "trainingJobs/j1")
@@ -153,7 +157,9 @@ def test_lineage_is_queryable_both_ways(registry: Registry, make_adapter: MakeAd
     assert by_job.items[0].lineage["metrics"] == {"validation_loss": 1.5}
 
 
-def test_a_stored_blob_that_changed_is_detected(three_versions: Registry, tmp_path: Path) -> None:
+def test_a_stored_blob_that_changed_is_detected(
+    three_versions: AdapterManager, tmp_path: Path
+) -> None:
     registry = three_versions
     row = registry.get_version("adapters/support/versions/1")
     weights = next(f for f in row.files["files"] if f["path"] == "adapter_model.safetensors")

@@ -11,12 +11,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.adapters.conftest import MakeAdapter
-from tunefleet.adapters.registry import Registry
+from tunefleet.adapters.manager import AdapterManager
 from tunefleet.core.errors import InvalidArgument
 
 
 def upload(
-    registry: Registry,
+    registry: AdapterManager,
     directory: Path,
     adapter: str = "support",
     extra: dict[str, bytes] | None = None,
@@ -25,15 +25,15 @@ def upload(
     try:
         files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
         for path, content in {**files, **(extra or {})}.items():
-            registry.start_file(upload, path, len(content), "")
-            registry.write(upload, content)
+            upload.start_file(path, len(content), "")
+            upload.write(content)
         return registry.finish_upload(upload)
     finally:
-        registry.abort_upload(upload)
+        upload.discard()
 
 
 @pytest.fixture
-def tiny(registry: Registry) -> Registry:
+def tiny(registry: AdapterManager) -> AdapterManager:
     registry.create_adapter("support", "tiny-llama", "", {})
     return registry
 
@@ -55,7 +55,11 @@ def engines(row: Any) -> dict[str, tuple[bool, list[str]]]:
     ids=["lora", "rslora", "attention-only", "dora", "modules-to-save", "rank-128"],
 )
 def test_compatibility_report(
-    tiny: Registry, make_adapter: MakeAdapter, lora: dict[str, Any], vllm_ok: bool, reason: str
+    tiny: AdapterManager,
+    make_adapter: MakeAdapter,
+    lora: dict[str, Any],
+    vllm_ok: bool,
+    reason: str,
 ) -> None:
     row = upload(tiny, make_adapter(**lora))
     report = engines(row)
@@ -68,13 +72,13 @@ def test_compatibility_report(
     assert row.kind == "adapter" and row.config["rank"] == lora.get("r", 8)
 
 
-def refusal(tiny: Registry, directory: Path, **kwargs: Any) -> InvalidArgument:
+def refusal(tiny: AdapterManager, directory: Path, **kwargs: Any) -> InvalidArgument:
     with pytest.raises(InvalidArgument) as raised:
         upload(tiny, directory, **kwargs)
     return raised.value
 
 
-def test_pickled_weights_are_refused(tiny: Registry, make_adapter: MakeAdapter) -> None:
+def test_pickled_weights_are_refused(tiny: AdapterManager, make_adapter: MakeAdapter) -> None:
     error = refusal(tiny, make_adapter(), extra={"adapter_model.bin": b"\x80\x04pickle"})
     assert error.reason == "PICKLED_WEIGHTS"
     assert error.field == "files['adapter_model.bin']"
@@ -92,16 +96,18 @@ def test_pickled_weights_are_refused(tiny: Registry, make_adapter: MakeAdapter) 
         "README\n.md",
     ],
 )
-def test_path_traversal_is_refused(tiny: Registry, make_adapter: MakeAdapter, path: str) -> None:
+def test_path_traversal_is_refused(
+    tiny: AdapterManager, make_adapter: MakeAdapter, path: str
+) -> None:
     error = refusal(tiny, make_adapter(), extra={path: b"{}"})
     assert error.reason == "PATH_NOT_ALLOWED" and repr(path) in error.field
 
 
-def test_unexpected_files_are_refused(tiny: Registry, make_adapter: MakeAdapter) -> None:
+def test_unexpected_files_are_refused(tiny: AdapterManager, make_adapter: MakeAdapter) -> None:
     assert refusal(tiny, make_adapter(), extra={"run.sh": b"rm -rf /"}).reason == "FILE_NOT_ALLOWED"
 
 
-def test_shape_mismatch_is_refused(tiny: Registry, make_adapter: MakeAdapter) -> None:
+def test_shape_mismatch_is_refused(tiny: AdapterManager, make_adapter: MakeAdapter) -> None:
     other = make_adapter(model={"hidden_size": 64, "intermediate_size": 128})
     error = refusal(tiny, other)
     assert error.reason == "SHAPE_MISMATCH"
@@ -109,7 +115,7 @@ def test_shape_mismatch_is_refused(tiny: Registry, make_adapter: MakeAdapter) ->
 
 
 def test_missing_target_module_is_refused(
-    tiny: Registry, make_adapter: MakeAdapter, tmp_path: Path
+    tiny: AdapterManager, make_adapter: MakeAdapter, tmp_path: Path
 ) -> None:
     source = make_adapter(target_modules=["q_proj"])
     broken = tmp_path / "broken"
@@ -128,14 +134,14 @@ def test_missing_target_module_is_refused(
 
 
 def test_an_adapter_that_changes_nothing_is_refused(
-    tiny: Registry, make_adapter: MakeAdapter
+    tiny: AdapterManager, make_adapter: MakeAdapter
 ) -> None:
     error = refusal(tiny, make_adapter(init_lora_weights=True))  # lora_B starts at zero
     assert error.reason == "NO_EFFECT"
 
 
 def test_corrupt_safetensors_is_refused(
-    tiny: Registry, make_adapter: MakeAdapter, tmp_path: Path
+    tiny: AdapterManager, make_adapter: MakeAdapter, tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(make_adapter(), broken)
@@ -144,7 +150,7 @@ def test_corrupt_safetensors_is_refused(
 
 
 def test_rank_that_contradicts_the_config_is_refused(
-    tiny: Registry, make_adapter: MakeAdapter, tmp_path: Path
+    tiny: AdapterManager, make_adapter: MakeAdapter, tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(make_adapter(target_modules=["q_proj"]), broken)
@@ -155,7 +161,7 @@ def test_rank_that_contradicts_the_config_is_refused(
     assert error.reason == "RANK_MISMATCH" and "rank 8" in error.description
 
 
-def test_file_size_limit(registry: Registry, make_adapter: MakeAdapter) -> None:
+def test_file_size_limit(registry: AdapterManager, make_adapter: MakeAdapter) -> None:
     from dataclasses import replace
 
     from tunefleet.core.errors import ResourceExhausted
@@ -168,7 +174,7 @@ def test_file_size_limit(registry: Registry, make_adapter: MakeAdapter) -> None:
     assert raised.value.metadata["file"] == "adapter_model.safetensors"
 
 
-def test_adapters_are_listed_by_base_model_and_label(registry: Registry) -> None:
+def test_adapters_are_listed_by_base_model_and_label(registry: AdapterManager) -> None:
     registry.create_adapter("a", "tiny-llama", "", {"team": "ml"})
     registry.create_adapter("b", "other-model", "", {"team": "ops"})
     registry.create_adapter("c", "tiny-llama", "", {"team": "ops"})

@@ -114,7 +114,7 @@ def kinds(served: Served, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 def summary(model: Path, adapter: Path) -> dict[str, Any]:
     """The adapter's summary as the registry stores it (what the engines' checks read)."""
     from tunefleet.adapters import validation
-    from tunefleet.adapters.registry import _read_header
+    from tunefleet.adapters.versions import _read_header
 
     files = {p.name: p.stat().st_size for p in adapter.iterdir()}
     weights = "adapter_model.safetensors"

@@ -150,8 +150,8 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     from tunefleet.core.errors import FailedPrecondition
     from tunefleet.inference.adapters import AdapterPool
     from tunefleet.inference.metrics import InferenceMetrics
+    from tunefleet.inference.peers import AdapterServiceClient
     from tunefleet.inference.peft_engine import PeftEngine
-    from tunefleet.inference.registry import AdapterRegistry
     from tunefleet.runtime.context import ServiceContext, open_storage
     from tunefleet.runtime.server import TunefleetServer
     from tunefleet.runtime.settings import ServerSettings, load_settings
@@ -174,12 +174,12 @@ async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
             )
         metrics = InferenceMetrics(CollectorRegistry())
         pool = AdapterPool(
-            [engine, peft], AdapterRegistry(target), "tiny", 4, tmp_path / "served", metrics
+            [engine, peft], AdapterServiceClient(target), "tiny", 4, tmp_path / "served", metrics
         )
         loaded = await pool.load(dora)
         assert loaded.engine is peft
         alone = AdapterPool(
-            [engine], AdapterRegistry(target), "tiny", 4, tmp_path / "alone", metrics
+            [engine], AdapterServiceClient(target), "tiny", 4, tmp_path / "alone", metrics
         )
         with pytest.raises(FailedPrecondition, match="DoRA") as raised:
             await alone.load(dora)

@@ -1,4 +1,4 @@
-"""AdapterService over gRPC: converts between protobuf and the Registry, nothing more."""
+"""AdapterService over gRPC: converts between protobuf and the AdapterManager, nothing more."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, json_format
 
+from tunefleet.adapters.manager import AdapterManager
 from tunefleet.adapters.metrics import AdapterMetrics
-from tunefleet.adapters.registry import Registry, VersionUpload
 from tunefleet.adapters.store import AdapterRow, AliasMoveRow, AliasRow, VersionRow
+from tunefleet.adapters.uploads import VersionUpload
 from tunefleet.core import names
 from tunefleet.core.errors import InvalidArgument, ResourceExhausted
 from tunefleet.core.protos import timestamp
@@ -39,12 +39,12 @@ def _client(context: Context) -> str:
 class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     def __init__(
         self,
-        registry: Registry,
+        manager: AdapterManager,
         feed: ChangeFeed,
         metrics: AdapterMetrics,
         max_watchers_per_client: int = 64,
     ) -> None:
-        self.registry, self.feed, self.metrics = registry, feed, metrics
+        self.manager, self.feed, self.metrics = manager, feed, metrics
         self.max_watchers_per_client = max_watchers_per_client
         self._watching: dict[str, int] = {}  # streams per client
 
@@ -66,7 +66,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     ) -> adapter_pb2.Adapter:
         adapter = request.adapter
         row = await asyncio.to_thread(
-            self.registry.create_adapter,
+            self.manager.create_adapter,
             request.adapter_id,
             adapter.base_model,
             adapter.description,
@@ -78,13 +78,13 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     async def GetAdapter(
         self, request: adapter_service_pb2.GetAdapterRequest, context: Context
     ) -> adapter_pb2.Adapter:
-        return await self._adapter(await asyncio.to_thread(self.registry.get_adapter, request.name))
+        return await self._adapter(await asyncio.to_thread(self.manager.get_adapter, request.name))
 
     async def ListAdapters(
         self, request: adapter_service_pb2.ListAdaptersRequest, context: Context
     ) -> adapter_service_pb2.ListAdaptersResponse:
         page = await asyncio.to_thread(
-            self.registry.list_adapters, request.filter, request.page_size, request.page_token
+            self.manager.list_adapters, request.filter, request.page_size, request.page_token
         )
         return adapter_service_pb2.ListAdaptersResponse(
             adapters=[await self._adapter(row) for row in page.items],
@@ -94,7 +94,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     async def DeleteAdapter(
         self, request: adapter_service_pb2.DeleteAdapterRequest, context: Context
     ) -> empty_pb2.Empty:
-        await asyncio.to_thread(self.registry.delete_adapter, request.name)
+        await asyncio.to_thread(self.manager.delete_adapter, request.name)
         return empty_pb2.Empty()
 
     async def UploadAdapterVersion(
@@ -114,36 +114,30 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         try:
             async with stream.refusing_early():
                 upload = await worker.run(
-                    self.registry.begin_upload,
+                    self.manager.begin_upload,
                     header.parent,
                     header.description,
                     lineage_dict(header.lineage),
                     header.request_id,
                     fingerprint,
                 )
-                existing = await worker.run(self.registry.existing_for, upload)
+                existing = await worker.run(self.manager.existing_for, upload)
                 if existing is not None:  # a retry: answered without reading it again
                     await stream.drain()
                     return await self._version(existing)
                 async for request in stream:
                     if request.HasField("file"):
                         file = request.file
-                        await worker.run(
-                            self.registry.start_file,
-                            upload,
-                            file.path,
-                            file.size_bytes,
-                            file.sha256,
-                        )
+                        await worker.run(upload.start_file, file.path, file.size_bytes, file.sha256)
                     elif request.HasField("chunk"):
-                        await worker.run(self.registry.write, upload, request.chunk)
+                        await worker.run(upload.write, request.chunk)
                     elif request.HasField("header"):
                         raise InvalidArgument("header", "only the first message may carry a header")
             with self._registering() as produced:
-                row = await worker.run(self.registry.finish_upload, upload)
+                row = await worker.run(self.manager.finish_upload, upload)
                 produced.append(row)
         finally:
-            await worker.close(partial(self.registry.abort_upload, upload) if upload else None)
+            await worker.close(upload.discard if upload else None)
         return await self._version(row)
 
     async def CreateAdapterVersion(
@@ -155,7 +149,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         ]
         with self._registering() as produced:
             row = await asyncio.to_thread(
-                self.registry.register,
+                self.manager.versions.register,
                 request.parent,
                 files,
                 request.description,
@@ -168,13 +162,13 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     async def GetAdapterVersion(
         self, request: adapter_service_pb2.GetAdapterVersionRequest, context: Context
     ) -> adapter_pb2.AdapterVersion:
-        return await self._version(await asyncio.to_thread(self.registry.get_version, request.name))
+        return await self._version(await asyncio.to_thread(self.manager.get_version, request.name))
 
     async def ListAdapterVersions(
         self, request: adapter_service_pb2.ListAdapterVersionsRequest, context: Context
     ) -> adapter_service_pb2.ListAdapterVersionsResponse:
         page = await asyncio.to_thread(
-            self.registry.list_versions,
+            self.manager.list_versions,
             request.parent,
             request.filter,
             request.page_size,
@@ -188,13 +182,13 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     async def DeleteAdapterVersion(
         self, request: adapter_service_pb2.DeleteAdapterVersionRequest, context: Context
     ) -> empty_pb2.Empty:
-        await asyncio.to_thread(self.registry.delete_version, request.name)
+        await asyncio.to_thread(self.manager.delete_version, request.name)
         return empty_pb2.Empty()
 
     async def DownloadAdapterVersion(
         self, request: adapter_service_pb2.DownloadAdapterVersionRequest, context: Context
     ) -> AsyncIterator[adapter_service_pb2.DownloadAdapterVersionResponse]:
-        row = await asyncio.to_thread(self.registry.get_version, request.name)
+        row = await asyncio.to_thread(self.manager.get_version, request.name)
         files = row.files["files"]
         wanted = set(request.paths)
         unknown = wanted - {f["path"] for f in files}
@@ -208,7 +202,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                     path=file["path"], size_bytes=file["size_bytes"], sha256=file["sha256"]
                 )
             )
-            chunks = self.registry.file_chunks(row, file["path"])
+            chunks = self.manager.file_chunks(row, file["path"])
             pending = b""
             while True:
                 chunk = await asyncio.to_thread(next, chunks, None)
@@ -226,7 +220,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     ) -> adapter_pb2.AdapterAlias:
         expected = request.expected_version if request.HasField("expected_version") else None
         row = await asyncio.to_thread(
-            self.registry.set_alias,
+            self.manager.aliases.set_alias,
             request.name,
             request.version,
             request.reason,
@@ -240,7 +234,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         self, request: adapter_service_pb2.DeleteAdapterAliasRequest, context: Context
     ) -> empty_pb2.Empty:
         await asyncio.to_thread(
-            self.registry.delete_alias,
+            self.manager.aliases.delete_alias,
             request.name,
             request.reason,
             current_principal.get().subject,
@@ -252,7 +246,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         self, request: adapter_service_pb2.ListAdapterAliasesRequest, context: Context
     ) -> adapter_service_pb2.ListAdapterAliasesResponse:
         page = await asyncio.to_thread(
-            self.registry.list_aliases, request.parent, request.page_size, request.page_token
+            self.manager.aliases.list_aliases, request.parent, request.page_size, request.page_token
         )
         return adapter_service_pb2.ListAdapterAliasesResponse(
             aliases=[alias_proto(row) for row in page.items], next_page_token=page.next_page_token
@@ -262,7 +256,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         self, request: adapter_service_pb2.ListAliasMovesRequest, context: Context
     ) -> adapter_service_pb2.ListAliasMovesResponse:
         page = await asyncio.to_thread(
-            self.registry.list_moves, request.parent, request.page_size, request.page_token
+            self.manager.aliases.list_moves, request.parent, request.page_size, request.page_token
         )
         return adapter_service_pb2.ListAliasMovesResponse(
             alias_moves=[move_proto(row) for row in page.items],
@@ -279,7 +273,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             raise InvalidArgument("after_revision", "must not be negative")
         revision = request.after_revision
         if request.start_at_latest:
-            revision = await asyncio.to_thread(self.registry.latest_revision)
+            revision = await asyncio.to_thread(self.manager.latest_revision)
         client = _client(context)
         if self._watching.get(client, 0) >= self.max_watchers_per_client:
             raise ResourceExhausted(
@@ -294,7 +288,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
                     revision=revision, type=adapter_pb2.AdapterChange.TYPE_BOOKMARK
                 )
             while True:
-                changes = await asyncio.to_thread(self.registry.changes, revision)
+                changes = await asyncio.to_thread(self.manager.changes, revision)
                 for change in changes:
                     revision = change.revision
                     if adapter and change.payload.get("adapter") != adapter:
@@ -314,13 +308,13 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     ) -> adapter_pb2.AdapterVersion:
         with self._registering() as produced:
             row = await asyncio.to_thread(
-                self.registry.merge, request.name, request.dtype, request.request_id
+                self.manager.versions.merge, request.name, request.dtype, request.request_id
             )
             produced.append(row)
         return await self._version(row)
 
     async def _adapter(self, row: AdapterRow) -> adapter_pb2.Adapter:
-        aliases = await asyncio.to_thread(self.registry.aliases_of, row.id)
+        aliases = await asyncio.to_thread(self.manager.aliases.aliases_of, row.id)
         return adapter_pb2.Adapter(
             name=f"adapters/{row.id}",
             base_model=row.base_model,
@@ -333,7 +327,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         )
 
     async def _version(self, row: VersionRow) -> adapter_pb2.AdapterVersion:
-        aliases = await asyncio.to_thread(self.registry.aliases_pointing_at, row)
+        aliases = await asyncio.to_thread(self.manager.aliases.aliases_pointing_at, row)
         version = adapter_pb2.AdapterVersion(
             name=names.version_name(row.adapter_id, row.version),
             version=row.version,

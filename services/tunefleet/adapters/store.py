@@ -7,9 +7,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, ForeignKey, ForeignKeyConstraint, Integer, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from tunefleet.core import names
+from tunefleet.core.errors import NotFound
 from tunefleet.storage.database import Base
+
+TOPIC = "adapters"  # the change-feed topic of every adapter, version and alias change
 
 
 class AdapterRow(Base):
@@ -88,3 +92,23 @@ class AliasMoveRow(Base):
     actor: Mapped[str] = mapped_column(String(256))
     reason: Mapped[str]
     revision: Mapped[int] = mapped_column(BigInteger)
+
+
+def adapter(session: Session, adapter: str) -> AdapterRow:
+    row = session.get(AdapterRow, adapter)
+    if row is None:
+        raise NotFound(f"adapters/{adapter} not found", metadata={"name": f"adapters/{adapter}"})
+    return row
+
+
+def version(session: Session, ref: names.VersionRef) -> VersionRow:
+    number = ref.version
+    if ref.alias is not None:
+        alias = session.get(AliasRow, (ref.adapter, ref.alias))
+        if alias is None:
+            raise NotFound(f"adapters/{ref.adapter}@{ref.alias}: no such alias")
+        number = alias.version
+    row = session.get(VersionRow, (ref.adapter, number))
+    if row is None:
+        raise NotFound(f"{names.version_name(ref.adapter, number or 0)} not found")
+    return row

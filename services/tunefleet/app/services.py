@@ -36,8 +36,8 @@ class ServiceSpec:
 
 
 def _datasets(context: ServiceContext) -> ServiceRegistration:
+    from tunefleet.datasets.manager import DatasetManager
     from tunefleet.datasets.metrics import DatasetMetrics
-    from tunefleet.datasets.service import DatasetManager
     from tunefleet.datasets.servicer import DatasetServicer
     from tunefleet.storage.spools import SpaceBudget
     from tunefleet.v1 import dataset_service_pb2_grpc
@@ -130,9 +130,9 @@ def inference_service(
     base model configured every call answers FAILED_PRECONDITION."""
     from tunefleet.inference.adapters import AdapterPool
     from tunefleet.inference.feedback import ResponseLog
+    from tunefleet.inference.manager import InferenceManager
     from tunefleet.inference.metrics import InferenceMetrics
-    from tunefleet.inference.registry import AdapterRegistry
-    from tunefleet.inference.service import InferenceManager
+    from tunefleet.inference.peers import AdapterServiceClient
     from tunefleet.inference.servicer import InferenceServicer
     from tunefleet.v1 import inference_service_pb2_grpc
 
@@ -149,7 +149,7 @@ def inference_service(
             "inference.registry_token: required when server.auth is enabled: InferenceService "
             "reads versions and follows aliases on AdapterService with it (a reader token)"
         )
-    registry = AdapterRegistry(options.registry_endpoint, options.registry_token)
+    registry = AdapterServiceClient(options.registry_endpoint, options.registry_token)
     if options.base_model:
         # The operator's own setting: any local folder will do.
         model_dir = ModelCatalogue(settings.models).resolve(
@@ -225,15 +225,16 @@ def _engines(settings: Settings, model_dir: Path) -> list[Engine]:
 
 def _adapters(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.adapters import peft_ops
+    from tunefleet.adapters.manager import AdapterManager
     from tunefleet.adapters.metrics import AdapterMetrics
-    from tunefleet.adapters.registry import Hooks, Registry, RegistrySettings
     from tunefleet.adapters.servicer import POLL_SECONDS, AdapterServicer
+    from tunefleet.adapters.versions import Hooks, RegistrySettings
     from tunefleet.runtime.streams import ChangeFeed, ChangeSignal
     from tunefleet.v1 import adapter_service_pb2_grpc
 
     settings = context.settings
     signal = ChangeSignal()
-    registry = Registry(
+    manager = AdapterManager(
         context.storage.database_for("adapters"),
         context.storage.blobs,
         workdir=settings.work_dir / "adapters",
@@ -245,9 +246,9 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         hooks=Hooks(smoke_test=peft_ops.smoke_test, merge=peft_ops.merge),
         on_change=signal.notify,
     )
-    feed = ChangeFeed(registry.latest_revision, signal, POLL_SECONDS)
+    feed = ChangeFeed(manager.latest_revision, signal, POLL_SECONDS)
     metrics = AdapterMetrics(context.registry, lambda: feed.watchers)
-    servicer = AdapterServicer(registry, feed, metrics, settings.adapters.max_watchers_per_client)
+    servicer = AdapterServicer(manager, feed, metrics, settings.adapters.max_watchers_per_client)
     return ServiceRegistration(
         "tunefleet.v1.AdapterService",
         lambda server: adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(

@@ -12,8 +12,8 @@ from google.protobuf import empty_pb2, json_format
 
 from tunefleet.core.errors import InvalidArgument
 from tunefleet.core.protos import timestamp
+from tunefleet.datasets.manager import DatasetManager, Upload, UploadHeader
 from tunefleet.datasets.pipeline import IngestOptions
-from tunefleet.datasets.service import DatasetManager, Upload, UploadHeader
 from tunefleet.datasets.store import DatasetLease, DatasetRow
 from tunefleet.runtime.streams import UploadStream, UploadWorker
 from tunefleet.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc

@@ -2,7 +2,7 @@
 aliases to versions, and hot-swapping when an alias moves.
 
 The rules that keep every response answered by the weights of the version stamped on it:
-- Everything comes from AdapterService's public RPCs (`inference/registry.py`), never its tables.
+- Everything comes from AdapterService's public RPCs (`inference/peers.py`), never its tables.
 - A loaded version is known by its serving name, which the registry derives from the version's
   content and never reuses; a version name is resolved to it on every request, so a deleted and
   re-created `adapters/x/versions/1` with other bytes is a different entry, and a deleted version
@@ -46,7 +46,7 @@ from tunefleet.core.errors import (
 )
 from tunefleet.inference.engine import AdapterFiles, Engine
 from tunefleet.inference.metrics import InferenceMetrics
-from tunefleet.inference.registry import AdapterRegistry, Version
+from tunefleet.inference.peers import AdapterServiceClient, Version
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage.database import utcnow
 from tunefleet.v1 import adapter_pb2
@@ -85,7 +85,7 @@ class AdapterPool:
     def __init__(
         self,
         engines: list[Engine],
-        registry: AdapterRegistry,
+        registry: AdapterServiceClient,
         base_model: str,
         capacity: int,
         workdir: Path,
@@ -415,6 +415,13 @@ class AdapterPool:
         wherever it points now."""
         async with self._lock(alias):
             old = self.routes.get(alias)
+            loaded = [s for s in self.find(target or "") if s.state == LOADED]
+            if loaded and not current:
+                # Pushed moves arrive in order, so the last one wins without asking where the
+                # alias points now; a target already loaded needs no call at all.
+                if old is not loaded[0]:
+                    self._route(alias, old, loaded[0], moved_at)
+                return
             try:
                 info = await self.registry.version(alias)
             except NotFound:
@@ -441,13 +448,23 @@ class AdapterPool:
                     old.version if old else None,
                 )
                 return
-            self.routes[alias] = new  # one step: new requests go to the new version
-            self.metrics.swaps.labels("swapped").inc()
-            if moved_at is not None:
-                self.metrics.swap_seconds.observe(max(0.0, (utcnow() - moved_at).total_seconds()))
-            log.info("%s now serves %s (was %s)", alias, version, old.version if old else None)
-            if old is not None:
-                self._retire(old)
+            self._route(alias, old, new, moved_at)
+
+    def _route(
+        self,
+        alias: str,
+        old: ServedVersion | None,
+        new: ServedVersion,
+        moved_at: datetime | None,
+    ) -> None:
+        """Point `alias` at the loaded `new` in one step: new requests go there, those holding
+        `old` finish on it. `old` stays loaded as any other cached version (evicted least
+        recently used first), so moving the alias back (a rollback) needs no load."""
+        self.routes[alias] = new
+        self.metrics.swaps.labels("swapped").inc()
+        if moved_at is not None:
+            self.metrics.swap_seconds.observe(max(0.0, (utcnow() - moved_at).total_seconds()))
+        log.info("%s now serves %s (was %s)", alias, new.version, old.version if old else None)
 
     async def close(self) -> None:
         if self._background:

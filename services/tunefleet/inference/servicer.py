@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from tunefleet.core import names
-from tunefleet.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from tunefleet.core.errors import FailedPrecondition
 from tunefleet.core.protos import timestamp
-from tunefleet.inference.adapters import AdapterPool, ServedVersion
+from tunefleet.inference.adapters import ServedVersion
 from tunefleet.inference.feedback import Feedback, FeedbackRow
-from tunefleet.inference.metrics import version_labels
-from tunefleet.inference.service import InferenceManager
-from tunefleet.storage.pagination import check_page_size, decode_page_token, encode_page_token
+from tunefleet.inference.manager import InferenceManager
+from tunefleet.storage.pagination import check_page_size
 from tunefleet.v1 import (
     common_pb2,
     inference_pb2,
@@ -44,10 +41,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 reason="NO_BASE_MODEL",
             )
         return self._manager
-
-    @property
-    def pool(self) -> AdapterPool:
-        return self.manager.pool
 
     async def Generate(
         self, request: inference_service_pb2.GenerateRequest, context: Context
@@ -85,53 +78,25 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def ListServedAdapters(
         self, request: inference_service_pb2.ListServedAdaptersRequest, context: Context
     ) -> inference_service_pb2.ListServedAdaptersResponse:
-        size = check_page_size(request.page_size)
         if self._manager is None:
+            check_page_size(request.page_size)
             return inference_service_pb2.ListServedAdaptersResponse()
-        served = sorted(self.pool.served.values(), key=lambda v: (v.version, v.serving_name))
-        start = 0
-        if request.page_token:
-            last = tuple(decode_page_token(request.page_token, "served"))
-            start = next(
-                (i for i, v in enumerate(served) if (v.version, v.serving_name) > last),
-                len(served),
-            )
-        page = served[start : start + size]
-        token = ""
-        if start + size < len(served):
-            token = encode_page_token([page[-1].version, page[-1].serving_name], "served")
+        page = self.manager.served_page(request.page_size, request.page_token)
         return inference_service_pb2.ListServedAdaptersResponse(
-            served_adapters=[self._served(v) for v in page], next_page_token=token
+            served_adapters=[self._served(v) for v in page.items],
+            next_page_token=page.next_page_token,
         )
 
     async def LoadAdapter(
         self, request: inference_service_pb2.LoadAdapterRequest, context: Context
     ) -> inference_pb2.ServedAdapter:
-        ref = names.version_ref(request.adapter, "adapter")
-        if ref.alias is not None:
-            served = await self.pool.route(request.adapter)
-            served.pinned |= request.pin
-        else:
-            served = await self.pool.load(request.adapter, pin=request.pin)
-        return self._served(served)
+        return self._served(await self.manager.load(request.adapter, request.pin))
 
     async def UnloadAdapter(
         self, request: inference_service_pb2.UnloadAdapterRequest, context: Context
     ) -> inference_pb2.ServedAdapter:
-        ref = names.version_ref(request.adapter, "adapter")
-        if ref.alias is not None:
-            routed = self.pool.routes.get(request.adapter)
-            if routed is None:
-                raise InvalidArgument("adapter", f"{request.adapter} is not routed here")
-            found = [routed]
-        else:
-            found = self.pool.find(request.adapter)
-            if not found:
-                raise NotFound(f"{request.adapter} is not loaded on this server")
-        for served in found:
-            served.pinned = False
-        message = self._served(found[-1])  # what it was, before unloading forgets its aliases
-        await asyncio.gather(*(self.pool.unload(served) for served in found))
+        served, aliases = await self.manager.unload(request.adapter)
+        message = self._served(served, aliases)
         message.state = STATES.STATE_UNLOADING
         return message
 
@@ -139,15 +104,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: inference_service_pb2.CreateFeedbackRequest, context: Context
     ) -> inference_pb2.Feedback:
         feedback = request.feedback
-        row, created = await self.manager.responses.create_feedback(
+        row = await self.manager.create_feedback(
             Feedback(
                 feedback.response_id, feedback.rating, feedback.corrected_text, feedback.comment
             ),
             request.request_id,
         )
-        if created:
-            labels = version_labels(row.adapter_version)
-            self.manager.metrics.feedback_score.labels(*labels).observe((row.rating + 1) / 2)
         return feedback_proto(row)
 
     async def ListFeedback(
@@ -161,8 +123,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    def _served(self, served: ServedVersion) -> inference_pb2.ServedAdapter:
-        aliases = self.pool.aliases_of(served)
+    def _served(
+        self, served: ServedVersion, aliases: list[str] | None = None
+    ) -> inference_pb2.ServedAdapter:
+        if aliases is None:
+            aliases = self.manager.pool.aliases_of(served)
         message = inference_pb2.ServedAdapter(
             adapter_version=served.version,
             serving_name=served.serving_name,

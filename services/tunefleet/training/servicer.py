@@ -10,7 +10,8 @@ import grpc
 
 from tunefleet.core.errors import Unavailable
 from tunefleet.core.protos import timestamp
-from tunefleet.training.manager import TrainingManager, event_proto
+from tunefleet.training.manager import TrainingManager
+from tunefleet.training.states import event_proto
 from tunefleet.training.store import CheckpointRow
 from tunefleet.v1 import training_job_pb2, training_service_pb2, training_service_pb2_grpc
 
@@ -86,8 +87,8 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         authorization = str(metadata.get("authorization", ""))
         token = authorization.removeprefix("Bearer ").strip()
-        outcome = await asyncio.to_thread(self.manager.report, request, token)
-        await self.manager.after_report(outcome)
+        outcome = await asyncio.to_thread(self.manager.reports.report, request, token)
+        await self.manager.reports.after_report(outcome)
         return training_service_pb2.ReportTrainingProgressResponse(
             cancel_requested=outcome.cancel_requested
         )

@@ -9,6 +9,7 @@ reported.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,18 @@ LEASES_WANTED, LEASES_HELD, LEASES_RELEASED = "wanted", "held", "released"
 ACTIVE_NAMES = ["STATE_VALIDATING", "STATE_QUEUED", "STATE_RUNNING", "STATE_CANCELLING"]
 
 
+@dataclass(frozen=True)
+class LaunchState:
+    """Where a job's run is, as the scheduler records it (the `launcher_state` column)."""
+
+    launching: bool = False  # a launch is under way with `token`: a restart repeats it
+    token: str = ""  # the worker token of that launch
+    run: dict[str, Any] = field(default_factory=dict)  # the launcher's own state of the run
+    cursor: dict[str, Any] = field(default_factory=dict)  # how far its logs were read
+    retries: int = 0  # retries of the run the launcher reported
+    cancel_sent: bool = False  # the launcher was asked to stop the run
+
+
 class JobRow(Base):
     __tablename__ = "training_jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -44,6 +57,14 @@ class JobRow(Base):
     lease_state: Mapped[str] = mapped_column(String(16), index=True, server_default="released")
     last_report_time: Mapped[datetime | None]
     create_time: Mapped[datetime] = mapped_column(index=True)
+
+    @property
+    def launch(self) -> LaunchState:
+        return LaunchState(**self.launcher_state)
+
+    @launch.setter
+    def launch(self, state: LaunchState) -> None:
+        self.launcher_state = asdict(state)
 
     @property
     def name(self) -> str:

@@ -1,17 +1,27 @@
-"""TrainingService's client of AdapterService: the adapter a job trains is created (or checked)
-when the job is, and at the end of a run whose final report never arrived, a version the worker
-left behind is checked (it exists and was trained by the job), or the output it stored but could
-not register is registered (the same request, with the same request id, so a registration that
-did happen is not repeated)."""
+"""TrainingService's clients of the services it calls, over their public APIs.
+
+DatasetService: the datasets a job names, and the leases that keep them from being deleted while
+the job uses them. AdapterService: the adapter a job trains is created (or checked) when the job
+is, and at the end of a run whose final report never arrived, a version the worker left behind is
+checked (it exists and was trained by the job), or the output it stored but could not register
+is registered (the same request, with the same request id, so a registration that did happen is
+not repeated)."""
 
 from __future__ import annotations
 
 import grpc
 
-from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from tunefleet.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tunefleet.runtime.peers import Peer
 from tunefleet.storage.blobs import BlobStore, uri_sha256
-from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
+from tunefleet.v1 import (
+    adapter_pb2,
+    adapter_service_pb2,
+    adapter_service_pb2_grpc,
+    dataset_pb2,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+)
 
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
@@ -30,7 +40,7 @@ class RegistrationRefused(Exception):
     """AdapterService refused the output, or the output is not there: final."""
 
 
-class RegistryClient(Peer):
+class AdapterServiceClient(Peer):
     stub_class = adapter_service_pb2_grpc.AdapterServiceStub
     service = "AdapterService"
 
@@ -110,3 +120,43 @@ class RegistryClient(Peer):
                 raise RegistryUnavailable(said) from None
             raise RegistrationRefused(f"the registry refused the result ({said})") from None
         return str(version.name)
+
+
+def lease_id(job_id: str) -> str:
+    """The id of the leases a job holds on its datasets."""
+    return f"job-{job_id}"
+
+
+class DatasetServiceClient(Peer):
+    stub_class = dataset_service_pb2_grpc.DatasetServiceStub
+    service = "DatasetService"
+
+    async def dataset(self, name: str, field: str) -> dataset_pb2.Dataset:
+        """The dataset `name`; INVALID_ARGUMENT naming `field` when there is none."""
+        try:
+            found: dataset_pb2.Dataset = await self.call(
+                "GetDataset", dataset_service_pb2.GetDatasetRequest(name=name)
+            )
+        except NotFound:
+            raise InvalidArgument(field, f"{name} does not exist") from None
+        return found
+
+    async def lease(self, dataset: str, job_id: str, holder: str) -> None:
+        """Lease `dataset` for the job (a retry returns the lease that exists)."""
+        await self.call(
+            "CreateDatasetLease",
+            dataset_service_pb2.CreateDatasetLeaseRequest(
+                parent=dataset,
+                lease_id=lease_id(job_id),
+                lease=dataset_pb2.DatasetLease(holder=holder),
+            ),
+        )
+
+    async def release(self, dataset: str, job_id: str) -> None:
+        """Delete the job's lease on `dataset`; one that is gone already is fine."""
+        await self.call(
+            "DeleteDatasetLease",
+            dataset_service_pb2.DeleteDatasetLeaseRequest(
+                name=f"{dataset}/leases/{lease_id(job_id)}", allow_missing=True
+            ),
+        )

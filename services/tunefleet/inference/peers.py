@@ -38,7 +38,7 @@ class Version:
     files: tuple[adapter_pb2.AdapterFile, ...]
 
 
-class AdapterRegistry(Peer):
+class AdapterServiceClient(Peer):
     """AdapterService, seen from InferenceService."""
 
     service = "AdapterService"

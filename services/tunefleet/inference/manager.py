@@ -13,14 +13,16 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from tunefleet.core import names
 from tunefleet.core.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     TunefleetError,
     Unavailable,
 )
 from tunefleet.core.tasks import cancel
-from tunefleet.inference.adapters import AdapterPool
+from tunefleet.inference.adapters import AdapterPool, ServedVersion
 from tunefleet.inference.engine import (
     AdapterNotLoaded,
     Engine,
@@ -29,8 +31,14 @@ from tunefleet.inference.engine import (
     GenerationRequest,
     Sampling,
 )
-from tunefleet.inference.feedback import ResponseLog
+from tunefleet.inference.feedback import Feedback, FeedbackRow, ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics, version_labels
+from tunefleet.storage.pagination import (
+    Page,
+    check_page_size,
+    decode_page_token,
+    encode_page_token,
+)
 from tunefleet.v1 import inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
@@ -96,6 +104,60 @@ class InferenceManager:
         await self.responses.close()
         for engine in self.engines:
             await engine.close()
+
+    # --- what is served -----------------------------------------------------------------------
+
+    def served_page(self, page_size: int, page_token: str) -> Page[ServedVersion]:
+        """The loaded versions, by version name, a page at a time."""
+        size = check_page_size(page_size)
+        served = sorted(self.pool.served.values(), key=lambda v: (v.version, v.serving_name))
+        start = 0
+        if page_token:
+            last = tuple(decode_page_token(page_token, "served"))
+            start = next(
+                (i for i, v in enumerate(served) if (v.version, v.serving_name) > last),
+                len(served),
+            )
+        page = served[start : start + size]
+        token = ""
+        if start + size < len(served):
+            token = encode_page_token([page[-1].version, page[-1].serving_name], "served")
+        return Page(page, token)
+
+    async def load(self, reference: str, pin: bool) -> ServedVersion:
+        """Load a version, or route an alias (to its version, loaded); `pin` keeps it loaded."""
+        if names.version_ref(reference, "adapter").alias is None:
+            return await self.pool.load(reference, pin=pin)
+        served = await self.pool.route(reference)
+        served.pinned |= pin
+        return served
+
+    async def unload(self, reference: str) -> tuple[ServedVersion, list[str]]:
+        """Unload a version (every copy), or the version an alias is routed to; what it was and
+        the aliases routed to it, as they were before it unloads."""
+        if names.version_ref(reference, "adapter").alias is not None:
+            routed = self.pool.routes.get(reference)
+            if routed is None:
+                raise InvalidArgument("adapter", f"{reference} is not routed here")
+            found = [routed]
+        else:
+            found = self.pool.find(reference)
+            if not found:
+                raise NotFound(f"{reference} is not loaded on this server")
+        for served in found:
+            served.pinned = False
+        aliases = self.pool.aliases_of(found[-1])
+        await asyncio.gather(*(self.pool.unload(served) for served in found))
+        return found[-1], aliases
+
+    async def create_feedback(self, feedback: Feedback, request_id: str) -> FeedbackRow:
+        row, created = await self.responses.create_feedback(feedback, request_id)
+        if created:
+            labels = version_labels(row.adapter_version)
+            self.metrics.feedback_score.labels(*labels).observe((row.rating + 1) / 2)
+        return row
+
+    # --- generation ----------------------------------------------------------------------------
 
     async def generate(
         self, request: inference_service_pb2.GenerateRequest

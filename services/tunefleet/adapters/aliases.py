@@ -1,0 +1,160 @@
+"""Aliases of an adapter (`adapters/{adapter}/aliases/{alias}`): moved by compare-and-set,
+each move recorded with who, why and its change-feed revision."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from tunefleet.adapters import store
+from tunefleet.adapters.store import TOPIC, AliasMoveRow, AliasRow, VersionRow
+from tunefleet.core import names
+from tunefleet.core.errors import Aborted, InvalidArgument, NotFound
+from tunefleet.storage.changes import append_change
+from tunefleet.storage.database import Database, utcnow
+from tunefleet.storage.pagination import Page, paginate
+
+
+class Aliases:
+    def __init__(self, db: Database, on_change: Callable[[], None]) -> None:
+        self.db, self.on_change = db, on_change
+
+    def aliases_of(self, adapter: str) -> dict[str, int]:
+        with self.db.read() as session:
+            rows = session.scalars(select(AliasRow).where(AliasRow.adapter_id == adapter))
+            return {row.alias: row.version for row in rows}
+
+    def aliases_pointing_at(self, row: VersionRow) -> list[str]:
+        with self.db.read() as session:
+            return list(
+                session.scalars(
+                    select(AliasRow.alias).where(
+                        AliasRow.adapter_id == row.adapter_id, AliasRow.version == row.version
+                    )
+                )
+            )
+
+    def set_alias(
+        self, name: str, version: str, reason: str, actor: str, expected_version: str | None = None
+    ) -> AliasRow:
+        adapter, alias = names.alias_name(name)
+        target = names.version_ref(version, "version")
+        if target.adapter != adapter:
+            raise InvalidArgument("version", "must be a version of the alias's adapter")
+        with self.db.session() as session:
+            row = store.version(session, target)
+            current = session.execute(
+                select(AliasRow)
+                .where(AliasRow.adapter_id == adapter, AliasRow.alias == alias)
+                .with_for_update()
+            ).scalar_one_or_none()
+            before = names.version_name(adapter, current.version) if current else ""
+            if expected_version is not None and expected_version != before:
+                raise Aborted(
+                    f"{name} points at {before or 'nothing'}, not {expected_version or 'nothing'}",
+                    reason="ALIAS_MOVED",
+                    metadata={"current_version": before},
+                )
+            now = utcnow()
+            if current is None:
+                current = AliasRow(
+                    adapter_id=adapter,
+                    alias=alias,
+                    version=row.version,
+                    update_time=now,
+                    updated_by=actor,
+                )
+                session.add(current)
+            else:
+                current.version, current.update_time, current.updated_by = row.version, now, actor
+            session.flush()
+            change = append_change(
+                session,
+                TOPIC,
+                "TYPE_ALIAS_MOVED",
+                {
+                    "adapter": f"adapters/{adapter}",
+                    "alias": name,
+                    "version": names.version_name(adapter, row.version),
+                    "previous_version": before,
+                },
+            )
+            session.add(
+                AliasMoveRow(
+                    adapter_id=adapter,
+                    alias=alias,
+                    from_version=int(before.rsplit("/", 1)[1]) if before else None,
+                    to_version=row.version,
+                    time=now,
+                    actor=actor,
+                    reason=reason,
+                    revision=change.revision,
+                )
+            )
+        self.on_change()
+        return current
+
+    def delete_alias(self, name: str, reason: str, actor: str) -> None:
+        adapter, alias = names.alias_name(name)
+        with self.db.session() as session:
+            current = session.execute(
+                select(AliasRow)
+                .where(AliasRow.adapter_id == adapter, AliasRow.alias == alias)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if current is None:
+                raise NotFound(f"{name} not found")
+            before = names.version_name(adapter, current.version)
+            session.delete(current)
+            change = append_change(
+                session,
+                TOPIC,
+                "TYPE_ALIAS_DELETED",
+                {"adapter": f"adapters/{adapter}", "alias": name, "previous_version": before},
+            )
+            session.add(
+                AliasMoveRow(
+                    adapter_id=adapter,
+                    alias=alias,
+                    from_version=current.version,
+                    to_version=None,
+                    time=utcnow(),
+                    actor=actor,
+                    reason=reason,
+                    revision=change.revision,
+                )
+            )
+        self.on_change()
+
+    def list_aliases(self, parent: str, page_size: int, page_token: str) -> Page[AliasRow]:
+        adapter = names.adapter_id(parent, "parent")
+        with self.db.read() as session:
+            store.adapter(session, adapter)
+            return paginate(
+                session,
+                select(AliasRow).where(AliasRow.adapter_id == adapter),
+                [AliasRow.alias],
+                page_size=page_size,
+                page_token=page_token,
+                query=parent,
+            )
+
+    def list_moves(self, parent: str, page_size: int, page_token: str) -> Page[AliasMoveRow]:
+        if "/aliases/" in parent:
+            adapter, alias = names.alias_name(parent, "parent")
+        else:
+            adapter, alias = names.adapter_id(parent, "parent"), None
+        statement = select(AliasMoveRow).where(AliasMoveRow.adapter_id == adapter)
+        if alias is not None:
+            statement = statement.where(AliasMoveRow.alias == alias)
+        with self.db.read() as session:
+            return paginate(
+                session,
+                statement,
+                [AliasMoveRow.id],
+                page_size=page_size,
+                page_token=page_token,
+                query=parent,
+                descending=True,
+            )
