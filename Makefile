@@ -81,9 +81,12 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 	$(BIN)/mypy services clients tests benchmarks
 	$(BIN)/lint-imports  # the layers in .importlinter (docs/architecture.md)
 
+# Test files run in this many processes (pytest-xdist), each file whole in one of them.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite (the vLLM engine's tests in .venv-vllm); both parts run, then both results
 	@main=0; vllm=0; \
-	$(BIN)/python -m pytest -m "not vllm" --durations=15 || main=$$?; \
+	$(BIN)/python -m pytest -m "not vllm" --durations=15 -n $(TEST_WORKERS) --dist loadfile || main=$$?; \
 	$(VLLM_BIN)/python -m pytest -m vllm --durations=5 || vllm=$$?; \
 	echo "make test: main suite exit $$main, vLLM suite exit $$vllm"; \
 	[ $$main -eq 0 ] && [ $$vllm -eq 0 ]

@@ -17,8 +17,9 @@ Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency th
 AdapterService and InferenceService while 4 clients keep streaming 16-token answers from the
 alias: from sending the move to AdapterService (the move pushed on WatchAdapterChanges) to the
 first streamed token, and to the first complete response, naming the new version, every move
-printed, for moves alternating between a version never loaded (a promotion: downloaded and
-loaded first) and the version served before (a rollback: still loaded); and, for the PEFT
+printed, for moves in turn to a version registered before InferenceService started (downloaded
+and loaded on the move), back to the version served before (a rollback: still loaded), to a
+version registered while serving (loaded ahead of its promotion), and back; and, for the PEFT
 engine, the latency of a small request sent right after a client cancelled a 30,000-token prompt,
 against the same request on an idle engine.
 """
@@ -33,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,13 +223,18 @@ async def throughput(name: str, model: Path, adapters: list[Path], args: Any) ->
     return runs
 
 
+KINDS = {  # the moves of the hot-swap measurement
+    "cold": "to a version registered before InferenceService started (not loaded)",
+    "ahead": "to a version registered while serving (loaded ahead)",
+    "back": "back to the version served before (still loaded)",
+}
+
+
 async def hot_swap(
     name: str, model: Path, adapters: list[Path], args: Any
 ) -> dict[str, list[float]]:
-    """Seconds from each alias move to the first response naming the new version, for moves
-    that alternate: `fresh`, to a version never loaded (a promotion: downloaded from
-    AdapterService and loaded first), and `back`, to the version served before it (a rollback:
-    still loaded)."""
+    """Seconds from each alias move to the first token and the first complete response naming
+    the new version, by kind of move (KINDS)."""
     import grpc
     from prometheus_client import CollectorRegistry
 
@@ -239,6 +246,7 @@ async def hot_swap(
     from tunefleet.runtime.server import TunefleetServer
     from tunefleet.runtime.settings import ServerSettings, load_settings
     from tunefleet.v1 import (
+        adapter_pb2,
         adapter_service_pb2,
         adapter_service_pb2_grpc,
         inference_pb2,
@@ -257,9 +265,10 @@ async def hot_swap(
         workdir=workdir / "registry",
         models=ModelCatalogue.of(settings),
     )
-    fresh = [
-        register_directly(registry, "bench", adapters[1 + move % (len(adapters) - 1)])
-        for move in range((args.swaps + 1) // 2)
+    others = adapters[1:]
+    cold = [
+        register_directly(registry, "bench", others[index % len(others)])
+        for index in range((args.swaps + 3) // 4)
     ]
     home = register_directly(registry, "bench", adapters[0])
     registry.aliases.set_alias("adapters/bench/aliases/prod", home, "benchmark", "bench")
@@ -273,7 +282,7 @@ async def hot_swap(
     )
     await server.start()
     latencies: dict[str, list[float]] = {
-        f"{kind} {end}": [] for kind in ("fresh", "back") for end in ("token", "response")
+        f"{kind} {end}": [] for kind in KINDS for end in ("token", "response")
     }
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -316,10 +325,31 @@ async def hot_swap(
             def after(events: list[tuple[float, str]], moved: float, target: str) -> float:
                 return min(t for t, v in events if t > moved and v == target) - moved
 
+            async def upload(path: Path) -> str:
+                """A new version through AdapterService, as a trainer registers one."""
+                message = adapter_service_pb2.UploadAdapterVersionRequest
+
+                def requests() -> Iterator[Any]:
+                    yield message(header=message.Header(parent="adapters/bench"))
+                    for file in sorted(path.iterdir()):
+                        data = file.read_bytes()
+                        yield message(file=adapter_pb2.AdapterFile(path=file.name))
+                        yield message(chunk=data)
+                    yield message(finish_write=True)
+
+                version = await registry_stub.UploadAdapterVersion(requests())
+                return str(version.name)
+
             clients = [asyncio.create_task(client()) for _ in range(4)]
             for move in range(args.swaps):
-                kind = "back" if move % 2 else "fresh"
-                target = home if move % 2 else fresh[move // 2]
+                # cold, back, ahead, back, cold, ...
+                kind = "back" if move % 2 else ("cold" if move % 4 == 0 else "ahead")
+                if kind == "back":
+                    target = home
+                elif kind == "cold":
+                    target = cold[move // 4]
+                else:  # registered now, while serving: loaded ahead of its promotion
+                    target = await upload(others[(move // 4) % len(others)])
                 await asyncio.sleep(0.3)
                 moved = time.perf_counter()  # from before the move is sent: its commit is later
                 await registry_stub.SetAdapterAlias(
@@ -438,16 +468,17 @@ async def main() -> None:
             )
             print("  hot swap under load (moves pushed on WatchAdapterChanges), from sending the")
             print("  move to the new version's first token / first complete response:")
-            for kind, what in (("fresh", "to a version not loaded"), ("back", "back (loaded)")):
+            for kind, what in KINDS.items():
+                print(f"    {what}:")
                 for end in ("token", "response"):
                     times = swaps[f"{kind} {end}"]
                     print(
-                        f"    {what:<24} first {end:<8} ({len(times)} moves): "
+                        f"      first {end:<8} ({len(times)} moves): "
                         f"p50 {statistics.median(times) * 1000:.0f} ms, "
                         f"p99 {percentile(times, 0.99) * 1000:.0f} ms, "
                         f"max {max(times) * 1000:.0f} ms"
                     )
-                    print("      every move, ms: " + " ".join(f"{t * 1000:.0f}" for t in times))
+                    print("        every move, ms: " + " ".join(f"{t * 1000:.0f}" for t in times))
         if "peft" in engines:
             pairs = await cancellation(Path(directory), args.rounds)
             for index, (idle, after) in enumerate(pairs):

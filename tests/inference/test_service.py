@@ -440,3 +440,46 @@ async def test_a_deleted_alias_stops_being_routed(serving: Serving, served: Serv
     else:
         raise AssertionError("the deleted alias is still routed")
     assert (await serving.generate(alpha)).adapter_version == alpha  # the version still serves
+
+
+async def test_a_new_version_of_a_served_alias_is_loaded_before_its_promotion(
+    serving: Serving, served: Served
+) -> None:
+    """A version registered for an adapter whose alias is served here is loaded ahead, into a
+    free slot, so moving the alias to it loads nothing; it is neither routed nor pinned until
+    then."""
+    first = await serving.register("alpha", served.adapters["alpha"])
+    await serving.alias("prod", first)
+    assert (await serving.generate("adapters/alpha@prod")).adapter_version == first
+    loads = serving.sample("tunefleet_inference_adapter_loads_total", outcome="loaded")
+    second = await serving.register("alpha", served.adapters["beta"])
+
+    async def states() -> dict[str, tuple[int, list[str], bool]]:
+        listed = await serving.inference.ListServedAdapters(
+            inference_service_pb2.ListServedAdaptersRequest()
+        )
+        return {
+            a.adapter_version: (a.state, list(a.routed_aliases), a.pinned)
+            for a in listed.served_adapters
+        }
+
+    for _ in range(200):
+        if (await states()).get(second, (0,))[0] == State.STATE_LOADED:
+            break
+        await asyncio.sleep(0.05)
+    assert (await states())[second] == (State.STATE_LOADED, [], False)
+    assert serving.sample("tunefleet_inference_adapter_loads_total", outcome="loaded") == (
+        (loads or 0) + 1
+    )
+
+    await serving.alias("prod", second)
+    for _ in range(200):
+        if (await serving.generate("adapters/alpha@prod")).adapter_version == second:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the alias did not move")
+    # Nothing was loaded for the move.
+    assert serving.sample("tunefleet_inference_adapter_loads_total", outcome="loaded") == (
+        (loads or 0) + 1
+    )

@@ -46,12 +46,10 @@ def smollm2(cache: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(f"{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = _partial(target)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    return _publish(partial, target)
 
 
 def build_chat_model(
@@ -108,12 +106,30 @@ def tiny(cache: Path, corpus: Sequence[str], pretrain_texts: Sequence[str]) -> P
     all: a random one cannot be steered by a LoRA adapter, its frozen output layer keeps every
     prediction close to uniform."""
     target = cache / TINY
-    if not (target / "model.safetensors").is_file():
-        partial = target.with_name(f"{target.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        build_chat_model(partial, [TINY_TEMPLATE, *corpus], vocab_size=400, max_positions=256)
-        _pretrain(partial, pretrain_texts)
+    if (target / "model.safetensors").is_file():
+        return target
+    partial = _partial(target)
+    build_chat_model(partial, [TINY_TEMPLATE, *corpus], vocab_size=400, max_positions=256)
+    _pretrain(partial, pretrain_texts)
+    return _publish(partial, target)
+
+
+def _partial(target: Path) -> Path:
+    """A folder of this process's own to build `target` in."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def _publish(partial: Path, target: Path) -> Path:
+    """Move a finished build into place in one step; should another process have published
+    the same model meanwhile, keep that one."""
+    try:
         partial.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

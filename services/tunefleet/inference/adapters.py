@@ -387,10 +387,30 @@ class AdapterPool:
             if routed in self.routes:
                 moved_at = change.time.ToDatetime(tzinfo=UTC)
                 await self.swap(routed, change.version or None, moved_at)
+        elif change.type == kinds.TYPE_VERSION_CREATED:
+            self._prefetch(change.adapter, change.version)
         elif change.type == kinds.TYPE_VERSION_DELETED:
             self._forget(lambda s: s.version == change.version)
         elif change.type == kinds.TYPE_ADAPTER_DELETED:
             self._forget(lambda s: s.version.startswith(change.adapter + "/versions/"))
+
+    def _prefetch(self, adapter: str, version: str) -> None:
+        """Load a new version of an adapter served here through an alias, in the background and
+        only into a free slot (nothing is evicted for it): the likely next target of the alias,
+        so promoting it needs no load."""
+        if not any(alias.startswith(f"{adapter}@") for alias in self.routes) or self.find(version):
+            return
+        if sum(v.state in (LOADED, LOADING) for v in self.served.values()) >= self.capacity:
+            return
+        task = asyncio.create_task(self._load_ahead(version))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _load_ahead(self, version: str) -> None:
+        try:
+            await self._ensure(await self.registry.version(version))
+        except Exception as error:  # a request for it will say why; nothing is waiting now
+            log.info("%s was not loaded ahead: %s", version, error)
 
     def _forget(self, deleted: Callable[[ServedVersion], bool]) -> None:
         """Unload deleted versions once their requests end."""
