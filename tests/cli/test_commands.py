@@ -16,6 +16,7 @@ import pytest
 from tests.client.conftest import chat_model, colours, platform
 from tests.helpers import free_port
 from tunefleet.cli.main import cli
+from tunefleet.cli.output import Settings
 from tunefleet.demo.server import LocalServer
 
 __all__ = ["chat_model", "colours", "platform"]  # fixtures shared with the SDK's tests
@@ -255,6 +256,16 @@ def test_bad_options_are_refused_before_any_call(colours: Path, tmp_path: Path) 
         spec.write_text(text)
         refused = tunefleet(None, "jobs", "create", "--from-file", str(spec), code=2)
         assert "--from-file" in refused.stderr and message in refused.stderr
+    for timeout in ("0", "soon"):
+        refused = tunefleet(None, "--timeout", timeout, "datasets", "list", code=2)
+        assert "--timeout" in refused.stderr
+
+
+def test_timeout_bounds_every_call_uploads_included() -> None:
+    options = Settings("localhost:1", None, False, None, timeout=2.5).options()
+    assert (options.timeout, options.stream_timeout) == (2.5, 2.5)
+    default = Settings("localhost:1", None, False, None).options()
+    assert (default.timeout, default.stream_timeout) == (30.0, None)
 
 
 def test_an_unreachable_server_is_one_line_and_exit_1() -> None:

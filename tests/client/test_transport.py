@@ -47,6 +47,11 @@ class Datasets(dataset_service_pb2_grpc.DatasetServiceServicer):
         self.script.answer("GetDataset", context)
         return dataset_pb2.Dataset(name=request.name)
 
+    def UploadDataset(self, requests: Any, context: grpc.ServicerContext) -> dataset_pb2.Dataset:
+        self.script.answer("UploadDataset", context)
+        size = sum(len(request.chunk) for request in requests)
+        return dataset_pb2.Dataset(name="datasets/uploaded", source_size_bytes=size)
+
 
 class Inference(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, script: Script) -> None:
@@ -120,6 +125,34 @@ def test_a_slow_answer_exceeds_the_deadline(mode: str, scripted: tuple[str, Scri
     with pytest.raises(sdk_errors.DeadlineExceeded):
         client.datasets.get("d1")
     assert time.monotonic() - started < 0.9
+    client.close()
+
+
+class SlowFile:
+    """A file whose bytes arrive slowly, as from a big file on a slow disk or link."""
+
+    def __init__(self, pieces: int, pause: float) -> None:
+        self.pieces, self.pause = pieces, pause
+
+    def read(self, size: int) -> bytes:
+        if not self.pieces:
+            return b""
+        self.pieces -= 1
+        time.sleep(self.pause)
+        return b"x" * 1000
+
+
+def test_an_upload_has_no_deadline_unless_asked(mode: str, scripted: tuple[str, Script]) -> None:
+    """An upload lasts as long as its bytes take, past the unary deadline; `stream_timeout`
+    (the CLI's --timeout) bounds it when asked."""
+    target, _ = scripted
+    client = connect(mode, target, options=Options(timeout=0.2))
+    dataset = client.datasets.upload(SlowFile(pieces=5, pause=0.15))
+    assert dataset.source_size_bytes == 5000  # 0.75 s of sending: past the 0.2 s deadline
+    client.close()
+    client = connect(mode, target, options=Options(stream_timeout=0.3))
+    with pytest.raises(sdk_errors.DeadlineExceeded):
+        client.datasets.upload(SlowFile(pieces=10, pause=0.15))
     client.close()
 
 

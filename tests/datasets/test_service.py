@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -399,3 +400,37 @@ async def test_ingestion_metrics(stub: Stub, service_context: ServiceContext) ->
         == 1
     )
     assert registry.get_sample_value("tunefleet_dataset_ingest_duration_seconds_count") == 1
+
+
+async def test_a_rejection_of_many_bad_lines_reaches_the_client_whole(
+    start_server: StartServer, service_context: ServiceContext
+) -> None:
+    """The most common first mistake, a file in another format: 10,000 bad lines. The status
+    stays far under the 8 KiB grpc clients accept in trailers, so the SDK gets INVALID_ARGUMENT
+    with its reason every time (not RESOURCE_EXHAUSTED for oversized metadata)."""
+    from tunefleet.client import AsyncClient
+    from tunefleet.client import InvalidArgument as SdkInvalidArgument
+
+    server = await start_server([registration("datasets", service_context)])
+    data = b"\n".join(
+        json.dumps({"question": f"question {i} " + "x" * 80, "reply": f"answer {i}"}).encode()
+        for i in range(10_000)
+    )
+    options = {"format": "DATASET_FORMAT_ALPACA"}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        for _ in range(20):
+            with pytest.raises(SdkInvalidArgument) as raised:
+                await client.datasets.upload(data, options=options)
+            assert raised.value.reason == "DATASET_REJECTED"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await upload(stub, data, options={"format": dataset_pb2.DATASET_FORMAT_ALPACA})
+    trailers = refused.value.trailing_metadata() or ()
+    assert sum(len(key) + len(value) for key, value in trailers) < 4096
+    violations = field_violations(refused.value)
+    assert violations[0][0] == "line 1"
+    assert violations[-1] == (
+        "records",
+        f"and {10_000 - len(violations) + 1} more rejected records, not listed here",
+    )

@@ -33,9 +33,21 @@ SERVICE_KEYS = ("datasets", "training", "adapters", "inference")
     envvar="TUNEFLEET_CA_FILE",
     help="CA certificate to trust (implies --tls).",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="TUNEFLEET_TIMEOUT",
+    help="Deadline in seconds of each call, uploads included (env TUNEFLEET_TIMEOUT); "
+    "default: 30 s for a call, none for an upload.",
+)
 @click.pass_context
 def cli(
-    context: click.Context, target: str, token: str | None, tls: bool, ca_file: Path | None
+    context: click.Context,
+    target: str,
+    token: str | None,
+    tls: bool,
+    ca_file: Path | None,
+    timeout: float | None,
 ) -> None:
     """tunefleet: fine-tune open LLMs and serve the adapters.
 
@@ -46,7 +58,7 @@ def cli(
     tunefleet adapters alias set a prod 2            move prod to version 2
     tunefleet generate --chat --adapter adapters/a@prod "Hello"
     """
-    context.obj = Settings(target, token, tls, ca_file)
+    context.obj = Settings(target, token, tls, ca_file, timeout)
 
 
 cli.add_command(datasets)

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from tunefleet.client import TLS, Client, TunefleetError
+from tunefleet.client import TLS, Client, Options, TunefleetError
 
 F = TypeVar("F", bound=Callable[..., Any])
 MessageT = TypeVar("MessageT", bound=Message)
@@ -29,12 +29,26 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 class Settings:
     """The global options, kept on the click context."""
 
-    def __init__(self, target: str, token: str | None, tls: bool, ca_file: Path | None) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str | None,
+        tls: bool,
+        ca_file: Path | None,
+        timeout: float | None = None,
+    ) -> None:
         self.target, self.token, self.tls, self.ca_file = target, token, tls, ca_file
+        self.timeout = timeout
+
+    def options(self) -> Options:
+        """The SDK's defaults, or `--timeout` for every call, uploads included."""
+        if self.timeout is None:
+            return Options()
+        return Options(timeout=self.timeout, stream_timeout=self.timeout)
 
     def client(self) -> Client:
         tls: bool | TLS = TLS(ca_file=self.ca_file) if self.ca_file else self.tls
-        return Client(self.target, token=self.token, tls=tls)
+        return Client(self.target, token=self.token, tls=tls, options=self.options())
 
 
 def client() -> Client:

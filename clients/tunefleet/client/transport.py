@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from tunefleet.client.core import Call, Emit, Feed, Open, Program, Read, Sleep, Step, T
 from tunefleet.client.errors import TunefleetError, Unavailable, from_rpc_error
@@ -22,16 +23,24 @@ class Options:
     """How calls are made.
 
     Attributes:
-        timeout: deadline in seconds of each unary call (streams have none); None: no deadline.
+        timeout: deadline in seconds of each unary call; None: no deadline.
+        stream_timeout: deadline in seconds of each client stream (an upload); None, the
+            default: none, an upload takes as long as its bytes take. Server streams (events,
+            generation) have none either, unless the method takes one.
         retries: how often an idempotent call is retried while the server is UNAVAILABLE.
         backoff: the first wait between retries, doubled each time (with jitter) up to
             `max_backoff`.
     """
 
     timeout: float | None = 30.0
+    stream_timeout: float | None = None
     retries: int = 5
     backoff: float = 0.2
     max_backoff: float = 5.0
+
+    def deadline(self, call: Call) -> float | None:
+        """The deadline of a call: a unary one's, or a client stream's."""
+        return self.timeout if isinstance(call.request, Message) else self.stream_timeout
 
     def delay(self, attempt: int) -> float:
         jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - not a secret
@@ -112,7 +121,7 @@ class SyncTransport(_Base):
         while True:
             try:
                 return self.method(step.stub, step.method)(
-                    step.request, timeout=self.options.timeout, metadata=self.metadata
+                    step.request, timeout=self.options.deadline(step), metadata=self.metadata
                 )
             except grpc.RpcError as failure:
                 error = from_rpc_error(failure)
@@ -178,7 +187,7 @@ class AsyncTransport(_Base):
         while True:
             try:
                 return await self.method(step.stub, step.method)(
-                    step.request, timeout=self.options.timeout, metadata=self.metadata
+                    step.request, timeout=self.options.deadline(step), metadata=self.metadata
                 )
             except grpc.RpcError as failure:
                 error = from_rpc_error(failure)

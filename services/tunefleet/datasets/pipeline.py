@@ -29,7 +29,7 @@ import orjson
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
-from tunefleet.core.errors import TunefleetError
+from tunefleet.core.errors import TunefleetError, bounded
 from tunefleet.datasets import pii
 from tunefleet.datasets.dedup import NUM_PERM, MinHasher, UnionFind, exact_key, jaccard, near_pairs
 from tunefleet.datasets.formats import FileFormat, Message, RecordInvalid, normalise
@@ -38,7 +38,11 @@ from tunefleet.storage import spools
 from tunefleet.v1.dataset_pb2 import DatasetFormat, PiiType, RecordErrorCode
 
 MAX_LISTED_ERRORS = 10_000
-MAX_ERRORS_IN_STATUS = 100  # record errors a rejection's status carries (it travels in a header)
+# What a rejection's status lists of the rejected records: it travels in HTTP/2 trailers, which
+# grpc clients refuse above 8 KiB (base64 adds a third), so a bounded number of bytes.
+MAX_ERRORS_IN_STATUS = 100
+MAX_VIOLATION_BYTES = 2048
+MAX_VIOLATION_DESCRIPTION = 200
 MAX_DUPLICATE_EXAMPLES = 20
 SIGNATURE_BATCH = 4096
 
@@ -128,16 +132,25 @@ class DatasetRejected(TunefleetError):
         self.report = report
 
     def details(self) -> list[any_pb2.Any]:
-        """ErrorInfo, plus a BadRequest listing the first rejected records by line."""
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(
-                field=f"line {e.line}", description=f"{e.code}: {e.message}"
+        """ErrorInfo, plus a BadRequest listing the first rejected records by line: as many as
+        fit in MAX_VIOLATION_BYTES, then one saying how many more there are."""
+        bad_request = error_details_pb2.BadRequest()
+        for e in self.report.errors[:MAX_ERRORS_IN_STATUS]:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=f"line {e.line}",
+                description=bounded(f"{e.code}: {e.message}", MAX_VIOLATION_DESCRIPTION),
             )
-            for e in self.report.errors[:MAX_ERRORS_IN_STATUS]
-        ]
-        bad_request = any_pb2.Any()
-        bad_request.Pack(error_details_pb2.BadRequest(field_violations=violations))
-        return [*super().details(), bad_request]
+            if bad_request.ByteSize() + violation.ByteSize() > MAX_VIOLATION_BYTES:
+                break
+            bad_request.field_violations.append(violation)
+        left = self.report.rejected_records - len(bad_request.field_violations)
+        if left > 0:
+            bad_request.field_violations.add(
+                field="records", description=f"and {left} more rejected records, not listed here"
+            )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        return [*super().details(), packed]
 
 
 # A TokenCounter measures a batch of conversations: (total tokens, trainable tokens) each.
