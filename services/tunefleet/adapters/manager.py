@@ -155,11 +155,16 @@ class AdapterManager:
         staging = self.workdir / f"upload-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
         upload = VersionUpload(
-            adapter, description, check_lineage(lineage), staging, request_id, request_sha256
+            adapter,
+            description,
+            check_lineage(lineage),
+            staging,
+            self.settings.max_file_bytes,
+            self.settings.max_version_bytes,
+            request_id,
+            request_sha256,
         )
         upload._owner = spools.hold(staging)
-        upload.max_file_bytes = self.settings.max_file_bytes
-        upload.max_version_bytes = self.settings.max_version_bytes
         return upload
 
     def existing_for(self, upload: VersionUpload) -> VersionRow | None:

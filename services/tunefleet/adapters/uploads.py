@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from tunefleet.adapters import validation
-from tunefleet.adapters.versions import RegistrySettings
 from tunefleet.core.errors import InvalidArgument, ResourceExhausted
 
 
 @dataclass
 class VersionUpload:
-    """A version being uploaded: files land in a staging directory, within the limits the
-    manager sets from its settings."""
+    """A version being uploaded: files land in a staging directory, within the limits given."""
 
     adapter: str
     description: str
     lineage: dict[str, Any]
     staging: Path
+    max_file_bytes: int
+    max_version_bytes: int
     request_id: str = ""
     request_sha256: str = ""
     files: dict[str, int] = field(default_factory=dict)
@@ -33,8 +33,6 @@ class VersionUpload:
     _owner: IO[str] | None = None  # the spool's lock (storage.spools)
     _expected: dict[str, tuple[int, str]] = field(default_factory=dict)
     _hashes: dict[str, Any] = field(default_factory=dict)
-    max_file_bytes: int = RegistrySettings.max_file_bytes
-    max_version_bytes: int = RegistrySettings.max_version_bytes
 
     def start_file(self, path: str, size_bytes: int, sha256: str) -> None:
         self.end_file()

@@ -102,7 +102,7 @@ class AdapterServiceClient(Peer):
                     await asyncio.to_thread(out.write, message.chunk)
             _check(current, digest, version)
         except grpc.aio.AioRpcError as error:
-            raise relayed(error, "AdapterService") from None
+            raise relayed(error, self.service) from None
         finally:
             if out is not None:
                 await asyncio.to_thread(out.close)
