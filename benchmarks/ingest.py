@@ -2,14 +2,23 @@
 well-kept libraries (HF `datasets` to load, pandas to drop exact duplicates, `datasketch`
 MinHashLSH for near duplicates), on the same generated files, in the same run.
 
-    python benchmarks/ingest.py [--records 200000]
+    python benchmarks/ingest.py [--records 200000] [--rounds 3]
 
 The files mix the four formats (one file per format), with 10% exact duplicates (case and
 whitespace changed), 5% near duplicates (one word of the answer replaced) and 2% records with
-PII. Each pipeline runs in its own process, so peak memory is that process's maximum RSS.
-Both use word 3-gram shingles, 128 permutations and a Jaccard threshold of 0.8. tunefleet also
-validates every record, detects and redacts PII, splits and writes the dataset; the baseline
-does none of that.
+PII. Each pipeline runs in its own process, so peak memory is that process's maximum RSS; the
+two alternate over `--rounds` rounds (the first one first in odd rounds, second in even ones),
+every round printed. Both use 3-gram shingles, 128 permutations and a Jaccard threshold of 0.8
+(tunefleet's tokens are words, and characters in unspaced scripts; the baseline's are words).
+tunefleet also validates every record, detects and redacts PII, splits and writes the dataset;
+the baseline does none of that.
+
+Then two slices where data is not English prose:
+- Chinese: long answers, each beside a copy with one character replaced (and, for reference,
+  English answers beside a copy with one word replaced): near-duplicate recall of both pipelines;
+- code and math (tests/datasets/corpora/code_and_math.txt: slices, `::`, long decimals,
+  versions, hashes, timestamps): the share of records tunefleet's PII detection flags (every
+  one a false positive), and its recall on personal data planted in such records, by type.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,15 +218,88 @@ def score(truth: dict[str, Any], removed: dict[str, list[int]]) -> dict[str, flo
         removed_total += len(gone)
         false_positives += len(gone - in_pairs)
     return {
-        "exact_recall": found["exact"] / planted["exact"],
-        "near_recall": found["near"] / planted["near"],
+        "exact_recall": found["exact"] / max(1, planted["exact"]),
+        "near_recall": found["near"] / max(1, planted["near"]),
         "precision": 1 - false_positives / removed_total if removed_total else 1.0,
     }
+
+
+def run_child(name: str, truth_path: Path, directory: Path) -> dict[str, Any]:
+    out = directory / f"{name}.json"
+    command = [sys.executable, __file__, "--child", name, "--truth", str(truth_path)]
+    subprocess.run([*command, "--out", str(out)], check=True)
+    return dict(json.loads(out.read_text()))
+
+
+# --- slices -----------------------------------------------------------------------------------
+
+
+def chinese_slice(directory: Path, count: int = 1000) -> None:
+    """Near-duplicate recall on Chinese (one character edited) and English (one word edited)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.datasets.records import chinese, perturb, perturb_character, sentence
+
+    rng = random.Random(3)
+    truth: dict[str, Any] = {}
+
+    def han() -> str:
+        return str(chinese(rng, 300))
+
+    def english() -> str:
+        return " ".join(sentence(rng, 20) for _ in range(6))
+
+    for language, answer, edit in (
+        ("chinese", han, perturb_character),
+        ("english", english, perturb),
+    ):
+        path = directory / f"{language}.jsonl"
+        with path.open("w") as out:
+            for index in range(count):
+                text = answer()
+                for completion in (text, edit(text, rng)):
+                    record = {"prompt": f"question {index}", "completion": completion}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        pairs = [{"original": 2 * i + 1, "copy": 2 * i + 2, "kind": "near"} for i in range(count)]
+        truth[language] = {"path": str(path), "records": 2 * count, "pairs": pairs}
+    truth_path = directory / "languages.json"
+    truth_path.write_text(json.dumps(truth))
+    print(f"near-duplicate recall, {count} answers each beside a copy with one edit:")
+    for name in ("tunefleet", "baseline"):
+        removed = run_child(name, truth_path, directory)["removed"]
+        recalls = {
+            language: score({language: info}, {language: removed[language]})["near_recall"]
+            for language, info in truth.items()
+        }
+        print(f"  {name:<10} chinese {recalls['chinese']:.3f}   english {recalls['english']:.3f}")
+
+
+def code_slice(count: int = 2000) -> None:
+    """PII false positives on code and math, and recall on PII planted in it."""
+    sys.path.insert(0, str(ROOT))
+    from tests.datasets.test_pii import CODE_AND_MATH, PLANTED
+    from tunefleet.datasets.pii import find
+    from tunefleet.v1.dataset_pb2 import PiiType
+
+    rng = random.Random(4)
+    lines = [line for line in CODE_AND_MATH.read_text().splitlines() if line.strip()]
+    texts = ["\n".join(rng.sample(lines, 6)) for _ in range(count)]
+    flagged = sum(1 for text in texts if find(text))
+    planted = [(kind, rng.choice(texts) + "\n" + text) for kind, text in PLANTED * 10]
+    found = sum(
+        1
+        for kind, text in planted
+        if [PiiType.Name(f.type) for f in find(text)] == [f"PII_TYPE_{kind}"]
+    )
+    print(
+        f"code and math, {count} records of 6 corpus lines: flagged as PII {flagged / count:.4f}; "
+        f"planted PII found with its type {found}/{len(planted)}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", choices=["tunefleet", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--truth", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -224,6 +307,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.truth, args.out)
         return
+    labels = {"tunefleet": "tunefleet", "baseline": "datasets+pandas+datasketch"}
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         truth = generate(args.records, directory)
@@ -232,38 +316,37 @@ def main() -> None:
         total = sum(info["records"] for info in truth.values())
         size = sum(Path(info["path"]).stat().st_size for info in truth.values())
         print(f"{total} records in {len(truth)} files ({size / 2**20:.1f} MiB)", flush=True)
-        results = {}
-        for name in ("tunefleet", "baseline"):
-            out = directory / f"{name}.json"
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    name,
-                    "--truth",
-                    str(truth_path),
-                    "--out",
-                    str(out),
-                ],
-                check=True,
-            )
-            results[name] = json.loads(out.read_text())
-            results[name].update(score(truth, results[name].pop("removed")))
-    print(
-        f"{'pipeline':<28}{'records/s':>12}{'peak MiB':>10}{'exact rec.':>12}{'near rec.':>11}"
-        f"{'precision':>11}"
-    )
-    labels = {"tunefleet": "tunefleet", "baseline": "datasets+pandas+datasketch"}
-    for name, result in results.items():
         print(
-            f"{labels[name]:<28}{total / result['seconds']:>12,.0f}{result['peak_mib']:>10,.0f}"
-            f"{result['exact_recall']:>12.3f}{result['near_recall']:>11.3f}"
-            f"{result['precision']:>11.4f}"
+            f"{'round':<7}{'pipeline':<28}{'records/s':>12}{'peak MiB':>10}{'exact rec.':>12}"
+            f"{'near rec.':>11}{'precision':>11}"
         )
-    ours, theirs = results["tunefleet"], results["baseline"]
-    print(f"speed ratio (tunefleet / baseline): {theirs['seconds'] / ours['seconds']:.2f}x")
-    print(f"peak memory ratio (tunefleet / baseline): {ours['peak_mib'] / theirs['peak_mib']:.2f}")
+        speed, memory = [], []
+        for round_number in range(1, args.rounds + 1):
+            order = ("tunefleet", "baseline") if round_number % 2 else ("baseline", "tunefleet")
+            results = {}
+            for name in order:
+                result = run_child(name, truth_path, directory)
+                result.update(score(truth, result.pop("removed")))
+                results[name] = result
+                print(
+                    f"{round_number:<7}{labels[name]:<28}{total / result['seconds']:>12,.0f}"
+                    f"{result['peak_mib']:>10,.0f}{result['exact_recall']:>12.3f}"
+                    f"{result['near_recall']:>11.3f}{result['precision']:>11.4f}",
+                    flush=True,
+                )
+            ours, theirs = results["tunefleet"], results["baseline"]
+            speed.append(theirs["seconds"] / ours["seconds"])
+            memory.append(ours["peak_mib"] / theirs["peak_mib"])
+        print(
+            f"speed ratio (tunefleet / baseline), median (min-max) over {args.rounds} rounds: "
+            f"{statistics.median(speed):.2f}x ({min(speed):.2f}-{max(speed):.2f})"
+        )
+        print(
+            "peak memory ratio (tunefleet / baseline): "
+            f"{statistics.median(memory):.2f} ({min(memory):.2f}-{max(memory):.2f})"
+        )
+        chinese_slice(directory)
+    code_slice()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Training benchmark: tunefleet's trainer against TRL's SFTTrainer with PEFT, on the same small
 model, data and hyperparameters, in the same run; and QLoRA against LoRA peak memory.
 
-    python benchmarks/train.py [--steps 24]
+    python benchmarks/train.py [--steps 24] [--rounds 3]
 
 Throughput is useful (non-padding) tokens per second of the training loop; memory is the peak
-RSS of the process that trained (each run has its own process). Both trainers use LoRA r=16 on
-all linear layers, lr 2e-4 with warmup and cosine decay, micro batch 8, fp32, on CPU here.
+RSS of the process that trained (each run has its own process). All use LoRA r=16 on all linear
+layers, lr 2e-4 with warmup and cosine decay, micro batch 8, fp32, on CPU here. TRL runs twice:
+with its defaults (which turn on gradient checkpointing: less activation memory, a second forward
+pass per step) and in tunefleet's memory regime (gradient checkpointing off). The three alternate
+over `--rounds` rounds, in a rotating order, every round printed; the ratios are medians.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,7 +137,13 @@ def run_tunefleet(
 
 
 def run_trl(
-    model: Path, data: Path, steps: int, workdir: Path, max_length: int, batch: int
+    model: Path,
+    data: Path,
+    steps: int,
+    workdir: Path,
+    max_length: int,
+    batch: int,
+    defaults: bool = True,
 ) -> dict[str, Any]:
     import datasets
     from peft import LoraConfig
@@ -159,6 +169,8 @@ def run_trl(
         dataloader_num_workers=0,
         bf16=False,
         fp16=False,
+        # TRL's default turns gradient checkpointing on; tunefleet's regime keeps activations.
+        **({} if defaults else {"gradient_checkpointing": False}),
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(model)),
@@ -183,9 +195,15 @@ def run_trl(
 def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
-        if args.child == "trl":
+        if args.child in ("trl", "trl-same-memory"):
             result = run_trl(
-                args.model, args.data, args.steps, workdir, args.max_length, args.batch
+                args.model,
+                args.data,
+                args.steps,
+                workdir,
+                args.max_length,
+                args.batch,
+                defaults=args.child == "trl",
             )
         else:
             result = run_tunefleet(
@@ -228,6 +246,7 @@ def spawn(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -243,19 +262,36 @@ def main() -> None:
         small = build_model(directory / "small", SMALL)
         data = build_data(directory / "data.jsonl", 512)
         print(f"model: Llama {SMALL}, data: 512 conversations of 20-230 words", flush=True)
-        ours = spawn("lora", small, data, args.steps, 512, 8, directory / "ours.json")
-        theirs = spawn("trl", small, data, args.steps, 512, 8, directory / "trl.json")
-        print(f"{'trainer':<26}{'tokens/s':>12}{'peak MiB':>10}")
-        print(f"{'tunefleet':<26}{ours['tokens_per_second']:>12,.0f}{ours['peak_mib']:>10,.0f}")
-        print(
-            f"{'TRL SFTTrainer + PEFT':<26}{theirs['tokens_per_second']:>12,.0f}"
-            f"{theirs['peak_mib']:>10,.0f}"
-        )
-        print(
-            f"throughput ratio (tunefleet / TRL): "
-            f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x",
-            flush=True,
-        )
+        sides = {
+            "lora": "tunefleet",
+            "trl": "TRL SFTTrainer, defaults",
+            "trl-same-memory": "TRL, no grad. checkpointing",
+        }
+        print(f"{'round':<7}{'trainer':<30}{'tokens/s':>12}{'peak MiB':>10}")
+        ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
+        order = list(sides)
+        for round_number in range(1, args.rounds + 1):
+            results = {}
+            for name in order:
+                out = directory / f"{name}-{round_number}.json"
+                results[name] = spawn(name, small, data, args.steps, 512, 8, out)
+                print(
+                    f"{round_number:<7}{sides[name]:<30}"
+                    f"{results[name]['tokens_per_second']:>12,.0f}"
+                    f"{results[name]['peak_mib']:>10,.0f}",
+                    flush=True,
+                )
+            for name in ratios:
+                ratios[name].append(
+                    results["lora"]["tokens_per_second"] / results[name]["tokens_per_second"]
+                )
+            order = order[1:] + order[:1]  # rotate who goes first
+        for name, values in ratios.items():
+            print(
+                f"throughput ratio tunefleet / {sides[name]}: median "
+                f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})",
+                flush=True,
+            )
         larger = build_model(directory / "larger", LARGER)
         lora = spawn("lora", larger, data, 3, 128, 2, directory / "lora.json")
         qlora = spawn("qlora", larger, data, 3, 128, 2, directory / "qlora.json")

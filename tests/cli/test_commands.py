@@ -121,6 +121,112 @@ def test_datasets_commands(platform: LocalServer, colours: Path) -> None:
     assert missing.stdout == ""
 
 
+def test_datasets_upload_options_and_contamination(
+    platform: LocalServer, colours: Path, tmp_path: Path
+) -> None:
+    """Every upload option reaches the server; contamination of an evaluation set is counted."""
+    lines = colours.read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines[:80]) + "\n")
+    held_out = tmp_path / "held_out.jsonl"  # 10 records that are in train, 20 that are not
+    held_out.write_text("\n".join(lines[70:100]) + "\n")
+
+    def uploaded(path: Path, *options: str) -> dict[str, Any]:
+        result = tunefleet(platform, "datasets", "upload", str(path), *options, "-o", "json")
+        return dict(as_json(result))
+
+    evaluation = uploaded(held_out, "--format", "openai_chat", "--validation-fraction", "0")
+    training = uploaded(
+        train,
+        *("--format", "openai_chat", "--seed", "7", "--invalid-records", "reject"),
+        *("--min-records", "50", "--max-record-chars", "5000"),
+        *("--near-duplicate-threshold", "0.9", "--validation-dataset", evaluation["name"]),
+    )
+    options = training["options"]
+    assert options["format"] == "DATASET_FORMAT_OPENAI_CHAT"
+    assert options["split_seed"] == "7" and options["min_record_count"] == "50"
+    assert options["invalid_record_policy"] == "INVALID_RECORD_POLICY_REJECT"
+    assert options["max_record_chars"] == "5000"
+    assert options["near_duplicate_threshold"] == 0.9
+    assert options["validation_dataset"] == evaluation["name"]
+
+    report = as_json(
+        tunefleet(
+            platform,
+            "datasets",
+            "contamination",
+            training["name"],
+            evaluation["name"],
+            "-o",
+            "json",
+        )
+    )
+    assert report["evaluation_records"] == "30" and report["exact_overlap"] == "10"
+    shown = tunefleet(platform, "datasets", "contamination", training["name"], evaluation["name"])
+    assert "10 (33.3%)" in shown.stdout
+    refused = tunefleet(
+        platform,
+        *("datasets", "contamination", training["name"], evaluation["name"]),
+        *("--near-duplicate-threshold", "1.5"),
+        code=2,
+    )
+    assert "near_duplicate_threshold" in refused.stderr
+
+    # A bad line under --invalid-records reject refuses the upload: exit 2 with the reason.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines[:20]) + "\n{not json\n")
+    rejected = tunefleet(
+        platform, "datasets", "upload", str(broken), "--invalid-records", "reject", code=2
+    )
+    assert "INVALID_ARGUMENT" in rejected.stderr and "line 21" in rejected.stderr
+
+    ready = tunefleet(platform, "datasets", "list", "--filter", "state=READY", "-o", "json")
+    assert training["name"] in [d["name"] for d in as_json(ready)]
+    none = tunefleet(platform, "datasets", "list", "--filter", "state=PROCESSING", "-o", "json")
+    assert as_json(none) == []
+    plain = tunefleet(platform, "datasets", "get", evaluation["name"]).stdout
+    assert "not measured (no tokenizer model given)" in plain
+
+    # Preference pairs stay pairs unless asked otherwise.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Colour {i}?", "chosen": "Red.", "rejected": "Blue."}) + "\n"
+            for i in range(10)
+        )
+    )
+    preference = uploaded(pairs)
+    assert preference["kind"] == "DATASET_KIND_PREFERENCE"
+    pair = tunefleet(platform, "datasets", "preview", preference["name"], "--limit", "1").stdout
+    assert "chosen: Red." in pair and "rejected: Blue." in pair
+    assert uploaded(pairs, "--kind", "sft")["kind"] == "DATASET_KIND_SFT"
+
+
+def test_a_rejection_of_10000_bad_lines_exits_2_with_its_reason_every_time(
+    platform: LocalServer, tmp_path: Path
+) -> None:
+    """The CLI's own code, run in this process 100 times (the binary's start-up is tested
+    above): the reason reaches the terminal and the exit code is 2, every time."""
+    from click.testing import CliRunner
+
+    path = tmp_path / "wrong-format.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"question": f"question {i} " + "x" * 80, "reply": f"answer {i}"}) + "\n"
+            for i in range(10_000)
+        )
+    )
+    runner = CliRunner()
+    for _ in range(100):
+        result = runner.invoke(
+            cli,
+            ["datasets", "upload", str(path), "--format", "alpaca"],
+            env={"TUNEFLEET_TARGET": platform.target},
+        )
+        assert result.exit_code == 2, result.output
+        assert "INVALID_ARGUMENT DATASET_REJECTED" in result.output
+
+
 def upload(platform: LocalServer, colours: Path) -> str:
     result = tunefleet(
         platform,

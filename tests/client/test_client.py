@@ -52,12 +52,35 @@ def test_upload_from_a_file_object_and_from_bytes(sdk: Client, tmp_path: Path) -
     with path.open("rb") as file:
         from_file = sdk.datasets.upload(file, options=UPLOAD_OPTIONS)
     assert from_file.display_name == "fresh.jsonl"
-    again = sdk.datasets.upload(path.read_bytes(), display_name="b", options=UPLOAD_OPTIONS)
-    assert again.name == from_file.name  # content-addressed: the existing dataset
+    with path.open("rb") as file:
+        again = sdk.datasets.upload(file, options=UPLOAD_OPTIONS)
+    assert again == from_file  # the same upload again: the same dataset
+    renamed = sdk.datasets.upload(path.read_bytes(), display_name="b", options=UPLOAD_OPTIONS)
+    assert renamed.name != from_file.name and renamed.display_name == "b"
+    assert renamed.content_sha256 == from_file.content_sha256  # records stored once
     other = sdk.datasets.upload(
         path.read_bytes(), display_name="b", options={**UPLOAD_OPTIONS, "splitSeed": 9}
     )
-    assert other.name != from_file.name and other.display_name == "b"
+    assert other.name not in (from_file.name, renamed.name) and other.display_name == "b"
+    sdk.datasets.delete(from_file.name)  # the records it shares stay with the renamed dataset
+    assert len(list(sdk.datasets.preview(renamed.name, limit=200))) == renamed.record_count
+
+
+def test_check_contamination_as_its_docstring_shows(sdk: Client) -> None:
+    lines = colour_records(seed=uuid.uuid4().int % 10**6).splitlines(keepends=True)
+    options = {"validationFraction": 0}
+    train = sdk.datasets.upload(b"".join(lines[:100]), options=options)
+    evaluation = sdk.datasets.upload(b"".join(lines[90:]), options=options)
+    report = sdk.datasets.check_contamination(train.name, evaluation.name)
+    assert report.near_duplicate_threshold == 0.8  # the server's default
+    assert (report.evaluation_records, report.exact_overlap) == (30, 10)
+    strict = sdk.datasets.check_contamination(
+        train.name, evaluation.name, near_duplicate_threshold=1.0
+    )
+    assert strict.near_duplicate_threshold == 1.0 and strict.exact_overlap == 10
+    with pytest.raises(sdk_errors.InvalidArgument) as raised:
+        sdk.datasets.check_contamination(train.name, evaluation.name, near_duplicate_threshold=0)
+    assert raised.value.field == "near_duplicate_threshold"
 
 
 def test_list_follows_page_tokens(sdk: Client) -> None:

@@ -359,3 +359,30 @@ def perturb(text: str, rng: random.Random) -> str:
     position = rng.randrange(len(words))
     words[position] = rng.choice(WORDS)
     return " ".join(words)
+
+
+# Common Chinese characters, for text written without spaces between words.
+HANZI = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过"
+    "子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体"
+    "制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内"
+    "数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提"
+    "直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计"
+)
+PUNCTUATION = "\uff0c\uff0c\uff0c\u3002\u3001"  # fullwidth comma (x3), full stop, enumeration comma
+
+
+def chinese(rng: random.Random, characters: int) -> str:
+    """Text of about `characters` Chinese characters in sentences, without spaces."""
+    parts: list[str] = []
+    while sum(len(part) for part in parts) < characters:
+        parts.append("".join(rng.choice(HANZI) for _ in range(rng.randint(12, 30))))
+        parts.append(rng.choice(PUNCTUATION))
+    return "".join(parts[:-1]) + "。"
+
+
+def perturb_character(text: str, rng: random.Random) -> str:
+    """A near duplicate of unspaced text: one character replaced."""
+    positions = [i for i, char in enumerate(text) if char in HANZI]
+    position = rng.choice(positions)
+    return text[:position] + rng.choice(HANZI.replace(text[position], "")) + text[position + 1 :]

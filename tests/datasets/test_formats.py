@@ -102,7 +102,7 @@ ERRORS: list[tuple[str, Any, str, str]] = [
             ]
         },
         "NON_STRING_CONTENT",
-        "messages[0].content",
+        "messages[0].content[0]",
     ),
     ("openai_chat", {"prompt": "a", "completion": "b"}, "INCONSISTENT_FIELDS", ""),
     ("alpaca", {"question": "a", "answer": "b"}, "INCONSISTENT_FIELDS", ""),
@@ -146,3 +146,63 @@ def test_first_detectable_record_fixes_the_file_format() -> None:
     assert file.format is None
     normalise({"prompt": "a", "completion": "b"}, file)
     assert file.format == DatasetFormat.DATASET_FORMAT_PROMPT_COMPLETION
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image>What is in the picture?"},
+                    {"from": "gpt", "value": "A cat."},
+                ],
+                "images": ["cat.jpg"],
+            },
+            "images",
+        ),
+        ({"instruction": "Transcribe", "output": "hello", "audios": ["a.wav"]}, "audios"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {"type": "image_url", "image_url": {"url": "https://x/cat.png"}},
+                        ],
+                    },
+                    {"role": "assistant", "content": "A cat."},
+                ]
+            },
+            "messages[0].content[1]",
+        ),
+    ],
+)
+def test_images_audio_and_video_are_refused_naming_the_key(record: Any, field: str) -> None:
+    with pytest.raises(RecordInvalid) as raised:
+        normalise(record, FileFormat())
+    assert RecordErrorCode.Name(raised.value.code) == "RECORD_ERROR_CODE_UNSUPPORTED_MODALITY"
+    assert raised.value.field == field
+
+
+def test_openai_text_parts_are_joined() -> None:
+    record = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there"}],
+            },
+            {"role": "assistant", "content": "Hi."},
+        ]
+    }
+    assert normalise(record, FileFormat())[0] == {"role": "user", "content": "Hello, there"}
+
+
+def test_keys_the_format_does_not_read_are_named() -> None:
+    from tunefleet.datasets.formats import ignored_keys
+
+    file = FileFormat()
+    record = {"instruction": "a", "output": "b", "id": 7, "source": "web"}
+    normalise(record, file)
+    assert ignored_keys(record, file) == ["id", "source"]

@@ -10,7 +10,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.datasets.records import chunks, jsonl, perturb, records
+from tests.datasets.records import (
+    chinese,
+    chunks,
+    jsonl,
+    perturb,
+    perturb_character,
+    records,
+    sentence,
+)
 from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
 from tunefleet.datasets.tokens import TokenCounter
 
@@ -26,6 +34,61 @@ def ingest(
 
 def final_records(result: IngestResult) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in result.records_path.read_bytes().splitlines()]
+
+
+def test_a_json_array_reports_the_line_where_a_bad_element_starts(tmp_path: Path) -> None:
+    items: list[Any] = records("alpaca", 6)
+    items[4] = {"instruction": "no output"}
+    data = orjson.dumps(items, option=orjson.OPT_INDENT_2)
+    result = ingest(data, tmp_path)
+    lines = data.decode().splitlines()
+    [error] = result.validation.errors
+    assert lines[error.line - 1].strip() == "{" and '"no output"' in lines[error.line]
+    assert error.code == "RECORD_ERROR_CODE_MISSING_FIELD" and error.field == "output"
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"instruction,output\nSay hi,hi\n" * 50, "CSV"),
+        (b"PAR1" + bytes(range(256)) * 40, "Parquet"),
+    ],
+)
+def test_a_file_that_is_not_json_is_refused_whole(data: bytes, kind: str, tmp_path: Path) -> None:
+    from tunefleet.datasets.pipeline import UnsupportedFileFormat
+
+    with pytest.raises(UnsupportedFileFormat) as raised:
+        ingest(data, tmp_path)
+    assert raised.value.field == "file" and raised.value.reason == "UNSUPPORTED_FILE_FORMAT"
+    assert f"looks like {kind}" in raised.value.message and "JSON lines" in raised.value.message
+
+
+def near_duplicate_recall(
+    tmp_path: Path, answer: Any, edit: Any, count: int = 50
+) -> tuple[float, int]:
+    """Of `count` long answers each uploaded beside a copy with one edit, the share of copies
+    removed as near duplicates, and how many records remain."""
+    rng = random.Random(5)
+    items = []
+    for index in range(count):
+        text = answer(rng)
+        items.append({"prompt": f"question {index}", "completion": text})
+        items.append({"prompt": f"question {index}", "completion": edit(text, rng)})
+    result = ingest(jsonl(items), tmp_path, IngestOptions(validation_fraction=0))
+    return result.cleaning.near_duplicates_removed / count, result.record_count
+
+
+def test_near_duplicates_in_chinese_are_found_as_well_as_in_english(tmp_path: Path) -> None:
+    """Chinese has no spaces between words: its shingles are character 3-grams, so a
+    one-character edit in a long answer is caught as often as a one-word edit in English."""
+    english, kept_english = near_duplicate_recall(
+        tmp_path / "en", lambda rng: " ".join(sentence(rng, 20) for _ in range(6)), perturb
+    )
+    han, kept_han = near_duplicate_recall(
+        tmp_path / "zh", lambda rng: chinese(rng, 300), perturb_character
+    )
+    assert english >= 0.95 and han >= english - 0.05, (english, han)
+    assert kept_english >= 50 and kept_han >= 50  # distinct answers are never merged
 
 
 def test_one_bad_line_among_thousands(tmp_path: Path) -> None:
@@ -165,3 +228,23 @@ def test_working_files_are_removed(tmp_path: Path) -> None:
     ingestor.feed(jsonl(records("alpaca", 10)))
     ingestor.close()
     assert not (tmp_path / "work").exists()
+
+
+def test_unread_keys_are_counted_and_media_records_rejected(tmp_path: Path) -> None:
+    items: list[Any] = records("alpaca", 30)
+    for index, item in enumerate(items):
+        item["id"] = index
+        if index % 3 == 0:
+            item["source"] = "web"
+    items[7]["images"] = ["photo.jpg"]
+    result = ingest(jsonl(items), tmp_path)
+    assert result.validation.ignored_keys == [
+        {"key": "id", "count": 29},
+        {"key": "source", "count": 10},
+    ]
+    [error] = result.validation.errors
+    assert (error.line, error.code, error.field) == (
+        8,
+        "RECORD_ERROR_CODE_UNSUPPORTED_MODALITY",
+        "images",
+    )

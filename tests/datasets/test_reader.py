@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.datasets.records import chunks, jsonl, records
-from tunefleet.datasets.reader import RawRecord, RecordReader
+from tunefleet.datasets.reader import BOM, RawRecord, RecordReader, unsupported_kind
 
 
 def read(data: bytes, chunk_size: int, max_record_bytes: int = 1_000_000) -> list[RawRecord]:
@@ -54,3 +54,32 @@ def test_unclosed_array_and_trailing_garbage() -> None:
 def test_invalid_utf8_is_reported_on_its_line() -> None:
     result = read(b'{"a": 1}\n{"a": "\xff"}\n', 3)
     assert result[1].line == 2 and (result[1].error or "").startswith("invalid_json: not UTF-8")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 4096])
+def test_a_byte_order_mark_is_skipped(chunk_size: int) -> None:
+    items = records("alpaca", 3)
+    assert [json.loads(r.text or "") for r in read(BOM + jsonl(items), chunk_size)] == items
+    array = BOM + json.dumps(items, indent=1).encode()
+    assert [json.loads(r.text or "") for r in read(array, chunk_size)] == items
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"PAR1\x15\x04\x15", "Parquet"),
+        (b"\x1f\x8b\x08\x00", "gzip-compressed"),
+        (b"PK\x03\x04\x14\x00", "a ZIP archive (or an .xlsx workbook)"),
+        (b"instruction,input,output\nSay hi,,hi\n", "CSV (first line: 'instruction,input,output')"),
+        (BOM + b"prompt\tcompletion\na\tb\n", "TSV (first line: 'prompt\\tcompletion')"),
+    ],
+)
+def test_files_that_are_not_json_are_named(head: bytes, kind: str) -> None:
+    assert unsupported_kind(head) == kind
+
+
+@pytest.mark.parametrize(
+    "head", [b'{"prompt": "a, b", "completion": "c"}\n', b"[\n  {", b"  \n{", b"not json\n"]
+)
+def test_json_or_unknown_text_is_left_to_the_record_checks(head: bytes) -> None:
+    assert unsupported_kind(head) is None

@@ -294,10 +294,27 @@ async def test_request_id_makes_retries_idempotent(stub: Stub) -> None:
     assert info is not None and info.reason == "REQUEST_ID_REUSED"
 
 
-async def test_validate_only_stores_nothing(stub: Stub, service_context: ServiceContext) -> None:
+async def test_validate_only_stores_and_counts_nothing(
+    stub: Stub, service_context: ServiceContext
+) -> None:
     dataset = await upload(stub, jsonl(records("alpaca", 30)), validate_only=True)
     assert dataset.name == "" and dataset.record_count == 30
     assert list(service_context.storage.blobs.list()) == []
+    accepted = service_context.registry.get_sample_value("tunefleet_dataset_records_accepted_total")
+    assert not accepted
+
+
+async def test_a_parquet_file_is_refused_as_unsupported(stub: Stub, tmp_path: Path) -> None:
+    import pandas as pd
+
+    path = tmp_path / "train.parquet"
+    pd.DataFrame(records("alpaca", 20)).to_parquet(path)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await upload(stub, path.read_bytes())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "UNSUPPORTED_FILE_FORMAT"
+    assert (raised.value.details() or "").startswith("file: looks like Parquet")
 
 
 @pytest.mark.parametrize(
@@ -418,7 +435,7 @@ async def test_a_rejection_of_many_bad_lines_reaches_the_client_whole(
     )
     options = {"format": "DATASET_FORMAT_ALPACA"}
     async with AsyncClient(f"127.0.0.1:{server.port}") as client:
-        for _ in range(20):
+        for _ in range(100):
             with pytest.raises(SdkInvalidArgument) as raised:
                 await client.datasets.upload(data, options=options)
             assert raised.value.reason == "DATASET_REJECTED"

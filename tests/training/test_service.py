@@ -20,6 +20,7 @@ from tunefleet.training.launcher import LogLine, Phase
 from tunefleet.v1 import (
     adapter_service_pb2,
     common_pb2,
+    dataset_pb2,
     dataset_service_pb2,
     training_job_pb2,
     training_service_pb2,
@@ -223,6 +224,39 @@ async def test_bad_jobs_are_refused_naming_the_field(
         training_service_pb2.ListTrainingJobsRequest()
     )
     assert not listed.training_jobs
+
+
+async def test_preference_data_is_not_trained_as_conversations(
+    make_platform: MakePlatform,
+) -> None:
+    """A DPO file uploaded as it is becomes a preference dataset; an SFT job refuses it."""
+    platform = await make_platform(FakeLauncher())
+    pairs = b"".join(
+        json.dumps({"prompt": f"colour {i}?", "chosen": "Red.", "rejected": "Blue."}).encode()
+        + b"\n"
+        for i in range(20)
+    )
+    dataset = await platform.upload(pairs)
+    assert dataset.kind == dataset_pb2.DATASET_KIND_PREFERENCE
+    error = await refused(platform.create(dataset.name))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(error)
+    assert info is not None and info.reason == "DATASET_KIND_MISMATCH"
+    assert (error.details() or "").startswith("training_job.train_dataset")
+
+
+async def test_tool_call_data_is_refused_until_the_trainer_renders_calls(
+    make_platform: MakePlatform,
+) -> None:
+    from tests.datasets.test_tools import openai_record
+
+    platform = await make_platform(FakeLauncher())
+    data = b"".join(json.dumps(openai_record(f"city {i}")).encode() + b"\n" for i in range(20))
+    dataset = await platform.upload(data)
+    assert dataset.validation_report.tool_call_records == 20
+    error = await refused(platform.create(dataset.name))
+    info = error_info(error)
+    assert info is not None and info.reason == "TOOL_CALLS_NOT_SUPPORTED"
 
 
 async def test_an_oversized_job_is_refused_with_the_numbers(make_platform: MakePlatform) -> None:

@@ -24,6 +24,16 @@ from tunefleet.cli.output import (
 )
 from tunefleet.v1 import dataset_pb2
 
+FORMATS = {
+    name.removeprefix("DATASET_FORMAT_").lower(): value
+    for name, value in dataset_pb2.DatasetFormat.items()
+    if value != dataset_pb2.DATASET_FORMAT_UNSPECIFIED
+}
+KINDS = {
+    name.removeprefix("DATASET_KIND_").lower(): value
+    for name, value in dataset_pb2.DatasetKind.items()
+    if value != dataset_pb2.DATASET_KIND_UNSPECIFIED
+}
 SPLITS = {
     "all": dataset_pb2.DATASET_SPLIT_UNSPECIFIED,
     "train": dataset_pb2.DATASET_SPLIT_TRAIN,
@@ -62,6 +72,7 @@ def report(dataset: dataset_pb2.Dataset) -> None:
                 "format",
                 enum_name(dataset_pb2.DatasetFormat, dataset.source_format, "DATASET_FORMAT_"),
             ),
+            ("kind", enum_name(dataset_pb2.DatasetKind, dataset.kind, "DATASET_KIND_")),
             (
                 "records",
                 f"{dataset.record_count} ({dataset.train_record_count} train, "
@@ -83,9 +94,17 @@ def report(dataset: dataset_pb2.Dataset) -> None:
             ),
             (
                 "tokens",
-                f"{tokens.total_tokens} ({tokens.tokenizer_model or 'no tokenizer'}), "
+                f"{tokens.total_tokens} ({tokens.tokenizer_model}), "
                 f"{tokens.tokens_per_record.mean:.0f} per record, "
-                f"{tokens.records_over_max_length} over {tokens.max_sequence_length}",
+                f"{tokens.records_over_max_length} over {tokens.max_sequence_length}"
+                if tokens.tokenizer_model
+                else "not measured (no tokenizer model given)",
+            ),
+            ("tool calls", f"in {validation.tool_call_records} records"),
+            (
+                "ignored keys",
+                ", ".join(f"{k.key} ({k.count} records)" for k in validation.ignored_keys)
+                or "none",
             ),
         ]
     )
@@ -119,7 +138,36 @@ def report(dataset: dataset_pb2.Dataset) -> None:
 @click.option(
     "--label", "labels", multiple=True, metavar="KEY=VALUE", callback=key_values, help="Repeatable."
 )
+@click.option(
+    "--format",
+    "record_format",
+    type=click.Choice(list(FORMATS)),
+    help="Format of the records (default: detected).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(list(KINDS)),
+    help="What the dataset must be (default: what the file holds); sft converts preference data.",
+)
 @click.option("--validation-fraction", type=float, help="Share of records held out (0-0.5).")
+@click.option("--seed", type=int, help="Seed of the train/validation split.")
+@click.option(
+    "--validation-dataset",
+    default="",
+    help="An existing dataset used whole as the validation side instead of splitting this upload.",
+)
+@click.option(
+    "--invalid-records",
+    type=click.Choice(["drop", "reject"]),
+    help="Drop invalid records (the default) or reject the whole upload if any is invalid.",
+)
+@click.option("--min-records", type=int, help="Fewer valid records reject the upload.")
+@click.option("--max-record-chars", type=int, help="Longest accepted record, in characters.")
+@click.option(
+    "--near-duplicate-threshold",
+    type=float,
+    help="Jaccard similarity at which records are near duplicates, in (0, 1] (default 0.8).",
+)
 @click.option("--tokenizer-model", default="", help="Model whose tokenizer measures the tokens.")
 @click.option("--max-sequence-length", type=int, help="Count records longer than this.")
 @click.option("--pii", type=click.Choice(["report", "redact", "drop"]), help="PII policy.")
@@ -132,7 +180,15 @@ def upload(
     display_name: str,
     description: str,
     labels: dict[str, str],
+    record_format: str | None,
+    kind: str | None,
     validation_fraction: float | None,
+    seed: int | None,
+    validation_dataset: str,
+    invalid_records: str | None,
+    min_records: int | None,
+    max_record_chars: int | None,
+    near_duplicate_threshold: float | None,
     tokenizer_model: str,
     max_sequence_length: int | None,
     pii: str | None,
@@ -142,8 +198,24 @@ def upload(
 ) -> None:
     """Upload a dataset file (Alpaca, ShareGPT, OpenAI chat or prompt/completion JSON lines)."""
     options: dict[str, Any] = {"tokenizerModel": tokenizer_model}
+    if record_format:
+        options["format"] = dataset_pb2.DatasetFormat.Name(FORMATS[record_format])
+    if kind:
+        options["kind"] = dataset_pb2.DatasetKind.Name(KINDS[kind])
     if validation_fraction is not None:
         options["validationFraction"] = validation_fraction
+    if seed is not None:
+        options["splitSeed"] = seed
+    if validation_dataset:
+        options["validationDataset"] = validation_dataset
+    if invalid_records:
+        options["invalidRecordPolicy"] = f"INVALID_RECORD_POLICY_{invalid_records.upper()}"
+    if min_records is not None:
+        options["minRecordCount"] = min_records
+    if max_record_chars is not None:
+        options["maxRecordChars"] = max_record_chars
+    if near_duplicate_threshold is not None:
+        options["nearDuplicateThreshold"] = near_duplicate_threshold
     if max_sequence_length is not None:
         options["maxSequenceLength"] = max_sequence_length
     if pii:
@@ -235,6 +307,58 @@ def preview(name: str, split: str, offset: int, limit: int, output: str) -> None
             console.print(f"[bold]record {record.index}[/] (line {record.source_line}, {where})")
             for message in record.messages:
                 console.print(f"  {message.role:>9}: {message.content}", markup=False)
+                for made in message.tool_calls:
+                    console.print(f"  {'calls':>9}: {made.name}({made.arguments})", markup=False)
+            answers = [("chosen", record.chosen), ("rejected", record.rejected)]
+            if record.completion:
+                label = "desirable" if record.desirable else "undesirable"
+                answers = [(label, record.completion)]
+            for label, turns in answers:
+                for message in turns:
+                    console.print(f"  {label:>9}: {message.content}", markup=False)
+
+
+@datasets.command()
+@click.argument("dataset")
+@click.argument("evaluation_dataset")
+@click.option(
+    "--near-duplicate-threshold",
+    type=float,
+    help="Jaccard similarity at which records are near duplicates, in (0, 1] (default 0.8).",
+)
+@output_option
+@handles_errors
+def contamination(
+    dataset: str, evaluation_dataset: str, near_duplicate_threshold: float | None, output: str
+) -> None:
+    """How many records of EVALUATION_DATASET also appear in (training) DATASET."""
+    with client() as tunefleet:
+        found = tunefleet.datasets.check_contamination(
+            dataset, evaluation_dataset, near_duplicate_threshold=near_duplicate_threshold
+        )
+    if output == "json":
+        print_json(found)
+        return
+    leaked = found.exact_overlap + found.near_overlap
+    share = leaked / found.evaluation_records if found.evaluation_records else 0.0
+    fields(
+        [
+            ("training dataset", found.dataset),
+            ("evaluation dataset", found.evaluation_dataset),
+            ("evaluation records", str(found.evaluation_records)),
+            ("exact overlap", str(found.exact_overlap)),
+            (
+                "near overlap",
+                f"{found.near_overlap} (Jaccard >= {found.near_duplicate_threshold:g})",
+            ),
+            ("contaminated", f"{leaked} ({share:.1%})"),
+        ]
+    )
+    if found.examples:
+        table(
+            ["TRAINING LINE", "EVALUATION LINE", "SIMILARITY"],
+            [(e.kept_line, e.removed_line, f"{e.similarity:.2f}") for e in found.examples],
+        )
 
 
 @datasets.command()

@@ -142,7 +142,11 @@ class Datasets(Resource[M]):
 
     @operation
     def check_contamination(
-        self, dataset: str, evaluation_dataset: str, *, near_duplicate_threshold: float = 0.0
+        self,
+        dataset: str,
+        evaluation_dataset: str,
+        *,
+        near_duplicate_threshold: float | None = None,
     ) -> Program[dataset_pb2.ContaminationReport]:
         """How many records of an evaluation dataset also appear in a training dataset.
 
@@ -150,12 +154,15 @@ class Datasets(Resource[M]):
 
             report = client.datasets.check_contamination("datasets/train", "datasets/eval")
             print(report.exact_overlap, report.near_overlap)
+
+        `near_duplicate_threshold` (Jaccard, in (0, 1]) defaults to the server's, 0.8.
         """
         request = dataset_service_pb2.CheckContaminationRequest(
             dataset=resource_name("datasets", dataset),
             evaluation_dataset=resource_name("datasets", evaluation_dataset),
-            near_duplicate_threshold=near_duplicate_threshold,
         )
+        if near_duplicate_threshold is not None:
+            request.near_duplicate_threshold = near_duplicate_threshold
         report: dataset_pb2.ContaminationReport = yield Call(
             self.Stub, "CheckContamination", request, idempotent=True
         )

@@ -1,10 +1,15 @@
 """Exact and near-duplicate detection.
 
 Exact duplicates share a key: a hash of the conversation with case folded and whitespace
-collapsed. Near duplicates are found with MinHash LSH over word 3-gram shingles: each record gets
-a signature of `NUM_PERM` minimum hash values (computed for many records at once with numpy);
+collapsed. Near duplicates are found with MinHash LSH over 3-gram shingles of tokens: each record
+gets a signature of `NUM_PERM` minimum hash values (computed for many records at once with numpy);
 signatures are cut into bands, records sharing a band are candidates, and a candidate pair counts
 when the signatures estimate its Jaccard similarity at or above the threshold.
+
+A token is a word, except in scripts written without spaces between words (Chinese, Japanese,
+Thai, Lao, Khmer, Burmese), where it is one character: their shingles are character 3-grams, so a
+one-character edit in a long Chinese answer changes a few shingles, not the only "word" there is.
+A long text is read in pieces, so the memory a signature needs is bounded whatever its length.
 """
 
 from __future__ import annotations
@@ -12,16 +17,27 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 NUM_PERM = 128
 SHINGLE_WORDS = 3
-_WORD = re.compile(r"\w+")
+# Han (with its extensions and compatibility forms), kana, Thai, Lao, Myanmar and Khmer.
+_UNSPACED = (
+    "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f"
+    "\u1780-\u17ff\U00020000-\U0002fa1f"
+)
+_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W{_UNSPACED}]+")
 _SPACE = re.compile(r"\s+")
+_BREAK = re.compile(f"[\\W{_UNSPACED}]")  # where a text can be cut without cutting a token
+# Texts longer than this are tokenised and hashed piece by piece.
+PIECE_CHARS = 1 << 17
+_MAX_MEMO_WORDS = 200_000
 
 _K1, _K2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd mixing constants
 
@@ -34,6 +50,20 @@ def exact_key(messages: Sequence[dict[str, object]]) -> bytes:
         f"{m['role']}\x1f{_SPACE.sub(' ', str(m['content'])).strip().casefold()}" for m in messages
     )
     return hashlib.blake2b(canonical.encode(), digest_size=16).digest()
+
+
+def pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most about PIECE_CHARS characters, cut between tokens (after a
+    space, punctuation or an unspaced-script character) where one is near the cut."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        window = text[end - 1024 : end]
+        cuts = [match.end() for match in _BREAK.finditer(window)]
+        end = end - 1024 + cuts[-1] if cuts else end  # a 1024-character token is cut
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 class _WordCodes(dict[str, int]):
@@ -61,16 +91,13 @@ class MinHasher:
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
         """The shingle hashes of all texts, concatenated, and how many belong to each text.
         A text of one or two words is one shingle."""
-        flat: list[int] = []
+        codes: list[npt.NDArray[np.uint64]] = []
         words = np.zeros(len(texts), dtype=np.int64)
-        memo = self._word_codes
-        if len(memo) > 2_000_000:  # bound the memo on huge vocabularies
-            memo.clear()
         for index, text in enumerate(texts):
-            found = _WORD.findall(text.casefold())
-            words[index] = len(found)
-            flat.extend(map(memo.__getitem__, found))
-        codes_array = np.asarray(flat, dtype=np.uint64)
+            for piece in self.codes(text):
+                codes.append(piece)
+                words[index] += len(piece)
+        codes_array = np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint64)
         ends = np.cumsum(words)
         pieces: list[npt.NDArray[np.uint64]] = []
         counts = np.zeros(len(texts), dtype=np.int64)
@@ -96,9 +123,56 @@ class MinHasher:
             return np.zeros(0, dtype=np.uint64), counts
         return np.concatenate(pieces), counts
 
+    def codes(self, text: str) -> Iterator[npt.NDArray[np.uint64]]:
+        """The codes of a text's tokens, a piece of the text at a time."""
+        memo = self._word_codes
+        if len(memo) > _MAX_MEMO_WORDS:  # bound the memo on huge vocabularies
+            memo.clear()
+        for piece in pieces(text):
+            found = _TOKEN.findall(piece.casefold())
+            yield np.fromiter(map(memo.__getitem__, found), dtype=np.uint64, count=len(found))
+
     def signatures(self, texts: Sequence[str], max_cells: int = 4_000_000) -> Signature:
         """One row of NUM_PERM values per text; texts without words get all-ones rows, which
-        match nothing."""
+        match nothing. Long texts are hashed on their own, a block of shingles at a time."""
+        out = np.full((len(texts), NUM_PERM), np.iinfo(np.uint32).max, dtype=np.uint32)
+        # A text has at most as many shingles as characters: up to `rows` characters, one text
+        # never needs more than the batch's buffer.
+        rows = max_cells // NUM_PERM
+        long = [index for index, text in enumerate(texts) if len(text) > rows]
+        for index in long:
+            out[index] = self._long_signature(texts[index], rows)
+        if long:
+            short = [index for index, text in enumerate(texts) if len(text) <= rows]
+            out[short] = self._signatures([texts[index] for index in short], max_cells)
+            return out
+        return self._signatures(texts, max_cells)
+
+    def _long_signature(self, text: str, block_shingles: int) -> Signature:
+        """The signature of one long text, its shingles hashed `block_shingles` at a time (the
+        same shingles as `shingles` gives: a window runs across the pieces)."""
+        running = np.full(NUM_PERM, np.iinfo(np.uint64).max, dtype=np.uint64)
+        carry = np.zeros(0, dtype=np.uint64)  # the last two codes of the previous piece
+        total = 0
+        for piece in self.codes(text):
+            codes = np.concatenate([carry, piece])
+            total += len(piece)
+            carry = codes[-2:]
+            if len(codes) < SHINGLE_WORDS:
+                continue
+            with np.errstate(over="ignore"):
+                windows = codes[:-2] * _K1 + codes[1:-1] * _K2 + codes[2:]
+                for start in range(0, len(windows), block_shingles):
+                    block = windows[None, start : start + block_shingles] * self.a[:, None]
+                    block += self.b[:, None]
+                    block >>= np.uint64(32)
+                    np.minimum(running, block.min(axis=1), out=running)
+        if total < SHINGLE_WORDS:  # a long text of one or two tokens
+            short: Signature = self._signatures([text], block_shingles * NUM_PERM)[0]
+            return short
+        return running.astype(np.uint32)
+
+    def _signatures(self, texts: Sequence[str], max_cells: int) -> Signature:
         values, counts = self.shingles(texts)
         out = np.full((len(texts), NUM_PERM), np.iinfo(np.uint32).max, dtype=np.uint32)
         ends = np.cumsum(counts)
@@ -157,8 +231,58 @@ ExactSimilarity = Callable[[int, int], float]
 ESTIMATE_MARGIN = 0.15
 
 
+class SignatureFile:
+    """Signatures stored row after row in a file (uint32, NUM_PERM per row), read a block of
+    rows at a time: LSH over millions of records never holds (or maps) the whole file."""
+
+    BLOCK_ROWS = 65_536
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path, self.count = path, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def columns(self, first: int, stop: int) -> Iterator[Signature]:
+        """Columns [first, stop) of every row, a block of rows at a time."""
+        with self.path.open("rb") as file:
+            for start in range(0, self.count, self.BLOCK_ROWS):
+                rows = min(self.BLOCK_ROWS, self.count - start)
+                block = np.fromfile(file, dtype=np.uint32, count=rows * NUM_PERM)
+                yield block.reshape(rows, NUM_PERM)[:, first:stop].copy()  # not a view of it
+
+    def __getitem__(self, rows: int | npt.NDArray[np.int64]) -> Signature:
+        """The signatures of some rows (a candidate group)."""
+        indexes = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        out = np.empty((len(indexes), NUM_PERM), dtype=np.uint32)
+        with self.path.open("rb") as file:
+            for position, row in enumerate(indexes.tolist()):
+                file.seek(row * NUM_PERM * 4)
+                out[position] = np.fromfile(file, dtype=np.uint32, count=NUM_PERM)
+        return out[0] if np.ndim(rows) == 0 else out
+
+
+def _blocks(signatures: Signature | SignatureFile, first: int, stop: int) -> Iterator[Signature]:
+    if isinstance(signatures, SignatureFile):
+        yield from signatures.columns(first, stop)
+    else:
+        yield signatures[:, first:stop]
+
+
+def _band_keys(
+    signatures: Signature | SignatureFile, first: int, mixers: npt.NDArray[np.uint64]
+) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per row for the band of columns [first, first + len(mixers))
+    (collisions only cost a verification)."""
+    keys = []
+    with np.errstate(over="ignore"):
+        for block in _blocks(signatures, first, first + len(mixers)):
+            keys.append((block.astype(np.uint64) * mixers).sum(axis=1, dtype=np.uint64))
+    return np.concatenate(keys)
+
+
 def near_pairs(
-    signatures: Signature,
+    signatures: Signature | SignatureFile,
     threshold: float,
     *,
     cross: tuple[int, int] | None = None,
@@ -172,14 +296,12 @@ def near_pairs(
     if count < 2:
         return
     bands, rows = lsh_bands(threshold)
-    empty = (signatures == np.iinfo(np.uint32).max).all(axis=1)
+    # A text without tokens has an all-ones signature; its first value is enough to know it.
+    empty = np.concatenate([b[:, 0] == np.iinfo(np.uint32).max for b in _blocks(signatures, 0, 1)])
     mixers = np.random.default_rng(0).integers(1, 2**63, rows, dtype=np.uint64) | np.uint64(1)
     seen: set[tuple[int, int]] = set()
     for band in range(bands):
-        # One 64-bit key per record for this band (collisions only cost a verification).
-        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            keys = (block * mixers).sum(axis=1, dtype=np.uint64)
+        keys = _band_keys(signatures, band * rows, mixers)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         repeated = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
@@ -197,7 +319,7 @@ def near_pairs(
 
 
 def _verify(
-    signatures: Signature,
+    signatures: Signature | SignatureFile,
     group: npt.NDArray[np.int64],
     threshold: float,
     seen: set[tuple[int, int]],
@@ -207,10 +329,11 @@ def _verify(
     # Compare each member with the ones after it; in a large bucket only with the first few, as
     # clusters are joined transitively anyway.
     limit = len(group) if len(group) <= 64 else 8
+    members = signatures[group]
     for i in range(min(limit, len(group) - 1)):
         first = int(group[i])
         others = group[i + 1 :]
-        similarities = (signatures[others] == signatures[first]).mean(axis=1)
+        similarities = (members[i + 1 :] == members[i]).mean(axis=1)
         floor = threshold - ESTIMATE_MARGIN if exact else threshold
         for other, similarity in zip(others.tolist(), similarities.tolist(), strict=True):
             if similarity < floor or (first, other) in seen:
@@ -235,7 +358,7 @@ class UnionFind:
     """Clusters of record indexes."""
 
     def __init__(self, size: int) -> None:
-        self.parent = list(range(size))
+        self.parent = array("q", range(size))
 
     def find(self, item: int) -> int:
         root = item

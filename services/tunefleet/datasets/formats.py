@@ -1,5 +1,11 @@
-"""The four record formats: detection, validation with stable error codes, and normalisation to
-one chat form (a list of role/content messages).
+"""The record formats: detection, validation with stable error codes, and normalisation to one
+chat form (lists of role/content messages).
+
+Four formats hold conversations for supervised fine-tuning (Alpaca, ShareGPT, OpenAI chat,
+prompt/completion); two hold preferences: pairs of a chosen and a rejected answer (DPO), in the
+variants of TRL, LLaMA-Factory and OpenAI, and unpaired answers labelled desirable or not (KTO).
+A preference record is never read as SFT data: its format is detected from `chosen`/`rejected`,
+`preferred_output` or `label`/`kto_tag` before anything else.
 
 Every check that rejects a record raises `RecordInvalid` with a code from `RecordErrorCode`
 (tunefleet.v1) and a message that names the field, so the validation report can say exactly
@@ -11,18 +17,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunefleet.v1.dataset_pb2 import DatasetFormat, RecordErrorCode
+from tunefleet.datasets import tools as tool_calls
+from tunefleet.v1.dataset_pb2 import DatasetFormat, DatasetKind, RecordErrorCode
 
 ALPACA = DatasetFormat.DATASET_FORMAT_ALPACA
 SHAREGPT = DatasetFormat.DATASET_FORMAT_SHAREGPT
 OPENAI_CHAT = DatasetFormat.DATASET_FORMAT_OPENAI_CHAT
 PROMPT_COMPLETION = DatasetFormat.DATASET_FORMAT_PROMPT_COMPLETION
+PREFERENCE = DatasetFormat.DATASET_FORMAT_PREFERENCE
+UNPAIRED = DatasetFormat.DATASET_FORMAT_UNPAIRED_PREFERENCE
 
 FORMAT_NAMES = {
     ALPACA: "alpaca",
     SHAREGPT: "sharegpt",
     OPENAI_CHAT: "openai_chat",
     PROMPT_COMPLETION: "prompt_completion",
+    PREFERENCE: "preference",
+    UNPAIRED: "unpaired_preference",
+}
+# What each format's records train.
+KINDS: dict[DatasetFormat.ValueType, DatasetKind.ValueType] = {
+    PREFERENCE: DatasetKind.DATASET_KIND_PREFERENCE,
+    UNPAIRED: DatasetKind.DATASET_KIND_UNPAIRED_PREFERENCE,
 }
 # The keys that identify each format, for detection and for INCONSISTENT_FIELDS messages.
 SIGNATURE_KEYS = {
@@ -30,6 +46,8 @@ SIGNATURE_KEYS = {
     SHAREGPT: ("conversations",),
     ALPACA: ("instruction", "output"),
     PROMPT_COMPLETION: ("prompt", "completion"),
+    PREFERENCE: ("chosen", "rejected"),
+    UNPAIRED: ("completion", "label"),
 }
 SHAREGPT_ROLES = {
     "system": "system",
@@ -38,10 +56,72 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "tool": "tool",
+    "function_call": "assistant",  # LLaMA-Factory: the value is a JSON call (or list of calls)
+    "observation": "tool",
 }
 OPENAI_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Every top-level key each format reads; others are reported as ignored.
+KNOWN_KEYS = {
+    OPENAI_CHAT: frozenset({"messages", "tools", "functions", "parallel_tool_calls"}),
+    SHAREGPT: frozenset({"conversations", "system", "tools"}),
+    ALPACA: frozenset({"instruction", "input", "output", "system", "history"}),
+    PROMPT_COMPLETION: frozenset({"prompt", "completion"}),
+    PREFERENCE: frozenset(
+        {"prompt", "chosen", "rejected", "instruction", "input", "system", "history"}
+        | {"conversations", "preferred_output", "non_preferred_output"}
+    ),
+    UNPAIRED: frozenset({"prompt", "completion", "label", "conversations", "kto_tag", "system"}),
+}
+# Keys that carry images, audio or video (LLaMA-Factory's and others' conventions).
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 
 Message = dict[str, Any]  # {"role", "content"} plus optional "weight" and "name"
+
+
+@dataclass
+class Record:
+    """A normalised record: a conversation, or for preference data the prompt and answers."""
+
+    messages: list[Message]  # the conversation (SFT) or the prompt (preference kinds)
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+    completion: list[Message] | None = None
+    desirable: bool | None = None
+    tools: list[dict[str, Any]] | None = None  # the functions the assistant may call
+
+    def parts(self) -> list[list[Message]]:
+        """Every list of messages the record holds (PII is looked for in all of them)."""
+        answers = (self.chosen, self.rejected, self.completion)
+        return [self.messages, *(part for part in answers if part is not None)]
+
+    def document(self) -> dict[str, Any]:
+        """The record's fields as stored (the preference ones only when set)."""
+        fields: dict[str, Any] = {"messages": self.messages}
+        for key in ("chosen", "rejected", "completion", "desirable", "tools"):
+            value = getattr(self, key)
+            if value is not None:
+                fields[key] = value
+        return fields
+
+    def as_sft(self) -> Record | None:
+        """The SFT record this preference record converts to: the prompt with the chosen (or a
+        desirable) answer; None for an undesirable answer."""
+        if self.chosen is not None:
+            return Record(self.messages + self.chosen, tools=self.tools)
+        if self.completion is not None:
+            if not self.desirable:
+                return None
+            return Record(self.messages + self.completion, tools=self.tools)
+        return self
+
+
+def kind_of(
+    file_format: DatasetFormat.ValueType, wanted: DatasetKind.ValueType
+) -> DatasetKind.ValueType:
+    """The kind of a dataset of `file_format` built with options.kind `wanted`."""
+    if wanted == DatasetKind.DATASET_KIND_SFT:
+        return DatasetKind.DATASET_KIND_SFT
+    return KINDS.get(file_format, DatasetKind.DATASET_KIND_SFT)
 
 
 class RecordInvalid(Exception):
@@ -61,7 +141,12 @@ class FileFormat:
 
 
 def detect(record: dict[str, Any]) -> DatasetFormat.ValueType | None:
-    """The format a record's keys point to, or None."""
+    """The format a record's keys point to, or None. Preference keys come first: a record with
+    `chosen` and `rejected` is a pair whatever else it has."""
+    if ("chosen" in record and "rejected" in record) or "preferred_output" in record:
+        return PREFERENCE
+    if "kto_tag" in record or ("label" in record and "completion" in record):
+        return UNPAIRED
     if "messages" in record:
         return OPENAI_CHAT
     if "conversations" in record:
@@ -74,13 +159,27 @@ def detect(record: dict[str, Any]) -> DatasetFormat.ValueType | None:
 
 
 def normalise(record: object, file: FileFormat) -> list[Message]:
+    """The messages of an SFT record (see `normalise_record`)."""
+    return normalise_record(record, file).messages
+
+
+def normalise_record(record: object, file: FileFormat) -> Record:
     """Validate one parsed record against the file's format (fixing the format on the first
-    detectable record) and return its messages; raises RecordInvalid."""
+    detectable record) and return it normalised; raises RecordInvalid."""
     if not isinstance(record, dict):
         raise RecordInvalid(
             RecordErrorCode.RECORD_ERROR_CODE_UNKNOWN_FORMAT,
             f"a record must be a JSON object, not {type(record).__name__}",
         )
+    for key in MEDIA_KEYS:
+        if key in record:
+            raise RecordInvalid(
+                RecordErrorCode.RECORD_ERROR_CODE_UNSUPPORTED_MODALITY,
+                f"the record has {key!r}: only text can be trained, and a record is not "
+                "stripped of part of itself; remove the key (and its placeholders) to train "
+                "on the text alone",
+                key,
+            )
     own = detect(record)
     if file.format is None:
         if own is None:
@@ -104,16 +203,48 @@ def normalise(record: object, file: FileFormat) -> list[Message]:
             f"record has fields {_keys(record)}; the file is {FORMAT_NAMES[expected]}, which "
             f"uses {wanted}",
         )
+    if expected == PREFERENCE:
+        return _preference(record, file)
+    if expected == UNPAIRED:
+        return _unpaired(record, file)
+    tools = None
     if expected == ALPACA:
         messages = _alpaca(record)
     elif expected == SHAREGPT:
         messages = _sharegpt(record, file)
+        tools = _tools(record, "tools")
     elif expected == OPENAI_CHAT:
         messages = _openai(record)
+        tools = _tools(record, "tools") or _tools(record, "functions")
     else:
         messages = _prompt_completion(record)
     check_conversation(messages)
-    return messages
+    _check_calls(messages, tools)
+    return Record(messages, tools=tools)
+
+
+def _tools(record: dict[str, Any], key: str) -> list[dict[str, Any]] | None:
+    """The record's tool definitions under `key`, or None when it has none."""
+    if record.get(key) in (None, "", []):
+        return None
+    try:
+        return tool_calls.definitions(record[key], key)
+    except tool_calls.ToolError as error:
+        raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
+
+
+def _check_calls(messages: list[Message], tools: list[dict[str, Any]] | None) -> None:
+    try:
+        tool_calls.check_calls(messages, tools)
+    except tool_calls.ToolError as error:
+        raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
+
+
+def ignored_keys(record: dict[str, Any], file: FileFormat) -> list[str]:
+    """The top-level keys of a valid record that its format does not read."""
+    assert file.format is not None
+    known = KNOWN_KEYS[file.format]
+    return [key for key in record if key not in known]
 
 
 def check_conversation(messages: list[Message]) -> None:
@@ -209,9 +340,13 @@ def _type_name(value: object) -> str:
 
 
 def _alpaca(record: dict[str, Any]) -> list[Message]:
+    prompt = _alpaca_prompt(record)
+    return [*prompt, {"role": "assistant", "content": _text(record, "output", "output")}]
+
+
+def _alpaca_prompt(record: dict[str, Any]) -> list[Message]:
     instruction = _text(record, "instruction", "instruction")
     extra = _text(record, "input", "input", required=False)
-    output = _text(record, "output", "output")
     system = _text(record, "system", "system", required=False)
     messages: list[Message] = [{"role": "system", "content": system}] if system.strip() else []
     history = record.get("history") or []
@@ -233,7 +368,7 @@ def _alpaca(record: dict[str, Any]) -> list[Message]:
         assistant = _text({"v": pair[1]}, "v", f"{field}[1]")
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    messages.append({"role": "user", "content": prompt})
     return messages
 
 
@@ -270,15 +405,28 @@ def _sharegpt(record: dict[str, Any], file: FileFormat) -> list[Message]:
                 "(or user, assistant, tool)",
                 f"{field}.{keys[0]}",
             )
+        if speaker.strip().lower() == "function_call":
+            try:
+                made = tool_calls.calls(turn.get(keys[1]), f"{field}.{keys[1]}", index)
+            except tool_calls.ToolError as error:
+                raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and "tool_calls" not in previous:
+                previous["tool_calls"] = made  # text, then the call: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": made})
+            continue
         content = _text(turn, keys[1], f"{field}.{keys[1]}")
         messages.append({"role": role, "content": content})
     return messages
 
 
-def _openai(record: dict[str, Any]) -> list[Message]:
+def _openai(record: dict[str, Any], key: str = "messages", path: str = "") -> list[Message]:
+    """The OpenAI-style message list `record[key]`; errors name it as `path` (default: key)."""
     messages: list[Message] = []
-    for index, turn in enumerate(_list(record, "messages")):
-        field = f"messages[{index}]"
+    turns = _list(record, key)
+    for index, turn in enumerate(turns):
+        field = f"{path or key}[{index}]"
         if not isinstance(turn, dict):
             raise RecordInvalid(
                 RecordErrorCode.RECORD_ERROR_CODE_UNKNOWN_FORMAT,
@@ -286,13 +434,29 @@ def _openai(record: dict[str, Any]) -> list[Message]:
                 field,
             )
         role = _text(turn, "role", f"{field}.role")
+        if role == "function":  # the older form of a tool turn
+            role = "tool"
         if role not in OPENAI_ROLES:
             raise RecordInvalid(
                 RecordErrorCode.RECORD_ERROR_CODE_UNKNOWN_ROLE,
                 f"{field}.role is {role!r}; expected system, user, assistant or tool",
                 f"{field}.role",
             )
-        message: Message = {"role": role, "content": _text(turn, "content", f"{field}.content")}
+        made = None
+        if role == "assistant" and (turn.get("tool_calls") or turn.get("function_call")):
+            key = "tool_calls" if turn.get("tool_calls") else "function_call"
+            try:
+                made = tool_calls.calls(turn[key], f"{field}.{key}", index)
+            except tool_calls.ToolError as error:
+                raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
+        if made is not None and turn.get("content") in (None, ""):
+            message: Message = {"role": role, "content": "", "tool_calls": made}
+        else:
+            message = {"role": role, "content": _content(turn, f"{field}.content")}
+            if made is not None:
+                message["tool_calls"] = made
+        if role == "tool" and isinstance(turn.get("tool_call_id"), str):
+            message["tool_call_id"] = turn["tool_call_id"]
         if "weight" in turn:
             weight = turn["weight"]
             if weight not in (0, 1) or isinstance(weight, bool):
@@ -308,8 +472,150 @@ def _openai(record: dict[str, Any]) -> list[Message]:
     return messages
 
 
+def _content(turn: dict[str, Any], field: str) -> str:
+    """An OpenAI message's content: a string, or a list of text parts (joined); a part that is
+    not text (an image, audio, a file) refuses the record."""
+    content = turn.get("content")
+    if not isinstance(content, list):
+        return _text(turn, "content", field)
+    texts = []
+    for index, part in enumerate(content):
+        where = f"{field}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            if kind in ("image_url", "input_image", "image", "input_audio", "audio", "file"):
+                raise RecordInvalid(
+                    RecordErrorCode.RECORD_ERROR_CODE_UNSUPPORTED_MODALITY,
+                    f"{where} is a {kind} part: only text can be trained, and a record is not "
+                    "stripped of part of itself",
+                    where,
+                )
+            raise RecordInvalid(
+                RecordErrorCode.RECORD_ERROR_CODE_NON_STRING_CONTENT,
+                f"{where} must be a text part ({{'type': 'text', 'text': ...}}), not "
+                f"{_type_name(part) if kind is None else repr(kind)}",
+                where,
+            )
+        texts.append(_text(part, "text", f"{where}.text", required=False))
+    text = "".join(texts)
+    if not text.strip():
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_EMPTY_FIELD, f"{field} is empty", field
+        )
+    return text
+
+
 def _prompt_completion(record: dict[str, Any]) -> list[Message]:
     return [
         {"role": "user", "content": _text(record, "prompt", "prompt")},
         {"role": "assistant", "content": _text(record, "completion", "completion")},
     ]
+
+
+# --- preference data ---------------------------------------------------------------------------
+
+
+def _answer(record: dict[str, Any], key: str, file: FileFormat) -> list[Message]:
+    """One answer of a preference record: a string, a message list, or one ShareGPT turn."""
+    value = record.get(key)
+    if isinstance(value, str) or value is None:
+        return [{"role": "assistant", "content": _text(record, key, key)}]
+    if isinstance(value, dict):  # LLaMA-Factory's ShareGPT style: {"from": "gpt", "value": ...}
+        turn = _sharegpt({"conversations": [value]}, file)
+        if turn[-1]["role"] != "assistant":
+            raise RecordInvalid(
+                RecordErrorCode.RECORD_ERROR_CODE_ROLE_ORDER,
+                f"{key} must be an assistant turn",
+                key,
+            )
+        return turn
+    answer = _openai(record, key)
+    if answer[0]["role"] != "assistant":
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_ROLE_ORDER,
+            f"{key} must start with an assistant turn, not {answer[0]['role']}",
+            f"{key}[0]",
+        )
+    return answer
+
+
+def _prompt(record: dict[str, Any], file: FileFormat) -> list[Message]:
+    """The prompt of a preference record, in whichever variant it comes."""
+    if "conversations" in record:
+        return _sharegpt(record, file)
+    if "instruction" in record:
+        return _alpaca_prompt(record)
+    if "input" in record and isinstance(record["input"], dict):  # OpenAI's preference format
+        return _openai(record["input"], "messages", "input.messages")
+    value = record.get("prompt")
+    if isinstance(value, list):
+        return _openai(record, "prompt")
+    return [{"role": "user", "content": _text(record, "prompt", "prompt")}]
+
+
+def _shared_prompt(record: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+    """TRL's implicit prompt: `chosen` and `rejected` are whole conversations; the turns they
+    share are the prompt."""
+    if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_MISSING_FIELD,
+            "prompt is missing: a pair of plain texts has no prompt to answer (give `prompt`, or "
+            "`chosen` and `rejected` as conversations that share their first turns)",
+            "prompt",
+        )
+    chosen, rejected = _openai(record, "chosen"), _openai(record, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] == "assistant":
+        shared -= 1  # the answers start at the first assistant turn after the last user turn
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _preference(record: dict[str, Any], file: FileFormat) -> Record:
+    tools = None
+    if "preferred_output" in record or "non_preferred_output" in record:
+        prompt = _prompt(record, file)
+        chosen = _answer(record, "preferred_output", file)
+        rejected = _answer(record, "non_preferred_output", file)
+        if isinstance(record.get("input"), dict):
+            tools = _tools(record["input"], "tools")
+    elif not ({"prompt", "instruction", "conversations"} & record.keys()):
+        prompt, chosen, rejected = _shared_prompt(record)
+    else:
+        prompt = _prompt(record, file)
+        chosen, rejected = _answer(record, "chosen", file), _answer(record, "rejected", file)
+    for answer in (chosen, rejected):
+        check_conversation(prompt + answer)
+        _check_calls(prompt + answer, tools)
+    if chosen == rejected:
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_NO_PREFERENCE,
+            "chosen and rejected are the same answer: the pair prefers nothing",
+            "rejected",
+        )
+    return Record(prompt, chosen=chosen, rejected=rejected, tools=tools)
+
+
+def _unpaired(record: dict[str, Any], file: FileFormat) -> Record:
+    key = "kto_tag" if "kto_tag" in record else "label"
+    label = record.get(key)
+    if not isinstance(label, bool):
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_UNKNOWN_FORMAT,
+            f"{key} must be true (a desirable answer) or false, not {_type_name(label)}",
+            key,
+        )
+    if "conversations" in record:  # LLaMA-Factory: the last turn is the answer
+        turns = _sharegpt(record, file)
+        prompt, completion = turns[:-1], turns[-1:]
+    else:
+        prompt, completion = _prompt(record, file), _answer(record, "completion", file)
+    check_conversation(prompt + completion)
+    if completion[0]["role"] != "assistant":
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_ROLE_ORDER,
+            "the answer (the last turn) must be an assistant turn",
+            "completion",
+        )
+    return Record(prompt, completion=completion, desirable=label)

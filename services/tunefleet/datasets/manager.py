@@ -27,7 +27,7 @@ from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
 from tunefleet.storage.spools import SpaceBudget
-from tunefleet.v1.dataset_pb2 import DatasetFormat
+from tunefleet.v1.dataset_pb2 import DatasetFormat, DatasetKind
 
 UPLOAD_SCOPE = "UploadDataset"
 MAX_CONTAMINATION_EXAMPLES = 20
@@ -126,11 +126,11 @@ class DatasetManager:
                 if self.metrics:
                     self.metrics.observe_rejected(rejected.report)
                 raise
-            if self.metrics:
-                self.metrics.observe(result)
             row = self._row(upload.header, result)
             if upload.header.validate_only:
-                return row
+                return row  # nothing accepted, nothing counted
+            if self.metrics:
+                self.metrics.observe(result)
             blob = self.blobs.put_file(result.records_path)
             assert blob.sha256 == result.content_sha256
             with self.db.session() as session:
@@ -153,10 +153,14 @@ class DatasetManager:
 
     @staticmethod
     def _row(header: UploadHeader, result: IngestResult) -> store.DatasetRow:
-        # The id depends only on the records (after cleaning and splitting) and the options
-        # that produced them: the same file with the same options and seed has the same id.
+        # The id depends on the records (after cleaning and splitting), the options that
+        # produced them and what the upload says of them: the same file uploaded again as it was
+        # is the same dataset; under another name, description or labels it is a new dataset
+        # sharing the stored records.
+        metadata = [header.display_name, header.description, sorted((header.labels or {}).items())]
         identity = hashlib.sha256(
-            f"{result.content_sha256}:{header.options.fingerprint()}".encode()
+            f"{result.content_sha256}:{header.options.fingerprint()}:".encode()
+            + orjson.dumps(metadata)
         ).hexdigest()
         return store.DatasetRow(
             id=f"ds-{identity[:16]}",
@@ -321,4 +325,5 @@ def _options_document(options: IngestOptions) -> dict[str, Any]:
         f"INVALID_RECORD_POLICY_{options.invalid_record_policy.upper()}"
     )
     document["pii_policy"] = f"PII_POLICY_{options.pii_policy.upper()}"
+    document["kind"] = DatasetKind.Name(options.kind)
     return document

@@ -29,13 +29,30 @@ import orjson
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
-from tunefleet.core.errors import TunefleetError, bounded
+from tunefleet.core.errors import InvalidArgument, TunefleetError, bounded
 from tunefleet.datasets import pii
-from tunefleet.datasets.dedup import NUM_PERM, MinHasher, UnionFind, exact_key, jaccard, near_pairs
-from tunefleet.datasets.formats import FileFormat, Message, RecordInvalid, normalise
-from tunefleet.datasets.reader import RawRecord, RecordReader
+from tunefleet.datasets.dedup import (
+    NUM_PERM,
+    MinHasher,
+    SignatureFile,
+    UnionFind,
+    exact_key,
+    jaccard,
+    near_pairs,
+)
+from tunefleet.datasets.formats import (
+    FORMAT_NAMES,
+    FileFormat,
+    Message,
+    Record,
+    RecordInvalid,
+    ignored_keys,
+    kind_of,
+    normalise_record,
+)
+from tunefleet.datasets.reader import SNIFF_BYTES, RawRecord, RecordReader, unsupported_kind
 from tunefleet.storage import spools
-from tunefleet.v1.dataset_pb2 import DatasetFormat, PiiType, RecordErrorCode
+from tunefleet.v1.dataset_pb2 import DatasetFormat, DatasetKind, PiiType, RecordErrorCode
 
 MAX_LISTED_ERRORS = 10_000
 # What a rejection's status lists of the rejected records: it travels in HTTP/2 trailers, which
@@ -44,7 +61,10 @@ MAX_ERRORS_IN_STATUS = 100
 MAX_VIOLATION_BYTES = 2048
 MAX_VIOLATION_DESCRIPTION = 200
 MAX_DUPLICATE_EXAMPLES = 20
+MAX_IGNORED_KEYS = 20
+# Records are MinHashed in batches of this many records or characters, whichever comes first.
 SIGNATURE_BATCH = 4096
+SIGNATURE_CHARS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ class IngestOptions:
     validation_fraction: float = 0.1
     split_seed: int = 0
     validation_dataset: str = ""
+    kind: DatasetKind.ValueType = DatasetKind.DATASET_KIND_UNSPECIFIED
 
     def fingerprint(self) -> str:
         """Hash of every option that shapes the dataset's content (part of its id)."""
@@ -86,6 +107,8 @@ class ValidationReport:
     counts: list[dict[str, Any]] = field(default_factory=list)
     errors: list[RecordError] = field(default_factory=list)
     errors_truncated: bool = False
+    ignored_keys: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_records: int = 0
 
 
 @dataclass
@@ -96,6 +119,7 @@ class CleaningReport:
     pii_counts: list[dict[str, Any]] = field(default_factory=list)
     pii_records_redacted: int = 0
     pii_records_dropped: int = 0
+    undesirable_records_dropped: int = 0
 
 
 @dataclass
@@ -105,6 +129,7 @@ class IngestResult:
     records_path: Path
     content_sha256: str
     source_format: DatasetFormat.ValueType
+    kind: DatasetKind.ValueType
     record_count: int
     train_record_count: int
     validation_record_count: int
@@ -153,6 +178,18 @@ class DatasetRejected(TunefleetError):
         return [*super().details(), packed]
 
 
+class UnsupportedFileFormat(InvalidArgument):
+    """The file is not JSON lines or a JSON array (Parquet, CSV, a compressed file...)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(
+            "file",
+            f"looks like {kind}; upload JSON lines (one JSON object per line) or one JSON array "
+            "of objects, for example from pandas: df.to_json(path, orient='records', lines=True)",
+            reason="UNSUPPORTED_FILE_FORMAT",
+        )
+
+
 # A TokenCounter measures a batch of conversations: (total tokens, trainable tokens) each.
 TokenMeasure = Callable[[list[list[Message]]], list[tuple[int, int]]]
 
@@ -173,6 +210,7 @@ class Ingestor:
         workdir.mkdir(parents=True, exist_ok=True)
         self._owner = spools.hold(workdir)  # a sweep after a crash knows it was abandoned
         self._started = time.perf_counter()
+        self._head: bytearray | None = bytearray()  # the file's first bytes, until sniffed
         self._reader = RecordReader(max_record_bytes=options.max_record_chars * 4 + 65_536)
         self._file = FileFormat(options.format)
         self._hasher = hasher or MinHasher()
@@ -187,16 +225,30 @@ class Ingestor:
         self._first_with_key: dict[bytes, int] = {}
         self._exact_links: list[tuple[int, int]] = []  # kept exact duplicates (not removing)
         self._pending_texts: list[str] = []
+        self._pending_chars = 0
         self._validation = ValidationReport()
         self._cleaning = CleaningReport()
         self._error_counts: Counter[str] = Counter()
         self._pii_counts: Counter[str] = Counter()
+        self._ignored_keys: Counter[str] = Counter()
 
     # --- streaming part ------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> None:
+        if self._head is not None:
+            self._sniff(chunk, final=False)
         for raw in self._reader.feed(chunk):
             self._record(raw)
+
+    def _sniff(self, chunk: bytes, final: bool) -> None:
+        """Refuse a file that is not JSON, once its first line (or SNIFF_BYTES) has arrived."""
+        assert self._head is not None
+        self._head += chunk[: SNIFF_BYTES - len(self._head)]
+        if final or len(self._head) >= SNIFF_BYTES or b"\n" in self._head.lstrip():
+            head, self._head = bytes(self._head), None
+            kind = unsupported_kind(head)
+            if kind is not None:
+                raise UnsupportedFileFormat(kind)
 
     @property
     def written_bytes(self) -> int:
@@ -228,11 +280,13 @@ class Ingestor:
             self._reject(raw.line, RecordErrorCode.RECORD_ERROR_CODE_INVALID_JSON, str(exc))
             return
         try:
-            messages = normalise(parsed, self._file)
+            record: Record | None = normalise_record(parsed, self._file)
         except RecordInvalid as exc:
             self._reject(raw.line, exc.code, exc.message, exc.field)
             return
-        length = sum(len(m["content"]) for m in messages)
+        assert record is not None and self._file.format is not None
+        self._check_kind(self._file.format)
+        length = sum(len(m["content"]) for part in record.parts() for m in part)
         if length > self.options.max_record_chars:
             self._reject(
                 raw.line,
@@ -242,11 +296,21 @@ class Ingestor:
             )
             return
         self._validation.valid_records += 1
-        found = self._find_pii(messages)
+        for unread in ignored_keys(parsed, self._file):
+            if unread in self._ignored_keys or len(self._ignored_keys) < MAX_IGNORED_KEYS * 50:
+                self._ignored_keys[unread] += 1
+        if self.options.kind == DatasetKind.DATASET_KIND_SFT:
+            record = record.as_sft()
+            if record is None:
+                self._cleaning.undesirable_records_dropped += 1
+                return
+        if any(m.get("tool_calls") for part in record.parts() for m in part):
+            self._validation.tool_call_records += 1
+        found = self._find_pii(record)
         if found and self.options.pii_policy == "drop":
             self._cleaning.pii_records_dropped += 1
             return
-        key = exact_key(messages)
+        key = exact_key(_turns(record))
         first = self._first_with_key.get(key)
         if first is not None and self.options.remove_exact_duplicates:
             self._cleaning.exact_duplicates_removed += 1
@@ -259,25 +323,51 @@ class Ingestor:
         self._offsets.append(self._spool.tell())
         self._lines.append(raw.line)
         self._keys += key
-        entry = {"line": raw.line, "messages": messages, "redacted_pii": found}
+        entry = {"line": raw.line, **record.document(), "redacted_pii": found}
         self._spool.write(orjson.dumps(entry) + b"\n")
-        self._pending_texts.append(_text_of(messages))
-        if len(self._pending_texts) >= SIGNATURE_BATCH:
+        text = _text_of(record)
+        self._pending_texts.append(text)
+        self._pending_chars += len(text)
+        if len(self._pending_texts) >= SIGNATURE_BATCH or self._pending_chars >= SIGNATURE_CHARS:
             self._flush_signatures()
 
-    def _find_pii(self, messages: list[Message]) -> list[str]:
+    def _scan(self, value: Any, types: set[str]) -> Any:
+        """`value` (a text, or the JSON of a call's arguments) with the PII in its texts counted
+        into `types` and the pii counts, and redacted if the policy says so."""
+        if isinstance(value, dict):
+            return {key: self._scan(item, types) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._scan(item, types) for item in value]
+        if not isinstance(value, str):
+            return value
+        findings = pii.find(value)
+        for finding in findings:
+            name = PiiType.Name(finding.type)
+            self._pii_counts[name] += 1
+            types.add(name)
+        if findings and self.options.pii_policy == "redact":
+            return pii.redact(value, findings)
+        return value
+
+    def _check_kind(self, file_format: DatasetFormat.ValueType) -> None:
+        """A preference kind asked of a file that holds something else refuses the upload."""
+        wanted = self.options.kind
+        if wanted in (DatasetKind.DATASET_KIND_UNSPECIFIED, DatasetKind.DATASET_KIND_SFT):
+            return
+        if kind_of(file_format, wanted) != wanted:
+            raise InvalidArgument(
+                "options.kind",
+                f"is {DatasetKind.Name(wanted)} but the file is {FORMAT_NAMES[file_format]}, "
+                f"which holds {DatasetKind.Name(kind_of(file_format, wanted))} records",
+            )
+
+    def _find_pii(self, record: Record) -> list[str]:
         """Count PII in every turn, redact it if the policy says so; the types found."""
         types: set[str] = set()
-        for message in messages:
-            findings = pii.find(message["content"])
-            if not findings:
-                continue
-            for finding in findings:
-                name = PiiType.Name(finding.type)
-                self._pii_counts[name] += 1
-                types.add(name)
-            if self.options.pii_policy == "redact":
-                message["content"] = pii.redact(message["content"], findings)
+        for message in (m for part in record.parts() for m in part):
+            message["content"] = self._scan(message["content"], types)
+            for made in message.get("tool_calls", []):
+                made["arguments"] = self._scan(made["arguments"], types)
         if types and self.options.pii_policy == "redact":
             self._cleaning.pii_records_redacted += 1
         return sorted(types)
@@ -297,10 +387,13 @@ class Ingestor:
         if self._pending_texts:
             self._signatures.write(self._hasher.signatures(self._pending_texts).tobytes())
             self._pending_texts.clear()
+            self._pending_chars = 0
 
     # --- the whole file ------------------------------------------------------------------------
 
     def finish(self) -> IngestResult:
+        if self._head is not None:
+            self._sniff(b"", final=True)
         for raw in self._reader.finish():
             self._record(raw)
         self._flush_signatures()
@@ -308,6 +401,10 @@ class Ingestor:
         self._signatures.close()
         validation = self._validation
         validation.counts = [{"code": c, "count": n} for c, n in sorted(self._error_counts.items())]
+        validation.ignored_keys = [
+            {"key": bounded(k, 128), "count": n}
+            for k, n in self._ignored_keys.most_common(MAX_IGNORED_KEYS)
+        ]
         self._check_rejection()
         kept = len(self._offsets)
         removed, clusters = self._near_duplicates(kept)
@@ -329,6 +426,7 @@ class Ingestor:
             records_path=records_path,
             content_sha256=content_sha256,
             source_format=self._file.format,
+            kind=kind_of(self._file.format, self.options.kind),
             record_count=len(final),
             train_record_count=len(final) - len(validation_side),
             validation_record_count=len(validation_side),
@@ -368,21 +466,18 @@ class Ingestor:
             clusters.union(first, second)
         if kept < 2:
             return set(), clusters
-        signatures = np.memmap(
-            self._signatures_path, dtype=np.uint32, mode="r", shape=(kept, NUM_PERM)
-        )
+        signatures = SignatureFile(self._signatures_path, kept)
         with self._spool_path.open("rb") as spool:
 
             def shingles(index: int) -> np.ndarray[Any, Any]:
                 spool.seek(self._offsets[index])
-                messages = orjson.loads(spool.readline())["messages"]
-                return self._hasher.shingles([_text_of(messages)])[0]
+                entry = orjson.loads(spool.readline())
+                return self._hasher.shingles([_text_of(_stored(entry))])[0]
 
             def exact(first: int, second: int) -> float:
                 return jaccard(shingles(first), shingles(second))
 
             pairs = list(near_pairs(signatures, self.options.near_duplicate_threshold, exact=exact))
-        del signatures
         for pair in pairs:
             clusters.union(pair.first, pair.second)
         if not self.options.remove_near_duplicates:
@@ -432,14 +527,14 @@ class Ingestor:
     ) -> tuple[str, dict[str, Any] | None]:
         digest = hashlib.sha256()
         lengths: list[tuple[int, int]] = []
-        batch: list[list[Message]] = []
+        batch: list[Record] = []
         with self._spool_path.open("rb") as spool, path.open("wb") as out:
             for position, index in enumerate(final):
                 spool.seek(self._offsets[index])
                 entry = orjson.loads(spool.readline())
                 record = {
                     "index": position,
-                    "messages": entry["messages"],
+                    **_stored(entry).document(),
                     "redacted_pii": entry["redacted_pii"],
                     "source_line": entry["line"],
                     "split": "validation" if index in validation_side else "train",
@@ -448,14 +543,29 @@ class Ingestor:
                 digest.update(line)
                 out.write(line)
                 if self._count_tokens is not None:
-                    batch.append(entry["messages"])
+                    batch.append(_stored(entry))
                     if len(batch) == 256:
-                        lengths += self._count_tokens(batch)
+                        lengths += self._measure(batch)
                         batch.clear()
         if self._count_tokens is not None and batch:
-            lengths += self._count_tokens(batch)
+            lengths += self._measure(batch)
         stats = _token_statistics(lengths, self.options) if self._count_tokens else None
         return digest.hexdigest(), stats
+
+    def _measure(self, records: list[Record]) -> list[tuple[int, int]]:
+        """Tokens (all, trainable) of each record: its conversation, or its prompt with each of
+        its answers, summed."""
+        assert self._count_tokens is not None
+        sequences = [
+            [record.messages + answer for answer in record.parts()[1:]] or [record.messages]
+            for record in records
+        ]
+        measured = iter(self._count_tokens([s for each in sequences for s in each]))
+        lengths = []
+        for each in sequences:
+            counts = [next(measured) for _ in each]
+            lengths.append((sum(c[0] for c in counts), sum(c[1] for c in counts)))
+        return lengths
 
     def close(self) -> None:
         """Remove the working files (the spool, signatures, the records file)."""
@@ -465,8 +575,42 @@ class Ingestor:
         self._owner.close()
 
 
-def _text_of(messages: list[Message]) -> str:
-    return "\n".join(m["content"] for m in messages)
+def _stored(entry: dict[str, Any]) -> Record:
+    """The record of a spooled entry."""
+    return Record(
+        entry["messages"],
+        chosen=entry.get("chosen"),
+        rejected=entry.get("rejected"),
+        completion=entry.get("completion"),
+        desirable=entry.get("desirable"),
+        tools=entry.get("tools"),
+    )
+
+
+def _turns(record: Record) -> list[Message]:
+    """All of a record's turns, each answer's marked as such, with its tools and calls (for its
+    exact-duplicate key)."""
+    turns = [_with_calls(m) for m in record.messages]
+    if record.tools:
+        turns.append({"role": "tools", "content": orjson.dumps(record.tools).decode()})
+    for name, part in (("chosen", record.chosen), ("rejected", record.rejected)):
+        turns += [{**_with_calls(m), "role": f"{name}:{m['role']}"} for m in part or []]
+    if record.completion is not None:
+        label = "desirable" if record.desirable else "undesirable"
+        turns += [{**_with_calls(m), "role": f"{label}:{m['role']}"} for m in record.completion]
+    return turns
+
+
+def _with_calls(message: Message) -> Message:
+    """The message with its calls in its content (what makes it differ from another)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = orjson.dumps(message["tool_calls"], option=orjson.OPT_SORT_KEYS).decode()
+    return {**message, "content": f"{message['content']}\n{calls}"}
+
+
+def _text_of(record: Record) -> str:
+    return "\n".join(_with_calls(m)["content"] for part in record.parts() for m in part)
 
 
 def _token_statistics(lengths: list[tuple[int, int]], options: IngestOptions) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Splits an uploaded file into raw records as its bytes arrive.
 
 JSON lines and a single JSON array are both accepted; which one is decided by the first
-non-blank byte (`[` starts an array). Memory stays bounded by the longest record: a record longer
-than `max_record_bytes` is skipped (reported as RECORD_TOO_LONG) without being buffered.
+non-blank byte (`[` starts an array), after a UTF-8 byte order mark if the file has one. Memory
+stays bounded by the longest record: a record longer than `max_record_bytes` is skipped (reported
+as RECORD_TOO_LONG) without being buffered. Line numbers are the file's physical lines, for a
+JSON array too (the line where an element starts), so that an editor finds them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,33 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+BOM = b"\xef\xbb\xbf"
+# Files people upload by mistake, by their first bytes.
+_MAGIC = (
+    (b"PAR1", "Parquet"),
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"PK\x03\x04", "a ZIP archive (or an .xlsx workbook)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"BZh", "bzip2-compressed"),
+)
+SNIFF_BYTES = 4096
+
+
+def unsupported_kind(head: bytes) -> str | None:
+    """What a file that is neither JSON lines nor a JSON array looks like, from its first bytes
+    (None when it may be JSON: a file of bad JSON lines is reported line by line)."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    text = head.removeprefix(BOM).lstrip()
+    if not text or text[:1] in b"{[":
+        return None
+    first_line = text.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    for separator, kind in (("\t", "TSV"), (",", "CSV")):
+        if separator in first_line and "{" not in first_line:
+            return f"{kind} (first line: {first_line[:80]!r})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,12 +61,19 @@ class RecordReader:
         self._mode: str | None = None  # "lines" or "array"
         self._line = 1  # line number of the first byte in the buffer
         self._skipping = False  # discarding the rest of an over-long JSON line
+        self._at_start = True  # a byte order mark may still come
         self._array = _ArrayState()
         self.bytes_read = 0
 
     def feed(self, chunk: bytes) -> Iterator[RawRecord]:
         self.bytes_read += len(chunk)
         self._buffer += chunk
+        if self._at_start:
+            if len(self._buffer) < len(BOM) and BOM.startswith(self._buffer):
+                return  # maybe the start of a byte order mark: wait for the next bytes
+            if self._buffer.startswith(BOM):
+                del self._buffer[: len(BOM)]
+            self._at_start = False
         if self._mode is None:
             stripped = self._buffer.lstrip()
             if not stripped:

@@ -8,10 +8,12 @@ from functools import partial
 from typing import Any
 
 import grpc
+import orjson
 from google.protobuf import empty_pb2, json_format
 
 from tunefleet.core.errors import InvalidArgument
 from tunefleet.core.protos import timestamp
+from tunefleet.datasets.formats import kind_of
 from tunefleet.datasets.manager import DatasetManager, Upload, UploadHeader
 from tunefleet.datasets.pipeline import IngestOptions
 from tunefleet.datasets.store import DatasetLease, DatasetRow
@@ -126,6 +128,11 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 ),
                 messages=[_message(m) for m in record["messages"]],
                 redacted_pii=[dataset_pb2.PiiType.Value(t) for t in record["redacted_pii"]],
+                chosen=[_message(m) for m in record.get("chosen", [])],
+                rejected=[_message(m) for m in record.get("rejected", [])],
+                completion=[_message(m) for m in record.get("completion", [])],
+                desirable=record.get("desirable", False),
+                tools=[_tool(tool) for tool in record.get("tools", [])],
             )
 
     async def CheckContamination(
@@ -213,6 +220,7 @@ def ingest_options(options: dataset_pb2.DatasetOptions) -> IngestOptions:
         validation_fraction=0.0 if options.validation_dataset else fraction,
         split_seed=options.split_seed,
         validation_dataset=options.validation_dataset,
+        kind=options.kind,
     )
 
 
@@ -232,6 +240,10 @@ def to_proto(row: DatasetRow, *, stored: bool = True) -> dataset_pb2.Dataset:
         labels=row.labels,
         state=dataset_pb2.Dataset.STATE_READY,
         source_format=row.source_format,  # type: ignore[arg-type]
+        kind=kind_of(
+            row.source_format,  # type: ignore[arg-type]
+            dataset_pb2.DatasetKind.Value(row.options.get("kind", "DATASET_KIND_UNSPECIFIED")),
+        ),
         record_count=row.record_count,
         train_record_count=row.train_record_count,
         validation_record_count=row.validation_record_count,
@@ -252,9 +264,26 @@ def to_proto(row: DatasetRow, *, stored: bool = True) -> dataset_pb2.Dataset:
 
 
 def _message(message: dict[str, Any]) -> common_pb2.ChatMessage:
-    result = common_pb2.ChatMessage(role=message["role"], content=message["content"])
+    result = common_pb2.ChatMessage(
+        role=message["role"],
+        content=message["content"],
+        name=message.get("name", ""),
+        tool_call_id=message.get("tool_call_id", ""),
+        tool_calls=[
+            common_pb2.ToolCall(
+                id=made["id"], name=made["name"], arguments=orjson.dumps(made["arguments"]).decode()
+            )
+            for made in message.get("tool_calls", [])
+        ],
+    )
     if "weight" in message:
         result.weight = message["weight"]
-    if "name" in message:
-        result.name = message["name"]
     return result
+
+
+def _tool(tool: dict[str, Any]) -> common_pb2.Tool:
+    return common_pb2.Tool(
+        name=tool["name"],
+        description=tool["description"],
+        parameters=orjson.dumps(tool["parameters"]).decode(),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, select
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, literal, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -48,7 +48,11 @@ class DatasetLease(Base):
     create_time: Mapped[datetime]
 
 
-LIST_FILTER = Filter({"display_name": DatasetRow.display_name}, labels=DatasetRow.labels)
+# A dataset is stored once it is complete, so every stored dataset is READY.
+LIST_FILTER = Filter(
+    {"display_name": DatasetRow.display_name, "state": literal("READY", String)},
+    labels=DatasetRow.labels,
+)
 
 
 def get(session: Session, dataset_id: str, *, for_update: bool = False) -> DatasetRow:

@@ -35,7 +35,7 @@ class Filter:
 
     def __init__(
         self,
-        columns: dict[str, InstrumentedAttribute[Any]],
+        columns: dict[str, InstrumentedAttribute[Any] | ColumnElement[Any]],
         labels: InstrumentedAttribute[Any] | None = None,
     ) -> None:
         self.columns = columns

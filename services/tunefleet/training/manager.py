@@ -35,7 +35,7 @@ from tunefleet.training.reports import WorkerReports
 from tunefleet.training.scheduler import Scheduler, datasets_of
 from tunefleet.training.states import JobStates, run_of, topic
 from tunefleet.training.store import TERMINAL, CheckpointRow, JobRow, State
-from tunefleet.v1 import training_job_pb2
+from tunefleet.v1 import dataset_pb2, training_job_pb2
 
 TrainingJob = training_job_pb2.TrainingJob
 USER_FIELDS = [
@@ -201,6 +201,7 @@ class TrainingManager:
         spec: the URIs of their records in the blob store."""
         datasets = self.datasets
         train = await datasets.dataset(job.train_dataset, "training_job.train_dataset")
+        _check_kind(train, "training_job.train_dataset")
         if train.train_record_count == 0:
             raise InvalidArgument(
                 "training_job.train_dataset", f"{job.train_dataset} has no train records"
@@ -212,6 +213,7 @@ class TrainingManager:
             other = await datasets.dataset(
                 job.validation_dataset, "training_job.validation_dataset"
             )
+            _check_kind(other, "training_job.validation_dataset")
             data["validation_data"] = {"uri": self.blobs.uri(other.content_sha256), "split": "all"}
         elif train.validation_record_count:
             data["validation_data"] = {
@@ -293,3 +295,24 @@ class TrainingManager:
                 row.cancel_requested = True
                 self.states.transition(session, row, job, State.STATE_CANCELLING)
             return job
+
+
+def _check_kind(dataset: dataset_pb2.Dataset, field: str) -> None:
+    """Jobs train on conversations (SFT): preference data is refused, never read as SFT, and so
+    is data with tool calls, which the trainer cannot render yet."""
+    if dataset.kind not in (dataset_pb2.DATASET_KIND_UNSPECIFIED, dataset_pb2.DATASET_KIND_SFT):
+        raise InvalidArgument(
+            field,
+            f"{dataset.name} is a {dataset_pb2.DatasetKind.Name(dataset.kind)} dataset, and "
+            "training jobs train on conversations (SFT); upload the file again with options.kind "
+            "DATASET_KIND_SFT to train on its chosen (or desirable) answers",
+            reason="DATASET_KIND_MISMATCH",
+        )
+    if dataset.validation_report.tool_call_records:
+        raise InvalidArgument(
+            field,
+            f"{dataset.name} has {dataset.validation_report.tool_call_records} records whose "
+            "assistant calls tools, and the trainer does not render tool calls yet (trained "
+            "without them, those turns would teach empty answers)",
+            reason="TOOL_CALLS_NOT_SUPPORTED",
+        )

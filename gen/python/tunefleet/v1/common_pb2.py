@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tunefleet/v1/common.proto\x12\x0ctunefleet.v1\"Z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x04 \x01(\tB\t\n\x07_weight*a\n\rServingEngine\x12\x1e\n\x1aSERVING_ENGINE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVING_ENGINE_VLLM\x10\x01\x12\x17\n\x13SERVING_ENGINE_PEFT\x10\x02*\x9a\x01\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x19\n\x15TRAINING_METHOD_QLORA\x10\x02\x12\x18\n\x14TRAINING_METHOD_DORA\x10\x03\x12\x18\n\x14TRAINING_METHOD_FULL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tunefleet/v1/common.proto\x12\x0ctunefleet.v1\"\x9c\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x06weight\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x04 \x01(\t\x12*\n\ntool_calls\x18\x05 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\tB\t\n\x07_weight\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t*a\n\rServingEngine\x12\x1e\n\x1aSERVING_ENGINE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVING_ENGINE_VLLM\x10\x01\x12\x17\n\x13SERVING_ENGINE_PEFT\x10\x02*\x9a\x01\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x19\n\x15TRAINING_METHOD_QLORA\x10\x02\x12\x18\n\x14TRAINING_METHOD_DORA\x10\x03\x12\x18\n\x14TRAINING_METHOD_FULL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunefleet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVINGENGINE']._serialized_start=135
-  _globals['_SERVINGENGINE']._serialized_end=232
-  _globals['_TRAININGMETHOD']._serialized_start=235
-  _globals['_TRAININGMETHOD']._serialized_end=389
-  _globals['_CHATMESSAGE']._serialized_start=43
-  _globals['_CHATMESSAGE']._serialized_end=133
+  _globals['_SERVINGENGINE']._serialized_start=322
+  _globals['_SERVINGENGINE']._serialized_end=419
+  _globals['_TRAININGMETHOD']._serialized_start=422
+  _globals['_TRAININGMETHOD']._serialized_end=576
+  _globals['_CHATMESSAGE']._serialized_start=44
+  _globals['_CHATMESSAGE']._serialized_end=200
+  _globals['_TOOLCALL']._serialized_start=202
+  _globals['_TOOLCALL']._serialized_end=257
+  _globals['_TOOL']._serialized_start=259
+  _globals['_TOOL']._serialized_end=320
 # @@protoc_insertion_point(module_scope)

@@ -32,11 +32,26 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     DATASET_FORMAT_ALPACA: _DatasetFormat.ValueType  # 1
     """Alpaca: `instruction`, `input`, `output`, optional `system` and `history`."""
     DATASET_FORMAT_SHAREGPT: _DatasetFormat.ValueType  # 2
-    """ShareGPT: `conversations` of `from`/`value` (human, gpt, system) or `role`/`content` turns."""
+    """ShareGPT: `conversations` of `from`/`value` (human, gpt, system) or `role`/`content` turns;
+    `tools` with `function_call` and `observation` turns (LLaMA-Factory's convention).
+    """
     DATASET_FORMAT_OPENAI_CHAT: _DatasetFormat.ValueType  # 3
-    """OpenAI chat: `messages` with system, user, assistant and tool roles and optional `weight`."""
+    """OpenAI chat: `messages` with system, user, assistant and tool roles and optional `weight`;
+    `tools` with assistant `tool_calls` and `tool` turns answering them.
+    """
     DATASET_FORMAT_PROMPT_COMPLETION: _DatasetFormat.ValueType  # 4
     """Prompt/completion pairs: `prompt` and `completion`."""
+    DATASET_FORMAT_PREFERENCE: _DatasetFormat.ValueType  # 5
+    """Preference pairs (DPO): a prompt with a `chosen` and a `rejected` answer, in the variants of
+    TRL (`prompt`/`chosen`/`rejected` as strings or message lists, or only `chosen`/`rejected`
+    conversations sharing their prompt turns), LLaMA-Factory (Alpaca fields or ShareGPT
+    `conversations` with `chosen`/`rejected`) and OpenAI (`input.messages`, `preferred_output`,
+    `non_preferred_output`).
+    """
+    DATASET_FORMAT_UNPAIRED_PREFERENCE: _DatasetFormat.ValueType  # 6
+    """Unpaired preferences (KTO): a prompt, one answer and whether it is desirable: TRL's
+    `prompt`/`completion`/`label` and LLaMA-Factory's ShareGPT `conversations` with `kto_tag`.
+    """
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """DatasetFormat is the layout of records in an uploaded file (JSON lines or one JSON array)."""
@@ -46,12 +61,63 @@ DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
 DATASET_FORMAT_ALPACA: DatasetFormat.ValueType  # 1
 """Alpaca: `instruction`, `input`, `output`, optional `system` and `history`."""
 DATASET_FORMAT_SHAREGPT: DatasetFormat.ValueType  # 2
-"""ShareGPT: `conversations` of `from`/`value` (human, gpt, system) or `role`/`content` turns."""
+"""ShareGPT: `conversations` of `from`/`value` (human, gpt, system) or `role`/`content` turns;
+`tools` with `function_call` and `observation` turns (LLaMA-Factory's convention).
+"""
 DATASET_FORMAT_OPENAI_CHAT: DatasetFormat.ValueType  # 3
-"""OpenAI chat: `messages` with system, user, assistant and tool roles and optional `weight`."""
+"""OpenAI chat: `messages` with system, user, assistant and tool roles and optional `weight`;
+`tools` with assistant `tool_calls` and `tool` turns answering them.
+"""
 DATASET_FORMAT_PROMPT_COMPLETION: DatasetFormat.ValueType  # 4
 """Prompt/completion pairs: `prompt` and `completion`."""
+DATASET_FORMAT_PREFERENCE: DatasetFormat.ValueType  # 5
+"""Preference pairs (DPO): a prompt with a `chosen` and a `rejected` answer, in the variants of
+TRL (`prompt`/`chosen`/`rejected` as strings or message lists, or only `chosen`/`rejected`
+conversations sharing their prompt turns), LLaMA-Factory (Alpaca fields or ShareGPT
+`conversations` with `chosen`/`rejected`) and OpenAI (`input.messages`, `preferred_output`,
+`non_preferred_output`).
+"""
+DATASET_FORMAT_UNPAIRED_PREFERENCE: DatasetFormat.ValueType  # 6
+"""Unpaired preferences (KTO): a prompt, one answer and whether it is desirable: TRL's
+`prompt`/`completion`/`label` and LLaMA-Factory's ShareGPT `conversations` with `kto_tag`.
+"""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
+class _DatasetKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_KIND_UNSPECIFIED: _DatasetKind.ValueType  # 0
+    """Not specified; in options: what the file holds."""
+    DATASET_KIND_SFT: _DatasetKind.ValueType  # 1
+    """Supervised fine-tuning: conversations whose assistant turns are the targets."""
+    DATASET_KIND_PREFERENCE: _DatasetKind.ValueType  # 2
+    """Preference pairs (DPO and its relatives): `messages` is the prompt, `chosen` and `rejected`
+    the two answers.
+    """
+    DATASET_KIND_UNPAIRED_PREFERENCE: _DatasetKind.ValueType  # 3
+    """Unpaired preferences (KTO): `messages` is the prompt, `completion` one answer, `desirable`
+    its label.
+    """
+
+class DatasetKind(_DatasetKind, metaclass=_DatasetKindEnumTypeWrapper):
+    """DatasetKind is what a dataset can train."""
+
+DATASET_KIND_UNSPECIFIED: DatasetKind.ValueType  # 0
+"""Not specified; in options: what the file holds."""
+DATASET_KIND_SFT: DatasetKind.ValueType  # 1
+"""Supervised fine-tuning: conversations whose assistant turns are the targets."""
+DATASET_KIND_PREFERENCE: DatasetKind.ValueType  # 2
+"""Preference pairs (DPO and its relatives): `messages` is the prompt, `chosen` and `rejected`
+the two answers.
+"""
+DATASET_KIND_UNPAIRED_PREFERENCE: DatasetKind.ValueType  # 3
+"""Unpaired preferences (KTO): `messages` is the prompt, `completion` one answer, `desirable`
+its label.
+"""
+Global___DatasetKind: _TypeAlias = DatasetKind  # noqa: Y015
 
 class _DatasetSplit:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -107,6 +173,18 @@ class _RecordErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recor
     """The record matches no known format, or its structure is not the format's (for example
     `messages` is not a list).
     """
+    RECORD_ERROR_CODE_UNSUPPORTED_MODALITY: _RecordErrorCode.ValueType  # 11
+    """The record carries images, audio or video (a top-level key such as `images`, or a content
+    part that is not text): only text is trained, and a record is never stripped of part of
+    itself. The error's field names the key or the content part.
+    """
+    RECORD_ERROR_CODE_NO_PREFERENCE: _RecordErrorCode.ValueType  # 12
+    """A preference pair's chosen and rejected answers are the same: it prefers nothing."""
+    RECORD_ERROR_CODE_INVALID_TOOL_CALL: _RecordErrorCode.ValueType  # 13
+    """A tool definition or call is invalid: a call names a tool the record does not declare, its
+    arguments are not a JSON object, a call is never answered by a tool turn, or a tool turn
+    answers no call.
+    """
 
 class RecordErrorCode(_RecordErrorCode, metaclass=_RecordErrorCodeEnumTypeWrapper):
     """RecordErrorCode is the stable reason a record was rejected."""
@@ -134,6 +212,18 @@ RECORD_ERROR_CODE_RECORD_TOO_LONG: RecordErrorCode.ValueType  # 9
 RECORD_ERROR_CODE_UNKNOWN_FORMAT: RecordErrorCode.ValueType  # 10
 """The record matches no known format, or its structure is not the format's (for example
 `messages` is not a list).
+"""
+RECORD_ERROR_CODE_UNSUPPORTED_MODALITY: RecordErrorCode.ValueType  # 11
+"""The record carries images, audio or video (a top-level key such as `images`, or a content
+part that is not text): only text is trained, and a record is never stripped of part of
+itself. The error's field names the key or the content part.
+"""
+RECORD_ERROR_CODE_NO_PREFERENCE: RecordErrorCode.ValueType  # 12
+"""A preference pair's chosen and rejected answers are the same: it prefers nothing."""
+RECORD_ERROR_CODE_INVALID_TOOL_CALL: RecordErrorCode.ValueType  # 13
+"""A tool definition or call is invalid: a call names a tool the record does not declare, its
+arguments are not a JSON object, a call is never answered by a tool turn, or a tool turn
+answers no call.
 """
 Global___RecordErrorCode: _TypeAlias = RecordErrorCode  # noqa: Y015
 
@@ -312,6 +402,7 @@ class Dataset(_message.Message):
     CLEANING_REPORT_FIELD_NUMBER: _builtins.int
     TOKEN_STATISTICS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `datasets/{dataset}`."""
     display_name: _builtins.str
@@ -332,6 +423,8 @@ class Dataset(_message.Message):
     """Output only. Lowercase hex sha256 of the normalised records."""
     source_size_bytes: _builtins.int
     """Output only. Size of the uploaded file in bytes."""
+    kind: Global___DatasetKind.ValueType
+    """Output only. What the dataset can train."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Labels for filtering; keys and values at most 63 characters."""
@@ -375,10 +468,11 @@ class Dataset(_message.Message):
         cleaning_report: Global___CleaningReport | None = ...,
         token_statistics: Global___TokenStatistics | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___DatasetKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cleaning_report", b"cleaning_report", "create_time", b"create_time", "options", b"options", "token_statistics", b"token_statistics", "validation_report", b"validation_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning_report", b"cleaning_report", "content_sha256", b"content_sha256", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "labels", b"labels", "name", b"name", "options", b"options", "record_count", b"record_count", "source_format", b"source_format", "source_size_bytes", b"source_size_bytes", "state", b"state", "token_statistics", b"token_statistics", "train_record_count", b"train_record_count", "validation_record_count", b"validation_record_count", "validation_report", b"validation_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning_report", b"cleaning_report", "content_sha256", b"content_sha256", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "kind", b"kind", "labels", b"labels", "name", b"name", "options", b"options", "record_count", b"record_count", "source_format", b"source_format", "source_size_bytes", b"source_size_bytes", "state", b"state", "token_statistics", b"token_statistics", "train_record_count", b"train_record_count", "validation_record_count", b"validation_record_count", "validation_report", b"validation_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,6 +533,7 @@ class DatasetOptions(_message.Message):
     VALIDATION_FRACTION_FIELD_NUMBER: _builtins.int
     SPLIT_SEED_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     format: Global___DatasetFormat.ValueType
     """Optional. Format of the records; unspecified detects it."""
     invalid_record_policy: Global___InvalidRecordPolicy.ValueType
@@ -471,6 +566,13 @@ class DatasetOptions(_message.Message):
     """Optional. An existing dataset, `datasets/{dataset}`, used whole as the validation side instead of
     splitting this upload.
     """
+    kind: Global___DatasetKind.ValueType
+    """Optional. What the dataset must be. Unspecified: what the file holds (preference data stays
+    preference data, never silently SFT). SFT on a preference file converts it: each pair's
+    chosen answer, or each desirable answer of unpaired data, becomes the target (undesirable
+    answers are dropped and counted). A preference kind on a file of SFT conversations refuses
+    the upload.
+    """
     def __init__(
         self,
         *,
@@ -487,10 +589,11 @@ class DatasetOptions(_message.Message):
         validation_fraction: _builtins.float | None = ...,
         split_seed: _builtins.int = ...,
         validation_dataset: _builtins.str = ...,
+        kind: Global___DatasetKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "near_duplicate_threshold", b"near_duplicate_threshold", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "format", b"format", "invalid_record_policy", b"invalid_record_policy", "max_record_chars", b"max_record_chars", "max_sequence_length", b"max_sequence_length", "min_record_count", b"min_record_count", "near_duplicate_threshold", b"near_duplicate_threshold", "pii_policy", b"pii_policy", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "split_seed", b"split_seed", "tokenizer_model", b"tokenizer_model", "validation_dataset", b"validation_dataset", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "format", b"format", "invalid_record_policy", b"invalid_record_policy", "kind", b"kind", "max_record_chars", b"max_record_chars", "max_sequence_length", b"max_sequence_length", "min_record_count", b"min_record_count", "near_duplicate_threshold", b"near_duplicate_threshold", "pii_policy", b"pii_policy", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "split_seed", b"split_seed", "tokenizer_model", b"tokenizer_model", "validation_dataset", b"validation_dataset", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__near_duplicate_threshold: _TypeAlias = _typing.Literal["near_duplicate_threshold"]  # noqa: Y015
     _WhichOneofArgType__near_duplicate_threshold: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold"]  # noqa: Y015
@@ -522,7 +625,9 @@ class RecordError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     line: _builtins.int
-    """1-based line number of the record in the uploaded file (element index + 1 for a JSON array)."""
+    """1-based line number of the record in the uploaded file (for a JSON array, the line where the
+    element starts).
+    """
     code: Global___RecordErrorCode.ValueType
     """Stable reason code."""
     message: _builtins.str
@@ -583,6 +688,8 @@ class ValidationReport(_message.Message):
     COUNTS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     ERRORS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    IGNORED_KEYS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_RECORDS_FIELD_NUMBER: _builtins.int
     total_records: _builtins.int
     """Records read from the file."""
     valid_records: _builtins.int
@@ -591,6 +698,8 @@ class ValidationReport(_message.Message):
     """Records rejected."""
     errors_truncated: _builtins.bool
     """True when more records were rejected than `errors` lists."""
+    tool_call_records: _builtins.int
+    """Valid records in which the assistant calls tools."""
     @_builtins.property
     def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ErrorCodeCount]:
         """Rejected records per code."""
@@ -598,6 +707,12 @@ class ValidationReport(_message.Message):
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordError]:
         """The rejected records, in file order, up to the server's listing limit."""
+
+    @_builtins.property
+    def ignored_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyCount]:
+        """Top-level keys of valid records that the format does not read (so they are not stored), with
+        how many records had each; at most 20 keys, the most frequent first.
+        """
 
     def __init__(
         self,
@@ -608,14 +723,42 @@ class ValidationReport(_message.Message):
         counts: _abc.Iterable[Global___ErrorCodeCount] | None = ...,
         errors: _abc.Iterable[Global___RecordError] | None = ...,
         errors_truncated: _builtins.bool = ...,
+        ignored_keys: _abc.Iterable[Global___KeyCount] | None = ...,
+        tool_call_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "errors", b"errors", "errors_truncated", b"errors_truncated", "rejected_records", b"rejected_records", "total_records", b"total_records", "valid_records", b"valid_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "errors", b"errors", "errors_truncated", b"errors_truncated", "ignored_keys", b"ignored_keys", "rejected_records", b"rejected_records", "tool_call_records", b"tool_call_records", "total_records", b"total_records", "valid_records", b"valid_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ValidationReport: _TypeAlias = ValidationReport  # noqa: Y015
+
+@_typing.final
+class KeyCount(_message.Message):
+    """KeyCount counts the records that had a key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    count: _builtins.int
+    """How many records had it."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyCount: _TypeAlias = KeyCount  # noqa: Y015
 
 @_typing.final
 class DuplicatePair(_message.Message):
@@ -685,6 +828,7 @@ class CleaningReport(_message.Message):
     PII_COUNTS_FIELD_NUMBER: _builtins.int
     PII_RECORDS_REDACTED_FIELD_NUMBER: _builtins.int
     PII_RECORDS_DROPPED_FIELD_NUMBER: _builtins.int
+    UNDESIRABLE_RECORDS_DROPPED_FIELD_NUMBER: _builtins.int
     exact_duplicates_removed: _builtins.int
     """Exact duplicates removed."""
     near_duplicates_removed: _builtins.int
@@ -693,6 +837,10 @@ class CleaningReport(_message.Message):
     """Records in which PII was redacted."""
     pii_records_dropped: _builtins.int
     """Records dropped for containing PII."""
+    undesirable_records_dropped: _builtins.int
+    """Unpaired preference records dropped because their answer is undesirable, when the upload
+    asked for an SFT dataset.
+    """
     @_builtins.property
     def near_duplicate_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicatePair]:
         """Examples of removed near duplicates."""
@@ -710,10 +858,11 @@ class CleaningReport(_message.Message):
         pii_counts: _abc.Iterable[Global___PiiCount] | None = ...,
         pii_records_redacted: _builtins.int = ...,
         pii_records_dropped: _builtins.int = ...,
+        undesirable_records_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_duplicates_removed", b"exact_duplicates_removed", "near_duplicate_examples", b"near_duplicate_examples", "near_duplicates_removed", b"near_duplicates_removed", "pii_counts", b"pii_counts", "pii_records_dropped", b"pii_records_dropped", "pii_records_redacted", b"pii_records_redacted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_duplicates_removed", b"exact_duplicates_removed", "near_duplicate_examples", b"near_duplicate_examples", "near_duplicates_removed", b"near_duplicates_removed", "pii_counts", b"pii_counts", "pii_records_dropped", b"pii_records_dropped", "pii_records_redacted", b"pii_records_redacted", "undesirable_records_dropped", b"undesirable_records_dropped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -812,12 +961,19 @@ class DatasetRecord(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     REDACTED_PII_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    COMPLETION_FIELD_NUMBER: _builtins.int
+    DESIRABLE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based position of the record in the dataset."""
     source_line: _builtins.int
-    """1-based line of the record in the uploaded file."""
+    """1-based line of the record in the uploaded file (for a JSON array, where the element starts)."""
     split: Global___DatasetSplit.ValueType
     """Side of the split the record is on."""
+    desirable: _builtins.bool
+    """Unpaired preference datasets: whether `completion` is a desirable answer."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation."""
@@ -825,6 +981,22 @@ class DatasetRecord(_message.Message):
     @_builtins.property
     def redacted_pii(self) -> _containers.RepeatedScalarFieldContainer[Global___PiiType.ValueType]:
         """PII types redacted in this record."""
+
+    @_builtins.property
+    def chosen(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
+        """Preference datasets: the preferred answer (assistant turns) to `messages`, the prompt."""
+
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
+        """Preference datasets: the answer not preferred."""
+
+    @_builtins.property
+    def completion(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
+        """Unpaired preference datasets: the answer to `messages`, the prompt."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tool]:
+        """The tools the conversation's assistant may call."""
 
     def __init__(
         self,
@@ -834,10 +1006,15 @@ class DatasetRecord(_message.Message):
         split: Global___DatasetSplit.ValueType = ...,
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         redacted_pii: _abc.Iterable[Global___PiiType.ValueType] | None = ...,
+        chosen: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        rejected: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        completion: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        desirable: _builtins.bool = ...,
+        tools: _abc.Iterable[_common_pb2.Tool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "messages", b"messages", "redacted_pii", b"redacted_pii", "source_line", b"source_line", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "completion", b"completion", "desirable", b"desirable", "index", b"index", "messages", b"messages", "redacted_pii", b"redacted_pii", "rejected", b"rejected", "source_line", b"source_line", "split", b"split", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
