@@ -121,6 +121,12 @@ def unanswered() -> dict[str, Any]:
     return record
 
 
+def weight_after_a_call() -> dict[str, Any]:
+    record = openai_record()
+    record["messages"][3]["weight"] = 2
+    return record
+
+
 def wrong_answer() -> dict[str, Any]:
     record = openai_record()
     record["messages"][2]["tool_call_id"] = "call_9"
@@ -142,6 +148,12 @@ def test_invalid_tool_calls_are_rejected_naming_the_field(record: Any, field: st
         normalise_record(record, FileFormat())
     assert raised.value.code == RecordErrorCode.RECORD_ERROR_CODE_INVALID_TOOL_CALL
     assert raised.value.field == field
+
+
+def test_errors_after_a_call_still_name_the_messages() -> None:
+    with pytest.raises(RecordInvalid) as raised:
+        normalise_record(weight_after_a_call(), FileFormat())
+    assert raised.value.field == "messages[3].weight"
 
 
 def test_a_tool_call_file_ingests_with_its_calls_counted(tmp_path: Path) -> None:

@@ -444,9 +444,9 @@ def _openai(record: dict[str, Any], key: str = "messages", path: str = "") -> li
             )
         made = None
         if role == "assistant" and (turn.get("tool_calls") or turn.get("function_call")):
-            key = "tool_calls" if turn.get("tool_calls") else "function_call"
+            calls_key = "tool_calls" if turn.get("tool_calls") else "function_call"
             try:
-                made = tool_calls.calls(turn[key], f"{field}.{key}", index)
+                made = tool_calls.calls(turn[calls_key], f"{field}.{calls_key}", index)
             except tool_calls.ToolError as error:
                 raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
         if made is not None and turn.get("content") in (None, ""):
