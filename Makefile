@@ -84,13 +84,13 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 # Test files run in this many processes (pytest-xdist), each file whole in one of them.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the main part, the large uploads alone (they measure memory and fill the cores), the vLLM engine's tests in .venv-vllm; all parts run, then all results
-	@main=0; large=0; vllm=0; \
-	$(BIN)/python -m pytest -m "not vllm and not large" --durations=15 -n $(TEST_WORKERS) --dist loadfile || main=$$?; \
-	$(BIN)/python -m pytest -m large --durations=5 || large=$$?; \
+test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the main part, then one at a time the tests that measure memory or latency (markers large, alone), then the vLLM engine's tests in .venv-vllm; all parts run, then all results
+	@main=0; alone=0; vllm=0; \
+	$(BIN)/python -m pytest -m "not vllm and not large and not alone" --durations=15 -n $(TEST_WORKERS) --dist loadfile || main=$$?; \
+	$(BIN)/python -m pytest -m "large or alone" --durations=5 || alone=$$?; \
 	$(VLLM_BIN)/python -m pytest -m vllm --durations=5 || vllm=$$?; \
-	echo "make test: main suite exit $$main, large uploads exit $$large, vLLM suite exit $$vllm"; \
-	[ $$main -eq 0 ] && [ $$large -eq 0 ] && [ $$vllm -eq 0 ]
+	echo "make test: main suite exit $$main, measuring tests exit $$alone, vLLM suite exit $$vllm"; \
+	[ $$main -eq 0 ] && [ $$alone -eq 0 ] && [ $$vllm -eq 0 ]
 
 demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (about 7 min on 2 cores)
 	$(BIN)/python -m tunefleet.demo

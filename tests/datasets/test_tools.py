@@ -176,3 +176,12 @@ def test_a_tool_call_file_ingests_with_its_calls_counted(tmp_path: Path) -> None
         "contact": "<EMAIL>",
     }
     assert lima["redacted_pii"] == ["PII_TYPE_EMAIL"] and lima["tools"] == [WEATHER["function"]]
+
+
+def test_a_llamafactory_tool_call_file_ingests_with_its_calls_counted(tmp_path: Path) -> None:
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito"]
+    ingestor = Ingestor(IngestOptions(validation_fraction=0), tmp_path / "work")
+    ingestor.feed(jsonl([sharegpt_record(city) for city in cities]))
+    result = ingestor.finish()
+    assert result.record_count == 6 and result.validation.tool_call_records == 6
+    assert result.validation.rejected_records == 0

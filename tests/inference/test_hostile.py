@@ -70,6 +70,7 @@ def server(long_model: Path, tmp_path: Path) -> Iterator[str]:
         server.stop()
 
 
+@pytest.mark.alone  # its bars are latencies: measured without another test beside it
 async def test_hostile_prompts_neither_stall_the_server_nor_slow_the_next_request(
     server: str, long_model: Path
 ) -> None:

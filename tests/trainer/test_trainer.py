@@ -74,6 +74,43 @@ def test_only_assistant_tokens_carry_loss(chat_model: Path) -> None:
     assert "Which colour" in untrained and "Answer with" in untrained and "red" not in untrained
 
 
+TOOL_TEMPLATE = (
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|end|>"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{% if m.tool_calls %}"
+    "{% for c in m.tool_calls %}call {{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_tool_calls_are_rendered_by_the_template_and_carry_loss(chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tunefleet.trainer.data import Conversation, renders_tool_calls
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    assert not renders_tool_calls(tokenizer)  # the test model's template writes content only
+    tokenizer.chat_template = TOOL_TEMPLATE
+    assert renders_tool_calls(tokenizer)
+    tool = {"name": "colour_of", "description": "", "parameters": {"type": "object"}}
+    call = {"id": "call_0", "name": "colour_of", "arguments": {"animal": "cat"}}
+    messages = [
+        {"role": "user", "content": "Which colour goes with the cat?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "red", "tool_call_id": "call_0", "name": "colour_of"},
+        {"role": "assistant", "content": "red"},
+    ]
+    (example,) = encode(tokenizer, [Conversation(messages, [tool])], 256).examples
+    trained = [
+        t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE
+    ]
+    assert tokenizer.decode(trained) == 'call colour_of {"animal": "cat"}<|end|>red<|end|>'
+    untrained = tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE]
+    )
+    assert "tools: colour_of" in untrained and "<|tool|>red" in untrained
+
+
 def test_weight_zero_turns_carry_no_loss(chat_model: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -245,9 +245,11 @@ async def test_preference_data_is_not_trained_as_conversations(
     assert (error.details() or "").startswith("training_job.train_dataset")
 
 
-async def test_tool_call_data_is_refused_until_the_trainer_renders_calls(
+async def test_tool_call_data_is_refused_for_a_template_that_cannot_render_calls(
     make_platform: MakePlatform,
 ) -> None:
+    """The test model's template writes only roles and contents (tests/trainer shows a template
+    that renders calls training on them)."""
     from tests.datasets.test_tools import openai_record
 
     platform = await make_platform(FakeLauncher())
@@ -256,7 +258,7 @@ async def test_tool_call_data_is_refused_until_the_trainer_renders_calls(
     assert dataset.validation_report.tool_call_records == 20
     error = await refused(platform.create(dataset.name))
     info = error_info(error)
-    assert info is not None and info.reason == "TOOL_CALLS_NOT_SUPPORTED"
+    assert info is not None and info.reason == "TOOL_CALLS_NOT_RENDERED"
 
 
 async def test_an_oversized_job_is_refused_with_the_numbers(make_platform: MakePlatform) -> None:

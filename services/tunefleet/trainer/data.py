@@ -5,6 +5,11 @@ Assistant spans are found on the rendered text: the rendering of the turns befor
 turn (with the generation prompt) and the rendering up to and including it are prefixes of the
 whole conversation, so the characters between them are the assistant's; token offsets then say
 which tokens carry loss. This works with any chat template.
+
+Tool calls are rendered by the template itself: a conversation's tools go to it as `tools`, and an
+assistant's calls as `tool_calls` in OpenAI's form, so the call's tokens are the assistant's and
+carry loss. TrainingService refuses such data for a template that does not render calls
+(`renders_tool_calls`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ IGNORE = -100
 Message = dict[str, Any]
 
 
-def load_conversations(spec: DataSpec, path: Path | None = None) -> list[list[Message]]:
+@dataclass
+class Conversation:
+    """One record's turns, and the tools its assistant may call."""
+
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None = None
+
+
+def load_conversations(spec: DataSpec, path: Path | None = None) -> list[Conversation]:
     """The conversations of a records file (at `path` when it was fetched), one side of the
     split (or all)."""
     conversations = []
@@ -32,7 +45,7 @@ def load_conversations(spec: DataSpec, path: Path | None = None) -> list[list[Me
                 continue
             record = orjson.loads(line)
             if spec.split == "all" or record.get("split", "train") == spec.split:
-                conversations.append(record["messages"])
+                conversations.append(Conversation(record["messages"], record.get("tools")))
     return conversations
 
 
@@ -53,24 +66,81 @@ class Encoded:
     dropped: int = 0  # cut so far that no assistant token was left
 
 
-def render(tokenizer: Any, messages: list[Message], generation_prompt: bool = False) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+def _template_message(message: Message) -> dict[str, Any]:
+    """A turn in the form chat templates read (OpenAI's, for calls and their answers)."""
+    out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {
+                "id": made["id"],
+                "type": "function",
+                "function": {"name": made["name"], "arguments": made["arguments"]},
+            }
+            for made in message["tool_calls"]
+        ]
+    for key in ("tool_call_id", "name"):
+        if message["role"] == "tool" and message.get(key):
+            out[key] = message[key]
+    return out
+
+
+def render(
+    tokenizer: Any,
+    messages: list[Message],
+    generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    options: dict[str, Any] = {}
+    if tools:
+        options["tools"] = [{"type": "function", "function": tool} for tool in tools]
     text: str = tokenizer.apply_chat_template(
-        plain, tokenize=False, add_generation_prompt=generation_prompt
+        [_template_message(m) for m in messages],
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+        **options,
     )
     return text
 
 
-def encode(tokenizer: Any, conversations: list[list[Message]], max_length: int) -> Encoded:
+PROBE_TOOL = "tunefleet_probe_tool"
+
+
+def renders_tool_calls(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes an assistant's tool calls into the text."""
+    tool = {"name": PROBE_TOOL, "description": "", "parameters": {"type": "object"}}
+    messages: list[Message] = [
+        {"role": "user", "content": "Call the tool."},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_0", "name": PROBE_TOOL, "arguments": {"probe": 1}}],
+        },
+    ]
+    try:
+        prompt = render(tokenizer, messages[:1], generation_prompt=True, tools=[tool])
+        full = render(tokenizer, messages, tools=[tool])
+    except Exception:
+        return False
+    # The call must be in the assistant's part (the tools list may name the tool before it).
+    return full.startswith(prompt) and PROBE_TOOL in full[len(prompt) :]
+
+
+def encode(
+    tokenizer: Any, conversations: list[Conversation] | list[list[Message]], max_length: int
+) -> Encoded:
     result = Encoded()
-    for messages in conversations:
-        full = render(tokenizer, messages)
+    for conversation in conversations:
+        if isinstance(conversation, Conversation):
+            messages, tools = conversation.messages, conversation.tools
+        else:
+            messages, tools = conversation, None
+        full = render(tokenizer, messages, tools=tools)
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant" or message.get("weight", 1) == 0:
                 continue
-            start = len(render(tokenizer, messages[:index], generation_prompt=True))
-            end = len(render(tokenizer, messages[: index + 1]))
+            start = len(render(tokenizer, messages[:index], generation_prompt=True, tools=tools))
+            end = len(render(tokenizer, messages[: index + 1], tools=tools))
             spans.append((start, end))
         encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = encoding["input_ids"]

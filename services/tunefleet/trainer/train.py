@@ -17,6 +17,7 @@ from tunefleet.trainer import checkpoint, outcome
 from tunefleet.trainer.data import (
     IGNORE,
     Batch,
+    Conversation,
     Encoded,
     batches,
     encode,
@@ -78,7 +79,7 @@ def evaluate_loss(model: Any, eval_batches: list[Batch]) -> float:
 def task_metrics(
     model: Any,
     tokenizer: Any,
-    conversations: list[list[dict[str, Any]]],
+    conversations: list[Conversation],
     metrics: Sequence[str],
     max_new_tokens: int,
 ) -> dict[str, float]:
@@ -88,8 +89,9 @@ def task_metrics(
     model.eval()
     device = next(model.parameters()).device
     hits = {name: 0 for name in metrics}
-    for messages in conversations:
-        prompt = render(tokenizer, messages[:-1], generation_prompt=True)
+    for conversation in conversations:
+        messages = conversation.messages
+        prompt = render(tokenizer, messages[:-1], generation_prompt=True, tools=conversation.tools)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
             out = model.generate(
@@ -137,7 +139,7 @@ class Trainer:
         self.reporter = Reporter(progress, spec.report)
         self.store = open_store(spec.storage, spec.output_dir) if spec.storage else None
 
-    def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[list[dict[str, Any]]]]:
+    def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[Conversation]]:
         """Tokenised training and validation data; refuses data that cannot train."""
         spec = self.spec
         hp = spec.hyperparameters
@@ -417,7 +419,7 @@ class Trainer:
         model: Any,
         tokenizer: Any,
         eval_batches: list[Batch],
-        held_out: list[list[dict[str, Any]]],
+        held_out: list[Conversation],
         state: dict[str, Any],
         train: Encoded,
         last_validation: float | None,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
@@ -27,6 +29,7 @@ from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.changes import Change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
+from tunefleet.trainer.data import renders_tool_calls
 from tunefleet.training import jobs, store
 from tunefleet.training.launcher import JobLauncher
 from tunefleet.training.metrics import TrainingMetrics
@@ -38,6 +41,7 @@ from tunefleet.training.store import TERMINAL, CheckpointRow, JobRow, State
 from tunefleet.v1 import dataset_pb2, training_job_pb2
 
 TrainingJob = training_job_pb2.TrainingJob
+log = logging.getLogger(__name__)
 USER_FIELDS = [
     "display_name",
     "labels",
@@ -202,6 +206,7 @@ class TrainingManager:
         datasets = self.datasets
         train = await datasets.dataset(job.train_dataset, "training_job.train_dataset")
         _check_kind(train, "training_job.train_dataset")
+        await self._check_tool_calls(job, train, "training_job.train_dataset")
         if train.train_record_count == 0:
             raise InvalidArgument(
                 "training_job.train_dataset", f"{job.train_dataset} has no train records"
@@ -214,6 +219,7 @@ class TrainingManager:
                 job.validation_dataset, "training_job.validation_dataset"
             )
             _check_kind(other, "training_job.validation_dataset")
+            await self._check_tool_calls(job, other, "training_job.validation_dataset")
             data["validation_data"] = {"uri": self.blobs.uri(other.content_sha256), "split": "all"}
         elif train.validation_record_count:
             data["validation_data"] = {
@@ -221,6 +227,23 @@ class TrainingManager:
                 "split": "validation",
             }
         return data
+
+    async def _check_tool_calls(
+        self, job: TrainingJob, dataset: dataset_pb2.Dataset, field: str
+    ) -> None:
+        """Data with tool calls trains only where the base model's chat template renders the
+        calls (else those turns would teach empty answers)."""
+        if not dataset.validation_report.tool_call_records:
+            return
+        model_dir = self.models.resolve(job.base_model, "training_job.base_model")
+        if not await asyncio.to_thread(_template_renders_tool_calls, model_dir):
+            raise InvalidArgument(
+                field,
+                f"{dataset.name} has {dataset.validation_report.tool_call_records} records whose "
+                f"assistant calls tools, and the chat template of {job.base_model} does not "
+                "render tool calls (trained without them, those turns would teach empty answers)",
+                reason="TOOL_CALLS_NOT_RENDERED",
+            )
 
     def _worker_spec(
         self, job: TrainingJob, checked: jobs.Checked, data: dict[str, Any]
@@ -298,8 +321,7 @@ class TrainingManager:
 
 
 def _check_kind(dataset: dataset_pb2.Dataset, field: str) -> None:
-    """Jobs train on conversations (SFT): preference data is refused, never read as SFT, and so
-    is data with tool calls, which the trainer cannot render yet."""
+    """Jobs train on conversations (SFT): preference data is refused, never read as SFT."""
     if dataset.kind not in (dataset_pb2.DATASET_KIND_UNSPECIFIED, dataset_pb2.DATASET_KIND_SFT):
         raise InvalidArgument(
             field,
@@ -308,11 +330,14 @@ def _check_kind(dataset: dataset_pb2.Dataset, field: str) -> None:
             "DATASET_KIND_SFT to train on its chosen (or desirable) answers",
             reason="DATASET_KIND_MISMATCH",
         )
-    if dataset.validation_report.tool_call_records:
-        raise InvalidArgument(
-            field,
-            f"{dataset.name} has {dataset.validation_report.tool_call_records} records whose "
-            "assistant calls tools, and the trainer does not render tool calls yet (trained "
-            "without them, those turns would teach empty answers)",
-            reason="TOOL_CALLS_NOT_SUPPORTED",
-        )
+
+
+def _template_renders_tool_calls(model_dir: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as error:
+        log.warning("cannot load the tokenizer of %s: %s", model_dir, error)
+        return False
+    return renders_tool_calls(tokenizer)
