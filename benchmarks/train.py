@@ -153,6 +153,8 @@ def run_trl(
     datasets.disable_progress_bars()
     records = [json.loads(line) for line in data.open()]
     dataset = datasets.Dataset.from_list([{"messages": r["messages"]} for r in records])
+    # TRL's default turns gradient checkpointing on; tunefleet's regime keeps the activations.
+    regime: dict[str, Any] = {} if defaults else {"gradient_checkpointing": False}
     config = SFTConfig(
         output_dir=str(workdir / "trl"),
         max_steps=steps,
@@ -169,8 +171,7 @@ def run_trl(
         dataloader_num_workers=0,
         bf16=False,
         fp16=False,
-        # TRL's default turns gradient checkpointing on; tunefleet's regime keeps activations.
-        **({} if defaults else {"gradient_checkpointing": False}),
+        **regime,
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(model)),

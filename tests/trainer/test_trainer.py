@@ -94,7 +94,7 @@ def test_tool_calls_are_rendered_by_the_template_and_carry_loss(chat_model: Path
     assert renders_tool_calls(tokenizer)
     tool = {"name": "colour_of", "description": "", "parameters": {"type": "object"}}
     call = {"id": "call_0", "name": "colour_of", "arguments": {"animal": "cat"}}
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "Which colour goes with the cat?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": "red", "tool_call_id": "call_0", "name": "colour_of"},
