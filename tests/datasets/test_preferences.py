@@ -178,3 +178,26 @@ def test_broken_preference_records_are_rejected_with_the_field(
     result = ingest([record, valid], tmp_path)
     [error] = result.validation.errors
     assert (error.code, error.field) == (f"RECORD_ERROR_CODE_{code}", field)
+
+
+def test_token_statistics_count_the_prompt_with_each_answer(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    from tunefleet.datasets.tokens import TokenCounter
+
+    counter = TokenCounter(tokenizer_dir)
+    items = [pair("trl", q, good, bad) for q, good, bad in questions(10)]
+    ingestor = Ingestor(
+        IngestOptions(validation_fraction=0, tokenizer_model=str(tokenizer_dir)),
+        tmp_path / "work",
+        count_tokens=counter,
+    )
+    ingestor.feed(jsonl(items))
+    stats = ingestor.finish().token_statistics
+    assert stats is not None
+    sequences = [
+        [user(q), assistant(answer)] for q, good, bad in questions(10) for answer in (good, bad)
+    ]
+    measured = counter(sequences)
+    assert stats["total_tokens"] == sum(total for total, _ in measured)
+    assert stats["trainable_tokens"] == sum(trainable for _, trainable in measured)

@@ -251,15 +251,14 @@ class SignatureFile:
                 block = np.fromfile(file, dtype=np.uint32, count=rows * NUM_PERM)
                 yield block.reshape(rows, NUM_PERM)[:, first:stop].copy()  # not a view of it
 
-    def __getitem__(self, rows: int | npt.NDArray[np.int64]) -> Signature:
+    def __getitem__(self, rows: npt.NDArray[np.int64]) -> Signature:
         """The signatures of some rows (a candidate group)."""
-        indexes = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        out = np.empty((len(indexes), NUM_PERM), dtype=np.uint32)
+        out = np.empty((len(rows), NUM_PERM), dtype=np.uint32)
         with self.path.open("rb") as file:
-            for position, row in enumerate(indexes.tolist()):
+            for position, row in enumerate(rows.tolist()):
                 file.seek(row * NUM_PERM * 4)
                 out[position] = np.fromfile(file, dtype=np.uint32, count=NUM_PERM)
-        return out[0] if np.ndim(rows) == 0 else out
+        return out
 
 
 def _blocks(signatures: Signature | SignatureFile, first: int, stop: int) -> Iterator[Signature]:

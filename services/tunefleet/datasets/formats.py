@@ -14,6 +14,8 @@ which line failed and why.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,15 +229,20 @@ def _tools(record: dict[str, Any], key: str) -> list[dict[str, Any]] | None:
     """The record's tool definitions under `key`, or None when it has none."""
     if record.get(key) in (None, "", []):
         return None
-    try:
+    with _tool_errors():
         return tool_calls.definitions(record[key], key)
-    except tool_calls.ToolError as error:
-        raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
 
 
 def _check_calls(messages: list[Message], tools: list[dict[str, Any]] | None) -> None:
-    try:
+    with _tool_errors():
         tool_calls.check_calls(messages, tools)
+
+
+@contextmanager
+def _tool_errors() -> Iterator[None]:
+    """A tool definition or call that is invalid rejects the record, naming the field."""
+    try:
+        yield
     except tool_calls.ToolError as error:
         raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
 
@@ -406,10 +413,8 @@ def _sharegpt(record: dict[str, Any], file: FileFormat) -> list[Message]:
                 f"{field}.{keys[0]}",
             )
         if speaker.strip().lower() == "function_call":
-            try:
+            with _tool_errors():
                 made = tool_calls.calls(turn.get(keys[1]), f"{field}.{keys[1]}", index)
-            except tool_calls.ToolError as error:
-                raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
             previous = messages[-1] if messages else None
             if previous and previous["role"] == "assistant" and "tool_calls" not in previous:
                 previous["tool_calls"] = made  # text, then the call: one assistant turn
@@ -445,10 +450,8 @@ def _openai(record: dict[str, Any], key: str = "messages", path: str = "") -> li
         made = None
         if role == "assistant" and (turn.get("tool_calls") or turn.get("function_call")):
             calls_key = "tool_calls" if turn.get("tool_calls") else "function_call"
-            try:
+            with _tool_errors():
                 made = tool_calls.calls(turn[calls_key], f"{field}.{calls_key}", index)
-            except tool_calls.ToolError as error:
-                raise RecordInvalid(tool_calls.INVALID, error.message, error.field) from None
         if made is not None and turn.get("content") in (None, ""):
             message: Message = {"role": role, "content": "", "tool_calls": made}
         else:
