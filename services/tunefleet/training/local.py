@@ -3,8 +3,9 @@
 Everything a run needs to be found again lives in its directory `RUNS/<job>/`: the spec (mode
 0600: it holds the worker token), the trainer's stdout and stderr, `pid`, and `exit_code`, which
 a small shell wrapper writes when the trainer ends. Runs are started in their own session, so
-they outlive a restart of TrainingService; after one, a run is running if its process still
-exists with its spec on the command line, finished if `exit_code` exists, and lost otherwise.
+they outlive a restart of TrainingService; after one, a run is finished if `exit_code` exists,
+running if its wrapper (with its spec on the command line) or another process of its group is
+still there, and lost otherwise.
 """
 
 from __future__ import annotations
@@ -116,34 +117,45 @@ class LocalLauncher:
 
     def _status(self, run: Run) -> RunStatus:
         directory = Path(run.state["dir"])
-        exit_file = directory / "exit_code"
-        if exit_file.exists():
-            code = int(exit_file.read_text().strip() or "-1")
-            said = _outcome(directory)
-            if code == 0:
-                return RunStatus(
-                    Phase.SUCCEEDED,
-                    output_adapter_version=str(said.get("adapter_version", "")),
-                    output_request=str(said.get("output_request", "")),
-                )
-            reason = EXIT_REASONS.get(code, "WORKER_EXITED")
-            if code == 137 and _oom_killed(directory, run.state):
-                reason, why = "OUT_OF_MEMORY", ": killed by the kernel's out-of-memory killer"
-            else:
-                why = f": {said['message']}" if said.get("message") else _last(directory)
-            return RunStatus(
-                Phase.FAILED,
-                reason,
-                f"the trainer exited with status {code}{why}",
-                output_request=str(said.get("output_request", "")),
-            )
-        if _alive(int(run.run_id), directory):
+        ended = self._ended(run, directory)
+        if ended is not None:
+            return ended
+        if _group_alive(int(run.run_id), directory):
             return RunStatus(Phase.RUNNING)
+        # The wrapper may have written its exit status and ended since the first look.
+        ended = self._ended(run, directory)
+        if ended is not None:
+            return ended
         return RunStatus(
             Phase.FAILED,
             "WORKER_LOST",
             f"the trainer process {run.run_id} ended without an exit status (killed)"
             + _last(directory),
+        )
+
+    def _ended(self, run: Run, directory: Path) -> RunStatus | None:
+        """The status of a run whose wrapper recorded the trainer's exit status, else None."""
+        exit_file = directory / "exit_code"
+        if not exit_file.exists():
+            return None
+        code = int(exit_file.read_text().strip() or "-1")
+        said = _outcome(directory)
+        if code == 0:
+            return RunStatus(
+                Phase.SUCCEEDED,
+                output_adapter_version=str(said.get("adapter_version", "")),
+                output_request=str(said.get("output_request", "")),
+            )
+        reason = EXIT_REASONS.get(code, "WORKER_EXITED")
+        if code == 137 and _oom_killed(directory, run.state):
+            reason, why = "OUT_OF_MEMORY", ": killed by the kernel's out-of-memory killer"
+        else:
+            why = f": {said['message']}" if said.get("message") else _last(directory)
+        return RunStatus(
+            Phase.FAILED,
+            reason,
+            f"the trainer exited with status {code}{why}",
+            output_request=str(said.get("output_request", "")),
         )
 
     async def cancel(self, run: Run) -> None:
