@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -103,6 +103,9 @@ bench-ingest: $(VENV)/.installed  ## ingestion benchmark: tunefleet vs datasets+
 
 bench-train: $(VENV)/.installed  ## training benchmark: tunefleet vs TRL SFTTrainer, QLoRA vs LoRA memory
 	$(BIN)/python benchmarks/train.py
+
+bench-dpo: $(VENV)/.installed  ## DPO benchmark: tunefleet vs TRL DPOTrainer on the same pairs
+	$(BIN)/python benchmarks/dpo.py
 
 bench-training: $(VENV)/.installed  ## TrainingService overhead over the trainer by hand; report RPC vs health check
 	$(BIN)/python benchmarks/training_service.py

@@ -250,11 +250,16 @@ JOB = [
 
 
 def create_job(
-    platform: LocalServer, dataset: str, adapter: str, *options: str, job: Sequence[str] = JOB
+    platform: LocalServer,
+    dataset: str,
+    adapter: str,
+    *options: str,
+    job: Sequence[str] = JOB,
+    code: int = 0,
 ) -> subprocess.CompletedProcess[str]:
     """`tunefleet jobs create` of a small job (`job`'s flags) training `adapter` on `dataset`."""
     command = ["jobs", "create", *job, "--dataset", dataset, "--adapter", adapter, *options]
-    return tunefleet(platform, *command)
+    return tunefleet(platform, *command, code=code)
 
 
 def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
@@ -291,6 +296,11 @@ def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
     invalid = tunefleet(platform, "jobs", "create", "--base-model", "colours", code=2)
     assert invalid.stderr.startswith("error: INVALID_ARGUMENT")
     assert len(invalid.stderr.strip().splitlines()) == 1
+    # DPO on a dataset of conversations: refused, naming the dataset and the kind it needs.
+    dpo = create_job(
+        platform, dataset, "adapters/cli", "--objective", "dpo", "--dpo-beta", "0.2", code=2
+    )
+    assert "DATASET_KIND_PREFERENCE" in dpo.stderr and "train_dataset" in dpo.stderr
 
 
 @pytest.fixture(scope="module")

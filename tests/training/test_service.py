@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from tests.helpers import error_info
-from tests.training.conftest import job_request, lora_adapter, stored_request
+from tests.training.conftest import colour_pairs, job_request, lora_adapter, stored_request
 from tests.training.fakes import FakeLauncher
 from tunefleet.trainer.storage import upload_checkpoint
 from tunefleet.training.launcher import LogLine, Phase
@@ -226,23 +226,59 @@ async def test_bad_jobs_are_refused_naming_the_field(
     assert not listed.training_jobs
 
 
-async def test_preference_data_is_not_trained_as_conversations(
+async def test_each_objective_refuses_the_other_kinds_data(
     make_platform: MakePlatform,
 ) -> None:
-    """A DPO file uploaded as it is becomes a preference dataset; an SFT job refuses it."""
+    """A DPO file uploaded as it is becomes a preference dataset: an SFT job refuses it, never
+    reading it as conversations; a DPO job refuses conversations and unpaired (KTO) answers."""
     platform = await make_platform(FakeLauncher())
-    pairs = b"".join(
-        json.dumps({"prompt": f"colour {i}?", "chosen": "Red.", "rejected": "Blue."}).encode()
-        + b"\n"
-        for i in range(20)
+    pairs = await platform.upload(colour_pairs(20))
+    assert pairs.kind == dataset_pb2.DATASET_KIND_PREFERENCE
+    unpaired = await platform.upload(
+        b"".join(
+            json.dumps(
+                {"prompt": f"colour {i}?", "completion": "Red.", "label": i % 2 == 0}
+            ).encode()
+            + b"\n"
+            for i in range(20)
+        )
     )
-    dataset = await platform.upload(pairs)
-    assert dataset.kind == dataset_pb2.DATASET_KIND_PREFERENCE
-    error = await refused(platform.create(dataset.name))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    info = error_info(error)
-    assert info is not None and info.reason == "DATASET_KIND_MISMATCH"
-    assert (error.details() or "").startswith("training_job.train_dataset")
+    assert unpaired.kind == dataset_pb2.DATASET_KIND_UNPAIRED_PREFERENCE
+    conversations = await platform.upload()
+    dpo = {"objective": training_job_pb2.TRAINING_OBJECTIVE_DPO}
+    for dataset, fields, field in (
+        (pairs.name, {}, "training_job.train_dataset"),
+        (conversations.name, dpo, "training_job.train_dataset"),
+        (unpaired.name, dpo, "training_job.train_dataset"),
+        (
+            pairs.name,
+            {**dpo, "validation_dataset": conversations.name},
+            "training_job.validation_dataset",
+        ),
+    ):
+        error = await refused(platform.create(dataset, **fields))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(error)
+        assert info is not None and info.reason == "DATASET_KIND_MISMATCH", error.details()
+        assert (error.details() or "").startswith(field)
+    for fields, field in (
+        ({"method": common_pb2.TRAINING_METHOD_FULL}, "training_job.objective"),
+        ({"hyperparameters": {"packing": True}}, "training_job.hyperparameters.packing"),
+        ({"dpo": training_job_pb2.DpoConfig(beta=-1)}, "training_job.dpo.beta"),
+    ):
+        error = await refused(platform.create(pairs.name, **dpo, **fields))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (error.details() or "").startswith(field), error.details()
+    listed = await platform.training.ListTrainingJobs(
+        training_service_pb2.ListTrainingJobsRequest()
+    )
+    assert not listed.training_jobs
+    # Accepted, a DPO job reports its objective and beta back, and DPO's learning rate.
+    job = await platform.create(pairs.name, **dpo, hyperparameters={"learning_rate": None})
+    assert job.objective == training_job_pb2.TRAINING_OBJECTIVE_DPO
+    assert job.dpo.beta == pytest.approx(0.1) and job.hyperparameters.learning_rate == 5e-6
+    sft = await platform.create(conversations.name)
+    assert sft.objective == training_job_pb2.TRAINING_OBJECTIVE_SFT and not sft.HasField("dpo")
 
 
 async def test_tool_call_data_is_refused_for_a_template_that_cannot_render_calls(

@@ -43,6 +43,12 @@ def jobs() -> None:
 @click.option("--validation-dataset", default="", help="Default: the dataset's validation split.")
 @click.option("--adapter", help="adapters/{id}: the adapter the result is registered under.")
 @click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True)
+@click.option(
+    "--objective",
+    type=click.Choice(["sft", "dpo"]),
+    help="sft (the default) trains on conversations; dpo on a preference dataset's pairs.",
+)
+@click.option("--dpo-beta", type=float, help="DPO's beta (default 0.1).")
 @click.option("--rank", type=int, help="LoRA rank.")
 @click.option("--epochs", type=float)
 @click.option("--max-steps", type=int)
@@ -68,6 +74,8 @@ def create(
     validation_dataset: str,
     adapter: str | None,
     method: str,
+    objective: str | None,
+    dpo_beta: float | None,
     rank: int | None,
     epochs: float | None,
     max_steps: int | None,
@@ -105,6 +113,10 @@ def create(
     job.update({key: value for key, value in given.items() if value is not None})
     if "method" not in job or method != "lora":
         job["method"] = f"TRAINING_METHOD_{method.upper()}"
+    if objective is not None:
+        job["objective"] = f"TRAINING_OBJECTIVE_{objective.upper()}"
+    if dpo_beta is not None:
+        job.setdefault("dpo", {})["beta"] = dpo_beta
     if rank is not None:
         job.setdefault("lora", {})["rank"] = rank
     hyperparameters = {
@@ -174,6 +186,10 @@ def get(name: str, output: str) -> None:
         ("state", state(job.state)),
         ("base model", job.base_model),
         ("method", enum_name(common_pb2.TrainingMethod, job.method, "TRAINING_METHOD_")),
+        (
+            "objective",
+            enum_name(training_job_pb2.TrainingObjective, job.objective, "TRAINING_OBJECTIVE_"),
+        ),
         ("dataset", job.train_dataset),
         ("adapter", job.adapter),
         ("launcher", f"{job.launcher} {job.launcher_run_id}".strip() or "-"),
@@ -189,6 +205,13 @@ def get(name: str, output: str) -> None:
             (
                 "validation loss",
                 f"{evaluation.base_validation_loss:.4f} (base) -> {evaluation.validation_loss:.4f}",
+            )
+        )
+    if evaluation.HasField("reward_accuracy"):
+        rows.append(
+            (
+                "reward accuracy",
+                f"{evaluation.reward_accuracy:.3f}, margin {evaluation.reward_margin:.3f}",
             )
         )
     if job.output_adapter_version:
@@ -240,9 +263,12 @@ def show_event(event: training_job_pb2.TrainingEvent) -> None:
     elif event.HasField("progress"):
         p = event.progress
         validation = f"{p.validation_loss:9.4f}" if p.HasField("validation_loss") else " " * 9
+        rewards = (
+            f" reward accuracy {p.reward_accuracy:.3f}" if p.HasField("reward_accuracy") else ""
+        )
         console.print(
             f"step {p.step:>5}/{p.total_steps:<5} loss {p.train_loss:8.4f} val {validation} "
-            f"lr {p.learning_rate:.2e} {p.tokens_per_second:7.0f} tok/s",
+            f"lr {p.learning_rate:.2e} {p.tokens_per_second:7.0f} tok/s{rewards}",
             markup=False,
         )
     elif event.HasField("checkpoint"):

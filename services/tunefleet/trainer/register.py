@@ -70,6 +70,8 @@ def lineage(spec: TrainerSpec, metrics: dict[str, float]) -> Any:
             **spec.hyperparameters.model_dump(),
             "learning_rate": spec.learning_rate,
             **{f"lora_{k}": v for k, v in spec.lora.model_dump().items() if spec.method != "full"},
+            "objective": spec.objective,
+            **({"dpo_beta": spec.dpo.beta} if spec.objective == "dpo" else {}),
         }
     )
     return adapter_pb2.Lineage(

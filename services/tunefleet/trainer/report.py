@@ -22,6 +22,8 @@ EVALUATION_FIELDS = {
     "base_task_metrics",
     "task_metrics",
     "adapter_changes_logits",
+    "reward_accuracy",
+    "reward_margin",
 }
 
 
@@ -195,8 +197,9 @@ class _RemoteReporter:
             )
             if fields.get("train_loss") is not None:
                 progress.train_loss = fields["train_loss"]
-            if fields.get("validation_loss") is not None:
-                progress.validation_loss = fields["validation_loss"]
+            for name in ("validation_loss", "reward_accuracy", "reward_margin"):
+                if fields.get(name) is not None:
+                    setattr(progress, name, fields[name])
             request.progress.CopyFrom(progress)
         elif kind == "started":
             request.worker_state = states.WORKER_STATE_RUNNING

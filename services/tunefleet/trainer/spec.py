@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tunefleet.runtime.settings import StorageSettings
 
 Method = Literal["lora", "qlora", "dora", "full"]
+Objective = Literal["sft", "dpo"]
 
 
 class SpecError(ValueError):
@@ -49,8 +50,14 @@ class LoraSpec(_Strict):
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 
 
+class DpoSpec(_Strict):
+    beta: float = Field(default=0.1, gt=0, le=100)  # TRL's default
+
+
 class Hyperparameters(_Strict):
-    learning_rate: float | None = Field(default=None, gt=0, le=1)  # 2e-4 adapters, 2e-5 full
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1
+    )  # 2e-4 adapters, 2e-5 full, 5e-6 dpo
     epochs: float = Field(default=3.0, gt=0, le=1000)
     max_steps: int = Field(default=0, ge=0)  # 0: as many as the epochs take
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
@@ -103,6 +110,9 @@ class TrainerSpec(_Strict):
     base_model: str = Field(min_length=1)  # a local directory or a name in `models`
     models: dict[str, Path] = {}  # names the platform knows -> local directories
     method: Method = "lora"
+    # sft: cross-entropy on conversations; dpo: preference pairs (tunefleet.trainer.preference)
+    objective: Objective = "sft"
+    dpo: DpoSpec = DpoSpec()
     lora: LoraSpec = LoraSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
     train_data: DataSpec
@@ -130,12 +140,16 @@ class TrainerSpec(_Strict):
             )
         if self.report.endpoint and not self.report.job.startswith("trainingJobs/"):
             raise ValueError("report.job must be trainingJobs/{job} when an endpoint is given")
+        if problem := objective_problem(self.objective, self.method, self.hyperparameters):
+            raise ValueError(problem)
         return self
 
     @property
     def learning_rate(self) -> float:
         configured = self.hyperparameters.learning_rate
-        return configured if configured is not None else default_learning_rate(self.method)
+        if configured is not None:
+            return configured
+        return default_learning_rate(self.method, self.objective)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -147,7 +161,21 @@ class TrainerSpec(_Strict):
         return Path(path)
 
 
-def default_learning_rate(method: Method) -> float:
+def objective_problem(objective: Objective, method: Method, hp: Hyperparameters) -> str:
+    """Why the objective cannot train with this method and these hyperparameters ('' if it can)."""
+    if objective == "dpo" and method == "full":
+        return (
+            "objective: dpo needs an adapter method (lora, qlora or dora): its reference model "
+            "is the base with the adapter disabled"
+        )
+    if objective == "dpo" and hp.packing:
+        return "hyperparameters.packing: dpo batches whole pairs and does not pack them"
+    return ""
+
+
+def default_learning_rate(method: Method, objective: Objective = "sft") -> float:
+    if objective == "dpo":
+        return 5e-6  # as the Zephyr DPO recipes (TRL's own default, 1e-6, is for full models)
     return 2e-5 if method == "full" else 2e-4
 
 

@@ -1,6 +1,7 @@
-"""The training loop: warmup then cosine/linear decay, gradient accumulation weighted by tokens,
-clipping, periodic evaluation with early stopping, checkpoints and resume, evaluation against
-the base model at the end, and the output (adapter or full model) with a result file."""
+"""The training loop: warmup then cosine/linear decay, gradient accumulation weighted by tokens
+(by pairs for DPO), clipping, periodic evaluation with early stopping, checkpoints and resume,
+evaluation against the base model at the end, and the output (adapter or full model) with a
+result file. The objective is SFT's cross-entropy or DPO's (`preference.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tunefleet.core.chat import render
 from tunefleet.trainer import checkpoint, outcome
 from tunefleet.trainer.data import (
     IGNORE,
@@ -22,10 +24,17 @@ from tunefleet.trainer.data import (
     batches,
     encode,
     load_conversations,
-    render,
 )
 from tunefleet.trainer.distributed import Distributed
 from tunefleet.trainer.model import load_model
+from tunefleet.trainer.preference import (
+    EncodedPairs,
+    dpo_loss,
+    encode_pairs,
+    evaluate_pairs,
+    load_pairs,
+    pair_batches,
+)
 from tunefleet.trainer.report import Cancelled, Reporter
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
 from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
@@ -139,33 +148,78 @@ class Trainer:
         self.reporter = Reporter(progress, spec.report)
         self.store = open_store(spec.storage, spec.output_dir) if spec.storage else None
 
-    def prepare_data(self, tokenizer: Any) -> tuple[Encoded, Encoded, list[Conversation]]:
-        """Tokenised training and validation data; refuses data that cannot train."""
+    @property
+    def dpo(self) -> bool:
+        return self.spec.objective == "dpo"
+
+    def prepare_data(
+        self, tokenizer: Any
+    ) -> tuple[Encoded | EncodedPairs, Encoded | EncodedPairs, list[Conversation]]:
+        """Tokenised training and validation data (conversations, or pairs for DPO), and the
+        held-out conversations of task metrics; refuses data that cannot train."""
         spec = self.spec
         hp = spec.hyperparameters
         inputs = spec.output_dir / "inputs"
         train_path = fetch(spec.train_data.uri, self.store, inputs)
-        train = load_conversations(spec.train_data, train_path)
         if spec.validation_data is None:
-            validation = load_conversations(
-                DataSpec(uri=spec.train_data.uri, split="validation"), train_path
+            validation_spec, validation_path = (
+                DataSpec(uri=spec.train_data.uri, split="validation"),
+                train_path,
             )
         else:
-            validation = load_conversations(
-                spec.validation_data, fetch(spec.validation_data.uri, self.store, inputs)
+            validation_spec = spec.validation_data
+            validation_path = fetch(spec.validation_data.uri, self.store, inputs)
+        if self.dpo:
+            train_pairs = load_pairs(spec.train_data, train_path)
+            validation_pairs = load_pairs(validation_spec, validation_path)
+            size = len(train_pairs)
+            encoded: Encoded | EncodedPairs = encode_pairs(
+                tokenizer, train_pairs, hp.max_sequence_length
             )
-        if not train:
+            held = [p.conversation(p.chosen) for p in validation_pairs]
+            validation: Encoded | EncodedPairs = encode_pairs(
+                tokenizer, validation_pairs, hp.max_sequence_length
+            )
+        else:
+            train = load_conversations(spec.train_data, train_path)
+            size = len(train)
+            encoded = encode(tokenizer, train, hp.max_sequence_length)
+            held = load_conversations(validation_spec, validation_path)
+            validation = encode(tokenizer, held, hp.max_sequence_length)
+        if not size:
             raise SpecError(
                 f"train_data: no {spec.train_data.split} records in {spec.train_data.uri}"
             )
-        encoded = encode(tokenizer, train, hp.max_sequence_length)
         if not encoded.examples:
             raise SpecError(
-                f"train_data: all {len(train)} examples lose every assistant token at "
+                f"train_data: all {size} examples lose every assistant token at "
                 f"max_sequence_length {hp.max_sequence_length}"
             )
-        held_out = validation[: spec.evaluation.examples] if spec.evaluation.examples else []
-        return encoded, encode(tokenizer, validation, hp.max_sequence_length), held_out
+        held_out = held[: spec.evaluation.examples] if spec.evaluation.examples else []
+        return encoded, validation, held_out
+
+    def _batches(
+        self, encoded: Encoded | EncodedPairs, pad_id: int, epoch: int, packing: bool
+    ) -> list[Batch]:
+        hp = self.spec.hyperparameters
+        if isinstance(encoded, EncodedPairs):
+            return pair_batches(encoded.examples, hp.micro_batch_size, pad_id, hp.seed, epoch)
+        length = hp.max_sequence_length
+        return batches(
+            encoded.examples, hp.micro_batch_size, pad_id, packing, length, hp.seed, epoch
+        )
+
+    def _loss(self, model: Any, batch: Batch) -> Any:
+        """The summed loss of a batch: over its trainable tokens, or its pairs for DPO."""
+        if self.dpo:
+            return dpo_loss(model, batch, self.spec.dpo.beta)
+        return batch_loss(model, batch)
+
+    def _evaluate(self, model: Any, eval_batches: list[Batch]) -> dict[str, float]:
+        """validation_loss, and for DPO reward_accuracy and reward_margin."""
+        if self.dpo:
+            return evaluate_pairs(model, eval_batches, self.spec.dpo.beta)
+        return {"validation_loss": evaluate_loss(model, eval_batches)}
 
     def run(self) -> dict[str, Any]:
         import torch
@@ -189,31 +243,14 @@ class Trainer:
         )
 
         def epoch_batches(epoch: int) -> list[Batch]:
-            every = batches(
-                train.examples,
-                hp.micro_batch_size,
-                pad_id,
-                hp.packing,
-                hp.max_sequence_length,
-                hp.seed,
-                epoch,
-            )
-            return dist.shard(every)
+            return dist.shard(self._batches(train, pad_id, epoch, hp.packing))
 
         steps_per_epoch = math.ceil(len(epoch_batches(0)) / hp.gradient_accumulation_steps)
         total_steps = math.ceil(hp.epochs * steps_per_epoch)
         if hp.max_steps:
             total_steps = min(total_steps, hp.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec, total_steps))
-        eval_batches = batches(
-            validation.examples,
-            hp.micro_batch_size,
-            pad_id,
-            False,
-            hp.max_sequence_length,
-            hp.seed,
-            0,
-        )
+        eval_batches = self._batches(validation, pad_id, 0, packing=False)
         eval_every = hp.eval_every_steps or steps_per_epoch
         checkpoint_every = hp.checkpoint_every_steps or eval_every
 
@@ -263,7 +300,7 @@ class Trainer:
 
         started, tokens_seen, stopped_early = time.perf_counter(), 0, False
         first_step = state["step"]
-        last_validation: float | None = None
+        last_scores: dict[str, float] = {}  # of the latest evaluation of the current weights
         while state["step"] < total_steps and not stopped_early:
             micro_batches = epoch_batches(state["epoch"])
             groups = [
@@ -272,10 +309,11 @@ class Trainer:
             ]
             while state["position"] < len(groups) and state["step"] < total_steps:
                 group = groups[state["position"]]
-                trainable = dist.sum(sum(b.trainable for b in group))  # of every process
+                # Tokens (pairs for DPO) of every process: each counts the same.
+                trainable = dist.sum(sum(b.pairs or b.trainable for b in group))
                 train_loss = 0.0
                 for batch in group:
-                    loss = batch_loss(model, batch) / max(trainable, 1)
+                    loss = self._loss(model, batch) / max(trainable, 1)
                     loss.backward()
                     train_loss += float(loss.detach())
                 dist.sum_gradients(parameters)
@@ -298,7 +336,8 @@ class Trainer:
                 evaluate_now = bool(eval_batches) and (
                     step % eval_every == 0 or step == total_steps
                 )
-                validation_loss = evaluate_loss(model, eval_batches) if evaluate_now else None
+                scores = self._evaluate(model, eval_batches) if evaluate_now else {}
+                validation_loss = scores.get("validation_loss")
                 elapsed = time.perf_counter() - started
                 self.reporter.event(
                     "progress",
@@ -311,10 +350,12 @@ class Trainer:
                     grad_norm=grad_norm,
                     tokens_per_second=tokens_seen / max(elapsed, 1e-9),
                     eta_seconds=elapsed / max(step - first_step, 1) * (total_steps - step),
+                    reward_accuracy=scores.get("reward_accuracy"),
+                    reward_margin=scores.get("reward_margin"),
                 )
                 improved = False
                 if validation_loss is not None:
-                    last_validation = validation_loss
+                    last_scores = scores
                     improved, stopped_early = self._early_stop(state, validation_loss, step)
                 save = (
                     step % checkpoint_every == 0
@@ -341,11 +382,11 @@ class Trainer:
                 best_step=state["best_step"],
             )
             if dist.main and self._restore_best(model, state):
-                last_validation = None  # evaluated again, on the restored weights
+                last_scores = {}  # evaluated again, on the restored weights
         dist.barrier()
         if not dist.main:  # the first process evaluates, saves and registers
             return {"steps": state["step"]}
-        return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_validation)
+        return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_scores)
 
     def _early_stop(
         self, state: dict[str, Any], validation_loss: float, step: int
@@ -411,6 +452,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _base_loss(self, model: Any, eval_batches: list[Batch]) -> float:
+        if self.dpo:
+            return math.log(2)  # the base model is the reference: every reward is 0
         with self._base_model(model):
             return evaluate_loss(model, eval_batches)
 
@@ -421,22 +464,23 @@ class Trainer:
         eval_batches: list[Batch],
         held_out: list[Conversation],
         state: dict[str, Any],
-        train: Encoded,
-        last_validation: float | None,
+        train: Encoded | EncodedPairs,
+        last_scores: dict[str, float],
     ) -> dict[str, Any]:
         import torch
 
         spec = self.spec
-        validation_loss = (
-            last_validation
-            if last_validation is not None
-            else (evaluate_loss(model, eval_batches) if eval_batches else None)
-        )
+        if not last_scores and eval_batches:
+            last_scores = self._evaluate(model, eval_batches)
+        validation_loss = last_scores.get("validation_loss")
+        lm_loss = not self.dpo  # perplexity is of a language-modelling loss: DPO's is not one
         evaluation: dict[str, Any] = {
             "base_validation_loss": state["base_validation_loss"],
             "validation_loss": validation_loss,
-            "base_perplexity": _perplexity(state["base_validation_loss"]),
-            "perplexity": _perplexity(validation_loss),
+            "base_perplexity": _perplexity(state["base_validation_loss"]) if lm_loss else None,
+            "perplexity": _perplexity(validation_loss) if lm_loss else None,
+            "reward_accuracy": last_scores.get("reward_accuracy"),
+            "reward_margin": last_scores.get("reward_margin"),
             "base_task_metrics": state["base_task_metrics"],
             "task_metrics": task_metrics(
                 model, tokenizer, held_out, spec.evaluation.metrics, spec.evaluation.max_new_tokens

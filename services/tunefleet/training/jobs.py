@@ -16,7 +16,15 @@ from pydantic import BaseModel, ValidationError
 from tunefleet.core.errors import FailedPrecondition, InvalidArgument
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import TrainingSettings
-from tunefleet.trainer.spec import Hyperparameters, LoraSpec, Method, default_learning_rate
+from tunefleet.trainer.spec import (
+    DpoSpec,
+    Hyperparameters,
+    LoraSpec,
+    Method,
+    Objective,
+    default_learning_rate,
+    objective_problem,
+)
 from tunefleet.training.estimate import Estimate, GiB, estimate, model_shape
 from tunefleet.v1 import common_pb2, training_job_pb2
 
@@ -41,6 +49,11 @@ PRECISIONS = {
     H.PRECISION_BF16: "bf16",
     H.PRECISION_FP16: "fp16",
 }
+OBJECTIVES: dict[int, Objective] = {
+    training_job_pb2.TRAINING_OBJECTIVE_UNSPECIFIED: "sft",
+    training_job_pb2.TRAINING_OBJECTIVE_SFT: "sft",
+    training_job_pb2.TRAINING_OBJECTIVE_DPO: "dpo",
+}
 PRESETS = {
     training_job_pb2.LoraConfig.TARGET_PRESET_UNSPECIFIED: "all-linear",
     training_job_pb2.LoraConfig.TARGET_PRESET_ALL_LINEAR: "all-linear",
@@ -55,6 +68,8 @@ class Checked:
     """A job that passed every check: the method, its trainer settings and the estimate."""
 
     method: Method
+    objective: Objective
+    dpo: DpoSpec
     lora: LoraSpec
     hyperparameters: Hyperparameters
     estimate: Estimate
@@ -73,10 +88,17 @@ def check(
     method = METHODS.get(job.method)
     if method is None:
         raise InvalidArgument(f"{FIELD}.method", "is required (LORA, QLORA, DORA or FULL)")
+    objective = OBJECTIVES.get(job.objective)
+    if objective is None:
+        raise InvalidArgument(f"{FIELD}.objective", f"unknown objective {job.objective}")
+    dpo = _validated(DpoSpec, {"beta": job.dpo.beta} if job.dpo.HasField("beta") else {}, "dpo")
     lora = _validated(LoraSpec, _lora(job.lora), "lora")
     hyperparameters = _validated(
         Hyperparameters, _hyperparameters(job.hyperparameters), "hyperparameters"
     )
+    if problem := objective_problem(objective, method, hyperparameters):
+        where, why = problem.split(": ", 1)
+        raise InvalidArgument(f"{FIELD}.{where}", why)
     resources = job.resources
     if resources.gpu_count < 0 or resources.gpu_count > settings.max_gpus_per_job:
         raise InvalidArgument(
@@ -119,7 +141,8 @@ def check(
         hyperparameters.precision,
         lora.rank,
         lora.target_modules,
-        hyperparameters.micro_batch_size,
+        # DPO reads a pair's two answers in one batch: twice the rows.
+        hyperparameters.micro_batch_size * (2 if objective == "dpo" else 1),
         hyperparameters.max_sequence_length,
     )
     available = (
@@ -139,7 +162,7 @@ def check(
                 "available_bytes": str(available),
             },
         )
-    return Checked(method, lora, hyperparameters, found)
+    return Checked(method, objective, dpo, lora, hyperparameters, found)
 
 
 def resolved_hyperparameters(checked: Checked) -> training_job_pb2.Hyperparameters:
@@ -150,7 +173,8 @@ def resolved_hyperparameters(checked: Checked) -> training_job_pb2.Hyperparamete
     return training_job_pb2.Hyperparameters(
         **{
             **hp.model_dump(),
-            "learning_rate": hp.learning_rate or default_learning_rate(checked.method),
+            "learning_rate": hp.learning_rate
+            or default_learning_rate(checked.method, checked.objective),
             "lr_scheduler": {v: k for k, v in SCHEDULERS.items() if k}[hp.lr_scheduler],
             "precision": {v: k for k, v in PRECISIONS.items()}[hp.precision],
         }

@@ -51,6 +51,12 @@ class TrainingMetrics:
             ["job"],
             registry=registry,
         )
+        self.reward_accuracy = Gauge(
+            "tunefleet_training_reward_accuracy",
+            "Latest validation reward accuracy of each running DPO job.",
+            ["job"],
+            registry=registry,
+        )
         self.tokens_per_second = Gauge(
             "tunefleet_training_tokens_per_second",
             "Latest training throughput of each running job (non-padding tokens per second).",
@@ -65,12 +71,20 @@ class TrainingMetrics:
             self.train_loss.labels(job).set(progress.train_loss)
         if progress.HasField("validation_loss"):
             self.validation_loss.labels(job).set(progress.validation_loss)
+        if progress.HasField("reward_accuracy"):
+            self.reward_accuracy.labels(job).set(progress.reward_accuracy)
         self.tokens_per_second.labels(job).set(progress.tokens_per_second)
 
     def ended(self, job: str, state: str, seconds: float | None) -> None:
         if seconds is not None:
             self.duration.labels(state).observe(seconds)
-        for gauge in (self.train_loss, self.validation_loss, self.tokens_per_second):
+        gauges = (
+            self.train_loss,
+            self.validation_loss,
+            self.reward_accuracy,
+            self.tokens_per_second,
+        )
+        for gauge in gauges:
             with contextlib.suppress(KeyError):
                 gauge.remove(job)
 

@@ -22,6 +22,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TrainingObjective:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrainingObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrainingObjective.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRAINING_OBJECTIVE_UNSPECIFIED: _TrainingObjective.ValueType  # 0
+    """Not specified: SFT."""
+    TRAINING_OBJECTIVE_SFT: _TrainingObjective.ValueType  # 1
+    """Supervised fine-tuning: cross-entropy on the assistant turns of conversations (an SFT
+    dataset).
+    """
+    TRAINING_OBJECTIVE_DPO: _TrainingObjective.ValueType  # 2
+    """Direct preference optimisation (Rafailov et al., 2023) on pairs of a chosen and a rejected
+    answer (a DATASET_KIND_PREFERENCE dataset). Adapter methods only: the reference model is the
+    base with the adapter disabled, so no second copy is held in memory.
+    """
+
+class TrainingObjective(_TrainingObjective, metaclass=_TrainingObjectiveEnumTypeWrapper):
+    """TrainingObjective is what a job optimises."""
+
+TRAINING_OBJECTIVE_UNSPECIFIED: TrainingObjective.ValueType  # 0
+"""Not specified: SFT."""
+TRAINING_OBJECTIVE_SFT: TrainingObjective.ValueType  # 1
+"""Supervised fine-tuning: cross-entropy on the assistant turns of conversations (an SFT
+dataset).
+"""
+TRAINING_OBJECTIVE_DPO: TrainingObjective.ValueType  # 2
+"""Direct preference optimisation (Rafailov et al., 2023) on pairs of a chosen and a rejected
+answer (a DATASET_KIND_PREFERENCE dataset). Adapter methods only: the reference model is the
+base with the adapter disabled, so no second copy is held in memory.
+"""
+Global___TrainingObjective: _TypeAlias = TrainingObjective  # noqa: Y015
+
 @_typing.final
 class LoraConfig(_message.Message):
     """LoraConfig shapes the adapter of LoRA, QLoRA and DoRA jobs."""
@@ -95,6 +129,32 @@ class LoraConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
 
 Global___LoraConfig: _TypeAlias = LoraConfig  # noqa: Y015
+
+@_typing.final
+class DpoConfig(_message.Message):
+    """DpoConfig shapes the DPO objective."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BETA_FIELD_NUMBER: _builtins.int
+    beta: _builtins.float
+    """Optional. Strength of the pull towards the reference model (beta of the DPO loss, default
+    0.1 as in TRL); higher keeps the result closer to the base model.
+    """
+    def __init__(
+        self,
+        *,
+        beta: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "beta", b"beta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "beta", b"beta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
+
+Global___DpoConfig: _TypeAlias = DpoConfig  # noqa: Y015
 
 @_typing.final
 class Hyperparameters(_message.Message):
@@ -375,6 +435,8 @@ class TrainingProgress(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     ETA_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
+    REWARD_MARGIN_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Optimizer steps done."""
     total_steps: _builtins.int
@@ -391,6 +453,12 @@ class TrainingProgress(_message.Message):
     """Gradient norm before clipping."""
     tokens_per_second: _builtins.float
     """Non-padding tokens processed per second since the previous report."""
+    reward_accuracy: _builtins.float
+    """DPO jobs, at evaluation steps: the share of validation pairs whose chosen answer earns the
+    higher implicit reward (beta times the log-probability ratio against the reference model).
+    """
+    reward_margin: _builtins.float
+    """DPO jobs, at evaluation steps: the mean reward of chosen minus rejected over validation pairs."""
     @_builtins.property
     def eta(self) -> _duration_pb2.Duration:
         """Estimated time to the end of training."""
@@ -412,15 +480,25 @@ class TrainingProgress(_message.Message):
         tokens_per_second: _builtins.float = ...,
         eta: _duration_pb2.Duration | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        reward_accuracy: _builtins.float | None = ...,
+        reward_margin: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_train_loss", b"_train_loss", "_validation_loss", b"_validation_loss", "eta", b"eta", "time", b"time", "train_loss", b"train_loss", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy", "_reward_margin", b"_reward_margin", "_train_loss", b"_train_loss", "_validation_loss", b"_validation_loss", "eta", b"eta", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "time", b"time", "train_loss", b"train_loss", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_train_loss", b"_train_loss", "_validation_loss", b"_validation_loss", "epoch", b"epoch", "eta", b"eta", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "step", b"step", "time", b"time", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "train_loss", b"train_loss", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy", "_reward_margin", b"_reward_margin", "_train_loss", b"_train_loss", "_validation_loss", b"_validation_loss", "epoch", b"epoch", "eta", b"eta", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "step", b"step", "time", b"time", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "train_loss", b"train_loss", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reward_accuracy: _TypeAlias = _typing.Literal["reward_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__reward_accuracy: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__reward_margin: _TypeAlias = _typing.Literal["reward_margin"]  # noqa: Y015
+    _WhichOneofArgType__reward_margin: _TypeAlias = _typing.Literal["_reward_margin", b"_reward_margin"]  # noqa: Y015
     _WhichOneofReturnType__train_loss: _TypeAlias = _typing.Literal["train_loss"]  # noqa: Y015
     _WhichOneofArgType__train_loss: _TypeAlias = _typing.Literal["_train_loss", b"_train_loss"]  # noqa: Y015
     _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
     _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_accuracy) -> _WhichOneofReturnType__reward_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_margin) -> _WhichOneofReturnType__reward_margin | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_loss) -> _WhichOneofReturnType__train_loss | None: ...
     @_typing.overload
@@ -481,16 +559,24 @@ class EvaluationResult(_message.Message):
     BASE_TASK_METRICS_FIELD_NUMBER: _builtins.int
     TASK_METRICS_FIELD_NUMBER: _builtins.int
     ADAPTER_CHANGES_LOGITS_FIELD_NUMBER: _builtins.int
+    REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
+    REWARD_MARGIN_FIELD_NUMBER: _builtins.int
     base_validation_loss: _builtins.float
-    """Validation loss of the base model."""
+    """Validation loss of the base model (DPO jobs: the DPO loss, ln 2 for the base model)."""
     validation_loss: _builtins.float
-    """Validation loss of the trained model."""
+    """Validation loss of the trained model (DPO jobs: the DPO loss)."""
     base_perplexity: _builtins.float
-    """Perplexity of the base model on the validation split."""
+    """Perplexity of the base model on the validation split (SFT jobs; 0 for DPO)."""
     perplexity: _builtins.float
-    """Perplexity of the trained model on the validation split."""
+    """Perplexity of the trained model on the validation split (SFT jobs; 0 for DPO)."""
     adapter_changes_logits: _builtins.bool
     """Whether the adapter changes the model's logits (a smoke check against silent no-op adapters)."""
+    reward_accuracy: _builtins.float
+    """DPO jobs: reward accuracy on the validation pairs (see TrainingProgress); the base model's
+    is 0, every reward being 0 when the policy is the reference.
+    """
+    reward_margin: _builtins.float
+    """DPO jobs: mean reward margin on the validation pairs."""
     @_builtins.property
     def base_task_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Task metrics of the base model on held-out examples, by name (for example `exact_match`)."""
@@ -509,12 +595,21 @@ class EvaluationResult(_message.Message):
         base_task_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         task_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         adapter_changes_logits: _builtins.bool = ...,
+        reward_accuracy: _builtins.float | None = ...,
+        reward_margin: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy", "_reward_margin", b"_reward_margin", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_changes_logits", b"adapter_changes_logits", "base_perplexity", b"base_perplexity", "base_task_metrics", b"base_task_metrics", "base_validation_loss", b"base_validation_loss", "perplexity", b"perplexity", "task_metrics", b"task_metrics", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy", "_reward_margin", b"_reward_margin", "adapter_changes_logits", b"adapter_changes_logits", "base_perplexity", b"base_perplexity", "base_task_metrics", b"base_task_metrics", "base_validation_loss", b"base_validation_loss", "perplexity", b"perplexity", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "task_metrics", b"task_metrics", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reward_accuracy: _TypeAlias = _typing.Literal["reward_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__reward_accuracy: _TypeAlias = _typing.Literal["_reward_accuracy", b"_reward_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__reward_margin: _TypeAlias = _typing.Literal["reward_margin"]  # noqa: Y015
+    _WhichOneofArgType__reward_margin: _TypeAlias = _typing.Literal["_reward_margin", b"_reward_margin"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_accuracy) -> _WhichOneofReturnType__reward_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_margin) -> _WhichOneofReturnType__reward_margin | None: ...
 
 Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
 
@@ -694,6 +789,8 @@ class TrainingJob(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    DPO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `trainingJobs/{job}`."""
     display_name: _builtins.str
@@ -718,6 +815,8 @@ class TrainingJob(_message.Message):
     """Output only. Launcher that runs the job: `local` or `kubernetes`."""
     launcher_run_id: _builtins.str
     """Output only. The launcher's id for the run: a process id or a Kubernetes Job name."""
+    objective: Global___TrainingObjective.ValueType
+    """Optional. What to optimise; default SFT, reported back resolved."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Labels for filtering."""
@@ -766,6 +865,10 @@ class TrainingJob(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the job reached a final state."""
 
+    @_builtins.property
+    def dpo(self) -> Global___DpoConfig:
+        """Optional. DPO's settings, when the objective is DPO; defaults reported back."""
+
     def __init__(
         self,
         *,
@@ -793,10 +896,12 @@ class TrainingJob(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        objective: Global___TrainingObjective.ValueType = ...,
+        dpo: Global___DpoConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "latest_progress", b"latest_progress", "lora", b"lora", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "latest_progress", b"latest_progress", "lora", b"lora", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "objective", b"objective", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
