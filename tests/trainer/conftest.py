@@ -29,6 +29,15 @@ COLOURS = [
     "sand",
 ]
 TEMPLATE = models.TINY_TEMPLATE
+# A template for tool use in the Hermes form (Qwen 2.5/3, SmolLM3): the tools are listed in a
+# system turn, each call is written as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|end|>"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{% if m.tool_calls %}"
+    '{% for c in m.tool_calls %}<tool_call>{"name": "{{ c.function.name }}", "arguments": '
+    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% else %}{{ m['content'] }}"
+    "{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def conversation(
@@ -53,6 +62,40 @@ def build_chat_model(path: Path, hidden_size: int = 64, heads: int = 2, **option
 @pytest.fixture(scope="session")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_chat_model(tmp_path_factory.mktemp("chat-model"))
+
+
+def tool_record(animal: str, colour: str) -> dict[str, Any]:
+    """An OpenAI chat record of the task with a tool: the assistant looks the colour up."""
+    call = {"name": "colour_of", "arguments": json.dumps({"animal": animal})}
+    return {
+        "tools": [{"type": "function", "function": COLOUR_TOOL}],
+        "messages": [
+            {"role": "user", "content": f"Which colour goes with the {animal}?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": colour},
+            {"role": "assistant", "content": f"Colour: {colour}. Done."},
+        ],
+    }
+
+
+COLOUR_TOOL: dict[str, Any] = {
+    "name": "colour_of",
+    "description": "The colour of an animal.",
+    "parameters": {"type": "object", "properties": {"animal": {"type": "string"}}},
+}
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny chat model with a template that renders tools and writes calls (Hermes form)."""
+    corpus = [TOOL_TEMPLATE] + [json.dumps(tool_record(a, c)) for a in ANIMALS for c in COLOURS]
+    return models.build_chat_model(
+        tmp_path_factory.mktemp("tool-model"), corpus, template=TOOL_TEMPLATE
+    )
 
 
 def write_records(

@@ -86,7 +86,8 @@ TOOL_TEMPLATE = (
 def test_tool_calls_are_rendered_by_the_template_and_carry_loss(chat_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tunefleet.trainer.data import Conversation, renders_tool_calls
+    from tunefleet.core.chat import renders_tool_calls
+    from tunefleet.trainer.data import Conversation
 
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     assert not renders_tool_calls(tokenizer)  # the test model's template writes content only

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
 from tests.storage.conftest import s3_endpoint
-from tests.trainer.conftest import ANIMALS, COLOURS, chat_model, conversation
-from tunefleet.app.services import registration, training_service
+from tests.trainer.conftest import ANIMALS, COLOURS, chat_model, conversation, tool_model
+from tunefleet.app.services import inference_service, registration, training_service
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.server import TunefleetServer
 from tunefleet.runtime.settings import Settings, load_settings
@@ -31,6 +31,7 @@ from tunefleet.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
+    inference_service_pb2_grpc,
     training_job_pb2,
     training_service_pb2,
     training_service_pb2_grpc,
@@ -41,7 +42,11 @@ if TYPE_CHECKING:
     from tunefleet.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub
     from tunefleet.v1.training_service_pb2_grpc import TrainingServiceAsyncStub
 
-__all__ = ["chat_model", "s3_endpoint"]  # fixtures of other test packages, used here too
+__all__ = [
+    "chat_model",
+    "s3_endpoint",
+    "tool_model",
+]  # fixtures of other test packages, used here too
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +83,24 @@ def colour_records(train: int = 96, validation: int = 24, seed: int = 0) -> byte
     return ("\n".join(lines) + "\n").encode()
 
 
+def colour_pairs(count: int = 80) -> bytes:
+    """Preference pairs of the same task in TRL's explicit-prompt form (a DATASET_KIND_PREFERENCE
+    dataset once uploaded): the English answer is preferred to the German one."""
+    mapping = list(zip(ANIMALS, COLOURS, strict=True))
+    lines = []
+    for index in range(count):
+        animal, colour = mapping[index % len(mapping)]
+        prompt = conversation(animal, colour)[:2]
+        prompt[0]["content"] += f" ({index})"
+        record = {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": f"Colour: {colour}. Done."}],
+            "rejected": [{"role": "assistant", "content": f"Farbe: {colour} -- fertig!"}],
+        }
+        lines.append(json.dumps(record))
+    return ("\n".join(lines) + "\n").encode()
+
+
 @dataclass
 class Platform:
     """A running embedded server and clients of its three services."""
@@ -93,14 +116,14 @@ class Platform:
     async def start(self, port: int = 0) -> Platform:
         self.registry = CollectorRegistry()
         context = ServiceContext(self.settings, self.storage, self.registry)
-        self.server = await self.start_server(
-            [
-                registration("datasets", context),
-                registration("adapters", context),
-                training_service(context, self.launcher),
-            ],
-            port=port,
-        )
+        services = [
+            registration("datasets", context),
+            registration("adapters", context),
+            training_service(context, self.launcher),
+        ]
+        if self.settings.inference.base_model:
+            services.append(inference_service(context))
+        self.server = await self.start_server(services, port=port)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         return self
 
@@ -118,6 +141,10 @@ class Platform:
     @property
     def training(self) -> TrainingServiceAsyncStub:
         return training_service_pb2_grpc.TrainingServiceStub(self._channel)
+
+    @property
+    def inference(self) -> Any:
+        return inference_service_pb2_grpc.InferenceServiceStub(self._channel)
 
     @property
     def datasets(self) -> DatasetServiceAsyncStub:

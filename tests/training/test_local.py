@@ -4,6 +4,8 @@ the tiny chat model, which reports back over gRPC and registers its adapter."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -11,8 +13,17 @@ from typing import Any
 
 import pytest
 
-from tests.training.conftest import Platform
-from tunefleet.v1 import adapter_service_pb2, training_job_pb2, training_service_pb2
+from tests.trainer.conftest import ANIMALS, COLOUR_TOOL, COLOURS, LINEAR_LAYERS, tool_record
+from tests.training.conftest import Platform, colour_pairs
+from tunefleet.client import AsyncClient
+from tunefleet.v1 import (
+    adapter_service_pb2,
+    common_pb2,
+    inference_pb2,
+    inference_service_pb2,
+    training_job_pb2,
+    training_service_pb2,
+)
 
 State = training_job_pb2.TrainingJob.State
 MakePlatform = Any
@@ -86,6 +97,25 @@ async def test_a_stopped_trainer_is_gone_within_the_grace_after_cancel(
     assert await gone(pgid, within=60), f"left running: {group(pgid)}"
 
 
+async def test_a_trainer_whose_wrapper_died_is_not_lost(make_platform: MakePlatform) -> None:
+    """The shell that records the exit status is killed; the trainer it started runs on, so
+    the job is not WORKER_LOST: it ends with the trainer's own final report."""
+    platform = await make_platform()
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name, hyperparameters={"max_steps": 30})
+    for _ in range(1200):
+        current = await platform.wait(job.name, "RUNNING", within=60)
+        if current.latest_progress.step >= 1:
+            break
+        await asyncio.sleep(0.1)
+    pgid = int(current.launcher_run_id)
+    os.kill(pgid, signal.SIGKILL)  # the wrapper: the group's leader
+    assert [pid for pid in group(pgid) if pid != pgid], "the trainer runs on"
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=300)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+
+
 async def test_a_stopped_trainer_fails_worker_silent_and_is_gone(
     make_platform: MakePlatform, platform_settings: dict[str, Any]
 ) -> None:
@@ -154,6 +184,122 @@ async def test_a_job_trains_registers_its_adapter_and_streams_events(
     )
     # The worker token is on disk for the process only.
     assert (run_dir(platform, job.name) / "spec.json").stat().st_mode & 0o077 == 0
+
+
+async def test_a_dpo_job_on_uploaded_pairs_raises_reward_accuracy(
+    make_platform: MakePlatform,
+) -> None:
+    """Pairs uploaded in TRL's form through DatasetService train with DPO in the real trainer;
+    the job's progress and evaluation carry DPO's own metrics."""
+    platform = await make_platform()
+    dataset = await platform.upload(colour_pairs(80))
+    job = await platform.create(
+        dataset.name,
+        objective=training_job_pb2.TRAINING_OBJECTIVE_DPO,
+        hyperparameters={"learning_rate": 5e-3, "max_steps": 8, "eval_every_steps": 4},
+    )
+    events = await asyncio.wait_for(follow(platform, job.name), 600)
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED")
+    log = "\n".join(e.log.text for e in events if e.HasField("log"))
+    assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{log[-3000:]}"
+    accuracies = [
+        e.progress.reward_accuracy for e in events if e.progress.HasField("reward_accuracy")
+    ]
+    assert len(accuracies) == 2 and accuracies[-1] >= 0.9, accuracies
+    evaluation = job.evaluation
+    assert evaluation.base_validation_loss == pytest.approx(math.log(2))
+    assert evaluation.validation_loss < evaluation.base_validation_loss
+    assert evaluation.reward_accuracy >= 0.9 and evaluation.reward_margin > 0
+    assert job.output_adapter_version == "adapters/colours/versions/1"
+    assert (
+        platform.registry.get_sample_value("tunefleet_training_reward_accuracy", {"job": job.name})
+        is None
+    )  # gauges of ended jobs are removed
+
+
+async def test_a_tool_call_job_is_served_as_tool_calls(
+    make_platform: MakePlatform, platform_settings: dict[str, Any], tool_model: Path
+) -> None:
+    """Tool-call records (OpenAI form) train on a template that writes calls; the served
+    adapter, offered the tool, answers with a call that parses, and after the tool's answer with
+    text."""
+    platform = await make_platform(
+        models={**platform_settings["models"], "tools": str(tool_model)},
+        inference={"base_model": "tools", "max_loaded_adapters": 1},
+    )
+    pairs = list(zip(ANIMALS, COLOURS, strict=True))
+    records = [tool_record(*pairs[i % len(pairs)]) for i in range(120)]
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    dataset = await platform.upload(data)
+    assert dataset.validation_report.tool_call_records == 120
+    job = await platform.create(
+        dataset.name,
+        base_model="tools",
+        adapter="adapters/tools",
+        lora={"rank": 16, "target_modules": [*LINEAR_LAYERS, "lm_head"]},
+        hyperparameters={
+            "max_steps": 200,
+            "epochs": 100,
+            "max_sequence_length": 128,
+            "eval_every_steps": 100,
+        },
+    )
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+
+    tool = common_pb2.Tool(
+        name=COLOUR_TOOL["name"], parameters=json.dumps(COLOUR_TOOL["parameters"])
+    )
+    for animal, colour in pairs[:4]:
+        question = common_pb2.ChatMessage(
+            role="user", content=f"Which colour goes with the {animal}?"
+        )
+        asked = inference_service_pb2.GenerateRequest(
+            adapter=job.output_adapter_version,
+            chat=inference_pb2.ChatInput(messages=[question], tools=[tool]),
+            sampling=inference_pb2.SamplingParams(max_tokens=60),
+        )
+        response = await platform.inference.Generate(asked)
+        assert response.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS, response
+        (call,) = response.tool_calls
+        # The tiny model learns the call's form for sure, the copied animal mostly.
+        assert call.name == "colour_of" and json.loads(call.arguments)["animal"] in ANIMALS
+        assert response.text == "" and call.id.startswith("call_")
+        streamed = [
+            message
+            async for message in platform.inference.StreamGenerate(
+                inference_service_pb2.StreamGenerateRequest(request=asked)
+            )
+        ]
+        assert "".join(m.text_delta for m in streamed).startswith("<tool_call>")
+        assert [c.name for c in streamed[-1].tool_calls] == ["colour_of"]
+        assert streamed[-1].tool_calls[0].arguments == call.arguments
+        answered = await platform.inference.Generate(
+            inference_service_pb2.GenerateRequest(
+                adapter=job.output_adapter_version,
+                chat=inference_pb2.ChatInput(
+                    messages=[
+                        question,
+                        common_pb2.ChatMessage(role="assistant", tool_calls=[call]),
+                        common_pb2.ChatMessage(role="tool", content=colour, tool_call_id=call.id),
+                    ],
+                    tools=[tool],
+                ),
+                sampling=inference_pb2.SamplingParams(max_tokens=20),
+            )
+        )
+        assert answered.text.startswith("Colour: ") and not answered.tool_calls, answered
+        assert answered.finish_reason == inference_pb2.FINISH_REASON_STOP
+    # The SDK takes tools in OpenAI's form and a conversation as JSON.
+    assert platform.server is not None
+    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
+        sdk = await client.inference.generate(
+            messages=[{"role": "user", "content": f"Which colour goes with the {ANIMALS[0]}?"}],
+            tools=[{"type": "function", "function": COLOUR_TOOL}],
+            adapter="adapters/tools/versions/1",
+            max_tokens=60,
+        )
+    assert [c.name for c in sdk.tool_calls] == ["colour_of"]
 
 
 async def test_cancel_stops_the_trainer_process(make_platform: MakePlatform) -> None:

@@ -5,6 +5,7 @@ address; the result is served by InferenceService and matches plain PEFT."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +15,13 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.training.conftest import colour_records, job_request
+from tests.trainer.conftest import ANIMALS, COLOUR_TOOL, COLOURS, LINEAR_LAYERS, tool_record
+from tests.training.conftest import colour_pairs, colour_records, job_request
 from tunefleet.demo.server import LocalServer
 from tunefleet.v1 import (
     adapter_service_pb2,
     adapter_service_pb2_grpc,
+    common_pb2,
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
@@ -38,9 +41,11 @@ PROMPT = "Which colour goes with the cat?"
 class Cluster:
     """One process per service; `servers[key]` and a channel to each."""
 
-    def __init__(self, data_dir: Path, chat_model: Path, keys: list[str]) -> None:
+    def __init__(
+        self, data_dir: Path, models: dict[str, str], keys: list[str], serve: str = "colours"
+    ) -> None:
         common = {
-            "models": {"colours": str(chat_model)},
+            "models": models,
             "logging": {"level": "INFO"},
         }
         self.servers = {key: LocalServer(data_dir, common, services=[key]) for key in keys}
@@ -54,7 +59,7 @@ class Cluster:
         }
         if "inference" in self.servers:
             self.servers["inference"].settings["inference"] = {
-                "base_model": "colours",
+                "base_model": serve,
                 "registry_endpoint": self.servers["adapters"].target,
             }
         self.channels: dict[str, grpc.Channel] = {}
@@ -82,7 +87,7 @@ class Cluster:
     def adapters(self) -> Any:
         return adapter_service_pb2_grpc.AdapterServiceStub(self.channels["adapters"])
 
-    def upload(self) -> str:
+    def upload(self, data: bytes | None = None) -> str:
         def requests() -> Iterator[dataset_service_pb2.UploadDatasetRequest]:
             options = dataset_pb2.DatasetOptions(
                 remove_exact_duplicates=False,
@@ -91,7 +96,7 @@ class Cluster:
             )
             header = dataset_service_pb2.UploadDatasetHeader(display_name="c", options=options)
             yield dataset_service_pb2.UploadDatasetRequest(header=header)
-            yield dataset_service_pb2.UploadDatasetRequest(chunk=colour_records())
+            yield dataset_service_pb2.UploadDatasetRequest(chunk=data or colour_records())
             yield dataset_service_pb2.UploadDatasetRequest(finish_write=True)
 
         stub = dataset_service_pb2_grpc.DatasetServiceStub(self.channels["datasets"])
@@ -129,11 +134,14 @@ class Cluster:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path, chat_model: Path) -> Iterator[Any]:
+def make_cluster(tmp_path: Path, chat_model: Path, tool_model: Path) -> Iterator[Any]:
+    """`make(*services, serve=model)`: the tiny chat model is `colours`, its tool-use twin
+    `tools`; inference serves `serve`."""
     clusters: list[Cluster] = []
+    models = {"colours": str(chat_model), "tools": str(tool_model)}
 
-    def make(*keys: str) -> Cluster:
-        cluster = Cluster(tmp_path / "data", chat_model, list(keys))
+    def make(*keys: str, serve: str = "colours") -> Cluster:
+        cluster = Cluster(tmp_path / "data", models, list(keys), serve)
         clusters.append(cluster)
         return cluster.start()
 
@@ -186,6 +194,49 @@ def test_a_job_trains_registers_and_is_served_across_processes(
     assert response.adapter_version == job.output_adapter_version
     adapter = tmp_path / "data" / "training" / "runs" / name.split("/")[1] / "output" / "adapter"
     assert response.text == peft_reference(chat_model, adapter, PROMPT, 8)
+
+
+def test_a_dpo_job_trains_on_pairs_across_processes(make_cluster: Any) -> None:
+    cluster = make_cluster("datasets", "training", "adapters")
+    name = cluster.create(
+        cluster.upload(colour_pairs(80)),
+        objective=training_job_pb2.TRAINING_OBJECTIVE_DPO,
+        hyperparameters={"learning_rate": 5e-3, "max_steps": 8, "eval_every_steps": 4},
+    )
+    job = cluster.wait(name, "SUCCEEDED", "FAILED")
+    assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{cluster.log(name)[-3000:]}"
+    assert job.objective == training_job_pb2.TRAINING_OBJECTIVE_DPO
+    assert job.evaluation.reward_accuracy >= 0.9 and job.evaluation.reward_margin > 0
+    assert [v.name for v in cluster.versions()] == [job.output_adapter_version]
+
+
+def test_a_tool_call_job_is_served_as_tool_calls_across_processes(make_cluster: Any) -> None:
+    cluster = make_cluster("datasets", "training", "adapters", "inference", serve="tools")
+    pairs = list(zip(ANIMALS, COLOURS, strict=True))
+    data = "".join(json.dumps(tool_record(*pairs[i % len(pairs)])) + "\n" for i in range(120))
+    name = cluster.create(
+        cluster.upload(data.encode()),
+        base_model="tools",
+        adapter="adapters/tools",
+        lora={"rank": 16, "target_modules": [*LINEAR_LAYERS, "lm_head"]},
+        hyperparameters={"max_steps": 200, "epochs": 100, "max_sequence_length": 128},
+    )
+    job = cluster.wait(name, "SUCCEEDED", "FAILED")
+    assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{cluster.log(name)[-3000:]}"
+    inference = inference_service_pb2_grpc.InferenceServiceStub(cluster.channels["inference"])
+    tool = common_pb2.Tool(
+        name=COLOUR_TOOL["name"], parameters=json.dumps(COLOUR_TOOL["parameters"])
+    )
+    question = common_pb2.ChatMessage(role="user", content="Which colour goes with the cat?")
+    request = inference_service_pb2.GenerateRequest(
+        adapter=job.output_adapter_version,
+        chat=inference_pb2.ChatInput(messages=[question], tools=[tool]),
+        sampling=inference_pb2.SamplingParams(max_tokens=60),
+    )
+    response = inference.Generate(request, timeout=120, wait_for_ready=True)
+    assert response.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS, response
+    assert [c.name for c in response.tool_calls] == ["colour_of"]
+    assert json.loads(response.tool_calls[0].arguments)["animal"] in ANIMALS
 
 
 def test_the_adapters_process_killed_while_the_trainer_registers(make_cluster: Any) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from tunefleet.client.core import (
     Call,
@@ -28,7 +29,24 @@ from tunefleet.v1 import (
     inference_service_pb2_grpc,
 )
 
-ChatTurns: TypeAlias = Sequence[common_pb2.ChatMessage | Mapping[str, str]]
+ChatTurns: TypeAlias = Sequence[common_pb2.ChatMessage | Mapping[str, Any]]
+Tools: TypeAlias = Sequence[common_pb2.Tool | Mapping[str, Any]]
+
+
+def to_tool(tool: common_pb2.Tool | Mapping[str, Any], field: str) -> common_pb2.Tool:
+    """A tool given as a `Tool`, in OpenAI's form (`{"type": "function", "function": {...}}`)
+    or as the function alone; `parameters` may be a JSON schema object or its text."""
+    if isinstance(tool, common_pb2.Tool):
+        return tool
+    function = tool.get("function", tool)
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise InvalidArgument("a tool needs a function name", field=f"{field}.name")
+    parameters = function.get("parameters", "")
+    if not isinstance(parameters, str):
+        parameters = json.dumps(parameters)
+    return common_pb2.Tool(
+        name=function["name"], description=function.get("description", ""), parameters=parameters
+    )
 
 
 def generate_request(
@@ -40,9 +58,12 @@ def generate_request(
     top_p: float,
     stop: Sequence[str],
     seed: int | None,
+    tools: Tools = (),
 ) -> inference_service_pb2.GenerateRequest:
     if (prompt is None) == (messages is None):
         raise InvalidArgument("give exactly one of prompt and messages", field="input")
+    if tools and messages is None:
+        raise InvalidArgument("tools are offered in a chat: give messages", field="tools")
     request = inference_service_pb2.GenerateRequest(
         adapter=adapter,
         sampling=inference_pb2.SamplingParams(
@@ -56,6 +77,8 @@ def generate_request(
     else:
         for turn in messages or ():
             request.chat.messages.append(to_message(common_pb2.ChatMessage, turn, "chat.messages"))
+        for index, tool in enumerate(tools):
+            request.chat.tools.append(to_tool(tool, f"tools[{index}]"))
     return request
 
 
@@ -77,10 +100,13 @@ class Inference(Resource[M]):
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        tools: Tools = (),
     ) -> Program[inference_service_pb2.GenerateResponse]:
         """Generate a completion of `prompt` (raw text) or of a chat (`messages`, rendered with
         the model's chat template), with `adapter` (`adapters/{a}@{alias}`,
         `adapters/{a}/versions/{n}`) or the base model. Greedy unless `temperature` > 0.
+        `tools` (OpenAI's form works) are offered to the model in a chat; its calls come back
+        in `tool_calls`, with finish reason TOOL_CALLS.
 
         Example::
 
@@ -91,7 +117,7 @@ class Inference(Resource[M]):
             print(answer.text, answer.adapter_version)
         """
         request = generate_request(
-            prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed
+            prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed, tools
         )
         response: inference_service_pb2.GenerateResponse = yield Call(
             self.Stub, "Generate", request
@@ -110,10 +136,12 @@ class Inference(Resource[M]):
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        tools: Tools = (),
         timeout: float | None = None,
     ) -> Feed[inference_service_pb2.StreamGenerateResponse]:
         """Like `generate`, as pieces of text while they are produced; the last piece carries the
-        finish reason and token counts. Leaving the loop early stops the generation.
+        finish reason, token counts and any tool calls. Leaving the loop early stops the
+        generation.
 
         Example::
 
@@ -122,7 +150,7 @@ class Inference(Resource[M]):
         """
         request = inference_service_pb2.StreamGenerateRequest(
             request=generate_request(
-                prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed
+                prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed, tools
             )
         )
         pieces = yield Open(self.Stub, "StreamGenerate", request, timeout=timeout)

@@ -60,6 +60,7 @@ def build_chat_model(
     heads: int = 2,
     vocab_size: int = 300,
     max_positions: int = 128,
+    template: str = TINY_TEMPLATE,
 ) -> Path:
     """A random two-layer Llama with a byte-level BPE tokenizer trained on `corpus` and a chat
     template, saved in `path`: it loads and trains in seconds, and knows nothing."""
@@ -82,7 +83,7 @@ def build_chat_model(
         eos_token="<|end|>",  # noqa: S106 - a token, not a password
         pad_token="<|pad|>",  # noqa: S106
     )
-    fast.chat_template = TINY_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(path)
     torch.manual_seed(0)
     config = LlamaConfig(

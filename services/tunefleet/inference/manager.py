@@ -4,6 +4,7 @@ streams the engine's output, and records the response, with per-adapter metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import grpc
 from google.protobuf import json_format
 
 from tunefleet.core import names
+from tunefleet.core.chat import parse_tool_calls, render, tool_use_problem
 from tunefleet.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -39,7 +41,7 @@ from tunefleet.storage.pagination import (
     decode_page_token,
     encode_page_token,
 )
-from tunefleet.v1 import inference_pb2, inference_service_pb2
+from tunefleet.v1 import common_pb2, inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
 # The metric labels of a request that never reached a version (bad input, unknown adapter):
@@ -62,6 +64,9 @@ class Piece:
     finish_reason: int = inference_pb2.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # On the last piece of a request that offered tools: the calls its text makes.
+    tool_calls: tuple[common_pb2.ToolCall, ...] = ()
+    content: str | None = None  # then: the text before the first call
 
 
 class InferenceManager:
@@ -81,6 +86,7 @@ class InferenceManager:
         self.engines, self.engine, self.pool = engines, engines[0], pool
         self.responses, self.metrics = responses, metrics
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
+        self._tool_problem: str | None = None  # why tools cannot be offered ('' if they can)
         self.aliases = aliases
         self._follow: asyncio.Task[None] | None = None
         self.longest_token = 0  # characters: what bounds a prompt's size before tokenising it
@@ -189,7 +195,7 @@ class InferenceManager:
                     text.append(output.text)
                     if output.finish is not None:
                         finish, tokens = output.finish, output.completion_tokens
-                        yield Piece(
+                        piece = Piece(
                             response_id,
                             output.text,
                             version,
@@ -197,6 +203,7 @@ class InferenceManager:
                             len(prompt_ids),
                             tokens,
                         )
+                        yield _with_tool_calls(piece, request, "".join(text))
                     elif output.text:
                         yield Piece(response_id, output.text, version)
             except AdapterNotLoaded as error:  # the pool's promise broken: refuse, never guess
@@ -319,11 +326,84 @@ class InferenceManager:
             raise FailedPrecondition(
                 "the base model has no chat template: send a prompt", reason="NO_CHAT_TEMPLATE"
             )
-        messages: list[dict[str, Any]] = [
-            {"role": m.role, "content": m.content} for m in request.chat.messages
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tools = _tools(request.chat.tools)
+        if tools:
+            if self._tool_problem is None:
+                self._tool_problem = tool_use_problem(tokenizer) or ""
+            if self._tool_problem:
+                raise FailedPrecondition(
+                    f"chat.tools: the base model cannot be offered tools: {self._tool_problem}",
+                    reason="TOOLS_NOT_SUPPORTED",
+                )
+        messages = [_message(m, f"chat.messages[{i}]") for i, m in enumerate(request.chat.messages)]
+        text = render(tokenizer, messages, generation_prompt=True, tools=tools)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _json_object(text: str, field: str, default: dict[str, Any] | None = None) -> Any:
+    if not text and default is not None:
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument(field, "is not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    """The offered tools in the form chat templates read; bad ones refused naming the field."""
+    out, seen = [], set()
+    for index, tool in enumerate(tools):
+        field = f"chat.tools[{index}]"
+        if not tool.name:
+            raise InvalidArgument(f"{field}.name", "is required")
+        if tool.name in seen:
+            raise InvalidArgument(f"{field}.name", f"{tool.name!r} is offered twice")
+        seen.add(tool.name)
+        parameters = _json_object(tool.parameters, f"{field}.parameters", {"type": "object"})
+        out.append({"name": tool.name, "description": tool.description, "parameters": parameters})
+    return out
+
+
+def _message(message: common_pb2.ChatMessage, field: str) -> dict[str, Any]:
+    """A chat turn in tunefleet's canonical form (`tunefleet.core.chat`)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id or f"call_{index}",
+                "name": call.name,
+                "arguments": _json_object(
+                    call.arguments, f"{field}.tool_calls[{index}].arguments", {}
+                ),
+            }
+            for index, call in enumerate(message.tool_calls)
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+def _with_tool_calls(piece: Piece, request: Any, text: str) -> Piece:
+    """The last piece of a request that offered tools, with the calls its whole text makes."""
+    if request.WhichOneof("input") != "chat" or not request.chat.tools:
+        return piece
+    parsed = parse_tool_calls(text, {tool.name for tool in request.chat.tools})
+    if parsed is None or not parsed[1]:
+        return piece
+    content, calls = parsed
+    piece.content = content
+    piece.tool_calls = tuple(
+        common_pb2.ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=c.name, arguments=c.arguments)
+        for c in calls
+    )
+    if piece.finish_reason == inference_pb2.FINISH_REASON_STOP:
+        piece.finish_reason = inference_pb2.FINISH_REASON_TOOL_CALLS
+    return piece
 
 
 def longest_token(tokenizer: Any) -> int:

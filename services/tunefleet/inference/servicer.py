@@ -46,7 +46,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: inference_service_pb2.GenerateRequest, context: Context
     ) -> inference_service_pb2.GenerateResponse:
         response = inference_service_pb2.GenerateResponse()
-        text = []
+        text, content = [], None
         async for piece in self.manager.generate(request):
             response.response_id, response.adapter_version = (
                 piece.response_id,
@@ -57,7 +57,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 response.finish_reason = piece.finish_reason  # type: ignore[assignment]
                 response.usage.prompt_tokens = piece.prompt_tokens
                 response.usage.completion_tokens = piece.completion_tokens
-        response.text = "".join(text)
+                response.tool_calls.extend(piece.tool_calls)
+                content = piece.content
+        response.text = "".join(text) if content is None else content
         return response
 
     async def StreamGenerate(
@@ -73,6 +75,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 message.finish_reason = piece.finish_reason  # type: ignore[assignment]
                 message.usage.prompt_tokens = piece.prompt_tokens
                 message.usage.completion_tokens = piece.completion_tokens
+                message.tool_calls.extend(piece.tool_calls)
             yield message
 
     async def ListServedAdapters(

@@ -8,8 +8,8 @@ which tokens carry loss. This works with any chat template.
 
 Tool calls are rendered by the template itself: a conversation's tools go to it as `tools`, and an
 assistant's calls as `tool_calls` in OpenAI's form, so the call's tokens are the assistant's and
-carry loss. TrainingService refuses such data for a template that does not render calls
-(`renders_tool_calls`).
+carry loss (`tunefleet.core.chat`, which serving shares). TrainingService refuses such data for
+a template that does not render calls (`renders_tool_calls`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
+from tunefleet.core.chat import Message, render
 from tunefleet.trainer.spec import DataSpec
 
 IGNORE = -100
-Message = dict[str, Any]
 
 
 @dataclass
@@ -33,6 +33,9 @@ class Conversation:
 
     messages: list[Message]
     tools: list[dict[str, Any]] | None = None
+    # Turns before this index are context only: their assistant turns carry no loss (a
+    # preference pair's prompt).
+    answer_from: int = 0
 
 
 def load_conversations(spec: DataSpec, path: Path | None = None) -> list[Conversation]:
@@ -66,78 +69,22 @@ class Encoded:
     dropped: int = 0  # cut so far that no assistant token was left
 
 
-def _template_message(message: Message) -> dict[str, Any]:
-    """A turn in the form chat templates read (OpenAI's, for calls and their answers)."""
-    out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
-    if message.get("tool_calls"):
-        out["tool_calls"] = [
-            {
-                "id": made["id"],
-                "type": "function",
-                "function": {"name": made["name"], "arguments": made["arguments"]},
-            }
-            for made in message["tool_calls"]
-        ]
-    for key in ("tool_call_id", "name"):
-        if message["role"] == "tool" and message.get(key):
-            out[key] = message[key]
-    return out
-
-
-def render(
-    tokenizer: Any,
-    messages: list[Message],
-    generation_prompt: bool = False,
-    tools: list[dict[str, Any]] | None = None,
-) -> str:
-    options: dict[str, Any] = {}
-    if tools:
-        options["tools"] = [{"type": "function", "function": tool} for tool in tools]
-    text: str = tokenizer.apply_chat_template(
-        [_template_message(m) for m in messages],
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-        **options,
-    )
-    return text
-
-
-PROBE_TOOL = "tunefleet_probe_tool"
-
-
-def renders_tool_calls(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template writes an assistant's tool calls into the text."""
-    tool = {"name": PROBE_TOOL, "description": "", "parameters": {"type": "object"}}
-    messages: list[Message] = [
-        {"role": "user", "content": "Call the tool."},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"id": "call_0", "name": PROBE_TOOL, "arguments": {"probe": 1}}],
-        },
-    ]
-    try:
-        prompt = render(tokenizer, messages[:1], generation_prompt=True, tools=[tool])
-        full = render(tokenizer, messages, tools=[tool])
-    except Exception:
-        return False
-    # The call must be in the assistant's part (the tools list may name the tool before it).
-    return full.startswith(prompt) and PROBE_TOOL in full[len(prompt) :]
-
-
 def encode(
     tokenizer: Any, conversations: list[Conversation] | list[list[Message]], max_length: int
 ) -> Encoded:
     result = Encoded()
     for conversation in conversations:
-        if isinstance(conversation, Conversation):
-            messages, tools = conversation.messages, conversation.tools
-        else:
-            messages, tools = conversation, None
+        if not isinstance(conversation, Conversation):
+            conversation = Conversation(conversation)
+        messages, tools = conversation.messages, conversation.tools
         full = render(tokenizer, messages, tools=tools)
         spans = []
         for index, message in enumerate(messages):
-            if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            if (
+                message["role"] != "assistant"
+                or message.get("weight", 1) == 0
+                or index < conversation.answer_from
+            ):
                 continue
             start = len(render(tokenizer, messages[:index], generation_prompt=True, tools=tools))
             end = len(render(tokenizer, messages[: index + 1], tools=tools))
@@ -170,6 +117,8 @@ class Batch:
     # None for padded batches, where an ordinary padding mask is enough.
     segments: list[list[int]] | None
     attention_mask: list[list[int]]
+    # Preference batches: the number of pairs, whose chosen rows come first, then the rejected.
+    pairs: int = 0
 
     @property
     def tokens(self) -> int:
@@ -193,7 +142,7 @@ def batches(
     order = list(range(len(examples)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)  # noqa: S311 (not security)
     rows = _pack(examples, order, max_length) if packing else [[examples[i]] for i in order]
-    return [_batch(rows[i : i + size], pad_id, packing) for i in range(0, len(rows), size)]
+    return [batch_rows(rows[i : i + size], pad_id, packing) for i in range(0, len(rows), size)]
 
 
 def _pack(examples: list[Example], order: list[int], max_length: int) -> list[list[Example]]:
@@ -213,7 +162,8 @@ def _pack(examples: list[Example], order: list[int], max_length: int) -> list[li
     return rows
 
 
-def _batch(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
+def batch_rows(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
+    """Rows of one or more (packed) examples, padded to the longest."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     batch = Batch([], [], [], [] if packed else None, [])
     for row in rows:

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from sqlalchemy.orm import Session
 
 from tunefleet.core import names
+from tunefleet.core.chat import renders_tool_calls
 from tunefleet.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -29,7 +30,6 @@ from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.changes import Change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
-from tunefleet.trainer.data import renders_tool_calls
 from tunefleet.training import jobs, store
 from tunefleet.training.launcher import JobLauncher
 from tunefleet.training.metrics import TrainingMetrics
@@ -47,6 +47,8 @@ USER_FIELDS = [
     "labels",
     "base_model",
     "method",
+    "objective",
+    "dpo",
     "lora",
     "hyperparameters",
     "train_dataset",
@@ -135,6 +137,13 @@ class TrainingManager:
                 setattr(job, field, value)
         checked = jobs.check(job, self.models, self.training)
         job.hyperparameters.CopyFrom(jobs.resolved_hyperparameters(checked))
+        job.objective = training_job_pb2.TrainingObjective.Value(
+            f"TRAINING_OBJECTIVE_{checked.objective.upper()}"
+        )
+        if checked.objective == "dpo":
+            job.dpo.beta = checked.dpo.beta
+        else:
+            job.ClearField("dpo")
         job.resource_estimate.CopyFrom(
             training_job_pb2.ResourceEstimate(
                 model_parameters=checked.estimate.model_parameters,
@@ -147,7 +156,7 @@ class TrainingManager:
         if job.validation_dataset:
             dataset_id(job.validation_dataset, "training_job.validation_dataset")
         names.adapter_id(job.adapter, "training_job.adapter")
-        data = await self._data(job)
+        data = await self._data(job, checked.objective)
         if validate_only:
             await self.registry.check_adapter(job.adapter, job.base_model)
             job.state = State.STATE_VALIDATING
@@ -200,12 +209,12 @@ class TrainingManager:
         self.scheduler.wake()
         return await asyncio.to_thread(self.get, name)
 
-    async def _data(self, job: TrainingJob) -> dict[str, Any]:
+    async def _data(self, job: TrainingJob, objective: str) -> dict[str, Any]:
         """Check the datasets a job names (on DatasetService); the data part of its trainer
         spec: the URIs of their records in the blob store."""
         datasets = self.datasets
         train = await datasets.dataset(job.train_dataset, "training_job.train_dataset")
-        _check_kind(train, "training_job.train_dataset")
+        _check_kind(train, "training_job.train_dataset", objective)
         await self._check_tool_calls(job, train, "training_job.train_dataset")
         if train.train_record_count == 0:
             raise InvalidArgument(
@@ -218,7 +227,7 @@ class TrainingManager:
             other = await datasets.dataset(
                 job.validation_dataset, "training_job.validation_dataset"
             )
-            _check_kind(other, "training_job.validation_dataset")
+            _check_kind(other, "training_job.validation_dataset", objective)
             await self._check_tool_calls(job, other, "training_job.validation_dataset")
             data["validation_data"] = {"uri": self.blobs.uri(other.content_sha256), "split": "all"}
         elif train.validation_record_count:
@@ -257,6 +266,8 @@ class TrainingManager:
             "base_model": job.base_model,
             "models": {name: str(path) for name, path in self.settings.models.items()},
             "method": checked.method,
+            "objective": checked.objective,
+            "dpo": checked.dpo.model_dump(mode="json"),
             "lora": checked.lora.model_dump(mode="json"),
             "hyperparameters": checked.hyperparameters.model_dump(mode="json"),
             **data,
@@ -320,14 +331,25 @@ class TrainingManager:
             return job
 
 
-def _check_kind(dataset: dataset_pb2.Dataset, field: str) -> None:
-    """Jobs train on conversations (SFT): preference data is refused, never read as SFT."""
-    if dataset.kind not in (dataset_pb2.DATASET_KIND_UNSPECIFIED, dataset_pb2.DATASET_KIND_SFT):
+def _check_kind(dataset: dataset_pb2.Dataset, field: str, objective: str) -> None:
+    """SFT trains on conversations and DPO on pairs: a dataset of another kind is refused,
+    never read as the objective's data."""
+    kind = dataset.kind
+    if objective == "dpo" and kind != dataset_pb2.DATASET_KIND_PREFERENCE:
         raise InvalidArgument(
             field,
-            f"{dataset.name} is a {dataset_pb2.DatasetKind.Name(dataset.kind)} dataset, and "
-            "training jobs train on conversations (SFT); upload the file again with options.kind "
-            "DATASET_KIND_SFT to train on its chosen (or desirable) answers",
+            f"{dataset.name} is a {dataset_pb2.DatasetKind.Name(kind)} dataset, and DPO trains "
+            "on pairs of a chosen and a rejected answer (DATASET_KIND_PREFERENCE)",
+            reason="DATASET_KIND_MISMATCH",
+        )
+    sft = (dataset_pb2.DATASET_KIND_UNSPECIFIED, dataset_pb2.DATASET_KIND_SFT)
+    if objective == "sft" and kind not in sft:
+        raise InvalidArgument(
+            field,
+            f"{dataset.name} is a {dataset_pb2.DatasetKind.Name(kind)} dataset, and SFT jobs "
+            "train on conversations: use objective DPO for preference pairs, or upload the file "
+            "again with options.kind DATASET_KIND_SFT to train on its chosen (or desirable) "
+            "answers",
             reason="DATASET_KIND_MISMATCH",
         )
 

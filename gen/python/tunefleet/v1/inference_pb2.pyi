@@ -35,6 +35,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """`max_tokens` was reached."""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
     """The request was cancelled."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 4
+    """The model called tools: see `tool_calls`."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """FinishReason is why generation stopped."""
@@ -47,6 +49,8 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """`max_tokens` was reached."""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 4
+"""The model called tools: see `tool_calls`."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -109,18 +113,28 @@ class ChatInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
-        """Required. The turns so far."""
+        """Required. The turns so far, with the assistant's earlier calls and the tools' answers."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tool]:
+        """Optional. Functions the model may call, shown to it by the base model's chat template. The
+        template must write calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+        (Hermes, Qwen 2.5/3, SmolLM3 and most open tool-use templates); others are refused
+        (FAILED_PRECONDITION, TOOLS_NOT_SUPPORTED) rather than answered with unparsed calls.
+        """
 
     def __init__(
         self,
         *,
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        tools: _abc.Iterable[_common_pb2.Tool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

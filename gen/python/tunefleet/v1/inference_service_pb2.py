@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from tunefleet.v1 import auth_pb2 as tunefleet_dot_v1_dot_auth__pb2
+from tunefleet.v1 import common_pb2 as tunefleet_dot_v1_dot_common__pb2
 from tunefleet.v1 import inference_pb2 as tunefleet_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tunefleet/v1/inference_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x1ctunefleet/v1/inference.proto\"\x96\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParamsB\x07\n\x05input\"G\n\x15StreamGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.tunefleet.v1.GenerateRequest\"\xa5\x01\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\"\xb1\x01\n\x16StreamGenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\"B\n\x19ListServedAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListServedAdaptersResponse\x12\x34\n\x0fserved_adapters\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.ServedAdapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"U\n\x15\x43reateFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"L\n\x13ListFeedbackRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x95\x05\n\x10InferenceService\x12O\n\x08Generate\x12\x1d.tunefleet.v1.GenerateRequest\x1a\x1e.tunefleet.v1.GenerateResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x0eStreamGenerate\x12#.tunefleet.v1.StreamGenerateRequest\x1a$.tunefleet.v1.StreamGenerateResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12m\n\x12ListServedAdapters\x12\'.tunefleet.v1.ListServedAdaptersRequest\x1a(.tunefleet.v1.ListServedAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12R\n\x0bLoadAdapter\x12 .tunefleet.v1.LoadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12V\n\rUnloadAdapter\x12\".tunefleet.v1.UnloadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12S\n\x0e\x43reateFeedback\x12#.tunefleet.v1.CreateFeedbackRequest\x1a\x16.tunefleet.v1.Feedback\"\x04\xe8\xe0\x18\x02\x12[\n\x0cListFeedback\x12!.tunefleet.v1.ListFeedbackRequest\x1a\".tunefleet.v1.ListFeedbackResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tunefleet/v1/inference_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x19tunefleet/v1/common.proto\x1a\x1ctunefleet/v1/inference.proto\"\x96\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParamsB\x07\n\x05input\"G\n\x15StreamGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.tunefleet.v1.GenerateRequest\"\xd1\x01\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\"\xdd\x01\n\x16StreamGenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\"B\n\x19ListServedAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListServedAdaptersResponse\x12\x34\n\x0fserved_adapters\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.ServedAdapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"U\n\x15\x43reateFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"L\n\x13ListFeedbackRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x95\x05\n\x10InferenceService\x12O\n\x08Generate\x12\x1d.tunefleet.v1.GenerateRequest\x1a\x1e.tunefleet.v1.GenerateResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x0eStreamGenerate\x12#.tunefleet.v1.StreamGenerateRequest\x1a$.tunefleet.v1.StreamGenerateResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12m\n\x12ListServedAdapters\x12\'.tunefleet.v1.ListServedAdaptersRequest\x1a(.tunefleet.v1.ListServedAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12R\n\x0bLoadAdapter\x12 .tunefleet.v1.LoadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12V\n\rUnloadAdapter\x12\".tunefleet.v1.UnloadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12S\n\x0e\x43reateFeedback\x12#.tunefleet.v1.CreateFeedbackRequest\x1a\x16.tunefleet.v1.Feedback\"\x04\xe8\xe0\x18\x02\x12[\n\x0cListFeedback\x12!.tunefleet.v1.ListFeedbackRequest\x1a\".tunefleet.v1.ListFeedbackResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,28 +48,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESERVICE'].methods_by_name['CreateFeedback']._serialized_options = b'\350\340\030\002'
   _globals['_INFERENCESERVICE'].methods_by_name['ListFeedback']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['ListFeedback']._serialized_options = b'\350\340\030\001'
-  _globals['_GENERATEREQUEST']._serialized_start=110
-  _globals['_GENERATEREQUEST']._serialized_end=260
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=262
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=333
-  _globals['_GENERATERESPONSE']._serialized_start=336
-  _globals['_GENERATERESPONSE']._serialized_end=501
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=504
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=681
-  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_start=683
-  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_end=749
-  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_start=751
-  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_end=858
-  _globals['_LOADADAPTERREQUEST']._serialized_start=860
-  _globals['_LOADADAPTERREQUEST']._serialized_end=910
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=912
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=951
-  _globals['_CREATEFEEDBACKREQUEST']._serialized_start=953
-  _globals['_CREATEFEEDBACKREQUEST']._serialized_end=1038
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1040
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1116
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1118
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1207
-  _globals['_INFERENCESERVICE']._serialized_start=1210
-  _globals['_INFERENCESERVICE']._serialized_end=1871
+  _globals['_GENERATEREQUEST']._serialized_start=137
+  _globals['_GENERATEREQUEST']._serialized_end=287
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=289
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=360
+  _globals['_GENERATERESPONSE']._serialized_start=363
+  _globals['_GENERATERESPONSE']._serialized_end=572
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=575
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=796
+  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_start=798
+  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_end=864
+  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_start=866
+  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_end=973
+  _globals['_LOADADAPTERREQUEST']._serialized_start=975
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1025
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1027
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1066
+  _globals['_CREATEFEEDBACKREQUEST']._serialized_start=1068
+  _globals['_CREATEFEEDBACKREQUEST']._serialized_end=1153
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1155
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1231
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1233
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1322
+  _globals['_INFERENCESERVICE']._serialized_start=1325
+  _globals['_INFERENCESERVICE']._serialized_end=1986
 # @@protoc_insertion_point(module_scope)

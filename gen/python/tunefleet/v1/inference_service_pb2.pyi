@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tunefleet.v1 import common_pb2 as _common_pb2
 from tunefleet.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
@@ -96,6 +97,7 @@ class GenerateResponse(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     response_id: _builtins.str
     """Unique id of the response, for feedback."""
     text: _builtins.str
@@ -110,6 +112,13 @@ class GenerateResponse(_message.Message):
     def usage(self) -> _inference_pb2.Usage:
         """Token counts."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
+        """The calls the model made, when the request offered tools and the model called them
+        (finish reason TOOL_CALLS); `text` is then what it wrote before its first call. Text whose
+        call markers do not read as calls of the offered tools is returned as it is, without calls.
+        """
+
     def __init__(
         self,
         *,
@@ -118,10 +127,11 @@ class GenerateResponse(_message.Message):
         adapter_version: _builtins.str = ...,
         finish_reason: _inference_pb2.FinishReason.ValueType = ...,
         usage: _inference_pb2.Usage | None = ...,
+        tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +150,7 @@ class StreamGenerateResponse(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     response_id: _builtins.str
     """Unique id of the response, for feedback."""
     text_delta: _builtins.str
@@ -152,6 +163,12 @@ class StreamGenerateResponse(_message.Message):
     def usage(self) -> _inference_pb2.Usage:
         """Set on the last message only."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
+        """Set on the last message only: the calls the model made (see GenerateResponse). The text
+        deltas before it carry the model's text as it was written, call markers included.
+        """
+
     def __init__(
         self,
         *,
@@ -160,10 +177,11 @@ class StreamGenerateResponse(_message.Message):
         adapter_version: _builtins.str = ...,
         finish_reason: _inference_pb2.FinishReason.ValueType = ...,
         usage: _inference_pb2.Usage | None = ...,
+        tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text_delta", b"text_delta", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text_delta", b"text_delta", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
