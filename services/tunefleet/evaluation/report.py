@@ -1,0 +1,185 @@
+"""From graded items to a report: per candidate and grader the mean and its interval, per
+candidate against the baseline the paired comparison on the items both were graded on, the
+pairwise judge's tally with its position bias, and the gate's verdict with its reasons.
+
+Faults are counted, never scored: an item a grader could not grade (or a judge reply that does
+not parse) is an error, and more errors than `max_error_rate` fail the evaluation naming the
+grader, the candidate and the count (a silent 0 would read as a wrong answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tunefleet.evaluation.statistics import (
+    Comparison,
+    Estimate,
+    mean_interval,
+    paired_binary,
+    paired_bootstrap,
+    wilson,
+)
+
+# One candidate's scores under one grader, item by item (None: the grader could not grade it).
+Scores = Sequence[float | None]
+
+
+class EvaluationFailed(Exception):
+    """The evaluation cannot be trusted (too many grader faults); the message says why."""
+
+
+@dataclass(frozen=True)
+class GraderSummary:
+    estimate: Estimate
+    errors: int
+    comparison: Comparison | None = None  # against the baseline; None for the baseline
+
+
+def summarise(
+    scores: Mapping[str, Mapping[str, Scores]],
+    binary: Mapping[str, bool],
+    baseline: str,
+    clusters: Sequence[str] | None = None,
+    max_error_rate: float = 0.02,
+) -> dict[str, dict[str, GraderSummary]]:
+    """`scores[candidate][grader]` item by item (the same items, in the same order, for every
+    candidate) -> summaries by candidate and grader."""
+    out: dict[str, dict[str, GraderSummary]] = {}
+    for candidate, by_grader in scores.items():
+        out[candidate] = {}
+        for name, values in by_grader.items():
+            errors = sum(1 for v in values if v is None)
+            if values and errors / len(values) > max_error_rate:
+                raise EvaluationFailed(
+                    f"grader {name} could not grade {errors} of {len(values)} items of "
+                    f"{candidate} (more than {max_error_rate:.0%})"
+                )
+            kept = [i for i, v in enumerate(values) if v is not None]
+            graded = [float(values[i]) for i in kept]  # type: ignore[arg-type]
+            if binary[name]:
+                estimate = wilson(sum(1 for v in graded if v >= 0.5), len(graded))
+            else:
+                where = [clusters[i] for i in kept] if clusters else None
+                estimate = mean_interval(graded, where)
+            comparison = None
+            if candidate != baseline:
+                comparison = _compare(scores[baseline][name], values, binary[name])
+            out[candidate][name] = GraderSummary(estimate, errors, comparison)
+    return out
+
+
+def _compare(baseline: Scores, candidate: Scores, binary: bool) -> Comparison:
+    """Paired on the items both were graded on."""
+    pairs = [
+        (float(b), float(c))
+        for b, c in zip(baseline, candidate, strict=True)
+        if b is not None and c is not None
+    ]
+    if binary:
+        return paired_binary([b >= 0.5 for b, _ in pairs], [c >= 0.5 for _, c in pairs])
+    return paired_bootstrap([b for b, _ in pairs], [c for _, c in pairs])
+
+
+@dataclass(frozen=True)
+class PairwiseTally:
+    """A pairwise judge's verdicts on candidate (A) against baseline (B), each item judged in
+    both orders; a win or a loss counts only when both orders agree."""
+
+    wins: int
+    losses: int
+    ties: int  # judged even, or the two orders disagreed
+    inconsistent: int  # the two orders disagreed (position bias)
+    errors: int  # a reply that named neither answer
+    win_rate: Estimate  # wins over the items judged, Wilson's interval
+
+    @property
+    def inconsistency_rate(self) -> float:
+        judged = self.wins + self.losses + self.ties
+        return self.inconsistent / judged if judged else 0.0
+
+
+def pairwise(
+    candidate_first: Sequence[str | None],
+    baseline_first: Sequence[str | None],
+    max_error_rate: float = 0.02,
+) -> PairwiseTally:
+    """Tally a judge's replies: `candidate_first[i]` names the better answer ("A", "B" or
+    "tie") with the candidate shown first, `baseline_first[i]` with the baseline first; None is
+    a reply that did not parse."""
+    wins = losses = ties = inconsistent = errors = 0
+    for first, second in zip(candidate_first, baseline_first, strict=True):
+        if first is None or second is None:
+            errors += 1
+            continue
+        # Who each order prefers: the candidate, the baseline, or neither.
+        one = {"A": "candidate", "B": "baseline"}.get(first, "tie")
+        two = {"A": "baseline", "B": "candidate"}.get(second, "tie")
+        if one == two == "candidate":
+            wins += 1
+        elif one == two == "baseline":
+            losses += 1
+        else:
+            ties += 1
+            inconsistent += one != two
+    total = len(candidate_first)
+    if total and errors / total > max_error_rate:
+        raise EvaluationFailed(
+            f"the pairwise judge's reply did not parse for {errors} of {total} items "
+            f"(more than {max_error_rate:.0%})"
+        )
+    judged = wins + losses + ties
+    return PairwiseTally(wins, losses, ties, inconsistent, errors, wilson(wins, judged))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a candidate may replace the baseline: on `metric` it must be significantly better
+    at `level` and by at least `min_improvement`; on `suites` (graders of general skills) at
+    most `max_regressions` may be significantly worse."""
+
+    metric: str
+    min_improvement: float = 0.0
+    suites: tuple[str, ...] = ()
+    max_regressions: int = 0
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
+    """The gate on one candidate's summaries (compared with the baseline)."""
+    reasons = []
+    found = summary.get(gate.metric)
+    if found is None or found.comparison is None:
+        return GateVerdict(False, [f"{gate.metric}: not measured against the baseline"])
+    comparison = found.comparison
+    if comparison.verdict != "better":
+        reasons.append(
+            f"{gate.metric}: {comparison.verdict} than the baseline "
+            f"({comparison.difference:+.3f}, 95% CI {comparison.low:+.3f} to "
+            f"{comparison.high:+.3f}, p={comparison.p_value:.3g})"
+        )
+    elif comparison.difference < gate.min_improvement:
+        reasons.append(
+            f"{gate.metric}: improves by {comparison.difference:+.3f}, less than the "
+            f"{gate.min_improvement:+.3f} asked"
+        )
+    worse = [
+        name
+        for name in gate.suites
+        if (s := summary.get(name)) is not None
+        and s.comparison is not None
+        and s.comparison.verdict == "worse"
+    ]
+    missing = [name for name in gate.suites if name not in summary]
+    if missing:
+        reasons.append(f"suites not measured: {', '.join(missing)}")
+    if len(worse) > gate.max_regressions:
+        reasons.append(
+            f"regressions on {', '.join(worse)} (at most {gate.max_regressions} allowed)"
+        )
+    return GateVerdict(not reasons, reasons)
