@@ -1,0 +1,129 @@
+"""An evaluation run over gRPC on the embedded platform: the validation items of a dataset read
+through DatasetService, answered through InferenceService by the base model, a prompting
+baseline, a trained adapter and an untrained one, graded and judged against the base model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import LINEAR_LAYERS, conversation
+from tests.training.conftest import Platform
+from tunefleet.evaluation.graders import grader
+from tunefleet.evaluation.report import EvaluationFailed, Gate
+from tunefleet.evaluation.runner import Candidate, DatasetReader, Generator, run
+from tunefleet.v1 import (
+    adapter_pb2,
+    adapter_service_pb2,
+    common_pb2,
+    dataset_pb2,
+    inference_pb2,
+    training_job_pb2,
+)
+
+MakePlatform = Any
+pytestmark = pytest.mark.timeout(600)
+GREEDY = inference_pb2.SamplingParams(max_tokens=20, temperature=0.0)
+
+
+async def upload_version(platform: Platform, adapter: str, directory: Path) -> str:
+    await platform.adapters.CreateAdapter(
+        adapter_service_pb2.CreateAdapterRequest(
+            adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="colours")
+        )
+    )
+
+    files = {path.name: path.read_bytes() for path in sorted(directory.iterdir())}  # noqa: ASYNC240
+
+    async def requests() -> Any:
+        request = adapter_service_pb2.UploadAdapterVersionRequest
+        yield request(header=request.Header(parent=f"adapters/{adapter}"))
+        for name, data in files.items():
+            yield request(file=adapter_pb2.AdapterFile(path=name, size_bytes=len(data)))
+            yield request(chunk=data)
+        yield request(finish_write=True)
+
+    return str((await platform.adapters.UploadAdapterVersion(requests())).name)
+
+
+def untrained_lora(chat_model: Path, directory: Path) -> Path:
+    """A LoRA adapter with random weights, never trained on the task. (A zero one, as PEFT
+    initialises it, cannot be registered: the registry refuses adapters that change nothing.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(directory))
+    return directory
+
+
+async def test_base_prompting_baseline_trained_and_untrained_adapters_judged(
+    make_platform: MakePlatform, chat_model: Path, tmp_path: Path
+) -> None:
+    platform = await make_platform(inference={"base_model": "colours", "max_loaded_adapters": 2})
+    dataset = await platform.upload()
+    job = await platform.create(
+        dataset.name,
+        lora={"rank": 16, "target_modules": [*LINEAR_LAYERS, "lm_head"]},
+        hyperparameters={"max_steps": 300, "epochs": 100, "eval_every_steps": 300},
+    )
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
+    assert job.state == training_job_pb2.TrainingJob.State.STATE_SUCCEEDED, job.error
+    untrained = await upload_version(
+        platform, "untrained", untrained_lora(chat_model, tmp_path / "untrained")
+    )
+
+    assert platform.server is not None
+    address = f"127.0.0.1:{platform.server.port}"
+    reader, generator = DatasetReader(address), Generator(address)
+    items = await reader.items(dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION)
+    assert len(items) == dataset.validation_record_count > 0
+    assert items[0].reference.startswith("Colour: ") and items[0].messages[-1].role == "user"
+    example = conversation("cat", "red")[1:]  # the user's turn and the answer
+    few_shot = tuple(common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in example)
+    candidates = [
+        Candidate("base"),
+        Candidate("prompted", system_prompt="Say: Colour: red. Done.", few_shot=few_shot),
+        Candidate("adapter", adapter=job.output_adapter_version),
+        Candidate("untrained", adapter=untrained),
+    ]
+    graders = [grader("exact_match"), grader("token_f1"), grader("rouge_l")]
+    gate = Gate("exact_match", min_improvement=0.3)
+    outcome = await run(items, candidates, graders, generator, GREEDY, "base", gate)
+    await asyncio.gather(reader.close(), generator.close())
+
+    summary = outcome.summary
+    assert summary["base"]["exact_match"].estimate.mean == 0.0
+    adapter = summary["adapter"]["exact_match"]
+    assert adapter.estimate.mean >= 0.8, adapter
+    assert adapter.comparison is not None and adapter.comparison.verdict == "better"
+    assert outcome.gates["adapter"].passed
+    untrained_gate = outcome.gates["untrained"]
+    assert not untrained_gate.passed
+    assert untrained_gate.reasons[0].startswith("exact_match: no significant difference")
+    assert not outcome.gates["prompted"].passed  # a random model does not follow prompts
+    outputs = {(r.candidate, r.index): r.output for r in outcome.items}
+    assert any(outputs[("untrained", i)] != outputs[("base", i)] for i in range(len(items)))
+    assert summary["adapter"]["rouge_l"].estimate.mean > summary["base"]["rouge_l"].estimate.mean
+    rouge = summary["adapter"]["rouge_l"].comparison
+    assert rouge is not None and rouge.test == "paired-bootstrap" and rouge.verdict == "better"
+
+
+async def test_generation_failures_fail_the_run_loudly(make_platform: MakePlatform) -> None:
+    platform = await make_platform(inference={"base_model": "colours"})
+    dataset = await platform.upload()
+    assert platform.server is not None
+    address = f"127.0.0.1:{platform.server.port}"
+    reader, generator = DatasetReader(address), Generator(address)
+    items = await reader.items(dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION, limit=5)
+    assert len(items) == 5
+    candidates = [Candidate("base"), Candidate("missing", adapter="adapters/missing@prod")]
+    with pytest.raises(EvaluationFailed, match="could not grade 5 of 5 items of missing"):
+        await run(items, candidates, [grader("exact_match")], generator, GREEDY, "base")
+    await asyncio.gather(reader.close(), generator.close())
