@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.deploy.nginx import running_gateway
+from tunefleet.app.services import SERVICES
 from tunefleet.client import Client
 from tunefleet.demo.server import LocalServer
 
@@ -74,7 +75,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="tunefleet-bench-gateway-"))
     with LocalServer(work / "data") as server:
-        routes = dict.fromkeys(("datasets", "training", "adapters", "inference"), server.target)
+        routes = dict.fromkeys(SERVICES, server.target)
         with (
             running_gateway(work / "nginx", routes) as address,
             Client(server.target) as direct,

@@ -45,6 +45,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServ
                 "auth": {"enabled": True, "tokens_file": str(tokens)},
             },
             "training": {"worker_registry_token": TOKENS["writer"]},
+            "evaluation": {"service_token": TOKENS["reader"]},
         },
         credentials=grpc.ssl_channel_credentials(ca.pair.cert.read_bytes()),
     )

@@ -18,6 +18,7 @@ from tests.helpers import require_tool
 from tunefleet import demo
 from tunefleet.client import Client, FailedPrecondition, NotFound
 from tunefleet.demo.server import LocalServer
+from tunefleet.v1 import evaluation_service_pb2, evaluation_service_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         # as the dev overlay sets them
         "registry_endpoint": adapters.target,
         "datasets_endpoint": datasets.target,
+    }
+    servers[list(SERVICES).index("evaluation")].settings["evaluation"] = {
+        "datasets_endpoint": datasets.target,
+        "inference_endpoint": servers[list(SERVICES).index("inference")].target,
     }
     for server in servers:
         server.start()
@@ -57,7 +62,7 @@ def test_each_service_is_reached_through_the_one_address(gateway: str) -> None:
         assert client.datasets.get(dataset.name).name == dataset.name
         # A server stream.
         assert len(list(client.datasets.preview(dataset.name, limit=5))) == 5
-        # The other three answer too; a call routed to the wrong process would be UNIMPLEMENTED.
+        # The others answer too; a call routed to the wrong process would be UNIMPLEMENTED.
         assert list(client.training_jobs.list()) == []
         assert list(client.adapters.list()) == []
         with pytest.raises(NotFound) as missing:
@@ -65,6 +70,12 @@ def test_each_service_is_reached_through_the_one_address(gateway: str) -> None:
         assert missing.value.reason  # error details (ErrorInfo) come through
         with pytest.raises(FailedPrecondition):  # no base model in this deployment
             client.inference.generate(adapter="", prompt="hello")
+    with grpc.insecure_channel(gateway) as channel:
+        evaluations = evaluation_service_pb2_grpc.EvaluationServiceStub(channel)
+        listed = evaluations.ListEvaluationJobs(
+            evaluation_service_pb2.ListEvaluationJobsRequest(), timeout=30
+        )
+        assert list(listed.evaluation_jobs) == []
 
 
 def test_calls_for_anything_else_are_unimplemented(gateway: str) -> None:

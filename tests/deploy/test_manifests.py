@@ -24,6 +24,7 @@ SERVICES = {
     "training": "TrainingService",
     "adapters": "AdapterService",
     "inference": "InferenceService",
+    "evaluation": "EvaluationService",
 }
 
 
@@ -116,6 +117,11 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     env = {e["name"]: e for e in inference["env"]}
     assert env["TUNEFLEET_INFERENCE__REGISTRY_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "tunefleet-tokens", "key": "inference-registry-token"}
+    }
+    (evaluation,) = deployments["tunefleet-evaluation"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in evaluation["env"]}
+    assert env["TUNEFLEET_EVALUATION__SERVICE_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tunefleet-tokens", "key": "evaluation-service-token"}
     }
     accounts = by_kind(documents, "ServiceAccount")
     assert accounts["tunefleet"]["automountServiceAccountToken"] is False

@@ -1,13 +1,15 @@
-"""The cluster shape with a database per service: four `tunefleet serve <service>` processes, each
-with its own database (SQLite files; and PostgreSQL databases), behind the gateway's nginx, run
-the demo tour (upload, train twice, register, move `prod`, served without a restart, feedback).
-Afterwards each database holds rows of its own service's tables only: everything else went
-through the other services' RPCs."""
+"""The cluster shape with a database per service: a `tunefleet serve <service>` process per
+service, each with its own database (SQLite files; and PostgreSQL databases), behind the gateway's
+nginx, run the demo tour (upload, train twice, register, move `prod`, served without a restart,
+feedback) and then an evaluation of the served adapter against the base model. Afterwards each
+database holds rows of its own service's tables only: everything else went through the other
+services' RPCs."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from tests.deploy.nginx import running_gateway
 from tests.deploy.test_manifests import SERVICES
 from tests.helpers import require_tool
 from tests.storage.conftest import postgres_server  # noqa: F401 (a fixture)
+from tunefleet.client import Client
 from tunefleet.demo import tour
 from tunefleet.demo.server import LocalServer
 
@@ -39,6 +42,7 @@ OWN_TABLES = {
         "adapter_alias_moves",
     },
     "inference": {"inference_responses", "feedback"},
+    "evaluation": {"evaluation_jobs", "evaluation_items"},
 }
 SHARED_TABLES = {"changes", "change_counters", "idempotency_keys", "alembic_version"}
 
@@ -73,7 +77,46 @@ def rows_by_table(url: str) -> dict[str, int]:
         engine.dispose()
 
 
-def test_the_demo_tour_runs_on_four_services_with_four_databases(
+def evaluate_through(gateway: str) -> None:
+    """The tour's served adapter against the base model on three of its dataset's items."""
+    import grpc
+
+    from tunefleet.v1 import (
+        evaluation_pb2,
+        evaluation_service_pb2,
+        evaluation_service_pb2_grpc,
+        inference_pb2,
+    )
+
+    with Client(gateway) as client, grpc.insecure_channel(gateway) as channel:
+        dataset = next(d for d in client.datasets.list() if d.display_name == "orders")
+        evaluations = evaluation_service_pb2_grpc.EvaluationServiceStub(channel)
+        job = evaluation_pb2.EvaluationJob(
+            candidates=[
+                evaluation_pb2.EvaluationCandidate(name="base"),
+                evaluation_pb2.EvaluationCandidate(name="tuned", adapter=f"{tour.ADAPTER}@prod"),
+            ],
+            dataset=dataset.name,
+            max_items=3,
+            sampling=inference_pb2.SamplingParams(max_tokens=16),
+            graders=[evaluation_pb2.EvaluationGrader(type="rouge_l")],
+        )
+        created = evaluations.CreateEvaluationJob(
+            evaluation_service_pb2.CreateEvaluationJobRequest(evaluation_job=job), timeout=60
+        )
+        state = evaluation_pb2.EvaluationJob.State
+        deadline = time.monotonic() + 600
+        while (found := evaluations.GetEvaluationJob(
+            evaluation_service_pb2.GetEvaluationJobRequest(name=created.name), timeout=30
+        )).state not in (state.STATE_SUCCEEDED, state.STATE_FAILED):  # fmt: skip
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+        assert found.state == state.STATE_SUCCEEDED, found.error_message
+        assert [r.candidate for r in found.results] == ["base", "tuned"]
+        assert all(r.scores[0].count == 3 for r in found.results)
+
+
+def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_each(
     tmp_path: Path, database_urls: dict[str, str]
 ) -> None:
     require_tool("nginx", "Debian package nginx")
@@ -96,6 +139,10 @@ def test_the_demo_tour_runs_on_four_services_with_four_databases(
         **tour.server_settings(tour.QUICK, model)["inference"],
         "registry_endpoint": servers["adapters"].target,
     }
+    servers["evaluation"].settings["evaluation"] = {
+        "datasets_endpoint": servers["datasets"].target,
+        "inference_endpoint": servers["inference"].target,
+    }
     try:
         for server in servers.values():
             server.start(timeout=300)
@@ -117,8 +164,9 @@ def test_the_demo_tour_runs_on_four_services_with_four_databases(
                 timeout=1200,
                 check=False,
             )
-        assert result.returncode == 0, result.stdout + result.stderr
-        check_tour(result.stdout)
+            assert result.returncode == 0, result.stdout + result.stderr
+            check_tour(result.stdout)
+            evaluate_through(gateway)
     finally:
         for server in servers.values():
             server.stop()

@@ -45,6 +45,7 @@ def service_methods() -> list[MethodDescriptor]:
     from tunefleet.v1 import (
         adapter_service_pb2,
         dataset_service_pb2,
+        evaluation_service_pb2,
         inference_service_pb2,
         training_service_pb2,
     )
@@ -54,6 +55,7 @@ def service_methods() -> list[MethodDescriptor]:
         training_service_pb2,
         adapter_service_pb2,
         inference_service_pb2,
+        evaluation_service_pb2,
     )
     return [
         method
@@ -257,7 +259,7 @@ def on_postgres(
 
 
 def test_the_fuzzing_covers_every_rpc_and_enough_requests() -> None:
-    assert len(METHODS) == 39
+    assert len(METHODS) == 44
     assert len(METHODS) * DEFAULT_EXAMPLES >= 2000
     assert len(METHODS) * max(DEFAULT_EXAMPLES // 4, 14) >= 500
 

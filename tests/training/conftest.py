@@ -1,6 +1,7 @@
-"""An embedded platform for TrainingService tests: datasets, adapters and training on one real
-gRPC server, sharing one SQLite database and blob directory, with the tiny chat model of the
-trainer tests as a known base model."""
+"""An embedded platform for TrainingService and EvaluationService tests: datasets, adapters,
+training and evaluation (and inference, given a base model) on one real gRPC server, sharing one
+SQLite database and blob directory, with the tiny chat model of the trainer tests as a known base
+model."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tunefleet.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
+    evaluation_service_pb2_grpc,
     inference_service_pb2_grpc,
     training_job_pb2,
     training_service_pb2,
@@ -123,6 +125,7 @@ class Platform:
         ]
         if self.settings.inference.base_model:
             services.append(inference_service(context))
+        services.append(registration("evaluation", context))
         self.server = await self.start_server(services, port=port)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         return self
@@ -145,6 +148,10 @@ class Platform:
     @property
     def inference(self) -> Any:
         return inference_service_pb2_grpc.InferenceServiceStub(self._channel)
+
+    @property
+    def evaluation(self) -> Any:
+        return evaluation_service_pb2_grpc.EvaluationServiceStub(self._channel)
 
     @property
     def datasets(self) -> DatasetServiceAsyncStub:

@@ -13,7 +13,7 @@ from tunefleet.cli.generate import feedback, generate
 from tunefleet.cli.jobs import jobs
 from tunefleet.cli.output import Settings
 
-SERVICE_KEYS = ("datasets", "training", "adapters", "inference")
+SERVICE_KEYS = ("datasets", "training", "adapters", "inference", "evaluation")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +85,7 @@ cli.add_command(feedback)
 def serve(services: tuple[str, ...], config_file: Path | None, exit_with_parent: bool) -> None:
     """Run tunefleet services until SIGTERM.
 
-    With no SERVICES, all four run in one process on one port (the embedded shape); otherwise
+    With no SERVICES, all of them run in one process on one port (the embedded shape); otherwise
     only those named (the cluster shape, one service per process).
     """
     try:

@@ -1,4 +1,4 @@
-"""The catalogue of tunefleet's four services and how each is put on a server."""
+"""The catalogue of tunefleet's services and how each is put on a server."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the services' modules load only when their service is put o
 from tunefleet.v1 import (
     adapter_service_pb2,
     dataset_service_pb2,
+    evaluation_service_pb2,
     inference_service_pb2,
     training_service_pb2,
 )
@@ -258,6 +259,40 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
     )
 
 
+def _evaluation(context: ServiceContext) -> ServiceRegistration:
+    from tunefleet.evaluation.manager import EvaluationManager
+    from tunefleet.evaluation.servicer import EvaluationServicer
+    from tunefleet.v1 import evaluation_service_pb2_grpc
+
+    settings, options = context.settings, context.settings.evaluation
+    remote = set(context.services and {"datasets", "inference"} - set(context.services))
+    for key, endpoint in (("datasets", "datasets_endpoint"), ("inference", "inference_endpoint")):
+        if key in remote and not getattr(options, endpoint):
+            raise SettingsError(
+                f"evaluation.{endpoint}: must name the {key} Service (or the gateway) when this "
+                f"process does not serve {key}"
+            )
+    if settings.server.auth.enabled and not options.service_token:
+        raise SettingsError(
+            "evaluation.service_token: required when server.auth is enabled: EvaluationService "
+            "reads datasets and asks InferenceService with it (a reader token)"
+        )
+    manager = EvaluationManager(context.storage.database_for("evaluation"), options)
+    servicer = EvaluationServicer(manager)
+
+    async def start(server: TunefleetServer) -> None:
+        await manager.start(server.own_address)
+
+    return ServiceRegistration(
+        "tunefleet.v1.EvaluationService",
+        lambda server: evaluation_service_pb2_grpc.add_EvaluationServiceServicer_to_server(
+            servicer, server
+        ),
+        on_start=start,
+        on_stop=manager.stop,
+    )
+
+
 SERVICES: dict[str, ServiceSpec] = {
     spec.key: spec
     for spec in (
@@ -281,10 +316,16 @@ SERVICES: dict[str, ServiceSpec] = {
             inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
             inference_service,
         ),
+        ServiceSpec(
+            "evaluation",
+            evaluation_service_pb2.DESCRIPTOR.services_by_name["EvaluationService"],
+            _evaluation,
+        ),
     )
 }
 
 
 def registration(key: str, context: ServiceContext) -> ServiceRegistration:
-    """How to put service `key` (datasets, training, adapters, inference) on a server."""
+    """How to put service `key` (datasets, training, adapters, inference, evaluation) on a
+    server."""
     return SERVICES[key].build(context)

@@ -15,13 +15,13 @@ and failing the run above `max_error_rate`, never scored as a wrong answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from tunefleet.core.errors import relayed
+from tunefleet.core.errors import InvalidArgument, NotFound, relayed
 from tunefleet.evaluation.graders import Grader, GraderError, Item
 from tunefleet.evaluation.report import (
     EvaluationFailed,
@@ -78,6 +78,16 @@ class Outcome:
 class DatasetReader(Peer):
     stub_class = dataset_service_pb2_grpc.DatasetServiceStub
     service = "DatasetService"
+
+    async def dataset(self, name: str, field: str) -> dataset_pb2.Dataset:
+        """The dataset `name`; INVALID_ARGUMENT naming `field` when there is none."""
+        try:
+            found: dataset_pb2.Dataset = await self.call(
+                "GetDataset", dataset_service_pb2.GetDatasetRequest(name=name)
+            )
+        except NotFound:
+            raise InvalidArgument(field, f"{name} does not exist") from None
+        return found
 
     async def items(
         self, dataset: str, split: dataset_pb2.DatasetSplit.ValueType, limit: int = 0
@@ -155,21 +165,27 @@ async def run(
     gate: Gate | None = None,
     concurrency: int = 8,
     max_error_rate: float = 0.02,
+    known: Mapping[tuple[str, int], str] | None = None,
+    record: Callable[[ItemResult], Awaitable[None]] | None = None,
 ) -> Outcome:
     """Answer every item with every candidate (at most `concurrency` requests at once), grade,
-    and summarise against `baseline`; EvaluationFailed when faults pass `max_error_rate`."""
+    and summarise against `baseline`; EvaluationFailed when faults pass `max_error_rate`.
+    `known` answers (by candidate and item, from an interrupted run) are graded, not asked for
+    again; `record` is called with each result as it is graded."""
     names = [c.name for c in candidates]
     if baseline not in names:
         raise ValueError(f"the baseline {baseline!r} is not a candidate")
     limit = asyncio.Semaphore(concurrency)
 
     async def one(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
-        async with limit:
-            try:
-                output: str | None = await generator.answer(candidate, item, sampling)
-            except grpc.aio.AioRpcError as error:
-                output = None
-                failure = f"{error.code().name}: {error.details()}"
+        output = (known or {}).get((candidate.name, index))
+        failure = ""
+        if output is None:
+            async with limit:
+                try:
+                    output = await generator.answer(candidate, item, sampling)
+                except grpc.aio.AioRpcError as error:
+                    failure = f"{error.code().name}: {error.details()}"
         result = ItemResult(index, candidate.name, output)
         for grader in graders:
             if output is None:
@@ -181,6 +197,8 @@ async def run(
             except GraderError as error:
                 result.scores[grader.name] = None
                 result.errors[grader.name] = str(error)
+        if record is not None:
+            await record(result)
         return result
 
     results = await asyncio.gather(
@@ -194,7 +212,12 @@ async def run(
             scores[result.candidate][name][result.index] = value
     clusters = [item.cluster for item in items] if any(i.cluster for i in items) else None
     binary = {g.name: g.binary for g in graders}
-    summary = summarise(scores, binary, baseline, clusters, max_error_rate)
+    try:
+        summary = summarise(scores, binary, baseline, clusters, max_error_rate)
+    except EvaluationFailed as error:
+        first = next(r for r in results if r.errors)  # a fault, for the reader to start from
+        why = next(iter(first.errors.values()))
+        raise EvaluationFailed(f"{error}; item {first.index} of {first.candidate}: {why}") from None
     gates = {name: judge_gate(gate, summary[name]) for name in names if gate and name != baseline}
     return Outcome(list(results), summary, gates)
 

@@ -158,7 +158,7 @@ class S3Settings(_Section):
     region: str | None = None
 
 
-ServiceKey = Literal["datasets", "training", "adapters", "inference"]
+ServiceKey = Literal["datasets", "training", "adapters", "inference", "evaluation"]
 
 
 class StorageSettings(_Section):
@@ -285,6 +285,22 @@ class TrainingSettings(_Section):
     kubernetes: KubernetesSettings = KubernetesSettings()
 
 
+class EvaluationSettings(_Section):
+    """EvaluationService: where it reads items and has candidates answer them."""
+
+    # gRPC address of the DatasetService items are read from; empty: this server's own address
+    # (the embedded shape).
+    datasets_endpoint: str = ""
+    # gRPC address of the InferenceService candidates answer through; empty: this server's own.
+    inference_endpoint: str = ""
+    # EvaluationService's token for both (a reader token) when authentication is on.
+    service_token: str = ""
+    # Generate requests in flight at once per job.
+    concurrency: int = Field(default=8, ge=1, le=256)
+    # Jobs run at once; more wait in the queue, oldest first.
+    max_running_jobs: int = Field(default=2, ge=1)
+
+
 class VllmSettings(_Section):
     """The vLLM engine's LoRA limits (see vLLM's engine arguments of the same names)."""
 
@@ -351,6 +367,7 @@ class Settings(BaseSettings):
     adapters: AdapterSettings = AdapterSettings()
     training: TrainingSettings = TrainingSettings()
     inference: InferenceSettings = InferenceSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def _pods_reach_blobs(self) -> Settings:

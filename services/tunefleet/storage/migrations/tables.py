@@ -12,6 +12,7 @@ MODULES = (
     "tunefleet.adapters.store",
     "tunefleet.training.store",
     "tunefleet.inference.feedback",
+    "tunefleet.evaluation.store",
 )
 
 

@@ -1,0 +1,432 @@
+"""EvaluationService's requests: jobs are checked, stored, run in the background (at most
+`evaluation.max_running_jobs` at once, oldest first) and followed. Answers are stored as they
+come, so a restarted service resumes a job without asking again for what it has."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+import grpc
+from sqlalchemy.orm import Session
+
+from tunefleet.core.errors import FailedPrecondition, InvalidArgument, TunefleetError
+from tunefleet.core.names import dataset_id
+from tunefleet.core.protos import timestamp
+from tunefleet.evaluation import graders as grading
+from tunefleet.evaluation import store
+from tunefleet.evaluation.report import EvaluationFailed, Gate, GraderSummary
+from tunefleet.evaluation.runner import Candidate, DatasetReader, Generator, ItemResult, run
+from tunefleet.evaluation.statistics import Comparison
+from tunefleet.runtime.settings import EvaluationSettings
+from tunefleet.storage import idempotency
+from tunefleet.storage.database import Database, utcnow
+from tunefleet.storage.pagination import Page
+from tunefleet.v1 import dataset_pb2, evaluation_pb2
+
+EvaluationJob = evaluation_pb2.EvaluationJob
+State = EvaluationJob.State
+log = logging.getLogger(__name__)
+FIELD = "evaluation_job"
+NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_ITEMS = 10_000
+VERDICTS = {
+    "better": evaluation_pb2.EVALUATION_VERDICT_BETTER,
+    "worse": evaluation_pb2.EVALUATION_VERDICT_WORSE,
+    "no significant difference": evaluation_pb2.EVALUATION_VERDICT_NO_SIGNIFICANT_DIFFERENCE,
+}
+
+
+def check(job: evaluation_pb2.EvaluationJob) -> None:
+    """Every check that needs no other service; defaults filled in."""
+    if not 1 <= len(job.candidates) <= 16:
+        raise InvalidArgument(f"{FIELD}.candidates", "1 to 16 candidates are required")
+    names: set[str] = set()
+    for index, candidate in enumerate(job.candidates):
+        where = f"{FIELD}.candidates[{index}]"
+        if not NAME.fullmatch(candidate.name):
+            raise InvalidArgument(f"{where}.name", "must be 1 to 63 of [a-z0-9-]")
+        if candidate.name in names:
+            raise InvalidArgument(f"{where}.name", f"{candidate.name!r} is named twice")
+        names.add(candidate.name)
+        if candidate.adapter and not candidate.adapter.startswith("adapters/"):
+            raise InvalidArgument(
+                f"{where}.adapter",
+                "must be adapters/{adapter}@{alias} or adapters/{adapter}/versions/{n}",
+            )
+    job.baseline = job.baseline or job.candidates[0].name
+    if job.baseline not in names:
+        raise InvalidArgument(f"{FIELD}.baseline", f"{job.baseline!r} is not a candidate")
+    if not job.dataset:
+        raise InvalidArgument(f"{FIELD}.dataset", "is required")
+    dataset_id(job.dataset, f"{FIELD}.dataset")
+    if job.split == dataset_pb2.DATASET_SPLIT_UNSPECIFIED:
+        job.split = dataset_pb2.DATASET_SPLIT_VALIDATION
+    if not 0 <= job.max_items <= MAX_ITEMS:
+        raise InvalidArgument(f"{FIELD}.max_items", f"must be 0 to {MAX_ITEMS}")
+    sampling = job.sampling
+    sampling.max_tokens = sampling.max_tokens or 256
+    if sampling.max_tokens < 0:
+        raise InvalidArgument(f"{FIELD}.sampling.max_tokens", "must not be negative")
+    if sampling.HasField("temperature") and not 0 <= sampling.temperature <= 2:
+        raise InvalidArgument(f"{FIELD}.sampling.temperature", "must be 0 to 2")
+    if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
+        raise InvalidArgument(f"{FIELD}.sampling.top_p", "must be in (0, 1]")
+    graded = {grader.name for grader in build_graders(job)}
+    if job.HasField("gate"):
+        if job.gate.metric not in graded:
+            raise InvalidArgument(f"{FIELD}.gate.metric", f"{job.gate.metric!r} is not a grader")
+        for name in job.gate.regression_graders:
+            if name not in graded:
+                raise InvalidArgument(
+                    f"{FIELD}.gate.regression_graders", f"{name!r} is not a grader"
+                )
+        if job.gate.max_regressions < 0:
+            raise InvalidArgument(f"{FIELD}.gate.max_regressions", "must not be negative")
+    if not job.HasField("max_error_rate"):
+        job.max_error_rate = 0.02
+    if not 0 <= job.max_error_rate <= 1:
+        raise InvalidArgument(f"{FIELD}.max_error_rate", "must be 0 to 1")
+
+
+def build_graders(job: evaluation_pb2.EvaluationJob) -> list[grading.Grader]:
+    if not 1 <= len(job.graders) <= 16:
+        raise InvalidArgument(f"{FIELD}.graders", "1 to 16 graders are required")
+    built, names = [], set()
+    for index, config in enumerate(job.graders):
+        where = f"{FIELD}.graders[{index}]"
+        name = config.name or config.type
+        if name in names:
+            raise InvalidArgument(f"{where}.name", f"{name!r} is named twice")
+        names.add(name)
+        options: dict[str, Any] = {}
+        if config.type == "string_check":
+            options = {"operation": config.operation, "value": config.value}
+            if config.operation == "regex" and config.value:
+                try:
+                    re.compile(config.value)
+                except re.error as error:
+                    message = f"not a regular expression: {error}"
+                    raise InvalidArgument(f"{where}.value", message) from None
+        elif config.type == "json_schema":
+            try:
+                options = {"schema": json.loads(config.json_schema)}
+            except ValueError:
+                raise InvalidArgument(f"{where}.json_schema", "is not JSON") from None
+            if not isinstance(options["schema"], dict):
+                raise InvalidArgument(f"{where}.json_schema", "must be a JSON object")
+        try:
+            grader = grading.grader(config.type, **options)
+        except ValueError as error:
+            field = "operation" if config.type == "string_check" else "type"
+            raise InvalidArgument(f"{where}.{field}", str(error)) from None
+        except Exception as error:  # the schema library's own refusal
+            raise InvalidArgument(f"{where}.json_schema", f"not a valid schema: {error}") from None
+        built.append(grading.Grader(name, grader.binary, grader.score, grader.options))
+    return built
+
+
+class EvaluationManager:
+    def __init__(self, db: Database, settings: EvaluationSettings) -> None:
+        self.db, self.settings = db, settings
+        self.datasets = DatasetReader(settings.datasets_endpoint, settings.service_token)
+        self.generator = Generator(settings.inference_endpoint, settings.service_token)
+        self.generator.attempts = 3
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(settings.max_running_jobs)
+
+    async def start(self, server_address: str) -> None:
+        """Resume the jobs a previous process left queued or running."""
+        self.datasets.endpoint = self.datasets.endpoint or server_address
+        self.generator.endpoint = self.generator.endpoint or server_address
+        with self.db.read() as session:
+            waiting = [row.id for row in store.unfinished(session)]
+        for job in waiting:
+            self._spawn(job)
+
+    async def stop(self) -> None:
+        """Jobs stop where they are (a restarted service resumes them)."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for task in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.datasets.close()
+        await self.generator.close()
+
+    async def create(
+        self, requested: evaluation_pb2.EvaluationJob, request_id: str, validate_only: bool
+    ) -> evaluation_pb2.EvaluationJob:
+        job = EvaluationJob(
+            display_name=requested.display_name,
+            candidates=requested.candidates,
+            baseline=requested.baseline,
+            dataset=requested.dataset,
+            split=requested.split,
+            max_items=requested.max_items,
+            sampling=requested.sampling,
+            graders=requested.graders,
+        )  # the fields a request sets; output-only ones are ignored
+        if requested.HasField("gate"):
+            job.gate.CopyFrom(requested.gate)
+        if requested.HasField("max_error_rate"):
+            job.max_error_rate = requested.max_error_rate
+        check(job)
+        await self.datasets.dataset(job.dataset, f"{FIELD}.dataset")
+        if validate_only:
+            job.state = State.STATE_QUEUED
+            return job
+        fingerprint = hashlib.sha256(requested.SerializeToString(deterministic=True)).hexdigest()
+
+        def insert(session: Session) -> str:
+            identifier = uuid.uuid4().hex[:20]
+            now = utcnow()
+            job.name = f"evaluationJobs/{identifier}"
+            job.state = State.STATE_QUEUED
+            job.create_time.CopyFrom(timestamp(now))
+            row = store.JobRow(id=identifier, create_time=now)
+            row.store(job)
+            session.add(row)
+            return job.name
+
+        name, created = await asyncio.to_thread(
+            idempotency.create_once,
+            self.db,
+            scope="CreateEvaluationJob",
+            request_id=request_id,
+            request_sha256=fingerprint,
+            create=insert,
+        )
+        if created:
+            self._spawn(store.job_id(name))
+        return await asyncio.to_thread(self.get, name)
+
+    def get(self, name: str) -> evaluation_pb2.EvaluationJob:
+        with self.db.read() as session:
+            return store.get(session, store.job_id(name)).job()
+
+    def list_jobs(self, page_size: int, page_token: str) -> Page[evaluation_pb2.EvaluationJob]:
+        with self.db.read() as session:
+            page = store.list_page(session, page_size, page_token)
+            return Page([row.job() for row in page.items], page.next_page_token)
+
+    def items(
+        self, parent: str, candidate: str, page_size: int, page_token: str
+    ) -> Page[evaluation_pb2.EvaluationItemResult]:
+        with self.db.read() as session:
+            page = store.items_page(
+                session, store.job_id(parent, "parent"), candidate, page_size, page_token
+            )
+            return Page([row.message() for row in page.items], page.next_page_token)
+
+    async def cancel(self, name: str) -> evaluation_pb2.EvaluationJob:
+        identifier = store.job_id(name)
+        job = await asyncio.to_thread(self._end, identifier, State.STATE_CANCELLED, "", "")
+        task = self._tasks.get(identifier)
+        if task is not None:
+            task.cancel()
+        return job
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _spawn(self, job: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job), name=f"evaluation {job}")
+        self._tasks[job] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job, None))
+
+    async def _run(self, identifier: str) -> None:
+        async with self._slots:
+            job = await asyncio.to_thread(self.get, f"evaluationJobs/{identifier}")
+            if job.state in store.TERMINAL:
+                return
+            try:
+                await self._evaluate(identifier, job)
+            except asyncio.CancelledError:
+                raise
+            except EvaluationFailed as error:
+                await asyncio.to_thread(
+                    self._end, identifier, State.STATE_FAILED, "TOO_MANY_FAULTS", str(error)
+                )
+            except TunefleetError as error:
+                # The dataset is gone or unusable; or a service it needs did not answer.
+                unusable = error.code in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                )
+                reason = "DATASET_UNUSABLE" if unusable else "DEPENDENCY_FAILED"
+                await asyncio.to_thread(
+                    self._end, identifier, State.STATE_FAILED, reason, str(error)
+                )
+            except Exception as error:
+                log.exception("evaluation %s failed", identifier)
+                await asyncio.to_thread(
+                    self._end, identifier, State.STATE_FAILED, "INTERNAL", repr(error)
+                )
+
+    async def _evaluate(self, identifier: str, job: evaluation_pb2.EvaluationJob) -> None:
+        try:
+            items = await self.datasets.items(job.dataset, job.split, job.max_items or MAX_ITEMS)
+        except EvaluationFailed as error:  # a record without a reference answer
+            raise InvalidArgument(f"{FIELD}.dataset", str(error)) from None
+        if not items:
+            raise InvalidArgument(f"{FIELD}.dataset", f"{job.dataset} has no items in that split")
+        candidates = [
+            Candidate(c.name, c.adapter, c.system_prompt, tuple(c.few_shot)) for c in job.candidates
+        ]
+        graders = build_graders(job)
+        with self.db.read() as session:
+            known = {
+                (row.candidate, row.item_index): row.output
+                for row in store.answered(session, identifier)
+                if row.output is not None
+            }
+        total = len(items) * len(candidates)
+        await asyncio.to_thread(self._started, identifier, total, len(known))
+        done = 0
+
+        async def record(result: ItemResult) -> None:
+            nonlocal done
+            done += 1
+            await asyncio.to_thread(self._record, identifier, result, items[result.index].reference)
+            if done % 20 == 0:
+                await asyncio.to_thread(self._progress, identifier, done)
+
+        gate = None
+        if job.HasField("gate"):
+            gate = Gate(
+                job.gate.metric,
+                job.gate.min_improvement,
+                tuple(job.gate.regression_graders),
+                job.gate.max_regressions,
+            )
+        outcome = await run(
+            items,
+            candidates,
+            graders,
+            self.generator,
+            job.sampling,
+            job.baseline,
+            gate,
+            self.settings.concurrency,
+            job.max_error_rate,
+            known,
+            record,
+        )
+        results = []
+        for candidate in candidates:
+            result = evaluation_pb2.EvaluationCandidateResult(candidate=candidate.name)
+            for grader in graders:
+                result.scores.append(
+                    _score(grader.name, outcome.summary[candidate.name][grader.name])
+                )
+            verdict = outcome.gates.get(candidate.name)
+            if verdict is not None:
+                result.gate_passed = verdict.passed
+                result.gate_reasons.extend(verdict.reasons)
+            results.append(result)
+        await asyncio.to_thread(self._finish, identifier, results)
+
+    def _update(self, identifier: str, change: Any) -> evaluation_pb2.EvaluationJob:
+        with self.db.session() as session:
+            row = store.get(session, identifier)
+            job = row.job()
+            change(job)
+            row.store(job)
+            return job
+
+    def _started(self, identifier: str, total: int, done: int) -> None:
+        def change(job: evaluation_pb2.EvaluationJob) -> None:
+            if job.state not in store.TERMINAL:
+                job.state = State.STATE_RUNNING
+            job.answers_total, job.answers_done = total, done
+
+        self._update(identifier, change)
+
+    def _progress(self, identifier: str, done: int) -> None:
+        def change(job: evaluation_pb2.EvaluationJob) -> None:
+            job.answers_done = max(job.answers_done, done)
+
+        self._update(identifier, change)
+
+    def _record(self, identifier: str, result: ItemResult, reference: str) -> None:
+        scores = {k: v for k, v in result.scores.items() if v is not None}
+        with self.db.session() as session:
+            row = session.get(store.ItemRow, (identifier, result.index, result.candidate))
+            if row is None:
+                row = store.ItemRow(
+                    job_id=identifier, item_index=result.index, candidate=result.candidate
+                )
+                session.add(row)
+            row.output, row.reference = result.output, reference
+            row.scores, row.errors = scores, dict(result.errors)
+
+    def _finish(
+        self, identifier: str, results: list[evaluation_pb2.EvaluationCandidateResult]
+    ) -> None:
+        def change(job: evaluation_pb2.EvaluationJob) -> None:
+            if job.state in store.TERMINAL:
+                return
+            job.state = State.STATE_SUCCEEDED
+            job.answers_done = job.answers_total
+            job.results.extend(results)
+            job.end_time.CopyFrom(timestamp(utcnow()))
+
+        self._update(identifier, change)
+
+    def _end(
+        self, identifier: str, state: int, reason: str, message: str
+    ) -> evaluation_pb2.EvaluationJob:
+        with self.db.session() as session:
+            row = store.get(session, identifier)
+            job = row.job()
+            if job.state in store.TERMINAL:
+                if state == State.STATE_CANCELLED:
+                    raise FailedPrecondition(
+                        f"{job.name} already ended ({State.Name(job.state)})", reason="JOB_ENDED"
+                    )
+                return job
+            job.state = state  # type: ignore[assignment]
+            job.error_reason, job.error_message = reason, message
+            job.end_time.CopyFrom(timestamp(utcnow()))
+            row.store(job)
+            return job
+
+
+def _score(name: str, summary: GraderSummary) -> evaluation_pb2.EvaluationScore:
+    estimate = summary.estimate
+    score = evaluation_pb2.EvaluationScore(
+        grader=name,
+        count=estimate.n,
+        mean=_finite(estimate.mean),
+        ci_low=_finite(estimate.low),
+        ci_high=_finite(estimate.high),
+        errors=summary.errors,
+    )
+    if summary.comparison is not None:
+        score.comparison.CopyFrom(_comparison(summary.comparison))
+    return score
+
+
+def _comparison(found: Comparison) -> evaluation_pb2.EvaluationComparison:
+    return evaluation_pb2.EvaluationComparison(
+        difference=_finite(found.difference),
+        ci_low=_finite(found.low),
+        ci_high=_finite(found.high),
+        p_value=found.p_value,
+        test=found.test,
+        verdict=VERDICTS[found.verdict],
+        wins=found.wins,
+        losses=found.losses,
+    )
+
+
+def _finite(value: float) -> float:
+    """NaN (no item graded) is stored as 0: JSON has no NaN; `count` 0 says it was not measured."""
+    return 0.0 if value != value else value

@@ -1,0 +1,293 @@
+"""EvaluationService on the embedded platform: jobs are checked naming the field, run through
+DatasetService and InferenceService, resumable from their stored answers, cancellable, and their
+results and answers readable item by item."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.evaluation.test_runner import untrained_lora, upload_version
+from tests.helpers import error_info
+from tests.training.conftest import Platform
+from tunefleet.v1 import (
+    dataset_pb2,
+    evaluation_pb2,
+    evaluation_service_pb2,
+    inference_pb2,
+)
+
+MakePlatform = Any
+State = evaluation_pb2.EvaluationJob.State
+pytestmark = pytest.mark.timeout(600)
+
+
+def job(dataset: str, *candidates: evaluation_pb2.EvaluationCandidate, **fields: Any) -> Any:
+    document: dict[str, Any] = {
+        "candidates": list(candidates) or [evaluation_pb2.EvaluationCandidate(name="base")],
+        "dataset": dataset,
+        "max_items": 6,
+        "sampling": inference_pb2.SamplingParams(max_tokens=8),
+        "graders": [
+            evaluation_pb2.EvaluationGrader(type="exact_match"),
+            evaluation_pb2.EvaluationGrader(type="rouge_l"),
+        ],
+        **fields,
+    }
+    return evaluation_pb2.EvaluationJob(**document)
+
+
+async def create(platform: Platform, evaluation: Any, **options: Any) -> Any:
+    return await platform.evaluation.CreateEvaluationJob(
+        evaluation_service_pb2.CreateEvaluationJobRequest(evaluation_job=evaluation, **options)
+    )
+
+
+async def wait(platform: Platform, name: str, *states: int, within: float = 300) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        found = await platform.evaluation.GetEvaluationJob(
+            evaluation_service_pb2.GetEvaluationJobRequest(name=name)
+        )
+        if found.state in states:
+            return found
+        assert asyncio.get_running_loop().time() < deadline, found
+        await asyncio.sleep(0.1)
+
+
+async def test_a_job_runs_and_its_answers_are_listed(
+    make_platform: MakePlatform, chat_model: Path, tmp_path: Path
+) -> None:
+    platform = await make_platform(inference={"base_model": "colours", "max_loaded_adapters": 2})
+    dataset = await platform.upload()
+    version = await upload_version(
+        platform, "untrained", untrained_lora(chat_model, tmp_path / "u")
+    )
+    requested = job(
+        dataset.name,
+        evaluation_pb2.EvaluationCandidate(name="base"),
+        evaluation_pb2.EvaluationCandidate(name="untrained", adapter=version),
+        gate=evaluation_pb2.EvaluationGate(metric="rouge_l"),
+    )
+    created = await create(platform, requested, request_id="f2b6a9a0-5b5a-4c39-9d4a-0d3f8b3c1e11")
+    assert created.name.startswith("evaluationJobs/") and created.baseline == "base"
+    again = await create(platform, requested, request_id="f2b6a9a0-5b5a-4c39-9d4a-0d3f8b3c1e11")
+    assert again.name == created.name
+    done = await wait(platform, created.name, State.STATE_SUCCEEDED, State.STATE_FAILED)
+    assert done.state == State.STATE_SUCCEEDED, done.error_message
+    assert done.answers_total == done.answers_done == 12
+    assert [r.candidate for r in done.results] == ["base", "untrained"]
+    base, untrained = done.results
+    assert [s.grader for s in base.scores] == ["exact_match", "rouge_l"]
+    assert all(s.count == 6 and s.errors == 0 for s in [*base.scores, *untrained.scores])
+    assert not base.HasField("gate_passed") and not base.scores[0].HasField("comparison")
+    rouge = untrained.scores[1].comparison
+    assert rouge.test == "paired-bootstrap" and rouge.verdict != 0
+    assert untrained.HasField("gate_passed") and not untrained.gate_passed
+    assert untrained.gate_reasons
+
+    listed = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(parent=created.name, page_size=5)
+    )
+    assert len(listed.item_results) == 5 and listed.next_page_token
+    rest = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(
+            parent=created.name, page_size=50, page_token=listed.next_page_token
+        )
+    )
+    results = list(listed.item_results) + list(rest.item_results)
+    assert len(results) == 12 and not rest.next_page_token
+    assert all(r.HasField("output") and r.reference.startswith("Colour: ") for r in results)
+    assert {r.candidate for r in results} == {"base", "untrained"}
+    assert all(set(r.scores) == {"exact_match", "rouge_l"} for r in results)
+    only = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(
+            parent=created.name, candidate="untrained"
+        )
+    )
+    assert len(only.item_results) == 6
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await platform.evaluation.CancelEvaluationJob(
+            evaluation_service_pb2.CancelEvaluationJobRequest(name=created.name)
+        )
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    jobs = await platform.evaluation.ListEvaluationJobs(
+        evaluation_service_pb2.ListEvaluationJobsRequest()
+    )
+    assert [j.name for j in jobs.evaluation_jobs] == [created.name]
+
+
+CANDIDATE = evaluation_pb2.EvaluationCandidate
+GRADER = evaluation_pb2.EvaluationGrader
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"candidates": []}, "evaluation_job.candidates"),
+        ({"candidates": [CANDIDATE(name="Base!")]}, "evaluation_job.candidates[0].name"),
+        ({"candidates": [CANDIDATE(name="a"), CANDIDATE(name="a")]},
+         "evaluation_job.candidates[1].name"),
+        ({"candidates": [CANDIDATE(name="a", adapter="orders@prod")]},
+         "evaluation_job.candidates[0].adapter"),
+        ({"baseline": "nobody"}, "evaluation_job.baseline"),
+        ({"dataset": ""}, "evaluation_job.dataset"),
+        ({"dataset": "datasets/missing"}, "evaluation_job.dataset"),
+        ({"max_items": 10**6}, "evaluation_job.max_items"),
+        ({"graders": []}, "evaluation_job.graders"),
+        ({"graders": [GRADER(type="meteor")]}, "evaluation_job.graders[0].type"),
+        ({"graders": [GRADER(type="string_check", operation="starts")]},
+         "evaluation_job.graders[0].operation"),
+        ({"graders": [GRADER(type="string_check", operation="regex", value="([")]},
+         "evaluation_job.graders[0].value"),
+        ({"graders": [GRADER(type="json_schema", json_schema="{")]},
+         "evaluation_job.graders[0].json_schema"),
+        ({"graders": [GRADER(type="json_schema", json_schema='{"type": 5}')]},
+         "evaluation_job.graders[0].json_schema"),
+        ({"graders": [GRADER(type="bleu")] * 2}, "evaluation_job.graders[1].name"),
+        ({"gate": evaluation_pb2.EvaluationGate(metric="bleu")}, "evaluation_job.gate.metric"),
+        ({"max_error_rate": 2.0}, "evaluation_job.max_error_rate"),
+        ({"sampling": inference_pb2.SamplingParams(temperature=3)},
+         "evaluation_job.sampling.temperature"),
+    ],
+)  # fmt: skip
+async def test_bad_jobs_are_refused_naming_the_field(
+    make_platform: MakePlatform, fields: dict[str, Any], field: str
+) -> None:
+    platform = await make_platform()
+    dataset = await platform.upload()
+    requested = job(fields.pop("dataset", dataset.name), **fields)
+    if "candidates" in fields:
+        del requested.candidates[:]
+        requested.candidates.extend(fields["candidates"])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await create(platform, requested)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith(field), refused.value.details()
+    listed = await platform.evaluation.ListEvaluationJobs(
+        evaluation_service_pb2.ListEvaluationJobsRequest()
+    )
+    assert not listed.evaluation_jobs
+
+
+async def test_an_adapter_that_cannot_answer_fails_the_job_with_the_reason(
+    make_platform: MakePlatform,
+) -> None:
+    platform = await make_platform(inference={"base_model": "colours"})
+    dataset = await platform.upload()
+    requested = job(
+        dataset.name,
+        evaluation_pb2.EvaluationCandidate(name="base"),
+        evaluation_pb2.EvaluationCandidate(name="gone", adapter="adapters/gone@prod"),
+    )
+    created = await create(platform, requested)
+    failed = await wait(platform, created.name, State.STATE_FAILED, State.STATE_SUCCEEDED)
+    assert failed.state == State.STATE_FAILED
+    assert failed.error_reason == "TOO_MANY_FAULTS"
+    assert "could not grade 6 of 6 items of gone" in failed.error_message
+    assert "of gone: NOT_FOUND" in failed.error_message  # the first fault, for a start
+    answers = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(
+            parent=created.name, candidate="gone"
+        )
+    )
+    assert all(
+        not r.HasField("output") and "NOT_FOUND" in r.errors["exact_match"]
+        for r in answers.item_results
+    )
+
+
+async def test_a_dataset_without_reference_answers_fails_the_job(
+    make_platform: MakePlatform,
+) -> None:
+    platform = await make_platform(inference={"base_model": "colours"})
+    turns = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "and?"},  # no answer to compare with
+    ]
+    data = b"".join(
+        json.dumps({"messages": [{**turns[0], "content": f"q{i}"}, *turns[1:]]}).encode() + b"\n"
+        for i in range(10)
+    )
+    dataset = await platform.upload(data)
+    created = await create(platform, job(dataset.name, split=dataset_pb2.DATASET_SPLIT_TRAIN))
+    failed = await wait(platform, created.name, State.STATE_FAILED, State.STATE_SUCCEEDED)
+    assert failed.error_reason == "DATASET_UNUSABLE", failed
+    assert "does not end with an assistant's text answer" in failed.error_message
+
+
+async def test_cancel_stops_a_job(make_platform: MakePlatform) -> None:
+    """Cancelled right after its creation (queued, or answering its first items), a job ends
+    CANCELLED without results, and stays so."""
+    platform = await make_platform(inference={"base_model": "colours"})
+    dataset = await platform.upload()
+    slow = inference_pb2.SamplingParams(max_tokens=64)
+    created = await create(platform, job(dataset.name, max_items=0, sampling=slow))
+    cancelled = await platform.evaluation.CancelEvaluationJob(
+        evaluation_service_pb2.CancelEvaluationJobRequest(name=created.name)
+    )
+    assert cancelled.state == State.STATE_CANCELLED
+    ended = await wait(platform, created.name, State.STATE_CANCELLED, State.STATE_SUCCEEDED)
+    assert ended.state == State.STATE_CANCELLED and not ended.results
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await platform.evaluation.CancelEvaluationJob(
+            evaluation_service_pb2.CancelEvaluationJobRequest(name=created.name)
+        )
+    assert error_info(again.value) is not None
+    assert error_info(again.value).reason == "JOB_ENDED"  # type: ignore[union-attr]
+
+
+def generate_requests(platform: Platform) -> float:
+    """Generate requests the platform's InferenceService counted since it started."""
+    return sum(
+        sample.value
+        for metric in platform.registry.collect()
+        if metric.name == "tunefleet_inference_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_a_restarted_service_resumes_a_job_without_asking_again(
+    make_platform: MakePlatform,
+) -> None:
+    from sqlalchemy import func, select
+
+    from tunefleet.evaluation.store import ItemRow
+
+    platform = await make_platform(
+        inference={"base_model": "colours"}, evaluation={"concurrency": 1}
+    )
+    dataset = await platform.upload()
+    long = inference_pb2.SamplingParams(max_tokens=48)
+    created = await create(platform, job(dataset.name, max_items=0, sampling=long))
+    database = platform.storage.database_for("evaluation")
+
+    def answered() -> int:
+        with database.read() as session:
+            return int(session.scalar(select(func.count()).select_from(ItemRow)) or 0)
+
+    for _ in range(3000):  # until some answers are stored
+        if await asyncio.to_thread(answered) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert platform.server is not None
+    port = platform.server.port
+    await platform.stop()
+    before = await asyncio.to_thread(answered)
+    total = dataset.validation_record_count
+    assert 2 <= before < total, "stopped in the middle of the job"
+
+    await platform.start(port=port)
+    done = await wait(platform, created.name, State.STATE_SUCCEEDED, State.STATE_FAILED)
+    assert done.state == State.STATE_SUCCEEDED, done.error_message
+    assert done.results[0].scores[0].count == total
+    assert await asyncio.to_thread(answered) == total
+    # Only the answers missing at the restart were asked for again.
+    assert generate_requests(platform) == total - before
