@@ -291,3 +291,38 @@ async def test_a_restarted_service_resumes_a_job_without_asking_again(
     assert await asyncio.to_thread(answered) == total
     # Only the answers missing at the restart were asked for again.
     assert generate_requests(platform) == total - before
+
+
+async def test_the_sdk_creates_waits_and_reads_answers(make_platform: MakePlatform) -> None:
+    from tunefleet.client import AsyncClient, Client
+    from tunefleet.client.errors import InvalidArgument
+
+    platform = await make_platform(inference={"base_model": "colours"})
+    dataset = await platform.upload()
+    assert platform.server is not None
+    target = f"127.0.0.1:{platform.server.port}"
+    document = {
+        "candidates": [{"name": "base"}, {"name": "prompted", "systemPrompt": "Be brief."}],
+        "dataset": dataset.name,
+        "maxItems": 4,
+        "sampling": {"maxTokens": 8},
+        "graders": [{"type": "token_f1"}, {"type": "string_check", "operation": "like"}],
+    }
+    async with AsyncClient(target) as client:
+        created = await client.evaluations.create(document)
+        done = await client.evaluations.wait(created.name, timeout=300, poll_seconds=0.1)
+        assert done.state == State.STATE_SUCCEEDED, done.error_message
+        answers = [item async for item in client.evaluations.items(done.name, page_size=3)]
+        assert len(answers) == 8 and {a.candidate for a in answers} == {"base", "prompted"}
+        assert [j.name async for j in client.evaluations.list()] == [done.name]
+        with pytest.raises(InvalidArgument) as refused:
+            await client.evaluations.create({**document, "graders": []})
+        assert refused.value.field == "evaluation_job.graders"
+
+    def blocking() -> None:
+        with Client(target) as client:
+            job = client.evaluations.get(done.name.removeprefix("evaluationJobs/"))
+            assert [r.candidate for r in job.results] == ["base", "prompted"]
+            assert len(list(client.evaluations.items(job.name, candidate="base"))) == 4
+
+    await asyncio.to_thread(blocking)

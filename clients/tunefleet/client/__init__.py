@@ -42,6 +42,7 @@ from tunefleet.client.errors import (
     Unavailable,
     Unimplemented,
 )
+from tunefleet.client.evaluations import Evaluations
 from tunefleet.client.inference import Inference
 from tunefleet.client.training import TrainingJobs
 from tunefleet.client.transport import AsyncTransport, Options, SyncTransport
@@ -94,12 +95,14 @@ class _Client(Generic[M]):
     training_jobs: TrainingJobs[M]
     adapters: Adapters[M]
     inference: Inference[M]
+    evaluations: Evaluations[M]
 
     def _attach(self, transport: SyncTransport | AsyncTransport) -> None:
         self.datasets = Datasets(transport)
         self.training_jobs = TrainingJobs(transport)
         self.adapters = Adapters(transport)
         self.inference = Inference(transport)
+        self.evaluations = Evaluations(transport)
 
 
 def _connect(

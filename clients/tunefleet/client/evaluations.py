@@ -1,0 +1,123 @@
+"""EvaluationService in the SDK: judge adapters against a baseline, wait for the verdict, read
+the answers item by item."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from tunefleet.client.core import Call, Feed, M, Program, Resource, Sleep, operation, pages, stream
+from tunefleet.client.errors import DeadlineExceeded
+from tunefleet.client.helpers import resource_name, to_message
+from tunefleet.v1 import evaluation_pb2, evaluation_service_pb2, evaluation_service_pb2_grpc
+
+EvaluationJob = evaluation_pb2.EvaluationJob
+ENDED = {
+    EvaluationJob.STATE_SUCCEEDED,
+    EvaluationJob.STATE_FAILED,
+    EvaluationJob.STATE_CANCELLED,
+}
+
+
+class Evaluations(Resource[M]):
+    """EvaluationService: evaluation jobs and their answers."""
+
+    Stub = evaluation_service_pb2_grpc.EvaluationServiceStub
+
+    @operation
+    def create(
+        self,
+        job: evaluation_pb2.EvaluationJob | Mapping[str, Any],
+        *,
+        request_id: str = "",
+        validate_only: bool = False,
+    ) -> Program[evaluation_pb2.EvaluationJob]:
+        """Start an evaluation, given as an `EvaluationJob` or its JSON form; retried safely
+        (a request id is generated when none is given).
+
+        Example::
+
+            job = client.evaluations.create({
+                "candidates": [
+                    {"name": "base"},
+                    {"name": "tuned", "adapter": "adapters/orders@prod"},
+                ],
+                "dataset": dataset.name,
+                "graders": [{"type": "exact_match"}, {"type": "rouge_l"}],
+                "gate": {"metric": "exact_match", "minImprovement": 0.05},
+            })
+        """
+        request = evaluation_service_pb2.CreateEvaluationJobRequest(
+            evaluation_job=to_message(evaluation_pb2.EvaluationJob, job, "evaluation_job"),
+            request_id=request_id or str(uuid.uuid4()),
+            validate_only=validate_only,
+        )
+        created: evaluation_pb2.EvaluationJob = yield Call(
+            self.Stub, "CreateEvaluationJob", request, idempotent=True
+        )
+        return created
+
+    @operation
+    def get(self, name: str) -> Program[evaluation_pb2.EvaluationJob]:
+        """A job by name (`evaluationJobs/{id}` or the id), with its results once it succeeded."""
+        request = evaluation_service_pb2.GetEvaluationJobRequest(
+            name=resource_name("evaluationJobs", name)
+        )
+        job: evaluation_pb2.EvaluationJob = yield Call(
+            self.Stub, "GetEvaluationJob", request, idempotent=True
+        )
+        return job
+
+    @stream
+    def list(self, page_size: int = 100) -> Feed[evaluation_pb2.EvaluationJob]:
+        """Every evaluation job, newest first."""
+        request = evaluation_service_pb2.ListEvaluationJobsRequest(page_size=page_size)
+        yield from pages(self.Stub, "ListEvaluationJobs", request, "evaluation_jobs")
+
+    @operation
+    def cancel(self, name: str) -> Program[evaluation_pb2.EvaluationJob]:
+        """Stop a queued or running job."""
+        request = evaluation_service_pb2.CancelEvaluationJobRequest(
+            name=resource_name("evaluationJobs", name)
+        )
+        job: evaluation_pb2.EvaluationJob = yield Call(
+            self.Stub, "CancelEvaluationJob", request, idempotent=True
+        )
+        return job
+
+    @stream
+    def items(
+        self, name: str, candidate: str = "", page_size: int = 100
+    ) -> Feed[evaluation_pb2.EvaluationItemResult]:
+        """The job's answers with their scores, by item then candidate (one candidate's only
+        with `candidate`).
+
+        Example::
+
+            for item in client.evaluations.items(job.name, candidate="tuned"):
+                if item.scores.get("exact_match") == 0:
+                    print(item.index, item.output, "expected", item.reference)
+        """
+        request = evaluation_service_pb2.ListEvaluationItemResultsRequest(
+            parent=resource_name("evaluationJobs", name),
+            candidate=candidate,
+            page_size=page_size,
+        )
+        yield from pages(self.Stub, "ListEvaluationItemResults", request, "item_results")
+
+    @operation
+    def wait(
+        self, name: str, *, timeout: float | None = None, poll_seconds: float = 1.0
+    ) -> Program[evaluation_pb2.EvaluationJob]:
+        """Block until the job has ended (SUCCEEDED, FAILED or CANCELLED) and return it; raises
+        DeadlineExceeded after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job: evaluation_pb2.EvaluationJob = yield from Evaluations.get.function(self, name)
+            if job.state in ENDED:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"{job.name} has not ended after {timeout} s")
+            yield Sleep(poll_seconds)
