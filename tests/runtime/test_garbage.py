@@ -4,6 +4,8 @@ log; with authentication on, a call without a token is UNAUTHENTICATED first."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ SERVED = [
     "tunefleet.v1.TrainingService",
     "tunefleet.v1.AdapterService",
     "tunefleet.v1.InferenceService",
+    "tunefleet.v1.EvaluationService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
 ]
@@ -53,9 +56,14 @@ async def call(
     """Send `data` as the request (or the only message of the request stream); the error."""
     try:
         if streaming:
-            # The response kind does not matter to a refusal.
-            stream: Any = channel.stream_stream(method)
-            async for _ in stream(iter([data]), timeout=30, metadata=metadata):
+            # The response kind does not matter to a refusal. The message is written by hand: a
+            # server that refuses before reading may close the call while it is being sent, and
+            # the status to check is the server's, not that of the failed write.
+            stream: Any = channel.stream_stream(method)(timeout=30, metadata=metadata)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await stream.write(data)
+                await stream.done_writing()
+            async for _ in stream:
                 pass
         else:
             unary: Any = channel.unary_stream(method)
@@ -90,7 +98,7 @@ async def test_garbage_without_a_token_is_unauthenticated(
     )
     token = (("authorization", f"Bearer {TOKENS['admin']}"),)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        for method, streaming in methods(SERVED[:4]):
+        for method, streaming in methods(SERVED[:5]):
             error = await call(channel, method, streaming, GARBAGE[0])
             public = error.code() == grpc.StatusCode.INVALID_ARGUMENT  # public RPCs (workers')
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED or public, (method, error)

@@ -137,7 +137,6 @@ class EvaluationManager:
         self.db, self.settings = db, settings
         self.datasets = DatasetReader(settings.datasets_endpoint, settings.service_token)
         self.generator = Generator(settings.inference_endpoint, settings.service_token)
-        self.generator.attempts = 3
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.max_running_jobs)
 
