@@ -24,14 +24,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train import SMALL, build_model  # noqa: E402
+from benchmarks.train import (  # noqa: E402
+    SMALL,
+    build_model,
+    timed_tokens_per_second,
+    trl_arguments,
+    trl_lora,
+)
 
 BATCH, MAX_LENGTH, LEARNING_RATE, BETA = 8, 512, 5e-6, 0.1
 
@@ -93,7 +98,6 @@ def run_tunefleet(model: Path, data: Path, workdir: Path) -> dict[str, Any]:
 
 def run_trl(model: Path, data: Path, workdir: Path, defaults: bool) -> dict[str, Any]:
     import datasets
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer  # type: ignore[attr-defined]
 
@@ -105,45 +109,22 @@ def run_trl(model: Path, data: Path, workdir: Path, defaults: bool) -> dict[str,
             for r in records
         ]
     )
-    regime: dict[str, Any] = {} if defaults else {"gradient_checkpointing": False}
     config = DPOConfig(
-        output_dir=str(workdir / "trl"),
         num_train_epochs=1,
-        per_device_train_batch_size=BATCH,
         learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
         beta=BETA,
-        max_length=MAX_LENGTH,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=1,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        bf16=False,
-        fp16=False,
-        **regime,
+        **trl_arguments(workdir, BATCH, MAX_LENGTH, defaults),
     )
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(model)),
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(str(model)),
-        peft_config=LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=trl_lora(),
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
+    tokens_per_second = timed_tokens_per_second(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"tokens_per_second": tokens / seconds, "train_loss": losses[-1], "pairs": len(records)}
+    return {"tokens_per_second": tokens_per_second, "train_loss": losses[-1], "pairs": len(records)}
 
 
 def child(args: argparse.Namespace) -> None:

@@ -146,51 +146,64 @@ def run_trl(
     defaults: bool = True,
 ) -> dict[str, Any]:
     import datasets
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     datasets.disable_progress_bars()
     records = [json.loads(line) for line in data.open()]
     dataset = datasets.Dataset.from_list([{"messages": r["messages"]} for r in records])
-    # TRL's default turns gradient checkpointing on; tunefleet's regime keeps the activations.
-    regime: dict[str, Any] = {} if defaults else {"gradient_checkpointing": False}
     config = SFTConfig(
-        output_dir=str(workdir / "trl"),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=2e-4,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        max_length=max_length,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=1,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        bf16=False,
-        fp16=False,
-        **regime,
+        max_steps=steps, learning_rate=2e-4, **trl_arguments(workdir, batch, max_length, defaults)
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(model)),
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(str(model)),
-        peft_config=LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=trl_lora(),
     )
+    return {"tokens_per_second": timed_tokens_per_second(trainer)}
+
+
+def trl_arguments(workdir: Path, batch: int, max_length: int, defaults: bool) -> dict[str, Any]:
+    """The arguments TRL's trainers share here: tunefleet's batch, length, schedule and
+    precision on CPU, no saving. TRL's default turns gradient checkpointing on; tunefleet's
+    regime (`defaults` False) keeps the activations."""
+    regime: dict[str, Any] = {} if defaults else {"gradient_checkpointing": False}
+    return {
+        "output_dir": str(workdir / "trl"),
+        "per_device_train_batch_size": batch,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "max_length": max_length,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": 1,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "bf16": False,
+        "fp16": False,
+        **regime,
+    }
+
+
+def trl_lora() -> Any:
+    """tunefleet's LoRA shape as PEFT's config: r=16 on all linear layers."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def timed_tokens_per_second(trainer: Any) -> float:
+    """Train; the non-padding tokens TRL counted per second of `train()`."""
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
-    return {"tokens_per_second": tokens / seconds}
+    return float(tokens) / seconds
 
 
 def child(args: argparse.Namespace) -> None:

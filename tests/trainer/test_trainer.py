@@ -74,7 +74,7 @@ def test_only_assistant_tokens_carry_loss(chat_model: Path) -> None:
     assert "Which colour" in untrained and "Answer with" in untrained and "red" not in untrained
 
 
-TOOL_TEMPLATE = (
+CALL_TEMPLATE = (  # writes a call as `call NAME ARGUMENTS`
     "{% if tools %}<|system|>tools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|end|>"
     "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{% if m.tool_calls %}"
     "{% for c in m.tool_calls %}call {{ c.function.name }} {{ c.function.arguments | tojson }}"
@@ -91,7 +91,7 @@ def test_tool_calls_are_rendered_by_the_template_and_carry_loss(chat_model: Path
 
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     assert not renders_tool_calls(tokenizer)  # the test model's template writes content only
-    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.chat_template = CALL_TEMPLATE
     assert renders_tool_calls(tokenizer)
     tool = {"name": "colour_of", "description": "", "parameters": {"type": "object"}}
     call = {"id": "call_0", "name": "colour_of", "arguments": {"animal": "cat"}}

@@ -65,17 +65,22 @@ async def gone(pgid: int, within: float) -> bool:
     return True
 
 
+async def trainer_group(platform: Platform, job: str) -> int:
+    """The process group of a running job's trainer, once the trainer has reported a step."""
+    for _ in range(1200):
+        current = await platform.wait(job, "RUNNING", within=60)
+        if current.latest_progress.step >= 1:
+            break
+        await asyncio.sleep(0.1)
+    return int(current.launcher_run_id)
+
+
 async def stopped_run(platform: Platform) -> tuple[str, int]:
     """A long job whose trainer reported a step, then was stopped (SIGSTOP to the trainer, not
     to the wrapper shell that started it: the shell ends on SIGTERM, the trainer does not)."""
     dataset = await platform.upload()
     job = await platform.create(dataset.name, hyperparameters={"max_steps": 100000, "epochs": 1000})
-    for _ in range(1200):
-        current = await platform.wait(job.name, "RUNNING", within=60)
-        if current.latest_progress.step >= 1:
-            break
-        await asyncio.sleep(0.1)
-    pgid = int(current.launcher_run_id)
+    pgid = await trainer_group(platform, job.name)
     trainers = [pid for pid in group(pgid) if pid != pgid]
     assert trainers, "the trainer runs in the wrapper's process group"
     for pid in trainers:
@@ -103,12 +108,7 @@ async def test_a_trainer_whose_wrapper_died_is_not_lost(make_platform: MakePlatf
     platform = await make_platform()
     dataset = await platform.upload()
     job = await platform.create(dataset.name, hyperparameters={"max_steps": 30})
-    for _ in range(1200):
-        current = await platform.wait(job.name, "RUNNING", within=60)
-        if current.latest_progress.step >= 1:
-            break
-        await asyncio.sleep(0.1)
-    pgid = int(current.launcher_run_id)
+    pgid = await trainer_group(platform, job.name)
     os.kill(pgid, signal.SIGKILL)  # the wrapper: the group's leader
     assert [pid for pid in group(pgid) if pid != pgid], "the trainer runs on"
     job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=300)

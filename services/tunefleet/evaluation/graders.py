@@ -16,7 +16,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -38,7 +38,6 @@ class Grader:
     name: str
     binary: bool
     score: Callable[[str, Item], float]
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _exact_match(output: str, item: Item) -> float:
@@ -177,13 +176,13 @@ def grader(kind: str, **options: Any) -> Grader:
         "rouge_l": _rouge_l,
     }
     if kind in binary:
-        return Grader(kind, True, binary[kind], options)
+        return Grader(kind, True, binary[kind])
     if kind in continuous:
-        return Grader(kind, False, continuous[kind], options)
+        return Grader(kind, False, continuous[kind])
     if kind == "string_check":
-        return Grader(kind, True, string_check(**options), options)
+        return Grader(kind, True, string_check(**options))
     if kind == "json_schema":
-        return Grader(kind, True, json_schema(options["schema"]), options)
+        return Grader(kind, True, json_schema(options["schema"]))
     raise ValueError(f"unknown grader {kind!r}")
 
 

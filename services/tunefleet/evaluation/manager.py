@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -128,7 +129,7 @@ def build_graders(job: evaluation_pb2.EvaluationJob) -> list[grading.Grader]:
             raise InvalidArgument(f"{where}.{field}", str(error)) from None
         except Exception as error:  # the schema library's own refusal
             raise InvalidArgument(f"{where}.json_schema", f"not a valid schema: {error}") from None
-        built.append(grading.Grader(name, grader.binary, grader.score, grader.options))
+        built.append(dataclasses.replace(grader, name=name))
     return built
 
 

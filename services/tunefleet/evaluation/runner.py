@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
-from tunefleet.core.errors import InvalidArgument, NotFound, relayed
+from tunefleet.core.errors import relayed
 from tunefleet.evaluation.graders import Grader, GraderError, Item
 from tunefleet.evaluation.report import (
     EvaluationFailed,
@@ -31,12 +30,11 @@ from tunefleet.evaluation.report import (
     judge_gate,
     summarise,
 )
-from tunefleet.runtime.peers import Peer
+from tunefleet.runtime.peers import DatasetServicePeer, Peer
 from tunefleet.v1 import (
     common_pb2,
     dataset_pb2,
     dataset_service_pb2,
-    dataset_service_pb2_grpc,
     inference_pb2,
     inference_service_pb2,
     inference_service_pb2_grpc,
@@ -75,19 +73,8 @@ class Outcome:
     gates: dict[str, GateVerdict]
 
 
-class DatasetReader(Peer):
-    stub_class = dataset_service_pb2_grpc.DatasetServiceStub
-    service = "DatasetService"
-
-    async def dataset(self, name: str, field: str) -> dataset_pb2.Dataset:
-        """The dataset `name`; INVALID_ARGUMENT naming `field` when there is none."""
-        try:
-            found: dataset_pb2.Dataset = await self.call(
-                "GetDataset", dataset_service_pb2.GetDatasetRequest(name=name)
-            )
-        except NotFound:
-            raise InvalidArgument(field, f"{name} does not exist") from None
-        return found
+class DatasetReader(DatasetServicePeer):
+    """The datasets a job names (`dataset`) and their items."""
 
     async def items(
         self, dataset: str, split: dataset_pb2.DatasetSplit.ValueType, limit: int = 0
@@ -220,27 +207,3 @@ async def run(
         raise EvaluationFailed(f"{error}; item {first.index} of {first.candidate}: {why}") from None
     gates = {name: judge_gate(gate, summary[name]) for name in names if gate and name != baseline}
     return Outcome(list(results), summary, gates)
-
-
-def describe(outcome: Outcome) -> list[dict[str, Any]]:
-    """One row per candidate and grader, for tables and logs."""
-    rows = []
-    for candidate, by_grader in outcome.summary.items():
-        for grader, summary in by_grader.items():
-            row: dict[str, Any] = {
-                "candidate": candidate,
-                "grader": grader,
-                "n": summary.estimate.n,
-                "mean": summary.estimate.mean,
-                "low": summary.estimate.low,
-                "high": summary.estimate.high,
-                "errors": summary.errors,
-            }
-            if summary.comparison is not None:
-                row |= {
-                    "difference": summary.comparison.difference,
-                    "p_value": summary.comparison.p_value,
-                    "verdict": summary.comparison.verdict,
-                }
-            rows.append(row)
-    return rows

@@ -6,7 +6,8 @@ from typing import Any
 
 import grpc
 
-from tunefleet.core.errors import relayed
+from tunefleet.core.errors import InvalidArgument, NotFound, relayed
+from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 
 class Peer:
@@ -43,3 +44,20 @@ class Peer:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+class DatasetServicePeer(Peer):
+    """DatasetService, as the services that read its datasets call it."""
+
+    stub_class = dataset_service_pb2_grpc.DatasetServiceStub
+    service = "DatasetService"
+
+    async def dataset(self, name: str, field: str) -> dataset_pb2.Dataset:
+        """The dataset `name`; INVALID_ARGUMENT naming `field` when there is none."""
+        try:
+            found: dataset_pb2.Dataset = await self.call(
+                "GetDataset", dataset_service_pb2.GetDatasetRequest(name=name)
+            )
+        except NotFound:
+            raise InvalidArgument(field, f"{name} does not exist") from None
+        return found

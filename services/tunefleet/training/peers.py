@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import grpc
 
-from tunefleet.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tunefleet.runtime.peers import Peer
+from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from tunefleet.runtime.peers import DatasetServicePeer, Peer
 from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.v1 import (
     adapter_pb2,
@@ -20,7 +20,6 @@ from tunefleet.v1 import (
     adapter_service_pb2_grpc,
     dataset_pb2,
     dataset_service_pb2,
-    dataset_service_pb2_grpc,
 )
 
 TRANSIENT = {
@@ -127,19 +126,8 @@ def lease_id(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-class DatasetServiceClient(Peer):
-    stub_class = dataset_service_pb2_grpc.DatasetServiceStub
-    service = "DatasetService"
-
-    async def dataset(self, name: str, field: str) -> dataset_pb2.Dataset:
-        """The dataset `name`; INVALID_ARGUMENT naming `field` when there is none."""
-        try:
-            found: dataset_pb2.Dataset = await self.call(
-                "GetDataset", dataset_service_pb2.GetDatasetRequest(name=name)
-            )
-        except NotFound:
-            raise InvalidArgument(field, f"{name} does not exist") from None
-        return found
+class DatasetServiceClient(DatasetServicePeer):
+    """The datasets a job names (`dataset`) and their leases."""
 
     async def lease(self, dataset: str, job_id: str, holder: str) -> None:
         """Lease `dataset` for the job (a retry returns the lease that exists)."""
