@@ -12,6 +12,7 @@ from tunefleet.evaluation.report import (
     pairwise,
     summarise,
 )
+from tunefleet.evaluation.statistics import items_needed
 
 BINARY = {"exact_match": True, "rouge_l": False, "general": True}
 
@@ -36,7 +37,7 @@ def test_a_judge_that_reads_the_answers_wins_consistently() -> None:
 
 
 def test_a_judge_returning_garbage_fails_the_evaluation() -> None:
-    with pytest.raises(EvaluationFailed, match="did not parse for 3 of 20 items"):
+    with pytest.raises(EvaluationFailed, match="no verdict for 3 of 20 items"):
         pairwise(["A"] * 17 + [None] * 3, ["B"] * 20)
     # Under the threshold the garbage is counted, not scored.
     tally = pairwise(["A"] * 99 + [None], ["B"] * 100, max_error_rate=0.02)
@@ -75,6 +76,26 @@ def test_the_gate_passes_a_significantly_better_candidate_and_names_what_fails()
     strict = judge_gate(Gate("exact_match", min_improvement=0.6), summary["good"])
     assert strict.reasons == ["exact_match: improves by +0.500, less than the +0.600 asked"]
     assert not judge_gate(Gate("bleu"), summary["good"]).passed
+
+
+def test_the_gate_says_how_many_items_an_inconclusive_comparison_needed() -> None:
+    # 40 items; the candidate is right on 3 items the baseline is not, wrong on 1 it got right.
+    baseline = [*([1.0] * 10), 0.0, 0.0, 0.0, 1.0, *([0.0] * 26)]
+    candidate = [*([1.0] * 10), 1.0, 1.0, 1.0, 0.0, *([0.0] * 26)]
+    summary = summarise({"base": {"exact_match": baseline}, "new": {"exact_match": candidate}},
+                        BINARY, "base")  # fmt: skip
+    verdict = judge_gate(Gate("exact_match", min_improvement=0.05), summary["new"])
+    needed = items_needed(4 / 40, 0.05)
+    assert not verdict.passed and verdict.items_needed == needed > 40
+    assert verdict.reasons[1] == (
+        f"exact_match: about {needed} items are needed to detect an improvement of +0.050 "
+        "with 80% power; this evaluation has 40"
+    )
+    # Continuous graders get no hint (no discordance to estimate it from).
+    rouge = summarise(
+        {"base": {"rouge_l": baseline}, "new": {"rouge_l": candidate}}, BINARY, "base"
+    )
+    assert judge_gate(Gate("rouge_l", min_improvement=0.05), rouge["new"]).items_needed == 0
 
 
 def test_continuous_graders_use_the_paired_bootstrap_and_clusters() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.evaluation.openai_stub import openai_stub
 from tests.evaluation.test_runner import untrained_lora, upload_version
 from tests.helpers import error_info
 from tests.training.conftest import Platform
@@ -126,6 +127,12 @@ CANDIDATE = evaluation_pb2.EvaluationCandidate
 GRADER = evaluation_pb2.EvaluationGrader
 
 
+def ENDPOINT(**fields: str) -> evaluation_pb2.OpenAIEndpoint:
+    return evaluation_pb2.OpenAIEndpoint(
+        **{"base_url": "http://127.0.0.1:9/v1", "model": "parrot", **fields}
+    )
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
@@ -154,6 +161,24 @@ GRADER = evaluation_pb2.EvaluationGrader
         ({"max_error_rate": 2.0}, "evaluation_job.max_error_rate"),
         ({"sampling": inference_pb2.SamplingParams(temperature=3)},
          "evaluation_job.sampling.temperature"),
+        ({"candidates": [CANDIDATE(name="a", adapter="adapters/x@prod", endpoint=ENDPOINT())]},
+         "evaluation_job.candidates[0].adapter"),
+        ({"candidates": [CANDIDATE(name="a", endpoint=ENDPOINT(base_url="ftp://h/v1"))]},
+         "evaluation_job.candidates[0].endpoint.base_url"),
+        ({"candidates": [CANDIDATE(name="a", endpoint=ENDPOINT(model=""))]},
+         "evaluation_job.candidates[0].endpoint.model"),
+        ({"candidates": [CANDIDATE(name="a", endpoint=ENDPOINT(api_key_secret="missing"))]},
+         "evaluation_job.candidates[0].endpoint.api_key_secret"),
+        ({"candidates": [CANDIDATE(name="a", endpoint=ENDPOINT(api_key_secret="../key"))]},
+         "evaluation_job.candidates[0].endpoint.api_key_secret"),
+        ({"graders": [GRADER(type="pairwise_judge", rubric="Better: {answer}?")]},
+         "evaluation_job.graders[0].rubric"),
+        ({"graders": [GRADER(type="score_model", rubric="Rate {input}")]},
+         "evaluation_job.graders[0].rubric"),
+        ({"graders": [GRADER(type="score_model", score_min=5, score_max=5)]},
+         "evaluation_job.graders[0].score_max"),
+        ({"graders": [GRADER(type="score_model", judge=CANDIDATE(adapter="x"))]},
+         "evaluation_job.graders[0].judge.adapter"),
     ],
 )  # fmt: skip
 async def test_bad_jobs_are_refused_naming_the_field(
@@ -173,6 +198,80 @@ async def test_bad_jobs_are_refused_naming_the_field(
         evaluation_service_pb2.ListEvaluationJobsRequest()
     )
     assert not listed.evaluation_jobs
+
+
+def repeat_records(count: int) -> bytes:
+    return b"".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Repeat: word{i}"},
+                    {"role": "assistant", "content": f"word{i}"},
+                ]
+            }
+        ).encode()
+        + b"\n"
+        for i in range(count)
+    )
+
+
+async def test_an_external_endpoint_judged_pairwise_against_the_base_model(
+    make_platform: MakePlatform, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "parrot-key").write_text("sk-secret\n")
+    platform = await make_platform(
+        inference={"base_model": "colours"}, evaluation={"secrets_dir": str(secrets)}
+    )
+    dataset = await platform.upload(repeat_records(40))
+    with openai_stub() as stub:
+        parrot = evaluation_pb2.OpenAIEndpoint(
+            base_url=stub.base_url, model="parrot", api_key_secret="parrot-key"
+        )
+        judge = CANDIDATE(
+            endpoint=evaluation_pb2.OpenAIEndpoint(base_url=stub.base_url, model="by-content")
+        )
+        requested = job(
+            dataset.name,
+            CANDIDATE(name="base"),
+            CANDIDATE(name="parrot", endpoint=parrot),
+            max_items=0,
+            graders=[GRADER(type="exact_match"), GRADER(type="pairwise_judge", judge=judge)],
+            gate=evaluation_pb2.EvaluationGate(metric="pairwise_judge", min_improvement=0.5),
+        )
+        created = await create(platform, requested)
+        done = await wait(platform, created.name, State.STATE_SUCCEEDED, State.STATE_FAILED)
+    assert done.state == State.STATE_SUCCEEDED, done.error_message
+    base, found = done.results
+    assert [s.grader for s in base.scores] == ["exact_match"]  # no pairwise score of its own
+    n = dataset.validation_record_count
+    assert found.scores[0].mean == 1.0 and base.scores[0].mean == 0.0
+    pairwise = found.scores[1]
+    assert (pairwise.grader, pairwise.count, pairwise.mean) == ("pairwise_judge", n, 1.0)
+    assert (pairwise.pairwise.wins, pairwise.pairwise.ties, pairwise.pairwise.losses) == (n, 0, 0)
+    assert pairwise.pairwise.inconsistency_rate == 0.0 and pairwise.pairwise.win_rate == 1.0
+    assert pairwise.comparison.test == "sign-exact"
+    assert pairwise.comparison.p_value == pytest.approx(2 * 0.5**n)
+    assert found.gate_passed, found.gate_reasons
+    # The key went to the endpoint and nowhere else.
+    assert {r["authorization"] for r in stub.requests if r["model"] == "parrot"} == {
+        "Bearer sk-secret"
+    }
+    assert "sk-secret" not in str(done)
+    listed = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(
+            parent=created.name, candidate="parrot", page_size=1
+        )
+    )
+    item = listed.item_results[0]
+    assert item.scores["pairwise_judge"] == 1.0
+    assert set(item.judgements) == {
+        "pairwise_judge/candidate_first",
+        "pairwise_judge/baseline_first",
+    }
+    assert item.judgements["pairwise_judge/candidate_first"].endswith("[[A]]")
+    assert item.judgements["pairwise_judge/baseline_first"].endswith("[[B]]")
 
 
 async def test_an_adapter_that_cannot_answer_fails_the_job_with_the_reason(

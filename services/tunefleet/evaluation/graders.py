@@ -17,7 +17,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class GraderError(Exception):
@@ -38,6 +38,7 @@ class Grader:
     name: str
     binary: bool
     score: Callable[[str, Item], float]
+    pairwise: ClassVar[bool] = False  # it compares with the baseline's answer (judges.py)
 
 
 def _exact_match(output: str, item: Item) -> float:

@@ -10,8 +10,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,9 +23,18 @@ from tunefleet.core.errors import FailedPrecondition, InvalidArgument, Tunefleet
 from tunefleet.core.names import dataset_id
 from tunefleet.core.protos import timestamp
 from tunefleet.evaluation import graders as grading
+from tunefleet.evaluation import judges as judging
 from tunefleet.evaluation import store
+from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge
 from tunefleet.evaluation.report import EvaluationFailed, Gate, GraderSummary
-from tunefleet.evaluation.runner import Candidate, DatasetReader, Generator, ItemResult, run
+from tunefleet.evaluation.runner import (
+    Candidate,
+    DatasetReader,
+    Endpoint,
+    Generator,
+    ItemResult,
+    run,
+)
 from tunefleet.evaluation.statistics import Comparison
 from tunefleet.runtime.settings import EvaluationSettings
 from tunefleet.storage import idempotency
@@ -36,6 +47,7 @@ State = EvaluationJob.State
 log = logging.getLogger(__name__)
 FIELD = "evaluation_job"
 NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+SECRET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 MAX_ITEMS = 10_000
 VERDICTS = {
     "better": evaluation_pb2.EVALUATION_VERDICT_BETTER,
@@ -44,8 +56,9 @@ VERDICTS = {
 }
 
 
-def check(job: evaluation_pb2.EvaluationJob) -> None:
-    """Every check that needs no other service; defaults filled in."""
+def check(job: evaluation_pb2.EvaluationJob, secrets: str = "") -> None:
+    """Every check that needs no other service; defaults filled in. `secrets`: the directory of
+    the endpoints' API keys."""
     if not 1 <= len(job.candidates) <= 16:
         raise InvalidArgument(f"{FIELD}.candidates", "1 to 16 candidates are required")
     names: set[str] = set()
@@ -56,11 +69,7 @@ def check(job: evaluation_pb2.EvaluationJob) -> None:
         if candidate.name in names:
             raise InvalidArgument(f"{where}.name", f"{candidate.name!r} is named twice")
         names.add(candidate.name)
-        if candidate.adapter and not candidate.adapter.startswith("adapters/"):
-            raise InvalidArgument(
-                f"{where}.adapter",
-                "must be adapters/{adapter}@{alias} or adapters/{adapter}/versions/{n}",
-            )
+        check_model(candidate, where)
     job.baseline = job.baseline or job.candidates[0].name
     if job.baseline not in names:
         raise InvalidArgument(f"{FIELD}.baseline", f"{job.baseline!r} is not a candidate")
@@ -79,7 +88,9 @@ def check(job: evaluation_pb2.EvaluationJob) -> None:
         raise InvalidArgument(f"{FIELD}.sampling.temperature", "must be 0 to 2")
     if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
         raise InvalidArgument(f"{FIELD}.sampling.top_p", "must be in (0, 1]")
-    graded = {grader.name for grader in build_graders(job)}
+    graded = {grader.name for grader in build_graders(job, secrets)}
+    for index, candidate in enumerate(job.candidates):
+        model(candidate, f"{FIELD}.candidates[{index}]", secrets)  # its secret is there
     if job.HasField("gate"):
         if job.gate.metric not in graded:
             raise InvalidArgument(f"{FIELD}.gate.metric", f"{job.gate.metric!r} is not a grader")
@@ -96,10 +107,36 @@ def check(job: evaluation_pb2.EvaluationJob) -> None:
         raise InvalidArgument(f"{FIELD}.max_error_rate", "must be 0 to 1")
 
 
-def build_graders(job: evaluation_pb2.EvaluationJob) -> list[grading.Grader]:
+def check_model(model: evaluation_pb2.EvaluationCandidate, where: str) -> None:
+    """A candidate's or a judge's model: an adapter, an endpoint, or the base model."""
+    if model.adapter and not model.adapter.startswith("adapters/"):
+        raise InvalidArgument(
+            f"{where}.adapter",
+            "must be adapters/{adapter}@{alias} or adapters/{adapter}/versions/{n}",
+        )
+    if not model.HasField("endpoint"):
+        return
+    endpoint, at = model.endpoint, f"{where}.endpoint"
+    if model.adapter:
+        raise InvalidArgument(f"{where}.adapter", "must be empty with an endpoint")
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint.base_url):
+        raise InvalidArgument(f"{at}.base_url", "must be an http:// or https:// URL")
+    if not endpoint.model:
+        raise InvalidArgument(f"{at}.model", "is required")
+    if endpoint.api_key_secret and not SECRET.fullmatch(endpoint.api_key_secret):
+        raise InvalidArgument(
+            f"{at}.api_key_secret",
+            "must be 1 to 253 of [A-Za-z0-9._-], starting with a letter or digit",
+        )
+
+
+def build_graders(
+    job: evaluation_pb2.EvaluationJob, secrets: str = ""
+) -> list[grading.Grader | ScoreJudge | PairwiseJudge]:
     if not 1 <= len(job.graders) <= 16:
         raise InvalidArgument(f"{FIELD}.graders", "1 to 16 graders are required")
-    built, names = [], set()
+    built: list[grading.Grader | ScoreJudge | PairwiseJudge] = []
+    names: set[str] = set()
     for index, config in enumerate(job.graders):
         where = f"{FIELD}.graders[{index}]"
         name = config.name or config.type
@@ -107,6 +144,9 @@ def build_graders(job: evaluation_pb2.EvaluationJob) -> list[grading.Grader]:
             raise InvalidArgument(f"{where}.name", f"{name!r} is named twice")
         names.add(name)
         options: dict[str, Any] = {}
+        if config.type in ("score_model", "pairwise_judge"):
+            built.append(build_judge(config, where, secrets))
+            continue
         if config.type == "string_check":
             options = {"operation": config.operation, "value": config.value}
             if config.operation == "regex" and config.value:
@@ -131,6 +171,55 @@ def build_graders(job: evaluation_pb2.EvaluationJob) -> list[grading.Grader]:
             raise InvalidArgument(f"{where}.json_schema", f"not a valid schema: {error}") from None
         built.append(dataclasses.replace(grader, name=name))
     return built
+
+
+def build_judge(
+    config: evaluation_pb2.EvaluationGrader, where: str, secrets: str
+) -> ScoreJudge | PairwiseJudge:
+    name = config.name or config.type
+    check_model(config.judge, f"{where}.judge")
+    judge = model(config.judge, f"{where}.judge", secrets)
+    score = config.type == "score_model"
+    rubric = config.rubric or (judging.SCORE_RUBRIC if score else judging.PAIRWISE_RUBRIC)
+    try:
+        if score:
+            judging.check_rubric(rubric, judging.SCORE_FIELDS, {"output"})
+        else:
+            judging.check_rubric(rubric, judging.PAIRWISE_FIELDS, {"answer_a", "answer_b"})
+    except ValueError as error:
+        raise InvalidArgument(f"{where}.rubric", str(error)) from None
+    if not score:
+        return PairwiseJudge(name, judge, rubric)
+    low = config.score_min if config.HasField("score_min") else 1.0
+    high = config.score_max if config.HasField("score_max") else 10.0
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InvalidArgument(f"{where}.score_max", "must be finite and above score_min")
+    return ScoreJudge(name, judge, rubric, low, high)
+
+
+def model(config: evaluation_pb2.EvaluationCandidate, where: str, secrets: str) -> Candidate:
+    """The runner's view of a model, its API key read from the secrets directory (keys are never
+    stored with a job)."""
+    endpoint = None
+    if config.HasField("endpoint"):
+        key = ""
+        if config.endpoint.api_key_secret:
+            path = Path(secrets or "/nonexistent") / config.endpoint.api_key_secret
+            try:
+                key = path.read_text().strip()
+            except OSError:
+                raise InvalidArgument(
+                    f"{where}.endpoint.api_key_secret",
+                    f"no secret {config.endpoint.api_key_secret!r} in evaluation.secrets_dir",
+                ) from None
+        endpoint = Endpoint(config.endpoint.base_url, config.endpoint.model, key)
+    return Candidate(
+        config.name,
+        config.adapter,
+        config.system_prompt,
+        tuple(config.few_shot),
+        endpoint,
+    )
 
 
 class EvaluationManager:
@@ -177,7 +266,7 @@ class EvaluationManager:
             job.gate.CopyFrom(requested.gate)
         if requested.HasField("max_error_rate"):
             job.max_error_rate = requested.max_error_rate
-        check(job)
+        check(job, self.settings.secrets_dir)
         await self.datasets.dataset(job.dataset, f"{FIELD}.dataset")
         if validate_only:
             job.state = State.STATE_QUEUED
@@ -277,10 +366,11 @@ class EvaluationManager:
             raise InvalidArgument(f"{FIELD}.dataset", str(error)) from None
         if not items:
             raise InvalidArgument(f"{FIELD}.dataset", f"{job.dataset} has no items in that split")
+        secrets = self.settings.secrets_dir
         candidates = [
-            Candidate(c.name, c.adapter, c.system_prompt, tuple(c.few_shot)) for c in job.candidates
+            model(c, f"{FIELD}.candidates[{i}]", secrets) for i, c in enumerate(job.candidates)
         ]
-        graders = build_graders(job)
+        graders = build_graders(job, secrets)
         with self.db.read() as session:
             known = {
                 (row.candidate, row.item_index): row.output
@@ -322,11 +412,13 @@ class EvaluationManager:
         results = []
         for candidate in candidates:
             result = evaluation_pb2.EvaluationCandidateResult(candidate=candidate.name)
-            for grader in graders:
-                result.scores.append(
-                    _score(grader.name, outcome.summary[candidate.name][grader.name])
-                )
+            summary = outcome.summary[candidate.name]
             verdict = outcome.gates.get(candidate.name)
+            for grader in graders:
+                if grader.name in summary:  # not the baseline's under a pairwise judge
+                    result.scores.append(_score(grader.name, summary[grader.name]))
+                    if verdict is not None and grader.name == job.gate.metric:
+                        result.scores[-1].comparison.items_needed = verdict.items_needed
             if verdict is not None:
                 result.gate_passed = verdict.passed
                 result.gate_reasons.extend(verdict.reasons)
@@ -366,6 +458,7 @@ class EvaluationManager:
                 session.add(row)
             row.output, row.reference = result.output, reference
             row.scores, row.errors = scores, dict(result.errors)
+            row.judgements = dict(result.judgements)
 
     def _finish(
         self, identifier: str, results: list[evaluation_pb2.EvaluationCandidateResult]
@@ -411,6 +504,20 @@ def _score(name: str, summary: GraderSummary) -> evaluation_pb2.EvaluationScore:
     )
     if summary.comparison is not None:
         score.comparison.CopyFrom(_comparison(summary.comparison))
+    tally = summary.tally
+    if tally is not None:
+        score.pairwise.CopyFrom(
+            evaluation_pb2.EvaluationPairwiseTally(
+                wins=tally.wins,
+                losses=tally.losses,
+                ties=tally.ties,
+                inconsistent=tally.inconsistent,
+                inconsistency_rate=tally.inconsistency_rate,
+                win_rate=_finite(tally.win_rate.mean),
+                win_rate_ci_low=_finite(tally.win_rate.low),
+                win_rate_ci_high=_finite(tally.win_rate.high),
+            )
+        )
     return score
 
 

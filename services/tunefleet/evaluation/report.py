@@ -9,12 +9,15 @@ grader, the candidate and the count (a silent 0 would read as a wrong answer).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tunefleet.evaluation.judges import pairwise_score
 from tunefleet.evaluation.statistics import (
     Comparison,
     Estimate,
+    items_needed,
     mean_interval,
     paired_binary,
     paired_bootstrap,
@@ -34,6 +37,7 @@ class GraderSummary:
     estimate: Estimate
     errors: int
     comparison: Comparison | None = None  # against the baseline; None for the baseline
+    tally: PairwiseTally | None = None  # pairwise judges
 
 
 def summarise(
@@ -103,10 +107,11 @@ def pairwise(
     candidate_first: Sequence[str | None],
     baseline_first: Sequence[str | None],
     max_error_rate: float = 0.02,
+    what: str = "the pairwise judge",
 ) -> PairwiseTally:
     """Tally a judge's replies: `candidate_first[i]` names the better answer ("A", "B" or
     "tie") with the candidate shown first, `baseline_first[i]` with the baseline first; None is
-    a reply that did not parse."""
+    a reply that did not parse (or an item that could not be judged)."""
     wins = losses = ties = inconsistent = errors = 0
     for first, second in zip(candidate_first, baseline_first, strict=True):
         if first is None or second is None:
@@ -125,11 +130,30 @@ def pairwise(
     total = len(candidate_first)
     if total and errors / total > max_error_rate:
         raise EvaluationFailed(
-            f"the pairwise judge's reply did not parse for {errors} of {total} items "
-            f"(more than {max_error_rate:.0%})"
+            f"{what}: no verdict for {errors} of {total} items (more than {max_error_rate:.0%})"
         )
     judged = wins + losses + ties
     return PairwiseTally(wins, losses, ties, inconsistent, errors, wilson(wins, judged))
+
+
+def summarise_pairwise(
+    choices: Sequence[tuple[str | None, str | None]],
+    what: str,
+    clusters: Sequence[str] | None = None,
+    max_error_rate: float = 0.02,
+) -> GraderSummary:
+    """A pairwise judge's summary for one candidate from its choices item by item (candidate
+    first, baseline first): the mean item score (win 1, tie 0.5, loss 0) with its interval, the
+    tally, and the exact sign test of wins against losses (McNemar's test, as a win is an item
+    only the candidate "got right")."""
+    tally = pairwise([c[0] for c in choices], [c[1] for c in choices], max_error_rate, what)
+    kept = [i for i, (a, b) in enumerate(choices) if a is not None and b is not None]
+    scores = [pairwise_score(*choices[i]) for i in kept]  # type: ignore[arg-type]
+    estimate = mean_interval(scores, [clusters[i] for i in kept] if clusters else None)
+    won = [s == 1.0 for s in scores]
+    lost = [s == 0.0 for s in scores]
+    comparison = dataclasses.replace(paired_binary(lost, won), test="sign-exact")
+    return GraderSummary(estimate, tally.errors, comparison, tally)
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,7 @@ class Gate:
 class GateVerdict:
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    items_needed: int = 0  # the power hint, when the metric showed no significant difference
 
 
 def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
@@ -157,12 +182,19 @@ def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
     if found is None or found.comparison is None:
         return GateVerdict(False, [f"{gate.metric}: not measured against the baseline"])
     comparison = found.comparison
+    needed = 0
     if comparison.verdict != "better":
         reasons.append(
             f"{gate.metric}: {comparison.verdict} than the baseline "
             f"({comparison.difference:+.3f}, 95% CI {comparison.low:+.3f} to "
             f"{comparison.high:+.3f}, p={comparison.p_value:.3g})"
         )
+        needed = power_hint(gate, comparison)
+        if needed > comparison.n:
+            reasons.append(
+                f"{gate.metric}: about {needed} items are needed to detect an improvement of "
+                f"{gate.min_improvement:+.3f} with 80% power; this evaluation has {comparison.n}"
+            )
     elif comparison.difference < gate.min_improvement:
         reasons.append(
             f"{gate.metric}: improves by {comparison.difference:+.3f}, less than the "
@@ -182,4 +214,14 @@ def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
         reasons.append(
             f"regressions on {', '.join(worse)} (at most {gate.max_regressions} allowed)"
         )
-    return GateVerdict(not reasons, reasons)
+    return GateVerdict(not reasons, reasons, needed)
+
+
+def power_hint(gate: Gate, comparison: Comparison) -> int:
+    """Items a paired 0/1 comparison (McNemar's or the sign test) would need to detect the gate's
+    `min_improvement` with 80% power, given the share of items the two disagreed on here; 0 for
+    continuous graders or without a `min_improvement`."""
+    if comparison.test == "paired-bootstrap" or comparison.n == 0:
+        return 0
+    discordance = (comparison.wins + comparison.losses) / comparison.n
+    return items_needed(discordance, gate.min_improvement)

@@ -8,6 +8,9 @@ or an adapter (`adapters/x@alias`, `adapters/x/versions/n`), optionally with a s
 example turns put before each item's turns (a prompting baseline). Sampling is greedy unless the
 run says otherwise, so reruns on the same versions give the same answers.
 
+A candidate or a judge may also be an external OpenAI-compatible endpoint, called with the
+official `openai` client (which retries throttling and server errors itself).
+
 A generation that fails after retries, like an item a grader cannot grade, is a fault: counted,
 and failing the run above `max_error_rate`, never scored as a wrong answer.
 """
@@ -17,11 +20,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from tunefleet.core.errors import relayed
 from tunefleet.evaluation.graders import Grader, GraderError, Item
+from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge, pairwise_score, parse_choice
 from tunefleet.evaluation.report import (
     EvaluationFailed,
     Gate,
@@ -29,6 +34,7 @@ from tunefleet.evaluation.report import (
     GraderSummary,
     judge_gate,
     summarise,
+    summarise_pairwise,
 )
 from tunefleet.runtime.peers import DatasetServicePeer, Peer
 from tunefleet.v1 import (
@@ -42,6 +48,17 @@ from tunefleet.v1 import (
 
 RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 PAGE = 500
+# Judges answer greedily, with room to explain before their verdict.
+JUDGE_SAMPLING = inference_pb2.SamplingParams(max_tokens=512, temperature=0.0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible chat completions API."""
+
+    base_url: str
+    model: str
+    api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,14 @@ class Candidate:
     adapter: str = ""  # empty: the base model
     system_prompt: str = ""
     few_shot: tuple[common_pb2.ChatMessage, ...] = ()
+    endpoint: Endpoint | None = None  # answers instead of InferenceService
+
+
+class GenerationError(Exception):
+    """A model did not answer (after retries); the message says why."""
+
+
+AnyGrader = Grader | ScoreJudge | PairwiseJudge
 
 
 @dataclass(frozen=True)
@@ -63,7 +88,10 @@ class ItemResult:
     candidate: str
     output: str | None  # None: the generation failed
     scores: dict[str, float | None] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # grader (or "generation") -> why
+    errors: dict[str, str] = field(default_factory=dict)  # grader -> why it could not grade
+    judgements: dict[str, str] = field(default_factory=dict)  # what judges replied
+    # Pairwise judges: the choice with the candidate first and with the baseline first.
+    choices: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,10 +141,17 @@ def _item(record: dataset_pb2.DatasetRecord) -> EvalItem:
 
 
 class Generator(Peer):
+    """Answers through InferenceService, or through a candidate's own OpenAI-compatible
+    endpoint."""
+
     stub_class = inference_service_pb2_grpc.InferenceServiceStub
     service = "InferenceService"
     call_seconds = 600.0
     attempts = 3
+
+    def __init__(self, endpoint: str = "", token: str = "") -> None:
+        super().__init__(endpoint, token)
+        self._clients: dict[tuple[str, str], Any] = {}
 
     async def answer(
         self, candidate: Candidate, item: EvalItem, sampling: inference_pb2.SamplingParams
@@ -124,6 +159,8 @@ class Generator(Peer):
         turns = list(candidate.few_shot) + list(item.messages)
         if candidate.system_prompt:
             turns.insert(0, common_pb2.ChatMessage(role="system", content=candidate.system_prompt))
+        if candidate.endpoint is not None:
+            return await self._external(candidate.endpoint, turns, sampling)
         request = inference_service_pb2.GenerateRequest(
             adapter=candidate.adapter,
             chat=inference_pb2.ChatInput(messages=turns),
@@ -137,15 +174,66 @@ class Generator(Peer):
                 return str(response.text)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRIED or attempt == self.attempts - 1:
-                    raise
+                    raise GenerationError(f"{error.code().name}: {error.details()}") from None
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def _external(
+        self,
+        endpoint: Endpoint,
+        turns: list[common_pb2.ChatMessage],
+        sampling: inference_pb2.SamplingParams,
+    ) -> str:
+        import openai
+
+        key = (endpoint.base_url, endpoint.api_key)
+        if key not in self._clients:
+            self._clients[key] = openai.AsyncOpenAI(
+                base_url=endpoint.base_url,
+                api_key=endpoint.api_key or "none",  # the client insists on one
+                max_retries=self.attempts - 1,
+                timeout=self.call_seconds,
+            )
+        options: dict[str, Any] = {"temperature": 0.0}
+        if sampling.max_tokens:
+            options["max_tokens"] = sampling.max_tokens
+        if sampling.HasField("temperature"):
+            options["temperature"] = sampling.temperature
+        if sampling.HasField("top_p"):
+            options["top_p"] = sampling.top_p
+        if sampling.HasField("seed"):
+            options["seed"] = sampling.seed
+        if sampling.stop:
+            options["stop"] = list(sampling.stop)
+        try:
+            response = await self._clients[key].chat.completions.create(
+                model=endpoint.model,
+                messages=[{"role": t.role, "content": t.content} for t in turns],
+                **options,
+            )
+        except openai.APIError as error:
+            raise GenerationError(f"{endpoint.base_url}: {error}") from None
+        choices = getattr(response, "choices", None)
+        if not choices or not isinstance(choices[0].message.content, str):
+            raise GenerationError(f"{endpoint.base_url}: the reply has no text answer")
+        return choices[0].message.content
+
+    async def ask(self, judge: Candidate, prompt: str) -> str:
+        """A judge's reply to one prompt, greedy."""
+        item = EvalItem(id="judge", messages=(common_pb2.ChatMessage(role="user", content=prompt),))
+        return await self.answer(judge, item, JUDGE_SAMPLING)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        await super().close()
 
 
 async def run(
     items: Sequence[EvalItem],
     candidates: Sequence[Candidate],
-    graders: Sequence[Grader],
+    graders: Sequence[AnyGrader],
     generator: Generator,
     sampling: inference_pb2.SamplingParams,
     baseline: str,
@@ -155,34 +243,51 @@ async def run(
     known: Mapping[tuple[str, int], str] | None = None,
     record: Callable[[ItemResult], Awaitable[None]] | None = None,
 ) -> Outcome:
-    """Answer every item with every candidate (at most `concurrency` requests at once), grade,
-    and summarise against `baseline`; EvaluationFailed when faults pass `max_error_rate`.
-    `known` answers (by candidate and item, from an interrupted run) are graded, not asked for
-    again; `record` is called with each result as it is graded."""
+    """Answer every item with every candidate (at most `concurrency` model calls at once, the
+    judges' included), grade, and summarise against `baseline`; EvaluationFailed when faults
+    pass `max_error_rate`. `known` answers (by candidate and item, from an interrupted run) are
+    graded, not asked for again; `record` is called with each result as it is graded."""
     names = [c.name for c in candidates]
     if baseline not in names:
         raise ValueError(f"the baseline {baseline!r} is not a candidate")
     limit = asyncio.Semaphore(concurrency)
+    # The baseline's answers, which pairwise judges wait for (None: it has none).
+    baseline_answers = [asyncio.get_running_loop().create_future() for _ in items]
 
-    async def one(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
+    async def ask(judge: Candidate, prompt: str) -> str:
+        async with limit:
+            return await generator.ask(judge, prompt)
+
+    async def answer(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
         output = (known or {}).get((candidate.name, index))
         failure = ""
         if output is None:
             async with limit:
                 try:
                     output = await generator.answer(candidate, item, sampling)
-                except grpc.aio.AioRpcError as error:
-                    failure = f"{error.code().name}: {error.details()}"
-        result = ItemResult(index, candidate.name, output)
+                except GenerationError as error:
+                    failure = str(error)
+        return ItemResult(index, candidate.name, output, errors={"": failure})
+
+    async def one(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
+        result: ItemResult | None = None
+        try:
+            result = await answer(candidate, index, item)
+        finally:
+            if candidate.name == baseline and not baseline_answers[index].done():
+                baseline_answers[index].set_result(result.output if result else None)
+        failure = result.errors.pop("")
         for grader in graders:
-            if output is None:
-                result.scores[grader.name] = None
+            if grader.pairwise and candidate.name == baseline:
+                continue  # the baseline is what the others are compared with
+            result.scores[grader.name] = None
+            if result.output is None:
                 result.errors[grader.name] = failure
                 continue
             try:
-                result.scores[grader.name] = grader.score(output, item)
-            except GraderError as error:
-                result.scores[grader.name] = None
+                other = await baseline_answers[index] if grader.pairwise else None
+                result.scores[grader.name] = await _grade(grader, ask, item, result, other)
+            except (GraderError, GenerationError) as error:
                 result.errors[grader.name] = str(error)
         if record is not None:
             await record(result)
@@ -191,19 +296,86 @@ async def run(
     results = await asyncio.gather(
         *(one(c, i, item) for c in candidates for i, item in enumerate(items))
     )
-    scores: dict[str, dict[str, list[float | None]]] = {
-        c.name: {g.name: [None] * len(items) for g in graders} for c in candidates
-    }
-    for result in results:
-        for name, value in result.scores.items():
-            scores[result.candidate][name][result.index] = value
     clusters = [item.cluster for item in items] if any(i.cluster for i in items) else None
-    binary = {g.name: g.binary for g in graders}
     try:
-        summary = summarise(scores, binary, baseline, clusters, max_error_rate)
+        summary = summarise(
+            _by_grader(results, candidates, [g for g in graders if not g.pairwise], len(items)),
+            {g.name: g.binary for g in graders},
+            baseline,
+            clusters,
+            max_error_rate,
+        )
+        for grader in (g for g in graders if g.pairwise):
+            for candidate in (c for c in candidates if c.name != baseline):
+                mine = sorted(
+                    (r for r in results if r.candidate == candidate.name), key=lambda r: r.index
+                )
+                summary[candidate.name][grader.name] = summarise_pairwise(
+                    [r.choices.get(grader.name, (None, None)) for r in mine],
+                    f"{grader.name} of {candidate.name}",
+                    clusters,
+                    max_error_rate,
+                )
     except EvaluationFailed as error:
         first = next(r for r in results if r.errors)  # a fault, for the reader to start from
         why = next(iter(first.errors.values()))
         raise EvaluationFailed(f"{error}; item {first.index} of {first.candidate}: {why}") from None
     gates = {name: judge_gate(gate, summary[name]) for name in names if gate and name != baseline}
     return Outcome(list(results), summary, gates)
+
+
+async def _grade(
+    grader: AnyGrader,
+    ask: Callable[[Candidate, str], Awaitable[str]],
+    item: EvalItem,
+    result: ItemResult,
+    baseline_output: str | None,
+) -> float:
+    """One grader's score of one answer (judges' replies kept on `result`)."""
+    output = result.output
+    assert output is not None
+    if isinstance(grader, Grader):
+        return grader.score(output, item)
+    if isinstance(grader, ScoreJudge):
+        score, reply = await grader.grade(ask, item, output)
+        result.judgements[grader.name] = reply
+        return score
+    if baseline_output is None:
+        raise GraderError("the baseline has no answer to compare with")
+    replies = await asyncio.gather(
+        grader.ask_order(ask, item, output, baseline_output),
+        grader.ask_order(ask, item, baseline_output, output),
+        return_exceptions=True,  # both calls end before the item does
+    )
+    failed = [r for r in replies if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
+    first, second = str(replies[0]), str(replies[1])
+    result.judgements[f"{grader.name}/candidate_first"] = first
+    result.judgements[f"{grader.name}/baseline_first"] = second
+    result.choices[grader.name] = (_choice(first), _choice(second))
+    return pairwise_score(parse_choice(first), parse_choice(second))  # GraderError: no verdict
+
+
+def _choice(reply: str) -> str | None:
+    try:
+        return parse_choice(reply)
+    except GraderError:
+        return None
+
+
+def _by_grader(
+    results: Sequence[ItemResult],
+    candidates: Sequence[Candidate],
+    graders: Sequence[AnyGrader],
+    count: int,
+) -> dict[str, dict[str, list[float | None]]]:
+    """`scores[candidate][grader]` item by item."""
+    scores: dict[str, dict[str, list[float | None]]] = {
+        c.name: {g.name: [None] * count for g in graders} for c in candidates
+    }
+    for result in results:
+        for name, value in result.scores.items():
+            if name in scores[result.candidate]:
+                scores[result.candidate][name][result.index] = value
+    return scores

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import BigInteger, ForeignKey, String, select
+from sqlalchemy import BigInteger, ForeignKey, String, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tunefleet.core.errors import InvalidArgument, NotFound
@@ -50,6 +50,7 @@ class ItemRow(Base):
     reference: Mapped[str]
     scores: Mapped[dict[str, Any]]
     errors: Mapped[dict[str, Any]]
+    judgements: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
 
     def message(self) -> evaluation_pb2.EvaluationItemResult:
         result = evaluation_pb2.EvaluationItemResult(
@@ -58,6 +59,7 @@ class ItemRow(Base):
             reference=self.reference,
             scores=self.scores,
             errors=self.errors,
+            judgements=self.judgements,
         )
         if self.output is not None:
             result.output = self.output

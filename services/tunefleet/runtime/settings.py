@@ -299,6 +299,9 @@ class EvaluationSettings(_Section):
     concurrency: int = Field(default=8, ge=1, le=256)
     # Jobs run at once; more wait in the queue, oldest first.
     max_running_jobs: int = Field(default=2, ge=1)
+    # The directory of external endpoints' API keys, one file per secret (a mounted Kubernetes
+    # Secret); a job names the file in `endpoint.api_key_secret`.
+    secrets_dir: str = ""
 
 
 class VllmSettings(_Section):

@@ -28,7 +28,7 @@ from tunefleet.v1 import dataset_pb2 as tunefleet_dot_v1_dot_dataset__pb2
 from tunefleet.v1 import inference_pb2 as tunefleet_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtunefleet/v1/evaluation.proto\x12\x0ctunefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tunefleet/v1/common.proto\x1a\x1atunefleet/v1/dataset.proto\x1a\x1ctunefleet/v1/inference.proto\"x\n\x13\x45valuationCandidate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12+\n\x08\x66\x65w_shot\x18\x04 \x03(\x0b\x32\x19.tunefleet.v1.ChatMessage\"e\n\x10\x45valuationGrader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x13\n\x0bjson_schema\x18\x05 \x01(\t\"n\n\x0e\x45valuationGate\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x17\n\x0fmin_improvement\x18\x02 \x01(\x01\x12\x1a\n\x12regression_graders\x18\x03 \x03(\t\x12\x17\n\x0fmax_regressions\x18\x04 \x01(\x05\"\xa7\x01\n\x0f\x45valuationScore\x12\x0e\n\x06grader\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x03\x12\x36\n\ncomparison\x18\x07 \x01(\x0b\x32\".tunefleet.v1.EvaluationComparison\"\xba\x01\n\x14\x45valuationComparison\x12\x12\n\ndifference\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x0c\n\x04test\x18\x05 \x01(\t\x12\x30\n\x07verdict\x18\x06 \x01(\x0e\x32\x1f.tunefleet.v1.EvaluationVerdict\x12\x0c\n\x04wins\x18\x07 \x01(\x03\x12\x0e\n\x06losses\x18\x08 \x01(\x03\"\x9d\x01\n\x19\x45valuationCandidateResult\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12-\n\x06scores\x18\x02 \x03(\x0b\x32\x1d.tunefleet.v1.EvaluationScore\x12\x18\n\x0bgate_passed\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cgate_reasons\x18\x04 \x03(\tB\x0e\n\x0c_gate_passed\"\xae\x06\n\rEvaluationJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.tunefleet.v1.EvaluationCandidate\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12)\n\x05split\x18\x06 \x01(\x0e\x32\x1a.tunefleet.v1.DatasetSplit\x12\x11\n\tmax_items\x18\x07 \x01(\x03\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParams\x12/\n\x07graders\x18\t \x03(\x0b\x32\x1e.tunefleet.v1.EvaluationGrader\x12*\n\x04gate\x18\n \x01(\x0b\x32\x1c.tunefleet.v1.EvaluationGate\x12\x1b\n\x0emax_error_rate\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x05state\x18\x0c \x01(\x0e\x32!.tunefleet.v1.EvaluationJob.State\x12\x15\n\ranswers_total\x18\r \x01(\x03\x12\x14\n\x0c\x61nswers_done\x18\x0e \x01(\x03\x12\x38\n\x07results\x18\x0f \x03(\x0b\x32\'.tunefleet.v1.EvaluationCandidateResult\x12\x14\n\x0c\x65rror_reason\x18\x10 \x01(\t\x12\x15\n\rerror_message\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\x42\x11\n\x0f_max_error_rate\"\xc9\x02\n\x14\x45valuationItemResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x13\n\x06output\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\treference\x18\x04 \x01(\t\x12>\n\x06scores\x18\x05 \x03(\x0b\x32..tunefleet.v1.EvaluationItemResult.ScoresEntry\x12>\n\x06\x65rrors\x18\x06 \x03(\x0b\x32..tunefleet.v1.EvaluationItemResult.ErrorsEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_output*\xa6\x01\n\x11\x45valuationVerdict\x12\"\n\x1e\x45VALUATION_VERDICT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VALUATION_VERDICT_BETTER\x10\x01\x12\x1c\n\x18\x45VALUATION_VERDICT_WORSE\x10\x02\x12\x30\n,EVALUATION_VERDICT_NO_SIGNIFICANT_DIFFERENCE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtunefleet/v1/evaluation.proto\x12\x0ctunefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tunefleet/v1/common.proto\x1a\x1atunefleet/v1/dataset.proto\x1a\x1ctunefleet/v1/inference.proto\"\xa8\x01\n\x13\x45valuationCandidate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12+\n\x08\x66\x65w_shot\x18\x04 \x03(\x0b\x32\x19.tunefleet.v1.ChatMessage\x12.\n\x08\x65ndpoint\x18\x05 \x01(\x0b\x32\x1c.tunefleet.v1.OpenAIEndpoint\"I\n\x0eOpenAIEndpoint\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x61pi_key_secret\x18\x03 \x01(\t\"\xf3\x01\n\x10\x45valuationGrader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x13\n\x0bjson_schema\x18\x05 \x01(\t\x12\x30\n\x05judge\x18\x06 \x01(\x0b\x32!.tunefleet.v1.EvaluationCandidate\x12\x0e\n\x06rubric\x18\x07 \x01(\t\x12\x16\n\tscore_min\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tscore_max\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_score_minB\x0c\n\n_score_max\"n\n\x0e\x45valuationGate\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x17\n\x0fmin_improvement\x18\x02 \x01(\x01\x12\x1a\n\x12regression_graders\x18\x03 \x03(\t\x12\x17\n\x0fmax_regressions\x18\x04 \x01(\x05\"\xe0\x01\n\x0f\x45valuationScore\x12\x0e\n\x06grader\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x03\x12\x36\n\ncomparison\x18\x07 \x01(\x0b\x32\".tunefleet.v1.EvaluationComparison\x12\x37\n\x08pairwise\x18\x08 \x01(\x0b\x32%.tunefleet.v1.EvaluationPairwiseTally\"\xbc\x01\n\x17\x45valuationPairwiseTally\x12\x0c\n\x04wins\x18\x01 \x01(\x03\x12\x0e\n\x06losses\x18\x02 \x01(\x03\x12\x0c\n\x04ties\x18\x03 \x01(\x03\x12\x14\n\x0cinconsistent\x18\x04 \x01(\x03\x12\x1a\n\x12inconsistency_rate\x18\x05 \x01(\x01\x12\x10\n\x08win_rate\x18\x06 \x01(\x01\x12\x17\n\x0fwin_rate_ci_low\x18\x07 \x01(\x01\x12\x18\n\x10win_rate_ci_high\x18\x08 \x01(\x01\"\xd0\x01\n\x14\x45valuationComparison\x12\x12\n\ndifference\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x0c\n\x04test\x18\x05 \x01(\t\x12\x30\n\x07verdict\x18\x06 \x01(\x0e\x32\x1f.tunefleet.v1.EvaluationVerdict\x12\x0c\n\x04wins\x18\x07 \x01(\x03\x12\x0e\n\x06losses\x18\x08 \x01(\x03\x12\x14\n\x0citems_needed\x18\t \x01(\x03\"\x9d\x01\n\x19\x45valuationCandidateResult\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12-\n\x06scores\x18\x02 \x03(\x0b\x32\x1d.tunefleet.v1.EvaluationScore\x12\x18\n\x0bgate_passed\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cgate_reasons\x18\x04 \x03(\tB\x0e\n\x0c_gate_passed\"\xae\x06\n\rEvaluationJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.tunefleet.v1.EvaluationCandidate\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12)\n\x05split\x18\x06 \x01(\x0e\x32\x1a.tunefleet.v1.DatasetSplit\x12\x11\n\tmax_items\x18\x07 \x01(\x03\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParams\x12/\n\x07graders\x18\t \x03(\x0b\x32\x1e.tunefleet.v1.EvaluationGrader\x12*\n\x04gate\x18\n \x01(\x0b\x32\x1c.tunefleet.v1.EvaluationGate\x12\x1b\n\x0emax_error_rate\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x05state\x18\x0c \x01(\x0e\x32!.tunefleet.v1.EvaluationJob.State\x12\x15\n\ranswers_total\x18\r \x01(\x03\x12\x14\n\x0c\x61nswers_done\x18\x0e \x01(\x03\x12\x38\n\x07results\x18\x0f \x03(\x0b\x32\'.tunefleet.v1.EvaluationCandidateResult\x12\x14\n\x0c\x65rror_reason\x18\x10 \x01(\t\x12\x15\n\rerror_message\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\x42\x11\n\x0f_max_error_rate\"\xc4\x03\n\x14\x45valuationItemResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x13\n\x06output\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\treference\x18\x04 \x01(\t\x12>\n\x06scores\x18\x05 \x03(\x0b\x32..tunefleet.v1.EvaluationItemResult.ScoresEntry\x12>\n\x06\x65rrors\x18\x06 \x03(\x0b\x32..tunefleet.v1.EvaluationItemResult.ErrorsEntry\x12\x46\n\njudgements\x18\x07 \x03(\x0b\x32\x32.tunefleet.v1.EvaluationItemResult.JudgementsEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fJudgementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_output*\xa6\x01\n\x11\x45valuationVerdict\x12\"\n\x1e\x45VALUATION_VERDICT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VALUATION_VERDICT_BETTER\x10\x01\x12\x1c\n\x18\x45VALUATION_VERDICT_WORSE\x10\x02\x12\x30\n,EVALUATION_VERDICT_NO_SIGNIFICANT_DIFFERENCE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATIONITEMRESULT_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._loaded_options = None
   _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._serialized_options = b'8\001'
-  _globals['_EVALUATIONVERDICT']._serialized_start=2171
-  _globals['_EVALUATIONVERDICT']._serialized_end=2337
-  _globals['_EVALUATIONCANDIDATE']._serialized_start=165
-  _globals['_EVALUATIONCANDIDATE']._serialized_end=285
-  _globals['_EVALUATIONGRADER']._serialized_start=287
-  _globals['_EVALUATIONGRADER']._serialized_end=388
-  _globals['_EVALUATIONGATE']._serialized_start=390
-  _globals['_EVALUATIONGATE']._serialized_end=500
-  _globals['_EVALUATIONSCORE']._serialized_start=503
-  _globals['_EVALUATIONSCORE']._serialized_end=670
-  _globals['_EVALUATIONCOMPARISON']._serialized_start=673
-  _globals['_EVALUATIONCOMPARISON']._serialized_end=859
-  _globals['_EVALUATIONCANDIDATERESULT']._serialized_start=862
-  _globals['_EVALUATIONCANDIDATERESULT']._serialized_end=1019
-  _globals['_EVALUATIONJOB']._serialized_start=1022
-  _globals['_EVALUATIONJOB']._serialized_end=1836
-  _globals['_EVALUATIONJOB_STATE']._serialized_start=1690
-  _globals['_EVALUATIONJOB_STATE']._serialized_end=1817
-  _globals['_EVALUATIONITEMRESULT']._serialized_start=1839
-  _globals['_EVALUATIONITEMRESULT']._serialized_end=2168
-  _globals['_EVALUATIONITEMRESULT_SCORESENTRY']._serialized_start=2065
-  _globals['_EVALUATIONITEMRESULT_SCORESENTRY']._serialized_end=2110
-  _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._serialized_start=2112
-  _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._serialized_end=2157
+  _globals['_EVALUATIONITEMRESULT_JUDGEMENTSENTRY']._loaded_options = None
+  _globals['_EVALUATIONITEMRESULT_JUDGEMENTSENTRY']._serialized_options = b'8\001'
+  _globals['_EVALUATIONVERDICT']._serialized_start=2831
+  _globals['_EVALUATIONVERDICT']._serialized_end=2997
+  _globals['_EVALUATIONCANDIDATE']._serialized_start=166
+  _globals['_EVALUATIONCANDIDATE']._serialized_end=334
+  _globals['_OPENAIENDPOINT']._serialized_start=336
+  _globals['_OPENAIENDPOINT']._serialized_end=409
+  _globals['_EVALUATIONGRADER']._serialized_start=412
+  _globals['_EVALUATIONGRADER']._serialized_end=655
+  _globals['_EVALUATIONGATE']._serialized_start=657
+  _globals['_EVALUATIONGATE']._serialized_end=767
+  _globals['_EVALUATIONSCORE']._serialized_start=770
+  _globals['_EVALUATIONSCORE']._serialized_end=994
+  _globals['_EVALUATIONPAIRWISETALLY']._serialized_start=997
+  _globals['_EVALUATIONPAIRWISETALLY']._serialized_end=1185
+  _globals['_EVALUATIONCOMPARISON']._serialized_start=1188
+  _globals['_EVALUATIONCOMPARISON']._serialized_end=1396
+  _globals['_EVALUATIONCANDIDATERESULT']._serialized_start=1399
+  _globals['_EVALUATIONCANDIDATERESULT']._serialized_end=1556
+  _globals['_EVALUATIONJOB']._serialized_start=1559
+  _globals['_EVALUATIONJOB']._serialized_end=2373
+  _globals['_EVALUATIONJOB_STATE']._serialized_start=2227
+  _globals['_EVALUATIONJOB_STATE']._serialized_end=2354
+  _globals['_EVALUATIONITEMRESULT']._serialized_start=2376
+  _globals['_EVALUATIONITEMRESULT']._serialized_end=2828
+  _globals['_EVALUATIONITEMRESULT_SCORESENTRY']._serialized_start=2674
+  _globals['_EVALUATIONITEMRESULT_SCORESENTRY']._serialized_end=2719
+  _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._serialized_start=2721
+  _globals['_EVALUATIONITEMRESULT_ERRORSENTRY']._serialized_end=2766
+  _globals['_EVALUATIONITEMRESULT_JUDGEMENTSENTRY']._serialized_start=2768
+  _globals['_EVALUATIONITEMRESULT_JUDGEMENTSENTRY']._serialized_end=2817
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,7 @@ class EvaluationCandidate(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     FEW_SHOT_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Its name in the results, unique in the job: 1 to 63 of [a-z0-9-]."""
     adapter: _builtins.str
@@ -73,6 +74,12 @@ class EvaluationCandidate(_message.Message):
     def few_shot(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Optional. Example turns put before each item's turns (few-shot prompting)."""
 
+    @_builtins.property
+    def endpoint(self) -> Global___OpenAIEndpoint:
+        """Optional. An external OpenAI-compatible endpoint that answers instead of InferenceService
+        (`adapter` must then be empty).
+        """
+
     def __init__(
         self,
         *,
@@ -80,14 +87,50 @@ class EvaluationCandidate(_message.Message):
         adapter: _builtins.str = ...,
         system_prompt: _builtins.str = ...,
         few_shot: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        endpoint: Global___OpenAIEndpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "few_shot", b"few_shot", "name", b"name", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "endpoint", b"endpoint", "few_shot", b"few_shot", "name", b"name", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationCandidate: _TypeAlias = EvaluationCandidate  # noqa: Y015
+
+@_typing.final
+class OpenAIEndpoint(_message.Message):
+    """OpenAIEndpoint is a model behind an OpenAI-compatible chat completions API (OpenAI, vLLM's
+    server, ...), called with the official `openai` client.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    API_KEY_SECRET_FIELD_NUMBER: _builtins.int
+    base_url: _builtins.str
+    """Required. The API's base URL, such as `https://api.openai.com/v1`."""
+    model: _builtins.str
+    """Required. The model name sent with each request."""
+    api_key_secret: _builtins.str
+    """Optional. The name of the secret that holds the API key: a file of that name in
+    EvaluationService's `evaluation.secrets_dir` (a mounted Kubernetes Secret). Keys are never
+    part of a job.
+    """
+    def __init__(
+        self,
+        *,
+        base_url: _builtins.str = ...,
+        model: _builtins.str = ...,
+        api_key_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_secret", b"api_key_secret", "base_url", b"base_url", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenAIEndpoint: _TypeAlias = OpenAIEndpoint  # noqa: Y015
 
 @_typing.final
 class EvaluationGrader(_message.Message):
@@ -100,12 +143,19 @@ class EvaluationGrader(_message.Message):
     OPERATION_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    JUDGE_FIELD_NUMBER: _builtins.int
+    RUBRIC_FIELD_NUMBER: _builtins.int
+    SCORE_MIN_FIELD_NUMBER: _builtins.int
+    SCORE_MAX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Optional. Its name in the results, unique in the job; default `type`."""
     type: _builtins.str
     """Required. `exact_match`, `string_check`, `json_valid`, `json_schema`, `token_f1`, `bleu`,
-    `chrf`, `rouge_l` or `classification` (0/1 graders: exact_match, string_check, json_valid,
-    json_schema, classification; the others are continuous).
+    `chrf`, `rouge_l`, `classification`, `score_model` (an LLM judge scores each answer with a
+    rubric) or `pairwise_judge` (an LLM judge compares each candidate's answer with the
+    baseline's, in both orders). 0/1 graders: exact_match, string_check, json_valid,
+    json_schema, classification; pairwise_judge scores a win 1, a tie 0.5 and a loss 0; the
+    others are continuous.
     """
     operation: _builtins.str
     """`string_check`: `eq`, `ne`, `like` (contains), `ilike` (contains, any case) or `regex`."""
@@ -113,6 +163,22 @@ class EvaluationGrader(_message.Message):
     """`string_check`: the value compared with; default the item's reference answer."""
     json_schema: _builtins.str
     """`json_schema`: the JSON Schema answers must satisfy, as text."""
+    rubric: _builtins.str
+    """`score_model`, `pairwise_judge`: the judge's instructions; default a general rubric. Fields
+    in braces are filled in: `{input}` (the item's turns), `{reference}`, and `{output}`,
+    `{min}`, `{max}` (score_model) or `{answer_a}`, `{answer_b}` (pairwise_judge). The judge's
+    reply must end with `[[N]]` (a score from min to max) or `[[A]]`, `[[B]]` or `[[C]]` (a tie).
+    """
+    score_min: _builtins.float
+    """`score_model`: the lowest score of the rubric (default 1); scores are scaled to [0, 1]."""
+    score_max: _builtins.float
+    """`score_model`: the highest score of the rubric (default 10)."""
+    @_builtins.property
+    def judge(self) -> Global___EvaluationCandidate:
+        """`score_model`, `pairwise_judge`: the judging model (its `name` is not used): an adapter, an
+        external endpoint, or by default the base model of InferenceService. It answers greedily.
+        """
+
     def __init__(
         self,
         *,
@@ -121,12 +187,23 @@ class EvaluationGrader(_message.Message):
         operation: _builtins.str = ...,
         value: _builtins.str = ...,
         json_schema: _builtins.str = ...,
+        judge: Global___EvaluationCandidate | None = ...,
+        rubric: _builtins.str = ...,
+        score_min: _builtins.float | None = ...,
+        score_max: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score_max", b"_score_max", "_score_min", b"_score_min", "judge", b"judge", "score_max", b"score_max", "score_min", b"score_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "name", b"name", "operation", b"operation", "type", b"type", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_max", b"_score_max", "_score_min", b"_score_min", "json_schema", b"json_schema", "judge", b"judge", "name", b"name", "operation", b"operation", "rubric", b"rubric", "score_max", b"score_max", "score_min", b"score_min", "type", b"type", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__score_max: _TypeAlias = _typing.Literal["score_max"]  # noqa: Y015
+    _WhichOneofArgType__score_max: _TypeAlias = _typing.Literal["_score_max", b"_score_max"]  # noqa: Y015
+    _WhichOneofReturnType__score_min: _TypeAlias = _typing.Literal["score_min"]  # noqa: Y015
+    _WhichOneofArgType__score_min: _TypeAlias = _typing.Literal["_score_min", b"_score_min"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_max) -> _WhichOneofReturnType__score_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_min) -> _WhichOneofReturnType__score_min | None: ...
 
 Global___EvaluationGrader: _TypeAlias = EvaluationGrader  # noqa: Y015
 
@@ -179,6 +256,7 @@ class EvaluationScore(_message.Message):
     CI_HIGH_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     COMPARISON_FIELD_NUMBER: _builtins.int
+    PAIRWISE_FIELD_NUMBER: _builtins.int
     grader: _builtins.str
     """The grader's name."""
     count: _builtins.int
@@ -195,6 +273,10 @@ class EvaluationScore(_message.Message):
     def comparison(self) -> Global___EvaluationComparison:
         """Against the baseline, on the items both were graded on (unset for the baseline)."""
 
+    @_builtins.property
+    def pairwise(self) -> Global___EvaluationPairwiseTally:
+        """`pairwise_judge`: the judge's tally against the baseline."""
+
     def __init__(
         self,
         *,
@@ -205,14 +287,68 @@ class EvaluationScore(_message.Message):
         ci_high: _builtins.float = ...,
         errors: _builtins.int = ...,
         comparison: Global___EvaluationComparison | None = ...,
+        pairwise: Global___EvaluationPairwiseTally | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "pairwise", b"pairwise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "comparison", b"comparison", "count", b"count", "errors", b"errors", "grader", b"grader", "mean", b"mean"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "comparison", b"comparison", "count", b"count", "errors", b"errors", "grader", b"grader", "mean", b"mean", "pairwise", b"pairwise"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationScore: _TypeAlias = EvaluationScore  # noqa: Y015
+
+@_typing.final
+class EvaluationPairwiseTally(_message.Message):
+    """EvaluationPairwiseTally counts a pairwise judge's verdicts; each item is judged twice, the
+    candidate's answer shown first and then second, and a win or a loss counts only when both
+    orders agree.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINS_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    TIES_FIELD_NUMBER: _builtins.int
+    INCONSISTENT_FIELD_NUMBER: _builtins.int
+    INCONSISTENCY_RATE_FIELD_NUMBER: _builtins.int
+    WIN_RATE_FIELD_NUMBER: _builtins.int
+    WIN_RATE_CI_LOW_FIELD_NUMBER: _builtins.int
+    WIN_RATE_CI_HIGH_FIELD_NUMBER: _builtins.int
+    wins: _builtins.int
+    """Items both orders preferred the candidate on."""
+    losses: _builtins.int
+    """Items both orders preferred the baseline on."""
+    ties: _builtins.int
+    """Items judged even, or on which the two orders disagreed."""
+    inconsistent: _builtins.int
+    """Items on which the two orders disagreed (position bias)."""
+    inconsistency_rate: _builtins.float
+    """`inconsistent` over the items judged."""
+    win_rate: _builtins.float
+    """Wins over the items judged, with Wilson's 95% interval."""
+    win_rate_ci_low: _builtins.float
+    """Lower end of the interval."""
+    win_rate_ci_high: _builtins.float
+    """Upper end of the interval."""
+    def __init__(
+        self,
+        *,
+        wins: _builtins.int = ...,
+        losses: _builtins.int = ...,
+        ties: _builtins.int = ...,
+        inconsistent: _builtins.int = ...,
+        inconsistency_rate: _builtins.float = ...,
+        win_rate: _builtins.float = ...,
+        win_rate_ci_low: _builtins.float = ...,
+        win_rate_ci_high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inconsistency_rate", b"inconsistency_rate", "inconsistent", b"inconsistent", "losses", b"losses", "ties", b"ties", "win_rate", b"win_rate", "win_rate_ci_high", b"win_rate_ci_high", "win_rate_ci_low", b"win_rate_ci_low", "wins", b"wins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationPairwiseTally: _TypeAlias = EvaluationPairwiseTally  # noqa: Y015
 
 @_typing.final
 class EvaluationComparison(_message.Message):
@@ -228,6 +364,7 @@ class EvaluationComparison(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     WINS_FIELD_NUMBER: _builtins.int
     LOSSES_FIELD_NUMBER: _builtins.int
+    ITEMS_NEEDED_FIELD_NUMBER: _builtins.int
     difference: _builtins.float
     """Mean difference, candidate minus baseline."""
     ci_low: _builtins.float
@@ -237,13 +374,20 @@ class EvaluationComparison(_message.Message):
     p_value: _builtins.float
     """Two-sided p-value of "no difference"."""
     test: _builtins.str
-    """`mcnemar-exact` (0/1 graders) or `paired-bootstrap`."""
+    """`mcnemar-exact` (0/1 graders), `sign-exact` (pairwise judges: wins against losses) or
+    `paired-bootstrap`.
+    """
     verdict: Global___EvaluationVerdict.ValueType
     """The conclusion."""
     wins: _builtins.int
     """0/1 graders: items only the candidate got right."""
     losses: _builtins.int
     """0/1 graders: items only the baseline got right."""
+    items_needed: _builtins.int
+    """The gate's metric, when no significant difference was found: about how many items an
+    evaluation needs to detect the gate's `min_improvement` with 80% power, given the
+    share of items the two disagree on here (0 when not estimated).
+    """
     def __init__(
         self,
         *,
@@ -255,10 +399,11 @@ class EvaluationComparison(_message.Message):
         verdict: Global___EvaluationVerdict.ValueType = ...,
         wins: _builtins.int = ...,
         losses: _builtins.int = ...,
+        items_needed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "difference", b"difference", "losses", b"losses", "p_value", b"p_value", "test", b"test", "verdict", b"verdict", "wins", b"wins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "difference", b"difference", "items_needed", b"items_needed", "losses", b"losses", "p_value", b"p_value", "test", b"test", "verdict", b"verdict", "wins", b"wins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,7 +534,9 @@ class EvaluationJob(_message.Message):
     answers_done: _builtins.int
     """Output only. Answers graded so far."""
     error_reason: _builtins.str
-    """Output only. Why the job failed: `TOO_MANY_FAULTS`, `DATASET_UNUSABLE` or `INTERNAL`."""
+    """Output only. Why the job failed: `TOO_MANY_FAULTS`, `DATASET_UNUSABLE`,
+    `DEPENDENCY_FAILED` (a service it needs did not answer) or `INTERNAL`.
+    """
     error_message: _builtins.str
     """Output only. What happened, in words."""
     @_builtins.property
@@ -499,12 +646,33 @@ class EvaluationItemResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class JudgementsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INDEX_FIELD_NUMBER: _builtins.int
     CANDIDATE_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The item: the record's index in the dataset."""
     candidate: _builtins.str
@@ -519,7 +687,13 @@ class EvaluationItemResult(_message.Message):
 
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Why a grader could not grade, by grader name (`generation` when there was no answer)."""
+        """Why a grader could not grade, by grader name (each says why when there was no answer)."""
+
+    @_builtins.property
+    def judgements(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What a judge replied, by grader name; a pairwise judge's two replies are under
+        `{grader}/candidate_first` and `{grader}/baseline_first`.
+        """
 
     def __init__(
         self,
@@ -530,10 +704,11 @@ class EvaluationItemResult(_message.Message):
         reference: _builtins.str = ...,
         scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         errors: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        judgements: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "candidate", b"candidate", "errors", b"errors", "index", b"index", "output", b"output", "reference", b"reference", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "candidate", b"candidate", "errors", b"errors", "index", b"index", "judgements", b"judgements", "output", b"output", "reference", b"reference", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__output: _TypeAlias = _typing.Literal["output"]  # noqa: Y015
     _WhichOneofArgType__output: _TypeAlias = _typing.Literal["_output", b"_output"]  # noqa: Y015
