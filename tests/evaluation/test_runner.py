@@ -29,12 +29,15 @@ pytestmark = pytest.mark.timeout(600)
 GREEDY = inference_pb2.SamplingParams(max_tokens=20, temperature=0.0)
 
 
-async def upload_version(platform: Platform, adapter: str, directory: Path) -> str:
-    await platform.adapters.CreateAdapter(
-        adapter_service_pb2.CreateAdapterRequest(
-            adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="colours")
+async def upload_version(
+    platform: Platform, adapter: str, directory: Path, create: bool = True
+) -> str:
+    if create:
+        await platform.adapters.CreateAdapter(
+            adapter_service_pb2.CreateAdapterRequest(
+                adapter_id=adapter, adapter=adapter_pb2.Adapter(base_model="colours")
+            )
         )
-    )
 
     files = {path.name: path.read_bytes() for path in sorted(directory.iterdir())}  # noqa: ASYNC240
 
@@ -49,14 +52,14 @@ async def upload_version(platform: Platform, adapter: str, directory: Path) -> s
     return str((await platform.adapters.UploadAdapterVersion(requests())).name)
 
 
-def untrained_lora(chat_model: Path, directory: Path) -> Path:
+def untrained_lora(chat_model: Path, directory: Path, seed: int = 5) -> Path:
     """A LoRA adapter with random weights, never trained on the task. (A zero one, as PEFT
     initialises it, cannot be registered: the registry refuses adapters that change nothing.)"""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(chat_model)
     config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(str(directory))
@@ -127,3 +130,49 @@ async def test_generation_failures_fail_the_run_loudly(make_platform: MakePlatfo
     with pytest.raises(EvaluationFailed, match="could not grade 5 of 5 items of missing"):
         await run(items, candidates, [grader("exact_match")], generator, GREEDY, "base")
     await asyncio.gather(reader.close(), generator.close())
+
+
+async def test_an_alias_moved_during_a_run_does_not_mix_versions(
+    make_platform: MakePlatform, chat_model: Path, tmp_path: Path
+) -> None:
+    platform = await make_platform(inference={"base_model": "colours", "max_loaded_adapters": 2})
+    dataset = await platform.upload()
+    one = await upload_version(platform, "moving", untrained_lora(chat_model, tmp_path / "1", 1))
+    two = await upload_version(
+        platform, "moving", untrained_lora(chat_model, tmp_path / "2", 2), create=False
+    )
+    await set_alias(platform, "adapters/moving/aliases/prod", one)
+    assert platform.server is not None
+    address = f"127.0.0.1:{platform.server.port}"
+    reader, generator = DatasetReader(address), Generator(address)
+    items = await reader.items(dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION, limit=8)
+    moved: list[str] = []
+
+    async def pinned(candidate: str, version: str) -> None:
+        # The alias moves as soon as the first answer came, and the move is seen by
+        # InferenceService before any other item is asked for.
+        moved.append(version)
+        await set_alias(platform, "adapters/moving/aliases/prod", two)
+        while (
+            await generator.answer(Candidate("probe", "adapters/moving@prod"), items[0], GREEDY)
+        ).version != two:
+            await asyncio.sleep(0.05)
+
+    graders = [grader("exact_match")]
+    outcome = await run(
+        items, [Candidate("prod", "adapters/moving@prod")], graders, generator, GREEDY, "prod",
+        pinned=pinned,
+    )  # fmt: skip
+    assert moved == [one]
+    exact = await run(items, [Candidate("one", one), Candidate("two", two)], graders, generator,
+                      GREEDY, "one")  # fmt: skip
+    answers = {(r.candidate, r.index): r.output for r in [*outcome.items, *exact.items]}
+    assert all(answers[("prod", i)] == answers[("one", i)] for i in range(len(items)))
+    assert any(answers[("two", i)] != answers[("one", i)] for i in range(len(items)))
+    await asyncio.gather(reader.close(), generator.close())
+
+
+async def set_alias(platform: Platform, alias: str, version: str) -> None:
+    await platform.adapters.SetAdapterAlias(
+        adapter_service_pb2.SetAdapterAliasRequest(name=alias, version=version)
+    )

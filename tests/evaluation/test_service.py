@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from tests.evaluation.openai_stub import openai_stub
-from tests.evaluation.test_runner import untrained_lora, upload_version
+from tests.evaluation.test_runner import set_alias, untrained_lora, upload_version
 from tests.helpers import error_info
 from tests.training.conftest import Platform
 from tunefleet.v1 import (
@@ -69,10 +69,12 @@ async def test_a_job_runs_and_its_answers_are_listed(
     version = await upload_version(
         platform, "untrained", untrained_lora(chat_model, tmp_path / "u")
     )
+    await set_alias(platform, "adapters/untrained/aliases/prod", version)
     requested = job(
         dataset.name,
         evaluation_pb2.EvaluationCandidate(name="base"),
         evaluation_pb2.EvaluationCandidate(name="untrained", adapter=version),
+        evaluation_pb2.EvaluationCandidate(name="prod", adapter="adapters/untrained@prod"),
         gate=evaluation_pb2.EvaluationGate(metric="rouge_l"),
     )
     created = await create(platform, requested, request_id="f2b6a9a0-5b5a-4c39-9d4a-0d3f8b3c1e11")
@@ -81,9 +83,11 @@ async def test_a_job_runs_and_its_answers_are_listed(
     assert again.name == created.name
     done = await wait(platform, created.name, State.STATE_SUCCEEDED, State.STATE_FAILED)
     assert done.state == State.STATE_SUCCEEDED, done.error_message
-    assert done.answers_total == done.answers_done == 12
-    assert [r.candidate for r in done.results] == ["base", "untrained"]
-    base, untrained = done.results
+    assert done.answers_total == done.answers_done == 18
+    assert [r.candidate for r in done.results] == ["base", "untrained", "prod"]
+    assert [c.adapter_version for c in done.candidates] == ["", version, version]
+    base, untrained, prod = done.results
+    assert [s.mean for s in prod.scores] == [s.mean for s in untrained.scores]
     assert [s.grader for s in base.scores] == ["exact_match", "rouge_l"]
     assert all(s.count == 6 and s.errors == 0 for s in [*base.scores, *untrained.scores])
     assert not base.HasField("gate_passed") and not base.scores[0].HasField("comparison")
@@ -102,9 +106,9 @@ async def test_a_job_runs_and_its_answers_are_listed(
         )
     )
     results = list(listed.item_results) + list(rest.item_results)
-    assert len(results) == 12 and not rest.next_page_token
+    assert len(results) == 18 and not rest.next_page_token
     assert all(r.HasField("output") and r.reference.startswith("Colour: ") for r in results)
-    assert {r.candidate for r in results} == {"base", "untrained"}
+    assert {r.candidate for r in results} == {"base", "untrained", "prod"}
     assert all(set(r.scores) == {"exact_match", "rouge_l"} for r in results)
     only = await platform.evaluation.ListEvaluationItemResults(
         evaluation_service_pb2.ListEvaluationItemResultsRequest(

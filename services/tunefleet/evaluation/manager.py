@@ -70,6 +70,8 @@ def check(job: evaluation_pb2.EvaluationJob, secrets: str = "") -> None:
             raise InvalidArgument(f"{where}.name", f"{candidate.name!r} is named twice")
         names.add(candidate.name)
         check_model(candidate, where)
+        if "/versions/" in candidate.adapter:
+            candidate.adapter_version = candidate.adapter
     job.baseline = job.baseline or job.candidates[0].name
     if job.baseline not in names:
         raise InvalidArgument(f"{FIELD}.baseline", f"{job.baseline!r} is not a candidate")
@@ -215,7 +217,7 @@ def model(config: evaluation_pb2.EvaluationCandidate, where: str, secrets: str) 
         endpoint = Endpoint(config.endpoint.base_url, config.endpoint.model, key)
     return Candidate(
         config.name,
-        config.adapter,
+        config.adapter_version or config.adapter,  # pinned by a run that was interrupted
         config.system_prompt,
         tuple(config.few_shot),
         endpoint,
@@ -266,6 +268,8 @@ class EvaluationManager:
             job.gate.CopyFrom(requested.gate)
         if requested.HasField("max_error_rate"):
             job.max_error_rate = requested.max_error_rate
+        for candidate in job.candidates:
+            candidate.ClearField("adapter_version")  # output only
         check(job, self.settings.secrets_dir)
         await self.datasets.dataset(job.dataset, f"{FIELD}.dataset")
         if validate_only:
@@ -396,6 +400,15 @@ class EvaluationManager:
                 tuple(job.gate.regression_graders),
                 job.gate.max_regressions,
             )
+
+        async def pinned(candidate: str, version: str) -> None:
+            def change(job: evaluation_pb2.EvaluationJob) -> None:
+                for stored in job.candidates:
+                    if stored.name == candidate:
+                        stored.adapter_version = version
+
+            await asyncio.to_thread(self._update, identifier, change)
+
         outcome = await run(
             items,
             candidates,
@@ -408,6 +421,7 @@ class EvaluationManager:
             job.max_error_rate,
             known,
             record,
+            pinned,
         )
         results = []
         for candidate in candidates:

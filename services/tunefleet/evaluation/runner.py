@@ -18,6 +18,7 @@ and failing the run above `max_error_rate`, never scored as a wrong answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,12 @@ class Candidate:
 
 class GenerationError(Exception):
     """A model did not answer (after retries); the message says why."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    version: str = ""  # the adapter version that answered; empty for the base model, endpoints
 
 
 AnyGrader = Grader | ScoreJudge | PairwiseJudge
@@ -155,12 +162,12 @@ class Generator(Peer):
 
     async def answer(
         self, candidate: Candidate, item: EvalItem, sampling: inference_pb2.SamplingParams
-    ) -> str:
+    ) -> Answer:
         turns = list(candidate.few_shot) + list(item.messages)
         if candidate.system_prompt:
             turns.insert(0, common_pb2.ChatMessage(role="system", content=candidate.system_prompt))
         if candidate.endpoint is not None:
-            return await self._external(candidate.endpoint, turns, sampling)
+            return Answer(await self._external(candidate.endpoint, turns, sampling))
         request = inference_service_pb2.GenerateRequest(
             adapter=candidate.adapter,
             chat=inference_pb2.ChatInput(messages=turns),
@@ -171,7 +178,7 @@ class Generator(Peer):
                 response = await self.stub.Generate(
                     request, timeout=self.call_seconds, metadata=self.metadata
                 )
-                return str(response.text)
+                return Answer(str(response.text), str(response.adapter_version))
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRIED or attempt == self.attempts - 1:
                     raise GenerationError(f"{error.code().name}: {error.details()}") from None
@@ -221,7 +228,7 @@ class Generator(Peer):
     async def ask(self, judge: Candidate, prompt: str) -> str:
         """A judge's reply to one prompt, greedy."""
         item = EvalItem(id="judge", messages=(common_pb2.ChatMessage(role="user", content=prompt),))
-        return await self.answer(judge, item, JUDGE_SAMPLING)
+        return (await self.answer(judge, item, JUDGE_SAMPLING)).text
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -242,14 +249,26 @@ async def run(
     max_error_rate: float = 0.02,
     known: Mapping[tuple[str, int], str] | None = None,
     record: Callable[[ItemResult], Awaitable[None]] | None = None,
+    pinned: Callable[[str, str], Awaitable[None]] | None = None,
 ) -> Outcome:
     """Answer every item with every candidate (at most `concurrency` model calls at once, the
     judges' included), grade, and summarise against `baseline`; EvaluationFailed when faults
     pass `max_error_rate`. `known` answers (by candidate and item, from an interrupted run) are
-    graded, not asked for again; `record` is called with each result as it is graded."""
+    graded, not asked for again; `record` is called with each result as it is graded.
+
+    A candidate naming an alias answers its first item alone; the version that answered it then
+    answers every other item (`pinned` is told, with the candidate's name), so an alias moved
+    during the run cannot mix two versions' answers."""
     names = [c.name for c in candidates]
     if baseline not in names:
         raise ValueError(f"the baseline {baseline!r} is not a candidate")
+    known = dict(known or {})
+    # The versions that answered each candidate: one, or the run is refused.
+    versions: dict[str, set[str]] = {c.name: set() for c in candidates}
+    if items:
+        candidates = await asyncio.gather(
+            *(_pin(c, items[0], generator, sampling, known, versions, pinned) for c in candidates)
+        )
     limit = asyncio.Semaphore(concurrency)
     # The baseline's answers, which pairwise judges wait for (None: it has none).
     baseline_answers = [asyncio.get_running_loop().create_future() for _ in items]
@@ -259,12 +278,14 @@ async def run(
             return await generator.ask(judge, prompt)
 
     async def answer(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
-        output = (known or {}).get((candidate.name, index))
+        output = known.get((candidate.name, index))
         failure = ""
         if output is None:
             async with limit:
                 try:
-                    output = await generator.answer(candidate, item, sampling)
+                    found = await generator.answer(candidate, item, sampling)
+                    output = found.text
+                    versions[candidate.name].add(found.version)
                 except GenerationError as error:
                     failure = str(error)
         return ItemResult(index, candidate.name, output, errors={"": failure})
@@ -296,6 +317,13 @@ async def run(
     results = await asyncio.gather(
         *(one(c, i, item) for c in candidates for i, item in enumerate(items))
     )
+    for candidate in candidates:
+        if len(versions[candidate.name]) > 1:  # an alias that could not be pinned, and moved
+            found = ", ".join(sorted(versions[candidate.name]))
+            raise EvaluationFailed(
+                f"{candidate.adapter} moved during the evaluation: {candidate.name} was answered "
+                f"by {found}"
+            )
     clusters = [item.cluster for item in items] if any(i.cluster for i in items) else None
     try:
         summary = summarise(
@@ -322,6 +350,33 @@ async def run(
         raise EvaluationFailed(f"{error}; item {first.index} of {first.candidate}: {why}") from None
     gates = {name: judge_gate(gate, summary[name]) for name in names if gate and name != baseline}
     return Outcome(list(results), summary, gates)
+
+
+async def _pin(
+    candidate: Candidate,
+    first: EvalItem,
+    generator: Generator,
+    sampling: inference_pb2.SamplingParams,
+    known: dict[tuple[str, int], str],
+    versions: dict[str, set[str]],
+    pinned: Callable[[str, str], Awaitable[None]] | None,
+) -> Candidate:
+    """The candidate with its alias replaced by the version that answers its first item (that
+    answer kept in `known`); as it is when it names no alias or the first item got no answer
+    (its faults are counted as the run goes)."""
+    if "@" not in candidate.adapter or candidate.endpoint is not None:
+        return candidate
+    try:
+        found = await generator.answer(candidate, first, sampling)
+    except GenerationError:
+        return candidate
+    versions[candidate.name].add(found.version)
+    if not found.version:
+        return candidate
+    if pinned is not None:
+        await pinned(candidate.name, found.version)
+    known.setdefault((candidate.name, 0), found.text)
+    return dataclasses.replace(candidate, adapter=found.version)
 
 
 async def _grade(

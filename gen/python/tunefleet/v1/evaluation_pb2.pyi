@@ -62,6 +62,7 @@ class EvaluationCandidate(_message.Message):
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     FEW_SHOT_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
+    ADAPTER_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Its name in the results, unique in the job: 1 to 63 of [a-z0-9-]."""
     adapter: _builtins.str
@@ -70,6 +71,11 @@ class EvaluationCandidate(_message.Message):
     """
     system_prompt: _builtins.str
     """Optional. A system turn put before each item's turns (a prompting baseline)."""
+    adapter_version: _builtins.str
+    """Output only. The version that answers, `adapters/{adapter}/versions/{n}`: when `adapter`
+    names an alias, the version that answered the first item, which then answers every other
+    (moving the alias during a job does not mix two versions' answers).
+    """
     @_builtins.property
     def few_shot(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Optional. Example turns put before each item's turns (few-shot prompting)."""
@@ -88,10 +94,11 @@ class EvaluationCandidate(_message.Message):
         system_prompt: _builtins.str = ...,
         few_shot: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         endpoint: Global___OpenAIEndpoint | None = ...,
+        adapter_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "endpoint", b"endpoint", "few_shot", b"few_shot", "name", b"name", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_version", b"adapter_version", "endpoint", b"endpoint", "few_shot", b"few_shot", "name", b"name", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
