@@ -153,10 +153,12 @@ async def test_an_alias_moved_during_a_run_does_not_mix_versions(
         # InferenceService before any other item is asked for.
         moved.append(version)
         await set_alias(platform, "adapters/moving/aliases/prod", two)
-        while (
-            await generator.answer(Candidate("probe", "adapters/moving@prod"), items[0], GREEDY)
-        ).version != two:
+        probe = Candidate("probe", "adapters/moving@prod")
+        for _ in range(600):
+            if (await generator.answer(probe, items[0], GREEDY)).version == two:
+                return
             await asyncio.sleep(0.05)
+        raise AssertionError("InferenceService did not see the alias move")
 
     graders = [grader("exact_match")]
     outcome = await run(
