@@ -15,6 +15,7 @@ import yaml
 from tests.helpers import require_tool
 from tunefleet.adapters.metrics import AdapterMetrics
 from tunefleet.datasets.metrics import DatasetMetrics
+from tunefleet.evaluation.metrics import EvaluationMetrics
 from tunefleet.inference.metrics import InferenceMetrics
 from tunefleet.runtime.metrics import ServerMetrics
 from tunefleet.training.metrics import TrainingMetrics
@@ -35,6 +36,7 @@ def exported_series() -> set[str]:
     InferenceMetrics(registry)
     TrainingMetrics(registry)
     DatasetMetrics(registry)
+    EvaluationMetrics(registry)
     AdapterMetrics(registry, watchers=lambda: 0)
     return {
         family.name + suffix

@@ -96,6 +96,33 @@ async def test_a_job_runs_and_its_answers_are_listed(
     assert untrained.HasField("gate_passed") and not untrained.gate_passed
     assert untrained.gate_reasons
 
+    # Prometheus: the scores by adapter version, grader and dataset, and the gate.
+    def metric(name: str, **labels: str) -> float | None:
+        value: float | None = platform.registry.get_sample_value(name, labels)
+        return value
+
+    labels = {"adapter": "adapters/untrained", "version": version, "dataset": dataset.name}
+    score = untrained.scores[1]
+    for suffix, expected in (
+        ("", score.mean),
+        ("_ci_low", score.ci_low),
+        ("_ci_high", score.ci_high),
+    ):
+        found = metric(
+            f"tunefleet_evaluation_score{suffix}", **labels, grader="rouge_l", candidate="untrained"
+        )
+        assert found == expected
+    base_labels = {"adapter": "", "version": "", "dataset": dataset.name, "candidate": "base"}
+    assert (
+        metric("tunefleet_evaluation_score", **base_labels, grader="exact_match")
+        == base.scores[0].mean
+    )
+    assert metric("tunefleet_evaluation_gate_passed", **labels, candidate="untrained") == 0.0
+    assert metric("tunefleet_evaluation_gate_passed", **base_labels) is None
+    assert metric("tunefleet_evaluation_jobs_ended_total", state="succeeded") == 1.0
+    assert metric("tunefleet_evaluation_answers_total", outcome="ok") == 18.0
+    assert metric("tunefleet_evaluation_jobs_running") == 0.0
+
     listed = await platform.evaluation.ListEvaluationItemResults(
         evaluation_service_pb2.ListEvaluationItemResultsRequest(parent=created.name, page_size=5)
     )

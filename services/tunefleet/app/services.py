@@ -261,6 +261,7 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
 
 def _evaluation(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.evaluation.manager import EvaluationManager
+    from tunefleet.evaluation.metrics import EvaluationMetrics
     from tunefleet.evaluation.servicer import EvaluationServicer
     from tunefleet.v1 import evaluation_service_pb2_grpc
 
@@ -277,7 +278,9 @@ def _evaluation(context: ServiceContext) -> ServiceRegistration:
             "evaluation.service_token: required when server.auth is enabled: EvaluationService "
             "reads datasets and asks InferenceService with it (a reader token)"
         )
-    manager = EvaluationManager(context.storage.database_for("evaluation"), options)
+    manager = EvaluationManager(
+        context.storage.database_for("evaluation"), options, EvaluationMetrics(context.registry)
+    )
     servicer = EvaluationServicer(manager)
 
     async def start(server: TunefleetServer) -> None:

@@ -26,6 +26,7 @@ from tunefleet.evaluation import graders as grading
 from tunefleet.evaluation import judges as judging
 from tunefleet.evaluation import store
 from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge
+from tunefleet.evaluation.metrics import EvaluationMetrics
 from tunefleet.evaluation.report import EvaluationFailed, Gate, GraderSummary
 from tunefleet.evaluation.runner import (
     Candidate,
@@ -225,8 +226,10 @@ def model(config: evaluation_pb2.EvaluationCandidate, where: str, secrets: str) 
 
 
 class EvaluationManager:
-    def __init__(self, db: Database, settings: EvaluationSettings) -> None:
-        self.db, self.settings = db, settings
+    def __init__(
+        self, db: Database, settings: EvaluationSettings, metrics: EvaluationMetrics
+    ) -> None:
+        self.db, self.settings, self.metrics = db, settings, metrics
         self.datasets = DatasetReader(settings.datasets_endpoint, settings.service_token)
         self.generator = Generator(settings.inference_endpoint, settings.service_token)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -338,6 +341,7 @@ class EvaluationManager:
             job = await asyncio.to_thread(self.get, f"evaluationJobs/{identifier}")
             if job.state in store.TERMINAL:
                 return
+            self.metrics.running.inc()
             try:
                 await self._evaluate(identifier, job)
             except asyncio.CancelledError:
@@ -362,6 +366,8 @@ class EvaluationManager:
                 await asyncio.to_thread(
                     self._end, identifier, State.STATE_FAILED, "INTERNAL", repr(error)
                 )
+            finally:
+                self.metrics.running.dec()
 
     async def _evaluate(self, identifier: str, job: evaluation_pb2.EvaluationJob) -> None:
         try:
@@ -473,19 +479,26 @@ class EvaluationManager:
             row.output, row.reference = result.output, reference
             row.scores, row.errors = scores, dict(result.errors)
             row.judgements = dict(result.judgements)
+        self.metrics.graded(sum(1 for v in result.scores.values() if v is None))
 
     def _finish(
         self, identifier: str, results: list[evaluation_pb2.EvaluationCandidateResult]
     ) -> None:
+        ended = False
+
         def change(job: evaluation_pb2.EvaluationJob) -> None:
+            nonlocal ended
             if job.state in store.TERMINAL:
                 return
             job.state = State.STATE_SUCCEEDED
             job.answers_done = job.answers_total
             job.results.extend(results)
             job.end_time.CopyFrom(timestamp(utcnow()))
+            ended = True
 
-        self._update(identifier, change)
+        job = self._update(identifier, change)
+        if ended:
+            self.metrics.ended(job)
 
     def _end(
         self, identifier: str, state: int, reason: str, message: str
@@ -503,7 +516,8 @@ class EvaluationManager:
             job.error_reason, job.error_message = reason, message
             job.end_time.CopyFrom(timestamp(utcnow()))
             row.store(job)
-            return job
+        self.metrics.ended(job)
+        return job
 
 
 def _score(name: str, summary: GraderSummary) -> evaluation_pb2.EvaluationScore:
