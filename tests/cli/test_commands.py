@@ -364,6 +364,60 @@ def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
     assert "--rating" in out_of_range.stderr
 
 
+def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> None:
+    dataset = upload(platform, colours)
+    evaluate = ["eval", "create", "--dataset", dataset, "--max-items", "6", "--max-tokens", "8"]
+    created = tunefleet(
+        platform,
+        *evaluate,
+        "--candidate", "base",
+        "--candidate", f"tuned={version}",
+        "--candidate", "prompted",
+        "--system-prompt", "prompted=Answer with the colour [in one word].",
+        "--grader", "exact_match",
+        "--grader", "rouge_l",
+        "--wait",
+    )  # fmt: skip
+    assert created.stdout.startswith("created evaluationJobs/")
+    name = created.stdout.split()[1]
+    shown = tunefleet(platform, "eval", "get", name).stdout
+    assert created.stdout.endswith(shown)  # --wait shows the job as `eval get` does
+    for text in ("SUCCEEDED", "VS BASELINE", "mcnemar-exact", "paired-bootstrap", version):
+        assert text in shown, text
+    assert "base model + system prompt" in shown  # the prompting baseline, named as such
+    job = as_json(tunefleet(platform, "eval", "get", name, "-o", "json"))
+    assert [r["candidate"] for r in job["results"]] == ["base", "tuned", "prompted"]
+    assert job["candidates"][1]["adapter_version"] == version
+    assert name in tunefleet(platform, "eval", "list").stdout
+
+    answers = tunefleet(platform, "eval", "items", name, "--candidate", "tuned").stdout
+    assert answers.count("  answer:    ") == 6 and answers.count("  reference: 'Colour: ") == 6
+    failures = tunefleet(platform, "eval", "items", name, "--below", "rouge_l", "2", "-o", "json")
+    lines = [json.loads(line) for line in failures.stdout.splitlines()]
+    assert len(lines) == 18 and {line["candidate"] for line in lines} == {
+        "base",
+        "tuned",
+        "prompted",
+    }
+    assert not tunefleet(platform, "eval", "items", name, "--below", "rouge_l", "0").stdout
+
+    # The same model twice is no better than itself: the gate fails, and --wait exits 3.
+    gated = tunefleet(
+        platform, *evaluate, "--candidate", "base", "--candidate", "again", "--grader",
+        "exact_match", "--gate", "exact_match", "--wait", code=3,
+    )  # fmt: skip
+    assert "gate again: FAILED" in gated.stdout
+    assert "no significant difference than the baseline" in gated.stdout
+    ended = tunefleet(platform, "eval", "cancel", name, code=1)
+    assert "FAILED_PRECONDITION" in ended.stderr
+    bad = tunefleet(
+        platform, *evaluate, "--candidate", "a", "--grader", "bleu", "--gate", "rouge_l", code=2
+    )
+    assert "evaluation_job.gate.metric" in bad.stderr
+    unknown = tunefleet(platform, *evaluate, "--candidate", "a", "--system-prompt", "b=x", code=2)
+    assert "'b' is not a candidate" in unknown.stderr
+
+
 def test_bad_options_are_refused_before_any_call(colours: Path, tmp_path: Path) -> None:
     label = tunefleet(None, "datasets", "upload", str(colours), "--label", "team", code=2)
     assert "--label" in label.stderr and "expected KEY=VALUE, got 'team'" in label.stderr

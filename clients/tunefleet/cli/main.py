@@ -9,6 +9,7 @@ import click
 
 from tunefleet.cli.adapters import adapters
 from tunefleet.cli.datasets import datasets
+from tunefleet.cli.evaluations import evaluations
 from tunefleet.cli.generate import feedback, generate
 from tunefleet.cli.jobs import jobs
 from tunefleet.cli.output import Settings
@@ -57,6 +58,8 @@ def cli(
     tunefleet jobs create --base-model M --dataset D --adapter adapters/a -f
     tunefleet adapters alias set a prod 2            move prod to version 2
     tunefleet generate --chat --adapter adapters/a@prod "Hello"
+    tunefleet eval create --dataset D --candidate base --candidate new=adapters/a@prod \
+        --grader exact_match --gate exact_match -w    judge it against the base model
     """
     context.obj = Settings(target, token, tls, ca_file, timeout)
 
@@ -66,6 +69,7 @@ cli.add_command(jobs)
 cli.add_command(adapters)
 cli.add_command(generate)
 cli.add_command(feedback)
+cli.add_command(evaluations)
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tunefleet.client import TLS, Client, Options, TunefleetError
 
@@ -118,7 +119,7 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         else:
             view.add_column(column)
     for row in cells:
-        view.add_row(*row, end_section=False)
+        view.add_row(*(Text(cell) for cell in row), end_section=False)  # no markup: [x] stays
     console.print(view)
 
 
@@ -141,7 +142,7 @@ def fields(pairs: Iterable[tuple[str, Any]]) -> None:
     view.add_column(style="bold")
     view.add_column()
     for key, value in pairs:
-        view.add_row(key, str(value))
+        view.add_row(Text(key), Text(str(value)))
     console.print(view)
 
 
