@@ -108,3 +108,22 @@ def test_continuous_graders_use_the_paired_bootstrap_and_clusters() -> None:
     comparison = summary["adapter"]["rouge_l"].comparison
     assert comparison is not None and comparison.test == "paired-bootstrap"
     assert comparison.difference == pytest.approx(0.1) and comparison.verdict == "better"
+
+
+def test_graders_that_are_better_lower_turn_the_verdict() -> None:
+    base = [2.0 + 0.01 * i for i in range(40)]
+    better = [value - 0.5 for value in base]  # a lower perplexity on every item
+    summary = summarise(
+        {"base": {"nll": base}, "new": {"nll": better}}, {"nll": False}, "base", lower={"nll"}
+    )
+    found = summary["new"]["nll"]
+    assert found.lower_is_better and found.comparison is not None
+    assert found.comparison.difference == pytest.approx(-0.5)
+    assert found.comparison.verdict == "better"
+    assert judge_gate(Gate("nll", min_improvement=0.4), summary["new"]).passed
+    strict = judge_gate(Gate("nll", min_improvement=0.6), summary["new"])
+    assert strict.reasons == ["nll: improves by +0.500, less than the +0.600 asked"]
+    worse = summarise(
+        {"base": {"nll": better}, "new": {"nll": base}}, {"nll": False}, "base", lower={"nll"}
+    )
+    assert worse["new"]["nll"].comparison.verdict == "worse"  # type: ignore[union-attr]

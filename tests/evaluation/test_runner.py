@@ -13,8 +13,16 @@ import pytest
 from tests.trainer.conftest import LINEAR_LAYERS, conversation
 from tests.training.conftest import Platform
 from tunefleet.evaluation.graders import grader
+from tunefleet.evaluation.likelihood import KlFromBase, Perplexity
 from tunefleet.evaluation.report import EvaluationFailed, Gate
-from tunefleet.evaluation.runner import Candidate, DatasetReader, Generator, run
+from tunefleet.evaluation.runner import (
+    AnyGrader,
+    Candidate,
+    DatasetReader,
+    EvalItem,
+    Generator,
+    run,
+)
 from tunefleet.v1 import (
     adapter_pb2,
     adapter_service_pb2,
@@ -96,7 +104,13 @@ async def test_base_prompting_baseline_trained_and_untrained_adapters_judged(
         Candidate("adapter", adapter=job.output_adapter_version),
         Candidate("untrained", adapter=untrained),
     ]
-    graders = [grader("exact_match"), grader("token_f1"), grader("rouge_l")]
+    graders: list[AnyGrader] = [
+        grader("exact_match"),
+        grader("token_f1"),
+        grader("rouge_l"),
+        Perplexity("perplexity"),
+        KlFromBase("kl", max_tokens=8),
+    ]
     gate = Gate("exact_match", min_improvement=0.3)
     outcome = await run(items, candidates, graders, generator, GREEDY, "base", gate)
     await asyncio.gather(reader.close(), generator.close())
@@ -116,6 +130,48 @@ async def test_base_prompting_baseline_trained_and_untrained_adapters_judged(
     assert summary["adapter"]["rouge_l"].estimate.mean > summary["base"]["rouge_l"].estimate.mean
     rouge = summary["adapter"]["rouge_l"].comparison
     assert rouge is not None and rouge.test == "paired-bootstrap" and rouge.verdict == "better"
+
+    # Perplexity of the references: far lower after training, and lower is better.
+    perplexity = summary["adapter"]["perplexity"]
+    assert perplexity.lower_is_better and perplexity.comparison is not None
+    assert perplexity.estimate.mean < summary["base"]["perplexity"].estimate.mean / 2
+    assert perplexity.comparison.difference < 0 and perplexity.comparison.verdict == "better"
+    scores = {(r.candidate, r.index): r.scores for r in outcome.items}
+    for name, adapter_dir in (("base", None), ("untrained", tmp_path / "untrained")):
+        expected = reference_nll(chat_model, adapter_dir, items[0])
+        assert scores[(name, 0)]["perplexity"] == pytest.approx(expected, abs=1e-4), name
+    # KL from the base model: none for the base model and its prompting, some for adapters.
+    assert all(scores[(c, i)]["kl"] == 0.0 for c in ("base", "prompted") for i in range(len(items)))
+    # The trained adapter moved the distribution a lot (its answers are near certain, and
+    # unlikely for the base model); the untrained one, small random weights, barely.
+    kl = summary["adapter"]["kl"]
+    assert kl.estimate.mean > 1 and kl.comparison is not None
+    assert kl.comparison.verdict == "worse" and kl.comparison.difference == kl.estimate.mean
+    assert abs(summary["untrained"]["kl"].estimate.mean) < kl.estimate.mean / 10
+
+
+def reference_nll(chat_model: Path, adapter: Path | None, item: EvalItem) -> float:
+    """The reference answer's mean negative log-likelihood per token after the item's turns
+    (rendered by transformers' chat template), from plain transformers + PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model: Any = AutoModelForCausalLM.from_pretrained(chat_model)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    turns = [{"role": m.role, "content": m.content} for m in item.messages]
+    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(item.reference, add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    start = len(prompt_ids)
+    return -float(
+        sum(logprobs[i - 1, ids[0, i]] for i in range(start, ids.shape[1])) / len(answer_ids)
+    )
 
 
 async def test_generation_failures_fail_the_run_loudly(make_platform: MakePlatform) -> None:

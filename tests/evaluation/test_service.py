@@ -25,6 +25,8 @@ from tunefleet.v1 import (
 
 MakePlatform = Any
 State = evaluation_pb2.EvaluationJob.State
+CANDIDATE = evaluation_pb2.EvaluationCandidate
+GRADER = evaluation_pb2.EvaluationGrader
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -76,6 +78,7 @@ async def test_a_job_runs_and_its_answers_are_listed(
         evaluation_pb2.EvaluationCandidate(name="untrained", adapter=version),
         evaluation_pb2.EvaluationCandidate(name="prod", adapter="adapters/untrained@prod"),
         gate=evaluation_pb2.EvaluationGate(metric="rouge_l"),
+        graders=[GRADER(type="exact_match"), GRADER(type="rouge_l"), GRADER(type="perplexity")],
     )
     created = await create(platform, requested, request_id="f2b6a9a0-5b5a-4c39-9d4a-0d3f8b3c1e11")
     assert created.name.startswith("evaluationJobs/") and created.baseline == "base"
@@ -88,7 +91,8 @@ async def test_a_job_runs_and_its_answers_are_listed(
     assert [c.adapter_version for c in done.candidates] == ["", version, version]
     base, untrained, prod = done.results
     assert [s.mean for s in prod.scores] == [s.mean for s in untrained.scores]
-    assert [s.grader for s in base.scores] == ["exact_match", "rouge_l"]
+    assert [s.grader for s in base.scores] == ["exact_match", "rouge_l", "perplexity"]
+    assert [s.lower_is_better for s in base.scores] == [False, False, True]
     assert all(s.count == 6 and s.errors == 0 for s in [*base.scores, *untrained.scores])
     assert not base.HasField("gate_passed") and not base.scores[0].HasField("comparison")
     rouge = untrained.scores[1].comparison
@@ -136,7 +140,7 @@ async def test_a_job_runs_and_its_answers_are_listed(
     assert len(results) == 18 and not rest.next_page_token
     assert all(r.HasField("output") and r.reference.startswith("Colour: ") for r in results)
     assert {r.candidate for r in results} == {"base", "untrained", "prod"}
-    assert all(set(r.scores) == {"exact_match", "rouge_l"} for r in results)
+    assert all(set(r.scores) == {"exact_match", "rouge_l", "perplexity"} for r in results)
     only = await platform.evaluation.ListEvaluationItemResults(
         evaluation_service_pb2.ListEvaluationItemResultsRequest(
             parent=created.name, candidate="untrained"
@@ -152,10 +156,6 @@ async def test_a_job_runs_and_its_answers_are_listed(
         evaluation_service_pb2.ListEvaluationJobsRequest()
     )
     assert [j.name for j in jobs.evaluation_jobs] == [created.name]
-
-
-CANDIDATE = evaluation_pb2.EvaluationCandidate
-GRADER = evaluation_pb2.EvaluationGrader
 
 
 def ENDPOINT(**fields: str) -> evaluation_pb2.OpenAIEndpoint:
@@ -210,6 +210,9 @@ def ENDPOINT(**fields: str) -> evaluation_pb2.OpenAIEndpoint:
          "evaluation_job.graders[0].score_max"),
         ({"graders": [GRADER(type="score_model", judge=CANDIDATE(adapter="x"))]},
          "evaluation_job.graders[0].judge.adapter"),
+        ({"candidates": [CANDIDATE(name="a", endpoint=ENDPOINT())],
+          "graders": [GRADER(type="kl_from_base")]},
+         "evaluation_job.graders[0].type"),
     ],
 )  # fmt: skip
 async def test_bad_jobs_are_refused_naming_the_field(

@@ -158,6 +158,33 @@ def reference(
     return generated
 
 
+def reference_logprobs(
+    served: Served, adapter: str | None, prompt: str, completion: str
+) -> list[float]:
+    """The completion's token log-probabilities after the prompt from plain transformers (+
+    PEFT), in float64."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(served.model))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(served.model))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(served.adapters[adapter]))
+    model.eval()
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [
+        float(logprobs[position - 1, ids[0, position]])
+        for position in range(len(prompt_ids), ids.shape[1])
+    ]
+
+
+COMPLETION = "Blue, and the owl is grey."
 MAX_TOKENS = 10
 
 

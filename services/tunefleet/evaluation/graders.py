@@ -39,6 +39,7 @@ class Grader:
     binary: bool
     score: Callable[[str, Item], float]
     pairwise: ClassVar[bool] = False  # it compares with the baseline's answer (judges.py)
+    lower_is_better: ClassVar[bool] = False  # likelihood.py's are
 
 
 def _exact_match(output: str, item: Item) -> float:

@@ -140,6 +140,7 @@ class ScoreJudge:
     high: float = 10.0
     binary: ClassVar[bool] = False
     pairwise: ClassVar[bool] = False
+    lower_is_better: ClassVar[bool] = False
 
     async def grade(self, ask: Ask, item: EvalItem, output: str) -> tuple[float, str]:
         """The scaled score and the judge's reply."""
@@ -163,6 +164,7 @@ class PairwiseJudge:
     rubric: str = PAIRWISE_RUBRIC
     binary: ClassVar[bool] = False
     pairwise: ClassVar[bool] = True
+    lower_is_better: ClassVar[bool] = False
 
     async def ask_order(self, ask: Ask, item: EvalItem, first: str, second: str) -> str:
         prompt = self.rubric.format(

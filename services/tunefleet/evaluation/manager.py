@@ -26,9 +26,11 @@ from tunefleet.evaluation import graders as grading
 from tunefleet.evaluation import judges as judging
 from tunefleet.evaluation import store
 from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge
+from tunefleet.evaluation.likelihood import KlFromBase, Perplexity
 from tunefleet.evaluation.metrics import EvaluationMetrics
 from tunefleet.evaluation.report import EvaluationFailed, Gate, GraderSummary
 from tunefleet.evaluation.runner import (
+    AnyGrader,
     Candidate,
     DatasetReader,
     Endpoint,
@@ -133,12 +135,10 @@ def check_model(model: evaluation_pb2.EvaluationCandidate, where: str) -> None:
         )
 
 
-def build_graders(
-    job: evaluation_pb2.EvaluationJob, secrets: str = ""
-) -> list[grading.Grader | ScoreJudge | PairwiseJudge]:
+def build_graders(job: evaluation_pb2.EvaluationJob, secrets: str = "") -> list[AnyGrader]:
     if not 1 <= len(job.graders) <= 16:
         raise InvalidArgument(f"{FIELD}.graders", "1 to 16 graders are required")
-    built: list[grading.Grader | ScoreJudge | PairwiseJudge] = []
+    built: list[AnyGrader] = []
     names: set[str] = set()
     for index, config in enumerate(job.graders):
         where = f"{FIELD}.graders[{index}]"
@@ -149,6 +149,20 @@ def build_graders(
         options: dict[str, Any] = {}
         if config.type in ("score_model", "pairwise_judge"):
             built.append(build_judge(config, where, secrets))
+            continue
+        if config.type in ("perplexity", "kl_from_base"):
+            external = [c.name for c in job.candidates if c.HasField("endpoint")]
+            if external:
+                raise InvalidArgument(
+                    f"{where}.type",
+                    f"{config.type} reads log-probabilities, which the external endpoints of "
+                    f"{', '.join(external)} do not give",
+                )
+            if config.type == "perplexity":
+                built.append(Perplexity(name))
+            else:
+                sampling = job.sampling
+                built.append(KlFromBase(name, sampling.max_tokens or 256, sampling.seed))
             continue
         if config.type == "string_check":
             options = {"operation": config.operation, "value": config.value}
@@ -529,6 +543,7 @@ def _score(name: str, summary: GraderSummary) -> evaluation_pb2.EvaluationScore:
         ci_low=_finite(estimate.low),
         ci_high=_finite(estimate.high),
         errors=summary.errors,
+        lower_is_better=summary.lower_is_better,
     )
     if summary.comparison is not None:
         score.comparison.CopyFrom(_comparison(summary.comparison))

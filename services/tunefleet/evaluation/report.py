@@ -10,7 +10,7 @@ grader, the candidate and the count (a silent 0 would read as a wrong answer).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tunefleet.evaluation.judges import pairwise_score
@@ -38,6 +38,7 @@ class GraderSummary:
     errors: int
     comparison: Comparison | None = None  # against the baseline; None for the baseline
     tally: PairwiseTally | None = None  # pairwise judges
+    lower_is_better: bool = False  # a negative difference is an improvement (its verdict says)
 
 
 def summarise(
@@ -46,9 +47,10 @@ def summarise(
     baseline: str,
     clusters: Sequence[str] | None = None,
     max_error_rate: float = 0.02,
+    lower: Collection[str] = (),
 ) -> dict[str, dict[str, GraderSummary]]:
     """`scores[candidate][grader]` item by item (the same items, in the same order, for every
-    candidate) -> summaries by candidate and grader."""
+    candidate) -> summaries by candidate and grader; graders in `lower` are better lower."""
     out: dict[str, dict[str, GraderSummary]] = {}
     for candidate, by_grader in scores.items():
         out[candidate] = {}
@@ -69,8 +71,22 @@ def summarise(
             comparison = None
             if candidate != baseline:
                 comparison = _compare(scores[baseline][name], values, binary[name])
-            out[candidate][name] = GraderSummary(estimate, errors, comparison)
+                if name in lower:
+                    comparison = dataclasses.replace(
+                        comparison, verdict=FLIPPED[comparison.verdict]
+                    )
+            out[candidate][name] = GraderSummary(
+                estimate, errors, comparison, lower_is_better=name in lower
+            )
     return out
+
+
+# A verdict on a difference, for a grader whose lower scores are better.
+FLIPPED = {
+    "better": "worse",
+    "worse": "better",
+    "no significant difference": "no significant difference",
+}
 
 
 def _compare(baseline: Scores, candidate: Scores, binary: bool) -> Comparison:
@@ -195,10 +211,12 @@ def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
                 f"{gate.metric}: about {needed} items are needed to detect an improvement of "
                 f"{gate.min_improvement:+.3f} with 80% power; this evaluation has {comparison.n}"
             )
-    elif comparison.difference < gate.min_improvement:
+    elif (gain := -comparison.difference if found.lower_is_better else comparison.difference) < (
+        gate.min_improvement
+    ):
         reasons.append(
-            f"{gate.metric}: improves by {comparison.difference:+.3f}, less than the "
-            f"{gate.min_improvement:+.3f} asked"
+            f"{gate.metric}: improves by {gain:+.3f}, less than the {gate.min_improvement:+.3f} "
+            "asked"
         )
     worse = [
         name

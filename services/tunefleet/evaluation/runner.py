@@ -28,6 +28,7 @@ import grpc
 from tunefleet.core.errors import relayed
 from tunefleet.evaluation.graders import Grader, GraderError, Item
 from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge, pairwise_score, parse_choice
+from tunefleet.evaluation.likelihood import KlFromBase, Perplexity
 from tunefleet.evaluation.report import (
     EvaluationFailed,
     Gate,
@@ -79,9 +80,10 @@ class GenerationError(Exception):
 class Answer:
     text: str
     version: str = ""  # the adapter version that answered; empty for the base model, endpoints
+    token_ids: tuple[int, ...] = ()  # InferenceService's answers only
 
 
-AnyGrader = Grader | ScoreJudge | PairwiseJudge
+AnyGrader = Grader | ScoreJudge | PairwiseJudge | Perplexity | KlFromBase
 
 
 @dataclass(frozen=True)
@@ -163,9 +165,7 @@ class Generator(Peer):
     async def answer(
         self, candidate: Candidate, item: EvalItem, sampling: inference_pb2.SamplingParams
     ) -> Answer:
-        turns = list(candidate.few_shot) + list(item.messages)
-        if candidate.system_prompt:
-            turns.insert(0, common_pb2.ChatMessage(role="system", content=candidate.system_prompt))
+        turns = _turns(candidate, item)
         if candidate.endpoint is not None:
             return Answer(await self._external(candidate.endpoint, turns, sampling))
         request = inference_service_pb2.GenerateRequest(
@@ -173,12 +173,34 @@ class Generator(Peer):
             chat=inference_pb2.ChatInput(messages=turns),
             sampling=sampling,
         )
+        response = await self._call("Generate", request)
+        return Answer(str(response.text), str(response.adapter_version), tuple(response.token_ids))
+
+    async def score(
+        self, candidate: Candidate, item: EvalItem, completion: str | Sequence[int]
+    ) -> list[float]:
+        """The log-probability of each token of `completion` (a text, or token ids) as the
+        candidate's answer."""
+        if candidate.endpoint is not None:
+            raise GenerationError("an external endpoint gives no log-probabilities")
+        request = inference_service_pb2.ScoreCompletionRequest(
+            adapter=candidate.adapter,
+            chat=inference_pb2.ChatInput(messages=_turns(candidate, item)),
+        )
+        if isinstance(completion, str):
+            request.completion = completion
+        else:
+            request.completion_token_ids.extend(completion)
+        response = await self._call("ScoreCompletion", request)
+        return list(response.token_logprobs)
+
+    async def _call(self, method: str, request: Any) -> Any:
+        """A call to InferenceService, retried while it is unavailable or busy."""
         for attempt in range(self.attempts):
             try:
-                response = await self.stub.Generate(
+                return await getattr(self.stub, method)(
                     request, timeout=self.call_seconds, metadata=self.metadata
                 )
-                return Answer(str(response.text), str(response.adapter_version))
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRIED or attempt == self.attempts - 1:
                     raise GenerationError(f"{error.code().name}: {error.details()}") from None
@@ -237,6 +259,37 @@ class Generator(Peer):
         await super().close()
 
 
+def _turns(candidate: Candidate, item: EvalItem) -> list[common_pb2.ChatMessage]:
+    """The item's turns after the candidate's example turns and system prompt."""
+    turns = list(candidate.few_shot) + list(item.messages)
+    if candidate.system_prompt:
+        turns.insert(0, common_pb2.ChatMessage(role="system", content=candidate.system_prompt))
+    return turns
+
+
+class Models:
+    """The generator's calls for grading, at most `limit` at once (with the answers')."""
+
+    def __init__(self, generator: Generator, limit: asyncio.Semaphore) -> None:
+        self.generator, self.limit = generator, limit
+
+    async def ask(self, judge: Candidate, prompt: str) -> str:
+        async with self.limit:
+            return await self.generator.ask(judge, prompt)
+
+    async def answer(
+        self, candidate: Candidate, item: EvalItem, sampling: inference_pb2.SamplingParams
+    ) -> Answer:
+        async with self.limit:
+            return await self.generator.answer(candidate, item, sampling)
+
+    async def score(
+        self, candidate: Candidate, item: EvalItem, completion: str | Sequence[int]
+    ) -> list[float]:
+        async with self.limit:
+            return await self.generator.score(candidate, item, completion)
+
+
 async def run(
     items: Sequence[EvalItem],
     candidates: Sequence[Candidate],
@@ -273,9 +326,7 @@ async def run(
     # The baseline's answers, which pairwise judges wait for (None: it has none).
     baseline_answers = [asyncio.get_running_loop().create_future() for _ in items]
 
-    async def ask(judge: Candidate, prompt: str) -> str:
-        async with limit:
-            return await generator.ask(judge, prompt)
+    models = Models(generator, limit)
 
     async def answer(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
         output = known.get((candidate.name, index))
@@ -307,7 +358,9 @@ async def run(
                 continue
             try:
                 other = await baseline_answers[index] if grader.pairwise else None
-                result.scores[grader.name] = await _grade(grader, ask, item, result, other)
+                result.scores[grader.name] = await _grade(
+                    grader, models, candidate, item, result, other
+                )
             except (GraderError, GenerationError) as error:
                 result.errors[grader.name] = str(error)
         if record is not None:
@@ -332,6 +385,7 @@ async def run(
             baseline,
             clusters,
             max_error_rate,
+            {g.name for g in graders if g.lower_is_better},
         )
         for grader in (g for g in graders if g.pairwise):
             for candidate in (c for c in candidates if c.name != baseline):
@@ -381,7 +435,8 @@ async def _pin(
 
 async def _grade(
     grader: AnyGrader,
-    ask: Callable[[Candidate, str], Awaitable[str]],
+    models: Models,
+    candidate: Candidate,
     item: EvalItem,
     result: ItemResult,
     baseline_output: str | None,
@@ -389,8 +444,13 @@ async def _grade(
     """One grader's score of one answer (judges' replies kept on `result`)."""
     output = result.output
     assert output is not None
+    ask = models.ask
     if isinstance(grader, Grader):
         return grader.score(output, item)
+    if isinstance(grader, Perplexity):
+        return await grader.grade(models.score, candidate, item)
+    if isinstance(grader, KlFromBase):
+        return await grader.grade(models.score, models.answer, candidate, item, result.index)
     if isinstance(grader, ScoreJudge):
         score, reply = await grader.grade(ask, item, output)
         result.judgements[grader.name] = reply

@@ -64,6 +64,10 @@ class EngineClosed(Exception):
     """The engine stopped (or failed) before the request ended."""
 
 
+class ScoringNotSupported(Exception):
+    """The engine cannot score completions exactly; the message says why."""
+
+
 class Engine(Protocol):
     name: str  # "vllm" or "peft"
     tokenizer: Any
@@ -85,6 +89,12 @@ class Engine(Protocol):
     async def unload_adapter(self, serving_name: str) -> None: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Output]: ...
+
+    async def score(
+        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
+    ) -> list[float]:
+        """The log-probability of each completion token after the prompt and the tokens before
+        it, under `adapter` (a loaded serving name; None for the base model)."""
 
 
 class TextStream:

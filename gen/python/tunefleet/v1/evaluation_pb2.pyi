@@ -141,7 +141,7 @@ Global___OpenAIEndpoint: _TypeAlias = OpenAIEndpoint  # noqa: Y015
 
 @_typing.final
 class EvaluationGrader(_message.Message):
-    """EvaluationGrader scores each answer in [0, 1]."""
+    """EvaluationGrader scores each answer."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -159,10 +159,17 @@ class EvaluationGrader(_message.Message):
     type: _builtins.str
     """Required. `exact_match`, `string_check`, `json_valid`, `json_schema`, `token_f1`, `bleu`,
     `chrf`, `rouge_l`, `classification`, `score_model` (an LLM judge scores each answer with a
-    rubric) or `pairwise_judge` (an LLM judge compares each candidate's answer with the
-    baseline's, in both orders). 0/1 graders: exact_match, string_check, json_valid,
-    json_schema, classification; pairwise_judge scores a win 1, a tie 0.5 and a loss 0; the
-    others are continuous.
+    rubric), `pairwise_judge` (an LLM judge compares each candidate's answer with the
+    baseline's, in both orders), `perplexity` (of the reference answer) or `kl_from_base`
+    (how far the candidate's own answers drift from the base model's distribution).
+    0/1 graders: exact_match, string_check, json_valid, json_schema, classification;
+    pairwise_judge scores a win 1, a tie 0.5 and a loss 0; the others are continuous, in [0, 1]
+    but for the last two: `perplexity` scores an item with its reference's mean negative
+    log-likelihood per token in nats (the log of its perplexity), `kl_from_base` with the mean
+    over the tokens of an answer sampled from the candidate (temperature 1) of the log-ratio of
+    the candidate's and the base model's probabilities (given the same turns, so a prompting
+    baseline scores 0), an unbiased estimate of KL(candidate || base) per token; for both lower
+    is better. Neither applies to external endpoints (no log-probabilities).
     """
     operation: _builtins.str
     """`string_check`: `eq`, `ne`, `like` (contains), `ilike` (contains, any case) or `regex`."""
@@ -264,6 +271,7 @@ class EvaluationScore(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     COMPARISON_FIELD_NUMBER: _builtins.int
     PAIRWISE_FIELD_NUMBER: _builtins.int
+    LOWER_IS_BETTER_FIELD_NUMBER: _builtins.int
     grader: _builtins.str
     """The grader's name."""
     count: _builtins.int
@@ -276,6 +284,10 @@ class EvaluationScore(_message.Message):
     """Upper end of the interval."""
     errors: _builtins.int
     """Items the grader could not grade or the candidate could not answer."""
+    lower_is_better: _builtins.bool
+    """Lower scores are better (`perplexity`, `kl_from_base`): a negative difference is an
+    improvement, and verdicts say so.
+    """
     @_builtins.property
     def comparison(self) -> Global___EvaluationComparison:
         """Against the baseline, on the items both were graded on (unset for the baseline)."""
@@ -295,10 +307,11 @@ class EvaluationScore(_message.Message):
         errors: _builtins.int = ...,
         comparison: Global___EvaluationComparison | None = ...,
         pairwise: Global___EvaluationPairwiseTally | None = ...,
+        lower_is_better: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "pairwise", b"pairwise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "comparison", b"comparison", "count", b"count", "errors", b"errors", "grader", b"grader", "mean", b"mean", "pairwise", b"pairwise"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "comparison", b"comparison", "count", b"count", "errors", b"errors", "grader", b"grader", "lower_is_better", b"lower_is_better", "mean", b"mean", "pairwise", b"pairwise"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

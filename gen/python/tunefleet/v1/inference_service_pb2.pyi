@@ -63,6 +63,94 @@ class GenerateRequest(_message.Message):
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
+class ScoreCompletionRequest(_message.Message):
+    """ScoreCompletionRequest names an input and the completion to score after it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    COMPLETION_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    adapter: _builtins.str
+    """Optional. Adapter to apply, as in GenerateRequest; empty for the base model."""
+    prompt: _builtins.str
+    """Raw text, passed to the model as is."""
+    completion: _builtins.str
+    """The text whose tokens are scored, tokenised on its own (no special tokens). Required unless
+    `completion_token_ids` are given instead.
+    """
+    @_builtins.property
+    def chat(self) -> _inference_pb2.ChatInput:
+        """A conversation, rendered with the chat template."""
+
+    @_builtins.property
+    def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The completion as token ids (a generation's `token_ids`: its own tokens, which a text
+        tokenised again may not give back); instead of `completion`.
+        """
+
+    def __init__(
+        self,
+        *,
+        adapter: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        chat: _inference_pb2.ChatInput | None = ...,
+        completion: _builtins.str = ...,
+        completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "completion", b"completion", "completion_token_ids", b"completion_token_ids", "input", b"input", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___ScoreCompletionRequest: _TypeAlias = ScoreCompletionRequest  # noqa: Y015
+
+@_typing.final
+class ScoreCompletionResponse(_message.Message):
+    """ScoreCompletionResponse holds the completion's token log-probabilities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_VERSION_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    adapter_version: _builtins.str
+    """The exact version that scored it; empty for the base model."""
+    prompt_tokens: _builtins.int
+    """Tokens of the input."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The completion's token ids."""
+
+    @_builtins.property
+    def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Natural log of each token's probability given all before it (the input's and the
+        completion's own), as the model computes it, without sampling settings applied.
+        """
+
+    def __init__(
+        self,
+        *,
+        adapter_version: _builtins.str = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "prompt_tokens", b"prompt_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreCompletionResponse: _TypeAlias = ScoreCompletionResponse  # noqa: Y015
+
+@_typing.final
 class StreamGenerateRequest(_message.Message):
     """StreamGenerateRequest asks for a streamed completion."""
 
@@ -98,6 +186,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     response_id: _builtins.str
     """Unique id of the response, for feedback."""
     text: _builtins.str
@@ -119,6 +208,12 @@ class GenerateResponse(_message.Message):
         call markers do not read as calls of the offered tools is returned as it is, without calls.
         """
 
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The generated tokens' ids (without an end-of-sequence token; with those of a stop string
+        that ended the text), for ScoreCompletion.
+        """
+
     def __init__(
         self,
         *,
@@ -128,10 +223,11 @@ class GenerateResponse(_message.Message):
         finish_reason: _inference_pb2.FinishReason.ValueType = ...,
         usage: _inference_pb2.Usage | None = ...,
         tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

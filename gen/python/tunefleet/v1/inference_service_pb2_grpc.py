@@ -47,6 +47,11 @@ class InferenceServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateResponse.FromString,
                 _registered_method=True)
+        self.ScoreCompletion = channel.unary_unary(
+                '/tunefleet.v1.InferenceService/ScoreCompletion',
+                request_serializer=tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionResponse.FromString,
+                _registered_method=True)
         self.ListServedAdapters = channel.unary_unary(
                 '/tunefleet.v1.InferenceService/ListServedAdapters',
                 request_serializer=tunefleet_dot_v1_dot_inference__service__pb2.ListServedAdaptersRequest.SerializeToString,
@@ -88,6 +93,14 @@ class InferenceServiceServicer:
 
     def StreamGenerate(self, request, context):
         """Generates a completion, streaming text as it is produced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreCompletion(self, request, context):
+        """Scores a given completion without generating: the log-probability of each of its tokens
+        after the input (perplexity of reference answers, KL from the base model).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +153,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamGenerate,
                     request_deserializer=tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateResponse.SerializeToString,
+            ),
+            'ScoreCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreCompletion,
+                    request_deserializer=tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionResponse.SerializeToString,
             ),
             'ListServedAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListServedAdapters,
@@ -223,6 +241,33 @@ class InferenceService:
             '/tunefleet.v1.InferenceService/StreamGenerate',
             tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateRequest.SerializeToString,
             tunefleet_dot_v1_dot_inference__service__pb2.StreamGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.InferenceService/ScoreCompletion',
+            tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionRequest.SerializeToString,
+            tunefleet_dot_v1_dot_inference__service__pb2.ScoreCompletionResponse.FromString,
             options,
             channel_credentials,
             insecure,

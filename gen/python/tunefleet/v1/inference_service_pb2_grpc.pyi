@@ -40,6 +40,10 @@ class InferenceServiceStub:
     """Generates a completion."""
     StreamGenerate: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.StreamGenerateRequest, _inference_service_pb2.StreamGenerateResponse]
     """Generates a completion, streaming text as it is produced."""
+    ScoreCompletion: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ScoreCompletionRequest, _inference_service_pb2.ScoreCompletionResponse]
+    """Scores a given completion without generating: the log-probability of each of its tokens
+    after the input (perplexity of reference answers, KL from the base model).
+    """
     ListServedAdapters: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListServedAdaptersRequest, _inference_service_pb2.ListServedAdaptersResponse]
     """Lists the adapter versions this server holds."""
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.LoadAdapterRequest, _inference_pb2.ServedAdapter]
@@ -62,6 +66,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Generates a completion."""
     StreamGenerate: _aio.UnaryStreamMultiCallable[_inference_service_pb2.StreamGenerateRequest, _inference_service_pb2.StreamGenerateResponse]  # type: ignore[assignment]
     """Generates a completion, streaming text as it is produced."""
+    ScoreCompletion: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ScoreCompletionRequest, _inference_service_pb2.ScoreCompletionResponse]  # type: ignore[assignment]
+    """Scores a given completion without generating: the log-probability of each of its tokens
+    after the input (perplexity of reference answers, KL from the base model).
+    """
     ListServedAdapters: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListServedAdaptersRequest, _inference_service_pb2.ListServedAdaptersResponse]  # type: ignore[assignment]
     """Lists the adapter versions this server holds."""
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.LoadAdapterRequest, _inference_pb2.ServedAdapter]  # type: ignore[assignment]
@@ -93,6 +101,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamGenerateResponse], _abc.AsyncIterator[_inference_service_pb2.StreamGenerateResponse]]:
         """Generates a completion, streaming text as it is produced."""
+
+    @_abc_1.abstractmethod
+    def ScoreCompletion(
+        self,
+        request: _inference_service_pb2.ScoreCompletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.ScoreCompletionResponse, _abc.Awaitable[_inference_service_pb2.ScoreCompletionResponse]]:
+        """Scores a given completion without generating: the log-probability of each of its tokens
+        after the input (perplexity of reference answers, KL from the base model).
+        """
 
     @_abc_1.abstractmethod
     def ListServedAdapters(
