@@ -250,6 +250,41 @@ async def test_rejected_upload_names_the_lines_and_stores_nothing(
     assert list(listed.datasets) == []
 
 
+async def test_records_keep_their_cluster_and_bad_clusters_are_refused(stub: Stub) -> None:
+    def chat(i: int, **extra: Any) -> dict[str, Any]:
+        turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        return {"messages": turns, **extra}
+
+    good = [chat(0, cluster="passage-1"), chat(1, cluster="passage-1"), chat(2, cluster=7), chat(3)]
+    dataset = await upload(stub, jsonl(good), options={"remove_near_duplicates": False})
+    assert not dataset.validation_report.ignored_keys  # cluster is read, not ignored
+    found = [
+        record.cluster
+        async for record in stub.PreviewDatasetRecords(
+            dataset_service_pb2.PreviewDatasetRecordsRequest(
+                name=dataset.name, split=dataset_pb2.DATASET_SPLIT_TRAIN, limit=10
+            )
+        )
+    ]
+    assert sorted(found) == sorted(["passage-1", "passage-1", "7", ""])
+    for bad, why in (
+        (["a"], "cluster must be a string or an integer, not list"),
+        (True, "cluster must be a string or an integer, not bool"),
+        ("", "cluster must be 1 to 128 printable characters"),
+        ("x" * 129, "cluster must be 1 to 128 printable characters"),
+        ("a\x00b", "cluster must be 1 to 128 printable characters"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await upload(
+                stub,
+                jsonl([chat(0), chat(1, cluster=bad)]),
+                options={"invalid_record_policy": dataset_pb2.INVALID_RECORD_POLICY_REJECT},
+            )
+        assert field_violations(raised.value) == [
+            ("line 2", f"RECORD_ERROR_CODE_INCONSISTENT_FIELDS: {why}")
+        ], bad
+
+
 async def test_interrupted_upload_leaves_nothing_behind(
     stub: Stub, service_context: ServiceContext
 ) -> None:

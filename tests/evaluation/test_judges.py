@@ -5,6 +5,7 @@ external endpoints: a stub OpenAI-compatible server called with the real `openai
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,7 @@ from tunefleet.evaluation.judges import (
 )
 from tunefleet.evaluation.report import EvaluationFailed, Gate
 from tunefleet.evaluation.runner import Candidate, Endpoint, EvalItem, Generator, run
+from tunefleet.evaluation.statistics import mean_interval, wilson
 from tunefleet.v1 import common_pb2, inference_pb2
 
 GREEDY = inference_pb2.SamplingParams(max_tokens=16)
@@ -203,3 +205,17 @@ async def test_endpoints_get_their_key_and_the_sampling(stub: Stub) -> None:
     assert request["authorization"] == "Bearer sk-test"
     assert (request["max_tokens"], request["seed"], request["stop"]) == (7, 3, ["\n"])
     assert request["messages"] == [{"role": "user", "content": "Repeat: word0"}]
+
+
+async def test_clustered_items_get_cluster_robust_intervals(stub: Stub) -> None:
+    # Pairs of items share a cluster (say, two questions on one passage); "half" is right on
+    # one item of each pair, so within a cluster its outcomes cancel out.
+    clustered = [
+        dataclasses.replace(item, cluster=f"passage {int(item.id) // 2}") for item in items(20)
+    ]
+    outcome = await run(clustered, [model(stub, "half")], [grader("exact_match")], Generator(),
+                        GREEDY, baseline="half")  # fmt: skip
+    found = outcome.summary["half"]["exact_match"].estimate
+    expected = mean_interval([1.0, 0.0] * 10, [f"passage {i // 2}" for i in range(20)])
+    assert (found.mean, found.low, found.high) == (expected.mean, expected.low, expected.high)
+    assert found.high - found.low < wilson(10, 20).high - wilson(10, 20).low

@@ -16,6 +16,7 @@ from tests.evaluation.openai_stub import openai_stub
 from tests.evaluation.test_runner import set_alias, untrained_lora, upload_version
 from tests.helpers import error_info
 from tests.training.conftest import Platform
+from tunefleet.evaluation.runner import DatasetReader
 from tunefleet.v1 import (
     dataset_pb2,
     evaluation_pb2,
@@ -241,7 +242,8 @@ def repeat_records(count: int) -> bytes:
                 "messages": [
                     {"role": "user", "content": f"Repeat: word{i}"},
                     {"role": "assistant", "content": f"word{i}"},
-                ]
+                ],
+                "cluster": f"group {i // 4}",
             }
         ).encode()
         + b"\n"
@@ -259,6 +261,14 @@ async def test_an_external_endpoint_judged_pairwise_against_the_base_model(
         inference={"base_model": "colours"}, evaluation={"secrets_dir": str(secrets)}
     )
     dataset = await platform.upload(repeat_records(40))
+    assert platform.server is not None
+    reader = DatasetReader(f"127.0.0.1:{platform.server.port}")
+    clusters = [
+        i.cluster for i in await reader.items(dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION)
+    ]
+    await reader.close()
+    assert len(clusters) == dataset.validation_record_count and all(clusters)
+    assert all(c.startswith("group ") for c in clusters)
     with openai_stub() as stub:
         parrot = evaluation_pb2.OpenAIEndpoint(
             base_url=stub.base_url, model="parrot", api_key_secret="parrot-key"

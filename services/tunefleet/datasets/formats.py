@@ -64,15 +64,17 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = frozenset({"system", "user", "assistant", "tool"})
 # Every top-level key each format reads; others are reported as ignored.
 KNOWN_KEYS = {
-    OPENAI_CHAT: frozenset({"messages", "tools", "functions", "parallel_tool_calls"}),
-    SHAREGPT: frozenset({"conversations", "system", "tools"}),
-    ALPACA: frozenset({"instruction", "input", "output", "system", "history"}),
-    PROMPT_COMPLETION: frozenset({"prompt", "completion"}),
+    OPENAI_CHAT: frozenset({"messages", "tools", "functions", "parallel_tool_calls", "cluster"}),
+    SHAREGPT: frozenset({"conversations", "system", "tools", "cluster"}),
+    ALPACA: frozenset({"instruction", "input", "output", "system", "history", "cluster"}),
+    PROMPT_COMPLETION: frozenset({"prompt", "completion", "cluster"}),
     PREFERENCE: frozenset(
         {"prompt", "chosen", "rejected", "instruction", "input", "system", "history"}
-        | {"conversations", "preferred_output", "non_preferred_output"}
+        | {"conversations", "preferred_output", "non_preferred_output", "cluster"}
     ),
-    UNPAIRED: frozenset({"prompt", "completion", "label", "conversations", "kto_tag", "system"}),
+    UNPAIRED: frozenset(
+        {"prompt", "completion", "label", "conversations", "kto_tag", "system", "cluster"}
+    ),
 }
 # Keys that carry images, audio or video (LLaMA-Factory's and others' conventions).
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
@@ -90,6 +92,7 @@ class Record:
     completion: list[Message] | None = None
     desirable: bool | None = None
     tools: list[dict[str, Any]] | None = None  # the functions the assistant may call
+    cluster: str | None = None  # records of one cluster are not independent (evaluation)
 
     def parts(self) -> list[list[Message]]:
         """Every list of messages the record holds (PII is looked for in all of them)."""
@@ -99,7 +102,7 @@ class Record:
     def document(self) -> dict[str, Any]:
         """The record's fields as stored (the preference ones only when set)."""
         fields: dict[str, Any] = {"messages": self.messages}
-        for key in ("chosen", "rejected", "completion", "desirable", "tools"):
+        for key in ("chosen", "rejected", "completion", "desirable", "tools", "cluster"):
             value = getattr(self, key)
             if value is not None:
                 fields[key] = value
@@ -109,11 +112,11 @@ class Record:
         """The SFT record this preference record converts to: the prompt with the chosen (or a
         desirable) answer; None for an undesirable answer."""
         if self.chosen is not None:
-            return Record(self.messages + self.chosen, tools=self.tools)
+            return Record(self.messages + self.chosen, tools=self.tools, cluster=self.cluster)
         if self.completion is not None:
             if not self.desirable:
                 return None
-            return Record(self.messages + self.completion, tools=self.tools)
+            return Record(self.messages + self.completion, tools=self.tools, cluster=self.cluster)
         return self
 
 
@@ -168,6 +171,32 @@ def normalise(record: object, file: FileFormat) -> list[Message]:
 def normalise_record(record: object, file: FileFormat) -> Record:
     """Validate one parsed record against the file's format (fixing the format on the first
     detectable record) and return it normalised; raises RecordInvalid."""
+    normalised = _normalise(record, file)
+    assert isinstance(record, dict)
+    if "cluster" in record:
+        normalised.cluster = _cluster(record["cluster"])
+    return normalised
+
+
+def _cluster(value: object) -> str:
+    """A record's cluster id: a string or an integer, 1 to 128 characters."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_INCONSISTENT_FIELDS,
+            f"cluster must be a string or an integer, not {type(value).__name__}",
+            "cluster",
+        )
+    text = str(value)
+    if not 1 <= len(text) <= 128 or not text.isprintable():
+        raise RecordInvalid(
+            RecordErrorCode.RECORD_ERROR_CODE_INCONSISTENT_FIELDS,
+            "cluster must be 1 to 128 printable characters",
+            "cluster",
+        )
+    return text
+
+
+def _normalise(record: object, file: FileFormat) -> Record:
     if not isinstance(record, dict):
         raise RecordInvalid(
             RecordErrorCode.RECORD_ERROR_CODE_UNKNOWN_FORMAT,

@@ -584,6 +584,7 @@ def _stored(entry: dict[str, Any]) -> Record:
         completion=entry.get("completion"),
         desirable=entry.get("desirable"),
         tools=entry.get("tools"),
+        cluster=entry.get("cluster"),
     )
 
 

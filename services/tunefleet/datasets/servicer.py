@@ -133,6 +133,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 completion=[_message(m) for m in record.get("completion", [])],
                 desirable=record.get("desirable", False),
                 tools=[_tool(tool) for tool in record.get("tools", [])],
+                cluster=record.get("cluster", ""),
             )
 
     async def CheckContamination(

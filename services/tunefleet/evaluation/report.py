@@ -63,9 +63,9 @@ def summarise(
                 )
             kept = [i for i, v in enumerate(values) if v is not None]
             graded = [float(values[i]) for i in kept]  # type: ignore[arg-type]
-            if binary[name]:
+            if binary[name] and not clusters:
                 estimate = wilson(sum(1 for v in graded if v >= 0.5), len(graded))
-            else:
+            else:  # Wilson's interval assumes independent items; clustered ones are not
                 where = [clusters[i] for i in kept] if clusters else None
                 estimate = mean_interval(graded, where)
             comparison = None

@@ -145,7 +145,10 @@ def _item(record: dataset_pb2.DatasetRecord) -> EvalItem:
             f"record {record.index} does not end with an assistant's text answer to compare with"
         )
     return EvalItem(
-        id=str(record.index), reference=messages[-1].content, messages=tuple(messages[:-1])
+        id=str(record.index),
+        reference=messages[-1].content,
+        cluster=record.cluster,
+        messages=tuple(messages[:-1]),
     )
 
 
@@ -377,7 +380,9 @@ async def run(
                 f"{candidate.adapter} moved during the evaluation: {candidate.name} was answered "
                 f"by {found}"
             )
-    clusters = [item.cluster for item in items] if any(i.cluster for i in items) else None
+    clusters = None
+    if any(item.cluster for item in items):  # an item without one is a cluster of its own
+        clusters = [item.cluster or f"item {index}" for index, item in enumerate(items)]
     try:
         summary = summarise(
             _by_grader(results, candidates, [g for g in graders if not g.pairwise], len(items)),

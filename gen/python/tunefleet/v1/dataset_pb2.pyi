@@ -966,6 +966,7 @@ class DatasetRecord(_message.Message):
     COMPLETION_FIELD_NUMBER: _builtins.int
     DESIRABLE_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based position of the record in the dataset."""
     source_line: _builtins.int
@@ -974,6 +975,10 @@ class DatasetRecord(_message.Message):
     """Side of the split the record is on."""
     desirable: _builtins.bool
     """Unpaired preference datasets: whether `completion` is a desirable answer."""
+    cluster: _builtins.str
+    """The source record's `cluster` (any format): records of one cluster are not independent (the
+    same passage, the same task template), which evaluation statistics take into account.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation."""
@@ -1011,10 +1016,11 @@ class DatasetRecord(_message.Message):
         completion: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         desirable: _builtins.bool = ...,
         tools: _abc.Iterable[_common_pb2.Tool] | None = ...,
+        cluster: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "completion", b"completion", "desirable", b"desirable", "index", b"index", "messages", b"messages", "redacted_pii", b"redacted_pii", "rejected", b"rejected", "source_line", b"source_line", "split", b"split", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "cluster", b"cluster", "completion", b"completion", "desirable", b"desirable", "index", b"index", "messages", b"messages", "redacted_pii", b"redacted_pii", "rejected", b"rejected", "source_line", b"source_line", "split", b"split", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

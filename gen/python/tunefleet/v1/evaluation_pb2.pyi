@@ -279,7 +279,9 @@ class EvaluationScore(_message.Message):
     mean: _builtins.float
     """Mean score."""
     ci_low: _builtins.float
-    """95% interval of the mean: Wilson's for 0/1 graders, the normal one otherwise."""
+    """95% interval of the mean: Wilson's for 0/1 graders, the normal one otherwise (cluster-robust
+    for both when the dataset's records carry a `cluster`).
+    """
     ci_high: _builtins.float
     """Upper end of the interval."""
     errors: _builtins.int
@@ -537,7 +539,7 @@ class EvaluationJob(_message.Message):
     """Optional. The candidate the others are compared with; default the first."""
     dataset: _builtins.str
     """Required. The items: `datasets/{dataset}`; each record's last assistant turn is the
-    reference answer and the turns before it the input.
+    reference answer and the turns before it the input; records may carry a `cluster`.
     """
     split: _dataset_pb2.DatasetSplit.ValueType
     """Optional. The side of the split; default VALIDATION."""
