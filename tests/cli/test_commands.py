@@ -418,6 +418,22 @@ def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> No
     assert "'b' is not a candidate" in unknown.stderr
 
 
+def test_the_general_suite_uploads_whole_and_evaluates(platform: LocalServer) -> None:
+    assert len(tunefleet(None, "eval", "suite", "general").stdout.splitlines()) == 300
+    uploaded = as_json(tunefleet(platform, "eval", "suite", "general", "--upload", "-o", "json"))
+    assert int(uploaded["train_record_count"]) == 300  # nothing dropped as a near duplicate
+    assert "validation_record_count" not in uploaded  # 0, which JSON leaves out
+    job = as_json(
+        tunefleet(
+            platform, "eval", "create", "--dataset", uploaded["name"], "--split", "train",
+            "--candidate", "base", "--grader", "exact_match", "--normalise",
+            "--max-items", "12", "--max-tokens", "6", "--wait", "-o", "json",
+        )
+    )  # fmt: skip
+    assert job["state"] == "STATE_SUCCEEDED" and job["answers_done"] == "12"
+    assert job["graders"][0]["normalise"] is True
+
+
 def test_bad_options_are_refused_before_any_call(colours: Path, tmp_path: Path) -> None:
     label = tunefleet(None, "datasets", "upload", str(colours), "--label", "team", code=2)
     assert "--label" in label.stderr and "expected KEY=VALUE, got 'team'" in label.stderr

@@ -87,6 +87,17 @@ def evaluations() -> None:
     type=click.Choice(SIMPLE_GRADERS),
     help="A grader, repeatable (judges, string checks and JSON schemas: --from-file).",
 )
+@click.option(
+    "--normalise",
+    is_flag=True,
+    help="exact_match compares after SQuAD's normalisation (case, punctuation, articles).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["validation", "train"]),
+    help="The side of the dataset to read (default validation; `eval suite --upload` puts "
+    "all in train).",
+)
 @click.option("--gate", "gate_metric", help="The grader a candidate must be better on to pass.")
 @click.option("--min-improvement", type=float, help="The gate's least improvement.")
 @click.option(
@@ -119,6 +130,8 @@ def create(
     system_prompts: tuple[str, ...],
     baseline: str,
     graders: tuple[str, ...],
+    normalise: bool,
+    split: str | None,
     gate_metric: str | None,
     min_improvement: float | None,
     regression_graders: tuple[str, ...],
@@ -155,6 +168,12 @@ def create(
             raise click.BadParameter(f"{name!r} is not a candidate", param_hint="--system-prompt")
         found[0]["systemPrompt"] = prompt
     job.setdefault("graders", []).extend({"type": grader} for grader in graders)
+    if normalise:
+        for grader in job["graders"]:
+            if grader.get("type") == "exact_match":
+                grader["normalise"] = True
+    if split is not None:
+        job["split"] = f"DATASET_SPLIT_{split.upper()}"
     given = {
         "dataset": dataset,
         "baseline": baseline or None,
@@ -383,3 +402,54 @@ def items(name: str, candidate: str, below: tuple[str, str] | None, output: str)
             console.print(f"  reference: {item.reference!r}", markup=False)
             for key, reply in sorted(item.judgements.items()):
                 console.print(f"  {key}: {reply!r}", markup=False)
+
+
+@evaluations.command()
+@click.argument("suite", type=click.Choice(["general"]))
+@click.option(
+    "--output",
+    "-O",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write its records (JSON lines) to this file.",
+)
+@click.option("--upload", is_flag=True, help="Upload it as a dataset (all records in train).")
+@output_option
+@handles_errors
+def suite(suite: str, path: Path | None, upload: bool, output: str) -> None:
+    """A suite that ships with tunefleet: `general` is 300 questions of knowledge, reasoning,
+    instruction following and format, to see whether an adapter lost general skills.
+
+    \b
+    tunefleet eval suite general --upload    prints the dataset, then:
+    tunefleet eval create --dataset D --split train --candidate base \\
+        --candidate new=adapters/a@prod --grader exact_match --normalise -w
+    """
+    from tunefleet.suites import general, jsonl
+
+    data = jsonl(general())
+    if path is not None:
+        path.write_bytes(data)
+        if output != "json":
+            console.print(f"wrote {len(general())} records to {path}", markup=False)
+    if upload:
+        options = {
+            "validationFraction": 0,
+            "removeExactDuplicates": False,
+            "removeNearDuplicates": False,
+            "piiPolicy": "PII_POLICY_REPORT",  # written for the project: nothing to hide
+        }
+        with client() as tunefleet:
+            dataset = tunefleet.datasets.upload(
+                data, display_name=f"tunefleet-{suite}-suite", options=options
+            )
+        if output == "json":
+            print_json(dataset)
+        else:
+            console.print(
+                f"uploaded {dataset.name} ({dataset.train_record_count} records; evaluate "
+                "with --split train)",
+                markup=False,
+            )
+    if path is None and not upload:
+        click.echo(data.decode(), nl=False)

@@ -46,6 +46,10 @@ def _exact_match(output: str, item: Item) -> float:
     return float(output.strip() == item.reference.strip())
 
 
+def _normalised_match(output: str, item: Item) -> float:
+    return float(normalise_answer(output) == normalise_answer(item.reference))
+
+
 _OPERATIONS: dict[str, Callable[[str, str], bool]] = {
     "eq": lambda output, reference: output == reference,
     "ne": lambda output, reference: output != reference,
@@ -163,8 +167,8 @@ def _rouge_l(output: str, item: Item) -> float:
 
 
 def grader(kind: str, **options: Any) -> Grader:
-    """A grader by its name, with its options (`string_check`: operation, value; `json_schema`:
-    schema)."""
+    """A grader by its name, with its options (`exact_match`: normalise; `string_check`:
+    operation, value; `json_schema`: schema)."""
     binary: dict[str, Callable[[str, Item], float]] = {
         "exact_match": _exact_match,
         "json_valid": _json_valid,
@@ -177,6 +181,8 @@ def grader(kind: str, **options: Any) -> Grader:
         "chrf": _chrf,
         "rouge_l": _rouge_l,
     }
+    if kind == "exact_match" and options.get("normalise"):
+        return Grader(kind, True, _normalised_match)
     if kind in binary:
         return Grader(kind, True, binary[kind])
     if kind in continuous:

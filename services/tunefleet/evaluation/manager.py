@@ -164,7 +164,9 @@ def build_graders(job: evaluation_pb2.EvaluationJob, secrets: str = "") -> list[
                 sampling = job.sampling
                 built.append(KlFromBase(name, sampling.max_tokens or 256, sampling.seed))
             continue
-        if config.type == "string_check":
+        if config.type == "exact_match":
+            options = {"normalise": config.normalise}
+        elif config.type == "string_check":
             options = {"operation": config.operation, "value": config.value}
             if config.operation == "regex" and config.value:
                 try:

@@ -154,6 +154,7 @@ class EvaluationGrader(_message.Message):
     RUBRIC_FIELD_NUMBER: _builtins.int
     SCORE_MIN_FIELD_NUMBER: _builtins.int
     SCORE_MAX_FIELD_NUMBER: _builtins.int
+    NORMALISE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Optional. Its name in the results, unique in the job; default `type`."""
     type: _builtins.str
@@ -187,6 +188,10 @@ class EvaluationGrader(_message.Message):
     """`score_model`: the lowest score of the rubric (default 1); scores are scaled to [0, 1]."""
     score_max: _builtins.float
     """`score_model`: the highest score of the rubric (default 10)."""
+    normalise: _builtins.bool
+    """`exact_match`: compare after SQuAD's normalisation (lower case; punctuation, articles and
+    extra spaces dropped), as the bundled general suite is graded.
+    """
     @_builtins.property
     def judge(self) -> Global___EvaluationCandidate:
         """`score_model`, `pairwise_judge`: the judging model (its `name` is not used): an adapter, an
@@ -205,10 +210,11 @@ class EvaluationGrader(_message.Message):
         rubric: _builtins.str = ...,
         score_min: _builtins.float | None = ...,
         score_max: _builtins.float | None = ...,
+        normalise: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score_max", b"_score_max", "_score_min", b"_score_min", "judge", b"judge", "score_max", b"score_max", "score_min", b"score_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_max", b"_score_max", "_score_min", b"_score_min", "json_schema", b"json_schema", "judge", b"judge", "name", b"name", "operation", b"operation", "rubric", b"rubric", "score_max", b"score_max", "score_min", b"score_min", "type", b"type", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_max", b"_score_max", "_score_min", b"_score_min", "json_schema", b"json_schema", "judge", b"judge", "name", b"name", "normalise", b"normalise", "operation", b"operation", "rubric", b"rubric", "score_max", b"score_max", "score_min", b"score_min", "type", b"type", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score_max: _TypeAlias = _typing.Literal["score_max"]  # noqa: Y015
     _WhichOneofArgType__score_max: _TypeAlias = _typing.Literal["_score_max", b"_score_max"]  # noqa: Y015
