@@ -372,10 +372,25 @@ async def test_cancel_stops_a_job(make_platform: MakePlatform) -> None:
     dataset = await platform.upload()
     slow = inference_pb2.SamplingParams(max_tokens=64)
     created = await create(platform, job(dataset.name, max_items=0, sampling=slow))
+    watch = platform.evaluation.WatchEvaluationJob(
+        evaluation_service_pb2.WatchEvaluationJobRequest(name=created.name)
+    )
+    first = await watch.read()
+    assert first.name == created.name and first.state in (State.STATE_QUEUED, State.STATE_RUNNING)
     cancelled = await platform.evaluation.CancelEvaluationJob(
         evaluation_service_pb2.CancelEvaluationJobRequest(name=created.name)
     )
     assert cancelled.state == State.STATE_CANCELLED
+    watched = [first]
+    while (update := await watch.read()) is not grpc.aio.EOF:
+        watched.append(update)
+    assert watched[-1].state == State.STATE_CANCELLED  # the watcher saw it end, and stopped
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        async for _ in platform.evaluation.WatchEvaluationJob(
+            evaluation_service_pb2.WatchEvaluationJobRequest(name="evaluationJobs/nothing")
+        ):
+            pass
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     ended = await wait(platform, created.name, State.STATE_CANCELLED, State.STATE_SUCCEEDED)
     assert ended.state == State.STATE_CANCELLED and not ended.results
     with pytest.raises(grpc.aio.AioRpcError) as again:
@@ -453,8 +468,14 @@ async def test_the_sdk_creates_waits_and_reads_answers(make_platform: MakePlatfo
     }
     async with AsyncClient(target) as client:
         created = await client.evaluations.create(document)
-        done = await client.evaluations.wait(created.name, timeout=300, poll_seconds=0.1)
+        seen: list[Any] = []
+        done = await client.evaluations.wait(created.name, timeout=300, on_change=seen.append)
         assert done.state == State.STATE_SUCCEEDED, done.error_message
+        # Watched as it changed: states and progress only go forward, and the last is the end.
+        states = [job.state for job in seen]
+        assert states == sorted(states) and states[-1] == State.STATE_SUCCEEDED
+        assert [j.answers_done for j in seen] == sorted(j.answers_done for j in seen)
+        assert seen[-1] == done and len(seen) >= 2
         answers = [item async for item in client.evaluations.items(done.name, page_size=3)]
         assert len(answers) == 8 and {a.candidate for a in answers} == {"base", "prompted"}
         assert [j.name async for j in client.evaluations.list()] == [done.name]
@@ -464,6 +485,7 @@ async def test_the_sdk_creates_waits_and_reads_answers(make_platform: MakePlatfo
 
     def blocking() -> None:
         with Client(target) as client:
+            assert list(client.evaluations.watch(done.name)) == [done]  # ended: one message
             job = client.evaluations.get(done.name.removeprefix("evaluationJobs/"))
             assert [r.candidate for r in job.results] == ["base", "prompted"]
             assert len(list(client.evaluations.items(job.name, candidate="base"))) == 4

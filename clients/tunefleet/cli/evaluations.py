@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from tunefleet.cli.output import (
     when,
 )
 from tunefleet.client import Client
-from tunefleet.client.evaluations import ENDED
 from tunefleet.v1 import evaluation_pb2
 
 EvaluationJob = evaluation_pb2.EvaluationJob
@@ -347,12 +345,11 @@ def finish(tunefleet: Client, name: str, output: str) -> None:
     )
     with progress:
         task = progress.add_task("answers", total=None)
-        while True:
-            job = tunefleet.evaluations.get(name)
+
+        def changed(job: evaluation_pb2.EvaluationJob) -> None:
             progress.update(task, completed=job.answers_done, total=job.answers_total or None)
-            if job.state in ENDED:
-                break
-            time.sleep(1.0)
+
+        job = tunefleet.evaluations.wait(name, on_change=changed)
     if output == "json":
         print_json(job)
     else:

@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from tunefleet.client.core import Call, Feed, M, Program, Resource, Sleep, operation, pages, stream
-from tunefleet.client.errors import DeadlineExceeded
+from tunefleet.client.core import (
+    Call,
+    Emit,
+    Feed,
+    M,
+    Open,
+    Program,
+    Read,
+    Resource,
+    Sleep,
+    each,
+    operation,
+    pages,
+    stream,
+)
+from tunefleet.client.errors import DeadlineExceeded, Unavailable
 from tunefleet.client.helpers import resource_name, to_message
 from tunefleet.v1 import evaluation_pb2, evaluation_service_pb2, evaluation_service_pb2_grpc
 
@@ -107,17 +121,54 @@ class Evaluations(Resource[M]):
         )
         yield from pages(self.Stub, "ListEvaluationItemResults", request, "item_results")
 
+    @stream
+    def watch(self, name: str, *, timeout: float | None = None) -> Feed[EvaluationJob]:
+        """The job now, then each time it changes (state, answers done, results), until it has
+        ended; a dropped stream is opened again (it starts with the job as it is then).
+        `timeout` bounds the whole iteration (DeadlineExceeded).
+
+        Example::
+
+            for job in client.evaluations.watch(job.name):
+                print(job.answers_done, "/", job.answers_total)
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = evaluation_service_pb2.WatchEvaluationJobRequest(
+            name=resource_name("evaluationJobs", name)
+        )
+        attempt = 0
+        while True:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            updates = yield Open(self.Stub, "WatchEvaluationJob", request, timeout=left)
+            try:
+                while (job := (yield Read(updates))) is not None:
+                    attempt = 0
+                    yield Emit(job)
+                return
+            except Unavailable:
+                if attempt >= 8:
+                    raise
+            yield Sleep(min(5.0, 0.2 * (1 << attempt)))
+            attempt += 1
+
     @operation
     def wait(
-        self, name: str, *, timeout: float | None = None, poll_seconds: float = 1.0
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        on_change: Callable[[EvaluationJob], None] | None = None,
     ) -> Program[evaluation_pb2.EvaluationJob]:
-        """Block until the job has ended (SUCCEEDED, FAILED or CANCELLED) and return it; raises
-        DeadlineExceeded after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job: evaluation_pb2.EvaluationJob = yield from Evaluations.get.function(self, name)
-            if job.state in ENDED:
-                return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"{job.name} has not ended after {timeout} s")
-            yield Sleep(poll_seconds)
+        """Block until the job has ended (SUCCEEDED, FAILED or CANCELLED) and return it;
+        `on_change` sees it each time it changes. Raises DeadlineExceeded after `timeout`."""
+        last: list[EvaluationJob] = []
+
+        def seen(job: EvaluationJob) -> None:
+            last[:] = [job]
+            if on_change is not None:
+                on_change(job)
+
+        yield from each(Evaluations.watch.function(self, name, timeout=timeout), seen)
+        if not last or last[0].state not in ENDED:
+            raise DeadlineExceeded(f"{name} has not ended after {timeout} s")
+        return last[0]

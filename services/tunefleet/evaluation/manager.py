@@ -13,8 +13,9 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy.orm import Session
@@ -46,12 +47,14 @@ from tunefleet.storage.pagination import Page
 from tunefleet.v1 import dataset_pb2, evaluation_pb2
 
 EvaluationJob = evaluation_pb2.EvaluationJob
+T = TypeVar("T")
 State = EvaluationJob.State
 log = logging.getLogger(__name__)
 FIELD = "evaluation_job"
 NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 SECRET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 MAX_ITEMS = 10_000
+WATCH_SECONDS = 5.0  # a watcher reads the job again at least this often
 VERDICTS = {
     "better": evaluation_pb2.EVALUATION_VERDICT_BETTER,
     "worse": evaluation_pb2.EVALUATION_VERDICT_WORSE,
@@ -250,6 +253,7 @@ class EvaluationManager:
         self.generator = Generator(settings.inference_endpoint, settings.service_token)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.max_running_jobs)
+        self._change = asyncio.Event()  # set (and replaced) whenever a job changes
 
     async def start(self, server_address: str) -> None:
         """Resume the jobs a previous process left queued or running."""
@@ -337,9 +341,30 @@ class EvaluationManager:
             )
             return Page([row.message() for row in page.items], page.next_page_token)
 
+    async def watch(self, name: str) -> AsyncIterator[evaluation_pb2.EvaluationJob]:
+        """The job now, then again each time it changes, until it has ended."""
+        last = None
+        while True:
+            change = self._change  # taken before reading: a change after the read wakes us
+            job = await asyncio.to_thread(self.get, name)
+            if job != last:
+                yield job
+                last = job
+            if job.state in store.TERMINAL:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), WATCH_SECONDS)
+
+    async def _write(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a change of the stored job off the event loop, then wake its watchers."""
+        result = await asyncio.to_thread(function, *args)
+        self._change.set()
+        self._change = asyncio.Event()
+        return result
+
     async def cancel(self, name: str) -> evaluation_pb2.EvaluationJob:
         identifier = store.job_id(name)
-        job = await asyncio.to_thread(self._end, identifier, State.STATE_CANCELLED, "", "")
+        job = await self._write(self._end, identifier, State.STATE_CANCELLED, "", "")
         task = self._tasks.get(identifier)
         if task is not None:
             task.cancel()
@@ -363,7 +388,7 @@ class EvaluationManager:
             except asyncio.CancelledError:
                 raise
             except EvaluationFailed as error:
-                await asyncio.to_thread(
+                await self._write(
                     self._end, identifier, State.STATE_FAILED, "TOO_MANY_FAULTS", str(error)
                 )
             except TunefleetError as error:
@@ -374,12 +399,10 @@ class EvaluationManager:
                     grpc.StatusCode.FAILED_PRECONDITION,
                 )
                 reason = "DATASET_UNUSABLE" if unusable else "DEPENDENCY_FAILED"
-                await asyncio.to_thread(
-                    self._end, identifier, State.STATE_FAILED, reason, str(error)
-                )
+                await self._write(self._end, identifier, State.STATE_FAILED, reason, str(error))
             except Exception as error:
                 log.exception("evaluation %s failed", identifier)
-                await asyncio.to_thread(
+                await self._write(
                     self._end, identifier, State.STATE_FAILED, "INTERNAL", repr(error)
                 )
             finally:
@@ -404,7 +427,7 @@ class EvaluationManager:
                 if row.output is not None
             }
         total = len(items) * len(candidates)
-        await asyncio.to_thread(self._started, identifier, total, len(known))
+        await self._write(self._started, identifier, total, len(known))
         done = 0
 
         async def record(result: ItemResult) -> None:
@@ -412,7 +435,7 @@ class EvaluationManager:
             done += 1
             await asyncio.to_thread(self._record, identifier, result, items[result.index].reference)
             if done % 20 == 0:
-                await asyncio.to_thread(self._progress, identifier, done)
+                await self._write(self._progress, identifier, done)
 
         gate = None
         if job.HasField("gate"):
@@ -429,7 +452,7 @@ class EvaluationManager:
                     if stored.name == candidate:
                         stored.adapter_version = version
 
-            await asyncio.to_thread(self._update, identifier, change)
+            await self._write(self._update, identifier, change)
 
         outcome = await run(
             items,
@@ -459,7 +482,7 @@ class EvaluationManager:
                 result.gate_passed = verdict.passed
                 result.gate_reasons.extend(verdict.reasons)
             results.append(result)
-        await asyncio.to_thread(self._finish, identifier, results)
+        await self._write(self._finish, identifier, results)
 
     def _update(self, identifier: str, change: Any) -> evaluation_pb2.EvaluationJob:
         with self.db.session() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -43,6 +44,12 @@ class EvaluationServicer(evaluation_service_pb2_grpc.EvaluationServiceServicer):
         self, request: evaluation_service_pb2.CancelEvaluationJobRequest, context: Context
     ) -> evaluation_pb2.EvaluationJob:
         return await self.manager.cancel(request.name)
+
+    async def WatchEvaluationJob(
+        self, request: evaluation_service_pb2.WatchEvaluationJobRequest, context: Context
+    ) -> AsyncIterator[evaluation_pb2.EvaluationJob]:
+        async for job in self.manager.watch(request.name):
+            yield job
 
     async def ListEvaluationItemResults(
         self, request: evaluation_service_pb2.ListEvaluationItemResultsRequest, context: Context

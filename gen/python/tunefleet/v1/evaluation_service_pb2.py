@@ -26,7 +26,7 @@ from tunefleet.v1 import auth_pb2 as tunefleet_dot_v1_dot_auth__pb2
 from tunefleet.v1 import evaluation_pb2 as tunefleet_dot_v1_dot_evaluation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunefleet/v1/evaluation_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x1dtunefleet/v1/evaluation.proto\"|\n\x1a\x43reateEvaluationJobRequest\x12\x33\n\x0e\x65valuation_job\x18\x01 \x01(\x0b\x32\x1b.tunefleet.v1.EvaluationJob\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\'\n\x17GetEvaluationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x19ListEvaluationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListEvaluationJobsResponse\x12\x34\n\x0f\x65valuation_jobs\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.EvaluationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1a\x43\x61ncelEvaluationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n ListEvaluationItemResultsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"v\n!ListEvaluationItemResultsResponse\x12\x38\n\x0citem_results\x18\x01 \x03(\x0b\x32\".tunefleet.v1.EvaluationItemResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xad\x04\n\x11\x45valuationService\x12\x62\n\x13\x43reateEvaluationJob\x12(.tunefleet.v1.CreateEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x02\x12\\\n\x10GetEvaluationJob\x12%.tunefleet.v1.GetEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListEvaluationJobs\x12\'.tunefleet.v1.ListEvaluationJobsRequest\x1a(.tunefleet.v1.ListEvaluationJobsResponse\"\x04\xe8\xe0\x18\x01\x12\x62\n\x13\x43\x61ncelEvaluationJob\x12(.tunefleet.v1.CancelEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x02\x12\x82\x01\n\x19ListEvaluationItemResults\x12..tunefleet.v1.ListEvaluationItemResultsRequest\x1a/.tunefleet.v1.ListEvaluationItemResultsResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunefleet/v1/evaluation_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x1dtunefleet/v1/evaluation.proto\"|\n\x1a\x43reateEvaluationJobRequest\x12\x33\n\x0e\x65valuation_job\x18\x01 \x01(\x0b\x32\x1b.tunefleet.v1.EvaluationJob\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\'\n\x17GetEvaluationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x19ListEvaluationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListEvaluationJobsResponse\x12\x34\n\x0f\x65valuation_jobs\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.EvaluationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x19WatchEvaluationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\x1a\x43\x61ncelEvaluationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n ListEvaluationItemResultsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"v\n!ListEvaluationItemResultsResponse\x12\x38\n\x0citem_results\x18\x01 \x03(\x0b\x32\".tunefleet.v1.EvaluationItemResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x91\x05\n\x11\x45valuationService\x12\x62\n\x13\x43reateEvaluationJob\x12(.tunefleet.v1.CreateEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x02\x12\\\n\x10GetEvaluationJob\x12%.tunefleet.v1.GetEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListEvaluationJobs\x12\'.tunefleet.v1.ListEvaluationJobsRequest\x1a(.tunefleet.v1.ListEvaluationJobsResponse\"\x04\xe8\xe0\x18\x01\x12\x62\n\x13\x43\x61ncelEvaluationJob\x12(.tunefleet.v1.CancelEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x02\x12\x62\n\x12WatchEvaluationJob\x12\'.tunefleet.v1.WatchEvaluationJobRequest\x1a\x1b.tunefleet.v1.EvaluationJob\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x82\x01\n\x19ListEvaluationItemResults\x12..tunefleet.v1.ListEvaluationItemResultsRequest\x1a/.tunefleet.v1.ListEvaluationItemResultsResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATIONSERVICE'].methods_by_name['ListEvaluationJobs']._serialized_options = b'\350\340\030\001'
   _globals['_EVALUATIONSERVICE'].methods_by_name['CancelEvaluationJob']._loaded_options = None
   _globals['_EVALUATIONSERVICE'].methods_by_name['CancelEvaluationJob']._serialized_options = b'\350\340\030\002'
+  _globals['_EVALUATIONSERVICE'].methods_by_name['WatchEvaluationJob']._loaded_options = None
+  _globals['_EVALUATIONSERVICE'].methods_by_name['WatchEvaluationJob']._serialized_options = b'\350\340\030\001'
   _globals['_EVALUATIONSERVICE'].methods_by_name['ListEvaluationItemResults']._loaded_options = None
   _globals['_EVALUATIONSERVICE'].methods_by_name['ListEvaluationItemResults']._serialized_options = b'\350\340\030\001'
   _globals['_CREATEEVALUATIONJOBREQUEST']._serialized_start=111
@@ -51,12 +53,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEVALUATIONJOBSREQUEST']._serialized_end=344
   _globals['_LISTEVALUATIONJOBSRESPONSE']._serialized_start=346
   _globals['_LISTEVALUATIONJOBSRESPONSE']._serialized_end=453
-  _globals['_CANCELEVALUATIONJOBREQUEST']._serialized_start=455
-  _globals['_CANCELEVALUATIONJOBREQUEST']._serialized_end=497
-  _globals['_LISTEVALUATIONITEMRESULTSREQUEST']._serialized_start=499
-  _globals['_LISTEVALUATIONITEMRESULTSREQUEST']._serialized_end=607
-  _globals['_LISTEVALUATIONITEMRESULTSRESPONSE']._serialized_start=609
-  _globals['_LISTEVALUATIONITEMRESULTSRESPONSE']._serialized_end=727
-  _globals['_EVALUATIONSERVICE']._serialized_start=730
-  _globals['_EVALUATIONSERVICE']._serialized_end=1287
+  _globals['_WATCHEVALUATIONJOBREQUEST']._serialized_start=455
+  _globals['_WATCHEVALUATIONJOBREQUEST']._serialized_end=496
+  _globals['_CANCELEVALUATIONJOBREQUEST']._serialized_start=498
+  _globals['_CANCELEVALUATIONJOBREQUEST']._serialized_end=540
+  _globals['_LISTEVALUATIONITEMRESULTSREQUEST']._serialized_start=542
+  _globals['_LISTEVALUATIONITEMRESULTSREQUEST']._serialized_end=650
+  _globals['_LISTEVALUATIONITEMRESULTSRESPONSE']._serialized_start=652
+  _globals['_LISTEVALUATIONITEMRESULTSRESPONSE']._serialized_end=770
+  _globals['_EVALUATIONSERVICE']._serialized_start=773
+  _globals['_EVALUATIONSERVICE']._serialized_end=1430
 # @@protoc_insertion_point(module_scope)

@@ -128,9 +128,29 @@ class ListEvaluationJobsResponse(_message.Message):
 Global___ListEvaluationJobsResponse: _TypeAlias = ListEvaluationJobsResponse  # noqa: Y015
 
 @_typing.final
-class CancelEvaluationJobRequest(_message.Message):
+class WatchEvaluationJobRequest(_message.Message):
     """CancelEvaluationJobRequest names a job to cancel."""
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `evaluationJobs/{job}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEvaluationJobRequest: _TypeAlias = WatchEvaluationJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelEvaluationJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int

@@ -57,6 +57,11 @@ class EvaluationServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CancelEvaluationJobRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
                 _registered_method=True)
+        self.WatchEvaluationJob = channel.unary_stream(
+                '/tunefleet.v1.EvaluationService/WatchEvaluationJob',
+                request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
+                _registered_method=True)
         self.ListEvaluationItemResults = channel.unary_unary(
                 '/tunefleet.v1.EvaluationService/ListEvaluationItemResults',
                 request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.ListEvaluationItemResultsRequest.SerializeToString,
@@ -97,6 +102,15 @@ class EvaluationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvaluationJob(self, request, context):
+        """Streams the job as it changes (state, answers done, pinned versions, results) until it
+        ends; the first message is the job as it is now, so a dropped stream resumes by calling
+        again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEvaluationItemResults(self, request, context):
         """Lists a finished job's answers and scores item by item, for failure analysis.
         """
@@ -125,6 +139,11 @@ def add_EvaluationServiceServicer_to_server(servicer, server):
             'CancelEvaluationJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelEvaluationJob,
                     request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CancelEvaluationJobRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.SerializeToString,
+            ),
+            'WatchEvaluationJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvaluationJob,
+                    request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.SerializeToString,
             ),
             'ListEvaluationItemResults': grpc.unary_unary_rpc_method_handler(
@@ -242,6 +261,33 @@ class EvaluationService:
             target,
             '/tunefleet.v1.EvaluationService/CancelEvaluationJob',
             tunefleet_dot_v1_dot_evaluation__service__pb2.CancelEvaluationJobRequest.SerializeToString,
+            tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvaluationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunefleet.v1.EvaluationService/WatchEvaluationJob',
+            tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.SerializeToString,
             tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
             options,
             channel_credentials,

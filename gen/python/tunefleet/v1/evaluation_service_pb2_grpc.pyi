@@ -44,6 +44,11 @@ class EvaluationServiceStub:
     """Lists evaluation jobs, newest first."""
     CancelEvaluationJob: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.CancelEvaluationJobRequest, _evaluation_pb2.EvaluationJob]
     """Cancels a queued or running job; a finished one fails with FAILED_PRECONDITION."""
+    WatchEvaluationJob: _grpc.UnaryStreamMultiCallable[_evaluation_service_pb2.WatchEvaluationJobRequest, _evaluation_pb2.EvaluationJob]
+    """Streams the job as it changes (state, answers done, pinned versions, results) until it
+    ends; the first message is the job as it is now, so a dropped stream resumes by calling
+    again.
+    """
     ListEvaluationItemResults: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.ListEvaluationItemResultsRequest, _evaluation_service_pb2.ListEvaluationItemResultsResponse]
     """Lists a finished job's answers and scores item by item, for failure analysis."""
 
@@ -62,6 +67,11 @@ class EvaluationServiceAsyncStub(EvaluationServiceStub):
     """Lists evaluation jobs, newest first."""
     CancelEvaluationJob: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.CancelEvaluationJobRequest, _evaluation_pb2.EvaluationJob]  # type: ignore[assignment]
     """Cancels a queued or running job; a finished one fails with FAILED_PRECONDITION."""
+    WatchEvaluationJob: _aio.UnaryStreamMultiCallable[_evaluation_service_pb2.WatchEvaluationJobRequest, _evaluation_pb2.EvaluationJob]  # type: ignore[assignment]
+    """Streams the job as it changes (state, answers done, pinned versions, results) until it
+    ends; the first message is the job as it is now, so a dropped stream resumes by calling
+    again.
+    """
     ListEvaluationItemResults: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.ListEvaluationItemResultsRequest, _evaluation_service_pb2.ListEvaluationItemResultsResponse]  # type: ignore[assignment]
     """Lists a finished job's answers and scores item by item, for failure analysis."""
 
@@ -101,6 +111,17 @@ class EvaluationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_evaluation_pb2.EvaluationJob, _abc.Awaitable[_evaluation_pb2.EvaluationJob]]:
         """Cancels a queued or running job; a finished one fails with FAILED_PRECONDITION."""
+
+    @_abc_1.abstractmethod
+    def WatchEvaluationJob(
+        self,
+        request: _evaluation_service_pb2.WatchEvaluationJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_evaluation_pb2.EvaluationJob], _abc.AsyncIterator[_evaluation_pb2.EvaluationJob]]:
+        """Streams the job as it changes (state, answers done, pinned versions, results) until it
+        ends; the first message is the job as it is now, so a dropped stream resumes by calling
+        again.
+        """
 
     @_abc_1.abstractmethod
     def ListEvaluationItemResults(
