@@ -129,7 +129,7 @@ Global___ListEvaluationJobsResponse: _TypeAlias = ListEvaluationJobsResponse  # 
 
 @_typing.final
 class WatchEvaluationJobRequest(_message.Message):
-    """CancelEvaluationJobRequest names a job to cancel."""
+    """WatchEvaluationJobRequest names a job to follow."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -151,6 +151,8 @@ Global___WatchEvaluationJobRequest: _TypeAlias = WatchEvaluationJobRequest  # no
 
 @_typing.final
 class CancelEvaluationJobRequest(_message.Message):
+    """CancelEvaluationJobRequest names a job to cancel."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
