@@ -259,7 +259,7 @@ def on_postgres(
 
 
 def test_the_fuzzing_covers_every_rpc_and_enough_requests() -> None:
-    assert len(METHODS) == 46
+    assert len(METHODS) == 49
     assert len(METHODS) * DEFAULT_EXAMPLES >= 2000
     assert len(METHODS) * max(DEFAULT_EXAMPLES // 4, 14) >= 500
 

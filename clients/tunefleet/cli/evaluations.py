@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.text import Text
 
 from tunefleet.cli.output import (
     client,
@@ -450,3 +454,54 @@ def suite(suite: str, path: Path | None, upload: bool, output: str) -> None:
             )
     if path is None and not upload:
         click.echo(data.decode(), nl=False)
+
+
+@evaluations.command()
+@click.argument("name")
+@click.option("--candidate", required=True, help="The candidate compared with the baseline.")
+@click.option("--baseline", default="", help="The other side (default the job's baseline).")
+@click.option(
+    "--annotator",
+    default=lambda: os.environ.get("USER") or getpass.getuser(),
+    show_default="$USER",
+    help="Who judges: each annotator judges each item once.",
+)
+@handles_errors
+def annotate(name: str, candidate: str, baseline: str, annotator: str) -> None:
+    """Compare answers by hand (human A/B), in the terminal (it works over SSH): two answers to
+    one item at a time, in random order and without names; press 1 or 2 for the better one, t
+    for a tie, s to skip, q to stop. Ends with the tally: the candidate's win rate with its 95%
+    interval."""
+    keys = {"1": "first", "2": "second", "t": "tie"}
+    with client() as tunefleet:
+        while True:
+            task = tunefleet.evaluations.annotation_task(
+                name, candidate, annotator=annotator, baseline=baseline
+            )
+            if not task.name:
+                console.print("Every item is judged: thank you.", markup=False)
+                break
+            console.clear()
+            console.rule(Text(f"{task.remaining} left to judge, as {annotator}"))
+            for turn in task.input:
+                console.print(Text(f"{turn.role}: ", style="bold") + Text(turn.content))
+            console.print(Panel(Text(task.first), title="1", title_align="left"))
+            console.print(Panel(Text(task.second), title="2", title_align="left"))
+            console.print(
+                "Which is better? [bold]1[/] or [bold]2[/], [bold]t[/] tie, [bold]s[/] skip, "
+                "[bold]q[/] quit"
+            )
+            key = click.getchar().lower()
+            while key not in (*keys, "s", "q"):
+                key = click.getchar().lower()
+            if key == "q":
+                break
+            if key in keys:
+                tunefleet.evaluations.annotate(task.name, keys[key])
+        tally = tunefleet.evaluations.annotation_summary(name, candidate, baseline=baseline)
+    console.print(
+        f"{tally.candidate} against {tally.baseline}: {tally.wins} wins, {tally.losses} losses, "
+        f"{tally.ties} ties from {tally.annotators} annotators; win rate {tally.win_rate:.3f} "
+        f"[{tally.win_rate_ci_low:.3f}, {tally.win_rate_ci_high:.3f}]",
+        markup=False,
+    )

@@ -172,3 +172,59 @@ class Evaluations(Resource[M]):
         if not last or last[0].state not in ENDED:
             raise DeadlineExceeded(f"{name} has not ended after {timeout} s")
         return last[0]
+
+    @operation
+    def annotation_task(
+        self, name: str, candidate: str, *, annotator: str, baseline: str = ""
+    ) -> Program[evaluation_pb2.AnnotationTask]:
+        """The next pair of answers for `annotator` to compare (human A/B): `candidate`'s and
+        the baseline's answers to one item of a finished job, in random order, blind. Its
+        `name` is empty once every item is judged.
+
+        Example::
+
+            task = client.evaluations.annotation_task(job.name, "tuned", annotator="ada")
+            while task.name:
+                print(task.input[-1].content, "\n1:", task.first, "\n2:", task.second)
+                client.evaluations.annotate(task.name, "first")
+                task = client.evaluations.annotation_task(job.name, "tuned", annotator="ada")
+        """
+        request = evaluation_service_pb2.CreateAnnotationTaskRequest(
+            parent=resource_name("evaluationJobs", name),
+            candidate=candidate,
+            baseline=baseline,
+            annotator=annotator,
+        )
+        task: evaluation_pb2.AnnotationTask = yield Call(self.Stub, "CreateAnnotationTask", request)
+        return task
+
+    @operation
+    def annotate(self, task: str, choice: str) -> Program[evaluation_pb2.Annotation]:
+        """Record which answer of `task` is better: `first`, `second` or `tie` (retried
+        safely: the same answer again returns the first)."""
+        request = evaluation_service_pb2.CreateAnnotationRequest(
+            annotation=evaluation_pb2.Annotation(
+                task=task,
+                choice=evaluation_pb2.AnnotationChoice.Value(f"ANNOTATION_CHOICE_{choice.upper()}")
+                if choice.upper() in ("FIRST", "SECOND", "TIE")
+                else evaluation_pb2.ANNOTATION_CHOICE_UNSPECIFIED,
+            )
+        )
+        annotation: evaluation_pb2.Annotation = yield Call(
+            self.Stub, "CreateAnnotation", request, idempotent=True
+        )
+        return annotation
+
+    @operation
+    def annotation_summary(
+        self, name: str, candidate: str, *, baseline: str = ""
+    ) -> Program[evaluation_pb2.AnnotationSummary]:
+        """People's preferences between `candidate` and the baseline: wins, losses, ties and
+        the win rate with Wilson's interval."""
+        request = evaluation_service_pb2.GetAnnotationSummaryRequest(
+            parent=resource_name("evaluationJobs", name), candidate=candidate, baseline=baseline
+        )
+        summary: evaluation_pb2.AnnotationSummary = yield Call(
+            self.Stub, "GetAnnotationSummary", request, idempotent=True
+        )
+        return summary

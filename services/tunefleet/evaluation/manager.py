@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +40,7 @@ from tunefleet.evaluation.runner import (
     ItemResult,
     run,
 )
-from tunefleet.evaluation.statistics import Comparison
+from tunefleet.evaluation.statistics import Comparison, wilson
 from tunefleet.runtime.settings import EvaluationSettings
 from tunefleet.storage import idempotency
 from tunefleet.storage.database import Database, utcnow
@@ -369,6 +370,144 @@ class EvaluationManager:
         if task is not None:
             task.cancel()
         return job
+
+    # --- human A/B ---------------------------------------------------------------------------
+
+    async def annotation_task(
+        self, parent: str, candidate: str, baseline: str, annotator: str
+    ) -> evaluation_pb2.AnnotationTask:
+        """A blind pair of answers, in random order, to an item this annotator has not judged."""
+        if not 1 <= len(annotator) <= 128 or not annotator.isprintable():
+            raise InvalidArgument("annotator", "must be 1 to 128 printable characters")
+        task, job = await asyncio.to_thread(
+            self._annotation_task, parent, candidate, baseline, annotator
+        )
+        if not task.name:
+            return task
+        try:
+            item = await self.datasets.item(job.dataset, job.split, task.remaining)
+        except EvaluationFailed as error:
+            raise FailedPrecondition(str(error), reason="DATASET_CHANGED") from None
+        task.remaining = 0
+        task.input.extend(item.messages)
+        return await asyncio.to_thread(self._fill_task, task)
+
+    def _pair(
+        self, session: Session, parent: str, candidate: str, baseline: str
+    ) -> tuple[store.JobRow, evaluation_pb2.EvaluationJob, str]:
+        row = store.get(session, store.job_id(parent, "parent"))
+        job = row.job()
+        baseline = baseline or job.baseline
+        names = {c.name for c in job.candidates}
+        if candidate not in names:
+            raise InvalidArgument("candidate", f"{candidate!r} is not a candidate of {job.name}")
+        if baseline not in names:
+            raise InvalidArgument("baseline", f"{baseline!r} is not a candidate of {job.name}")
+        if candidate == baseline:
+            raise InvalidArgument("candidate", "is the baseline: compare two candidates")
+        return row, job, baseline
+
+    def _annotation_task(
+        self, parent: str, candidate: str, baseline: str, annotator: str
+    ) -> tuple[evaluation_pb2.AnnotationTask, evaluation_pb2.EvaluationJob]:
+        """The task stored, with the item's index in `remaining` for the caller to fetch."""
+        with self.db.session() as session:
+            row, job, baseline = self._pair(session, parent, candidate, baseline)
+            if job.state != State.STATE_SUCCEEDED:
+                raise FailedPrecondition(
+                    f"{job.name} has not succeeded: there are no answers to compare",
+                    reason="JOB_NOT_SUCCEEDED",
+                )
+            both = store.both_answered(session, row.id, candidate, baseline)
+            judged = store.judged(session, row.id, candidate, baseline, annotator)
+            left = sorted(set(both) - judged)
+            if not left:
+                return evaluation_pb2.AnnotationTask(remaining=0), job
+            index = random.choice(left)  # noqa: S311 - an order, not a secret
+            task = store.AnnotationRow(
+                id=uuid.uuid4().hex,
+                job_id=row.id,
+                item_index=index,
+                candidate=candidate,
+                baseline=baseline,
+                candidate_first=random.random() < 0.5,  # noqa: S311
+                annotator=annotator,
+                create_time=utcnow(),
+            )
+            session.add(task)
+            name = f"{job.name}/annotationTasks/{task.id}"
+            return evaluation_pb2.AnnotationTask(name=name, remaining=index), job
+
+    def _fill_task(self, task: evaluation_pb2.AnnotationTask) -> evaluation_pb2.AnnotationTask:
+        with self.db.read() as session:
+            row = store.annotation(session, task.name, "name")
+            both = store.both_answered(session, row.job_id, row.candidate, row.baseline)
+            judged = store.judged(session, row.job_id, row.candidate, row.baseline, row.annotator)
+        ours, theirs = both[row.item_index]
+        left = len(set(both) - judged)
+        task.first, task.second = (ours, theirs) if row.candidate_first else (theirs, ours)
+        task.remaining = left
+        return task
+
+    def annotate(self, annotation: evaluation_pb2.Annotation) -> evaluation_pb2.Annotation:
+        """Record a task's answer; the same answer again is a retry and returns the first."""
+        choices = {
+            evaluation_pb2.ANNOTATION_CHOICE_FIRST: "first",
+            evaluation_pb2.ANNOTATION_CHOICE_SECOND: "second",
+            evaluation_pb2.ANNOTATION_CHOICE_TIE: "tie",
+        }
+        if annotation.choice not in choices:
+            raise InvalidArgument("annotation.choice", "must be FIRST, SECOND or TIE")
+        choice = choices[annotation.choice]
+        with self.db.session() as session:
+            row = store.annotation(session, annotation.task, "annotation.task")
+            if row.choice is not None and row.choice != choice:
+                raise FailedPrecondition(
+                    f"{annotation.task} was answered {row.choice}", reason="TASK_ANSWERED"
+                )
+            if row.choice is None:
+                if row.item_index in store.judged(
+                    session, row.job_id, row.candidate, row.baseline, row.annotator
+                ):
+                    raise FailedPrecondition(
+                        f"{row.annotator} has already judged item {row.item_index} of this pair",
+                        reason="ITEM_JUDGED",
+                    )
+                row.choice, row.answer_time = choice, utcnow()
+            assert row.answer_time is not None
+            return evaluation_pb2.Annotation(
+                task=annotation.task,
+                choice=annotation.choice,
+                annotator=row.annotator,
+                create_time=timestamp(row.answer_time),
+            )
+
+    def annotation_summary(
+        self, parent: str, candidate: str, baseline: str
+    ) -> evaluation_pb2.AnnotationSummary:
+        with self.db.read() as session:
+            row, _, baseline = self._pair(session, parent, candidate, baseline)
+            rows = store.answered_tasks(session, row.id, candidate, baseline)
+        wins = losses = ties = 0
+        for answer in rows:
+            if answer.choice == "tie":
+                ties += 1
+            elif (answer.choice == "first") == answer.candidate_first:
+                wins += 1
+            else:
+                losses += 1
+        rate = wilson(wins, wins + losses + ties)
+        return evaluation_pb2.AnnotationSummary(
+            candidate=candidate,
+            baseline=baseline,
+            wins=wins,
+            losses=losses,
+            ties=ties,
+            win_rate=_finite(rate.mean),
+            win_rate_ci_low=_finite(rate.low),
+            win_rate_ci_high=_finite(rate.high),
+            annotators=len({answer.annotator for answer in rows}),
+        )
 
     # --- running -------------------------------------------------------------------------------
 

@@ -137,6 +137,26 @@ class DatasetReader(DatasetServicePeer):
                 break
         return items
 
+    async def item(
+        self, dataset: str, split: dataset_pb2.DatasetSplit.ValueType, index: int
+    ) -> EvalItem:
+        """The item at `index` of the split."""
+        request = dataset_service_pb2.PreviewDatasetRecordsRequest(
+            name=dataset, split=split, offset=index, limit=1
+        )
+        try:
+            records = [
+                r
+                async for r in self.stub.PreviewDatasetRecords(
+                    request, timeout=self.call_seconds, metadata=self.metadata
+                )
+            ]
+        except grpc.aio.AioRpcError as error:
+            raise relayed(error, self.service) from None
+        if not records:
+            raise EvaluationFailed(f"{dataset} has no item {index} any more")
+        return _item(records[0])
+
 
 def _item(record: dataset_pb2.DatasetRecord) -> EvalItem:
     messages = list(record.messages)

@@ -51,6 +51,25 @@ class EvaluationServicer(evaluation_service_pb2_grpc.EvaluationServiceServicer):
         async for job in self.manager.watch(request.name):
             yield job
 
+    async def CreateAnnotationTask(
+        self, request: evaluation_service_pb2.CreateAnnotationTaskRequest, context: Context
+    ) -> evaluation_pb2.AnnotationTask:
+        return await self.manager.annotation_task(
+            request.parent, request.candidate, request.baseline, request.annotator
+        )
+
+    async def CreateAnnotation(
+        self, request: evaluation_service_pb2.CreateAnnotationRequest, context: Context
+    ) -> evaluation_pb2.Annotation:
+        return await asyncio.to_thread(self.manager.annotate, request.annotation)
+
+    async def GetAnnotationSummary(
+        self, request: evaluation_service_pb2.GetAnnotationSummaryRequest, context: Context
+    ) -> evaluation_pb2.AnnotationSummary:
+        return await asyncio.to_thread(
+            self.manager.annotation_summary, request.parent, request.candidate, request.baseline
+        )
+
     async def ListEvaluationItemResults(
         self, request: evaluation_service_pb2.ListEvaluationItemResultsRequest, context: Context
     ) -> evaluation_service_pb2.ListEvaluationItemResultsResponse:

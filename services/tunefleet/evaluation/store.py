@@ -66,6 +66,25 @@ class ItemRow(Base):
         return result
 
 
+class AnnotationRow(Base):
+    """A pair of answers given to a person (a task), and once answered their choice: `first`,
+    `second` or `tie` as shown, with `candidate_first` saying which was which."""
+
+    __tablename__ = "evaluation_annotations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("evaluation_jobs.id", ondelete="CASCADE"), index=True
+    )
+    item_index: Mapped[int] = mapped_column(BigInteger)
+    candidate: Mapped[str] = mapped_column(String(63))
+    baseline: Mapped[str] = mapped_column(String(63))
+    candidate_first: Mapped[bool]
+    annotator: Mapped[str] = mapped_column(String(128))
+    choice: Mapped[str | None] = mapped_column(String(16))
+    create_time: Mapped[datetime]
+    answer_time: Mapped[datetime | None]
+
+
 def job_id(name: str, field: str = "name") -> str:
     job = name.removeprefix("evaluationJobs/")
     if not name.startswith("evaluationJobs/") or not job or "/" in job:
@@ -120,3 +139,57 @@ def unfinished(session: Session) -> list[JobRow]:
 
 def answered(session: Session, job: str) -> list[ItemRow]:
     return list(session.scalars(select(ItemRow).where(ItemRow.job_id == job)))
+
+
+def annotation(session: Session, name: str, field: str) -> AnnotationRow:
+    """The task `evaluationJobs/{job}/annotationTasks/{task}`."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "evaluationJobs" or parts[2] != "annotationTasks":
+        raise InvalidArgument(
+            field, f"{name!r} is not evaluationJobs/{{job}}/annotationTasks/{{task}}"
+        )
+    row = session.get(AnnotationRow, parts[3])
+    if row is None or row.job_id != parts[1]:
+        raise NotFound(f"{name} not found", metadata={"name": name})
+    return row
+
+
+def answered_tasks(
+    session: Session, job: str, candidate: str, baseline: str
+) -> list[AnnotationRow]:
+    """The answered tasks of a pair."""
+    return list(
+        session.scalars(
+            select(AnnotationRow).where(
+                AnnotationRow.job_id == job,
+                AnnotationRow.candidate == candidate,
+                AnnotationRow.baseline == baseline,
+                AnnotationRow.choice.is_not(None),
+            )
+        )
+    )
+
+
+def judged(session: Session, job: str, candidate: str, baseline: str, annotator: str) -> set[int]:
+    """The items an annotator has answered a task of, for a pair."""
+    return {
+        row.item_index
+        for row in answered_tasks(session, job, candidate, baseline)
+        if row.annotator == annotator
+    }
+
+
+def both_answered(
+    session: Session, job: str, candidate: str, baseline: str
+) -> dict[int, tuple[str, str]]:
+    """The items both candidates answered: index -> (candidate's answer, baseline's)."""
+    outputs = {
+        (row.candidate, row.item_index): row.output
+        for row in answered(session, job)
+        if row.output is not None and row.candidate in (candidate, baseline)
+    }
+    return {
+        index: (output, outputs[(baseline, index)])
+        for (name, index), output in outputs.items()
+        if name == candidate and (baseline, index) in outputs
+    }

@@ -51,6 +51,34 @@ EVALUATION_VERDICT_NO_SIGNIFICANT_DIFFERENCE: EvaluationVerdict.ValueType  # 3
 """No significant difference."""
 Global___EvaluationVerdict: _TypeAlias = EvaluationVerdict  # noqa: Y015
 
+class _AnnotationChoice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnnotationChoiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnnotationChoice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANNOTATION_CHOICE_UNSPECIFIED: _AnnotationChoice.ValueType  # 0
+    """Not given."""
+    ANNOTATION_CHOICE_FIRST: _AnnotationChoice.ValueType  # 1
+    """The first answer is better."""
+    ANNOTATION_CHOICE_SECOND: _AnnotationChoice.ValueType  # 2
+    """The second answer is better."""
+    ANNOTATION_CHOICE_TIE: _AnnotationChoice.ValueType  # 3
+    """Neither is better."""
+
+class AnnotationChoice(_AnnotationChoice, metaclass=_AnnotationChoiceEnumTypeWrapper):
+    """AnnotationChoice is which answer of a task a person preferred."""
+
+ANNOTATION_CHOICE_UNSPECIFIED: AnnotationChoice.ValueType  # 0
+"""Not given."""
+ANNOTATION_CHOICE_FIRST: AnnotationChoice.ValueType  # 1
+"""The first answer is better."""
+ANNOTATION_CHOICE_SECOND: AnnotationChoice.ValueType  # 2
+"""The second answer is better."""
+ANNOTATION_CHOICE_TIE: AnnotationChoice.ValueType  # 3
+"""Neither is better."""
+Global___AnnotationChoice: _TypeAlias = AnnotationChoice  # noqa: Y015
+
 @_typing.final
 class EvaluationCandidate(_message.Message):
     """EvaluationCandidate is one model an evaluation answers the items with."""
@@ -743,3 +771,137 @@ class EvaluationItemResult(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__output) -> _WhichOneofReturnType__output | None: ...
 
 Global___EvaluationItemResult: _TypeAlias = EvaluationItemResult  # noqa: Y015
+
+@_typing.final
+class AnnotationTask(_message.Message):
+    """AnnotationTask is a pair of answers to one item for a person to compare, blind: which
+    candidate wrote which is kept by the service.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
+    SECOND_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`evaluationJobs/{job}/annotationTasks/{task}`; empty when the annotator has judged every
+    item of the pair (`remaining` is then 0).
+    """
+    first: _builtins.str
+    """One answer."""
+    second: _builtins.str
+    """The other answer."""
+    remaining: _builtins.int
+    """Items of the pair this annotator has not judged yet, this one included."""
+    @_builtins.property
+    def input(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
+        """The item's turns, the question both answered."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        input: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        first: _builtins.str = ...,
+        second: _builtins.str = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "input", b"input", "name", b"name", "remaining", b"remaining", "second", b"second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnotationTask: _TypeAlias = AnnotationTask  # noqa: Y015
+
+@_typing.final
+class Annotation(_message.Message):
+    """Annotation is a person's preference on a task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    ANNOTATOR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """Required. The task, `evaluationJobs/{job}/annotationTasks/{task}`."""
+    choice: Global___AnnotationChoice.ValueType
+    """Required. The preference."""
+    annotator: _builtins.str
+    """Output only. Who judged (the task's annotator)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        choice: Global___AnnotationChoice.ValueType = ...,
+        annotator: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator", b"annotator", "choice", b"choice", "create_time", b"create_time", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Annotation: _TypeAlias = Annotation  # noqa: Y015
+
+@_typing.final
+class AnnotationSummary(_message.Message):
+    """AnnotationSummary tallies people's preferences between a candidate and the baseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    WINS_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    TIES_FIELD_NUMBER: _builtins.int
+    WIN_RATE_FIELD_NUMBER: _builtins.int
+    WIN_RATE_CI_LOW_FIELD_NUMBER: _builtins.int
+    WIN_RATE_CI_HIGH_FIELD_NUMBER: _builtins.int
+    ANNOTATORS_FIELD_NUMBER: _builtins.int
+    candidate: _builtins.str
+    """The candidate."""
+    baseline: _builtins.str
+    """The other side."""
+    wins: _builtins.int
+    """Annotations preferring the candidate."""
+    losses: _builtins.int
+    """Annotations preferring the baseline."""
+    ties: _builtins.int
+    """Annotations preferring neither."""
+    win_rate: _builtins.float
+    """Wins over all annotations, with Wilson's 95% interval."""
+    win_rate_ci_low: _builtins.float
+    """Lower end of the interval."""
+    win_rate_ci_high: _builtins.float
+    """Upper end of the interval."""
+    annotators: _builtins.int
+    """People who annotated."""
+    def __init__(
+        self,
+        *,
+        candidate: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        wins: _builtins.int = ...,
+        losses: _builtins.int = ...,
+        ties: _builtins.int = ...,
+        win_rate: _builtins.float = ...,
+        win_rate_ci_low: _builtins.float = ...,
+        win_rate_ci_high: _builtins.float = ...,
+        annotators: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotators", b"annotators", "baseline", b"baseline", "candidate", b"candidate", "losses", b"losses", "ties", b"ties", "win_rate", b"win_rate", "win_rate_ci_high", b"win_rate_ci_high", "win_rate_ci_low", b"win_rate_ci_low", "wins", b"wins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnotationSummary: _TypeAlias = AnnotationSummary  # noqa: Y015

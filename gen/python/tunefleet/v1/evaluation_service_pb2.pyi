@@ -232,3 +232,91 @@ class ListEvaluationItemResultsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEvaluationItemResultsResponse: _TypeAlias = ListEvaluationItemResultsResponse  # noqa: Y015
+
+@_typing.final
+class CreateAnnotationTaskRequest(_message.Message):
+    """CreateAnnotationTaskRequest asks for a pair of answers to compare."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    ANNOTATOR_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The finished job, `evaluationJobs/{job}`."""
+    candidate: _builtins.str
+    """Required. The candidate compared with the baseline."""
+    baseline: _builtins.str
+    """Optional. The other side; default the job's baseline."""
+    annotator: _builtins.str
+    """Required. Who judges (a name or an e-mail address, 1 to 128 characters)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        candidate: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        annotator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator", b"annotator", "baseline", b"baseline", "candidate", b"candidate", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAnnotationTaskRequest: _TypeAlias = CreateAnnotationTaskRequest  # noqa: Y015
+
+@_typing.final
+class CreateAnnotationRequest(_message.Message):
+    """CreateAnnotationRequest records a preference."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANNOTATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def annotation(self) -> _evaluation_pb2.Annotation:
+        """Required. The annotation, its `task` naming the task answered."""
+
+    def __init__(
+        self,
+        *,
+        annotation: _evaluation_pb2.Annotation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAnnotationRequest: _TypeAlias = CreateAnnotationRequest  # noqa: Y015
+
+@_typing.final
+class GetAnnotationSummaryRequest(_message.Message):
+    """GetAnnotationSummaryRequest names the pair to tally."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. `evaluationJobs/{job}`."""
+    candidate: _builtins.str
+    """Required. The candidate."""
+    baseline: _builtins.str
+    """Optional. The other side; default the job's baseline."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        candidate: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "candidate", b"candidate", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAnnotationSummaryRequest: _TypeAlias = GetAnnotationSummaryRequest  # noqa: Y015

@@ -62,6 +62,21 @@ class EvaluationServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
                 _registered_method=True)
+        self.CreateAnnotationTask = channel.unary_unary(
+                '/tunefleet.v1.EvaluationService/CreateAnnotationTask',
+                request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationTaskRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.AnnotationTask.FromString,
+                _registered_method=True)
+        self.CreateAnnotation = channel.unary_unary(
+                '/tunefleet.v1.EvaluationService/CreateAnnotation',
+                request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.Annotation.FromString,
+                _registered_method=True)
+        self.GetAnnotationSummary = channel.unary_unary(
+                '/tunefleet.v1.EvaluationService/GetAnnotationSummary',
+                request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.GetAnnotationSummaryRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_evaluation__pb2.AnnotationSummary.FromString,
+                _registered_method=True)
         self.ListEvaluationItemResults = channel.unary_unary(
                 '/tunefleet.v1.EvaluationService/ListEvaluationItemResults',
                 request_serializer=tunefleet_dot_v1_dot_evaluation__service__pb2.ListEvaluationItemResultsRequest.SerializeToString,
@@ -111,6 +126,29 @@ class EvaluationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAnnotationTask(self, request, context):
+        """Gives a person the next pair of answers to compare (human A/B): a candidate's and the
+        baseline's answers to one item of a finished job, in random order, without saying whose is
+        whose. Items the annotator has judged are not given again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAnnotation(self, request, context):
+        """Records which answer of a task a person preferred.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAnnotationSummary(self, request, context):
+        """Tallies the annotations of a candidate against the baseline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEvaluationItemResults(self, request, context):
         """Lists a finished job's answers and scores item by item, for failure analysis.
         """
@@ -145,6 +183,21 @@ def add_EvaluationServiceServicer_to_server(servicer, server):
                     servicer.WatchEvaluationJob,
                     request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.SerializeToString,
+            ),
+            'CreateAnnotationTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAnnotationTask,
+                    request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationTaskRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.AnnotationTask.SerializeToString,
+            ),
+            'CreateAnnotation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAnnotation,
+                    request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.Annotation.SerializeToString,
+            ),
+            'GetAnnotationSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnnotationSummary,
+                    request_deserializer=tunefleet_dot_v1_dot_evaluation__service__pb2.GetAnnotationSummaryRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_evaluation__pb2.AnnotationSummary.SerializeToString,
             ),
             'ListEvaluationItemResults': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvaluationItemResults,
@@ -289,6 +342,87 @@ class EvaluationService:
             '/tunefleet.v1.EvaluationService/WatchEvaluationJob',
             tunefleet_dot_v1_dot_evaluation__service__pb2.WatchEvaluationJobRequest.SerializeToString,
             tunefleet_dot_v1_dot_evaluation__pb2.EvaluationJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAnnotationTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.EvaluationService/CreateAnnotationTask',
+            tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationTaskRequest.SerializeToString,
+            tunefleet_dot_v1_dot_evaluation__pb2.AnnotationTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAnnotation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.EvaluationService/CreateAnnotation',
+            tunefleet_dot_v1_dot_evaluation__service__pb2.CreateAnnotationRequest.SerializeToString,
+            tunefleet_dot_v1_dot_evaluation__pb2.Annotation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnnotationSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.EvaluationService/GetAnnotationSummary',
+            tunefleet_dot_v1_dot_evaluation__service__pb2.GetAnnotationSummaryRequest.SerializeToString,
+            tunefleet_dot_v1_dot_evaluation__pb2.AnnotationSummary.FromString,
             options,
             channel_credentials,
             insecure,

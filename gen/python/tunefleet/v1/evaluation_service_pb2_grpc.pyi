@@ -49,6 +49,15 @@ class EvaluationServiceStub:
     ends; the first message is the job as it is now, so a dropped stream resumes by calling
     again.
     """
+    CreateAnnotationTask: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.CreateAnnotationTaskRequest, _evaluation_pb2.AnnotationTask]
+    """Gives a person the next pair of answers to compare (human A/B): a candidate's and the
+    baseline's answers to one item of a finished job, in random order, without saying whose is
+    whose. Items the annotator has judged are not given again.
+    """
+    CreateAnnotation: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.CreateAnnotationRequest, _evaluation_pb2.Annotation]
+    """Records which answer of a task a person preferred."""
+    GetAnnotationSummary: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.GetAnnotationSummaryRequest, _evaluation_pb2.AnnotationSummary]
+    """Tallies the annotations of a candidate against the baseline."""
     ListEvaluationItemResults: _grpc.UnaryUnaryMultiCallable[_evaluation_service_pb2.ListEvaluationItemResultsRequest, _evaluation_service_pb2.ListEvaluationItemResultsResponse]
     """Lists a finished job's answers and scores item by item, for failure analysis."""
 
@@ -72,6 +81,15 @@ class EvaluationServiceAsyncStub(EvaluationServiceStub):
     ends; the first message is the job as it is now, so a dropped stream resumes by calling
     again.
     """
+    CreateAnnotationTask: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.CreateAnnotationTaskRequest, _evaluation_pb2.AnnotationTask]  # type: ignore[assignment]
+    """Gives a person the next pair of answers to compare (human A/B): a candidate's and the
+    baseline's answers to one item of a finished job, in random order, without saying whose is
+    whose. Items the annotator has judged are not given again.
+    """
+    CreateAnnotation: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.CreateAnnotationRequest, _evaluation_pb2.Annotation]  # type: ignore[assignment]
+    """Records which answer of a task a person preferred."""
+    GetAnnotationSummary: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.GetAnnotationSummaryRequest, _evaluation_pb2.AnnotationSummary]  # type: ignore[assignment]
+    """Tallies the annotations of a candidate against the baseline."""
     ListEvaluationItemResults: _aio.UnaryUnaryMultiCallable[_evaluation_service_pb2.ListEvaluationItemResultsRequest, _evaluation_service_pb2.ListEvaluationItemResultsResponse]  # type: ignore[assignment]
     """Lists a finished job's answers and scores item by item, for failure analysis."""
 
@@ -122,6 +140,33 @@ class EvaluationServiceServicer(metaclass=_abc_1.ABCMeta):
         ends; the first message is the job as it is now, so a dropped stream resumes by calling
         again.
         """
+
+    @_abc_1.abstractmethod
+    def CreateAnnotationTask(
+        self,
+        request: _evaluation_service_pb2.CreateAnnotationTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.AnnotationTask, _abc.Awaitable[_evaluation_pb2.AnnotationTask]]:
+        """Gives a person the next pair of answers to compare (human A/B): a candidate's and the
+        baseline's answers to one item of a finished job, in random order, without saying whose is
+        whose. Items the annotator has judged are not given again.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAnnotation(
+        self,
+        request: _evaluation_service_pb2.CreateAnnotationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.Annotation, _abc.Awaitable[_evaluation_pb2.Annotation]]:
+        """Records which answer of a task a person preferred."""
+
+    @_abc_1.abstractmethod
+    def GetAnnotationSummary(
+        self,
+        request: _evaluation_service_pb2.GetAnnotationSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.AnnotationSummary, _abc.Awaitable[_evaluation_pb2.AnnotationSummary]]:
+        """Tallies the annotations of a candidate against the baseline."""
 
     @_abc_1.abstractmethod
     def ListEvaluationItemResults(
