@@ -6,7 +6,7 @@ from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 
 from tunefleet.app.services import SERVICES
 
-# Every RPC the service issues need, by service (issues 3, 4, 6, 7 and 17).
+# Every RPC the service issues need, by service (issues 3, 4, 6, 7, 17 and 19).
 REQUIRED_RPCS = {
     "datasets": {
         "UploadDataset",
@@ -54,6 +54,18 @@ REQUIRED_RPCS = {
         "UnloadAdapter",
         "CreateFeedback",
         "ListFeedback",
+        "ScoreCompletion",
+    },
+    "evaluation": {
+        "CreateEvaluationJob",
+        "GetEvaluationJob",
+        "ListEvaluationJobs",
+        "CancelEvaluationJob",
+        "WatchEvaluationJob",
+        "ListEvaluationItemResults",
+        "CreateAnnotationTask",
+        "CreateAnnotation",
+        "GetAnnotationSummary",
     },
 }
 
@@ -65,6 +77,7 @@ STREAMING = {  # method: (client streaming, server streaming)
     "DownloadAdapterVersion": (False, True),
     "WatchAdapterChanges": (False, True),
     "StreamGenerate": (False, True),
+    "WatchEvaluationJob": (False, True),
 }
 
 
@@ -95,9 +108,14 @@ def test_list_methods_paginate() -> None:
             assert "next_page_token" in response, method.full_name
 
 
-# Creates whose retry is safe by the id the client chooses (the same id and holder return the
-# lease that exists), so a request id would add nothing.
-IDEMPOTENT_BY_ID = {"CreateDatasetLease": "lease_id"}
+# Creates whose retry is safe without a request id: by the id the client chooses (the same id
+# and holder return the lease that exists), by the task answered (the same answer again returns
+# the first), or because a repeat costs nothing (a second annotation task left unanswered).
+IDEMPOTENT_BY_ID = {
+    "CreateDatasetLease": "lease_id",
+    "CreateAnnotation": "annotation",
+    "CreateAnnotationTask": "parent",
+}
 
 
 def test_creates_are_idempotent() -> None:
@@ -119,12 +137,19 @@ def test_standard_methods_return_the_resource() -> None:
 
 
 def test_states_are_nested_enums_with_unspecified_zero() -> None:
-    from tunefleet.v1 import adapter_pb2, dataset_pb2, inference_pb2, training_job_pb2
+    from tunefleet.v1 import (
+        adapter_pb2,
+        dataset_pb2,
+        evaluation_pb2,
+        inference_pb2,
+        training_job_pb2,
+    )
 
     for message in (
         dataset_pb2.Dataset,
         training_job_pb2.TrainingJob,
         inference_pb2.ServedAdapter,
+        evaluation_pb2.EvaluationJob,
     ):
         state = message.DESCRIPTOR.enum_types_by_name["State"]
         assert state.values_by_number[0].name == "STATE_UNSPECIFIED"

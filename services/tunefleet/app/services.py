@@ -263,6 +263,7 @@ def _evaluation(context: ServiceContext) -> ServiceRegistration:
     from tunefleet.evaluation.manager import EvaluationManager
     from tunefleet.evaluation.metrics import EvaluationMetrics
     from tunefleet.evaluation.servicer import EvaluationServicer
+    from tunefleet.runtime.experiments import ExperimentMirror
     from tunefleet.v1 import evaluation_service_pb2_grpc
 
     settings, options = context.settings, context.settings.evaluation
@@ -279,7 +280,10 @@ def _evaluation(context: ServiceContext) -> ServiceRegistration:
             "reads datasets and asks InferenceService with it (a reader token)"
         )
     manager = EvaluationManager(
-        context.storage.database_for("evaluation"), options, EvaluationMetrics(context.registry)
+        context.storage.database_for("evaluation"),
+        options,
+        EvaluationMetrics(context.registry),
+        ExperimentMirror(settings.mlflow),
     )
     servicer = EvaluationServicer(manager)
 

@@ -41,7 +41,8 @@ from tunefleet.evaluation.runner import (
     run,
 )
 from tunefleet.evaluation.statistics import Comparison, wilson
-from tunefleet.runtime.settings import EvaluationSettings
+from tunefleet.runtime.experiments import ExperimentMirror, flatten
+from tunefleet.runtime.settings import EvaluationSettings, MlflowSettings
 from tunefleet.storage import idempotency
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
@@ -55,6 +56,9 @@ FIELD = "evaluation_job"
 NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 SECRET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 MAX_ITEMS = 10_000
+# What a job asked for: its MLflow run's parameters.
+MIRRORED = ["display_name", "candidates", "baseline", "dataset", "split", "max_items", "sampling"]
+MIRRORED += ["graders", "gate", "max_error_rate"]
 WATCH_SECONDS = 5.0  # a watcher reads the job again at least this often
 VERDICTS = {
     "better": evaluation_pb2.EVALUATION_VERDICT_BETTER,
@@ -247,9 +251,14 @@ def model(config: evaluation_pb2.EvaluationCandidate, where: str, secrets: str) 
 
 class EvaluationManager:
     def __init__(
-        self, db: Database, settings: EvaluationSettings, metrics: EvaluationMetrics
+        self,
+        db: Database,
+        settings: EvaluationSettings,
+        metrics: EvaluationMetrics,
+        mirror: ExperimentMirror | None = None,
     ) -> None:
         self.db, self.settings, self.metrics = db, settings, metrics
+        self.mirror = mirror or ExperimentMirror(MlflowSettings())
         self.datasets = DatasetReader(settings.datasets_endpoint, settings.service_token)
         self.generator = Generator(settings.inference_endpoint, settings.service_token)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -258,6 +267,7 @@ class EvaluationManager:
 
     async def start(self, server_address: str) -> None:
         """Resume the jobs a previous process left queued or running."""
+        self.mirror.start()
         self.datasets.endpoint = self.datasets.endpoint or server_address
         self.generator.endpoint = self.generator.endpoint or server_address
         with self.db.read() as session:
@@ -274,6 +284,7 @@ class EvaluationManager:
                 await task
         await self.datasets.close()
         await self.generator.close()
+        await asyncio.to_thread(self.mirror.stop)
 
     async def create(
         self, requested: evaluation_pb2.EvaluationJob, request_id: str, validate_only: bool
@@ -676,7 +687,38 @@ class EvaluationManager:
 
         job = self._update(identifier, change)
         if ended:
-            self.metrics.ended(job)
+            self._ended(job)
+
+    def _ended(self, job: evaluation_pb2.EvaluationJob) -> None:
+        """Metrics and the MLflow record of a job that has just ended."""
+        self.metrics.ended(job)
+        if not self.mirror.enabled:
+            return
+        state = State.Name(job.state).removeprefix("STATE_").lower()
+        setup = EvaluationJob(**{f: getattr(job, f) for f in MIRRORED})
+        tags = {"tunefleet.kind": "evaluation", "tunefleet.dataset": job.dataset}
+        versions = {c.name: c.adapter_version for c in job.candidates if c.adapter_version}
+        tags.update({f"tunefleet.adapter_version.{n}": v for n, v in versions.items()})
+        self.mirror.run(job.name, flatten(setup), tags)
+        values = {}
+        for result in job.results:
+            for score in result.scores:
+                key = f"{result.candidate}.{score.grader}"
+                values.update({f"{key}.mean": score.mean, f"{key}.ci_low": score.ci_low})
+                values[f"{key}.ci_high"] = score.ci_high
+                if score.HasField("comparison"):
+                    values[f"{key}.difference"] = score.comparison.difference
+                    values[f"{key}.p_value"] = score.comparison.p_value
+        gates = {
+            f"tunefleet.gate.{r.candidate}": "passed" if r.gate_passed else "failed"
+            for r in job.results
+            if r.HasField("gate_passed")
+        }
+        if values:
+            self.mirror.metrics(job.name, values)
+        if job.error_reason:
+            gates["tunefleet.error"] = f"{job.error_reason}: {job.error_message}"[:5000]
+        self.mirror.end(job.name, state, gates)
 
     def _end(
         self, identifier: str, state: int, reason: str, message: str
@@ -694,7 +736,7 @@ class EvaluationManager:
             job.error_reason, job.error_message = reason, message
             job.end_time.CopyFrom(timestamp(utcnow()))
             row.store(job)
-        self.metrics.ended(job)
+        self._ended(job)
         return job
 
 

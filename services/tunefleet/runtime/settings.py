@@ -304,6 +304,17 @@ class EvaluationSettings(_Section):
     secrets_dir: str = ""
 
 
+class MlflowSettings(_Section):
+    """Experiment records in MLflow (`runtime/experiments.py`): off without a tracking URI."""
+
+    # The tracking server, such as http://mlflow:5000; empty: nothing is mirrored.
+    tracking_uri: str = ""
+    # The experiment training runs and evaluation jobs are recorded in.
+    experiment: str = "tunefleet"
+    # Tries of each write before it is logged and dropped (the platform keeps its own records).
+    attempts: int = Field(default=5, ge=1, le=20)
+
+
 class VllmSettings(_Section):
     """The vLLM engine's LoRA limits (see vLLM's engine arguments of the same names)."""
 
@@ -371,6 +382,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     inference: InferenceSettings = InferenceSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    mlflow: MlflowSettings = MlflowSettings()
 
     @model_validator(mode="after")
     def _pods_reach_blobs(self) -> Settings:

@@ -62,6 +62,14 @@ class Reporter:
             self._remote.close()
 
 
+# Answers that refuse the report itself: it would be refused again.
+REFUSED = {
+    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",
+    "FAILED_PRECONDITION", "OUT_OF_RANGE", "UNIMPLEMENTED",
+}  # fmt: skip
+FAULTS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}  # the service's own errors: tried a few times
+
+
 class _RemoteReporter:
     """Sends events to TrainingService.ReportTrainingProgress with the job's worker token, and a
     heartbeat (a report with no news) whenever nothing was sent for `heartbeat_seconds`.
@@ -74,6 +82,7 @@ class _RemoteReporter:
     """
 
     QUEUE_LIMIT = 10_000  # beyond it the oldest progress-only reports are dropped
+    FAULT_TRIES = 5  # INTERNAL or UNKNOWN answers to one report before it is given up
     CALL_SECONDS = 10.0
     DRAIN_SECONDS = 60.0
 
@@ -92,6 +101,7 @@ class _RemoteReporter:
         self._changed = threading.Condition()
         self._stopping = False
         self._last_sent = time.monotonic()
+        self._faults = 0  # INTERNAL or UNKNOWN answers in a row
         self._sender = threading.Thread(target=self._send_loop, name="reports", daemon=True)
         self._sender.start()
 
@@ -137,14 +147,26 @@ class _RemoteReporter:
             )
         except grpc.RpcError as error:
             code = error.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                if self.healthy:
-                    log.warning("progress reports wait for TrainingService: %s", error.details())
-                self.healthy = False
-                time.sleep(0.5)
-                return False
+            # Refusals of the report itself are final; anything else is the service's state
+            # (away, stopping: a call cut by a shutdown ends CANCELLED or INTERNAL) and the
+            # report waits for it. A service that fails the same report on and on gives up
+            # on it after FAULT_TRIES, so one bad report cannot hold the queue for ever.
+            if code.name not in REFUSED:
+                self._faults = self._faults + 1 if code.name in FAULTS else 0
+                if self._faults < self.FAULT_TRIES:
+                    if self.healthy:
+                        log.warning(
+                            "progress reports wait for TrainingService (%s): %s",
+                            code.name,
+                            error.details(),
+                        )
+                    self.healthy = False
+                    time.sleep(0.5)
+                    return False
+            self._faults = 0
             log.warning("a progress report was refused (%s): %s", code, error.details())
             return True
+        self._faults = 0
         if not self.healthy:
             log.info("TrainingService answers again; sending the reports it missed")
         self.healthy = True

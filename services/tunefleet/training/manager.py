@@ -22,6 +22,7 @@ from tunefleet.core.errors import (
 )
 from tunefleet.core.names import dataset_id
 from tunefleet.core.protos import timestamp
+from tunefleet.runtime.experiments import ExperimentMirror
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.runtime.settings import Settings
 from tunefleet.runtime.streams import ChangeSignal
@@ -80,7 +81,10 @@ class TrainingManager:
         token = self.training.service_token or self.training.worker_registry_token
         self.datasets = DatasetServiceClient(self.training.datasets_endpoint, token)
         self.registry = AdapterServiceClient(self.training.registry_endpoint, token, blobs)
-        self.states = JobStates(db, metrics, self.signal, wake=lambda: self.scheduler.wake())
+        self.mirror = ExperimentMirror(settings.mlflow)
+        self.states = JobStates(
+            db, metrics, self.signal, wake=lambda: self.scheduler.wake(), mirror=self.mirror
+        )
         self.scheduler = Scheduler(
             db,
             self.training,
@@ -106,6 +110,7 @@ class TrainingManager:
         """Reconcile with the launcher, then schedule until `stop()`."""
         self.datasets.endpoint = self.datasets.endpoint or server_address
         self.registry.endpoint = self.registry.endpoint or server_address
+        self.mirror.start()
         await self.scheduler.start(server_address)
 
     def drain(self) -> None:
@@ -119,6 +124,7 @@ class TrainingManager:
         await self.registry.close()
         await self.datasets.close()
         await self.launcher.close()
+        await asyncio.to_thread(self.mirror.stop)
 
     async def create(
         self, requested: TrainingJob, request_id: str = "", validate_only: bool = False

@@ -66,6 +66,21 @@ class WorkerReports:
         self.launcher, self.metrics, self.signal = launcher, metrics, signal
         self._spawn = spawn
 
+    def _mirror(
+        self, session: Session, job: str, progress: training_job_pb2.TrainingProgress
+    ) -> None:
+        """A progress report's figures, for the job's MLflow run at its step."""
+        values = {
+            "train_loss": progress.train_loss,
+            "learning_rate": progress.learning_rate,
+            "tokens_per_second": progress.tokens_per_second,
+        }
+        for optional in ("validation_loss", "reward_accuracy"):
+            if progress.HasField(optional):
+                values[optional] = getattr(progress, optional)
+        step = progress.step
+        self.states.after_commit(session, lambda: self.states.mirror.metrics(job, values, step))
+
     def report(
         self, request: training_service_pb2.ReportTrainingProgressRequest, token: str
     ) -> ReportOutcome:
@@ -96,6 +111,7 @@ class WorkerReports:
                 job.latest_progress.CopyFrom(progress)
                 self.states.event(session, job_id, "progress", progress)
                 self.metrics.progress(job.name, progress)
+                self._mirror(session, job.name, progress)
             checkpoint_uri = ""
             pruned: list[str] = []
             kept: list[str] = []
@@ -106,6 +122,13 @@ class WorkerReports:
             if request.HasField("evaluation"):
                 job.evaluation.CopyFrom(request.evaluation)
                 self.states.event(session, job_id, "evaluation", request.evaluation)
+                result = request.evaluation
+                values = {
+                    "final.validation_loss": result.validation_loss,
+                    "final.base_validation_loss": result.base_validation_loss,
+                }
+                name = job.name
+                self.states.after_commit(session, lambda: self.states.mirror.metrics(name, values))
             for line in request.log_lines:
                 self.states.event(session, job_id, "log", line)
             stop_run = False

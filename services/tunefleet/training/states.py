@@ -14,6 +14,8 @@ from sqlalchemy import event as sql_event
 from sqlalchemy.orm import Session
 
 from tunefleet.core.protos import timestamp
+from tunefleet.runtime.experiments import ExperimentMirror, flatten
+from tunefleet.runtime.settings import MlflowSettings
 from tunefleet.runtime.streams import ChangeSignal
 from tunefleet.storage.changes import Change, append_change
 from tunefleet.storage.database import Database, utcnow
@@ -26,6 +28,11 @@ from tunefleet.v1 import training_job_pb2
 log = logging.getLogger(__name__)
 
 TrainingJob = training_job_pb2.TrainingJob
+# What a job asked for: its MLflow run's parameters.
+MIRRORED = [
+    "display_name", "base_model", "method", "objective", "lora", "dpo", "hyperparameters",
+    "train_dataset", "validation_dataset", "adapter", "resources",
+]  # fmt: skip
 
 
 def topic(job_id: str) -> str:
@@ -42,8 +49,15 @@ class JobStates:
         metrics: TrainingMetrics,
         signal: ChangeSignal,
         wake: Callable[[], None],
+        mirror: ExperimentMirror | None = None,
     ) -> None:
         self.db, self.metrics, self.signal, self.wake = db, metrics, signal, wake
+        self.mirror = mirror or ExperimentMirror(MlflowSettings())
+
+    def after_commit(self, session: Session, action: Callable[[], None]) -> None:
+        """Run `action` once the caller's transaction has committed (never for a rolled back
+        one)."""
+        sql_event.listen(session, "after_commit", lambda _: action(), once=True)
 
     def transition(
         self,
@@ -69,6 +83,9 @@ class JobStates:
         if state == State.STATE_RUNNING and not job.HasField("start_time"):
             job.start_time.CopyFrom(timestamp(now))
             self.metrics.queue_time.observe((now - row.create_time).total_seconds())
+            params = flatten(TrainingJob(**{f: getattr(job, f) for f in MIRRORED}))
+            tags = {"tunefleet.kind": "training", "tunefleet.launcher": job.launcher}
+            self.after_commit(session, lambda: self.mirror.run(job.name, params, tags))
         if error is not None:
             job.error.CopyFrom(error)
             self.event(session, row.id, "error", error)
@@ -76,7 +93,16 @@ class JobStates:
             job.end_time.CopyFrom(timestamp(now))
             started = job.start_time.ToDatetime() if job.HasField("start_time") else None
             seconds = (now.replace(tzinfo=None) - started).total_seconds() if started else None
-            self.metrics.ended(job.name, State.Name(state).removeprefix("STATE_").lower(), seconds)
+            final = State.Name(state).removeprefix("STATE_").lower()
+            self.metrics.ended(job.name, final, seconds)
+            tags = (
+                {"tunefleet.adapter_version": job.output_adapter_version}
+                if (job.output_adapter_version)
+                else {}
+            )
+            if error is not None:
+                tags["tunefleet.error"] = f"{error.reason}: {error.message}"[:5000]
+            self.after_commit(session, lambda: self.mirror.end(job.name, final, tags))
             # Its leases go once this commits (the scheduler deletes them on DatasetService).
             sql_event.listen(session, "after_commit", lambda _: self.wake(), once=True)
             log.info(
