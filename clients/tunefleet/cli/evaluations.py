@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.text import Text
 
 from tunefleet.cli.output import (
     client,
     console,
+    counting_progress,
     enum_name,
     fields,
     handles_errors,
@@ -337,16 +337,7 @@ def wait_command(name: str, output: str) -> None:
 
 
 def finish(tunefleet: Client, name: str, output: str) -> None:
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=output == "json",
-    )
+    progress = counting_progress(output)
     with progress:
         task = progress.add_task("answers", total=None)
 

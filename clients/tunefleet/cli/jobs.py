@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from tunefleet.cli.output import (
     client,
     console,
+    counting_progress,
     enum_name,
     fields,
     handles_errors,
@@ -287,16 +287,7 @@ def show_event(event: training_job_pb2.TrainingEvent) -> None:
 
 
 def follow_job(tunefleet: Client, name: str, output: str) -> None:
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=output == "json",
-    )
+    progress = counting_progress(output)
     with progress:
         task = progress.add_task("training", total=None)
 

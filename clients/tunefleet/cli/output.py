@@ -15,6 +15,7 @@ import click
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -144,6 +145,20 @@ def fields(pairs: Iterable[tuple[str, Any]]) -> None:
     for key, value in pairs:
         view.add_row(Text(key), Text(str(value)))
     console.print(view)
+
+
+def counting_progress(output: str) -> Progress:
+    """A bar counting steps or answers with the ETA, gone when done; off for `-o json`."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=output == "json",
+    )
 
 
 def when(stamp: timestamp_pb2.Timestamp) -> str:
