@@ -418,8 +418,14 @@ def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> No
     assert "'b' is not a candidate" in unknown.stderr
 
 
-def test_the_general_suite_uploads_whole_and_evaluates(platform: LocalServer) -> None:
+def test_the_general_suite_uploads_whole_and_evaluates(
+    platform: LocalServer, tmp_path: Path
+) -> None:
     assert len(tunefleet(None, "eval", "suite", "general").stdout.splitlines()) == 300
+    written = tunefleet(None, "eval", "suite", "general", "--lm-eval", str(tmp_path / "task"))
+    assert "--tasks tunefleet_general" in written.stdout
+    assert (tmp_path / "task" / "tunefleet_general.yaml").is_file()
+    assert len((tmp_path / "task" / "general.jsonl").read_text().splitlines()) == 300
     uploaded = as_json(tunefleet(platform, "eval", "suite", "general", "--upload", "-o", "json"))
     assert int(uploaded["train_record_count"]) == 300  # nothing dropped as a near duplicate
     assert "validation_record_count" not in uploaded  # 0, which JSON leaves out

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from tunefleet.evaluation.graders import Item, grader
-from tunefleet.suites import general, jsonl
+from tunefleet.suites import general, jsonl, write_lm_eval_task
 
 
 def test_the_general_suite_is_300_distinct_questions_in_four_groups() -> None:
@@ -75,3 +78,29 @@ def test_every_answer_passes_the_normalised_grader_and_distinguishes() -> None:
         assert exact.score(answer, item) == 1.0
         assert exact.score(f" {answer.lower()}. ", item) == 1.0  # case and punctuation
         assert exact.score("I do not know", item) == 0.0
+
+
+def test_the_lm_eval_task_reads_the_suite_and_grades_as_tunefleet_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-evaluation-harness itself loads the written task: the same 300 questions and answers,
+    and its exact match agrees with `exact_match` + `normalise` on answers as models write
+    them."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    from lm_eval.tasks import TaskManager
+
+    write_lm_eval_task(tmp_path / "task")
+    task = TaskManager(include_path=str(tmp_path / "task")).load(["tunefleet_general"])["tasks"][
+        "tunefleet_general"
+    ]
+    docs = list(task.eval_docs)
+    records = general()
+    assert len(docs) == 300
+    exact = grader("exact_match", normalise=True)
+    for doc, record in zip(docs, records, strict=True):
+        question, answer = (m["content"] for m in record["messages"])
+        assert task.doc_to_text(doc) == question and task.doc_to_target(doc) == answer
+        for written in (answer, f" {answer.upper()}.\n", f"The {answer}", "I do not know"):
+            ours = exact.score(written, Item("x", answer))
+            theirs = task.process_results(doc, [written])["exact_match"]
+            assert theirs == ours, (written, answer)

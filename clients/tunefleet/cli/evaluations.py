@@ -406,9 +406,15 @@ def items(name: str, candidate: str, below: tuple[str, str] | None, output: str)
     help="Write its records (JSON lines) to this file.",
 )
 @click.option("--upload", is_flag=True, help="Upload it as a dataset (all records in train).")
+@click.option(
+    "--lm-eval",
+    "lm_eval",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write it as a local lm-evaluation-harness task (tunefleet_general) to this directory.",
+)
 @output_option
 @handles_errors
-def suite(suite: str, path: Path | None, upload: bool, output: str) -> None:
+def suite(suite: str, path: Path | None, upload: bool, lm_eval: Path | None, output: str) -> None:
     """A suite that ships with tunefleet: `general` is 300 questions of knowledge, reasoning,
     instruction following and format, to see whether an adapter lost general skills.
 
@@ -417,9 +423,14 @@ def suite(suite: str, path: Path | None, upload: bool, output: str) -> None:
     tunefleet eval create --dataset D --split train --candidate base \\
         --candidate new=adapters/a@prod --grader exact_match --normalise -w
     """
-    from tunefleet.suites import general, jsonl
+    from tunefleet.suites import general, jsonl, write_lm_eval_task
 
     data = jsonl(general())
+    if lm_eval is not None:
+        task = write_lm_eval_task(lm_eval)
+        if output != "json":
+            console.print(f"wrote {task}: lm_eval --include_path {lm_eval} --tasks "
+                          "tunefleet_general", markup=False)  # fmt: skip
     if path is not None:
         path.write_bytes(data)
         if output != "json":
@@ -443,7 +454,7 @@ def suite(suite: str, path: Path | None, upload: bool, output: str) -> None:
                 "with --split train)",
                 markup=False,
             )
-    if path is None and not upload:
+    if path is None and not upload and lm_eval is None:
         click.echo(data.decode(), nl=False)
 
 

@@ -10,7 +10,9 @@ four groups (each record's `cluster` names its task):
 - format (25): ordered lists, yes/no, a JSON object.
 
 Every question says how to answer (one word, the number only, ...), so exact match after SQuAD's
-normalisation (`exact_match` with `normalise`) grades it. It is meant for comparisons, an adapter
+normalisation (`exact_match` with `normalise`) grades it. `write_lm_eval_task` writes it as a
+local lm-evaluation-harness task (`tunefleet_general`), graded the same way by lm-eval's own
+exact match. It is meant for comparisons, an adapter
 against the base model on the same items (did fine-tuning cost general skills?), not as an
 absolute measure of a model. Built from fixed lists and formulas: the same 300 records every
 time.
@@ -19,6 +21,7 @@ time.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 CAPITALS = [
@@ -202,3 +205,46 @@ def general() -> list[dict[str, Any]]:
 
 def jsonl(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(record).encode() + b"\n" for record in records)
+
+
+LM_EVAL_TASK = """\
+# The tunefleet general-skills suite as a local lm-evaluation-harness task (Apache-2.0),
+# written by `tunefleet eval suite general --lm-eval DIR`:
+#   lm_eval --model hf --model_args pretrained=MODEL --include_path DIR \\
+#     --tasks tunefleet_general --apply_chat_template
+task: tunefleet_general
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{messages[0].content}}}}"
+doc_to_target: "{{{{messages[1].content}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  do_sample: false
+  max_gen_toks: 32
+metric_list:
+  # SQuAD's normalisation, as EvaluationService's exact_match with normalise: articles and
+  # whitespace, then case and punctuation.
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: ['(?i)\\b(a|an|the)\\b', '\\s+']
+    ignore_case: true
+    ignore_punctuation: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_lm_eval_task(directory: Path) -> Path:
+    """The general suite as a local lm-evaluation-harness task in `directory`: its records
+    (`general.jsonl`) and `tunefleet_general.yaml`; returns the YAML's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "general.jsonl"
+    data.write_bytes(jsonl(general()))
+    task = directory / "tunefleet_general.yaml"
+    task.write_text(LM_EVAL_TASK.format(data=json.dumps(str(data.resolve()))))
+    return task
