@@ -390,16 +390,15 @@ class EvaluationManager:
         """A blind pair of answers, in random order, to an item this annotator has not judged."""
         if not 1 <= len(annotator) <= 128 or not annotator.isprintable():
             raise InvalidArgument("annotator", "must be 1 to 128 printable characters")
-        task, job = await asyncio.to_thread(
+        task, job, index = await asyncio.to_thread(
             self._annotation_task, parent, candidate, baseline, annotator
         )
         if not task.name:
             return task
         try:
-            item = await self.datasets.item(job.dataset, job.split, task.remaining)
+            item = await self.datasets.item(job.dataset, job.split, index)
         except EvaluationFailed as error:
             raise FailedPrecondition(str(error), reason="DATASET_CHANGED") from None
-        task.remaining = 0
         task.input.extend(item.messages)
         return await asyncio.to_thread(self._fill_task, task)
 
@@ -420,8 +419,8 @@ class EvaluationManager:
 
     def _annotation_task(
         self, parent: str, candidate: str, baseline: str, annotator: str
-    ) -> tuple[evaluation_pb2.AnnotationTask, evaluation_pb2.EvaluationJob]:
-        """The task stored, with the item's index in `remaining` for the caller to fetch."""
+    ) -> tuple[evaluation_pb2.AnnotationTask, evaluation_pb2.EvaluationJob, int]:
+        """The task stored (its name only), its job, and the item's index to fetch."""
         with self.db.session() as session:
             row, job, baseline = self._pair(session, parent, candidate, baseline)
             if job.state != State.STATE_SUCCEEDED:
@@ -433,7 +432,7 @@ class EvaluationManager:
             judged = store.judged(session, row.id, candidate, baseline, annotator)
             left = sorted(set(both) - judged)
             if not left:
-                return evaluation_pb2.AnnotationTask(remaining=0), job
+                return evaluation_pb2.AnnotationTask(remaining=0), job, -1
             index = random.choice(left)  # noqa: S311 - an order, not a secret
             task = store.AnnotationRow(
                 id=uuid.uuid4().hex,
@@ -447,7 +446,7 @@ class EvaluationManager:
             )
             session.add(task)
             name = f"{job.name}/annotationTasks/{task.id}"
-            return evaluation_pb2.AnnotationTask(name=name, remaining=index), job
+            return evaluation_pb2.AnnotationTask(name=name), job, index
 
     def _fill_task(self, task: evaluation_pb2.AnnotationTask) -> evaluation_pb2.AnnotationTask:
         with self.db.read() as session:
