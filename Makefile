@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway bench-evaluation images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -118,6 +118,9 @@ bench-upload-space: $(VENV)/.installed  ## an upload's peak working space agains
 
 bench-sdk: $(VENV)/.installed  ## SDK (sync and async) against raw generated stubs on one server
 	$(BIN)/python benchmarks/sdk.py
+
+bench-evaluation: $(VENV)/.installed  ## evaluation throughput: EvaluationService vs lm-evaluation-harness's hf backend, SmolLM2 on the general suite
+	$(BIN)/python benchmarks/evaluation.py
 
 bench-gateway: $(VENV)/.installed  ## the cluster's gateway (nginx) against direct calls to the same server; needs nginx
 	$(BIN)/python benchmarks/gateway.py
