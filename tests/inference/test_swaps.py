@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import grpc
+import pytest
 from transformers import AutoTokenizer
 
 from tests.inference.conftest import PROMPTS, Served, Serving, reference
