@@ -120,18 +120,7 @@ class DatasetReader(DatasetServicePeer):
         items: list[EvalItem] = []
         while not limit or len(items) < limit:
             page = PAGE if not limit else min(PAGE, limit - len(items))
-            request = dataset_service_pb2.PreviewDatasetRecordsRequest(
-                name=dataset, split=split, offset=len(items), limit=page
-            )
-            try:
-                records = [
-                    r
-                    async for r in self.stub.PreviewDatasetRecords(
-                        request, timeout=self.call_seconds, metadata=self.metadata
-                    )
-                ]
-            except grpc.aio.AioRpcError as error:
-                raise relayed(error, self.service) from None
+            records = await self._records(dataset, split, len(items), page)
             items += [_item(record) for record in records]
             if len(records) < page:
                 break
@@ -141,21 +130,26 @@ class DatasetReader(DatasetServicePeer):
         self, dataset: str, split: dataset_pb2.DatasetSplit.ValueType, index: int
     ) -> EvalItem:
         """The item at `index` of the split."""
+        records = await self._records(dataset, split, index, 1)
+        if not records:
+            raise EvaluationFailed(f"{dataset} has no item {index} any more")
+        return _item(records[0])
+
+    async def _records(
+        self, dataset: str, split: dataset_pb2.DatasetSplit.ValueType, offset: int, limit: int
+    ) -> list[dataset_pb2.DatasetRecord]:
         request = dataset_service_pb2.PreviewDatasetRecordsRequest(
-            name=dataset, split=split, offset=index, limit=1
+            name=dataset, split=split, offset=offset, limit=limit
         )
         try:
-            records = [
-                r
-                async for r in self.stub.PreviewDatasetRecords(
+            return [
+                record
+                async for record in self.stub.PreviewDatasetRecords(
                     request, timeout=self.call_seconds, metadata=self.metadata
                 )
             ]
         except grpc.aio.AioRpcError as error:
             raise relayed(error, self.service) from None
-        if not records:
-            raise EvaluationFailed(f"{dataset} has no item {index} any more")
-        return _item(records[0])
 
 
 def _item(record: dataset_pb2.DatasetRecord) -> EvalItem:
@@ -291,7 +285,7 @@ def _turns(candidate: Candidate, item: EvalItem) -> list[common_pb2.ChatMessage]
 
 
 class Models:
-    """The generator's calls for grading, at most `limit` at once (with the answers')."""
+    """The generator's calls (answers, judges, scores), at most `limit` at once."""
 
     def __init__(self, generator: Generator, limit: asyncio.Semaphore) -> None:
         self.generator, self.limit = generator, limit
@@ -345,23 +339,20 @@ async def run(
         candidates = await asyncio.gather(
             *(_pin(c, items[0], generator, sampling, known, versions, pinned) for c in candidates)
         )
-    limit = asyncio.Semaphore(concurrency)
+    models = Models(generator, asyncio.Semaphore(concurrency))
     # The baseline's answers, which pairwise judges wait for (None: it has none).
     baseline_answers = [asyncio.get_running_loop().create_future() for _ in items]
-
-    models = Models(generator, limit)
 
     async def answer(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
         output = known.get((candidate.name, index))
         failure = ""
         if output is None:
-            async with limit:
-                try:
-                    found = await generator.answer(candidate, item, sampling)
-                    output = found.text
-                    versions[candidate.name].add(found.version)
-                except GenerationError as error:
-                    failure = str(error)
+            try:
+                found = await models.answer(candidate, item, sampling)
+                output = found.text
+                versions[candidate.name].add(found.version)
+            except GenerationError as error:
+                failure = str(error)
         return ItemResult(index, candidate.name, output, errors={"": failure})
 
     async def one(candidate: Candidate, index: int, item: EvalItem) -> ItemResult:
@@ -469,7 +460,6 @@ async def _grade(
     """One grader's score of one answer (judges' replies kept on `result`)."""
     output = result.output
     assert output is not None
-    ask = models.ask
     if isinstance(grader, Grader):
         return grader.score(output, item)
     if isinstance(grader, Perplexity):
@@ -477,14 +467,14 @@ async def _grade(
     if isinstance(grader, KlFromBase):
         return await grader.grade(models.score, models.answer, candidate, item, result.index)
     if isinstance(grader, ScoreJudge):
-        score, reply = await grader.grade(ask, item, output)
+        score, reply = await grader.grade(models.ask, item, output)
         result.judgements[grader.name] = reply
         return score
     if baseline_output is None:
         raise GraderError("the baseline has no answer to compare with")
     replies = await asyncio.gather(
-        grader.ask_order(ask, item, output, baseline_output),
-        grader.ask_order(ask, item, baseline_output, output),
+        grader.ask_order(models.ask, item, output, baseline_output),
+        grader.ask_order(models.ask, item, baseline_output, output),
         return_exceptions=True,  # both calls end before the item does
     )
     failed = [r for r in replies if isinstance(r, BaseException)]
