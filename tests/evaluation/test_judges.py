@@ -201,10 +201,15 @@ async def test_endpoints_get_their_key_and_the_sampling(stub: Stub) -> None:
         baseline="parrot",
     )
     assert outcome.summary["parrot"]["exact_match"].estimate.mean == 1.0
-    request = stub.requests[0]
-    assert request["authorization"] == "Bearer sk-test"
-    assert (request["max_tokens"], request["seed"], request["stop"]) == (7, 3, ["\n"])
-    assert request["messages"] == [{"role": "user", "content": "Repeat: word0"}]
+    # The items are asked concurrently: the requests arrive in any order.
+    assert sorted(request["messages"][0]["content"] for request in stub.requests) == [
+        "Repeat: word0",
+        "Repeat: word1",
+    ]
+    for request in stub.requests:
+        assert request["authorization"] == "Bearer sk-test"
+        assert (request["max_tokens"], request["seed"], request["stop"]) == (7, 3, ["\n"])
+        assert len(request["messages"]) == 1 and request["messages"][0]["role"] == "user"
 
 
 async def test_clustered_items_get_cluster_robust_intervals(stub: Stub) -> None:
