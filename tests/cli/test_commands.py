@@ -432,12 +432,14 @@ def test_the_general_suite_uploads_whole_and_evaluates(
     job = as_json(
         tunefleet(
             platform, "eval", "create", "--dataset", uploaded["name"], "--split", "train",
-            "--candidate", "base", "--grader", "exact_match", "--normalise",
+            "--candidate", "base", "--grader", "exact_match", "--contains", "--normalise",
             "--max-items", "12", "--max-tokens", "6", "--wait", "-o", "json",
         )
     )  # fmt: skip
     assert job["state"] == "STATE_SUCCEEDED" and job["answers_done"] == "12"
     assert job["graders"][0]["normalise"] is True
+    assert job["graders"][1] == {"type": "string_check", "operation": "like", "normalise": True}
+    assert [s["grader"] for s in job["results"][0]["scores"]] == ["exact_match", "string_check"]
 
 
 def test_bad_options_are_refused_before_any_call(colours: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.evaluation.graders import Item, grader
+from tunefleet.core.graders import Item, grader
 from tunefleet.suites import general, jsonl, write_lm_eval_task
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunefleet.evaluation.graders import GraderError, Item, grader, macro_f1
+from tunefleet.core.graders import GraderError, Item, grader, macro_f1
 
 
 def score(kind: str, output: str, reference: str = "", **options: object) -> float:
@@ -25,6 +25,22 @@ def test_exact_match_and_string_checks() -> None:
         score("string_check", "x", "([", operation="regex")
     with pytest.raises(ValueError, match="unknown string_check operation"):
         grader("string_check", operation="startswith")
+
+
+def test_normalised_string_checks_match_whole_words() -> None:
+    def like(output: str, reference: str) -> float:
+        return score("string_check", output, reference, operation="like", normalise=True)
+
+    assert like("The capital of France is Paris.", "Paris") == 1.0
+    assert like("It is New  Delhi!", "new delhi") == 1.0
+    assert like("The answer is 13.", "3") == 0.0  # a number inside another is not the answer
+    assert like("Parisian food", "Paris") == 0.0
+    assert like("The answer: 3", "3") == 1.0
+    assert like("Paris", "the Paris") == 1.0  # articles go on both sides
+    assert score("string_check", "The PARIS", "paris", operation="eq", normalise=True) == 1.0
+    assert score("string_check", "Rome", "paris", operation="ne", normalise=True) == 1.0
+    with pytest.raises(ValueError, match="cannot normalise"):
+        grader("string_check", operation="regex", value="x", normalise=True)
 
 
 def test_json_validity_and_schema() -> None:

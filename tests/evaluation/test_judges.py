@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.evaluation.openai_stub import Stub, openai_stub
-from tunefleet.evaluation.graders import GraderError, grader
+from tunefleet.core.graders import GraderError, grader
 from tunefleet.evaluation.judges import (
     PAIRWISE_FIELDS,
     PAIRWISE_RUBRIC,

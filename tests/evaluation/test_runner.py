@@ -12,7 +12,7 @@ import pytest
 
 from tests.trainer.conftest import LINEAR_LAYERS, conversation
 from tests.training.conftest import Platform
-from tunefleet.evaluation.graders import grader
+from tunefleet.core.graders import grader
 from tunefleet.evaluation.likelihood import KlFromBase, Perplexity
 from tunefleet.evaluation.report import EvaluationFailed, Gate
 from tunefleet.evaluation.runner import (

@@ -19,6 +19,9 @@ from tunefleet.client import AsyncClient
 from tunefleet.v1 import (
     adapter_service_pb2,
     common_pb2,
+    dataset_pb2,
+    evaluation_pb2,
+    evaluation_service_pb2,
     inference_pb2,
     inference_service_pb2,
     training_job_pb2,
@@ -26,6 +29,8 @@ from tunefleet.v1 import (
 )
 
 State = training_job_pb2.TrainingJob.State
+EvaluationState = evaluation_pb2.EvaluationJob.State
+BETTER = evaluation_pb2.EVALUATION_VERDICT_BETTER
 MakePlatform = Any
 pytestmark = pytest.mark.timeout(300)
 
@@ -184,6 +189,64 @@ async def test_a_job_trains_registers_its_adapter_and_streams_events(
     )
     # The worker token is on disk for the process only.
     assert (run_dir(platform, job.name) / "spec.json").stat().st_mode & 0o077 == 0
+
+
+async def test_a_registered_version_is_evaluated_against_the_base_model(
+    make_platform: MakePlatform, platform_settings: dict[str, Any]
+) -> None:
+    after = {
+        "enabled": True,
+        "max_items": 6,
+        "max_tokens": 8,
+        "graders": ["exact_match", "rouge_l"],
+    }
+    platform = await make_platform(
+        training={**platform_settings["training"], "evaluation": after},
+        inference={"base_model": "colours"},
+    )
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    for _ in range(600):  # named on the job once EvaluationService has created it
+        job = await platform.wait(job.name, "SUCCEEDED")
+        if job.evaluation_job:
+            break
+        await asyncio.sleep(0.1)
+    assert job.evaluation_job.startswith("evaluationJobs/")
+    done = await wait_evaluation(platform, job.evaluation_job)
+    assert done.state == EvaluationState.STATE_SUCCEEDED, done.error_message
+    assert (done.dataset, done.split) == (dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION)
+    assert [(c.name, c.adapter_version) for c in done.candidates] == [
+        ("base", ""),
+        ("adapter", job.output_adapter_version),
+    ]
+    base, adapter = done.results
+    assert [s.grader for s in adapter.scores] == ["exact_match", "rouge_l"]
+    assert all(s.count == 6 and s.errors == 0 for s in [*base.scores, *adapter.scores])
+    assert adapter.HasField("gate_passed") and done.gate.metric == "exact_match"
+    assert not adapter.gate_passed or adapter.scores[0].comparison.verdict == BETTER
+    # The version answered with its own weights: its answers are not the base model's.
+    listed = await platform.evaluation.ListEvaluationItemResults(
+        evaluation_service_pb2.ListEvaluationItemResultsRequest(parent=done.name, page_size=50)
+    )
+    answers: dict[str, dict[int, str]] = {}
+    for result in listed.item_results:
+        answers.setdefault(result.candidate, {})[result.index] = result.output
+    assert len(answers["base"]) == len(answers["adapter"]) == 6
+    assert answers["base"] != answers["adapter"], answers
+
+
+async def wait_evaluation(platform: Platform, name: str) -> Any:
+    ended = {EvaluationState.STATE_SUCCEEDED, EvaluationState.STATE_FAILED}
+    for _ in range(3000):
+        found = await platform.evaluation.GetEvaluationJob(
+            evaluation_service_pb2.GetEvaluationJobRequest(name=name)
+        )
+        if found.state in ended:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} did not end: {found}")
 
 
 async def test_a_dpo_job_on_uploaded_pairs_raises_reward_accuracy(

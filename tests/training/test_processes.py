@@ -25,6 +25,9 @@ from tunefleet.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
+    evaluation_pb2,
+    evaluation_service_pb2,
+    evaluation_service_pb2_grpc,
     inference_pb2,
     inference_service_pb2,
     inference_service_pb2_grpc,
@@ -34,6 +37,7 @@ from tunefleet.v1 import (
 )
 
 State = training_job_pb2.TrainingJob.State
+EvaluationState = evaluation_pb2.EvaluationJob.State
 pytestmark = pytest.mark.timeout(600)
 PROMPT = "Which colour goes with the cat?"
 
@@ -61,6 +65,19 @@ class Cluster:
             self.servers["inference"].settings["inference"] = {
                 "base_model": serve,
                 "registry_endpoint": self.servers["adapters"].target,
+            }
+        if "evaluation" in self.servers:
+            # TrainingService evaluates each registered version on the evaluation Service, which
+            # reads items from the datasets Service and has inference answer them.
+            self.servers["evaluation"].settings["evaluation"] = {
+                "datasets_endpoint": self.servers["datasets"].target,
+                "inference_endpoint": self.servers["inference"].target,
+            }
+            training["training"]["evaluation"] = {
+                "enabled": True,
+                "endpoint": self.servers["evaluation"].target,
+                "max_items": 6,
+                "max_tokens": 8,
             }
         self.channels: dict[str, grpc.Channel] = {}
 
@@ -171,10 +188,10 @@ def peft_reference(chat_model: Path, adapter: Path, prompt: str, max_tokens: int
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
-def test_a_job_trains_registers_and_is_served_across_processes(
+def test_a_job_trains_registers_is_served_and_evaluated_across_processes(
     make_cluster: Any, chat_model: Path, tmp_path: Path
 ) -> None:
-    cluster = make_cluster("datasets", "training", "adapters", "inference")
+    cluster = make_cluster("datasets", "training", "adapters", "inference", "evaluation")
     name = cluster.create(cluster.upload())
     job = cluster.wait(name, "SUCCEEDED", "FAILED")
     assert job.state == State.STATE_SUCCEEDED, f"{job.error}\n{cluster.log(name)[-3000:]}"
@@ -194,6 +211,27 @@ def test_a_job_trains_registers_and_is_served_across_processes(
     assert response.adapter_version == job.output_adapter_version
     adapter = tmp_path / "data" / "training" / "runs" / name.split("/")[1] / "output" / "adapter"
     assert response.text == peft_reference(chat_model, adapter, PROMPT, 8)
+
+    # The evaluation TrainingService created on the evaluation Service: base against version.
+    deadline = time.monotonic() + 120
+    while not (job := cluster.job(name)).evaluation_job:
+        assert time.monotonic() < deadline, "no evaluation was created"
+        time.sleep(0.2)
+    evaluations = evaluation_service_pb2_grpc.EvaluationServiceStub(cluster.channels["evaluation"])
+    ended = {EvaluationState.STATE_SUCCEEDED, EvaluationState.STATE_FAILED}
+    deadline = time.monotonic() + 300
+    while (
+        evaluation := evaluations.GetEvaluationJob(
+            evaluation_service_pb2.GetEvaluationJobRequest(name=job.evaluation_job), timeout=30
+        )
+    ).state not in ended:
+        assert time.monotonic() < deadline, evaluation
+        time.sleep(0.2)
+    assert evaluation.state == EvaluationState.STATE_SUCCEEDED, evaluation.error_message
+    assert [c.adapter_version for c in evaluation.candidates] == ["", job.output_adapter_version]
+    assert [r.candidate for r in evaluation.results] == ["base", "adapter"]
+    assert all(s.count == 6 and s.errors == 0 for r in evaluation.results for s in r.scores)
+    assert evaluation.results[1].HasField("gate_passed")
 
 
 def test_a_dpo_job_trains_on_pairs_across_processes(make_cluster: Any) -> None:
@@ -278,6 +316,19 @@ def test_training_alone_needs_a_datasets_endpoint(tmp_path: Path) -> None:
     )
     with pytest.raises(
         RuntimeError, match=r"training\.datasets_endpoint: must name a DatasetService"
+    ):
+        server.start(timeout=120)
+
+
+def test_training_alone_that_evaluates_needs_an_evaluation_endpoint(tmp_path: Path) -> None:
+    training = {
+        "registry_endpoint": "adapters:50051",
+        "datasets_endpoint": "datasets:50051",
+        "evaluation": {"enabled": True},
+    }
+    server = LocalServer(tmp_path, {"training": training}, services=["training"])
+    with pytest.raises(
+        RuntimeError, match=r"training\.evaluation\.endpoint: must name an EvaluationService"
     ):
         server.start(timeout=120)
 

@@ -38,6 +38,8 @@ SIMPLE_GRADERS = [
     "chrf",
     "rouge_l",
     "classification",
+    "perplexity",
+    "kl_from_base",
 ]
 
 
@@ -90,9 +92,15 @@ def evaluations() -> None:
     help="A grader, repeatable (judges, string checks and JSON schemas: --from-file).",
 )
 @click.option(
+    "--contains",
+    is_flag=True,
+    help="Add the grader string_check like: the reference within the answer.",
+)
+@click.option(
     "--normalise",
     is_flag=True,
-    help="exact_match compares after SQuAD's normalisation (case, punctuation, articles).",
+    help="exact_match and --contains compare after SQuAD's normalisation (case, punctuation, "
+    "articles); --contains then matches whole words.",
 )
 @click.option(
     "--split",
@@ -132,6 +140,7 @@ def create(
     system_prompts: tuple[str, ...],
     baseline: str,
     graders: tuple[str, ...],
+    contains: bool,
     normalise: bool,
     split: str | None,
     gate_metric: str | None,
@@ -170,9 +179,13 @@ def create(
             raise click.BadParameter(f"{name!r} is not a candidate", param_hint="--system-prompt")
         found[0]["systemPrompt"] = prompt
     job.setdefault("graders", []).extend({"type": grader} for grader in graders)
+    if contains:
+        job["graders"].append({"type": "string_check", "operation": "like"})
     if normalise:
         for grader in job["graders"]:
-            if grader.get("type") == "exact_match":
+            if grader.get("type") in ("exact_match", "string_check") and grader.get(
+                "operation", "like"
+            ) in ("eq", "ne", "like", "ilike"):
                 grader["normalise"] = True
     if split is not None:
         job["split"] = f"DATASET_SPLIT_{split.upper()}"
@@ -421,7 +434,8 @@ def suite(suite: str, path: Path | None, upload: bool, lm_eval: Path | None, out
     \b
     tunefleet eval suite general --upload    prints the dataset, then:
     tunefleet eval create --dataset D --split train --candidate base \\
-        --candidate new=adapters/a@prod --grader exact_match --normalise -w
+        --candidate new=adapters/a@prod --grader exact_match --contains --normalise \\
+        --grader kl_from_base -w
     """
     from tunefleet.suites import general, jsonl, write_lm_eval_task
 

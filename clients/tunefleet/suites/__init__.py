@@ -10,7 +10,9 @@ four groups (each record's `cluster` names its task):
 - format (25): ordered lists, yes/no, a JSON object.
 
 Every question says how to answer (one word, the number only, ...), so exact match after SQuAD's
-normalisation (`exact_match` with `normalise`) grades it. `write_lm_eval_task` writes it as a
+normalisation (`exact_match` with `normalise`) grades a model that obeys; small models answer in
+sentences, and `string_check` `like` with `normalise` (the answer's words within the reply)
+grades what they know rather than their form. `write_lm_eval_task` writes it as a
 local lm-evaluation-harness task (`tunefleet_general`), graded the same way by lm-eval's own
 exact match. It is meant for comparisons, an adapter
 against the base model on the same items (did fine-tuning cost general skills?), not as an

@@ -75,7 +75,9 @@ def training_service(
     from tunefleet.v1 import training_service_pb2_grpc
 
     settings = context.settings
-    remote = set(context.services and {"datasets", "adapters"} - set(context.services))
+    remote = set(
+        context.services and {"datasets", "adapters", "evaluation"} - set(context.services)
+    )
     if not settings.training.registry_endpoint and "adapters" in remote:
         raise SettingsError(
             "training.registry_endpoint: must name an AdapterService (the gateway or the "
@@ -87,6 +89,13 @@ def training_service(
             "training.datasets_endpoint: must name a DatasetService (the gateway or the "
             "datasets Service) when this process does not serve datasets; jobs' datasets are "
             "checked and leased there"
+        )
+    after = settings.training.evaluation
+    if after.enabled and not after.endpoint and "evaluation" in remote:
+        raise SettingsError(
+            "training.evaluation.endpoint: must name an EvaluationService (the gateway or the "
+            "evaluation Service) when this process does not serve evaluations and "
+            "training.evaluation.enabled is set"
         )
     if settings.server.auth.enabled and not settings.training.worker_registry_token:
         raise SettingsError(

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from tunefleet.evaluation.graders import GraderError
+from tunefleet.core.graders import GraderError
 from tunefleet.v1 import inference_pb2
 
 if TYPE_CHECKING:

@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy.orm import Session
 
+from tunefleet.core import graders as grading
 from tunefleet.core.errors import FailedPrecondition, InvalidArgument, TunefleetError
 from tunefleet.core.names import dataset_id
 from tunefleet.core.protos import timestamp
-from tunefleet.evaluation import graders as grading
 from tunefleet.evaluation import judges as judging
 from tunefleet.evaluation import store
 from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge
@@ -175,7 +175,11 @@ def build_graders(job: evaluation_pb2.EvaluationJob, secrets: str = "") -> list[
         if config.type == "exact_match":
             options = {"normalise": config.normalise}
         elif config.type == "string_check":
-            options = {"operation": config.operation, "value": config.value}
+            options = {
+                "operation": config.operation,
+                "value": config.value,
+                "normalise": config.normalise,
+            }
             if config.operation == "regex" and config.value:
                 try:
                     re.compile(config.value)

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from tunefleet.core.errors import relayed
-from tunefleet.evaluation.graders import Grader, GraderError, Item
+from tunefleet.core.graders import Grader, GraderError, Item
 from tunefleet.evaluation.judges import PairwiseJudge, ScoreJudge, pairwise_score, parse_choice
 from tunefleet.evaluation.likelihood import KlFromBase, Perplexity
 from tunefleet.evaluation.report import (

@@ -236,6 +236,33 @@ class KubernetesSettings(_Section):
     memory_bytes: int = Field(default=64 * GiB, ge=256 * MiB)
 
 
+class AfterTrainingSettings(_Section):
+    """An evaluation TrainingService creates on EvaluationService for every version a training
+    job registers: the version against the base model (the baseline) on the job's validation
+    data, with a gate on `gate_metric`. Off by default."""
+
+    enabled: bool = False
+    # gRPC address of the EvaluationService; empty: this server's own address (the embedded
+    # shape).
+    endpoint: str = ""
+    # Graders by name (those with no options: exact_match, json_valid, token_f1, bleu, chrf,
+    # rouge_l, perplexity, kl_from_base).
+    graders: list[str] = ["exact_match", "token_f1"]
+    # The gate: the version must be significantly better than the base model on this grader
+    # (one of `graders`), by at least `min_improvement`.
+    gate_metric: str = "exact_match"
+    min_improvement: float = Field(default=0.0, ge=0)
+    # Validation items evaluated (the first this many) and tokens per answer.
+    max_items: int = Field(default=200, ge=1)
+    max_tokens: int = Field(default=128, ge=1)
+
+    @model_validator(mode="after")
+    def _gate_graded(self) -> AfterTrainingSettings:
+        if self.gate_metric not in self.graders:
+            raise ValueError(f"gate_metric {self.gate_metric!r} is not one of graders")
+        return self
+
+
 class TrainingSettings(_Section):
     """TrainingService: where jobs run, how many at once, and how workers reach the platform."""
 
@@ -283,6 +310,7 @@ class TrainingSettings(_Section):
     # How often the scheduler looks at the queue and the launcher.
     poll_seconds: float = Field(default=2.0, gt=0)
     kubernetes: KubernetesSettings = KubernetesSettings()
+    evaluation: AfterTrainingSettings = AfterTrainingSettings()
 
 
 class EvaluationSettings(_Section):

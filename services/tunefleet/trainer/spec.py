@@ -77,10 +77,11 @@ class Hyperparameters(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    """Task metrics on held-out examples of the validation data, base model against result."""
+    """Task metrics on held-out examples of the validation data, base model against result:
+    EvaluationService's graders that need nothing but the answer and the reference."""
 
     examples: int = Field(default=0, ge=0, le=10_000)
-    metrics: list[Literal["exact_match", "json_valid"]] = ["exact_match"]
+    metrics: list[Literal["exact_match", "json_valid", "token_f1", "rouge_l"]] = ["exact_match"]
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
 
 

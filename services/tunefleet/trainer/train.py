@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tunefleet.core import graders
 from tunefleet.core.chat import render
 from tunefleet.trainer import checkpoint, outcome
 from tunefleet.trainer.data import (
@@ -92,12 +93,14 @@ def task_metrics(
     metrics: Sequence[str],
     max_new_tokens: int,
 ) -> dict[str, float]:
-    """Greedy answers to held-out conversations (all turns but the last assistant one)."""
+    """Greedy answers to held-out conversations (all turns but the last assistant one), scored by
+    EvaluationService's graders of the same names (one implementation)."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    hits = {name: 0 for name in metrics}
+    scorers = {name: graders.grader(name) for name in metrics}
+    totals = dict.fromkeys(metrics, 0.0)
     for conversation in conversations:
         messages = conversation.messages
         prompt = render(tokenizer, messages[:-1], generation_prompt=True, tools=conversation.tools)
@@ -110,17 +113,11 @@ def task_metrics(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        expected = messages[-1]["content"].strip()
-        if "exact_match" in hits:
-            hits["exact_match"] += answer == expected
-        if "json_valid" in hits:
-            try:
-                json.loads(answer)
-                hits["json_valid"] += 1
-            except ValueError:
-                pass
-    return {name: count / max(len(conversations), 1) for name, count in hits.items()}
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        item = graders.Item(id="", reference=messages[-1]["content"])
+        for name, grader in scorers.items():
+            totals[name] += grader.score(answer, item)
+    return {name: total / max(len(conversations), 1) for name, total in totals.items()}
 
 
 def _schedule(spec: TrainerSpec, total_steps: int) -> Any:

@@ -34,7 +34,11 @@ from tunefleet.storage.pagination import Page
 from tunefleet.training import jobs, store
 from tunefleet.training.launcher import JobLauncher
 from tunefleet.training.metrics import TrainingMetrics
-from tunefleet.training.peers import AdapterServiceClient, DatasetServiceClient
+from tunefleet.training.peers import (
+    AdapterServiceClient,
+    DatasetServiceClient,
+    EvaluationServiceClient,
+)
 from tunefleet.training.reports import WorkerReports
 from tunefleet.training.scheduler import Scheduler, datasets_of
 from tunefleet.training.states import JobStates, run_of, topic
@@ -81,6 +85,7 @@ class TrainingManager:
         token = self.training.service_token or self.training.worker_registry_token
         self.datasets = DatasetServiceClient(self.training.datasets_endpoint, token)
         self.registry = AdapterServiceClient(self.training.registry_endpoint, token, blobs)
+        self.evaluations = EvaluationServiceClient(self.training.evaluation, token)
         self.mirror = ExperimentMirror(settings.mlflow)
         self.states = JobStates(
             db, metrics, self.signal, wake=lambda: self.scheduler.wake(), mirror=self.mirror
@@ -94,6 +99,7 @@ class TrainingManager:
             self.signal,
             self.datasets,
             self.registry,
+            self.evaluations,
         )
         self.reports = WorkerReports(
             db,
@@ -110,6 +116,7 @@ class TrainingManager:
         """Reconcile with the launcher, then schedule until `stop()`."""
         self.datasets.endpoint = self.datasets.endpoint or server_address
         self.registry.endpoint = self.registry.endpoint or server_address
+        self.evaluations.endpoint = self.evaluations.endpoint or server_address
         self.mirror.start()
         await self.scheduler.start(server_address)
 
@@ -122,6 +129,7 @@ class TrainingManager:
     async def stop(self) -> None:
         await self.scheduler.stop()
         await self.registry.close()
+        await self.evaluations.close()
         await self.datasets.close()
         await self.launcher.close()
         await asyncio.to_thread(self.mirror.stop)

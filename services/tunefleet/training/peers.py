@@ -5,14 +5,18 @@ the job uses them. AdapterService: the adapter a job trains is created (or check
 is, and at the end of a run whose final report never arrived, a version the worker left behind is
 checked (it exists and was trained by the job), or the output it stored but could not register
 is registered (the same request, with the same request id, so a registration that did happen is
-not repeated)."""
+not repeated). EvaluationService: the evaluation of a registered version, when the service
+evaluates after training."""
 
 from __future__ import annotations
+
+import uuid
 
 import grpc
 
 from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from tunefleet.runtime.peers import DatasetServicePeer, Peer
+from tunefleet.runtime.settings import AfterTrainingSettings
 from tunefleet.storage.blobs import BlobStore, uri_sha256
 from tunefleet.v1 import (
     adapter_pb2,
@@ -20,6 +24,11 @@ from tunefleet.v1 import (
     adapter_service_pb2_grpc,
     dataset_pb2,
     dataset_service_pb2,
+    evaluation_pb2,
+    evaluation_service_pb2,
+    evaluation_service_pb2_grpc,
+    inference_pb2,
+    training_job_pb2,
 )
 
 TRANSIENT = {
@@ -148,3 +157,53 @@ class DatasetServiceClient(DatasetServicePeer):
                 name=f"{dataset}/leases/{lease_id(job_id)}", allow_missing=True
             ),
         )
+
+
+class EvaluationServiceClient(Peer):
+    """The evaluation of each version a job registers (`training.evaluation`)."""
+
+    stub_class = evaluation_service_pb2_grpc.EvaluationServiceStub
+    service = "EvaluationService"
+
+    def __init__(self, settings: AfterTrainingSettings, token: str) -> None:
+        super().__init__(settings.endpoint, token)
+        self.settings = settings
+
+    async def evaluate(self, job_id: str, job: training_job_pb2.TrainingJob) -> str:
+        """Create the evaluation of `job`'s version against the base model on its validation
+        data; the evaluation job's name. Idempotent: a retry returns the job created before."""
+        settings = self.settings
+        dataset = job.validation_dataset or job.train_dataset
+        split = (
+            dataset_pb2.DATASET_SPLIT_TRAIN
+            if job.validation_dataset
+            else dataset_pb2.DATASET_SPLIT_VALIDATION
+        )
+        evaluation = evaluation_pb2.EvaluationJob(
+            display_name=f"{job.display_name or job.name} after training"[:200],
+            candidates=[
+                evaluation_pb2.EvaluationCandidate(name="base"),
+                evaluation_pb2.EvaluationCandidate(
+                    name="adapter", adapter=job.output_adapter_version
+                ),
+            ],
+            baseline="base",
+            dataset=dataset,
+            split=split,
+            max_items=settings.max_items,
+            sampling=inference_pb2.SamplingParams(max_tokens=settings.max_tokens),
+            graders=[evaluation_pb2.EvaluationGrader(type=name) for name in settings.graders],
+            gate=evaluation_pb2.EvaluationGate(
+                metric=settings.gate_metric, min_improvement=settings.min_improvement
+            ),
+        )
+        created = await self.call(
+            "CreateEvaluationJob",
+            evaluation_service_pb2.CreateEvaluationJobRequest(
+                evaluation_job=evaluation,
+                request_id=str(
+                    uuid.uuid5(uuid.NAMESPACE_URL, f"tunefleet:after-training:{job_id}")
+                ),
+            ),
+        )
+        return str(created.name)

@@ -1,7 +1,8 @@
 """TrainingService's scheduler: one loop per service process (run `TrainingService` with one
 replica) that launches queued jobs while the launcher has room (priority first, then creation
 order), follows launched runs (state, log lines), fails runs whose worker went silent, takes and
-releases the jobs' dataset leases on DatasetService, and, when the service starts, reconciles
+releases the jobs' dataset leases on DatasetService (after creating the evaluation of a version a
+job registered, when the service evaluates after training), and, when the service starts, reconciles
 every unfinished job with what the launcher reports: a run that ended while the service was down
 gets its final state, one still running is followed again, and a job whose launch was
 interrupted is launched with the same request, which launchers treat as idempotent."""
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tunefleet.core.errors import NotFound, TunefleetError
+from tunefleet.core.errors import NotFound, TunefleetError, Unavailable
 from tunefleet.core.tasks import cancel
 from tunefleet.runtime.settings import TrainingSettings
 from tunefleet.runtime.streams import ChangeSignal
@@ -29,6 +30,7 @@ from tunefleet.training.metrics import TrainingMetrics
 from tunefleet.training.peers import (
     AdapterServiceClient,
     DatasetServiceClient,
+    EvaluationServiceClient,
     RegistrationRefused,
     RegistryUnavailable,
 )
@@ -53,10 +55,11 @@ class Scheduler:
         signal: ChangeSignal,
         datasets: DatasetServiceClient,
         registry: AdapterServiceClient,
+        evaluations: EvaluationServiceClient,
     ) -> None:
         self.db, self.training, self.launcher, self.metrics = db, training, launcher, metrics
         self.states, self.signal = states, signal
-        self.datasets, self.registry = datasets, registry
+        self.datasets, self.registry, self.evaluations = datasets, registry, evaluations
         self.worker_endpoint = training.worker_endpoint
         self._leasing = asyncio.Lock()
         self._settling: dict[str, asyncio.Task[None]] = {}
@@ -164,7 +167,10 @@ class Scheduler:
 
     async def _release(self, row: JobRow) -> None:
         """Delete the leases of a job that ended; DatasetService not answering leaves them for
-        the next tick."""
+        the next tick. The evaluation of its version is created first (while the data is still
+        leased), and EvaluationService not answering leaves both for the next tick."""
+        if not await self._evaluate(row):
+            return
         async with self._leasing:
             for dataset in datasets_of(row.job()):
                 try:
@@ -173,6 +179,40 @@ class Scheduler:
                     log.warning("cannot release %s for %s yet: %s", dataset, row.name, error)
                     return
             await asyncio.to_thread(self._lease_state, row.id, store.LEASES_RELEASED)
+
+    async def _evaluate(self, row: JobRow) -> bool:
+        """Create the evaluation of the version a succeeded SFT job registered, when the service
+        evaluates after training, and note its name on the job; False when EvaluationService
+        did not answer (try again). A refusal (a job without validation data, say) is logged and
+        the job keeps no evaluation: training succeeded either way."""
+        job = row.job()
+        if (
+            not self.training.evaluation.enabled
+            or job.state != State.STATE_SUCCEEDED
+            or not job.output_adapter_version
+            or job.evaluation_job
+            or job.objective == training_job_pb2.TRAINING_OBJECTIVE_DPO
+        ):
+            return True
+        try:
+            name = await self.evaluations.evaluate(row.id, job)
+        except Unavailable as error:
+            log.warning("cannot create the evaluation of %s yet: %s", job.name, error)
+            return False
+        except TunefleetError as error:
+            log.warning("EvaluationService refused to evaluate %s: %s", job.name, error)
+            return True
+        await asyncio.to_thread(self._note_evaluation, row.id, name)
+        log.info("%s: %s evaluates %s", job.name, name, job.output_adapter_version)
+        return True
+
+    def _note_evaluation(self, job_id: str, name: str) -> None:
+        with self.db.session() as session:
+            row = store.get(session, job_id, for_update=True)
+            job = row.job()
+            job.evaluation_job = name
+            row.store(job)
+        self.signal.notify()
 
     def _row(self, job_id: str) -> JobRow:
         with self.db.read() as session:

@@ -217,8 +217,10 @@ class EvaluationGrader(_message.Message):
     score_max: _builtins.float
     """`score_model`: the highest score of the rubric (default 10)."""
     normalise: _builtins.bool
-    """`exact_match`: compare after SQuAD's normalisation (lower case; punctuation, articles and
-    extra spaces dropped), as the bundled general suite is graded.
+    """`exact_match` and `string_check` (eq, ne, like, ilike): compare after SQuAD's
+    normalisation (lower case; punctuation, articles and extra spaces dropped); `like` then
+    matches whole words ("3" is not in "13"). The bundled general suite is graded with
+    `string_check` `like` normalised: small models answer in sentences.
     """
     @_builtins.property
     def judge(self) -> Global___EvaluationCandidate:

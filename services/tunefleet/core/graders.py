@@ -58,10 +58,37 @@ _OPERATIONS: dict[str, Callable[[str, str], bool]] = {
 }
 
 
-def string_check(operation: str, value: str = "") -> Callable[[str, Item], float]:
+def _words_in(output: str, reference: str) -> bool:
+    """Whether the reference's words appear together, in order, among the output's words."""
+    return f" {reference} " in f" {output} "
+
+
+_NORMALISED: dict[str, Callable[[str, str], bool]] = {
+    "eq": lambda output, reference: output == reference,
+    "ne": lambda output, reference: output != reference,
+    "like": _words_in,
+    "ilike": _words_in,
+}
+
+
+def string_check(
+    operation: str, value: str = "", normalise: bool = False
+) -> Callable[[str, Item], float]:
     """OpenAI's string check: `eq`, `ne`, `like` (contains), `ilike` (contains, any case), and
     `regex` (a Python regular expression that must match somewhere); compared with `value`, or
-    with the item's reference when `value` is empty."""
+    with the item's reference when `value` is empty. With `normalise`, both sides are
+    normalised as SQuAD does first, and `like` matches whole words only ("3" is not in "13"):
+    the grading of a model that answers in sentences ("The capital of France is Paris.")."""
+    if normalise:
+        if operation not in _NORMALISED:
+            raise ValueError(f"string_check {operation!r} cannot normalise (eq, ne, like, ilike)")
+        normalised = _NORMALISED[operation]
+
+        def compare_normalised(output: str, item: Item) -> float:
+            reference = normalise_answer(value or item.reference)
+            return float(normalised(normalise_answer(output), reference))
+
+        return compare_normalised
     if operation == "regex":
         pattern = re.compile(value) if value else None
 
@@ -168,7 +195,7 @@ def _rouge_l(output: str, item: Item) -> float:
 
 def grader(kind: str, **options: Any) -> Grader:
     """A grader by its name, with its options (`exact_match`: normalise; `string_check`:
-    operation, value; `json_schema`: schema)."""
+    operation, value, normalise; `json_schema`: schema)."""
     binary: dict[str, Callable[[str, Item], float]] = {
         "exact_match": _exact_match,
         "json_valid": _json_valid,
