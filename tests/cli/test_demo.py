@@ -43,8 +43,16 @@ def check_tour(out: str) -> None:
     ]
     assert all(float(after) < float(before) for before, after, _ in losses)
     assert out.count("[SUCCEEDED]") == 2
-    # Base and adapters scored on the same held-out examples.
-    assert len(re.findall(r"exact match \d+/12", out)) == 6
+    # EvaluationService judged base, few-shot prompting and both versions on the same held-out
+    # records, twice printed (after training and in the summary): counts with 95% intervals, the
+    # paired difference from the base model with McNemar's p-value, JSON validity, the gate.
+    rows = re.findall(
+        r"^  (base|few-shot|v1|v2) +(\d+)/12 +\d+% \[\d+%, \d+%\] +(\S.*)$", out, re.MULTILINE
+    )
+    assert [name for name, _, _ in rows] == ["base", "few-shot", "v1", "v2"] * 2, out
+    assert rows[0][2].startswith("(baseline)")
+    for _, _, rest in rows[1:4]:
+        assert re.match(r"[+-]\d+% \[[+-]\d+%, [+-]\d+%\] +[\d.e-]+ +\d+% +(passed|failed)$", rest)
     # prod moved from version 1 to version 2 and the server followed it without a restart.
     assert (
         "adapters/orders@prod served adapters/orders/versions/1, now adapters/orders/versions/2"

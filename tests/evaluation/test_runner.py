@@ -21,6 +21,7 @@ from tunefleet.evaluation.runner import (
     DatasetReader,
     EvalItem,
     Generator,
+    _turns,
     run,
 )
 from tunefleet.v1 import (
@@ -234,3 +235,21 @@ async def set_alias(platform: Platform, alias: str, version: str) -> None:
     await platform.adapters.SetAdapterAlias(
         adapter_service_pb2.SetAdapterAliasRequest(name=alias, version=version)
     )
+
+
+def test_a_prompting_candidates_turns_keep_system_turns_first() -> None:
+    def chat(*turns: tuple[str, str]) -> tuple[common_pb2.ChatMessage, ...]:
+        return tuple(common_pb2.ChatMessage(role=role, content=text) for role, text in turns)
+
+    item = EvalItem(id="0", messages=chat(("system", "Reply in JSON."), ("user", "Order 2 pens")))
+    prompted = Candidate(
+        "prompted", system_prompt="Be brief.", few_shot=chat(("user", "1 cup"), ("assistant", "{}"))
+    )
+    assert [(t.role, t.content) for t in _turns(prompted, item)] == [
+        ("system", "Be brief."),
+        ("system", "Reply in JSON."),
+        ("user", "1 cup"),
+        ("assistant", "{}"),
+        ("user", "Order 2 pens"),
+    ]
+    assert _turns(Candidate("base"), item) == list(item.messages)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.trainer.conftest import ANIMALS, COLOUR_TOOL, COLOURS, LINEAR_LAYERS, tool_record
-from tests.training.conftest import Platform, colour_pairs
+from tests.training.conftest import Platform, colour_pairs, colour_records
 from tunefleet.client import AsyncClient
 from tunefleet.v1 import (
     adapter_service_pb2,
@@ -194,27 +194,26 @@ async def test_a_job_trains_registers_its_adapter_and_streams_events(
 async def test_a_registered_version_is_evaluated_against_the_base_model(
     make_platform: MakePlatform, platform_settings: dict[str, Any]
 ) -> None:
-    after = {
-        "enabled": True,
-        "max_items": 6,
-        "max_tokens": 8,
-        "graders": ["exact_match", "rouge_l"],
-    }
+    after: dict[str, Any] = {"enabled": True, "max_items": 6, "max_tokens": 8}
+    after["graders"] = ["exact_match", "rouge_l"]
     platform = await make_platform(
         training={**platform_settings["training"], "evaluation": after},
         inference={"base_model": "colours"},
     )
     dataset = await platform.upload()
+    # The regression pass reads a general-skills dataset: here a few colour records stand in.
+    suite = await platform.upload(colour_records(train=8, validation=0, seed=3))
+    platform.settings.training.evaluation.regression_dataset = suite.name  # known only now
     job = await platform.create(dataset.name)
     job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
     assert job.state == State.STATE_SUCCEEDED, job.error
-    for _ in range(600):  # named on the job once EvaluationService has created it
+    for _ in range(600):  # named on the job once EvaluationService has created them
         job = await platform.wait(job.name, "SUCCEEDED")
-        if job.evaluation_job:
+        if job.evaluation_jobs:
             break
         await asyncio.sleep(0.1)
-    assert job.evaluation_job.startswith("evaluationJobs/")
-    done = await wait_evaluation(platform, job.evaluation_job)
+    assert len(job.evaluation_jobs) == 2, job.evaluation_jobs
+    done = await wait_evaluation(platform, job.evaluation_jobs[0])
     assert done.state == EvaluationState.STATE_SUCCEEDED, done.error_message
     assert (done.dataset, done.split) == (dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION)
     assert [(c.name, c.adapter_version) for c in done.candidates] == [
@@ -235,6 +234,16 @@ async def test_a_registered_version_is_evaluated_against_the_base_model(
         answers.setdefault(result.candidate, {})[result.index] = result.output
     assert len(answers["base"]) == len(answers["adapter"]) == 6
     assert answers["base"] != answers["adapter"], answers
+
+    # The regression pass: whole-word answers and KL from the base model on the suite.
+    regression = await wait_evaluation(platform, job.evaluation_jobs[1])
+    assert regression.state == EvaluationState.STATE_SUCCEEDED, regression.error_message
+    assert (regression.dataset, regression.split) == (suite.name, dataset_pb2.DATASET_SPLIT_TRAIN)
+    kept = {r.candidate: {s.grader: s for s in r.scores} for r in regression.results}
+    assert set(kept["adapter"]) == {"general", "kl_from_base"}
+    general = kept["adapter"]["general"]
+    assert general.count == suite.train_record_count > 0 and general.errors == 0
+    assert kept["adapter"]["kl_from_base"].mean > 0 and kept["base"]["kl_from_base"].mean == 0
 
 
 async def wait_evaluation(platform: Platform, name: str) -> Any:

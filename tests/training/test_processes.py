@@ -214,7 +214,7 @@ def test_a_job_trains_registers_is_served_and_evaluated_across_processes(
 
     # The evaluation TrainingService created on the evaluation Service: base against version.
     deadline = time.monotonic() + 120
-    while not (job := cluster.job(name)).evaluation_job:
+    while not (job := cluster.job(name)).evaluation_jobs:
         assert time.monotonic() < deadline, "no evaluation was created"
         time.sleep(0.2)
     evaluations = evaluation_service_pb2_grpc.EvaluationServiceStub(cluster.channels["evaluation"])
@@ -222,7 +222,7 @@ def test_a_job_trains_registers_is_served_and_evaluated_across_processes(
     deadline = time.monotonic() + 300
     while (
         evaluation := evaluations.GetEvaluationJob(
-            evaluation_service_pb2.GetEvaluationJobRequest(name=job.evaluation_job), timeout=30
+            evaluation_service_pb2.GetEvaluationJobRequest(name=job.evaluation_jobs[0]), timeout=30
         )
     ).state not in ended:
         assert time.monotonic() < deadline, evaluation

@@ -2,15 +2,15 @@
 
 It starts the embedded server, ingests the bundled order-extraction sample, fine-tunes
 SmolLM2-135M-Instruct with LoRA (a tiny random model with `--quick`), shows the loss live,
-evaluates base against fine-tuned on held-out examples through InferenceService, registers the
-adapter and points `prod` at it, answers one prompt with base and adapter, trains a second
-version, moves `prod` to it and shows the served version change without a restart, records
-feedback, and prints the per-adapter metrics.
+registers the adapter and points `prod` at it, answers one prompt with base and adapter, trains
+a second version, evaluates the base model, a few-shot prompting baseline and both versions with
+EvaluationService (exact match with 95% intervals, paired differences from the base model with
+McNemar's p-value, a gate), moves `prod` to version 2 and shows the served version change without
+a restart, records feedback, and prints the per-adapter metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 import urllib.request
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.client import AsyncClient, Client, Options
+from tunefleet.client import Client
 from tunefleet.demo import models, task
 from tunefleet.demo.server import LocalServer
-from tunefleet.v1 import dataset_pb2, training_job_pb2
+from tunefleet.v1 import dataset_pb2, evaluation_pb2, training_job_pb2
 
 ADAPTER = "adapters/orders"
 PROD = f"{ADAPTER}@prod"
@@ -37,6 +37,7 @@ class Plan:
     first: dict[str, Any]  # hyperparameters of version 1
     second: dict[str, Any]  # hyperparameters of version 2
     lora_rank: int
+    few_shot: int  # worked examples the prompting baseline is shown
     must_improve: bool  # a real instruct model must beat its base; a random one need not
 
 
@@ -48,6 +49,7 @@ FULL = Plan(
     first={"learningRate": 1e-3, "maxSteps": 10, "microBatchSize": 8, "evalEverySteps": 5},
     second={"learningRate": 1e-3, "epochs": 1, "microBatchSize": 8, "evalEverySteps": 8},
     lora_rank=16,
+    few_shot=3,
     must_improve=True,
 )
 QUICK = Plan(
@@ -57,6 +59,7 @@ QUICK = Plan(
     first={"learningRate": 1e-2, "maxSteps": 15, "microBatchSize": 16, "evalEverySteps": 5},
     second={"learningRate": 1e-2, "maxSteps": 40, "microBatchSize": 16, "evalEverySteps": 10},
     lora_rank=16,
+    few_shot=1,  # the tiny model's context is 256 tokens
     must_improve=False,
 )
 
@@ -118,15 +121,12 @@ def ingest(client: Client, plan: Plan) -> dataset_pb2.Dataset:
     return dataset
 
 
-def held_out(client: Client, dataset: str, count: int) -> list[tuple[list[dict[str, str]], str]]:
-    """(prompt turns, expected answer) of validation records the training never sees."""
-    examples = []
-    for record in client.datasets.preview(
-        dataset, split=dataset_pb2.DATASET_SPLIT_VALIDATION, limit=count
-    ):
-        turns = [{"role": m.role, "content": m.content} for m in record.messages]
-        examples.append((turns[:-1], turns[-1]["content"]))
-    return examples
+def held_out_prompt(client: Client, dataset: str) -> list[dict[str, str]]:
+    """The turns of a validation record (one the training never sees) before its answer."""
+    (record,) = client.datasets.preview(
+        dataset, split=dataset_pb2.DATASET_SPLIT_VALIDATION, limit=1
+    )
+    return [{"role": m.role, "content": m.content} for m in record.messages][:-1]
 
 
 def train(client: Client, plan: Plan, dataset: str, hyperparameters: dict[str, Any]) -> str:
@@ -171,28 +171,78 @@ def train(client: Client, plan: Plan, dataset: str, hyperparameters: dict[str, A
     return job.output_adapter_version
 
 
-async def score(target: str, adapter: str, examples: list[Any], max_tokens: int) -> task.Score:
-    """The task metric of `adapter` (or the base model) on the held-out examples, all requests
-    at once so that the server batches them (on CPU a batch takes longer than the default
-    30 s deadline would allow)."""
-    async with AsyncClient(target, options=Options(timeout=600)) as client:
-        answers = await asyncio.gather(
-            *(
-                client.inference.generate(messages=turns, adapter=adapter, max_tokens=max_tokens)
-                for turns, _ in examples
-            )
+def prompting_examples(client: Client, dataset: str, count: int) -> list[dict[str, str]]:
+    """The few-shot baseline's example turns: the request and answer of training records."""
+    turns = []
+    for record in client.datasets.preview(
+        dataset, split=dataset_pb2.DATASET_SPLIT_TRAIN, limit=count
+    ):
+        turns += [{"role": m.role, "content": m.content} for m in record.messages]
+    return [turn for turn in turns if turn["role"] != "system"]
+
+
+def evaluate(
+    client: Client, plan: Plan, dataset: str, versions: dict[str, str]
+) -> evaluation_pb2.EvaluationJob:
+    """One EvaluationService job: the base model (the baseline), the base model prompted with
+    worked examples from the training split, and each version, on the held-out validation
+    records; exact match (with a gate: significantly better than the base model) and JSON
+    validity."""
+    job = client.evaluations.create(
+        {
+            "displayName": "orders: base, few-shot prompting, adapters",
+            "candidates": [
+                {"name": "base"},
+                {"name": "few-shot", "fewShot": prompting_examples(client, dataset, plan.few_shot)},
+                *({"name": name, "adapter": version} for name, version in versions.items()),
+            ],
+            "baseline": "base",
+            "dataset": dataset,
+            "maxItems": plan.held_out,
+            "sampling": {"maxTokens": plan.max_tokens},
+            "graders": [{"type": "exact_match"}, {"type": "json_valid"}],
+            "gate": {"metric": "exact_match"},
+        }
+    )
+    print(f"  {job.name}: {len(job.candidates)} candidates, up to {plan.held_out} items each")
+    started, shown = time.monotonic(), [-1]
+
+    def progress(current: evaluation_pb2.EvaluationJob) -> None:
+        if current.answers_total and current.answers_done // 24 != shown[0]:
+            shown[0] = current.answers_done // 24
+            print(f"  answers {current.answers_done}/{current.answers_total}", flush=True)
+
+    done = client.evaluations.wait(job.name, on_change=progress)
+    if done.state != evaluation_pb2.EvaluationJob.STATE_SUCCEEDED:
+        raise SystemExit(f"evaluation failed: {done.error_reason}: {done.error_message}")
+    print(f"  done in {time.monotonic() - started:.0f} s")
+    return done
+
+
+def show_results(job: evaluation_pb2.EvaluationJob) -> None:
+    """The table: each candidate's exact match with its 95% interval, the paired difference
+    from the base model with its interval and McNemar's exact p-value, JSON validity, the gate."""
+    print(
+        f"  {'candidate':<10} {'exact match':<23} {'vs base (95% CI)':<24} "
+        f"{'McNemar p':>9}  {'valid JSON':<11} gate"
+    )
+    for result in job.results:
+        scores = {score.grader: score for score in result.scores}
+        exact, valid = scores["exact_match"], scores["json_valid"]
+        hits = round(exact.mean * exact.count)
+        line = f"{hits}/{exact.count} {exact.mean:4.0%} [{exact.ci_low:.0%}, {exact.ci_high:.0%}]"
+        compared, p_value = "(baseline)", ""
+        if exact.HasField("comparison"):
+            c = exact.comparison
+            compared = f"{c.difference:+.0%} [{c.ci_low:+.0%}, {c.ci_high:+.0%}]"
+            p_value = f"{c.p_value:.2g}"
+        gate = ""
+        if result.HasField("gate_passed"):
+            gate = "passed" if result.gate_passed else "failed"
+        print(
+            f"  {result.candidate:<10} {line:<23} {compared:<24} {p_value:>9}  "
+            f"{valid.mean:<11.0%} {gate}"
         )
-    result = task.Score()
-    for answer, (_, expected) in zip(answers, examples, strict=True):
-        result.add(answer.text, expected)
-    return result
-
-
-def evaluate(target: str, label: str, adapter: str, examples: list[Any], plan: Plan) -> task.Score:
-    started = time.monotonic()
-    result = asyncio.run(score(target, adapter, examples, plan.max_tokens))
-    print(f"  {label:<28} {result}  ({time.monotonic() - started:.1f} s)")
-    return result
 
 
 def ask(client: Client, turns: list[dict[str, str]], adapter: str) -> str:
@@ -239,7 +289,7 @@ def run(
         data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tunefleet-demo-"))
         server = LocalServer(data_dir, server_settings(plan, model_path))
         step(
-            f"starting `tunefleet serve` on {server.target} (all four services; data in {data_dir})"
+            f"starting `tunefleet serve` on {server.target} (all five services; data in {data_dir})"
         )
         with server:
             code = tour(server.target, server.metrics_url, plan)
@@ -251,8 +301,7 @@ def run(
 def tour(target: str, metrics_url: str, plan: Plan) -> int:
     with Client(target) as client:
         dataset = ingest(client, plan)
-        examples = held_out(client, dataset.name, plan.held_out)
-        prompt = examples[0][0]
+        prompt = held_out_prompt(client, dataset.name)
         print(f"  held-out prompt: {prompt[-1]['content']!r}")
 
         step("fine-tune version 1 (LoRA, live loss)")
@@ -260,17 +309,22 @@ def tour(target: str, metrics_url: str, plan: Plan) -> int:
         moved = client.adapters.set_alias("orders", "prod", first, reason="first version")
         print(f"  {moved.name} -> {moved.version}")
 
-        step(f"evaluate on {len(examples)} held-out examples through InferenceService")
-        base = evaluate(target, "base model", "", examples, plan)
-        tuned = evaluate(target, first, first, examples, plan)
-
         step("the same prompt, base model and adapters/orders@prod")
         ask(client, prompt, "")
         served_before = ask(client, prompt, PROD)
 
         step("fine-tune version 2 (longer)")
         second = train(client, plan, dataset.name, plan.second)
-        better = evaluate(target, second, second, examples, plan)
+
+        step(
+            f"evaluate with EvaluationService on {plan.held_out} held-out records: the base "
+            f"model, the base model shown {plan.few_shot} worked example(s), versions 1 and 2"
+        )
+        evaluation = evaluate(client, plan, dataset.name, {"v1": first, "v2": second})
+        show_results(evaluation)
+        gates = {
+            r.candidate: r.gate_passed for r in evaluation.results if r.HasField("gate_passed")
+        }
 
         step("move prod to version 2 (compare-and-set against version 1), no restart")
         moved = client.adapters.set_alias(
@@ -300,18 +354,19 @@ def tour(target: str, metrics_url: str, plan: Plan) -> int:
             step("per-adapter metrics (Prometheus)")
             show_metrics(metrics_url)
 
-        step("summary")
-        print(f"  {'base model':<28} {base}")
-        print(f"  {first:<28} {tuned}")
-        print(f"  {second:<28} {better}")
-        improved = tuned.exact_match > base.exact_match and better.exact_match > base.exact_match
-        print(f"  the fine-tuned adapters beat the base model: {'yes' if improved else 'no'}")
+        step(f"summary ({evaluation.name})")
+        show_results(evaluation)
+        improved = gates.get("v2", False)
+        print(
+            "  version 2 passed the gate (significantly better than the base model): "
+            + ("yes" if improved else "no")
+        )
         if not plan.must_improve:
             print(
                 "  (--quick: a tiny model trained for seconds; the loss falls, answers stay wrong)"
             )
         print(f"  served version after the alias move: {served_after}")
     if plan.must_improve and not improved:
-        print("  the task metric did not improve: the demo failed")
+        print("  version 2 is not significantly better than the base model: the demo failed")
         return 1
     return 0

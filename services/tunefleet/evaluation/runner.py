@@ -277,11 +277,19 @@ class Generator(Peer):
 
 
 def _turns(candidate: Candidate, item: EvalItem) -> list[common_pb2.ChatMessage]:
-    """The item's turns after the candidate's example turns and system prompt."""
-    turns = list(candidate.few_shot) + list(item.messages)
-    if candidate.system_prompt:
-        turns.insert(0, common_pb2.ChatMessage(role="system", content=candidate.system_prompt))
-    return turns
+    """The candidate's system prompt, the item's own system turns, the candidate's example
+    turns, then the rest of the item's turns (system turns stay first, where chat templates
+    expect them)."""
+    messages = list(item.messages)
+    lead = 0
+    while lead < len(messages) and messages[lead].role == "system":
+        lead += 1
+    system = (
+        [common_pb2.ChatMessage(role="system", content=candidate.system_prompt)]
+        if candidate.system_prompt
+        else []
+    )
+    return [*system, *messages[:lead], *candidate.few_shot, *messages[lead:]]
 
 
 class Models:

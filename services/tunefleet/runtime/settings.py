@@ -255,6 +255,12 @@ class AfterTrainingSettings(_Section):
     # Validation items evaluated (the first this many) and tokens per answer.
     max_items: int = Field(default=200, ge=1)
     max_tokens: int = Field(default=128, ge=1)
+    # The regression pass: a general-skills dataset (`tunefleet eval suite general --upload`
+    # makes the bundled suite one, all in its train split), `datasets/{dataset}`, on which the
+    # version is compared with the base model too: answers graded `string_check` `like`
+    # normalised (named `general`), and `kl_from_base`. Empty: no regression pass.
+    regression_dataset: str = ""
+    regression_max_tokens: int = Field(default=32, ge=1)
 
     @model_validator(mode="after")
     def _gate_graded(self) -> AfterTrainingSettings:

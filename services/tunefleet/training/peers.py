@@ -10,11 +10,18 @@ evaluates after training."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import grpc
 
-from tunefleet.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from tunefleet.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    TunefleetError,
+    Unavailable,
+)
 from tunefleet.runtime.peers import DatasetServicePeer, Peer
 from tunefleet.runtime.settings import AfterTrainingSettings
 from tunefleet.storage.blobs import BlobStore, uri_sha256
@@ -38,6 +45,7 @@ TRANSIENT = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 CALL_SECONDS = 300.0
+log = logging.getLogger(__name__)
 
 
 class RegistryUnavailable(Exception):
@@ -169,27 +177,26 @@ class EvaluationServiceClient(Peer):
         super().__init__(settings.endpoint, token)
         self.settings = settings
 
-    async def evaluate(self, job_id: str, job: training_job_pb2.TrainingJob) -> str:
-        """Create the evaluation of `job`'s version against the base model on its validation
-        data; the evaluation job's name. Idempotent: a retry returns the job created before."""
+    async def evaluate(self, job_id: str, job: training_job_pb2.TrainingJob) -> list[str]:
+        """Create the evaluations of `job`'s version against the base model: on its validation
+        data (with the gate), then on the regression dataset when one is set; their names.
+        Idempotent: a retry returns the jobs created before."""
         settings = self.settings
-        dataset = job.validation_dataset or job.train_dataset
-        split = (
-            dataset_pb2.DATASET_SPLIT_TRAIN
-            if job.validation_dataset
-            else dataset_pb2.DATASET_SPLIT_VALIDATION
-        )
-        evaluation = evaluation_pb2.EvaluationJob(
-            display_name=f"{job.display_name or job.name} after training"[:200],
-            candidates=[
-                evaluation_pb2.EvaluationCandidate(name="base"),
-                evaluation_pb2.EvaluationCandidate(
-                    name="adapter", adapter=job.output_adapter_version
-                ),
-            ],
+        candidates = [
+            evaluation_pb2.EvaluationCandidate(name="base"),
+            evaluation_pb2.EvaluationCandidate(name="adapter", adapter=job.output_adapter_version),
+        ]
+        label = job.display_name or job.name
+        task = evaluation_pb2.EvaluationJob(
+            display_name=f"{label} after training"[:200],
+            candidates=candidates,
             baseline="base",
-            dataset=dataset,
-            split=split,
+            dataset=job.validation_dataset or job.train_dataset,
+            split=(
+                dataset_pb2.DATASET_SPLIT_TRAIN
+                if job.validation_dataset
+                else dataset_pb2.DATASET_SPLIT_VALIDATION
+            ),
             max_items=settings.max_items,
             sampling=inference_pb2.SamplingParams(max_tokens=settings.max_tokens),
             graders=[evaluation_pb2.EvaluationGrader(type=name) for name in settings.graders],
@@ -197,13 +204,36 @@ class EvaluationServiceClient(Peer):
                 metric=settings.gate_metric, min_improvement=settings.min_improvement
             ),
         )
+        names = [await self._create(task, f"{job_id}:task")]
+        if settings.regression_dataset:
+            regression = evaluation_pb2.EvaluationJob(
+                display_name=f"{label}: general skills after training"[:200],
+                candidates=candidates,
+                baseline="base",
+                dataset=settings.regression_dataset,
+                split=dataset_pb2.DATASET_SPLIT_TRAIN,
+                sampling=inference_pb2.SamplingParams(max_tokens=settings.regression_max_tokens),
+                graders=[
+                    evaluation_pb2.EvaluationGrader(
+                        name="general", type="string_check", operation="like", normalise=True
+                    ),
+                    evaluation_pb2.EvaluationGrader(type="kl_from_base"),
+                ],
+            )
+            try:
+                names.append(await self._create(regression, f"{job_id}:regression"))
+            except Unavailable:
+                raise
+            except TunefleetError as error:  # the task's evaluation stands without it
+                log.warning("EvaluationService refused the regression pass of %s: %s", label, error)
+        return names
+
+    async def _create(self, evaluation: evaluation_pb2.EvaluationJob, key: str) -> str:
+        request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tunefleet:after-training:{key}"))
         created = await self.call(
             "CreateEvaluationJob",
             evaluation_service_pb2.CreateEvaluationJobRequest(
-                evaluation_job=evaluation,
-                request_id=str(
-                    uuid.uuid5(uuid.NAMESPACE_URL, f"tunefleet:after-training:{job_id}")
-                ),
+                evaluation_job=evaluation, request_id=request_id
             ),
         )
         return str(created.name)

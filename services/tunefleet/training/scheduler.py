@@ -181,8 +181,8 @@ class Scheduler:
             await asyncio.to_thread(self._lease_state, row.id, store.LEASES_RELEASED)
 
     async def _evaluate(self, row: JobRow) -> bool:
-        """Create the evaluation of the version a succeeded SFT job registered, when the service
-        evaluates after training, and note its name on the job; False when EvaluationService
+        """Create the evaluations of the version a succeeded SFT job registered, when the service
+        evaluates after training, and note their names on the job; False when EvaluationService
         did not answer (try again). A refusal (a job without validation data, say) is logged and
         the job keeps no evaluation: training succeeded either way."""
         job = row.job()
@@ -190,27 +190,27 @@ class Scheduler:
             not self.training.evaluation.enabled
             or job.state != State.STATE_SUCCEEDED
             or not job.output_adapter_version
-            or job.evaluation_job
+            or job.evaluation_jobs
             or job.objective == training_job_pb2.TRAINING_OBJECTIVE_DPO
         ):
             return True
         try:
-            name = await self.evaluations.evaluate(row.id, job)
+            names = await self.evaluations.evaluate(row.id, job)
         except Unavailable as error:
             log.warning("cannot create the evaluation of %s yet: %s", job.name, error)
             return False
         except TunefleetError as error:
             log.warning("EvaluationService refused to evaluate %s: %s", job.name, error)
             return True
-        await asyncio.to_thread(self._note_evaluation, row.id, name)
-        log.info("%s: %s evaluates %s", job.name, name, job.output_adapter_version)
+        await asyncio.to_thread(self._note_evaluations, row.id, names)
+        log.info("%s: %s evaluate %s", job.name, ", ".join(names), job.output_adapter_version)
         return True
 
-    def _note_evaluation(self, job_id: str, name: str) -> None:
+    def _note_evaluations(self, job_id: str, names: list[str]) -> None:
         with self.db.session() as session:
             row = store.get(session, job_id, for_update=True)
             job = row.job()
-            job.evaluation_job = name
+            job.evaluation_jobs[:] = names
             row.store(job)
         self.signal.notify()
 

@@ -791,7 +791,7 @@ class TrainingJob(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     DPO_FIELD_NUMBER: _builtins.int
-    EVALUATION_JOB_FIELD_NUMBER: _builtins.int
+    EVALUATION_JOBS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `trainingJobs/{job}`."""
     display_name: _builtins.str
@@ -818,12 +818,6 @@ class TrainingJob(_message.Message):
     """Output only. The launcher's id for the run: a process id or a Kubernetes Job name."""
     objective: Global___TrainingObjective.ValueType
     """Optional. What to optimise; default SFT, reported back resolved."""
-    evaluation_job: _builtins.str
-    """Output only. The evaluation TrainingService created for the registered version when the
-    service evaluates after training (`training.evaluation.enabled`), `evaluationJobs/{job}`:
-    the version against the base model on the job's validation data. Set shortly after the job
-    succeeds; empty when the service does not evaluate or EvaluationService refused the job.
-    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Labels for filtering."""
@@ -876,6 +870,16 @@ class TrainingJob(_message.Message):
     def dpo(self) -> Global___DpoConfig:
         """Optional. DPO's settings, when the objective is DPO; defaults reported back."""
 
+    @_builtins.property
+    def evaluation_jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The evaluations TrainingService created for the registered version when the
+        service evaluates after training (`training.evaluation.enabled`), `evaluationJobs/{job}`:
+        first the version against the base model on the job's validation data (with the gate), then,
+        when `training.evaluation.regression_dataset` names one, against the base model on that
+        general-skills suite with KL from the base model. Set shortly after the job succeeds; empty
+        when the service does not evaluate or EvaluationService refused.
+        """
+
     def __init__(
         self,
         *,
@@ -905,11 +909,11 @@ class TrainingJob(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         objective: Global___TrainingObjective.ValueType = ...,
         dpo: Global___DpoConfig | None = ...,
-        evaluation_job: _builtins.str = ...,
+        evaluation_jobs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "latest_progress", b"latest_progress", "lora", b"lora", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "evaluation_job", b"evaluation_job", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "objective", b"objective", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "evaluation_jobs", b"evaluation_jobs", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "objective", b"objective", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
