@@ -407,7 +407,7 @@ def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> No
         "exact_match", "--gate", "exact_match", "--wait", code=3,
     )  # fmt: skip
     assert "gate again: FAILED" in gated.stdout
-    assert "no significant difference than the baseline" in gated.stdout
+    assert "no significant difference from the baseline" in gated.stdout
     ended = tunefleet(platform, "eval", "cancel", name, code=1)
     assert "FAILED_PRECONDITION" in ended.stderr
     bad = tunefleet(

@@ -70,7 +70,7 @@ def test_the_gate_passes_a_significantly_better_candidate_and_names_what_fails()
     gate = Gate("exact_match", min_improvement=0.1, suites=("general",))
     assert judge_gate(gate, summary["good"]).passed
     zero = judge_gate(gate, summary["zero"])
-    assert not zero.passed and "no significant difference than the baseline" in zero.reasons[0]
+    assert not zero.passed and "no significant difference from the baseline" in zero.reasons[0]
     overfit = judge_gate(gate, summary["overfit"])
     assert not overfit.passed and overfit.reasons == ["regressions on general (at most 0 allowed)"]
     strict = judge_gate(Gate("exact_match", min_improvement=0.6), summary["good"])

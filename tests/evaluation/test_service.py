@@ -345,6 +345,26 @@ async def test_an_adapter_that_cannot_answer_fails_the_job_with_the_reason(
     )
 
 
+async def test_a_merged_full_model_is_refused_as_a_candidate_naming_why(
+    make_platform: MakePlatform, chat_model: Path
+) -> None:
+    # A full model (what MergeAdapterVersion registers) is served as a base model of its own,
+    # not by this InferenceService: the job fails loud, never with the base model's answers.
+    platform = await make_platform(inference={"base_model": "colours"})
+    dataset = await platform.upload()
+    merged = await upload_version(platform, "merged", chat_model)
+    requested = job(
+        dataset.name,
+        evaluation_pb2.EvaluationCandidate(name="base"),
+        evaluation_pb2.EvaluationCandidate(name="merged", adapter=merged),
+    )
+    created = await create(platform, requested)
+    failed = await wait(platform, created.name, State.STATE_FAILED, State.STATE_SUCCEEDED)
+    assert failed.state == State.STATE_FAILED and failed.error_reason == "TOO_MANY_FAULTS"
+    assert "of merged: FAILED_PRECONDITION" in failed.error_message
+    assert "is a full model" in failed.error_message
+
+
 async def test_a_dataset_without_reference_answers_fails_the_job(
     make_platform: MakePlatform,
 ) -> None:

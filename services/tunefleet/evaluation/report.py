@@ -200,8 +200,9 @@ def judge_gate(gate: Gate, summary: Mapping[str, GraderSummary]) -> GateVerdict:
     comparison = found.comparison
     needed = 0
     if comparison.verdict != "better":
+        relation = "than" if comparison.verdict == "worse" else "from"
         reasons.append(
-            f"{gate.metric}: {comparison.verdict} than the baseline "
+            f"{gate.metric}: {comparison.verdict} {relation} the baseline "
             f"({comparison.difference:+.3f}, 95% CI {comparison.low:+.3f} to "
             f"{comparison.high:+.3f}, p={comparison.p_value:.3g})"
         )
