@@ -16,6 +16,7 @@ from tests.evaluation.openai_stub import openai_stub
 from tests.evaluation.test_runner import set_alias, untrained_lora, upload_version
 from tests.helpers import error_info
 from tests.training.conftest import Platform
+from tunefleet.client import AsyncClient
 from tunefleet.evaluation.runner import DatasetReader
 from tunefleet.v1 import (
     dataset_pb2,
@@ -233,6 +234,26 @@ async def test_bad_jobs_are_refused_naming_the_field(
         evaluation_service_pb2.ListEvaluationJobsRequest()
     )
     assert not listed.evaluation_jobs
+
+
+async def test_an_empty_split_is_refused_when_the_job_is_created(
+    make_platform: MakePlatform,
+) -> None:
+    platform = await make_platform()
+    assert platform.server is not None
+    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
+        unsplit = await client.datasets.upload(
+            repeat_records(8), display_name="unsplit", options={"validationFraction": 0}
+        )
+    assert unsplit.validation_record_count == 0 < unsplit.train_record_count
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await create(platform, job(unsplit.name))  # the validation split, by default
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == (
+        f"evaluation_job.split: {unsplit.name} has no records in its validation split"
+    )
+    train = await create(platform, job(unsplit.name, split=dataset_pb2.DATASET_SPLIT_TRAIN))
+    assert train.name.startswith("evaluationJobs/")  # the train split has records
 
 
 def repeat_records(count: int) -> bytes:

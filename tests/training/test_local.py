@@ -15,6 +15,7 @@ import pytest
 
 from tests.trainer.conftest import ANIMALS, COLOUR_TOOL, COLOURS, LINEAR_LAYERS, tool_record
 from tests.training.conftest import Platform, colour_pairs, colour_records
+from tests.training.test_leases import lease_of, leases, wait_for_leases
 from tunefleet.client import AsyncClient
 from tunefleet.v1 import (
     adapter_service_pb2,
@@ -244,6 +245,51 @@ async def test_a_registered_version_is_evaluated_against_the_base_model(
     general = kept["adapter"]["general"]
     assert general.count == suite.train_record_count > 0 and general.errors == 0
     assert kept["adapter"]["kl_from_base"].mean > 0 and kept["base"]["kl_from_base"].mean == 0
+
+
+async def test_an_evaluation_service_that_does_not_answer_keeps_the_data_leased(
+    make_platform: MakePlatform, platform_settings: dict[str, Any]
+) -> None:
+    # Nothing listens where EvaluationService should be: the job still succeeds, and its data
+    # stays leased while the evaluation waits for the next try (nothing is lost).
+    after = {"enabled": True, "endpoint": "127.0.0.1:1", "max_items": 6, "max_tokens": 8}
+    platform = await make_platform(
+        training={**platform_settings["training"], "evaluation": after},
+        inference={"base_model": "colours"},
+    )
+    dataset = await platform.upload()
+    job = await platform.create(dataset.name)
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    for _ in range(20):  # ticks of the scheduler (poll_seconds 0.1): still held, still waiting
+        assert await leases(platform, dataset.name) == lease_of(job.name, dataset.name)
+        await asyncio.sleep(0.1)
+    assert not (await platform.wait(job.name, "SUCCEEDED")).evaluation_jobs
+
+
+async def test_an_evaluation_refused_leaves_the_job_succeeded_and_releases_its_data(
+    make_platform: MakePlatform, platform_settings: dict[str, Any]
+) -> None:
+    # Data without validation records: EvaluationService refuses the evaluation (no items); the
+    # training job stays SUCCEEDED, its leases go, and no evaluation is named.
+    after = {"enabled": True, "max_items": 6, "max_tokens": 8}
+    platform = await make_platform(
+        training={**platform_settings["training"], "evaluation": after},
+        inference={"base_model": "colours"},
+    )
+    assert platform.server is not None
+    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
+        unsplit = await client.datasets.upload(
+            colour_records(train=40, validation=0),
+            display_name="unsplit",
+            options={"validationFraction": 0, "removeNearDuplicates": False},
+        )
+    assert unsplit.validation_record_count == 0
+    job = await platform.create(unsplit.name)
+    job = await platform.wait(job.name, "SUCCEEDED", "FAILED", within=600)
+    assert job.state == State.STATE_SUCCEEDED, job.error
+    await wait_for_leases(platform, unsplit.name, {})
+    assert not (await platform.wait(job.name, "SUCCEEDED")).evaluation_jobs
 
 
 async def wait_evaluation(platform: Platform, name: str) -> Any:

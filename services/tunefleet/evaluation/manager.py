@@ -310,7 +310,18 @@ class EvaluationManager:
         for candidate in job.candidates:
             candidate.ClearField("adapter_version")  # output only
         check(job, self.settings.secrets_dir)
-        await self.datasets.dataset(job.dataset, f"{FIELD}.dataset")
+        dataset = await self.datasets.dataset(job.dataset, f"{FIELD}.dataset")
+        split = job.split  # check() made an unset split VALIDATION
+        records = (
+            dataset.train_record_count
+            if split == dataset_pb2.DATASET_SPLIT_TRAIN
+            else dataset.validation_record_count
+        )
+        if records == 0:
+            side = dataset_pb2.DatasetSplit.Name(split).removeprefix("DATASET_SPLIT_").lower()
+            raise InvalidArgument(
+                f"{FIELD}.split", f"{job.dataset} has no records in its {side} split"
+            )
         if validate_only:
             job.state = State.STATE_QUEUED
             return job
