@@ -91,3 +91,14 @@ def test_a_server_other_machines_reach_needs_tokens_or_says_it_runs_open(
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
 def test_the_loopback_serves_without_tokens(host: str) -> None:
     assert not load_settings(server={"host": host}).server.auth.enabled
+
+
+def test_the_evaluation_after_training_names_graders_it_knows_and_gates_on_one() -> None:
+    with pytest.raises(SettingsError, match=r"training\.evaluation\.graders\.0 .*'exact_match'"):
+        load_settings(training={"evaluation": {"graders": ["exact"]}})
+    with pytest.raises(SettingsError, match="gate_metric 'exact_match' is not one of graders"):
+        load_settings(training={"evaluation": {"graders": ["rouge_l"]}})
+    after = load_settings(
+        training={"evaluation": {"graders": ["rouge_l"], "gate_metric": "rouge_l"}}
+    ).training.evaluation
+    assert not after.enabled and after.graders == ["rouge_l"]

@@ -245,9 +245,20 @@ class AfterTrainingSettings(_Section):
     # gRPC address of the EvaluationService; empty: this server's own address (the embedded
     # shape).
     endpoint: str = ""
-    # Graders by name (those with no options: exact_match, json_valid, token_f1, bleu, chrf,
-    # rouge_l, perplexity, kl_from_base).
-    graders: list[str] = ["exact_match", "token_f1"]
+    # Graders by name (those that take no options).
+    graders: list[
+        Literal[
+            "exact_match",
+            "json_valid",
+            "token_f1",
+            "bleu",
+            "chrf",
+            "rouge_l",
+            "classification",
+            "perplexity",
+            "kl_from_base",
+        ]
+    ] = ["exact_match", "token_f1"]
     # The gate: the version must be significantly better than the base model on this grader
     # (one of `graders`), by at least `min_improvement`.
     gate_metric: str = "exact_match"
