@@ -39,6 +39,8 @@ def test_normalised_string_checks_match_whole_words() -> None:
     assert like("Paris", "the Paris") == 1.0  # articles go on both sides
     assert score("string_check", "The PARIS", "paris", operation="eq", normalise=True) == 1.0
     assert score("string_check", "Rome", "paris", operation="ne", normalise=True) == 1.0
+    with pytest.raises(GraderError, match="no words once normalised"):
+        like("anything", "The.")
     with pytest.raises(ValueError, match="cannot normalise"):
         grader("string_check", operation="regex", value="x", normalise=True)
 

@@ -86,6 +86,8 @@ def string_check(
 
         def compare_normalised(output: str, item: Item) -> float:
             reference = normalise_answer(value or item.reference)
+            if not reference and normalised is _words_in:
+                raise GraderError("the reference has no words once normalised")  # all would match
             return float(normalised(normalise_answer(output), reference))
 
         return compare_normalised
