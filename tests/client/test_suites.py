@@ -70,14 +70,19 @@ def test_the_answers_are_right() -> None:
     assert checked == 200  # every question but the 100 of knowledge, which are facts
 
 
-def test_every_answer_passes_the_normalised_grader_and_distinguishes() -> None:
+def test_every_answer_passes_the_normalised_graders_and_distinguishes() -> None:
     exact = grader("exact_match", normalise=True)
+    words = grader("string_check", operation="like", normalise=True)
     for record in general():
         answer = record["messages"][1]["content"]
         item = Item("x", answer)
         assert exact.score(answer, item) == 1.0
         assert exact.score(f" {answer.lower()}. ", item) == 1.0  # case and punctuation
         assert exact.score("I do not know", item) == 0.0
+        assert words.score(f"The answer is {answer}.", item) == 1.0  # said in a sentence
+        # (Not "I do not know": the word "I" is iodine's answer. Whole-word matching is lenient
+        # with one-letter answers; the comparison with a baseline on the same items is fair.)
+        assert words.score("Unknown.", item) == 0.0
 
 
 def test_the_lm_eval_task_reads_the_suite_and_grades_as_tunefleet_does(
