@@ -208,8 +208,9 @@ def evaluate(
     started, shown = time.monotonic(), [-1]
 
     def progress(current: evaluation_pb2.EvaluationJob) -> None:
-        if current.answers_total and current.answers_done // 24 != shown[0]:
-            shown[0] = current.answers_done // 24
+        """A line per candidate's worth of answers."""
+        if current.answers_total and current.answers_done // plan.held_out != shown[0]:
+            shown[0] = current.answers_done // plan.held_out
             print(f"  answers {current.answers_done}/{current.answers_total}", flush=True)
 
     done = client.evaluations.wait(job.name, on_change=progress)
