@@ -84,7 +84,7 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 # Test files run in this many processes (pytest-xdist), each file whole in one of them.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the main part, then one at a time the tests that measure memory or latency (markers large, alone), then the vLLM engine's tests in .venv-vllm; all parts run, then all results
+test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the main part, then one at a time the heavy tests (SmolLM2 end to end) and those that measure memory or latency (markers large, alone), then the vLLM engine's tests in .venv-vllm; all parts run, then all results
 	@main=0; alone=0; vllm=0; \
 	$(BIN)/python -m pytest -m "not vllm and not large and not alone" --durations=15 -n $(TEST_WORKERS) --dist loadfile || main=$$?; \
 	$(BIN)/python -m pytest -m "large or alone" --durations=5 || alone=$$?; \
