@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tunefleet.core.graders import GraderError, Item, grader, macro_f1
+from tunefleet.core.graders import BY_NAME, GraderError, Item, grader, macro_f1
+from tunefleet.evaluation.manager import build_graders
+from tunefleet.v1 import evaluation_pb2
 
 
 def score(kind: str, output: str, reference: str = "", **options: object) -> float:
@@ -124,3 +126,12 @@ def test_binary_and_continuous_graders_are_told_apart() -> None:
     assert not grader("bleu").binary and not grader("token_f1").binary
     with pytest.raises(ValueError, match="unknown grader 'meteor'"):
         grader("meteor")
+
+
+def test_every_grader_named_alone_is_one_a_job_can_use() -> None:
+    # Settings (training.evaluation.graders) and `tunefleet eval create --grader` accept these.
+    job = evaluation_pb2.EvaluationJob(
+        candidates=[evaluation_pb2.EvaluationCandidate(name="base")],
+        graders=[evaluation_pb2.EvaluationGrader(type=name) for name in BY_NAME],
+    )
+    assert [built.name for built in build_graders(job)] == list(BY_NAME)

@@ -27,20 +27,10 @@ from tunefleet.cli.output import (
     when,
 )
 from tunefleet.client import Client
+from tunefleet.core.graders import BY_NAME as GRADER_NAMES
 from tunefleet.v1 import evaluation_pb2
 
 EvaluationJob = evaluation_pb2.EvaluationJob
-SIMPLE_GRADERS = [
-    "exact_match",
-    "json_valid",
-    "token_f1",
-    "bleu",
-    "chrf",
-    "rouge_l",
-    "classification",
-    "perplexity",
-    "kl_from_base",
-]
 
 
 def state(value: int) -> str:
@@ -88,7 +78,7 @@ def evaluations() -> None:
     "--grader",
     "graders",
     multiple=True,
-    type=click.Choice(SIMPLE_GRADERS),
+    type=click.Choice(GRADER_NAMES),
     help="A grader, repeatable (judges, string checks and JSON schemas: --from-file).",
 )
 @click.option(
@@ -183,9 +173,8 @@ def create(
         job["graders"].append({"type": "string_check", "operation": "like"})
     if normalise:
         for grader in job["graders"]:
-            if grader.get("type") in ("exact_match", "string_check") and grader.get(
-                "operation", "like"
-            ) in ("eq", "ne", "like", "ilike"):
+            kind, operation = grader.get("type"), grader.get("operation")
+            if kind == "exact_match" or (kind == "string_check" and operation != "regex"):
                 grader["normalise"] = True
     if split is not None:
         job["split"] = f"DATASET_SPLIT_{split.upper()}"

@@ -19,6 +19,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# The graders a job can name by type alone, without options (`perplexity` and `kl_from_base` are
+# evaluation/likelihood.py's): what settings and the command line accept by name.
+BY_NAME = (
+    "exact_match",
+    "json_valid",
+    "token_f1",
+    "bleu",
+    "chrf",
+    "rouge_l",
+    "classification",
+    "perplexity",
+    "kl_from_base",
+)
+
 
 class GraderError(Exception):
     """An item the grader could not grade (not a wrong answer: a fault to count)."""
@@ -63,12 +77,7 @@ def _words_in(output: str, reference: str) -> bool:
     return f" {reference} " in f" {output} "
 
 
-_NORMALISED: dict[str, Callable[[str, str], bool]] = {
-    "eq": lambda output, reference: output == reference,
-    "ne": lambda output, reference: output != reference,
-    "like": _words_in,
-    "ilike": _words_in,
-}
+_NORMALISED = {**_OPERATIONS, "like": _words_in, "ilike": _words_in}  # case is gone already
 
 
 def string_check(

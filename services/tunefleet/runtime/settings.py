@@ -27,6 +27,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from tunefleet.core.graders import BY_NAME as GRADER_NAMES
+
 ENV_PREFIX = "TUNEFLEET_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -236,6 +238,15 @@ class KubernetesSettings(_Section):
     memory_bytes: int = Field(default=64 * GiB, ge=256 * MiB)
 
 
+def _grader_name(value: str) -> str:
+    if value not in GRADER_NAMES:
+        raise ValueError(f"must be one of {', '.join(map(repr, GRADER_NAMES))}")
+    return value
+
+
+GraderName = Annotated[str, AfterValidator(_grader_name)]
+
+
 class AfterTrainingSettings(_Section):
     """An evaluation TrainingService creates on EvaluationService for every version a training
     job registers: the version against the base model (the baseline) on the job's validation
@@ -246,19 +257,7 @@ class AfterTrainingSettings(_Section):
     # shape).
     endpoint: str = ""
     # Graders by name (those that take no options).
-    graders: list[
-        Literal[
-            "exact_match",
-            "json_valid",
-            "token_f1",
-            "bleu",
-            "chrf",
-            "rouge_l",
-            "classification",
-            "perplexity",
-            "kl_from_base",
-        ]
-    ] = ["exact_match", "token_f1"]
+    graders: list[GraderName] = ["exact_match", "token_f1"]
     # The gate: the version must be significantly better than the base model on this grader
     # (one of `graders`), by at least `min_improvement`.
     gate_metric: str = "exact_match"
