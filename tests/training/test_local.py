@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.evaluation.test_service import wait
 from tests.trainer.conftest import ANIMALS, COLOUR_TOOL, COLOURS, LINEAR_LAYERS, tool_record
 from tests.training.conftest import Platform, colour_pairs, colour_records
 from tests.training.test_leases import lease_of, leases, wait_for_leases
@@ -31,6 +32,7 @@ from tunefleet.v1 import (
 
 State = training_job_pb2.TrainingJob.State
 EvaluationState = evaluation_pb2.EvaluationJob.State
+ENDED = (EvaluationState.STATE_SUCCEEDED, EvaluationState.STATE_FAILED)
 BETTER = evaluation_pb2.EVALUATION_VERDICT_BETTER
 MakePlatform = Any
 pytestmark = pytest.mark.timeout(300)
@@ -214,7 +216,7 @@ async def test_a_registered_version_is_evaluated_against_the_base_model(
             break
         await asyncio.sleep(0.1)
     assert len(job.evaluation_jobs) == 2, job.evaluation_jobs
-    done = await wait_evaluation(platform, job.evaluation_jobs[0])
+    done = await wait(platform, job.evaluation_jobs[0], *ENDED)
     assert done.state == EvaluationState.STATE_SUCCEEDED, done.error_message
     assert (done.dataset, done.split) == (dataset.name, dataset_pb2.DATASET_SPLIT_VALIDATION)
     assert [(c.name, c.adapter_version) for c in done.candidates] == [
@@ -237,7 +239,7 @@ async def test_a_registered_version_is_evaluated_against_the_base_model(
     assert answers["base"] != answers["adapter"], answers
 
     # The regression pass: whole-word answers and KL from the base model on the suite.
-    regression = await wait_evaluation(platform, job.evaluation_jobs[1])
+    regression = await wait(platform, job.evaluation_jobs[1], *ENDED)
     assert regression.state == EvaluationState.STATE_SUCCEEDED, regression.error_message
     assert (regression.dataset, regression.split) == (suite.name, dataset_pb2.DATASET_SPLIT_TRAIN)
     kept = {r.candidate: {s.grader: s for s in r.scores} for r in regression.results}
@@ -290,18 +292,6 @@ async def test_an_evaluation_refused_leaves_the_job_succeeded_and_releases_its_d
     assert job.state == State.STATE_SUCCEEDED, job.error
     await wait_for_leases(platform, unsplit.name, {})
     assert not (await platform.wait(job.name, "SUCCEEDED")).evaluation_jobs
-
-
-async def wait_evaluation(platform: Platform, name: str) -> Any:
-    ended = {EvaluationState.STATE_SUCCEEDED, EvaluationState.STATE_FAILED}
-    for _ in range(3000):
-        found = await platform.evaluation.GetEvaluationJob(
-            evaluation_service_pb2.GetEvaluationJobRequest(name=name)
-        )
-        if found.state in ended:
-            return found
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{name} did not end: {found}")
 
 
 async def test_a_dpo_job_on_uploaded_pairs_raises_reward_accuracy(
