@@ -185,6 +185,8 @@ def ENDPOINT(**fields: str) -> evaluation_pb2.OpenAIEndpoint:
          "evaluation_job.graders[0].operation"),
         ({"graders": [GRADER(type="string_check", operation="regex", value="([")]},
          "evaluation_job.graders[0].value"),
+        ({"graders": [GRADER(type="string_check", operation="regex", value="x", normalise=True)]},
+         "evaluation_job.graders[0].operation"),
         ({"graders": [GRADER(type="json_schema", json_schema="{")]},
          "evaluation_job.graders[0].json_schema"),
         ({"graders": [GRADER(type="json_schema", json_schema='{"type": 5}')]},
