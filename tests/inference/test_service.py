@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from tests.conftest import StartServer
 from tests.helpers import error_info
@@ -164,10 +165,102 @@ async def test_scored_completions_equal_plain_peft_while_others_generate(
     assert len({tuple(round(v, 3) for v in r.token_logprobs) for r in found[: len(cases)]}) == 5
 
 
+async def test_a_prompt_given_as_token_ids_generates_as_its_text(
+    serving: Serving, served: Served
+) -> None:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(served.model))(
+        PROMPTS[0], add_special_tokens=False
+    ).input_ids
+    sampling = inference_pb2.SamplingParams(max_tokens=MAX_TOKENS)
+    by_text = await serving.inference.Generate(
+        inference_service_pb2.GenerateRequest(prompt=PROMPTS[0], sampling=sampling)
+    )
+    by_ids = await serving.inference.Generate(
+        inference_service_pb2.GenerateRequest(
+            prompt_token_ids=inference_pb2.TokenIds(ids=ids), sampling=sampling
+        )
+    )
+    assert list(by_ids.token_ids) == list(by_text.token_ids) == reference(
+        served, None, PROMPTS[0], MAX_TOKENS
+    )
+    assert by_ids.usage.prompt_tokens == len(ids)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await serving.inference.Generate(
+            inference_service_pb2.GenerateRequest(
+                prompt_token_ids=inference_pb2.TokenIds(ids=[1, -4]), sampling=sampling
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith("prompt_token_ids.ids[1]")
+
+
+async def test_input_tokens_and_top_logprobs_equal_plain_peft(
+    serving: Serving, served: Served
+) -> None:
+    """OpenAI's `echo` with `logprobs`: an input given as token ids is scored from its second
+    token on, each token with the likeliest tokens in its place, as plain PEFT computes them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    version = await serving.register("alpha", served.adapters["alpha"])
+    tokenizer = AutoTokenizer.from_pretrained(str(served.model))
+    ids = tokenizer(PROMPTS[1] + COMPLETION, add_special_tokens=False).input_ids
+    response = await serving.inference.ScoreCompletion(
+        inference_service_pb2.ScoreCompletionRequest(
+            adapter=version,
+            prompt_token_ids=inference_pb2.TokenIds(ids=ids),
+            top_logprobs=3,
+            score_input=True,
+        )
+    )
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(served.model)), str(served.adapters["alpha"])
+    ).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    assert [t.token_id for t in response.input_tokens] == ids
+    assert not response.tokens and not response.token_ids and response.prompt_tokens == len(ids)
+    first, *rest = response.input_tokens
+    assert not first.HasField("logprob") and not first.top_logprobs
+    assert first.text == tokenizer.decode([ids[0]])
+    for position, token in enumerate(rest, start=1):
+        assert token.logprob == pytest.approx(
+            float(logprobs[position - 1, ids[position]]), abs=1e-4
+        )
+        best = torch.topk(logprobs[position - 1], 3)
+        assert [t.token_id for t in token.top_logprobs] == best.indices.tolist()
+        assert [t.logprob for t in token.top_logprobs] == pytest.approx(
+            best.values.tolist(), abs=1e-4
+        )
+        assert [t.text for t in token.top_logprobs] == [
+            tokenizer.decode([i]) for i in best.indices.tolist()
+        ]
+    # Scored as input and completion, the same tokens keep their log-probabilities.
+    split = await serving.inference.ScoreCompletion(
+        inference_service_pb2.ScoreCompletionRequest(
+            adapter=version,
+            prompt_token_ids=inference_pb2.TokenIds(ids=ids[:5]),
+            completion_token_ids=ids[5:],
+            score_input=True,
+        )
+    )
+    assert [t.logprob for t in split.input_tokens[1:]] + list(split.token_logprobs) == (
+        pytest.approx([t.logprob for t in rest], abs=1e-5)
+    )
+    assert [t.token_id for t in split.tokens] == ids[5:]
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
         ({"prompt": "hi"}, "completion"),
+        ({"prompt": "hi", "completion": "a", "top_logprobs": 21}, "top_logprobs"),
+        ({"prompt_token_ids": {"ids": [3, 10**6]}, "score_input": True}, "prompt_token_ids.ids[1]"),
+        ({"prompt_token_ids": {"ids": [3]}, "score_input": True}, "input"),
+        ({"prompt_token_ids": {}, "completion": "a"}, "input"),
         ({"completion": "blue"}, "input"),
         ({"prompt": "hi", "completion": "blue " * 400}, "completion"),
         ({"prompt": "hi", "completion": "a", "completion_token_ids": [5]}, "completion"),
@@ -180,7 +273,7 @@ async def test_bad_score_requests_name_the_field(
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await serving.inference.ScoreCompletion(
-            inference_service_pb2.ScoreCompletionRequest(**request_fields)
+            json_format.ParseDict(request_fields, inference_service_pb2.ScoreCompletionRequest())
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (raised.value.details() or "").startswith(field), raised.value.details()

@@ -86,7 +86,7 @@ async def test_scoring_is_refused_and_the_engine_keeps_serving(engine: Any, serv
     other releases): the engine refuses to score instead of dying or answering wrong."""
     ids = engine.tokenizer(PROMPTS[1], add_special_tokens=False).input_ids
     with pytest.raises(ScoringNotSupported, match="vllm#29955"):
-        await engine.score(ids, ids, None)
+        await engine.score(ids + ids, len(ids), None)
     outputs = await run(engine, None, PROMPTS[0])
     assert [t for o in outputs for t in o.token_ids] == reference(
         served, None, PROMPTS[0], MAX_TOKENS

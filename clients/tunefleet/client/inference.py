@@ -49,8 +49,30 @@ def to_tool(tool: common_pb2.Tool | Mapping[str, Any], field: str) -> common_pb2
     )
 
 
+def set_input(
+    request: inference_service_pb2.GenerateRequest | inference_service_pb2.ScoreCompletionRequest,
+    prompt: str | Sequence[int] | None,
+    messages: ChatTurns | None,
+    tools: Tools = (),
+) -> None:
+    """Set a request's input: text, token ids (a sequence of ints) or chat turns."""
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("give exactly one of prompt and messages", field="input")
+    if tools and messages is None:
+        raise InvalidArgument("tools are offered in a chat: give messages", field="tools")
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt is not None:
+        request.prompt_token_ids.ids.extend(prompt)
+    else:
+        for turn in messages or ():
+            request.chat.messages.append(to_message(common_pb2.ChatMessage, turn, "chat.messages"))
+        for index, tool in enumerate(tools):
+            request.chat.tools.append(to_tool(tool, f"tools[{index}]"))
+
+
 def generate_request(
-    prompt: str | None,
+    prompt: str | Sequence[int] | None,
     messages: ChatTurns | None,
     adapter: str,
     max_tokens: int,
@@ -60,10 +82,6 @@ def generate_request(
     seed: int | None,
     tools: Tools = (),
 ) -> inference_service_pb2.GenerateRequest:
-    if (prompt is None) == (messages is None):
-        raise InvalidArgument("give exactly one of prompt and messages", field="input")
-    if tools and messages is None:
-        raise InvalidArgument("tools are offered in a chat: give messages", field="tools")
     request = inference_service_pb2.GenerateRequest(
         adapter=adapter,
         sampling=inference_pb2.SamplingParams(
@@ -72,13 +90,7 @@ def generate_request(
     )
     if seed is not None:
         request.sampling.seed = seed
-    if prompt is not None:
-        request.prompt = prompt
-    else:
-        for turn in messages or ():
-            request.chat.messages.append(to_message(common_pb2.ChatMessage, turn, "chat.messages"))
-        for index, tool in enumerate(tools):
-            request.chat.tools.append(to_tool(tool, f"tools[{index}]"))
+    set_input(request, prompt, messages, tools)
     return request
 
 
@@ -91,7 +103,7 @@ class Inference(Resource[M]):
     @operation
     def generate(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[int] | None = None,
         *,
         messages: ChatTurns | None = None,
         adapter: str = "",
@@ -102,11 +114,11 @@ class Inference(Resource[M]):
         seed: int | None = None,
         tools: Tools = (),
     ) -> Program[inference_service_pb2.GenerateResponse]:
-        """Generate a completion of `prompt` (raw text) or of a chat (`messages`, rendered with
-        the model's chat template), with `adapter` (`adapters/{a}@{alias}`,
-        `adapters/{a}/versions/{n}`) or the base model. Greedy unless `temperature` > 0.
-        `tools` (OpenAI's form works) are offered to the model in a chat; its calls come back
-        in `tool_calls`, with finish reason TOOL_CALLS.
+        """Generate a completion of `prompt` (raw text, or the model's token ids) or of a chat
+        (`messages`, rendered with the model's chat template), with `adapter`
+        (`adapters/{a}@{alias}`, `adapters/{a}/versions/{n}`) or the base model. Greedy unless
+        `temperature` > 0. `tools` (OpenAI's form works) are offered to the model in a chat;
+        its calls come back in `tool_calls`, with finish reason TOOL_CALLS.
 
         Example::
 
@@ -127,7 +139,7 @@ class Inference(Resource[M]):
     @stream
     def generate_stream(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[int] | None = None,
         *,
         messages: ChatTurns | None = None,
         adapter: str = "",
@@ -156,6 +168,40 @@ class Inference(Resource[M]):
         pieces = yield Open(self.Stub, "StreamGenerate", request, timeout=timeout)
         while (piece := (yield Read(pieces))) is not None:
             yield Emit(piece)
+
+    @operation
+    def score(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: ChatTurns | None = None,
+        completion: str | Sequence[int] = "",
+        adapter: str = "",
+        top_logprobs: int = 0,
+        score_input: bool = False,
+    ) -> Program[inference_service_pb2.ScoreCompletionResponse]:
+        """The log-probability of each token of `completion` (text, or token ids such as a
+        generation's `token_ids`) after `prompt` or `messages`, as the model computes it; with
+        `top_logprobs` the likeliest tokens in each place, with `score_input` the input's own
+        tokens as well (`completion` may then be empty).
+
+        Example::
+
+            scored = client.inference.score("The capital of France is", completion=" Paris")
+            print(sum(scored.token_logprobs))
+        """
+        request = inference_service_pb2.ScoreCompletionRequest(
+            adapter=adapter, top_logprobs=top_logprobs, score_input=score_input
+        )
+        set_input(request, prompt, messages)
+        if isinstance(completion, str):
+            request.completion = completion
+        else:
+            request.completion_token_ids.extend(completion)
+        response: inference_service_pb2.ScoreCompletionResponse = yield Call(
+            self.Stub, "ScoreCompletion", request
+        )
+        return response
 
     @stream
     def served(self, page_size: int = 100) -> Feed[inference_pb2.ServedAdapter]:

@@ -39,12 +39,14 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Output:
     """A piece of a response: new text and the tokens generated since the previous piece, and at
-    the end why it finished and how many tokens were generated in all."""
+    the end why it finished, how many tokens were generated in all (the end-of-sequence token
+    not counted) and the end-of-sequence token when one ended it."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     finish: Finish | None = None
     completion_tokens: int = 0
+    eos_token: int | None = None  # at the end: the end-of-sequence token that ended it
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ class AdapterFiles:
     serving_name: str
     path: Path
     config: dict[str, Any]  # adapter_config.json
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A token's log-probability in its place, and the likeliest tokens there (id, logprob),
+    most likely first, as many as were asked for."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class AdapterNotLoaded(Exception):
@@ -91,10 +102,11 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[Output]: ...
 
     async def score(
-        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
-    ) -> list[float]:
-        """The log-probability of each completion token after the prompt and the tokens before
-        it, under `adapter` (a loaded serving name; None for the base model)."""
+        self, token_ids: list[int], start: int, adapter: str | None, top: int = 0
+    ) -> list[TokenScore]:
+        """The log-probability of each token from `token_ids[start]` on (start >= 1) after the
+        tokens before it, with the `top` likeliest tokens in its place, under `adapter` (a
+        loaded serving name; None for the base model)."""
 
 
 class TextStream:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from tunefleet.inference.engine import (
     GenerationRequest,
     Sampling,
     ScoringNotSupported,
+    TokenScore,
 )
 from tunefleet.inference.feedback import Feedback, FeedbackRow, ResponseLog
 from tunefleet.inference.metrics import InferenceMetrics, version_labels
@@ -45,6 +46,7 @@ from tunefleet.storage.pagination import (
 from tunefleet.v1 import common_pb2, inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 # The metric labels of a request that never reached a version (bad input, unknown adapter):
 # not the name it sent, which would let any client create series. Refusals of a version that
 # exists (not servable, not loaded, no room) carry its name and are counted under it.
@@ -69,6 +71,7 @@ class Piece:
     tool_calls: tuple[common_pb2.ToolCall, ...] = ()
     content: str | None = None  # then: the text before the first call
     token_ids: tuple[int, ...] = ()  # generated since the previous piece
+    eos_token: int | None = None  # on the last piece: the end-of-sequence token that ended it
 
 
 class InferenceManager:
@@ -205,6 +208,7 @@ class InferenceManager:
                             len(prompt_ids),
                             tokens,
                             token_ids=output.token_ids,
+                            eos_token=output.eos_token,
                         )
                         yield _with_tool_calls(piece, request, "".join(text))
                     elif output.text or output.token_ids:
@@ -243,50 +247,49 @@ class InferenceManager:
     async def score(
         self, request: inference_service_pb2.ScoreCompletionRequest
     ) -> inference_service_pb2.ScoreCompletionResponse:
-        """The log-probability of each token of the request's completion after its input, under
-        the adapter it names (held, like a generation's, until the engine has answered)."""
-        if bool(request.completion) == bool(request.completion_token_ids):
+        """The log-probability of each token of the request's completion after its input (and of
+        the input's own tokens with `score_input`), under the adapter it names (held, like a
+        generation's, until the engine has answered)."""
+        if request.completion and request.completion_token_ids:
+            raise InvalidArgument("completion", "give a completion or its token ids, not both")
+        if not (request.completion or request.completion_token_ids or request.score_input):
             raise InvalidArgument(
-                "completion", "a completion or its completion_token_ids are required (one)"
+                "completion", "a completion or its completion_token_ids are required"
             )
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument("top_logprobs", f"must be 0 to {MAX_TOP_LOGPROBS}")
         served = await self.pool.acquire(request.adapter)
         try:
             engine = served.engine if served is not None and served.engine else self.engine
             context = engine.context_length or self.engine.context_length
-            which = request.WhichOneof("input")
-            if not (which == "prompt" and request.prompt) and not (
-                which == "chat" and request.chat.messages
-            ):
-                raise InvalidArgument("input", "a prompt or chat messages are required")
-            prompt_ids = await asyncio.to_thread(self._tokenise, request, which)
-            if not prompt_ids:
-                raise InvalidArgument("input", "the prompt has no tokens")
+            prompt_ids = await asyncio.to_thread(self._tokenise, request)
             tokenizer = engine.tokenizer or self.engine.tokenizer
-            completion_ids = list(request.completion_token_ids)
-            vocabulary = len(tokenizer)
-            for index, token in enumerate(completion_ids):
-                if not 0 <= token < vocabulary:
-                    raise InvalidArgument(
-                        f"completion_token_ids[{index}]",
-                        f"{token} is not a token id of the model (0 to {vocabulary - 1})",
-                    )
+            completion_ids = _token_ids(
+                request.completion_token_ids, len(tokenizer), "completion_token_ids"
+            )
             if request.completion:
                 completion_ids = (
                     await asyncio.to_thread(tokenizer, request.completion, add_special_tokens=False)
                 ).input_ids
-            if not completion_ids:
-                raise InvalidArgument("completion", "has no tokens")
-            total = len(prompt_ids) + len(completion_ids)
-            if context and total > context:
+                if not completion_ids:
+                    raise InvalidArgument("completion", "has no tokens")
+            ids = prompt_ids + completion_ids
+            if context and len(ids) > context:
                 raise InvalidArgument(
                     "completion",
-                    f"input and completion are {total} tokens: more than the model's context "
-                    f"of {context}",
+                    f"input and completion are {len(ids)} tokens: more than the model's "
+                    f"context of {context}",
                     reason="PROMPT_TOO_LONG",
                 )
+            start = 1 if request.score_input else len(prompt_ids)
+            if start >= len(ids):
+                raise InvalidArgument("input", "one token, and no completion: nothing to score")
             try:
-                logprobs = await engine.score(
-                    prompt_ids, completion_ids, served.serving_name if served else None
+                scores = await engine.score(
+                    ids,
+                    start,
+                    served.serving_name if served else None,
+                    request.top_logprobs,
                 )
             except AdapterNotLoaded as error:
                 raise Unavailable(str(error), reason="ADAPTER_NOT_LOADED") from error
@@ -294,11 +297,18 @@ class InferenceManager:
                 raise Unavailable(str(error), reason="ENGINE_CLOSED") from error
             except ScoringNotSupported as error:
                 raise FailedPrecondition(str(error), reason="SCORING_NOT_SUPPORTED") from error
+            scored = await asyncio.to_thread(_scored_tokens, tokenizer, ids, start, scores)
+            if request.score_input:
+                first = inference_pb2.ScoredToken(token_id=ids[0], text=_text(tokenizer, ids[0]))
+                scored.insert(0, first)
+            cut = len(prompt_ids) if request.score_input else 0
             return inference_service_pb2.ScoreCompletionResponse(
                 adapter_version=served.version if served is not None else "",
                 token_ids=completion_ids,
-                token_logprobs=logprobs,
+                token_logprobs=[s.logprob for s in scores[len(scores) - len(completion_ids) :]],
                 prompt_tokens=len(prompt_ids),
+                tokens=scored[cut:],
+                input_tokens=scored[:cut] if request.score_input else [],
             )
         finally:
             self.pool.release(served)
@@ -346,8 +356,11 @@ class InferenceManager:
         budget, limits = self._budget(sampling, self.engine.context_length)
         if budget is None or not self.longest_token:
             return
-        if request.WhichOneof("input") == "chat":
+        which = request.WhichOneof("input")
+        if which == "chat":
             size = sum(len(m.role) + len(m.content) for m in request.chat.messages)
+        elif which == "prompt_token_ids":
+            size = len(request.prompt_token_ids.ids) * self.longest_token
         else:
             size = len(request.prompt)
         if size > budget * self.longest_token:
@@ -366,15 +379,8 @@ class InferenceManager:
     ) -> list[int]:
         """The prompt's token ids (tokenised off the event loop), within the prompt budget:
         the configured limit and the model's context less the tokens asked for."""
-        which = request.WhichOneof("input")
-        if not (which == "prompt" and request.prompt) and not (
-            which == "chat" and request.chat.messages
-        ):
-            raise InvalidArgument("input", "a prompt or chat messages are required")
         budget, limits = self._budget(sampling, engine.context_length or self.engine.context_length)
-        ids = await asyncio.to_thread(self._tokenise, request, which)
-        if not ids:
-            raise InvalidArgument("input", "the prompt has no tokens")
+        ids = await asyncio.to_thread(self._tokenise, request)
         if budget is not None and len(ids) > budget:
             raise InvalidArgument(
                 "input",
@@ -387,17 +393,30 @@ class InferenceManager:
         self,
         request: inference_service_pb2.GenerateRequest
         | inference_service_pb2.ScoreCompletionRequest,
-        which: str,
     ) -> list[int]:
+        """The input's token ids: a prompt tokenised, a chat rendered and tokenised, or token ids
+        checked against the vocabulary; never none."""
+        which = request.WhichOneof("input")
         tokenizer = self.engine.tokenizer
-        if which == "prompt":
-            ids: list[int] = tokenizer(request.prompt, add_special_tokens=False).input_ids
-            return ids
+        ids: list[int]
+        if which == "prompt_token_ids":
+            ids = _token_ids(request.prompt_token_ids.ids, len(tokenizer), "prompt_token_ids.ids")
+        elif which == "prompt" and request.prompt:
+            ids = tokenizer(request.prompt, add_special_tokens=False).input_ids
+        elif which == "chat" and request.chat.messages:
+            ids = self._render(request.chat, tokenizer)
+        else:
+            raise InvalidArgument("input", "a prompt, chat messages or token ids are required")
+        if not ids:
+            raise InvalidArgument("input", "the prompt has no tokens")
+        return ids
+
+    def _render(self, chat: inference_pb2.ChatInput, tokenizer: Any) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise FailedPrecondition(
                 "the base model has no chat template: send a prompt", reason="NO_CHAT_TEMPLATE"
             )
-        tools = _tools(request.chat.tools)
+        tools = _tools(chat.tools)
         if tools:
             if self._tool_problem is None:
                 self._tool_problem = tool_use_problem(tokenizer) or ""
@@ -406,9 +425,42 @@ class InferenceManager:
                     f"chat.tools: the base model cannot be offered tools: {self._tool_problem}",
                     reason="TOOLS_NOT_SUPPORTED",
                 )
-        messages = [_message(m, f"chat.messages[{i}]") for i, m in enumerate(request.chat.messages)]
+        messages = [_message(m, f"chat.messages[{i}]") for i, m in enumerate(chat.messages)]
         text = render(tokenizer, messages, generation_prompt=True, tools=tools)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _token_ids(ids: Sequence[int], vocabulary: int, field: str) -> list[int]:
+    for index, token in enumerate(ids):
+        if not 0 <= token < vocabulary:
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"{token} is not a token id of the model (0 to {vocabulary - 1})",
+            )
+    return list(ids)
+
+
+def _text(tokenizer: Any, token_id: int) -> str:
+    text: str = tokenizer.decode([token_id])
+    return text
+
+
+def _scored_tokens(
+    tokenizer: Any, ids: list[int], start: int, scores: list[TokenScore]
+) -> list[inference_pb2.ScoredToken]:
+    """`ids[start:]` with their scores and the texts of them and their alternatives."""
+    return [
+        inference_pb2.ScoredToken(
+            token_id=token,
+            text=_text(tokenizer, token),
+            logprob=score.logprob,
+            top_logprobs=[
+                inference_pb2.TokenLogprob(token_id=other, text=_text(tokenizer, other), logprob=lp)
+                for other, lp in score.top
+            ],
+        )
+        for token, score in zip(ids[start:], scores, strict=True)
+    ]
 
 
 def _json_object(text: str, field: str, default: dict[str, Any] | None = None) -> Any:

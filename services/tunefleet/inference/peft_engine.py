@@ -40,6 +40,7 @@ from tunefleet.inference.engine import (
     GenerationRequest,
     Output,
     TextStream,
+    TokenScore,
 )
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class _Row:
     def gone(self) -> bool:
         return self.done or self.pending.cancelled
 
-    def send(self, text: str, finish: Finish | None = None) -> None:
-        self.pending.put(Output(text, tuple(self.unsent), finish, self.tokens))
+    def send(self, text: str, finish: Finish | None = None, eos: int | None = None) -> None:
+        self.pending.put(Output(text, tuple(self.unsent), finish, self.tokens, eos))
         self.unsent = []
 
     def fail(self, error: BaseException) -> None:
@@ -353,15 +354,15 @@ class PeftEngine:
     # --- scoring -------------------------------------------------------------------------------
 
     async def score(
-        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
-    ) -> list[float]:
-        """One forward pass over prompt and completion, run between two decoding steps."""
-        scores: list[float] = await self._call(self._score, prompt_ids, completion_ids, adapter)
+        self, token_ids: list[int], start: int, adapter: str | None, top: int = 0
+    ) -> list[TokenScore]:
+        """One forward pass over the tokens, run between two decoding steps."""
+        scores: list[TokenScore] = await self._call(self._score, token_ids, start, adapter, top)
         return scores
 
     def _score(
-        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
-    ) -> list[float]:
+        self, token_ids: list[int], start: int, adapter: str | None, top: int
+    ) -> list[TokenScore]:
         import torch
 
         if not self._loaded(adapter):
@@ -373,7 +374,7 @@ class PeftEngine:
         device = torch.device(self.device)
         if stacks is not None:
             stacks.use([adapter], device)
-        ids = torch.tensor([prompt_ids + completion_ids], device=device)
+        ids = torch.tensor([token_ids], device=device)
         try:
             self.steps += 1
             with torch.inference_mode():
@@ -382,10 +383,17 @@ class PeftEngine:
             if stacks is not None:
                 stacks.select = None
         # The logits at position i predict token i + 1.
-        start = len(prompt_ids)
         logprobs = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-        chosen = logprobs.gather(1, ids[0, start:].unsqueeze(1)).squeeze(1)
-        return [float(value) for value in chosen.tolist()]
+        chosen = logprobs.gather(1, ids[0, start:].unsqueeze(1)).squeeze(1).tolist()
+        if not top:
+            return [TokenScore(value) for value in chosen]
+        best = torch.topk(logprobs, top, dim=-1)
+        return [
+            TokenScore(value, tuple(zip(indices, values, strict=True)))
+            for value, indices, values in zip(
+                chosen, best.indices.tolist(), best.values.tolist(), strict=True
+            )
+        ]
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -677,7 +685,7 @@ class PeftEngine:
             return
         if token == self.tokenizer.eos_token_id:
             row.done = True
-            row.send(row.stream.flush(), Finish.STOP)
+            row.send(row.stream.flush(), Finish.STOP, token)
             return
         row.tokens += 1
         row.unsent.append(token)

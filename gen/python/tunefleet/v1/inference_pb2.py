@@ -26,25 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tunefleet.v1 import common_pb2 as tunefleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunefleet/v1/inference.proto\x12\x0ctunefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tunefleet/v1/common.proto\"\x96\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"[\n\tChatInput\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tunefleet.v1.ChatMessage\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.tunefleet.v1.Tool\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x86\x03\n\rServedAdapter\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12\x14\n\x0cserving_name\x18\x02 \x01(\t\x12\x16\n\x0erouted_aliases\x18\x03 \x03(\t\x12+\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x1b.tunefleet.v1.ServingEngine\x12\x30\n\x05state\x18\x05 \x01(\x0e\x32!.tunefleet.v1.ServedAdapter.State\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12-\n\tload_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\t \x01(\x03\"j\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x10\n\x0cSTATE_LOADED\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\x12\x13\n\x0fSTATE_UNLOADING\x10\x04\"\xb0\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x16\n\x0e\x63orrected_text\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunefleet/v1/inference.proto\x12\x0ctunefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tunefleet/v1/common.proto\"\x96\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"[\n\tChatInput\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tunefleet.v1.ChatMessage\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.tunefleet.v1.Tool\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x81\x01\n\x0bScoredToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.tunefleet.v1.TokenLogprobB\n\n\x08_logprob\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x86\x03\n\rServedAdapter\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12\x14\n\x0cserving_name\x18\x02 \x01(\t\x12\x16\n\x0erouted_aliases\x18\x03 \x03(\t\x12+\n\x06\x65ngine\x18\x04 \x01(\x0e\x32\x1b.tunefleet.v1.ServingEngine\x12\x30\n\x05state\x18\x05 \x01(\x0e\x32!.tunefleet.v1.ServedAdapter.State\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12-\n\tload_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\t \x01(\x03\"j\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x10\n\x0cSTATE_LOADED\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\x12\x13\n\x0fSTATE_UNLOADING\x10\x04\"\xb0\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x16\n\x0e\x63orrected_text\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunefleet.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=984
-  _globals['_FINISHREASON']._serialized_end=1138
+  _globals['_FINISHREASON']._serialized_start=1206
+  _globals['_FINISHREASON']._serialized_end=1360
   _globals['_SAMPLINGPARAMS']._serialized_start=107
   _globals['_SAMPLINGPARAMS']._serialized_end=257
   _globals['_CHATINPUT']._serialized_start=259
   _globals['_CHATINPUT']._serialized_end=350
-  _globals['_USAGE']._serialized_start=352
-  _globals['_USAGE']._serialized_end=409
-  _globals['_SERVEDADAPTER']._serialized_start=412
-  _globals['_SERVEDADAPTER']._serialized_end=802
-  _globals['_SERVEDADAPTER_STATE']._serialized_start=696
-  _globals['_SERVEDADAPTER_STATE']._serialized_end=802
-  _globals['_FEEDBACK']._serialized_start=805
-  _globals['_FEEDBACK']._serialized_end=981
+  _globals['_TOKENIDS']._serialized_start=352
+  _globals['_TOKENIDS']._serialized_end=375
+  _globals['_SCOREDTOKEN']._serialized_start=378
+  _globals['_SCOREDTOKEN']._serialized_end=507
+  _globals['_TOKENLOGPROB']._serialized_start=509
+  _globals['_TOKENLOGPROB']._serialized_end=572
+  _globals['_USAGE']._serialized_start=574
+  _globals['_USAGE']._serialized_end=631
+  _globals['_SERVEDADAPTER']._serialized_start=634
+  _globals['_SERVEDADAPTER']._serialized_end=1024
+  _globals['_SERVEDADAPTER_STATE']._serialized_start=918
+  _globals['_SERVEDADAPTER_STATE']._serialized_end=1024
+  _globals['_FEEDBACK']._serialized_start=1027
+  _globals['_FEEDBACK']._serialized_end=1203
 # @@protoc_insertion_point(module_scope)

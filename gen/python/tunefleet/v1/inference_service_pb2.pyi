@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """Optional. Adapter to apply: `adapters/{adapter}@{alias}`, `adapters/{adapter}/versions/{version}`,
@@ -41,6 +42,10 @@ class GenerateRequest(_message.Message):
         """A conversation, rendered with the chat template."""
 
     @_builtins.property
+    def prompt_token_ids(self) -> _inference_pb2.TokenIds:
+        """The model's token ids, passed to it as they are."""
+
+    @_builtins.property
     def sampling(self) -> _inference_pb2.SamplingParams:
         """Optional. Decoding parameters."""
 
@@ -50,13 +55,14 @@ class GenerateRequest(_message.Message):
         adapter: _builtins.str = ...,
         prompt: _builtins.str = ...,
         chat: _inference_pb2.ChatInput | None = ...,
+        prompt_token_ids: _inference_pb2.TokenIds | None = ...,
         sampling: _inference_pb2.SamplingParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
@@ -71,8 +77,11 @@ class ScoreCompletionRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     COMPLETION_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    SCORE_INPUT_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """Optional. Adapter to apply, as in GenerateRequest; empty for the base model."""
     prompt: _builtins.str
@@ -81,9 +90,19 @@ class ScoreCompletionRequest(_message.Message):
     """The text whose tokens are scored, tokenised on its own (no special tokens). Required unless
     `completion_token_ids` are given instead.
     """
+    top_logprobs: _builtins.int
+    """Optional. How many of the likeliest tokens to return at each scored place, 0 to 20."""
+    score_input: _builtins.bool
+    """Optional. Also score the input's tokens (all but the first, which follows nothing): what
+    OpenAI's completions return with `echo`. The completion may then be empty.
+    """
     @_builtins.property
     def chat(self) -> _inference_pb2.ChatInput:
         """A conversation, rendered with the chat template."""
+
+    @_builtins.property
+    def prompt_token_ids(self) -> _inference_pb2.TokenIds:
+        """The model's token ids, passed to it as they are."""
 
     @_builtins.property
     def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -97,14 +116,17 @@ class ScoreCompletionRequest(_message.Message):
         adapter: _builtins.str = ...,
         prompt: _builtins.str = ...,
         chat: _inference_pb2.ChatInput | None = ...,
+        prompt_token_ids: _inference_pb2.TokenIds | None = ...,
         completion: _builtins.str = ...,
         completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        top_logprobs: _builtins.int = ...,
+        score_input: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "completion", b"completion", "completion_token_ids", b"completion_token_ids", "input", b"input", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "completion", b"completion", "completion_token_ids", b"completion_token_ids", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "score_input", b"score_input", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
@@ -120,6 +142,8 @@ class ScoreCompletionResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     adapter_version: _builtins.str
     """The exact version that scored it; empty for the base model."""
     prompt_tokens: _builtins.int
@@ -134,6 +158,16 @@ class ScoreCompletionResponse(_message.Message):
         completion's own), as the model computes it, without sampling settings applied.
         """
 
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ScoredToken]:
+        """The completion's tokens with their text and, when asked, the likeliest tokens in their place
+        (the same tokens and log-probabilities as `token_ids` and `token_logprobs`).
+        """
+
+    @_builtins.property
+    def input_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ScoredToken]:
+        """With `score_input`: the input's tokens, the first without a log-probability."""
+
     def __init__(
         self,
         *,
@@ -141,10 +175,12 @@ class ScoreCompletionResponse(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
         prompt_tokens: _builtins.int = ...,
+        tokens: _abc.Iterable[_inference_pb2.ScoredToken] | None = ...,
+        input_tokens: _abc.Iterable[_inference_pb2.ScoredToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "prompt_tokens", b"prompt_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "input_tokens", b"input_tokens", "prompt_tokens", b"prompt_tokens", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,6 +223,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    EOS_TOKEN_ID_FIELD_NUMBER: _builtins.int
     response_id: _builtins.str
     """Unique id of the response, for feedback."""
     text: _builtins.str
@@ -197,6 +234,10 @@ class GenerateResponse(_message.Message):
     """
     finish_reason: _inference_pb2.FinishReason.ValueType
     """Why generation stopped."""
+    eos_token_id: _builtins.int
+    """The end-of-sequence token that ended the generation, when one did (not in `token_ids`):
+    what OpenAI's completions score as the last generated token.
+    """
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage:
         """Token counts."""
@@ -224,12 +265,15 @@ class GenerateResponse(_message.Message):
         usage: _inference_pb2.Usage | None = ...,
         tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        eos_token_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id", "eos_token_id", b"eos_token_id", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id", "adapter_version", b"adapter_version", "eos_token_id", b"eos_token_id", "finish_reason", b"finish_reason", "response_id", b"response_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__eos_token_id: _TypeAlias = _typing.Literal["eos_token_id"]  # noqa: Y015
+    _WhichOneofArgType__eos_token_id: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eos_token_id) -> _WhichOneofReturnType__eos_token_id | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
