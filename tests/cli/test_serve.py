@@ -44,6 +44,7 @@ def run_serve(tmp_path: Path, *args: str) -> Iterator[Serve]:
         "TUNEFLEET_DATA_DIR": str(tmp_path / "data"),
         "TUNEFLEET_SERVER__PORT": str(port),
         "TUNEFLEET_SERVER__METRICS_PORT": str(metrics_port),
+        "TUNEFLEET_OPENAI__PORT": str(free_port()),
     }
     process = subprocess.Popen(
         [str(TUNEFLEET), "serve", *args], env=env, stderr=subprocess.PIPE, text=True

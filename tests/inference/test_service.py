@@ -182,8 +182,10 @@ async def test_a_prompt_given_as_token_ids_generates_as_its_text(
             prompt_token_ids=inference_pb2.TokenIds(ids=ids), sampling=sampling
         )
     )
-    assert list(by_ids.token_ids) == list(by_text.token_ids) == reference(
-        served, None, PROMPTS[0], MAX_TOKENS
+    assert (
+        list(by_ids.token_ids)
+        == list(by_text.token_ids)
+        == reference(served, None, PROMPTS[0], MAX_TOKENS)
     )
     assert by_ids.usage.prompt_tokens == len(ids)
     with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -14,7 +14,7 @@ from tunefleet.cli.generate import feedback, generate
 from tunefleet.cli.jobs import jobs
 from tunefleet.cli.output import Settings
 
-SERVICE_KEYS = ("datasets", "training", "adapters", "inference", "evaluation")
+SERVICE_KEYS = ("datasets", "training", "adapters", "inference", "evaluation", "openai")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,8 +89,9 @@ cli.add_command(evaluations)
 def serve(services: tuple[str, ...], config_file: Path | None, exit_with_parent: bool) -> None:
     """Run tunefleet services until SIGTERM.
 
-    With no SERVICES, all of them run in one process on one port (the embedded shape); otherwise
-    only those named (the cluster shape, one service per process).
+    With no SERVICES, all of them run in one process on one port, with the OpenAI-compatible HTTP
+    API on its own (openai.port, default 8000): the embedded shape. Otherwise only those named
+    (the cluster shape, one service per process; `openai` is the HTTP front alone).
     """
     try:
         from tunefleet.app.process import serve as run_server

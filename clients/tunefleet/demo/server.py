@@ -45,7 +45,7 @@ class LocalServer:
         self.data_dir = data_dir
         self.executable = executable or Path(sys.executable).with_name("tunefleet")
         self.credentials = credentials
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.openai_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.services = list(services)
@@ -55,6 +55,7 @@ class LocalServer:
         base: dict[str, Any] = {
             "data_dir": str(data_dir),
             "server": {"port": self.port, "metrics_port": self.metrics_port},
+            "openai": {"port": self.openai_port},
             "logging": {"level": "INFO"},
         }
         for key, value in (settings or {}).items():

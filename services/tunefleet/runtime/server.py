@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -62,6 +62,15 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
         return health_pb2.HealthListResponse(statuses=statuses)
 
 
+class Attached(Protocol):
+    """Something served beside the gRPC services, such as the OpenAI front's HTTP server: it
+    starts once the services do and stops before they do."""
+
+    async def start(self, server: TunefleetServer) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class TunefleetServer:
     """A configured server. `start()` binds the ports; `stop()` drains and shuts down."""
@@ -69,6 +78,7 @@ class TunefleetServer:
     settings: ServerSettings
     services: Sequence[ServiceRegistration]
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    attached: Sequence[Attached] = ()
     port: int = 0
     metrics_port: int = 0
     health: HealthServicer = field(default_factory=HealthServicer)
@@ -120,6 +130,8 @@ class TunefleetServer:
                 await service.on_start(self)
             self._gate.open(service.name)
             await self.health.set(service.name, health_pb2.HealthCheckResponse.SERVING)
+        for attached in self.attached:
+            await attached.start(self)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_enabled:
             self._metrics_http = start_metrics_server(
@@ -143,6 +155,8 @@ class TunefleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        for attached in self.attached:
+            await attached.stop()
         for service in self.services:
             if service.on_drain is not None:
                 service.on_drain()

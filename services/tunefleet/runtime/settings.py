@@ -403,6 +403,25 @@ class InferenceSettings(_Section):
     vllm: VllmSettings = VllmSettings()
 
 
+class OpenAISettings(_Section):
+    """The OpenAI-compatible HTTP front: `tunefleet serve openai` alone, and a part of the
+    embedded `tunefleet serve` unless disabled."""
+
+    # In the embedded `tunefleet serve` (`tunefleet serve openai` runs it regardless).
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # The gRPC services it calls, host:port (the gateway); empty: this process's own server.
+    target: str = ""
+    target_tls: bool = False
+    # A private CA to trust for `target` (implies TLS).
+    target_ca_file: Path | None = None
+    # The base model's id in /v1/models and in requests; empty: inference.base_model.
+    base_model: str = ""
+    # Deadline of each call to the services (a whole generation, an upload's included).
+    request_timeout_seconds: float = Field(default=600.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything a tunefleet server process needs to start."""
 
@@ -427,6 +446,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = InferenceSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     mlflow: MlflowSettings = MlflowSettings()
+    openai: OpenAISettings = OpenAISettings()
 
     @model_validator(mode="after")
     def _pods_reach_blobs(self) -> Settings:

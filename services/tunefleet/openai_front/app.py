@@ -1,0 +1,180 @@
+"""The Starlette application: routes, the caller's bearer token forwarded on every gRPC call,
+errors in OpenAI's envelope, and request metrics by route and status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tunefleet.client import AsyncClient, TunefleetError
+from tunefleet.openai_front import fine_tuning, inference
+from tunefleet.openai_front.errors import OpenAIError, translate
+from tunefleet.openai_front.models import get_model, list_models
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
+
+
+class Front:
+    """What every handler needs: the SDK client (one connection, each call with the caller's
+    token) and the id of the base model served."""
+
+    def __init__(self, client: AsyncClient, base_model: str) -> None:
+        self.client, self.base_model = client, base_model
+
+    def caller(self, request: Request) -> AsyncClient:
+        """The client that calls as the request's caller: `Authorization: Bearer <token>`
+        passed on, the services check it and its role; no header, no token."""
+        header = request.headers.get("authorization", "")
+        if not header:
+            return self.client.with_token(None)
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise OpenAIError(
+                401,
+                "Authorization must be 'Bearer <token>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        return self.client.with_token(token.strip())
+
+    def route(self, path: str, handler: Handler, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request, self.caller(request))
+            except OpenAIError as error:
+                return JSONResponse(error.body(), status_code=error.status)
+            except TunefleetError as error:
+                failure = translate(error)
+                return JSONResponse(failure.body(), status_code=failure.status)
+
+        return Route(path, endpoint, methods=methods)
+
+
+async def body(request: Request) -> Any:
+    """The request's JSON body, or 400."""
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise OpenAIError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry) -> Starlette:
+    """The HTTP front over `client` (connected to the services) for the base model
+    `base_model`, with its metrics in `registry`."""
+    front = Front(client, base_model)
+
+    async def models(request: Request, caller: AsyncClient) -> Response:
+        return JSONResponse({"object": "list", "data": await list_models(caller, base_model)})
+
+    async def model(request: Request, caller: AsyncClient) -> Response:
+        return JSONResponse(await get_model(caller, base_model, request.path_params["model"]))
+
+    async def chat(request: Request, caller: AsyncClient) -> Response:
+        return await inference.chat_completions(caller, base_model, await body(request))
+
+    async def completions(request: Request, caller: AsyncClient) -> Response:
+        return await inference.completions(caller, base_model, await body(request))
+
+    async def create_job(request: Request, caller: AsyncClient) -> Response:
+        return await fine_tuning.create_job(request, caller, await body(request))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    routes = [
+        front.route("/v1/models", models, ["GET"]),
+        front.route("/v1/models/{model:path}", model, ["GET"]),
+        front.route("/v1/chat/completions", chat, ["POST"]),
+        front.route("/v1/completions", completions, ["POST"]),
+        front.route("/v1/files", fine_tuning.create_file, ["POST"]),
+        front.route("/v1/files", fine_tuning.list_files, ["GET"]),
+        front.route("/v1/files/{file_id}", fine_tuning.get_file, ["GET"]),
+        front.route("/v1/files/{file_id}", fine_tuning.delete_file, ["DELETE"]),
+        front.route("/v1/files/{file_id}/content", fine_tuning.file_content, ["GET"]),
+        front.route("/v1/fine_tuning/jobs", create_job, ["POST"]),
+        front.route("/v1/fine_tuning/jobs", fine_tuning.list_jobs, ["GET"]),
+        front.route("/v1/fine_tuning/jobs/{job_id}", fine_tuning.get_job, ["GET"]),
+        front.route("/v1/fine_tuning/jobs/{job_id}/cancel", fine_tuning.cancel_job, ["POST"]),
+        front.route("/v1/fine_tuning/jobs/{job_id}/events", fine_tuning.job_events, ["GET"]),
+        front.route(
+            "/v1/fine_tuning/jobs/{job_id}/checkpoints", fine_tuning.job_checkpoints, ["GET"]
+        ),
+        front.route("/v1/fine_tuning/jobs/{job_id}/pause", fine_tuning.unsupported, ["POST"]),
+        front.route("/v1/fine_tuning/jobs/{job_id}/resume", fine_tuning.unsupported, ["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        failure = OpenAIError(error.status_code, message, type=kind, code=None)
+        return JSONResponse(failure.body(), status_code=error.status_code)
+
+    async def server_error(request: Request, error: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path)
+        failure = OpenAIError(500, "internal error (logged by the server)", type="server_error")
+        return JSONResponse(failure.body(), status_code=500)
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
+    app.add_middleware(RequestMetrics, registry=registry, routes=routes)
+    return app
+
+
+class RequestMetrics:
+    """`tunefleet_openai_requests_total{route, method, status}` and
+    `tunefleet_openai_request_seconds{route, method}` (until the last byte of the response, a
+    stream's included), with the route's template as the label, never the raw path."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry, routes: list[Route]) -> None:
+        self.app, self.routes = app, routes
+        self.requests = Counter(
+            "tunefleet_openai_requests",
+            "HTTP requests to the OpenAI-compatible front, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "tunefleet_openai_request_seconds",
+            "Time from an HTTP request to the last byte of its response, streams included.",
+            ["route", "method"],
+            registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = next(
+            (r.path for r in self.routes if r.matches(scope)[0] == Match.FULL), "unmatched"
+        )
+        method, status, started = scope["method"], 500, time.perf_counter()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.requests.labels(route, method, str(status)).inc()
+            self.seconds.labels(route, method).observe(time.perf_counter() - started)

@@ -1,0 +1,131 @@
+"""Refusals through the OpenAI front come in OpenAI's error envelope with the status each
+openai-python exception class is raised for, naming the parameter at fault."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests.inference.conftest import Served
+from tests.openai_front.conftest import Front, start_front
+
+CHAT: Any = [{"role": "user", "content": "Which colour goes with the cat?"}]
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"logit_bias": {"5": 3.0}}, "logit_bias"),
+        ({"max_tokens": 10**6}, "max_tokens"),  # refused by InferenceService, named here
+        ({"tool_choice": "required", "tools": []}, "tool_choice"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": []}, "messages"),
+    ],
+)
+async def test_bad_chat_parameters_are_bad_requests_naming_them(
+    front: Front, options: dict[str, Any], param: str
+) -> None:
+    request = {"model": "tiny", "messages": CHAT, "max_tokens": 4, **options}
+    async with front.client() as client:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(**request)
+    assert raised.value.param == param, raised.value.message
+    assert raised.value.type == "invalid_request_error"
+
+
+async def test_unknown_models_are_not_found(front: Front) -> None:
+    async with front.client() as client:
+        for model in ("gpt-4o", "orders@prod", "orders:3", "adapters/orders/versions/3"):
+            with pytest.raises(openai.NotFoundError) as raised:
+                await client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+            assert raised.value.param == "model", model
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="nope@prod", prompt="hi", max_tokens=4)
+
+
+async def test_bad_completion_parameters_are_bad_requests(front: Front) -> None:
+    async with front.client() as client:
+        for options, param in (
+            ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+            ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+            ({"prompt": "hi", "suffix": "!"}, "suffix"),
+            ({"prompt": [3, 10**7], "max_tokens": 2}, "prompt_token_ids.ids[1]"),
+            ({"prompt": "hi", "stream": True, "logprobs": 1}, "stream"),
+        ):
+            with pytest.raises(openai.BadRequestError) as raised:
+                await client.completions.create(model="tiny", **{"max_tokens": 2, **options})
+            assert raised.value.param == param, (options, raised.value.message)
+
+
+def post(front: Front, path: str, data: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(front.base_url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def test_garbage_bodies_and_unknown_routes_answer_in_the_envelope(front: Front) -> None:
+    status, body = await asyncio.to_thread(
+        post, front, "/chat/completions", b"\x00{not json", {"content-type": "application/json"}
+    )
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = await asyncio.to_thread(
+        post, front, "/chat/completions", b"[1, 2]", {"content-type": "application/json"}
+    )
+    assert status == 400 and body["error"]["message"]
+    status, body = await asyncio.to_thread(post, front, "/assistants", b"{}", {})
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+
+
+def write_tokens(path: Path, tokens: dict[str, str]) -> Path:
+    entries = [
+        {"subject": role, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+        for role, token in tokens.items()
+    ]
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+    return path
+
+
+async def test_the_caller_s_token_is_what_the_services_check(
+    served: Served, tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml", {"reader": "read-me", "writer": "write-me"})
+    async with start_front(
+        served,
+        tmp_path,
+        server={"auth": {"enabled": True, "tokens_file": str(tokens)}},
+        inference={"registry_token": "read-me"},
+    ) as front:
+        async with front.client(api_key="not-a-token") as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
+            with pytest.raises(openai.AuthenticationError):
+                await client.models.list()
+        async with front.client(api_key="read-me") as client:
+            reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
+            assert reply.choices[0].message.content is not None
+            assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+        # No token at all (openai-python always sends one), or another scheme: 401 too.
+        for headers in ({}, {"authorization": "Basic dXNlcjpwYXNz"}):
+            request = urllib.request.Request(front.base_url + "/models", headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=60)
+            assert raised.value.code == 401
+            assert json.loads(raised.value.read())["error"]["type"] == "authentication_error"
