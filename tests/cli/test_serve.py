@@ -32,24 +32,27 @@ ALL_SERVICES = {
 
 
 class Serve:
-    def __init__(self, process: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], port: int, metrics_port: int, openai_port: int
+    ) -> None:
         self.process, self.port, self.metrics_port = process, port, metrics_port
+        self.openai_port = openai_port
         self.target = f"127.0.0.1:{port}"
 
 
 def run_serve(tmp_path: Path, *args: str) -> Iterator[Serve]:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, openai_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "TUNEFLEET_DATA_DIR": str(tmp_path / "data"),
         "TUNEFLEET_SERVER__PORT": str(port),
         "TUNEFLEET_SERVER__METRICS_PORT": str(metrics_port),
-        "TUNEFLEET_OPENAI__PORT": str(free_port()),
+        "TUNEFLEET_OPENAI__PORT": str(openai_port),
     }
     process = subprocess.Popen(
         [str(TUNEFLEET), "serve", *args], env=env, stderr=subprocess.PIPE, text=True
     )
-    serve = Serve(process, port, metrics_port)
+    serve = Serve(process, port, metrics_port, openai_port)
     try:
         wait_serving(serve)
         yield serve
@@ -97,6 +100,72 @@ def reflected_services(target: str) -> set[str]:
 def test_every_service_is_serving(embedded: Serve) -> None:
     for service in ["", *ALL_SERVICES]:
         assert health_of(embedded.target, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_embedded_server_answers_openai_clients_on_its_own_port(embedded: Serve) -> None:
+    """The front runs beside the services (this server has no base model: no models, and a
+    chat is refused as InferenceService refuses it), and its requests are on /metrics."""
+    import json
+    import urllib.request
+
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{embedded.openai_port}/v1", api_key="unused", max_retries=0
+    )
+    with client:
+        assert client.models.list().data == []
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        assert raised.value.code == "no_base_model"
+    health = f"http://127.0.0.1:{embedded.openai_port}/health"
+    with urllib.request.urlopen(health, timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    metrics = f"http://127.0.0.1:{embedded.metrics_port}/metrics"
+    with urllib.request.urlopen(metrics, timeout=10) as response:
+        text = response.read().decode()
+    assert (
+        'tunefleet_openai_requests_total{method="GET",route="/v1/models",status="200"} 1.0' in text
+    )
+    assert 'route="/v1/chat/completions",status="400"' in text
+
+
+def test_the_front_alone_needs_the_services_address(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(TUNEFLEET), "serve", "openai"],
+        env={**os.environ, "TUNEFLEET_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "openai.target" in result.stderr
+
+
+def test_an_openai_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(TUNEFLEET), "serve"],
+            env={
+                **os.environ,
+                "TUNEFLEET_DATA_DIR": str(tmp_path),
+                "TUNEFLEET_SERVER__PORT": str(free_port()),
+                "TUNEFLEET_SERVER__METRICS_PORT": str(free_port()),
+                "TUNEFLEET_OPENAI__PORT": str(port),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert f"openai.port: cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def test_health_watch_streams_the_status(embedded: Serve) -> None:

@@ -16,11 +16,17 @@ from tunefleet.demo.server import free_port
 GATEWAY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "base" / "gateway.conf"
 
 
-def local_config(config: str, upstreams: Mapping[str, str], port: int, directory: Path) -> str:
-    """The cluster's configuration with each Service name replaced by a local address, listening
-    on `port`, with its pid and temporary files in `directory`."""
+def local_config(
+    config: str, upstreams: Mapping[str, str], port: int, directory: Path, http_port: int = 0
+) -> str:
+    """The cluster's configuration with each Service name replaced by a local address (the
+    OpenAI front's `openai`, if given; a closed port otherwise), listening on `port` (and the
+    front's `http_port`), with its pid and temporary files in `directory`."""
     for key, target in upstreams.items():
         config = config.replace(f"server tunefleet-{key}:50051;", f"server {target};")
+    front = upstreams.get("openai", "127.0.0.1:9")
+    config = config.replace("server tunefleet-openai:8000;", f"server {front};")
+    config = config.replace("listen 8000;", f"listen 127.0.0.1:{http_port or free_port()};")
     config = config.replace("listen 50051 http2", f"listen 127.0.0.1:{port} http2")
     config = config.replace("listen 8081", f"listen 127.0.0.1:{free_port()}")
     return config.replace(" /tmp/", f" {directory}/")
@@ -28,15 +34,16 @@ def local_config(config: str, upstreams: Mapping[str, str], port: int, directory
 
 @contextmanager
 def running_gateway(
-    directory: Path, upstreams: Mapping[str, str], config: str | None = None
+    directory: Path, upstreams: Mapping[str, str], config: str | None = None, http_port: int = 0
 ) -> Iterator[str]:
-    """nginx with the gateway configuration; its address while the block runs."""
+    """nginx with the gateway configuration; its gRPC address while the block runs (the OpenAI
+    front's on `http_port`, when given)."""
     nginx = shutil.which("nginx")
     if nginx is None:
         raise FileNotFoundError("nginx not found (Debian package nginx)")
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    text = local_config(config or GATEWAY_CONF.read_text(), upstreams, port, directory)
+    text = local_config(config or GATEWAY_CONF.read_text(), upstreams, port, directory, http_port)
     (directory / "nginx.conf").write_text(text)
     log = directory / "nginx.log"
     command = [nginx, "-e", "stderr", "-p", str(directory), "-c", str(directory / "nginx.conf")]

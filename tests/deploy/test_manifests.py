@@ -60,8 +60,12 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     documents = render(overlay)
     deployments = by_kind(documents, "Deployment")
     services = by_kind(documents, "Service")
-    assert set(deployments) == {f"tunefleet-{key}" for key in SERVICES} | {"tunefleet-gateway"}
-    assert set(services) == {f"tunefleet-{key}" for key in SERVICES} | {"tunefleet"}
+    fronts = {"tunefleet-gateway", "tunefleet-openai"}
+    assert set(deployments) == {f"tunefleet-{key}" for key in SERVICES} | fronts
+    assert set(services) == {f"tunefleet-{key}" for key in SERVICES} | {
+        "tunefleet",
+        "tunefleet-openai",
+    }
     for key, service in SERVICES.items():
         pod = deployments[f"tunefleet-{key}"]["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -150,6 +154,35 @@ def test_the_gateway_is_the_one_address_and_locked_down(overlay: str) -> None:
         assert f"location /tunefleet.v1.{name}/ {{\n      grpc_pass grpc://{key};" in routes
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_openai_front_is_stateless_behind_the_gateway(overlay: str) -> None:
+    """`tunefleet serve openai` calls the services through the gateway with its callers'
+    tokens (it holds none and no data), and the gateway's port 8000 reaches it."""
+    documents = render(overlay)
+    pod = by_kind(documents, "Deployment")["tunefleet-openai"]["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["args"][:2] == ["serve", "openai"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    assert {v["name"] for v in spec["volumes"]} == {"settings", "tmp"}  # no data, no tokens
+    assert "envFrom" not in container
+    ports = {
+        p["name"]: p["port"]
+        for p in by_kind(documents, "Service")["tunefleet-openai"]["spec"]["ports"]
+    }
+    assert ports == {"http": 8000, "metrics": 9090}
+    gateway = {
+        p["name"]: p["port"] for p in by_kind(documents, "Service")["tunefleet"]["spec"]["ports"]
+    }
+    assert gateway == {"grpc": 50051, "http": 8000}
+    folder = DEPLOY / "base" if overlay == "base" else DEPLOY / "overlays" / overlay
+    settings = load_settings(folder / "tunefleet.yaml")
+    assert settings.openai.target.startswith("tunefleet") and settings.openai.port == 8000
+    assert settings.inference.base_model  # the front's model id
+
+
 def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> None:
     documents = render("dev")
     (role,) = by_kind(documents, "Role").values()
@@ -173,6 +206,7 @@ def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> 
 def test_the_dev_overlay_keeps_state_on_one_volume() -> None:
     deployments = by_kind(render("dev"), "Deployment")
     deployments.pop("tunefleet-gateway")  # keeps no state
+    deployments.pop("tunefleet-openai")  # nor does this
     for deployment in deployments.values():
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert volumes["data"] == {

@@ -26,7 +26,7 @@ from tests.helpers import require_tool
 from tests.storage.conftest import postgres_server  # noqa: F401 (a fixture)
 from tunefleet.client import Client
 from tunefleet.demo import tour
-from tunefleet.demo.server import LocalServer
+from tunefleet.demo.server import LocalServer, free_port
 
 pytestmark = pytest.mark.timeout(1500)  # a generous bound for a busy machine, not a claim
 
@@ -116,6 +116,36 @@ def evaluate_through(gateway: str) -> None:
         assert all(r.scores[0].count == 3 for r in found.results)
 
 
+def chat_through(front: str, gateway_http: str) -> None:
+    """OpenAI clients reach the tour's served adapter through the gateway's HTTP port, which
+    passes them to `tunefleet serve openai`, which calls the services through the gateway."""
+    import openai
+
+    adapter = tour.ADAPTER.removeprefix("adapters/")
+    question = [{"role": "user", "content": "Kenji wants 4 lamps in Berlin."}]
+    for base_url in (f"http://{front}/v1", f"http://{gateway_http}/v1"):
+        client: Any = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        with client:
+            assert f"{adapter}@prod" in [model.id for model in client.models.list()]
+            raw = client.chat.completions.with_raw_response.create(
+                model=f"{adapter}@prod",
+                messages=question,
+                max_tokens=16,
+                temperature=0,
+            )
+            served = raw.headers["x-tunefleet-adapter-version"]
+            assert served.startswith(f"{tour.ADAPTER}/versions/")
+            stream = client.chat.completions.create(
+                model=f"{adapter}@prod",
+                messages=question,
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+            )
+            streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert streamed == raw.parse().choices[0].message.content
+
+
 def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_each(
     tmp_path: Path, database_urls: dict[str, str]
 ) -> None:
@@ -146,8 +176,15 @@ def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_eac
     try:
         for server in servers.values():
             server.start(timeout=300)
+        front = LocalServer(data, {"logging": {"level": "INFO"}}, services=["openai"])
         upstreams = {key: server.target for key, server in servers.items()}
-        with running_gateway(tmp_path / "nginx", upstreams) as gateway:
+        upstreams["openai"] = f"127.0.0.1:{front.openai_port}"
+        http_port = free_port()
+        with running_gateway(tmp_path / "nginx", upstreams, http_port=http_port) as gateway:
+            front.settings["openai"].update(
+                target=gateway, base_model=tour.QUICK.model, request_timeout_seconds=120
+            )
+            servers["openai"] = front.start(timeout=120)
             result = subprocess.run(
                 [
                     sys.executable,
@@ -167,6 +204,7 @@ def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_eac
             assert result.returncode == 0, result.stdout + result.stderr
             check_tour(result.stdout)
             evaluate_through(gateway)
+            chat_through(f"127.0.0.1:{front.openai_port}", f"127.0.0.1:{http_port}")
     finally:
         for server in servers.values():
             server.stop()

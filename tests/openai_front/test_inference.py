@@ -3,6 +3,7 @@ InferenceService's own answers and plain PEFT."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import openai
@@ -173,3 +174,84 @@ async def test_text_completions_plain_and_streamed_equal_plain_peft(
             model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True
         )
         assert "".join([chunk.choices[0].text async for chunk in stream]) == expected
+
+
+async def test_langchain_s_chat_openai_completes_a_chat(front: Front, served: Served) -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    version = await front.serving.register("orders", served.adapters["alpha"])
+    await front.serving.alias("prod", version)
+    chat = ChatOpenAI(
+        base_url=front.base_url,
+        api_key="unused",
+        model="orders@prod",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        max_retries=0,
+    )
+    messages = [SystemMessage(CHAT[0]["content"]), HumanMessage(CHAT[1]["content"])]
+    reply = await chat.ainvoke(messages)
+    assert reply.content == expected_chat(served, "alpha")
+    assert reply.response_metadata["model_name"] == "orders@prod"
+    streamed = "".join([str(chunk.content) async for chunk in chat.astream(messages)])
+    assert streamed == reply.content
+
+
+async def wait_for(condition: Any, what: str) -> None:
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"waited 30 s for {what}")
+
+
+async def test_a_client_that_leaves_a_stream_stops_its_generation(front: Front) -> None:
+    """The front closes the gRPC stream when the HTTP client goes: InferenceService counts the
+    request cancelled, not served to its end."""
+    registry = front.serving.registry
+    assert registry is not None
+
+    def cancelled() -> float:
+        labels = {"adapter": "base", "version": "", "outcome": "cancelled"}
+        return registry.get_sample_value("tunefleet_inference_requests_total", labels) or 0.0
+
+    async with front.client() as client:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=90, temperature=0, stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.close()
+    await wait_for(lambda: cancelled() == 1.0, "the generation to be cancelled")
+    ok = {"adapter": "base", "version": "", "outcome": "ok"}
+    assert registry.get_sample_value("tunefleet_inference_requests_total", ok) is None
+
+
+async def test_concurrent_chats_each_get_their_own_adapter_s_answer(
+    front: Front, served: Served
+) -> None:
+    """16 clients at once, over two adapters and the base model: every answer is the one plain
+    PEFT gives for the model its request named, and the header names that version."""
+    versions = {}
+    for name in ("alpha", "beta"):
+        versions[name] = await front.serving.register(name, served.adapters[name])
+        await front.serving.alias("prod", versions[name])
+    expected = {name: expected_chat(served, name) for name in ("alpha", "beta")}
+    expected["tiny"] = expected_chat(served, None)
+    models = {"alpha": "alpha@prod", "beta": "beta:1", "tiny": "tiny"}
+
+    async def ask(client: Any, name: str) -> tuple[str, str, str]:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=models[name], messages=CHAT, max_tokens=MAX_TOKENS, temperature=0
+        )
+        version = raw.headers.get("x-tunefleet-adapter-version", "")
+        return name, version, raw.parse().choices[0].message.content
+
+    names = [("alpha", "beta", "tiny")[i % 3] for i in range(16)]
+    async with front.client() as client:
+        answers = await asyncio.gather(*(ask(client, name) for name in names))
+    for name, version, text in answers:
+        assert text == expected[name], name
+        assert version == versions.get(name, "")

@@ -36,19 +36,20 @@ class Front:
 
     def caller(self, request: Request) -> AsyncClient:
         """The client that calls as the request's caller: `Authorization: Bearer <token>`
-        passed on, the services check it and its role; no header, no token."""
-        header = request.headers.get("authorization", "")
+        passed on, the services check it and its role; no header or an empty token (what
+        lm-eval sends without a key), no token."""
+        header = request.headers.get("authorization", "").strip()
         if not header:
             return self.client.with_token(None)
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() != "bearer":
             raise OpenAIError(
                 401,
                 "Authorization must be 'Bearer <token>'",
                 type="authentication_error",
                 code="invalid_api_key",
             )
-        return self.client.with_token(token.strip())
+        return self.client.with_token(token.strip() or None)
 
     def route(self, path: str, handler: Handler, methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:

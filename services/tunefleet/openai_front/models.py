@@ -33,6 +33,13 @@ def adapter_of(model: str, base_model: str) -> str:
     """The adapter a request's `model` names ("" for the base model)."""
     if not model:
         raise OpenAIError(400, "model: required", param="model", code="missing_required_parameter")
+    if not base_model:
+        raise OpenAIError(
+            400,
+            "this deployment serves no model: set inference.base_model (or openai.base_model)",
+            param="model",
+            code="no_base_model",
+        )
     if model == base_model:
         return ""
     if _RESOURCE.match(model):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -14,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from tunefleet.client import TLS, AsyncClient, Options
 from tunefleet.openai_front.app import build_app
 from tunefleet.runtime.server import TunefleetServer
-from tunefleet.runtime.settings import OpenAISettings
+from tunefleet.runtime.settings import OpenAISettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +43,28 @@ class OpenAIFront:
         app = build_app(self._client, self.base_model, self.registry)
         config = uvicorn.Config(
             app,
+            host=settings.host,
+            port=settings.port,
             lifespan="off",
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(server.settings.shutdown_grace_seconds),
         )
-        listener = socket.create_server((settings.host, settings.port), reuse_port=False)
-        self.port = listener.getsockname()[1]
         config.load()
         self._server = uvicorn.Server(config)
         # Server.serve() would take over SIGTERM and SIGINT, which are the process's: its steps
         # are run here instead (what serve() does between its signal handling).
         self._server.lifespan = config.lifespan_class(config)
-        await self._server.startup(sockets=[listener])
+        # uvicorn binds the port itself: its sockets, unlike socket.create_server's, are made
+        # with IPPROTO_TCP, which asyncio needs to set TCP_NODELAY on each connection (without it
+        # every keep-alive response waited 40 ms for a delayed ACK).
+        try:
+            await self._server.startup()
+        except SystemExit:  # uvicorn's answer to a port it cannot bind (it logged why)
+            raise SettingsError(
+                f"openai.port: cannot listen on {settings.host}:{settings.port}"
+            ) from None
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self._task = asyncio.create_task(self._server.main_loop())
         log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, self.port)
 
