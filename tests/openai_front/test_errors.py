@@ -64,7 +64,8 @@ async def test_bad_completion_parameters_are_bad_requests(front: Front) -> None:
             ({"prompt": "hi", "logprobs": 21}, "logprobs"),
             ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
             ({"prompt": "hi", "suffix": "!"}, "suffix"),
-            ({"prompt": [3, 10**7], "max_tokens": 2}, "prompt_token_ids.ids[1]"),
+            ({"prompt": [3, 10**7], "max_tokens": 2}, "prompt"),
+            ({"prompt": "word " * 200, "max_tokens": 2}, "prompt"),  # beyond the context
             ({"prompt": "hi", "stream": True, "logprobs": 1}, "stream"),
         ):
             with pytest.raises(openai.BadRequestError) as raised:

@@ -31,7 +31,6 @@ STATUSES: dict[grpc.StatusCode, tuple[int, str]] = {
 # Request fields of the gRPC API -> the OpenAI parameter that carries them.
 PARAMS = {
     "adapter": "model",
-    "input": "messages",
     "chat.messages": "messages",
     "chat.tools": "tools",
     "sampling.max_tokens": "max_tokens",

@@ -112,17 +112,25 @@ def _tool_calls(calls: Sequence[common_pb2.ToolCall]) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _model_named(model: str) -> AsyncIterator[None]:
-    """InferenceService's NOT_FOUND is about the adapter: OpenAI's model_not_found."""
+async def _refusals(model: str, input_param: str) -> AsyncIterator[None]:
+    """InferenceService's refusals in this endpoint's words: NOT_FOUND is about the adapter
+    (OpenAI's model_not_found), the input is `messages` or `prompt`, tools are `tools`."""
     try:
         yield
     except NotFound as error:
         raise not_found(model, f": {error.message}") from None
+    except TunefleetError as error:
+        failure = translate(error)
+        if error.field == "input" or error.field.startswith("prompt_token_ids"):
+            failure.param = input_param
+        elif error.reason == "TOOLS_NOT_SUPPORTED":
+            failure.param = "tools"
+        raise failure from None
 
 
 async def chat_completions(client: AsyncClient, base_model: str, body: Any) -> Response:
     params: ChatBody = parse(body, ChatBody)
-    async with _model_named(params.model):
+    async with _refusals(params.model, "messages"):
         return await _chat_completions(client, base_model, params)
 
 
@@ -142,22 +150,24 @@ async def _chat_completions(client: AsyncClient, base_model: str, params: ChatBo
     if not params.stream:
         reply = await client.inference.generate(**request)
         return JSONResponse(
-            _chat_completion(reply, params.model, created), headers=_headers(reply.adapter_version)
+            chat_completion_of(reply, params.model, created),
+            headers=_headers(reply.adapter_version),
         )
     usage = bool(params.stream_options and params.stream_options.include_usage)
     if tools:
         # The call markers are parsed from the whole text: the answer comes whole, as one chunk.
         reply = await client.inference.generate(**request)
-        chunks = _one_chunk(reply, params.model, created, usage)
+        chunks = chunks_of(reply, params.model, created, usage)
         return _stream(chunks, reply.adapter_version)
     pieces = aiter(client.inference.generate_stream(**request))
     first = await anext(pieces)  # refusals before the first piece are HTTP errors
     return _stream(_chat_chunks(first, pieces, params.model, created, usage), first.adapter_version)
 
 
-def _chat_completion(
+def chat_completion_of(
     reply: inference_service_pb2.GenerateResponse, model: str, created: int
 ) -> dict[str, Any]:
+    """A whole generation as OpenAI's `chat.completion` object."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.text}
     if reply.tool_calls:
         message["tool_calls"] = _tool_calls(reply.tool_calls)
@@ -204,9 +214,10 @@ def _usage_chunk(
     }
 
 
-async def _one_chunk(
+async def chunks_of(
     reply: inference_service_pb2.GenerateResponse, model: str, created: int, usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
+    """A whole generation as the chunks of a stream: the text and calls, the finish, usage."""
     delta: dict[str, Any] = {"role": "assistant", "content": reply.text}
     if reply.tool_calls:
         delta["tool_calls"] = [
@@ -276,7 +287,7 @@ def _stream(chunks: AsyncIterator[dict[str, Any]], version: str) -> StreamingRes
 
 async def completions(client: AsyncClient, base_model: str, body: Any) -> Response:
     params: CompletionBody = parse(body, CompletionBody)
-    async with _model_named(params.model):
+    async with _refusals(params.model, "prompt"):
         return await _completions(client, base_model, params)
 
 
