@@ -154,6 +154,10 @@ async def test_echoed_prompt_logprobs_are_plain_peft_s_as_lm_eval_asks_for_them(
         expected, _ = prompt_logprobs(served, None, prompts[0])
         assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
         assert scored.usage.completion_tokens == 0
+        raw = await client.completions.with_raw_response.create(
+            model="orders@prod", prompt=prompts[0], max_tokens=0, logprobs=0, echo=True
+        )
+        assert raw.headers["x-tunefleet-adapter-version"] == version  # the version that scored
 
 
 async def test_text_completions_plain_and_streamed_equal_plain_peft(

@@ -347,11 +347,11 @@ async def _completion(
     params: CompletionBody,
     sampling: dict[str, Any],
 ) -> tuple[dict[str, Any], str, str, tuple[int, int]]:
-    """One prompt's choice, response id, version and token counts. Log-probabilities come from
-    ScoreCompletion under the exact version that generated (an alias moving between the two
-    calls changes nothing), over the generated tokens and the end-of-sequence token that ended
-    them, as OpenAI counts it."""
-    reply, version, text, finish = None, adapter, "", "length"
+    """One prompt's choice, response id, the version that answered and token counts.
+    Log-probabilities come from ScoreCompletion under the exact version that generated (an alias
+    moving between the two calls changes nothing), over the generated tokens and the
+    end-of-sequence token that ended them, as OpenAI counts it."""
+    reply, version, text, finish = None, "", "", "length"
     prompt_tokens = completion_tokens = 0
     if sampling["max_tokens"]:
         reply = await client.inference.generate(prompt, adapter=adapter, **sampling)
@@ -367,11 +367,11 @@ async def _completion(
         scored = await client.inference.score(
             prompt,
             completion=generated,
-            adapter=version,
+            adapter=version if reply else adapter,
             top_logprobs=params.logprobs or 0,
             score_input=params.echo,
         )
-        prompt_tokens = scored.prompt_tokens
+        prompt_tokens, version = scored.prompt_tokens, scored.adapter_version
         tokens = [*scored.input_tokens, *scored.tokens]
         if echoed is None and params.echo:
             echoed = "".join(token.text for token in scored.input_tokens)
@@ -383,7 +383,7 @@ async def _completion(
         logprobs = None  # scored for the echoed text only
     choice = {"text": text, "logprobs": logprobs, "finish_reason": finish}
     response_id = reply.response_id if reply else ""
-    return choice, response_id, version if reply else "", (prompt_tokens, completion_tokens)
+    return choice, response_id, version, (prompt_tokens, completion_tokens)
 
 
 def _logprobs(tokens: Sequence[inference_pb2.ScoredToken], offset: int) -> dict[str, Any]:
