@@ -285,12 +285,7 @@ class InferenceManager:
             if start >= len(ids):
                 raise InvalidArgument("input", "one token, and no completion: nothing to score")
             try:
-                scores = await engine.score(
-                    ids,
-                    start,
-                    served.serving_name if served else None,
-                    request.top_logprobs,
-                )
+                scores = await self._score(engine, served, ids, start, request.top_logprobs)
             except AdapterNotLoaded as error:
                 raise Unavailable(str(error), reason="ADAPTER_NOT_LOADED") from error
             except EngineClosed as error:
@@ -312,6 +307,22 @@ class InferenceManager:
             )
         finally:
             self.pool.release(served)
+
+    async def _score(
+        self, engine: Engine, served: ServedVersion | None, ids: list[int], start: int, top: int
+    ) -> list[TokenScore]:
+        """Scores from the engine serving the version; the base model's from the first engine
+        that scores (vLLM refuses: the PEFT engine beside it holds the same weights)."""
+        if served is not None:
+            return await engine.score(ids, start, served.serving_name, top)
+        refusal = None
+        for candidate in self.engines:
+            try:
+                return await candidate.score(ids, start, None, top)
+            except ScoringNotSupported as error:
+                refusal = refusal or error
+        assert refusal is not None
+        raise refusal
 
     def _sampling(self, params: inference_pb2.SamplingParams) -> Sampling:
         max_tokens = params.max_tokens or min(256, self.max_tokens_limit)
