@@ -44,33 +44,27 @@ async def run(
     latencies: list[float] = []
     generated = 0
 
-    async def grpc_client(index: int) -> None:
-        nonlocal generated
-        for n in range(requests):
-            messages = [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": texts[index * requests + n]},
-            ]
-            started = time.perf_counter()
+    async def send(messages: list[dict[str, str]]) -> int:
+        """One chat; the tokens generated."""
+        if side == "grpc":
             reply = await client.inference.generate(messages=messages, max_tokens=tokens)
-            latencies.append(time.perf_counter() - started)
-            generated += reply.usage.completion_tokens
-
-    async def http_client(index: int) -> None:
-        nonlocal generated
-        for n in range(requests):
-            messages = [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": texts[index * requests + n]},
-            ]
-            started = time.perf_counter()
+        else:
             reply = await client.chat.completions.create(
                 model=model, messages=messages, max_tokens=tokens, temperature=0
             )
-            latencies.append(time.perf_counter() - started)
-            generated += reply.usage.completion_tokens
+        return int(reply.usage.completion_tokens)
 
-    caller = grpc_client if side == "grpc" else http_client
+    async def caller(index: int) -> None:
+        nonlocal generated
+        for n in range(requests):
+            messages = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": texts[index * requests + n]},
+            ]
+            started = time.perf_counter()
+            generated += await send(messages)
+            latencies.append(time.perf_counter() - started)
+
     started = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(clients)))
     return generated, time.perf_counter() - started, latencies

@@ -28,11 +28,11 @@ Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
 
 
 class Front:
-    """What every handler needs: the SDK client (one connection, each call with the caller's
-    token) and the id of the base model served."""
+    """Routes whose handlers get the SDK client as the request's caller (one connection, each
+    call with the caller's token), and answer refusals in OpenAI's envelope."""
 
-    def __init__(self, client: AsyncClient, base_model: str) -> None:
-        self.client, self.base_model = client, base_model
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
 
     def caller(self, request: Request) -> AsyncClient:
         """The client that calls as the request's caller: `Authorization: Bearer <token>`
@@ -75,7 +75,7 @@ async def body(request: Request) -> Any:
 def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry) -> Starlette:
     """The HTTP front over `client` (connected to the services) for the base model
     `base_model`, with its metrics in `registry`."""
-    front = Front(client, base_model)
+    front = Front(client)
 
     async def models(request: Request, caller: AsyncClient) -> Response:
         return JSONResponse({"object": "list", "data": await list_models(caller, base_model)})

@@ -204,14 +204,8 @@ def _chunk(
 def _usage_chunk(
     response_id: str, model: str, created: int, usage: inference_pb2.Usage
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": _usage(usage),
-    }
+    """The last chunk with `stream_options.include_usage`: no choices, the token counts."""
+    return {**_chunk(response_id, model, created, {}), "choices": [], "usage": _usage(usage)}
 
 
 async def chunks_of(
