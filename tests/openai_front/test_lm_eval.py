@@ -96,3 +96,10 @@ async def test_local_completions_scores_as_the_hf_backend(
     for (our_ll, our_greedy), (their_ll, their_greedy) in zip(ours[1], theirs[1], strict=True):
         assert our_ll == pytest.approx(their_ll, abs=1e-3)
         assert our_greedy == their_greedy
+    worst = max(abs(a[0] - b[0]) for a, b in zip(ours[1], theirs[1], strict=True))
+    print(f"{model}: accuracy {ours[0]:.2f} both; log-likelihoods differ by at most {worst:.1e}")
+    if adapter is not None:  # the adapter was applied on both sides, not on neither
+        base = await asyncio.to_thread(
+            evaluate, tmp_path / "task", "local-completions", {**api_args, "model": "tiny"}
+        )
+        assert max(abs(a[0] - b[0]) for a, b in zip(ours[1], base[1], strict=True)) > 0.1
