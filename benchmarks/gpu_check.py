@@ -74,7 +74,7 @@ def adapter(base: Path, directory: Path, seed: int, **options: Any) -> Path:
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:
                 parameter.mul_(4.0)
-    peft_model.save_pretrained(directory)
+    peft_model.save_pretrained(str(directory))
     return directory
 
 
@@ -100,7 +100,8 @@ def reference(base: Path, path: Path | None, ids: list[int], tokens: int) -> tup
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model: Any = loaded.to(DEVICE)
     if path is not None:
         model = PeftModel.from_pretrained(model, path).to(DEVICE)
     model.eval()
@@ -129,9 +130,10 @@ async def exactness(root: Path) -> None:
     }
     engine = PeftEngine(base, device=DEVICE, dtype="float32", max_batch=16)
     await engine.start()
-    for name, path in paths.items():
-        await engine.load_adapter(files(name, path))
-    cases = [(name, prompt) for name in (None, *paths) for prompt in PROMPTS]
+    for adapter_name, path in paths.items():
+        await engine.load_adapter(files(adapter_name, path))
+    names: list[str | None] = [None, *paths]
+    cases = [(name, prompt) for name in names for prompt in PROMPTS]
     ids = {p: engine.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS}
     found = await asyncio.gather(*(answer(engine, ids[p], n, 24) for n, p in cases))
     equal, worst, top_equal = 0, 0.0, 0
@@ -218,7 +220,7 @@ async def timed(label: str, run: Any) -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    tokens = await run()
+    tokens: int = await run()
     seconds = time.perf_counter() - started
     print(
         f"  {label:5s}: {tokens} tokens in {seconds:6.2f} s = {tokens / seconds:8.1f} tokens/s",
