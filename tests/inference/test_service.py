@@ -439,6 +439,18 @@ async def test_feedback_names_the_version_and_filters(serving: Serving, served: 
     assert serving.sample(f"{score}_count", adapter="base", version="") == 1
     assert serving.sample(f"{score}_sum", adapter="base", version="") == 0
     assert serving.sample(f"{score}_sum", adapter="adapters/alpha", version=alpha) == 1
+    # Counted by the rating's sign and whether it carries a correction, once.
+    counted = "tunefleet_inference_feedback_total"
+    assert (
+        serving.sample(counted, adapter="base", version="", rating="negative", corrected="true")
+        == 1
+    )
+    assert (
+        serving.sample(
+            counted, adapter="adapters/alpha", version=alpha, rating="positive", corrected="false"
+        )
+        == 1
+    )
     for feedback, code in [
         (inference_pb2.Feedback(response_id="nope", rating=1), grpc.StatusCode.NOT_FOUND),
         (
@@ -449,6 +461,40 @@ async def test_feedback_names_the_version_and_filters(serving: Serving, served: 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await serving.inference.CreateFeedback(request(feedback=feedback))
         assert raised.value.code() == code
+
+
+async def test_feedback_lists_the_responses_it_judges(serving: Serving, served: Served) -> None:
+    """What the retraining loop reads: each judged response's input (prompt or chat, with its
+    tools) and text, as recorded, beside the rating and the correction."""
+    alpha = await serving.register("alpha", served.adapters["alpha"])
+    by_prompt = await serving.generate(alpha)
+    chat = inference_pb2.ChatInput(
+        messages=[common_pb2.ChatMessage(role="user", content="Which colour goes with the owl?")]
+    )
+    by_chat = await serving.inference.Generate(
+        inference_service_pb2.GenerateRequest(
+            adapter=alpha, chat=chat, sampling=inference_pb2.SamplingParams(max_tokens=6)
+        )
+    )
+    for response, rating, correction in ((by_prompt, 1, ""), (by_chat, -1, "Grey.")):
+        await serving.inference.CreateFeedback(
+            inference_service_pb2.CreateFeedbackRequest(
+                feedback=inference_pb2.Feedback(
+                    response_id=response.response_id, rating=rating, corrected_text=correction
+                )
+            )
+        )
+    listed = await serving.inference.ListFeedback(
+        inference_service_pb2.ListFeedbackRequest(
+            filter='adapter_version = "adapters/alpha/*"', include_responses=True
+        )
+    )
+    newest, oldest = listed.feedback
+    assert newest.response.chat == chat and newest.response.text == by_chat.text
+    assert newest.corrected_text == "Grey." and newest.response.finish_reason
+    assert oldest.response.prompt == PROMPTS[0] and oldest.response.text == by_prompt.text
+    plain = await serving.inference.ListFeedback(inference_service_pb2.ListFeedbackRequest())
+    assert not any(f.HasField("response") for f in plain.feedback)
 
 
 async def test_hot_swap_under_load_fails_no_request(serving: Serving, served: Served) -> None:

@@ -281,14 +281,20 @@ class Inference(Resource[M]):
         self,
         filter: str = "",
         page_size: int = 100,
+        *,
+        include_responses: bool = False,
     ) -> Feed[inference_pb2.Feedback]:
         """Recorded feedback matching `filter`, such as
-        `adapter_version=adapters/orders/versions/2`.
+        `adapter_version=adapters/orders/versions/2` or `adapter_version="adapters/orders/*"
+        AND rating < 0`, newest first; with `include_responses`, each with the response it
+        judges (its input and text) in `response`.
 
         Example::
 
-            for feedback in client.inference.list_feedback():
-                print(feedback.rating, feedback.corrected_text)
+            for feedback in client.inference.list_feedback("rating < 0", include_responses=True):
+                print(feedback.response.text, "->", feedback.corrected_text)
         """
-        request = inference_service_pb2.ListFeedbackRequest(page_size=page_size, filter=filter)
+        request = inference_service_pb2.ListFeedbackRequest(
+            page_size=page_size, filter=filter, include_responses=include_responses
+        )
         yield from pages(self.Stub, "ListFeedback", request, "feedback")

@@ -166,9 +166,12 @@ class ResponseLog:
         return await asyncio.to_thread(run)
 
     async def list_feedback(
-        self, filter_text: str, page_size: int, page_token: str
-    ) -> Page[FeedbackRow]:
-        def run() -> Page[FeedbackRow]:
+        self, filter_text: str, page_size: int, page_token: str, with_responses: bool = False
+    ) -> tuple[Page[FeedbackRow], dict[str, ResponseRow]]:
+        """A page of feedback, newest first, and (`with_responses`) the judged responses by
+        id."""
+
+        def run() -> tuple[Page[FeedbackRow], dict[str, ResponseRow]]:
             with self.db.read() as session:
                 page = paginate(
                     session,
@@ -179,8 +182,13 @@ class ResponseLog:
                     query=filter_text,
                     descending=True,
                 )
-                for row in page.items:
+                responses: dict[str, ResponseRow] = {}
+                if with_responses and page.items:
+                    ids = {row.response_id for row in page.items}
+                    found = session.scalars(select(ResponseRow).where(ResponseRow.id.in_(ids)))
+                    responses = {row.id: row for row in found}
+                for row in [*page.items, *responses.values()]:
                     session.expunge(row)
-                return page
+                return page, responses
 
         return await asyncio.to_thread(run)

@@ -166,6 +166,9 @@ class InferenceManager:
         if created:
             labels = version_labels(row.adapter_version)
             self.metrics.feedback_score.labels(*labels).observe((row.rating + 1) / 2)
+            sign = "negative" if row.rating < 0 else "positive" if row.rating > 0 else "neutral"
+            corrected = "true" if row.corrected_text else "false"
+            self.metrics.feedback.labels(*labels, sign, corrected).inc()
         return row
 
     # --- generation ----------------------------------------------------------------------------

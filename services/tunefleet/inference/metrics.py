@@ -106,6 +106,14 @@ class InferenceMetrics:
             by_version,
             registry=registry,
         )
+        self.feedback = Counter(
+            "tunefleet_inference_feedback",
+            "Feedback recorded, by the adapter and version that answered, the rating's sign "
+            "(negative, neutral, positive) and whether it carries a corrected answer (a training "
+            "example for the retraining loop).",
+            [*by_version, "rating", "corrected"],
+            registry=registry,
+        )
         self.swap_seconds = Histogram(
             "tunefleet_inference_swap_seconds",
             "Time from an alias move in the registry to the new version serving it.",

@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from tunefleet.core.errors import FailedPrecondition
 from tunefleet.core.protos import timestamp
 from tunefleet.inference.adapters import ServedVersion
-from tunefleet.inference.feedback import Feedback, FeedbackRow
+from tunefleet.inference.feedback import Feedback, FeedbackRow, ResponseRow
 from tunefleet.inference.manager import InferenceManager
 from tunefleet.storage.pagination import check_page_size
 from tunefleet.v1 import (
@@ -126,11 +127,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def ListFeedback(
         self, request: inference_service_pb2.ListFeedbackRequest, context: Context
     ) -> inference_service_pb2.ListFeedbackResponse:
-        page = await self.manager.responses.list_feedback(
-            request.filter, request.page_size, request.page_token
+        page, responses = await self.manager.responses.list_feedback(
+            request.filter, request.page_size, request.page_token, request.include_responses
         )
         return inference_service_pb2.ListFeedbackResponse(
-            feedback=[feedback_proto(row) for row in page.items],
+            feedback=[feedback_proto(row, responses.get(row.response_id)) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -154,8 +155,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return message
 
 
-def feedback_proto(row: FeedbackRow) -> inference_pb2.Feedback:
-    return inference_pb2.Feedback(
+def feedback_proto(row: FeedbackRow, response: ResponseRow | None = None) -> inference_pb2.Feedback:
+    message = inference_pb2.Feedback(
         name=f"feedback/{row.id}",
         response_id=row.response_id,
         rating=row.rating,
@@ -164,3 +165,24 @@ def feedback_proto(row: FeedbackRow) -> inference_pb2.Feedback:
         adapter_version=row.adapter_version,
         create_time=timestamp(row.create_time),
     )
+    if response is not None:
+        message.response.CopyFrom(recorded_response(response))
+    return message
+
+
+def recorded_response(row: ResponseRow) -> inference_pb2.RecordedResponse:
+    """A recorded response's input (from the request as it was stored) and text."""
+    request = json_format.ParseDict(
+        row.request, inference_service_pb2.GenerateRequest(), ignore_unknown_fields=True
+    )
+    message = inference_pb2.RecordedResponse(
+        text=row.text, finish_reason=row.finish_reason, create_time=timestamp(row.create_time)
+    )
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        message.prompt = request.prompt
+    elif which == "chat":
+        message.chat.CopyFrom(request.chat)
+    elif which == "prompt_token_ids":
+        message.prompt_token_ids.CopyFrom(request.prompt_token_ids)
+    return message

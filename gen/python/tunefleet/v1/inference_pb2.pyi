@@ -360,6 +360,7 @@ class Feedback(_message.Message):
     COMMENT_FIELD_NUMBER: _builtins.int
     ADAPTER_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `feedback/{feedback}`."""
     response_id: _builtins.str
@@ -378,6 +379,12 @@ class Feedback(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was recorded."""
 
+    @_builtins.property
+    def response(self) -> Global___RecordedResponse:
+        """Output only, with ListFeedback's `include_responses`: the judged response as it was
+        recorded, what the retraining loop turns into training examples.
+        """
+
     def __init__(
         self,
         *,
@@ -388,11 +395,64 @@ class Feedback(_message.Message):
         comment: _builtins.str = ...,
         adapter_version: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        response: Global___RecordedResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "comment", b"comment", "corrected_text", b"corrected_text", "create_time", b"create_time", "name", b"name", "rating", b"rating", "response_id", b"response_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "comment", b"comment", "corrected_text", b"corrected_text", "create_time", b"create_time", "name", b"name", "rating", b"rating", "response", b"response", "response_id", b"response_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Feedback: _TypeAlias = Feedback  # noqa: Y015
+
+@_typing.final
+class RecordedResponse(_message.Message):
+    """RecordedResponse is a response as InferenceService recorded it: the input it answered and
+    the text it produced.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """Raw text."""
+    text: _builtins.str
+    """The generated text, as the model wrote it (call markers included when it called tools)."""
+    finish_reason: _builtins.str
+    """Why generation stopped: `stop` or `length`."""
+    @_builtins.property
+    def chat(self) -> Global___ChatInput:
+        """A conversation, with the tools it offered."""
+
+    @_builtins.property
+    def prompt_token_ids(self) -> Global___TokenIds:
+        """Token ids."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was produced."""
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        chat: Global___ChatInput | None = ...,
+        prompt_token_ids: Global___TokenIds | None = ...,
+        text: _builtins.str = ...,
+        finish_reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "create_time", b"create_time", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "create_time", b"create_time", "finish_reason", b"finish_reason", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat", "prompt_token_ids"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___RecordedResponse: _TypeAlias = RecordedResponse  # noqa: Y015

@@ -468,24 +468,28 @@ class ListFeedbackRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    INCLUDE_RESPONSES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Page size, 1 to 1000; 0 means 50."""
     page_token: _builtins.str
     """Optional. `next_page_token` of the previous page."""
     filter: _builtins.str
-    """Optional. Filter, AIP-160 subset: `adapter_version = "adapters/x/versions/3"`,
-    `rating < 0`, joined with AND.
+    """Optional. Filter, AIP-160 subset: `adapter_version = "adapters/x/versions/3"` (or an
+    adapter's every version, `"adapters/x/*"`), `rating < 0`, joined with AND.
     """
+    include_responses: _builtins.bool
+    """Optional. Include each judged response (its input and text) in `Feedback.response`."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
+        include_responses: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "include_responses", b"include_responses", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
