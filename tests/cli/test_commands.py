@@ -342,7 +342,7 @@ def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) 
     assert {Path(f).name for f in files} == {p.name for p in target.iterdir()}
 
 
-def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
+def test_generate_and_feedback(platform: LocalServer, version: str, tmp_path: Path) -> None:
     tunefleet(platform, "adapters", "alias", "set", "served", "live", "1")
     ask = ["generate", "--chat", "--adapter", "adapters/served@live", "--max-tokens", "8"]
     question = "Which colour goes with the cat?"
@@ -362,6 +362,23 @@ def test_generate_and_feedback(platform: LocalServer, version: str) -> None:
     assert f"rating -1 for {version}" in recorded.stdout
     out_of_range = tunefleet(platform, "feedback", whole["response_id"], "--rating", "3", code=2)
     assert "--rating" in out_of_range.stderr
+
+    # The correction becomes training data: an SFT example and a preference pair.
+    only = f'adapter_version="{version}"'
+    made = as_json(
+        tunefleet(
+            platform, "datasets", "from-feedback", "--filter", only, "--name", "fb", "-o", "json"
+        )
+    )
+    assert made["sft_examples"] == 1 and made["preference_pairs"] == 1
+    sft = as_json(tunefleet(platform, "datasets", "get", made["made"]["sft"], "-o", "json"))
+    assert sft["display_name"] == "fb-sft" and int(sft["record_count"]) == 1
+    written = tunefleet(
+        platform, "datasets", "from-feedback", "--filter", only, "--write", str(tmp_path)
+    )
+    assert "1 SFT examples and 1 preference pairs from 1 feedback" in written.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert record["messages"][-1] == {"role": "assistant", "content": "red"}
 
 
 def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> None:

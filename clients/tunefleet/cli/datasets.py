@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,79 @@ def upload(
         return
     console.print(f"uploaded {path.name} ({size(path.stat().st_size)})")
     report(dataset)
+
+
+@datasets.command("from-feedback")
+@click.option(
+    "--filter",
+    "filter_text",
+    default="",
+    help="Which feedback, such as 'adapter_version=\"adapters/orders/*\"' (default: all).",
+)
+@click.option(
+    "--positive-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of positively rated answers kept as SFT examples (seeded: the same each run).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that sample.")
+@click.option("--name", default="feedback", show_default=True, help="Datasets' display name.")
+@click.option(
+    "--write",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write sft.jsonl and pairs.jsonl in this folder instead of uploading them.",
+)
+@output_option
+@handles_errors
+def from_feedback(
+    filter_text: str,
+    positive_fraction: float,
+    seed: int,
+    name: str,
+    directory: Path | None,
+    output: str,
+) -> None:
+    """Make training data of production feedback: corrected answers as SFT examples, and
+    preference pairs (a correction over the model's answer, A/B ratings of one input); uploaded
+    as datasets (`NAME-sft`, `NAME-pairs`) unless --write."""
+    from tunefleet.client.feedback import training_examples
+
+    with client() as tunefleet:
+        feedback = tunefleet.inference.list_feedback(filter_text, include_responses=True)
+        examples = training_examples(feedback, positive_fraction=positive_fraction, seed=seed)
+        made: dict[str, str] = {}
+        for kind, records, data in (
+            ("sft", examples.sft, examples.sft_jsonl()),
+            ("pairs", examples.pairs, examples.pairs_jsonl()),
+        ):
+            if not records:
+                continue
+            if directory is not None:
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / f"{kind}.jsonl").write_bytes(data)
+                made[kind] = str(directory / f"{kind}.jsonl")
+            else:
+                made[kind] = tunefleet.datasets.upload(data, display_name=f"{name}-{kind}").name
+    summary = {
+        "sft_examples": len(examples.sft),
+        "preference_pairs": len(examples.pairs),
+        "feedback_used": len(examples.sources),
+        "skipped": dict(examples.skipped),
+        "made": made,
+    }
+    if output == "json":
+        click.echo(json.dumps(summary))
+        return
+    skipped = ", ".join(f"{count} {why}" for why, count in sorted(examples.skipped.items()))
+    console.print(
+        f"{len(examples.sft)} SFT examples and {len(examples.pairs)} preference pairs from "
+        f"{len(examples.sources)} feedback" + (f" (skipped: {skipped})" if skipped else ""),
+        markup=False,
+    )
+    for kind, where in made.items():
+        console.print(f"  {kind}: {where}", markup=False)
 
 
 @datasets.command("list")

@@ -1,0 +1,174 @@
+"""Production feedback as training data: the selection the retraining loop makes, usable alone.
+
+From feedback listed with its responses (`inference.list_feedback(include_responses=True)`):
+- a negative rating with a corrected answer is an SFT example (the input, then the correction)
+  and a preference pair (the correction preferred to what the model wrote);
+- two responses to the same input rated differently (an A/B comparison) are a preference pair:
+  the best-rated preferred to the worst;
+- a positive rating is an SFT example of the model's own answer, for a seeded `positive_fraction`
+  of them (keeping what already works in the mix);
+- anything else (a negative rating without a correction, a prompt given as token ids) teaches
+  nothing on its own, and is counted in `skipped` with the reason.
+Chats become OpenAI chat records (`messages`, with `tools`), raw prompts prompt/completion
+records; pairs are in TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`). These are
+formats DatasetService reads, which then removes duplicates and PII as for any upload.
+
+Example::
+
+    feedback = client.inference.list_feedback(
+        'adapter_version = "adapters/orders/*"', include_responses=True
+    )
+    examples = training_examples(feedback, positive_fraction=0.2)
+    client.datasets.upload(examples.sft_jsonl(), display_name="orders-feedback")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunefleet.v1 import common_pb2, inference_pb2
+
+
+@dataclass
+class Examples:
+    """Training examples made from feedback, and which feedback they came from."""
+
+    sft: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # feedback names used, in order
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> feedback count
+
+    def sft_jsonl(self) -> bytes:
+        return _jsonl(self.sft)
+
+    def pairs_jsonl(self) -> bytes:
+        return _jsonl(self.pairs)
+
+
+def training_examples(
+    feedback: Iterable[inference_pb2.Feedback], *, positive_fraction: float = 0.0, seed: int = 0
+) -> Examples:
+    """The examples `feedback` (listed with `include_responses`) makes; see the module."""
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError("positive_fraction: must be 0 to 1")
+    examples = Examples()
+    used: set[str] = set()
+    unused: dict[str, str] = {}  # feedback name -> why it made no example (yet)
+    by_input: dict[str, list[inference_pb2.Feedback]] = defaultdict(list)
+    for item in feedback:
+        if not item.HasField("response"):
+            raise ValueError(f"{item.name}: listed without its response (include_responses)")
+        if item.response.WhichOneof("input") not in ("prompt", "chat"):
+            unused[item.name] = "token_ids_input"
+            continue
+        by_input[_input_key(item.response)].append(item)
+        if item.rating < 0 and item.corrected_text:
+            examples.sft.append(_record(item.response, item.corrected_text))
+            if item.corrected_text.strip() != item.response.text.strip():
+                examples.pairs.append(_pair(item.response, item.corrected_text, item.response.text))
+            used.add(item.name)
+        elif item.rating > 0 and _sampled(item.name, positive_fraction, seed):
+            examples.sft.append(_record(item.response, item.corrected_text or item.response.text))
+            used.add(item.name)
+        elif item.rating < 0:
+            unused[item.name] = "negative_without_correction"
+        elif item.rating > 0:
+            unused[item.name] = "positive_not_sampled"
+        else:
+            unused[item.name] = "neutral"
+    for group in by_input.values():
+        best = max(group, key=lambda f: f.rating)
+        worst = min(group, key=lambda f: f.rating)
+        if best.rating > worst.rating and best.response.text != worst.response.text:
+            examples.pairs.append(_pair(best.response, best.response.text, worst.response.text))
+            used.update((best.name, worst.name))
+    examples.skipped = Counter(why for name, why in unused.items() if name not in used)
+    examples.sources = sorted(used)
+    return examples
+
+
+def _sampled(name: str, fraction: float, seed: int) -> bool:
+    """Deterministically, `fraction` of names: the same feedback in or out on every run."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _input_key(response: inference_pb2.RecordedResponse) -> str:
+    which = response.WhichOneof("input")
+    data = (
+        response.prompt
+        if which == "prompt"
+        else response.chat.SerializeToString(deterministic=True)
+    )
+    return hashlib.sha256(
+        f"{which}:".encode() + (data.encode() if isinstance(data, str) else data)
+    ).hexdigest()
+
+
+def _turn(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["content"] = message.content or None
+        turn["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _tools(chat: inference_pb2.ChatInput) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.parameters or "{}"),
+            },
+        }
+        for tool in chat.tools
+    ]
+
+
+def _record(response: inference_pb2.RecordedResponse, answer: str) -> dict[str, Any]:
+    """An SFT record: the input, then `answer`."""
+    if response.WhichOneof("input") == "prompt":
+        return {"prompt": response.prompt, "completion": answer}
+    record: dict[str, Any] = {
+        "messages": [
+            *(_turn(m) for m in response.chat.messages),
+            {"role": "assistant", "content": answer},
+        ]
+    }
+    if response.chat.tools:
+        record["tools"] = _tools(response.chat)
+    return record
+
+
+def _pair(response: inference_pb2.RecordedResponse, chosen: str, rejected: str) -> dict[str, Any]:
+    """A preference pair in TRL's explicit-prompt form."""
+    if response.WhichOneof("input") == "prompt":
+        return {"prompt": response.prompt, "chosen": chosen, "rejected": rejected}
+    pair: dict[str, Any] = {
+        "prompt": [_turn(m) for m in response.chat.messages],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+    if response.chat.tools:
+        pair["tools"] = _tools(response.chat)
+    return pair
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
