@@ -233,6 +233,48 @@ async def test_a_client_that_leaves_a_stream_stops_its_generation(front: Front) 
     assert registry.get_sample_value("tunefleet_inference_requests_total", ok) is None
 
 
+async def test_a_client_that_leaves_before_a_whole_answer_stops_its_generation(
+    front: Front,
+) -> None:
+    """Not streamed: the front notices the closed connection and cancels the call."""
+    import json
+    import socket
+
+    registry = front.serving.registry
+    assert registry is not None
+    labels = {"adapter": "base", "version": "", "outcome": "cancelled"}
+    body = json.dumps(
+        {"model": "tiny", "messages": CHAT, "max_tokens": 90, "temperature": 0}
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    def first_tokens() -> float:
+        base = {"adapter": "base", "version": ""}
+        name = "tunefleet_inference_time_to_first_token_seconds_count"
+        return registry.get_sample_value(name, base) or 0.0
+
+    with socket.create_connection(("127.0.0.1", front.front.port)) as connection:
+        connection.sendall(head + body)
+        await wait_for(lambda: first_tokens() > 0, "the generation to start")
+    await wait_for(
+        lambda: registry.get_sample_value("tunefleet_inference_requests_total", labels) == 1.0,
+        "the generation to be cancelled",
+    )
+    await wait_for(
+        lambda: (
+            registry.get_sample_value(
+                "tunefleet_openai_requests_total",
+                {"route": "/v1/chat/completions", "method": "POST", "status": "499"},
+            )
+            == 1.0
+        ),
+        "the front to count the request as closed by the client",
+    )
+
+
 async def test_concurrent_chats_each_get_their_own_adapter_s_answer(
     front: Front, served: Served
 ) -> None:

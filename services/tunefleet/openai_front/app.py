@@ -3,6 +3,8 @@ errors in OpenAI's envelope, and request metrics by route and status."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -51,10 +53,19 @@ class Front:
             )
         return self.client.with_token(token.strip() or None)
 
-    def route(self, path: str, handler: Handler, methods: list[str]) -> Route:
+    def route(
+        self, path: str, handler: Handler, methods: list[str], *, json_body: bool = False
+    ) -> Route:
+        """A route to `handler`. With `json_body` (the generations) the body is read first,
+        and a client that disconnects before the answer cancels the handler, and with it the
+        gRPC call: the generation stops instead of running for no one."""
+
         async def endpoint(request: Request) -> Response:
             try:
-                return await handler(request, self.caller(request))
+                if not json_body:
+                    return await handler(request, self.caller(request))
+                await request.body()  # read, and kept for the handler
+                return await _unless_gone(request, handler(request, self.caller(request)))
             except OpenAIError as error:
                 return JSONResponse(error.body(), status_code=error.status)
             except TunefleetError as error:
@@ -62,6 +73,26 @@ class Front:
                 return JSONResponse(failure.body(), status_code=failure.status)
 
         return Route(path, endpoint, methods=methods)
+
+
+async def _unless_gone(request: Request, answer: Awaitable[Response]) -> Response:
+    """`answer`, cancelled if the client disconnects first (the body read, the next message is
+    `http.disconnect`, and only when the client goes): then 499, as nginx counts a client that
+    closed its request. A streamed response is then on its own: Starlette stops it when the
+    client goes."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done() or gone.result()["type"] != "http.disconnect":
+            return await work
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TunefleetError, OpenAIError):
+            await work
+        log.info("%s %s: the client left; its call was cancelled", request.method, request.url.path)
+        return Response(status_code=499)
+    finally:
+        gone.cancel()
 
 
 async def body(request: Request) -> Any:
@@ -98,8 +129,8 @@ def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry)
     routes = [
         front.route("/v1/models", models, ["GET"]),
         front.route("/v1/models/{model:path}", model, ["GET"]),
-        front.route("/v1/chat/completions", chat, ["POST"]),
-        front.route("/v1/completions", completions, ["POST"]),
+        front.route("/v1/chat/completions", chat, ["POST"], json_body=True),
+        front.route("/v1/completions", completions, ["POST"], json_body=True),
         front.route("/v1/files", fine_tuning.create_file, ["POST"]),
         front.route("/v1/files", fine_tuning.list_files, ["GET"]),
         front.route("/v1/files/{file_id}", fine_tuning.get_file, ["GET"]),
