@@ -301,3 +301,48 @@ async def test_concurrent_chats_each_get_their_own_adapter_s_answer(
     for name, version, text in answers:
         assert text == expected[name], name
         assert version == versions.get(name, "")
+
+
+async def test_log_probabilities_come_from_the_version_that_answered_while_the_alias_flips(
+    front: Front, served: Served
+) -> None:
+    """Completions with logprobs on `orders@prod` while `prod` flips between two versions faster
+    than the requests: each answer's text and log-probabilities are exactly those of the version
+    its header names (the front scores under that version, not the alias, which may have moved
+    since it generated)."""
+    first = await front.serving.register("orders", served.adapters["alpha"])
+    second = await front.serving.register("orders", served.adapters["beta"])
+    await front.serving.alias("prod", first)
+    request = {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 2, "temperature": 0}
+    async with front.client() as client:
+        expected = {}
+        for version, model in ((first, "orders:1"), (second, "orders:2")):
+            reply = await client.completions.create(model=model, **request)
+            expected[version] = (reply.choices[0].text, reply.choices[0].logprobs.token_logprobs)
+        assert expected[first] != expected[second]
+        stop = asyncio.Event()
+
+        async def flip() -> None:
+            while not stop.is_set():
+                for version in (second, first):
+                    await front.serving.alias("prod", version)
+                    await asyncio.sleep(0.01)
+
+        flipping = asyncio.create_task(flip())
+        try:
+            seen = []
+            for _ in range(40):
+                raw = await client.completions.with_raw_response.create(
+                    model="orders@prod", **request
+                )
+                reply = raw.parse()
+                version = raw.headers["x-tunefleet-adapter-version"]
+                choice = reply.choices[0]
+                text, logprobs = expected[version]
+                assert choice.text == text
+                assert choice.logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-5)
+                seen.append(version)
+        finally:
+            stop.set()
+            await flipping
+    assert set(seen) == {first, second}  # the alias did move under the requests
