@@ -93,6 +93,17 @@ async def test_garbage_bodies_and_unknown_routes_answer_in_the_envelope(front: F
     assert status == 400 and body["error"]["message"]
     status, body = await asyncio.to_thread(post, front, "/assistants", b"{}", {})
     assert status == 404 and body["error"]["type"] == "not_found_error"
+    # A body declared beyond the server's message limit (16 MiB) is refused before it is read.
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {17 * 2**20}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.front.port)
+    writer.write(head.encode() + b'{"model": "tiny", "prompt": "xxxx')
+    await writer.drain()
+    answer = await reader.readuntil(b"request_too_large")  # the answer comes before the body
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413")
 
 
 def write_tokens(path: Path, tokens: dict[str, str]) -> Path:

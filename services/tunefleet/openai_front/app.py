@@ -33,8 +33,8 @@ class Front:
     """Routes whose handlers get the SDK client as the request's caller (one connection, each
     call with the caller's token), and answer refusals in OpenAI's envelope."""
 
-    def __init__(self, client: AsyncClient) -> None:
-        self.client = client
+    def __init__(self, client: AsyncClient, max_body_bytes: int) -> None:
+        self.client, self.max_body_bytes = client, max_body_bytes
 
     def caller(self, request: Request) -> AsyncClient:
         """The client that calls as the request's caller: `Authorization: Bearer <token>`
@@ -56,15 +56,16 @@ class Front:
     def route(
         self, path: str, handler: Handler, methods: list[str], *, json_body: bool = False
     ) -> Route:
-        """A route to `handler`. With `json_body` (the generations) the body is read first,
-        and a client that disconnects before the answer cancels the handler, and with it the
-        gRPC call: the generation stops instead of running for no one."""
+        """A route to `handler`. With `json_body` the body is read first (at most
+        `max_body_bytes`) and parsed into `request.state.body`, and a client that disconnects
+        before the answer cancels the handler, and with it the gRPC call: a generation stops
+        instead of running for no one."""
 
         async def endpoint(request: Request) -> Response:
             try:
                 if not json_body:
                     return await handler(request, self.caller(request))
-                await request.body()  # read, and kept for the handler
+                request.state.body = await _json(request, self.max_body_bytes)
                 return await _unless_gone(request, handler(request, self.caller(request)))
             except OpenAIError as error:
                 return JSONResponse(error.body(), status_code=error.status)
@@ -95,18 +96,36 @@ async def _unless_gone(request: Request, answer: Awaitable[Response]) -> Respons
         gone.cancel()
 
 
-async def body(request: Request) -> Any:
-    """The request's JSON body, or 400."""
+async def _json(request: Request, limit: int) -> Any:
+    """The request's JSON body: 413 beyond `limit` bytes (before reading more), 400 if it is not
+    JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
     try:
-        return json.loads(await request.body())
+        return json.loads(b"".join(chunks))
     except ValueError:
         raise OpenAIError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
-def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry) -> Starlette:
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413, f"the request body is larger than {limit} bytes", code="request_too_large"
+    )
+
+
+def build_app(
+    client: AsyncClient, base_model: str, registry: CollectorRegistry, max_body_bytes: int
+) -> Starlette:
     """The HTTP front over `client` (connected to the services) for the base model
-    `base_model`, with its metrics in `registry`."""
-    front = Front(client)
+    `base_model`, with its metrics in `registry`; JSON bodies up to `max_body_bytes`."""
+    front = Front(client, max_body_bytes)
 
     async def models(request: Request, caller: AsyncClient) -> Response:
         return JSONResponse({"object": "list", "data": await list_models(caller, base_model)})
@@ -115,13 +134,13 @@ def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry)
         return JSONResponse(await get_model(caller, base_model, request.path_params["model"]))
 
     async def chat(request: Request, caller: AsyncClient) -> Response:
-        return await inference.chat_completions(caller, base_model, await body(request))
+        return await inference.chat_completions(caller, base_model, request.state.body)
 
     async def completions(request: Request, caller: AsyncClient) -> Response:
-        return await inference.completions(caller, base_model, await body(request))
+        return await inference.completions(caller, base_model, request.state.body)
 
     async def create_job(request: Request, caller: AsyncClient) -> Response:
-        return await fine_tuning.create_job(request, caller, await body(request))
+        return await fine_tuning.create_job(request, caller, request.state.body)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -136,7 +155,7 @@ def build_app(client: AsyncClient, base_model: str, registry: CollectorRegistry)
         front.route("/v1/files/{file_id}", fine_tuning.get_file, ["GET"]),
         front.route("/v1/files/{file_id}", fine_tuning.delete_file, ["DELETE"]),
         front.route("/v1/files/{file_id}/content", fine_tuning.file_content, ["GET"]),
-        front.route("/v1/fine_tuning/jobs", create_job, ["POST"]),
+        front.route("/v1/fine_tuning/jobs", create_job, ["POST"], json_body=True),
         front.route("/v1/fine_tuning/jobs", fine_tuning.list_jobs, ["GET"]),
         front.route("/v1/fine_tuning/jobs/{job_id}", fine_tuning.get_job, ["GET"]),
         front.route("/v1/fine_tuning/jobs/{job_id}/cancel", fine_tuning.cancel_job, ["POST"]),

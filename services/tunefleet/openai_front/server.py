@@ -40,7 +40,9 @@ class OpenAIFront:
             tls=tls,
             options=Options(timeout=settings.request_timeout_seconds),
         )
-        app = build_app(self._client, self.base_model, self.registry)
+        app = build_app(
+            self._client, self.base_model, self.registry, server.settings.max_message_bytes
+        )
         config = uvicorn.Config(
             app,
             host=settings.host,
