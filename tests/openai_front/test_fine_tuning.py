@@ -158,3 +158,16 @@ async def test_bad_fine_tuning_requests_name_the_parameter(
     assert raised.value.param == "hyperparameters.n_epochs"
     with pytest.raises(openai.NotFoundError):
         await client.fine_tuning.jobs.retrieve("0" * 32)
+    for garbage, param in (
+        ({"hyperparameters": "fast"}, "hyperparameters"),
+        ({"seed": "abc"}, "seed"),
+        ({"method": {"type": "supervised", "supervised": [1]}}, "method.supervised"),
+        ({"method": "dpo"}, "method"),
+        ({"method": {"type": "rlhf"}}, "method.type"),
+        ({"tunefleet": {"lora": {"rank": "big"}}}, "tunefleet"),
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.fine_tuning.jobs.create(
+                model="colours", training_file="x", extra_body=garbage
+            )
+        assert raised.value.param == param, garbage

@@ -259,6 +259,16 @@ def _auto(value: Any, param: str, kind: Callable[[Any], Any]) -> Any:
     return number
 
 
+def _object(parent: dict[str, Any], key: str, param: str) -> dict[str, Any]:
+    """`parent[key]`, a JSON object ({} when absent), or 400 naming `param`."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(param, "must be an object")
+    return value
+
+
 def _training_job(body: dict[str, Any]) -> tuple[training_job_pb2.TrainingJob, float | None]:
     """The TrainingJob a create request describes, and its learning_rate_multiplier."""
     for param in ("model", "training_file"):
@@ -266,12 +276,13 @@ def _training_job(body: dict[str, Any]) -> tuple[training_job_pb2.TrainingJob, f
             raise bad_request(param, "required", "missing_required_parameter")
     if body.get("integrations"):
         raise bad_request("integrations", "are not supported", "unsupported_parameter")
-    method = body.get("method") or {"type": "supervised"}
-    kind = method.get("type", "supervised") if isinstance(method, dict) else None
+    method = _object(body, "method", "method") or {"type": "supervised"}
+    kind = method.get("type", "supervised")
     if kind not in ("supervised", "dpo"):
         raise bad_request("method.type", "must be 'supervised' or 'dpo'")
-    hp = dict(body.get("hyperparameters") or {})
-    hp.update((method.get(kind) or {}).get("hyperparameters") or {})
+    hp = _object(body, "hyperparameters", "hyperparameters")
+    details = _object(method, kind, f"method.{kind}")
+    hp.update(_object(details, "hyperparameters", f"method.{kind}.hyperparameters"))
     suffix = body.get("suffix") or f"ft-{uuid.uuid4().hex[:8]}"
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -295,7 +306,9 @@ def _training_job(body: dict[str, Any]) -> tuple[training_job_pb2.TrainingJob, f
     if (batch := _auto(hp.get("batch_size"), "hyperparameters.batch_size", int)) is not None:
         job.hyperparameters.micro_batch_size = batch
     if body.get("seed") is not None:
-        job.hyperparameters.seed = int(body["seed"])
+        if not isinstance(body["seed"], int) or isinstance(body["seed"], bool):
+            raise bad_request("seed", "must be an integer")
+        job.hyperparameters.seed = body["seed"]
     own = body.get("tunefleet") or {}
     if not isinstance(own, dict):
         raise bad_request("tunefleet", "must be a TrainingJob in its JSON form")
