@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,93 @@ async def test_the_caller_s_token_is_what_the_services_check(
                 await asyncio.to_thread(urllib.request.urlopen, request, timeout=60)
             assert raised.value.code == 401
             assert json.loads(raised.value.read())["error"]["type"] == "authentication_error"
+
+
+def mutations(valid: dict[str, Any], seed: int, count: int) -> list[dict[str, Any]]:
+    """`valid` with one key's value replaced by a value of another JSON type (or the key
+    removed), nested one level into objects and lists: what a careless client sends."""
+    rng = random.Random(seed)
+    values: list[Any] = [
+        None,
+        True,
+        -1,
+        0,
+        2**70,
+        1.5e308,
+        "",
+        "x" * 300,
+        [],
+        [1, "a"],
+        {},
+        {"k": []},
+    ]
+    found = []
+    for _ in range(count):
+        body = json.loads(json.dumps(valid))
+        key = rng.choice(list(body))
+        target = body[key]
+        if (
+            isinstance(target, list)
+            and target
+            and isinstance(target[0], dict)
+            and rng.random() < 0.5
+        ):
+            inner = target[0]
+            inner[rng.choice(list(inner))] = rng.choice(values)
+        elif rng.random() < 0.1:
+            del body[key]
+        else:
+            body[key] = rng.choice(values)
+        found.append(body)
+    return found
+
+
+async def test_mangled_bodies_are_refused_in_the_envelope_never_500(front: Front) -> None:
+    """200 mangled requests to each JSON endpoint: each is answered (200 where it still makes
+    sense) or refused with a 4xx in OpenAI's envelope; no 500, and the server goes on. (Jobs
+    that pass the front's checks reach a server without TrainingService: 501.)"""
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "temperature": 0,
+        "stop": ["x"],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "none",
+        "stream_options": {"include_usage": True},
+    }
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "logprobs": 1, "echo": True}
+    job = {
+        "model": "tiny",
+        "training_file": "0" * 32,
+        "hyperparameters": {"n_epochs": 1},
+        "method": {"type": "supervised"},
+        "metadata": {"a": "b"},
+    }
+    statuses: Counter[int] = Counter()
+    for path, valid in (
+        ("/chat/completions", chat),
+        ("/completions", completion),
+        ("/fine_tuning/jobs", job),
+    ):
+        for body in mutations(valid, seed=len(path), count=200):
+            status, answer = await asyncio.to_thread(
+                post, front, path, json.dumps(body).encode(), {"content-type": "application/json"}
+            )
+            statuses[status] += 1
+            if status == 501 and path == "/fine_tuning/jobs":
+                # Checked and sent on: this server runs no TrainingService.
+                assert answer["error"]["code"] == "unimplemented"
+                continue
+            assert status < 500, (path, body, answer)
+            if status >= 400:
+                assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert statuses[200] and statuses[400]  # both answered and refused requests were made
+    status, _ = await asyncio.to_thread(
+        post,
+        front,
+        "/completions",
+        json.dumps(completion).encode(),
+        {"content-type": "application/json"},
+    )
+    assert status == 200

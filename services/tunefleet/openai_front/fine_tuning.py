@@ -306,8 +306,8 @@ def _training_job(body: dict[str, Any]) -> tuple[training_job_pb2.TrainingJob, f
     if (batch := _auto(hp.get("batch_size"), "hyperparameters.batch_size", int)) is not None:
         job.hyperparameters.micro_batch_size = batch
     if body.get("seed") is not None:
-        if not isinstance(body["seed"], int) or isinstance(body["seed"], bool):
-            raise bad_request("seed", "must be an integer")
+        if type(body["seed"]) is not int or not -(2**63) <= body["seed"] < 2**63:
+            raise bad_request("seed", "must be a 64-bit integer")
         job.hyperparameters.seed = body["seed"]
     own = body.get("tunefleet") or {}
     if not isinstance(own, dict):

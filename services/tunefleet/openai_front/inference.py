@@ -71,6 +71,8 @@ def _turn(message: dict[str, Any], index: int) -> dict[str, Any]:
     """An OpenAI chat message as the SDK's chat turn."""
     field = f"messages[{index}]"
     role = message.get("role")
+    if role != "tool" and (not isinstance(role, str) or role not in ROLES):
+        raise bad_request(f"{field}.role", f"{role!r} is not one of {', '.join([*ROLES, 'tool'])}")
     content = _text(message.get("content"), f"{field}.content")
     if role == "tool":
         return {
@@ -79,8 +81,6 @@ def _turn(message: dict[str, Any], index: int) -> dict[str, Any]:
             "toolCallId": str(message.get("tool_call_id", "")),
             "name": str(message.get("name", "")),
         }
-    if role not in ROLES:
-        raise bad_request(f"{field}.role", f"{role!r} is not one of {', '.join([*ROLES, 'tool'])}")
     turn: dict[str, Any] = {"role": ROLES[role], "content": content}
     calls = message.get("tool_calls") or []
     if role == "assistant" and calls:
