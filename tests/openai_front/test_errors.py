@@ -95,6 +95,15 @@ async def test_garbage_bodies_and_unknown_routes_answer_in_the_envelope(front: F
     assert status == 400 and body["error"]["message"]
     status, body = await asyncio.to_thread(post, front, "/assistants", b"{}", {})
     assert status == 404 and body["error"]["type"] == "not_found_error"
+    for content_type, data in (
+        ("application/json", b'{"purpose": "fine-tune"}'),  # not a form
+        ("multipart/form-data; boundary=zz", b"--zz\r\nnonsense\r\n--zz--"),
+        ("multipart/form-data", b"no boundary"),
+    ):
+        status, body = await asyncio.to_thread(
+            post, front, "/files", data, {"content-type": content_type}
+        )
+        assert status == 400 and body["error"]["message"], (content_type, body)
     # A body declared beyond the server's message limit (16 MiB) is refused before it is read.
     head = (
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
