@@ -1,4 +1,4 @@
-"""The OpenAI front over AdapterService and InferenceService on one in-process server, serving
+"""The OpenAI front over DatasetService, AdapterService and InferenceService on one server, serving
 the tiny chat model of the inference tests; clients are the unmodified `openai` package."""
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Front:
 
 @contextlib.asynccontextmanager
 async def start_front(served: Served, tmp_path: Path, **settings: Any) -> AsyncIterator[Front]:  # noqa: F811
-    """AdapterService, InferenceService and the front in one process, as `tunefleet serve` runs
-    them; `settings` are merged into the settings (`server` to turn authentication on)."""
+    """DatasetService, AdapterService, InferenceService and the front in one process, as
+    `tunefleet serve` runs them (no training: tests/openai_front/test_fine_tuning.py has it);
+    `settings` are merged into the settings (`server` to turn authentication on)."""
     server_settings = {"port": 0, "metrics_port": 0, "shutdown_grace_seconds": 0}
     server_settings.update(settings.pop("server", {}))
     options = load_settings(
@@ -57,7 +58,11 @@ async def start_front(served: Served, tmp_path: Path, **settings: Any) -> AsyncI
     attached = OpenAIFront(options.openai, "tiny", metrics.registry)
     server = TunefleetServer(
         options.server,
-        [registration("adapters", context), inference_service(context)],
+        [
+            registration("datasets", context),
+            registration("adapters", context),
+            inference_service(context),
+        ],
         metrics,
         [attached],
     )

@@ -145,6 +145,9 @@ async def test_the_caller_s_token_is_what_the_services_check(
             reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
             assert reply.choices[0].message.content is not None
             assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+            # Uploading data needs a writer: the reader's token is refused as it is on gRPC.
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
         # No token at all (openai-python always sends one), or another scheme: 401 too.
         for headers in ({}, {"authorization": "Basic dXNlcjpwYXNz"}):
             request = urllib.request.Request(front.base_url + "/models", headers=headers)
