@@ -306,7 +306,7 @@ class InferenceManager:
                 token_logprobs=[s.logprob for s in scores[len(scores) - len(completion_ids) :]],
                 prompt_tokens=len(prompt_ids),
                 tokens=scored[cut:],
-                input_tokens=scored[:cut] if request.score_input else [],
+                input_tokens=scored[:cut],
             )
         finally:
             self.pool.release(served)
