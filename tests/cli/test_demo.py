@@ -24,6 +24,9 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     check_tour(result.stdout)
     assert "tunefleet serve exited with 0" in result.stdout
+    # The embedded server's OpenAI-compatible API answered from the version prod serves.
+    assert "through the OpenAI-compatible API" in result.stdout
+    assert "  [adapters/orders/versions/2; response id " in result.stdout
 
 
 def check_tour(out: str) -> None:

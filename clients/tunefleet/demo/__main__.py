@@ -1,4 +1,5 @@
-"""python -m tunefleet.demo [--quick] [--data-dir DIR | --target ADDRESS [--metrics-url URL]]"""
+"""python -m tunefleet.demo [--quick] [--data-dir DIR | --target ADDRESS [--metrics-url URL]
+[--openai-url URL]]"""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ def main() -> int:
         "`tunefleet serve`) instead of starting one; they must serve the plan's base model",
     )
     parser.add_argument("--metrics-url", default="", help="InferenceService's /metrics, shown")
+    parser.add_argument(
+        "--openai-url", default="", help="the OpenAI-compatible API's /v1, asked once (openai)"
+    )
     args = parser.parse_args()
-    return run(args.quick, args.data_dir, args.target, args.metrics_url)
+    return run(args.quick, args.data_dir, args.target, args.metrics_url, args.openai_url)
 
 
 if __name__ == "__main__":

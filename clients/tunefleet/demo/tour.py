@@ -276,14 +276,16 @@ def run(
     data_dir: Path | None = None,
     target: str = "",
     metrics_url: str = "",
+    openai_url: str = "",
 ) -> int:
     """The tour on `tunefleet serve` started here, or (`target`) on services already running
-    there, a gateway in front of them for example, with the base model of the plan."""
+    there, a gateway in front of them for example, with the base model of the plan; the
+    OpenAI-compatible API (`openai_url`, the started server's own) is asked once."""
     plan = QUICK if quick else FULL
     started = time.monotonic()
     if target:
         step(f"the services at {target}, serving {plan.model}")
-        code = tour(target, metrics_url, plan)
+        code = tour(target, metrics_url, plan, openai_url)
     else:
         step(f"base model {plan.model} (prepared once and cached)")
         model_path = prepare_model(plan)
@@ -293,13 +295,31 @@ def run(
             f"starting `tunefleet serve` on {server.target} (all five services; data in {data_dir})"
         )
         with server:
-            code = tour(server.target, server.metrics_url, plan)
+            openai_url = f"http://127.0.0.1:{server.openai_port}/v1"
+            code = tour(server.target, server.metrics_url, plan, openai_url)
         print(f"  tunefleet serve exited with {server.process.returncode if server.process else 0}")
     print(f"  demo finished in {time.monotonic() - started:.0f} s")
     return code
 
 
-def tour(target: str, metrics_url: str, plan: Plan) -> int:
+def ask_openai(openai_url: str, turns: list[dict[str, str]]) -> None:
+    """The same question through the OpenAI-compatible API, as any OpenAI client asks it."""
+    import openai
+
+    with openai.OpenAI(base_url=openai_url, api_key="unused", max_retries=0) as client:
+        model = PROD.removeprefix("adapters/")
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=turns,  # type: ignore[arg-type]
+            max_tokens=64,
+            temperature=0,
+        )
+        reply = raw.parse()
+    print(f"  {model:<28} {reply.choices[0].message.content}")
+    print(f"  [{raw.headers['x-tunefleet-adapter-version']}; response id {reply.id}]")
+
+
+def tour(target: str, metrics_url: str, plan: Plan, openai_url: str = "") -> int:
     with Client(target) as client:
         dataset = ingest(client, plan)
         prompt = held_out_prompt(client, dataset.name)
@@ -345,6 +365,10 @@ def tour(target: str, metrics_url: str, plan: Plan) -> int:
                 f"  loaded {served.adapter_version}: aliases {aliases}, "
                 f"{served.request_count} requests"
             )
+
+        if openai_url:
+            step(f"the same prompt through the OpenAI-compatible API ({openai_url}, openai client)")
+            ask_openai(openai_url, prompt)
 
         step("feedback on an answer")
         answer = client.inference.generate(messages=prompt, adapter=PROD, max_tokens=64)
