@@ -497,6 +497,31 @@ async def test_feedback_lists_the_responses_it_judges(serving: Serving, served: 
     assert not any(f.HasField("response") for f in plain.feedback)
 
 
+async def test_the_version_each_alias_serves_is_a_metric(serving: Serving, served: Served) -> None:
+    """`tunefleet_inference_alias_version` follows the alias: what joins a version's request
+    and feedback metrics to the alias (champion or canary) that sends it traffic."""
+    first = await serving.register("alpha", served.adapters["alpha"])
+    second = await serving.register("alpha", served.adapters["beta"])
+    await serving.alias("prod", first)
+    assert (await serving.generate("adapters/alpha@prod")).adapter_version == first
+
+    def routed(version: str) -> float | None:
+        return serving.sample(
+            "tunefleet_inference_alias_version",
+            adapter="adapters/alpha",
+            alias="prod",
+            version=version,
+        )
+
+    assert routed(first) == 1 and routed(second) is None
+    await serving.alias("prod", second)
+    for _ in range(200):  # the move is pushed on the change feed
+        if (await serving.generate("adapters/alpha@prod")).adapter_version == second:
+            break
+        await asyncio.sleep(0.05)
+    assert routed(second) == 1 and routed(first) is None
+
+
 async def test_hot_swap_under_load_fails_no_request(serving: Serving, served: Served) -> None:
     alpha_v1 = await serving.register("alpha", served.adapters["alpha"])
     alpha_v2 = await serving.register("alpha", served.adapters["beta"])  # other weights

@@ -101,6 +101,8 @@ class AdapterPool:
         self.revision = -1  # of the registry's change feed (-1: from its newest change on)
         self.following = asyncio.Event()  # the watch is open: moves from now on are seen
         self._background: set[asyncio.Task[Any]] = set()
+        # Read by the metrics endpoint's thread: a copy in one step, never a dict that changes.
+        metrics.routes.source = lambda: {a: s.version for a, s in list(self.routes.items())}
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -3,7 +3,10 @@ model)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -14,9 +17,32 @@ def version_labels(version: str) -> tuple[str, str]:
     return (version.split("/versions/")[0] if version else "base", version)
 
 
+class _Routes:
+    """`tunefleet_inference_alias_version`, read from the routes when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, str]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tunefleet_inference_alias_version",
+            "1 for the version each alias routed here serves (`adapters/{adapter}@{alias}` to "
+            "its version): what joins a version's metrics to the alias, champion or canary, "
+            "that sends it traffic.",
+            labels=["adapter", "alias", "version"],
+        )
+        for routed, version in sorted(self.source().items()):
+            adapter, _, alias = routed.partition("@")
+            family.add_metric([adapter, alias, version], 1)
+        yield family
+
+
 class InferenceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         by_version = ["adapter", "version"]  # adapter "base" and version "" for the base model
+        # The adapter pool sets `routes.source` to its routes.
+        self.routes = _Routes()
+        registry.register(self.routes)
         self.requests = Counter(
             "tunefleet_inference_requests",
             "Generation requests by adapter, version and outcome (ok, cancelled, invalid: the "
