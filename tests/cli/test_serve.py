@@ -132,17 +132,22 @@ def test_the_embedded_server_answers_openai_clients_on_its_own_port(embedded: Se
     assert 'route="/v1/chat/completions",status="400"' in text
 
 
-def test_the_front_alone_needs_the_services_address(tmp_path: Path) -> None:
+def failed_start(*args: str, **env: str) -> str:
+    """What `tunefleet serve ARGS` printed on stderr, having exited with an error at start-up."""
     result = subprocess.run(
-        [str(TUNEFLEET), "serve", "openai"],
-        env={**os.environ, "TUNEFLEET_DATA_DIR": str(tmp_path)},
+        [str(TUNEFLEET), "serve", *args],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
-    assert result.returncode != 0
-    assert "openai.target" in result.stderr
+    assert result.returncode != 0, result.stderr
+    return result.stderr
+
+
+def test_the_front_alone_needs_the_services_address(tmp_path: Path) -> None:
+    assert "openai.target" in failed_start("openai", TUNEFLEET_DATA_DIR=str(tmp_path))
 
 
 def test_an_openai_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
@@ -150,22 +155,13 @@ def test_an_openai_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [str(TUNEFLEET), "serve"],
-            env={
-                **os.environ,
-                "TUNEFLEET_DATA_DIR": str(tmp_path),
-                "TUNEFLEET_SERVER__PORT": str(free_port()),
-                "TUNEFLEET_SERVER__METRICS_PORT": str(free_port()),
-                "TUNEFLEET_OPENAI__PORT": str(port),
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        stderr = failed_start(
+            TUNEFLEET_DATA_DIR=str(tmp_path),
+            TUNEFLEET_SERVER__PORT=str(free_port()),
+            TUNEFLEET_SERVER__METRICS_PORT=str(free_port()),
+            TUNEFLEET_OPENAI__PORT=str(port),
         )
-    assert result.returncode != 0
-    assert f"openai.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"openai.port: cannot listen on 127.0.0.1:{port}" in stderr
 
 
 def test_health_watch_streams_the_status(embedded: Serve) -> None:
@@ -245,16 +241,8 @@ def test_one_service_per_process(tmp_path: Path) -> None:
 
 
 def test_bad_setting_fails_start_up_naming_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(TUNEFLEET), "serve"],
-        env={**os.environ, "TUNEFLEET_SERVER__PORT": "not-a-port"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "server.port (TUNEFLEET_SERVER__PORT)" in result.stderr
+    stderr = failed_start(TUNEFLEET_SERVER__PORT="not-a-port")
+    assert "server.port (TUNEFLEET_SERVER__PORT)" in stderr
 
 
 ORPHANING_PARENT = """

@@ -31,7 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunefleet.v1 import common_pb2, inference_pb2
+from tunefleet.client.inference import openai_message, openai_tool
+from tunefleet.v1 import inference_pb2
 
 
 @dataclass
@@ -59,7 +60,7 @@ def training_examples(
     examples = Examples()
     used: set[str] = set()
     unused: dict[str, str] = {}  # feedback name -> why it made no example (yet)
-    by_input: dict[str, list[inference_pb2.Feedback]] = defaultdict(list)
+    by_input: dict[bytes, list[inference_pb2.Feedback]] = defaultdict(list)
     for item in feedback:
         if not item.HasField("response"):
             raise ValueError(f"{item.name}: listed without its response (include_responses)")
@@ -98,47 +99,11 @@ def _sampled(name: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _input_key(response: inference_pb2.RecordedResponse) -> str:
-    which = response.WhichOneof("input")
-    data = (
-        response.prompt
-        if which == "prompt"
-        else response.chat.SerializeToString(deterministic=True)
-    )
-    return hashlib.sha256(
-        f"{which}:".encode() + (data.encode() if isinstance(data, str) else data)
-    ).hexdigest()
-
-
-def _turn(message: common_pb2.ChatMessage) -> dict[str, Any]:
-    turn: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.tool_calls:
-        turn["content"] = message.content or None
-        turn["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
-            }
-            for call in message.tool_calls
-        ]
-    if message.tool_call_id:
-        turn["tool_call_id"] = message.tool_call_id
-    return turn
-
-
-def _tools(chat: inference_pb2.ChatInput) -> list[dict[str, Any]]:
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": tool.name,
-                "description": tool.description,
-                "parameters": json.loads(tool.parameters or "{}"),
-            },
-        }
-        for tool in chat.tools
-    ]
+def _input_key(response: inference_pb2.RecordedResponse) -> bytes:
+    """The same for responses to the same input (a prompt, or a chat with its tools)."""
+    if response.WhichOneof("input") == "prompt":
+        return b"prompt:" + response.prompt.encode()
+    return b"chat:" + response.chat.SerializeToString(deterministic=True)
 
 
 def _record(response: inference_pb2.RecordedResponse, answer: str) -> dict[str, Any]:
@@ -147,12 +112,12 @@ def _record(response: inference_pb2.RecordedResponse, answer: str) -> dict[str, 
         return {"prompt": response.prompt, "completion": answer}
     record: dict[str, Any] = {
         "messages": [
-            *(_turn(m) for m in response.chat.messages),
+            *(openai_message(m) for m in response.chat.messages),
             {"role": "assistant", "content": answer},
         ]
     }
     if response.chat.tools:
-        record["tools"] = _tools(response.chat)
+        record["tools"] = [openai_tool(t) for t in response.chat.tools]
     return record
 
 
@@ -161,12 +126,12 @@ def _pair(response: inference_pb2.RecordedResponse, chosen: str, rejected: str) 
     if response.WhichOneof("input") == "prompt":
         return {"prompt": response.prompt, "chosen": chosen, "rejected": rejected}
     pair: dict[str, Any] = {
-        "prompt": [_turn(m) for m in response.chat.messages],
+        "prompt": [openai_message(m) for m in response.chat.messages],
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }
     if response.chat.tools:
-        pair["tools"] = _tools(response.chat)
+        pair["tools"] = [openai_tool(t) for t in response.chat.tools]
     return pair
 
 

@@ -49,6 +49,38 @@ def to_tool(tool: common_pb2.Tool | Mapping[str, Any], field: str) -> common_pb2
     )
 
 
+def openai_tool(tool: common_pb2.Tool) -> dict[str, Any]:
+    """A tool in OpenAI's form, `to_tool`'s inverse."""
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": json.loads(tool.parameters or "{}"),
+        },
+    }
+
+
+def openai_tool_calls(calls: Sequence[common_pb2.ToolCall]) -> list[dict[str, Any]]:
+    """An assistant's calls in OpenAI's form."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def openai_message(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    """A chat turn in OpenAI's form: a turn that calls tools has its `tool_calls` (and `content`
+    null when it wrote nothing else), a tool's answer its `tool_call_id`."""
+    turn: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["content"] = message.content or None
+        turn["tool_calls"] = openai_tool_calls(message.tool_calls)
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
 def set_input(
     request: inference_service_pb2.GenerateRequest | inference_service_pb2.ScoreCompletionRequest,
     prompt: str | Sequence[int] | None,

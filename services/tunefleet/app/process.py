@@ -30,8 +30,10 @@ async def serve(
     empty) until SIGTERM or SIGINT (or, with `exit_with_parent`, until the process that started
     this one dies)."""
     configure_logging(settings.logging)
-    keys = [key for key in service_keys if key != FRONT] or ([] if service_keys else list(SERVICES))
-    front = FRONT in service_keys or (not service_keys and settings.openai.enabled)
+    if service_keys:
+        keys, front = [key for key in service_keys if key != FRONT], FRONT in service_keys
+    else:
+        keys, front = list(SERVICES), settings.openai.enabled
     if front and not keys and not settings.openai.target:
         raise SettingsError(
             "openai.target: must name the services' address (the gateway) when this process "

@@ -68,10 +68,9 @@ class Front:
                 request.state.body = await _json(request, self.max_body_bytes)
                 return await _unless_gone(request, handler(request, self.caller(request)))
             except OpenAIError as error:
-                return JSONResponse(error.body(), status_code=error.status)
+                return error.response()
             except TunefleetError as error:
-                failure = translate(error)
-                return JSONResponse(failure.body(), status_code=failure.status)
+                return translate(error).response()
 
         return Route(path, endpoint, methods=methods)
 
@@ -172,13 +171,13 @@ def build_app(
         assert isinstance(error, HTTPException)
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {error.detail}"
-        failure = OpenAIError(error.status_code, message, type=kind, code=None)
-        return JSONResponse(failure.body(), status_code=error.status_code)
+        return OpenAIError(error.status_code, message, type=kind, code=None).response()
 
     async def server_error(request: Request, error: Exception) -> Response:
         log.exception("%s %s failed", request.method, request.url.path)
-        failure = OpenAIError(500, "internal error (logged by the server)", type="server_error")
-        return JSONResponse(failure.body(), status_code=500)
+        return OpenAIError(
+            500, "internal error (logged by the server)", type="server_error"
+        ).response()
 
     app = Starlette(
         routes=routes,

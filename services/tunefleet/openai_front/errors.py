@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from starlette.responses import JSONResponse
 
 from tunefleet.client import TunefleetError
 
@@ -66,6 +67,9 @@ class OpenAIError(Exception):
             param,
             code,
         )
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     def body(self) -> dict[str, Any]:
         return {

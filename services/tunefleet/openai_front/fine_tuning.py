@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunefleet.client import AsyncClient
+from tunefleet.client.inference import openai_message, openai_tool
 from tunefleet.openai_front.errors import OpenAIError, bad_request
 from tunefleet.openai_front.models import version_id
 from tunefleet.v1 import common_pb2, dataset_pb2, training_job_pb2
@@ -137,48 +138,19 @@ async def delete_file(request: Request, client: AsyncClient) -> Response:
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
 
-def _turns(messages: Any) -> list[dict[str, Any]]:
-    turns = []
-    for message in messages:
-        turn: dict[str, Any] = {"role": message.role, "content": message.content}
-        if message.tool_calls:
-            turn["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in message.tool_calls
-            ]
-        if message.tool_call_id:
-            turn["tool_call_id"] = message.tool_call_id
-        turns.append(turn)
-    return turns
-
-
 def _line(record: dataset_pb2.DatasetRecord) -> str:
     """A cleaned record in OpenAI's fine-tuning form: chat `messages` (with `tools`), or a
     preference pair's `input` with `preferred_output` and `non_preferred_output`."""
     if record.chosen:
         document: dict[str, Any] = {
-            "input": {"messages": _turns(record.messages)},
-            "preferred_output": _turns(record.chosen),
-            "non_preferred_output": _turns(record.rejected),
+            "input": {"messages": [openai_message(m) for m in record.messages]},
+            "preferred_output": [openai_message(m) for m in record.chosen],
+            "non_preferred_output": [openai_message(m) for m in record.rejected],
         }
     else:
-        document = {"messages": _turns(record.messages)}
+        document = {"messages": [openai_message(m) for m in record.messages]}
     if record.tools:
-        document["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": json.loads(tool.parameters or "{}"),
-                },
-            }
-            for tool in record.tools
-        ]
+        document["tools"] = [openai_tool(tool) for tool in record.tools]
     return json.dumps(document, ensure_ascii=False) + "\n"
 
 
@@ -430,4 +402,4 @@ async def unsupported(request: Request, client: AsyncClient) -> Response:
         type="invalid_request_error",
         code="unsupported_endpoint",
     )
-    return JSONResponse(error.body(), status_code=501, headers={"x-should-retry": "false"})
+    return error.response(headers={"x-should-retry": "false"})

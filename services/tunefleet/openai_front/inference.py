@@ -13,16 +13,17 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunefleet.client import AsyncClient, NotFound, TunefleetError
+from tunefleet.client.inference import openai_tool_calls
 from tunefleet.openai_front.errors import bad_request, translate
 from tunefleet.openai_front.models import adapter_of, not_found
 from tunefleet.openai_front.params import ChatBody, CompletionBody, parse
-from tunefleet.v1 import common_pb2, inference_pb2, inference_service_pb2
+from tunefleet.v1 import inference_pb2, inference_service_pb2
 
 VERSION_HEADER = "x-tunefleet-adapter-version"
 FINISH = {
@@ -100,17 +101,6 @@ def _turn(message: dict[str, Any], index: int) -> dict[str, Any]:
     return turn
 
 
-def _tool_calls(calls: Sequence[common_pb2.ToolCall]) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": call.id,
-            "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments},
-        }
-        for call in calls
-    ]
-
-
 @contextlib.asynccontextmanager
 async def _refusals(model: str, input_param: str) -> AsyncIterator[None]:
     """InferenceService's refusals in this endpoint's words: NOT_FOUND is about the adapter
@@ -170,7 +160,7 @@ def chat_completion_of(
     """A whole generation as OpenAI's `chat.completion` object."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.text}
     if reply.tool_calls:
-        message["tool_calls"] = _tool_calls(reply.tool_calls)
+        message["tool_calls"] = openai_tool_calls(reply.tool_calls)
         message["content"] = reply.text or None
     return {
         "id": reply.response_id,
@@ -210,12 +200,13 @@ def _usage_chunk(
 
 async def chunks_of(
     reply: inference_service_pb2.GenerateResponse, model: str, created: int, usage: bool
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any]]:
     """A whole generation as the chunks of a stream: the text and calls, the finish, usage."""
     delta: dict[str, Any] = {"role": "assistant", "content": reply.text}
     if reply.tool_calls:
         delta["tool_calls"] = [
-            {"index": index, **call} for index, call in enumerate(_tool_calls(reply.tool_calls))
+            {"index": index, **call}
+            for index, call in enumerate(openai_tool_calls(reply.tool_calls))
         ]
     yield _chunk(reply.response_id, model, created, delta)
     yield _chunk(reply.response_id, model, created, {}, FINISH.get(reply.finish_reason, "stop"))
@@ -229,7 +220,7 @@ async def _chat_chunks(
     model: str,
     created: int,
     usage: bool,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any]]:
     response_id = first.response_id
     yield _chunk(response_id, model, created, {"role": "assistant", "content": ""})
     async for piece in _pieces(first, pieces):
@@ -254,7 +245,7 @@ async def _pieces(
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-def _stream(chunks: AsyncIterator[dict[str, Any]], version: str) -> StreamingResponse:
+def _stream(chunks: AsyncGenerator[dict[str, Any]], version: str) -> StreamingResponse:
     """Server-sent events: each chunk, an error in OpenAI's envelope if the generation fails
     part way (openai-python raises it), then `[DONE]`. A client that leaves cancels the
     generation (Starlette cancels this iterator, and closing it cancels the gRPC stream)."""
@@ -266,7 +257,7 @@ def _stream(chunks: AsyncIterator[dict[str, Any]], version: str) -> StreamingRes
         except TunefleetError as error:
             yield _sse(translate(error).body())
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
@@ -409,7 +400,7 @@ async def _text_chunks(
     model: str,
     created: int,
     usage: bool,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any]]:
     def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
         return {
             "id": first.response_id,

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class OpenAIFront:
-    """Attached to a TunefleetServer: `start(server)` once it listens, `stop(grace)` first."""
+    """Attached to a TunefleetServer: started once its services serve, stopped before they
+    stop."""
 
     def __init__(
         self, settings: OpenAISettings, base_model: str, registry: CollectorRegistry
