@@ -54,3 +54,21 @@ async def test_upload_over_the_limit(start_server: StartServer) -> None:
     info = error_info(raised.value)
     assert info is not None and info.reason == "UPLOAD_TOO_LARGE"
     assert info.metadata["limit_bytes"] == "10000"
+
+
+async def test_a_refused_upload_reports_its_own_status_to_an_asyncio_client(
+    start_server: StartServer,
+) -> None:
+    """The server refuses while the client still has chunks in flight. grpc.aio clients report
+    such a call as INTERNAL "Internal error from Core" when a write fails after the status came
+    (grpc/grpc#36066); the server reads the rest of a refused stream before answering, so the
+    client sees the refusal itself, every time."""
+    server = await start_server([SERVICE], max_upload_bytes=10_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        upload = stream_unary(channel, "/test.Upload/Upload")
+        codes = []
+        for _ in range(30):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await upload(chunks(200, 1000))
+            codes.append(raised.value.code())
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -208,7 +208,22 @@ class ErrorInterceptor(AroundInterceptor):
     """Maps typed errors to their status codes with an ErrorInfo reason, and faults of the
     environment to theirs (`errors.environment_error`: RESOURCE_EXHAUSTED for a full disk,
     UNAVAILABLE for a locked or lost database); anything else is logged with its traceback and
-    becomes INTERNAL "internal error"."""
+    becomes INTERNAL "internal error".
+
+    A client stream refused before its end (a reader's upload, one over the size limit) is read
+    to its end, up to `DRAIN_BYTES` and `DRAIN_SECONDS`, before the status is sent: a grpc.aio
+    client whose write fails after the status arrived reports INTERNAL "Internal error from
+    Core" instead of that status (grpc/grpc#36066)."""
+
+    DRAIN_BYTES = 16 * 1024 * 1024
+    DRAIN_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._streams: dict[int, AsyncIterator[Any]] = {}
+
+    def filter_requests(self, call: RpcCall, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        self._streams[id(call.context)] = requests
+        return requests
 
     @asynccontextmanager
     async def around(self, call: RpcCall) -> AsyncIterator[None]:
@@ -216,6 +231,7 @@ class ErrorInterceptor(AroundInterceptor):
             yield
         except TunefleetError as exc:
             status = exc.to_status()
+            await self._read_rest(call)
             await call.context.abort(status.code, status.details, status.trailing_metadata)
         except (AbortError, asyncio.CancelledError):
             raise  # the handler already chose its status, or the client went away
@@ -227,7 +243,26 @@ class ErrorInterceptor(AroundInterceptor):
             else:
                 log.warning("%s failed: %s (%s)", call.full_method, fault.message, exc)
                 status = fault.to_status()
+            await self._read_rest(call)
             await call.context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            self._streams.pop(id(call.context), None)
+
+    async def _read_rest(self, call: RpcCall) -> None:
+        """Reads and drops what is left of the call's client stream (nothing for unary calls)."""
+        requests = self._streams.pop(id(call.context), None)
+        if requests is None:
+            return
+
+        async def read() -> None:
+            total = 0
+            async for request in requests:
+                total += len(request) if isinstance(request, bytes) else request.ByteSize()
+                if total > self.DRAIN_BYTES:
+                    return
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(read(), self.DRAIN_SECONDS)
 
 
 class GateInterceptor(AroundInterceptor):
