@@ -421,6 +421,48 @@ async def test_contamination_check(stub: Stub, tmp_path: Path) -> None:
     assert {(e.kept_line, e.removed_line) for e in report.examples} == {(i, i) for i in range(1, 9)}
 
 
+async def test_held_out_prompts_are_refused(stub: Stub) -> None:
+    """A record asking an evaluation item's question (in any case and spacing, with any answer)
+    is rejected as HELD_OUT, naming the held-out dataset; the rest is kept, and CheckContamination
+    then finds no exact overlap. A missing held-out dataset is refused naming its field."""
+    evaluation_items = records("prompt_completion", 20, seed=31)
+    evaluation = await upload(stub, jsonl(evaluation_items), options={"validation_fraction": 0})
+    fresh = records("prompt_completion", 30, seed=32)
+    leaked = [
+        {"prompt": f"  {item['prompt'].upper()} ", "completion": "a corrected answer"}
+        for item in evaluation_items[:4]
+    ]
+    as_chat = {
+        "messages": [
+            {"role": "user", "content": evaluation_items[4]["prompt"]},
+            {"role": "assistant", "content": "another answer"},
+        ]
+    }
+    options = {"validation_fraction": 0, "held_out_datasets": [evaluation.name]}
+    train = await upload(stub, jsonl([*fresh[:10], *leaked, *fresh[10:]]), options=options)
+    report = train.validation_report
+    assert train.record_count == 30
+    assert report.rejected_records == 4
+    assert {e.line for e in report.errors} == {11, 12, 13, 14}
+    assert {e.code for e in report.errors} == {dataset_pb2.RECORD_ERROR_CODE_HELD_OUT}
+    assert evaluation.name in report.errors[0].message
+    assert list(train.options.held_out_datasets) == [evaluation.name]
+    chat = await upload(
+        stub, jsonl([*records("openai_chat", 5, seed=33), as_chat]), options=options
+    )
+    assert [e.line for e in chat.validation_report.errors] == [6]
+    contamination = await stub.CheckContamination(
+        dataset_service_pb2.CheckContaminationRequest(
+            dataset=train.name, evaluation_dataset=evaluation.name
+        )
+    )
+    assert contamination.exact_overlap == 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await upload(stub, jsonl(fresh), options={"held_out_datasets": ["datasets/nope"]})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "options.held_out_datasets[0]" in str(refused.value.details())
+
+
 async def test_token_statistics_with_a_local_tokenizer(stub: Stub, tokenizer_dir: Path) -> None:
     dataset = await upload(
         stub,

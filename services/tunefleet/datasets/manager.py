@@ -19,7 +19,14 @@ from tunefleet.core.names import dataset_id, lease_name
 from tunefleet.datasets import store
 from tunefleet.datasets.dedup import MinHasher, exact_key, jaccard, near_pairs
 from tunefleet.datasets.metrics import DatasetMetrics
-from tunefleet.datasets.pipeline import DatasetRejected, IngestOptions, Ingestor, IngestResult
+from tunefleet.datasets.pipeline import (
+    DatasetRejected,
+    IngestOptions,
+    Ingestor,
+    IngestResult,
+    prompt_key,
+    stored_record,
+)
 from tunefleet.datasets.tokens import TokenCounter
 from tunefleet.runtime.models import ModelCatalogue
 from tunefleet.storage import idempotency
@@ -93,6 +100,16 @@ class DatasetManager:
                 if name is not None:
                     existing = store.get(session, name.removeprefix("datasets/"))
                     return Upload(header, self._ingestor(options), existing)
+        held_out: dict[bytes, str] = {}
+        for index, name in enumerate(options.held_out_datasets):
+            field = f"options.held_out_datasets[{index}]"
+            name = f"datasets/{dataset_id(name, field)}"
+            try:
+                records = list(self.records(name))
+            except NotFound as exc:
+                raise InvalidArgument(field, exc.message) from None
+            for record in records:
+                held_out.setdefault(prompt_key(stored_record(record)), name)
         if options.validation_dataset:
             with self.db.session() as session:
                 identifier = dataset_id(options.validation_dataset, "options.validation_dataset")
@@ -100,14 +117,21 @@ class DatasetManager:
                     store.get(session, identifier)
                 except NotFound as exc:
                     raise InvalidArgument("options.validation_dataset", exc.message) from None
-        return Upload(header, self._ingestor(options))
+        return Upload(header, self._ingestor(options, held_out))
 
-    def _ingestor(self, options: IngestOptions) -> Ingestor:
+    def _ingestor(
+        self, options: IngestOptions, held_out: dict[bytes, str] | None = None
+    ) -> Ingestor:
         counter = None
         if options.tokenizer_model:
             path = self.models.resolve(options.tokenizer_model, "options.tokenizer_model")
             counter = TokenCounter(path)
-        return Ingestor(options, self.workdir / f"upload-{uuid.uuid4().hex}", count_tokens=counter)
+        return Ingestor(
+            options,
+            self.workdir / f"upload-{uuid.uuid4().hex}",
+            count_tokens=counter,
+            held_out=held_out,
+        )
 
     def feed(self, upload: Upload, chunk: bytes) -> None:
         """The upload's next bytes, once the volume has room for what they will need."""
@@ -326,4 +350,5 @@ def _options_document(options: IngestOptions) -> dict[str, Any]:
     )
     document["pii_policy"] = f"PII_POLICY_{options.pii_policy.upper()}"
     document["kind"] = DatasetKind.Name(options.kind)
+    document["held_out_datasets"] = list(options.held_out_datasets)
     return document

@@ -18,7 +18,7 @@ import shutil
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +85,7 @@ class IngestOptions:
     split_seed: int = 0
     validation_dataset: str = ""
     kind: DatasetKind.ValueType = DatasetKind.DATASET_KIND_UNSPECIFIED
+    held_out_datasets: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """Hash of every option that shapes the dataset's content (part of its id)."""
@@ -204,8 +205,10 @@ class Ingestor:
         *,
         count_tokens: TokenMeasure | None = None,
         hasher: MinHasher | None = None,
+        held_out: Mapping[bytes, str] | None = None,
     ) -> None:
         self.options = options
+        self._held_out = held_out or {}  # prompt_key -> the held-out dataset that has it
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self._owner = spools.hold(workdir)  # a sweep after a crash knows it was abandoned
@@ -293,6 +296,16 @@ class Ingestor:
                 RecordErrorCode.RECORD_ERROR_CODE_RECORD_TOO_LONG,
                 f"record has {length} characters of content, the limit is "
                 f"{self.options.max_record_chars}",
+            )
+            return
+        held_out = self._held_out.get(prompt_key(record))
+        if held_out is not None:
+            self._reject(
+                raw.line,
+                RecordErrorCode.RECORD_ERROR_CODE_HELD_OUT,
+                f"its prompt is a prompt of {held_out}, which options.held_out_datasets keeps out "
+                "of training",
+                "messages",
             )
             return
         self._validation.valid_records += 1
@@ -472,7 +485,7 @@ class Ingestor:
             def shingles(index: int) -> np.ndarray[Any, Any]:
                 spool.seek(self._offsets[index])
                 entry = orjson.loads(spool.readline())
-                return self._hasher.shingles([_text_of(_stored(entry))])[0]
+                return self._hasher.shingles([_text_of(stored_record(entry))])[0]
 
             def exact(first: int, second: int) -> float:
                 return jaccard(shingles(first), shingles(second))
@@ -534,7 +547,7 @@ class Ingestor:
                 entry = orjson.loads(spool.readline())
                 record = {
                     "index": position,
-                    **_stored(entry).document(),
+                    **stored_record(entry).document(),
                     "redacted_pii": entry["redacted_pii"],
                     "source_line": entry["line"],
                     "split": "validation" if index in validation_side else "train",
@@ -543,7 +556,7 @@ class Ingestor:
                 digest.update(line)
                 out.write(line)
                 if self._count_tokens is not None:
-                    batch.append(_stored(entry))
+                    batch.append(stored_record(entry))
                     if len(batch) == 256:
                         lengths += self._measure(batch)
                         batch.clear()
@@ -575,7 +588,7 @@ class Ingestor:
         self._owner.close()
 
 
-def _stored(entry: dict[str, Any]) -> Record:
+def stored_record(entry: dict[str, Any]) -> Record:
     """The record of a spooled entry."""
     return Record(
         entry["messages"],
@@ -586,6 +599,16 @@ def _stored(entry: dict[str, Any]) -> Record:
         tools=entry.get("tools"),
         cluster=entry.get("cluster"),
     )
+
+
+def prompt_key(record: Record) -> bytes:
+    """The exact key (case and whitespace aside) of a record's prompt: a preference record's
+    `messages`, a conversation's turns before its last assistant turn."""
+    turns = record.messages
+    if record.chosen is None and record.completion is None:
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=len(turns))
+        turns = turns[:last]
+    return exact_key([_with_calls(m) for m in turns])
 
 
 def _turns(record: Record) -> list[Message]:

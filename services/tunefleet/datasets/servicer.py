@@ -12,6 +12,7 @@ import orjson
 from google.protobuf import empty_pb2, json_format
 
 from tunefleet.core.errors import InvalidArgument
+from tunefleet.core.names import dataset_id
 from tunefleet.core.protos import timestamp
 from tunefleet.datasets.formats import kind_of
 from tunefleet.datasets.manager import DatasetManager, Upload, UploadHeader
@@ -27,6 +28,7 @@ SPLITS = {
     dataset_pb2.DATASET_SPLIT_VALIDATION: "validation",
 }
 MAX_DISPLAY_NAME = 128
+MAX_HELD_OUT = 8
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
@@ -191,6 +193,15 @@ def ingest_options(options: dataset_pb2.DatasetOptions) -> IngestOptions:
         raise InvalidArgument(
             "options.validation_fraction", "cannot be set together with options.validation_dataset"
         )
+    if len(options.held_out_datasets) > MAX_HELD_OUT:
+        raise InvalidArgument(
+            "options.held_out_datasets",
+            f"at most {MAX_HELD_OUT} datasets, got {len(options.held_out_datasets)}",
+        )
+    held_out = tuple(
+        f"datasets/{dataset_id(name, f'options.held_out_datasets[{i}]')}"
+        for i, name in enumerate(options.held_out_datasets)
+    )
     for name in ("min_record_count", "max_record_chars", "max_sequence_length"):
         if getattr(options, name) < 0:
             raise InvalidArgument(
@@ -222,6 +233,7 @@ def ingest_options(options: dataset_pb2.DatasetOptions) -> IngestOptions:
         split_seed=options.split_seed,
         validation_dataset=options.validation_dataset,
         kind=options.kind,
+        held_out_datasets=held_out,
     )
 
 

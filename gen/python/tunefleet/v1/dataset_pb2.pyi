@@ -185,6 +185,11 @@ class _RecordErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recor
     arguments are not a JSON object, a call is never answered by a tool turn, or a tool turn
     answers no call.
     """
+    RECORD_ERROR_CODE_HELD_OUT: _RecordErrorCode.ValueType  # 14
+    """The record's prompt (its turns before the answer) is, after normalising case and
+    whitespace, a prompt of one of `options.held_out_datasets`: training on it would leak
+    evaluation items into training.
+    """
 
 class RecordErrorCode(_RecordErrorCode, metaclass=_RecordErrorCodeEnumTypeWrapper):
     """RecordErrorCode is the stable reason a record was rejected."""
@@ -224,6 +229,11 @@ RECORD_ERROR_CODE_INVALID_TOOL_CALL: RecordErrorCode.ValueType  # 13
 """A tool definition or call is invalid: a call names a tool the record does not declare, its
 arguments are not a JSON object, a call is never answered by a tool turn, or a tool turn
 answers no call.
+"""
+RECORD_ERROR_CODE_HELD_OUT: RecordErrorCode.ValueType  # 14
+"""The record's prompt (its turns before the answer) is, after normalising case and
+whitespace, a prompt of one of `options.held_out_datasets`: training on it would leak
+evaluation items into training.
 """
 Global___RecordErrorCode: _TypeAlias = RecordErrorCode  # noqa: Y015
 
@@ -534,6 +544,7 @@ class DatasetOptions(_message.Message):
     SPLIT_SEED_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    HELD_OUT_DATASETS_FIELD_NUMBER: _builtins.int
     format: Global___DatasetFormat.ValueType
     """Optional. Format of the records; unspecified detects it."""
     invalid_record_policy: Global___InvalidRecordPolicy.ValueType
@@ -573,6 +584,12 @@ class DatasetOptions(_message.Message):
     answers are dropped and counted). A preference kind on a file of SFT conversations refuses
     the upload.
     """
+    @_builtins.property
+    def held_out_datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Datasets kept out of training, `datasets/{dataset}` (an evaluation set, up to 8):
+        a record whose prompt is one of theirs is rejected (RECORD_ERROR_CODE_HELD_OUT).
+        """
+
     def __init__(
         self,
         *,
@@ -590,10 +607,11 @@ class DatasetOptions(_message.Message):
         split_seed: _builtins.int = ...,
         validation_dataset: _builtins.str = ...,
         kind: Global___DatasetKind.ValueType = ...,
+        held_out_datasets: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "near_duplicate_threshold", b"near_duplicate_threshold", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "format", b"format", "invalid_record_policy", b"invalid_record_policy", "kind", b"kind", "max_record_chars", b"max_record_chars", "max_sequence_length", b"max_sequence_length", "min_record_count", b"min_record_count", "near_duplicate_threshold", b"near_duplicate_threshold", "pii_policy", b"pii_policy", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "split_seed", b"split_seed", "tokenizer_model", b"tokenizer_model", "validation_dataset", b"validation_dataset", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold", "_remove_exact_duplicates", b"_remove_exact_duplicates", "_remove_near_duplicates", b"_remove_near_duplicates", "_validation_fraction", b"_validation_fraction", "format", b"format", "held_out_datasets", b"held_out_datasets", "invalid_record_policy", b"invalid_record_policy", "kind", b"kind", "max_record_chars", b"max_record_chars", "max_sequence_length", b"max_sequence_length", "min_record_count", b"min_record_count", "near_duplicate_threshold", b"near_duplicate_threshold", "pii_policy", b"pii_policy", "remove_exact_duplicates", b"remove_exact_duplicates", "remove_near_duplicates", b"remove_near_duplicates", "split_seed", b"split_seed", "tokenizer_model", b"tokenizer_model", "validation_dataset", b"validation_dataset", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__near_duplicate_threshold: _TypeAlias = _typing.Literal["near_duplicate_threshold"]  # noqa: Y015
     _WhichOneofArgType__near_duplicate_threshold: _TypeAlias = _typing.Literal["_near_duplicate_threshold", b"_near_duplicate_threshold"]  # noqa: Y015
