@@ -51,9 +51,9 @@ $(BUF): package.json
 
 install: $(VENV)/.installed $(BUF)  ## create .venv with the package, its extras and the dev tools; install buf
 
-system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, promtool, nginx, tmux); needs root
+system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, Prometheus and Alertmanager, nginx, tmux); needs root
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus nginx tmux
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus prometheus-alertmanager nginx tmux
 
 kube-deps:  ## build kube-apiserver and kube-controller-manager v1.20 for the Kubernetes tests (cached in /var/cache/tunefleet-kube); needs root
 	bash tests/kube/build-apiserver.sh

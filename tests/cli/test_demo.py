@@ -62,5 +62,14 @@ def check_tour(out: str) -> None:
         in out
     )
     assert "rating +1 for adapters/orders/versions/2" in out
+    # A turn of the improvement loop: prod's answers corrected, a challenger (version 3) trained
+    # on them and judged against prod on the frozen set; prod moves only if the gate passed.
+    assert re.search(r"prod answered 12 prompts; \d+ corrected", out), out
+    gate = re.findall(r"^  (champion|challenger) +\d+/12 .*$", out, re.MULTILINE)
+    assert gate == ["champion", "challenger"], out
+    loop = re.search(r"adapters/orders@prod serves (\S+): (promoted|gate_failed)", out)
+    assert loop is not None, out
+    promoted = loop[2] == "promoted"
+    assert loop[1] == f"adapters/orders/versions/{3 if promoted else 2}"
     assert 'tunefleet_inference_requests_total{adapter="adapters/orders"' in out
     assert re.search(r"demo finished in \d+ s", out)

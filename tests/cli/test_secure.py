@@ -46,6 +46,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServ
             },
             "training": {"worker_registry_token": TOKENS["writer"]},
             "evaluation": {"service_token": TOKENS["reader"]},
+            "retraining": {"service_token": TOKENS["writer"]},
         },
         credentials=grpc.ssl_channel_credentials(ca.pair.cert.read_bytes()),
     )

@@ -51,7 +51,12 @@ def test_each_kind_of_feedback_makes_its_examples() -> None:
     ]
     assert examples.sft == [
         {"messages": [owl, {"role": "assistant", "content": "Grey."}], "tools": tools},
-        {"prompt": "The cat is", "completion": "Blue."},
+        {
+            "messages": [
+                {"role": "user", "content": "The cat is"},
+                {"role": "assistant", "content": "Blue."},
+            ]
+        },
         {"messages": [owl, {"role": "assistant", "content": "Grey!"}]},
     ]
     assert examples.pairs == [
@@ -68,6 +73,8 @@ def test_each_kind_of_feedback_makes_its_examples() -> None:
         },
     ]
     assert examples.sources == [f"feedback/{n}" for n in ("a", "b", "corrected", "liked")]
+    assert examples.sft_sources == [["feedback/corrected"], ["feedback/liked"], ["feedback/a"]]
+    assert examples.pair_sources == [["feedback/corrected"], ["feedback/a", "feedback/b"]]
     assert examples.skipped == {
         "negative_without_correction": 1,
         "token_ids_input": 1,
@@ -88,8 +95,9 @@ def test_positive_answers_are_sampled_the_same_way_every_time() -> None:
 
 
 async def test_feedback_on_served_answers_uploads_as_datasets(make_platform: Any) -> None:  # noqa: F811
-    """Answers of the served model, rated (some corrected) through the SDK, listed with their
-    responses: the SFT examples and the pairs are accepted by DatasetService as they are."""
+    """Answers of the served model (to chat and to a raw prompt), rated (some corrected) through
+    the SDK, listed with their responses: the SFT examples and the pairs are accepted by
+    DatasetService as they are, in one file each."""
     platform = await make_platform(inference={"base_model": "colours"})
     assert platform.server is not None
     async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
@@ -101,13 +109,17 @@ async def test_feedback_on_served_answers_uploads_as_datasets(make_platform: Any
             await client.inference.feedback(
                 answer.response_id, rating=-1 if index < 3 else 1, corrected_text=corrected
             )
+        completion = await client.inference.generate(prompt="The eel is", max_tokens=8)
+        await client.inference.feedback(
+            completion.response_id, rating=-1, corrected_text="Colour: eel-blue. Done."
+        )
         listed = [f async for f in client.inference.list_feedback(include_responses=True)]
         examples = training_examples(listed, positive_fraction=1.0)
-        assert len(examples.sft) == 3 and len(examples.pairs) == 2
+        assert len(examples.sft) == 4 and len(examples.pairs) == 3
         assert examples.skipped == {"negative_without_correction": 1}
         sft = await client.datasets.upload(examples.sft_jsonl(), display_name="feedback-sft")
         pairs = await client.datasets.upload(examples.pairs_jsonl(), display_name="feedback-dpo")
-    assert sft.state == dataset_pb2.Dataset.STATE_READY and sft.record_count == 3
+    assert sft.state == dataset_pb2.Dataset.STATE_READY and sft.record_count == 4
     assert sft.validation_report.rejected_records == 0
-    assert pairs.record_count == 2 and pairs.validation_report.rejected_records == 0
+    assert pairs.record_count == 3 and pairs.validation_report.rejected_records == 0
     assert pairs.kind == dataset_pb2.DATASET_KIND_PREFERENCE

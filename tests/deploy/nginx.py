@@ -34,15 +34,19 @@ def local_config(
 
 @contextmanager
 def running_gateway(
-    directory: Path, upstreams: Mapping[str, str], config: str | None = None, http_port: int = 0
+    directory: Path,
+    upstreams: Mapping[str, str],
+    config: str | None = None,
+    http_port: int = 0,
+    port: int = 0,
 ) -> Iterator[str]:
-    """nginx with the gateway configuration; its gRPC address while the block runs (the OpenAI
-    front's on `http_port`, when given)."""
+    """nginx with the gateway configuration; its gRPC address (on `port`, or a free one) while
+    the block runs (the OpenAI front's on `http_port`, when given)."""
     nginx = shutil.which("nginx")
     if nginx is None:
         raise FileNotFoundError("nginx not found (Debian package nginx)")
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     text = local_config(config or GATEWAY_CONF.read_text(), upstreams, port, directory, http_port)
     (directory / "nginx.conf").write_text(text)
     log = directory / "nginx.log"

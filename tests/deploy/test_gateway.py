@@ -1,5 +1,5 @@
 """The gateway's nginx configuration, as kustomize renders it, in a real nginx in front of the
-cluster shape on this machine: four `tunefleet serve <service>` processes sharing one data
+cluster shape on this machine: a `tunefleet serve <service>` process per service sharing one data
 directory, as the Deployments share the database and blob store. Every call the SDK makes through
 it reaches its own service, streams and error details included."""
 
@@ -16,8 +16,8 @@ from tests.deploy.nginx import GATEWAY_CONF, running_gateway
 from tests.deploy.test_manifests import SERVICES, by_kind, render
 from tests.helpers import require_tool
 from tunefleet import demo
-from tunefleet.client import Client, FailedPrecondition, NotFound
-from tunefleet.demo.server import LocalServer
+from tunefleet.client import Client, FailedPrecondition, InvalidArgument, NotFound
+from tunefleet.demo.server import LocalServer, free_port
 from tunefleet.v1 import evaluation_service_pb2, evaluation_service_pb2_grpc
 
 
@@ -42,11 +42,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "datasets_endpoint": datasets.target,
         "inference_endpoint": servers[list(SERVICES).index("inference")].target,
     }
+    port = free_port()  # RetrainingService calls the others through the gateway, as deployed
+    servers[list(SERVICES).index("retraining")].settings["retraining"] = {
+        "endpoint": f"127.0.0.1:{port}"
+    }
     for server in servers:
         server.start()
     try:
         upstreams = {key: server.target for key, server in zip(SERVICES, servers, strict=True)}
-        with running_gateway(directory / "nginx", upstreams, config) as address:
+        with running_gateway(directory / "nginx", upstreams, config, port=port) as address:
             yield address
     finally:
         for server in servers:
@@ -70,6 +74,12 @@ def test_each_service_is_reached_through_the_one_address(gateway: str) -> None:
         assert missing.value.reason  # error details (ErrorInfo) come through
         with pytest.raises(FailedPrecondition):  # no base model in this deployment
             client.inference.generate(adapter="", prompt="hello")
+        assert list(client.retraining.policies()) == []
+        with pytest.raises(InvalidArgument) as refused:  # it asks AdapterService via the gateway
+            client.retraining.create_policy(
+                {"adapter": "adapters/nothing", "evaluation": {"gate": {"metric": "exact_match"}}}
+            )
+        assert refused.value.field == "retraining_policy.adapter"
     with grpc.insecure_channel(gateway) as channel:
         evaluations = evaluation_service_pb2_grpc.EvaluationServiceStub(channel)
         listed = evaluations.ListEvaluationJobs(

@@ -25,6 +25,7 @@ SERVICES = {
     "adapters": "AdapterService",
     "inference": "InferenceService",
     "evaluation": "EvaluationService",
+    "retraining": "RetrainingService",
 }
 
 
@@ -108,7 +109,8 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
         assert spec["serviceAccountName"] == expected_account
         ports = {p["name"]: p["port"] for p in services[f"tunefleet-{key}"]["spec"]["ports"]}
         assert ports == {"grpc": 50051, "metrics": 9090}
-    assert deployments["tunefleet-training"]["spec"]["strategy"]["type"] == "Recreate"
+    for one in ("training", "retraining"):  # a single process drives its jobs or runs
+        assert deployments[f"tunefleet-{one}"]["spec"]["strategy"]["type"] == "Recreate"
     (training,) = deployments["tunefleet-training"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in training["env"]}
     assert env["TUNEFLEET_TRAINING__WORKER_REGISTRY_TOKEN"]["valueFrom"] == {
@@ -126,6 +128,11 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
     env = {e["name"]: e for e in evaluation["env"]}
     assert env["TUNEFLEET_EVALUATION__SERVICE_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "tunefleet-tokens", "key": "evaluation-service-token"}
+    }
+    (retraining,) = deployments["tunefleet-retraining"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in retraining["env"]}
+    assert env["TUNEFLEET_RETRAINING__SERVICE_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tunefleet-tokens", "key": "retraining-service-token"}
     }
     accounts = by_kind(documents, "ServiceAccount")
     assert accounts["tunefleet"]["automountServiceAccountToken"] is False

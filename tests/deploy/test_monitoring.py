@@ -17,6 +17,7 @@ from tunefleet.adapters.metrics import AdapterMetrics
 from tunefleet.datasets.metrics import DatasetMetrics
 from tunefleet.evaluation.metrics import EvaluationMetrics
 from tunefleet.inference.metrics import InferenceMetrics
+from tunefleet.retraining.metrics import RetrainingMetrics
 from tunefleet.runtime.metrics import ServerMetrics
 from tunefleet.training.metrics import TrainingMetrics
 
@@ -37,6 +38,7 @@ def exported_series() -> set[str]:
     TrainingMetrics(registry)
     DatasetMetrics(registry)
     EvaluationMetrics(registry)
+    RetrainingMetrics(registry)
     AdapterMetrics(registry, watchers=lambda: 0)
     return {
         family.name + suffix

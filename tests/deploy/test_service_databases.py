@@ -1,7 +1,8 @@
 """The cluster shape with a database per service: a `tunefleet serve <service>` process per
 service, each with its own database (SQLite files; and PostgreSQL databases), behind the gateway's
 nginx, run the demo tour (upload, train twice, register, move `prod`, served without a restart,
-feedback) and then an evaluation of the served adapter against the base model. Afterwards each
+feedback, a turn of the improvement loop) and then an evaluation of the served adapter against
+the base model. Afterwards each
 database holds rows of its own service's tables only: everything else went through the other
 services' RPCs."""
 
@@ -43,6 +44,7 @@ OWN_TABLES = {
     },
     "inference": {"inference_responses", "feedback"},
     "evaluation": {"evaluation_jobs", "evaluation_items"},
+    "retraining": {"retraining_policies", "retraining_runs"},
 }
 SHARED_TABLES = {"changes", "change_counters", "idempotency_keys", "alembic_version"}
 
@@ -173,6 +175,11 @@ def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_eac
         "datasets_endpoint": servers["datasets"].target,
         "inference_endpoint": servers["inference"].target,
     }
+    port = free_port()  # the gateway's: RetrainingService calls every service through it
+    servers["retraining"].settings["retraining"] = {
+        "endpoint": f"127.0.0.1:{port}",
+        "poll_seconds": 0.5,
+    }
     try:
         for server in servers.values():
             server.start(timeout=300)
@@ -180,7 +187,9 @@ def test_the_demo_tour_and_an_evaluation_run_on_the_services_with_a_database_eac
         upstreams = {key: server.target for key, server in servers.items()}
         upstreams["openai"] = f"127.0.0.1:{front.openai_port}"
         http_port = free_port()
-        with running_gateway(tmp_path / "nginx", upstreams, http_port=http_port) as gateway:
+        with running_gateway(
+            tmp_path / "nginx", upstreams, http_port=http_port, port=port
+        ) as gateway:
             front.settings["openai"].update(
                 target=gateway, base_model=tour.QUICK.model, request_timeout_seconds=120
             )

@@ -39,8 +39,9 @@ class Front:
 
 @contextlib.asynccontextmanager
 async def start_front(served: Served, tmp_path: Path, **settings: Any) -> AsyncIterator[Front]:  # noqa: F811
-    """DatasetService, AdapterService, InferenceService and the front in one process, as
-    `tunefleet serve` runs them (no training: tests/openai_front/test_fine_tuning.py has it);
+    """DatasetService, AdapterService, InferenceService, EvaluationService, RetrainingService and
+    the front in one process, as `tunefleet serve` runs them (no training:
+    tests/openai_front/test_fine_tuning.py has it);
     `settings` are merged into the settings (`server` to turn authentication on)."""
     server_settings = {"port": 0, "metrics_port": 0, "shutdown_grace_seconds": 0}
     server_settings.update(settings.pop("server", {}))
@@ -62,6 +63,8 @@ async def start_front(served: Served, tmp_path: Path, **settings: Any) -> AsyncI
             registration("datasets", context),
             registration("adapters", context),
             inference_service(context),
+            registration("evaluation", context),
+            registration("retraining", context),
         ],
         metrics,
         [attached],

@@ -135,6 +135,8 @@ async def test_the_caller_s_token_is_what_the_services_check(
         tmp_path,
         server={"auth": {"enabled": True, "tokens_file": str(tokens)}},
         inference={"registry_token": "read-me"},
+        evaluation={"service_token": "read-me"},
+        retraining={"service_token": "write-me"},
     ) as front:
         async with front.client(api_key="not-a-token") as client:
             with pytest.raises(openai.AuthenticationError):

@@ -105,7 +105,7 @@ def colour_pairs(count: int = 80) -> bytes:
 
 @dataclass
 class Platform:
-    """A running embedded server and clients of its three services."""
+    """A running embedded server and clients of its services."""
 
     start_server: StartServer
     settings: Settings
@@ -126,6 +126,8 @@ class Platform:
         if self.settings.inference.base_model:
             services.append(inference_service(context))
         services.append(registration("evaluation", context))
+        if self.settings.inference.base_model:  # the loop reads InferenceService's feedback
+            services.append(registration("retraining", context))
         self.server = await self.start_server(services, port=port)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
         return self

@@ -13,8 +13,17 @@ from tunefleet.cli.evaluations import evaluations
 from tunefleet.cli.generate import feedback, generate
 from tunefleet.cli.jobs import jobs
 from tunefleet.cli.output import Settings
+from tunefleet.cli.retraining import retraining
 
-SERVICE_KEYS = ("datasets", "training", "adapters", "inference", "evaluation", "openai")
+SERVICE_KEYS = (
+    "datasets",
+    "training",
+    "adapters",
+    "inference",
+    "evaluation",
+    "retraining",
+    "openai",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,6 +79,7 @@ cli.add_command(adapters)
 cli.add_command(generate)
 cli.add_command(feedback)
 cli.add_command(evaluations)
+cli.add_command(retraining)
 
 
 @cli.command()

@@ -44,6 +44,7 @@ from tunefleet.client.errors import (
 )
 from tunefleet.client.evaluations import Evaluations
 from tunefleet.client.inference import Inference
+from tunefleet.client.retraining import Retraining
 from tunefleet.client.training import TrainingJobs
 from tunefleet.client.transport import AsyncTransport, Options, SyncTransport
 
@@ -96,6 +97,7 @@ class _Client(Generic[M]):
     adapters: Adapters[M]
     inference: Inference[M]
     evaluations: Evaluations[M]
+    retraining: Retraining[M]
 
     def _attach(self, transport: SyncTransport | AsyncTransport) -> None:
         self.datasets = Datasets(transport)
@@ -103,6 +105,7 @@ class _Client(Generic[M]):
         self.adapters = Adapters(transport)
         self.inference = Inference(transport)
         self.evaluations = Evaluations(transport)
+        self.retraining = Retraining(transport)
 
 
 def _connect(

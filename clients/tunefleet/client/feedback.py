@@ -9,9 +9,9 @@ From feedback listed with its responses (`inference.list_feedback(include_respon
   of them (keeping what already works in the mix);
 - anything else (a negative rating without a correction, a prompt given as token ids) teaches
   nothing on its own, and is counted in `skipped` with the reason.
-Chats become OpenAI chat records (`messages`, with `tools`), raw prompts prompt/completion
-records; pairs are in TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`). These are
-formats DatasetService reads, which then removes duplicates and PII as for any upload.
+Examples are OpenAI chat records (`messages`, with `tools`; a raw prompt is the user's turn);
+pairs are in TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`). These are formats
+DatasetService reads, which then removes duplicates and PII as for any upload.
 
 Example::
 
@@ -42,6 +42,9 @@ class Examples:
     sft: list[dict[str, Any]] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # feedback names used, in order
+    # The feedback each example and each pair came from (one, or the two of an A/B pair).
+    sft_sources: list[list[str]] = field(default_factory=list)
+    pair_sources: list[list[str]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> feedback count
 
     def sft_jsonl(self) -> bytes:
@@ -70,11 +73,14 @@ def training_examples(
         by_input[_input_key(item.response)].append(item)
         if item.rating < 0 and item.corrected_text:
             examples.sft.append(_record(item.response, item.corrected_text))
+            examples.sft_sources.append([item.name])
             if item.corrected_text.strip() != item.response.text.strip():
                 examples.pairs.append(_pair(item.response, item.corrected_text, item.response.text))
+                examples.pair_sources.append([item.name])
             used.add(item.name)
         elif item.rating > 0 and _sampled(item.name, positive_fraction, seed):
             examples.sft.append(_record(item.response, item.corrected_text or item.response.text))
+            examples.sft_sources.append([item.name])
             used.add(item.name)
         elif item.rating < 0:
             unused[item.name] = "negative_without_correction"
@@ -87,6 +93,7 @@ def training_examples(
         worst = min(group, key=lambda f: f.rating)
         if best.rating > worst.rating and best.response.text != worst.response.text:
             examples.pairs.append(_pair(best.response, best.response.text, worst.response.text))
+            examples.pair_sources.append([best.name, worst.name])
             used.update((best.name, worst.name))
     examples.skipped = Counter(why for name, why in unused.items() if name not in used)
     examples.sources = sorted(used)
@@ -106,15 +113,18 @@ def _input_key(response: inference_pb2.RecordedResponse) -> bytes:
     return b"chat:" + response.chat.SerializeToString(deterministic=True)
 
 
+def _turns(response: inference_pb2.RecordedResponse) -> list[dict[str, Any]]:
+    """The input as chat turns: a completions prompt is the user's turn, as DatasetService reads
+    prompt/completion records (one file holds one format, and answers to both APIs mix)."""
+    if response.WhichOneof("input") == "prompt":
+        return [{"role": "user", "content": response.prompt}]
+    return [openai_message(m) for m in response.chat.messages]
+
+
 def _record(response: inference_pb2.RecordedResponse, answer: str) -> dict[str, Any]:
     """An SFT record: the input, then `answer`."""
-    if response.WhichOneof("input") == "prompt":
-        return {"prompt": response.prompt, "completion": answer}
     record: dict[str, Any] = {
-        "messages": [
-            *(openai_message(m) for m in response.chat.messages),
-            {"role": "assistant", "content": answer},
-        ]
+        "messages": [*_turns(response), {"role": "assistant", "content": answer}]
     }
     if response.chat.tools:
         record["tools"] = [openai_tool(t) for t in response.chat.tools]
@@ -123,10 +133,8 @@ def _record(response: inference_pb2.RecordedResponse, answer: str) -> dict[str, 
 
 def _pair(response: inference_pb2.RecordedResponse, chosen: str, rejected: str) -> dict[str, Any]:
     """A preference pair in TRL's explicit-prompt form."""
-    if response.WhichOneof("input") == "prompt":
-        return {"prompt": response.prompt, "chosen": chosen, "rejected": rejected}
     pair: dict[str, Any] = {
-        "prompt": [openai_message(m) for m in response.chat.messages],
+        "prompt": _turns(response),
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }

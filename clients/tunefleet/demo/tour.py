@@ -6,11 +6,14 @@ registers the adapter and points `prod` at it, answers one prompt with base and 
 a second version, evaluates the base model, a few-shot prompting baseline and both versions with
 EvaluationService (exact match with 95% intervals, paired differences from the base model with
 McNemar's p-value, a gate), moves `prod` to version 2 and shows the served version change without
-a restart, records feedback, and prints the per-adapter metrics.
+a restart, records feedback, prints the per-adapter metrics, and turns the improvement loop once:
+prod's wrong answers corrected, a retrained challenger judged against prod, promoted or refused
+by the gate.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import urllib.request
@@ -21,7 +24,7 @@ from typing import Any
 from tunefleet.client import Client
 from tunefleet.demo import models, task
 from tunefleet.demo.server import LocalServer
-from tunefleet.v1 import dataset_pb2, evaluation_pb2, training_job_pb2
+from tunefleet.v1 import dataset_pb2, evaluation_pb2, retraining_pb2, training_job_pb2
 
 ADAPTER = "adapters/orders"
 PROD = f"{ADAPTER}@prod"
@@ -222,9 +225,10 @@ def evaluate(
 
 def show_results(job: evaluation_pb2.EvaluationJob) -> None:
     """The table: each candidate's exact match with its 95% interval, the paired difference
-    from the base model with its interval and McNemar's exact p-value, JSON validity, the gate."""
+    from the baseline with its interval and McNemar's exact p-value, JSON validity, the gate."""
+    compared_with = f"vs {job.baseline} (95% CI)"
     print(
-        f"  {'candidate':<10} {'exact match':<23} {'vs base (95% CI)':<24} "
+        f"  {'candidate':<10} {'exact match':<23} {compared_with:<24} "
         f"{'McNemar p':>9}  {'valid JSON':<11} gate"
     )
     for result in job.results:
@@ -244,6 +248,75 @@ def show_results(job: evaluation_pb2.EvaluationJob) -> None:
             f"  {result.candidate:<10} {line:<23} {compared:<24} {p_value:>9}  "
             f"{valid.mean:<11.0%} {gate}"
         )
+
+
+def improve(client: Client, plan: Plan, dataset: str) -> retraining_pb2.RetrainingRun:
+    """One turn of the loop. A frozen evaluation set (the held-out records evaluated above); prod
+    answers other held-out prompts, and each wrong answer is rated -1 with the right one; a
+    retraining run turns the corrections (with prod's own training data) into a challenger,
+    judges it against prod on the frozen set, and moves prod only through the gate."""
+    held = list(
+        client.datasets.preview(
+            dataset, split=dataset_pb2.DATASET_SPLIT_VALIDATION, limit=2 * plan.held_out
+        )
+    )
+    lines = [json.dumps({"messages": [_turn(m) for m in r.messages]}) for r in held]
+    frozen = client.datasets.upload(
+        ("\n".join(lines[: plan.held_out]) + "\n").encode(),
+        display_name="orders-frozen",
+        options={"validationFraction": 0},
+    )
+    policy = client.retraining.create_policy(
+        {
+            "adapter": ADAPTER,
+            "evaluation": {
+                "dataset": frozen.name,
+                "split": "DATASET_SPLIT_TRAIN",
+                "sampling": {"maxTokens": plan.max_tokens},
+                "graders": [{"type": "exact_match"}, {"type": "json_valid"}],
+                "gate": {"metric": "exact_match"},
+            },
+            "data": {"minNewExamples": 1},
+            "recipe": {"hyperparameters": plan.first},  # v2's recipe, trained as briefly as v1
+            "promotion": "PROMOTION_AUTO",
+        }
+    )
+    print(f"  {policy.name}: challenger judged against prod on {frozen.name}, gate exact_match")
+    corrected = 0
+    for record in held[plan.held_out :]:
+        turns = [_turn(m) for m in record.messages]
+        answer = client.inference.generate(messages=turns[:-1], adapter=PROD, max_tokens=64)
+        if answer.text.strip() != turns[-1]["content"].strip():
+            client.inference.feedback(
+                answer.response_id, rating=-1, corrected_text=turns[-1]["content"]
+            )
+            corrected += 1
+    print(f"  prod answered {len(held) - plan.held_out} prompts; {corrected} corrected")
+    run = client.retraining.start("orders")
+
+    def show(current: retraining_pb2.RetrainingRun) -> None:
+        if current.events:
+            print(f"  {current.events[-1].message}", flush=True)
+
+    run = client.retraining.wait(run.name, on_change=show)
+    for name in run.evaluation_jobs:
+        show_results(client.evaluations.get(name))
+    turns = [_turn(m) for m in held[0].messages][:-1]
+    served = client.inference.generate(messages=turns, adapter=PROD, max_tokens=8)
+    print(f"  {PROD} serves {served.adapter_version}: {describe(run)}")
+    return run
+
+
+def describe(run: retraining_pb2.RetrainingRun) -> str:
+    if run.state != retraining_pb2.RetrainingRun.STATE_SUCCEEDED:
+        return f"{run.name} failed: {run.error_reason}: {run.error_message}"
+    outcome = retraining_pb2.RetrainingRun.Outcome.Name(run.outcome).removeprefix("OUTCOME_")
+    why = f" ({'; '.join(run.gate_reasons)})" if run.gate_reasons else ""
+    return f"{outcome.lower()}{why}"
+
+
+def _turn(message: Any) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
 
 
 def ask(client: Client, turns: list[dict[str, str]], adapter: str) -> str:
@@ -379,6 +452,9 @@ def tour(target: str, metrics_url: str, plan: Plan, openai_url: str = "") -> int
             step("per-adapter metrics (Prometheus)")
             show_metrics(metrics_url)
 
+        step("the improvement loop: corrected answers retrain prod, judged against it")
+        loop = improve(client, plan, dataset.name)
+
         step(f"summary ({evaluation.name})")
         show_results(evaluation)
         improved = gates.get("v2", False)
@@ -391,6 +467,7 @@ def tour(target: str, metrics_url: str, plan: Plan, openai_url: str = "") -> int
                 "  (--quick: a tiny model trained for seconds; the loss falls, answers stay wrong)"
             )
         print(f"  served version after the alias move: {served_after}")
+        print(f"  the loop's run: {describe(loop)}")
     if plan.must_improve and not improved:
         print("  version 2 is not significantly better than the base model: the demo failed")
         return 1

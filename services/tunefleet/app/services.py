@@ -23,6 +23,7 @@ from tunefleet.v1 import (
     dataset_service_pb2,
     evaluation_service_pb2,
     inference_service_pb2,
+    retraining_service_pb2,
     training_service_pb2,
 )
 
@@ -309,6 +310,43 @@ def _evaluation(context: ServiceContext) -> ServiceRegistration:
     )
 
 
+def _retraining(context: ServiceContext) -> ServiceRegistration:
+    from tunefleet.retraining.manager import RetrainingManager
+    from tunefleet.retraining.metrics import RetrainingMetrics
+    from tunefleet.retraining.servicer import RetrainingServicer
+    from tunefleet.v1 import retraining_service_pb2_grpc
+
+    settings, options = context.settings, context.settings.retraining
+    others = {"datasets", "training", "adapters", "inference", "evaluation"}
+    if context.services and others - set(context.services) and not options.endpoint:
+        raise SettingsError(
+            "retraining.endpoint: must name the gateway (or a server of every service) when "
+            "this process does not serve them all: runs read feedback, upload data, train, "
+            "evaluate and move aliases there"
+        )
+    if settings.server.auth.enabled and not options.service_token:
+        raise SettingsError(
+            "retraining.service_token: required when server.auth is enabled: RetrainingService "
+            "calls the other services with it (a writer token)"
+        )
+    manager = RetrainingManager(
+        context.storage.database_for("retraining"), options, RetrainingMetrics(context.registry)
+    )
+    servicer = RetrainingServicer(manager)
+
+    async def start(server: TunefleetServer) -> None:
+        await manager.start(server.own_address)
+
+    return ServiceRegistration(
+        "tunefleet.v1.RetrainingService",
+        lambda server: retraining_service_pb2_grpc.add_RetrainingServiceServicer_to_server(
+            servicer, server
+        ),
+        on_start=start,
+        on_stop=manager.stop,
+    )
+
+
 SERVICES: dict[str, ServiceSpec] = {
     spec.key: spec
     for spec in (
@@ -337,11 +375,16 @@ SERVICES: dict[str, ServiceSpec] = {
             evaluation_service_pb2.DESCRIPTOR.services_by_name["EvaluationService"],
             _evaluation,
         ),
+        ServiceSpec(
+            "retraining",
+            retraining_service_pb2.DESCRIPTOR.services_by_name["RetrainingService"],
+            _retraining,
+        ),
     )
 }
 
 
 def registration(key: str, context: ServiceContext) -> ServiceRegistration:
-    """How to put service `key` (datasets, training, adapters, inference, evaluation) on a
-    server."""
+    """How to put service `key` (datasets, training, adapters, inference, evaluation,
+    retraining) on a server."""
     return SERVICES[key].build(context)

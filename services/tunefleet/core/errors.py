@@ -176,15 +176,23 @@ class Unavailable(TunefleetError):
     default_reason = "UNAVAILABLE"
 
 
-def relayed(error: grpc.aio.AioRpcError, service: str) -> TunefleetError:
+def relayed(error: grpc.RpcError | Exception, service: str) -> TunefleetError:
     """What a failed call to another tunefleet service means to the caller of this one: its own
     error (NOT_FOUND, INVALID_ARGUMENT with its field, ...) passed on with reason and metadata;
     a fault of that service or of the way there (UNAVAILABLE, INTERNAL, a deadline) UNAVAILABLE,
     so the caller retries; refused credentials FAILED_PRECONDITION (this service's own token
-    for `service` is wrong: not the caller's fault)."""
-    from tunefleet.client.errors import from_rpc_error  # the SDK reads status details already
+    for `service` is wrong: not the caller's fault). `error` is the call's, or the SDK's
+    reading of it."""
+    # The SDK reads status details already.
+    from tunefleet.client.errors import TunefleetError as ClientError
+    from tunefleet.client.errors import from_rpc_error
 
-    parsed = from_rpc_error(error)
+    if isinstance(error, ClientError):
+        parsed = error
+    elif isinstance(error, grpc.RpcError):
+        parsed = from_rpc_error(error)
+    else:
+        raise TypeError(f"not the error of a call: {error!r}")
     code, message, metadata = parsed.code, parsed.message, dict(parsed.metadata)
     reason = None if parsed.reason == code.name else parsed.reason
     if code == grpc.StatusCode.INVALID_ARGUMENT:

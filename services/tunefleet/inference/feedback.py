@@ -49,7 +49,13 @@ class FeedbackRow(Base):
     create_time: Mapped[datetime] = mapped_column(index=True)
 
 
-LIST_FILTER = Filter({"adapter_version": FeedbackRow.adapter_version, "rating": FeedbackRow.rating})
+LIST_FILTER = Filter(
+    {
+        "adapter_version": FeedbackRow.adapter_version,
+        "rating": FeedbackRow.rating,
+        "create_time": FeedbackRow.create_time,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunefleet.client import AsyncClient, TunefleetError
-from tunefleet.openai_front import fine_tuning, inference
+from tunefleet.openai_front import alerts, fine_tuning, inference
 from tunefleet.openai_front.errors import OpenAIError, translate
 from tunefleet.openai_front.models import get_model, list_models
 
@@ -164,6 +164,7 @@ def build_app(
         ),
         front.route("/v1/fine_tuning/jobs/{job_id}/pause", fine_tuning.unsupported, ["POST"]),
         front.route("/v1/fine_tuning/jobs/{job_id}/resume", fine_tuning.unsupported, ["POST"]),
+        front.route("/v1/alertmanager/webhook", alerts.webhook, ["POST"], json_body=True),
         Route("/health", health, methods=["GET"]),
     ]
 

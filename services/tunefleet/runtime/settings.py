@@ -160,7 +160,7 @@ class S3Settings(_Section):
     region: str | None = None
 
 
-ServiceKey = Literal["datasets", "training", "adapters", "inference", "evaluation"]
+ServiceKey = Literal["datasets", "training", "adapters", "inference", "evaluation", "retraining"]
 
 
 class StorageSettings(_Section):
@@ -348,6 +348,20 @@ class EvaluationSettings(_Section):
     secrets_dir: str = ""
 
 
+class RetrainingSettings(_Section):
+    """RetrainingService: how it reaches the other services and how often it looks at triggers."""
+
+    # gRPC address of the services a run calls (feedback, datasets, training, evaluation,
+    # adapters): the gateway in a cluster; empty: this server's own address (the embedded shape).
+    endpoint: str = ""
+    # RetrainingService's token for them (a writer token) when authentication is on.
+    service_token: str = ""
+    # How often policies' schedules and new-example thresholds are checked.
+    trigger_seconds: float = Field(default=60.0, gt=0)
+    # How often a run looks at the training and evaluation jobs it waits on.
+    poll_seconds: float = Field(default=5.0, gt=0)
+
+
 class MlflowSettings(_Section):
     """Experiment records in MLflow (`runtime/experiments.py`): off without a tracking URI."""
 
@@ -445,6 +459,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     inference: InferenceSettings = InferenceSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
     mlflow: MlflowSettings = MlflowSettings()
     openai: OpenAISettings = OpenAISettings()
 

@@ -4,6 +4,7 @@
     display_name = "sales*"         prefix (a trailing * in a string)
     display_name != "draft"         inequality
     rating < 0                      comparison of a number (<, <=, >, >=)
+    create_time > "2026-12-04T10:00:00Z"   comparison of a time (RFC 3339)
     labels.team = "ml"              a label's value
     labels.team:*                   the label is present
     a = "x" AND labels.b = "y"      conjunction
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select
+from sqlalchemy import ColumnElement, DateTime, Select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from tunefleet.core.errors import InvalidArgument
@@ -81,10 +83,15 @@ class Filter:
         if op == ":":
             raise InvalidArgument("filter", f"{field} supports = and !=, not :")
         if op in ("<", "<=", ">", ">="):
+            number: float | datetime
             try:
-                number = float(value)
+                if _is_time(column):
+                    number = datetime.fromisoformat(value).astimezone(UTC)
+                else:
+                    number = float(value)
             except ValueError:
-                raise InvalidArgument("filter", f"{field} {op} needs a number") from None
+                kind = "an RFC 3339 time" if _is_time(column) else "a number"
+                raise InvalidArgument("filter", f"{field} {op} needs {kind}") from None
             comparisons = {
                 "<": column < number,
                 "<=": column <= number,
@@ -96,3 +103,8 @@ class Filter:
             prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             return cast(ColumnElement[bool], column.like(prefix + "%", escape="\\"))
         return cast(ColumnElement[bool], column == value if op == "=" else column != value)
+
+
+def _is_time(column: InstrumentedAttribute[Any] | ColumnElement[Any]) -> bool:
+    kind = column.type
+    return isinstance(getattr(kind, "impl_instance", kind), DateTime)

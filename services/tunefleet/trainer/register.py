@@ -77,6 +77,7 @@ def lineage(spec: TrainerSpec, metrics: dict[str, float]) -> Any:
     return adapter_pb2.Lineage(
         training_job=spec.job,
         datasets=spec.datasets,
+        feedback=spec.feedback,
         base_model=spec.base_model,
         method=common_pb2.TrainingMethod.Value(METHODS[spec.method]),
         hyperparameters=hyperparameters,

@@ -132,6 +132,7 @@ class TrainerSpec(_Strict):
     registry: RegistrySpec = RegistrySpec()
     job: str = ""  # trainingJobs/{job}, for lineage
     datasets: list[str] = []  # datasets/{dataset}, for lineage
+    feedback: list[str] = []  # feedback/{feedback} the data was built from, for lineage
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainerSpec:

@@ -8,6 +8,7 @@ service accepts is one the trainer accepts; errors name the request field, for e
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -60,6 +61,8 @@ PRESETS = {
     training_job_pb2.LoraConfig.TARGET_PRESET_ATTENTION: "attention",
 }
 FIELD = "training_job"
+MAX_FEEDBACK = 10_000
+FEEDBACK_NAME = re.compile(r"feedback/[A-Za-z0-9_-]{1,64}")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -84,6 +87,11 @@ def check(
     hyperparameters, resources and the GPU memory fit."""
     if not job.base_model:
         raise InvalidArgument(f"{FIELD}.base_model", "is required")
+    if len(job.feedback) > MAX_FEEDBACK:
+        raise InvalidArgument(f"{FIELD}.feedback", f"at most {MAX_FEEDBACK} names")
+    for index, name in enumerate(job.feedback):
+        if not FEEDBACK_NAME.fullmatch(name):
+            raise InvalidArgument(f"{FIELD}.feedback[{index}]", "must be feedback/{feedback}")
     model_dir = models.resolve(job.base_model, f"{FIELD}.base_model")
     method = METHODS.get(job.method)
     if method is None:

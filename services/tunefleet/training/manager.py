@@ -61,6 +61,7 @@ USER_FIELDS = [
     "adapter",
     "resources",
     "priority",
+    "feedback",
 ]
 
 
@@ -147,6 +148,8 @@ class TrainingManager:
                     getattr(job, field).CopyFrom(value)
             elif field == "labels":
                 job.labels.update(requested.labels)
+            elif field == "feedback":
+                job.feedback.extend(requested.feedback)
             else:
                 setattr(job, field, value)
         checked = jobs.check(job, self.models, self.training)
@@ -288,6 +291,7 @@ class TrainingManager:
             "storage": storage,
             "job": job.name,
             "datasets": datasets_of(job),
+            "feedback": list(job.feedback),
             "report": {"job": job.name},
             "registry": {"adapter": job.adapter},
         }

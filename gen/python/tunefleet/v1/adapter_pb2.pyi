@@ -357,6 +357,7 @@ class Lineage(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     training_job: _builtins.str
     """The training job that produced it, `trainingJobs/{job}`; empty for uploads."""
     base_model: _builtins.str
@@ -375,6 +376,12 @@ class Lineage(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Evaluation metrics by name, for example `validation_loss`."""
 
+    @_builtins.property
+    def feedback(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The production feedback its training data was built from, `feedback/{feedback}` (the
+        training job's `feedback`).
+        """
+
     def __init__(
         self,
         *,
@@ -384,10 +391,11 @@ class Lineage(_message.Message):
         method: _common_pb2.TrainingMethod.ValueType = ...,
         hyperparameters: _struct_pb2.Struct | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        feedback: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "datasets", b"datasets", "hyperparameters", b"hyperparameters", "method", b"method", "metrics", b"metrics", "training_job", b"training_job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "datasets", b"datasets", "feedback", b"feedback", "hyperparameters", b"hyperparameters", "method", b"method", "metrics", b"metrics", "training_job", b"training_job"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -475,7 +475,8 @@ class ListFeedbackRequest(_message.Message):
     """Optional. `next_page_token` of the previous page."""
     filter: _builtins.str
     """Optional. Filter, AIP-160 subset: `adapter_version = "adapters/x/versions/3"` (or an
-    adapter's every version, `"adapters/x/*"`), `rating < 0`, joined with AND.
+    adapter's every version, `"adapters/x/*"`), `rating < 0`, `create_time > "2026-12-04T10:00:00Z"`
+    (RFC 3339), joined with AND.
     """
     include_responses: _builtins.bool
     """Optional. Include each judged response (its input and text) in `Feedback.response`."""

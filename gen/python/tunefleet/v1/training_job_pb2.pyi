@@ -792,6 +792,7 @@ class TrainingJob(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     DPO_FIELD_NUMBER: _builtins.int
     EVALUATION_JOBS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `trainingJobs/{job}`."""
     display_name: _builtins.str
@@ -880,6 +881,12 @@ class TrainingJob(_message.Message):
         when the service does not evaluate or EvaluationService refused.
         """
 
+    @_builtins.property
+    def feedback(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. The production feedback the training data was built from, `feedback/{feedback}`
+        (up to 10,000): copied into the lineage of the version the job registers.
+        """
+
     def __init__(
         self,
         *,
@@ -910,10 +917,11 @@ class TrainingJob(_message.Message):
         objective: Global___TrainingObjective.ValueType = ...,
         dpo: Global___DpoConfig | None = ...,
         evaluation_jobs: _abc.Iterable[_builtins.str] | None = ...,
+        feedback: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "hyperparameters", b"hyperparameters", "latest_progress", b"latest_progress", "lora", b"lora", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "evaluation_jobs", b"evaluation_jobs", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "objective", b"objective", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "create_time", b"create_time", "display_name", b"display_name", "dpo", b"dpo", "end_time", b"end_time", "error", b"error", "evaluation", b"evaluation", "evaluation_jobs", b"evaluation_jobs", "feedback", b"feedback", "hyperparameters", b"hyperparameters", "labels", b"labels", "latest_progress", b"latest_progress", "launcher", b"launcher", "launcher_run_id", b"launcher_run_id", "lora", b"lora", "method", b"method", "name", b"name", "objective", b"objective", "output_adapter_version", b"output_adapter_version", "priority", b"priority", "resource_estimate", b"resource_estimate", "resources", b"resources", "start_time", b"start_time", "state", b"state", "state_history", b"state_history", "train_dataset", b"train_dataset", "validation_dataset", b"validation_dataset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

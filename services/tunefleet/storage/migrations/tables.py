@@ -13,6 +13,7 @@ MODULES = (
     "tunefleet.training.store",
     "tunefleet.inference.feedback",
     "tunefleet.evaluation.store",
+    "tunefleet.retraining.store",
 )
 
 
