@@ -331,6 +331,15 @@ def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) 
     again = tunefleet(platform, "adapters", "alias", "set", "served", "prod", "1", "--expect", "1")
     assert again.stdout.strip() == f"adapters/served/aliases/prod -> {version}"
     assert "prod->1" in tunefleet(platform, "adapters", "list").stdout
+    tunefleet(platform, "adapters", "alias", "set", "served", "candidate", "1")
+    split = tunefleet(platform, "adapters", "alias", "canary", "served", "prod", "candidate", "10")
+    assert split.stdout.strip() == f"adapters/served/aliases/prod -> {version}, 10% to candidate"
+    stopped = tunefleet(platform, "adapters", "alias", "canary", "served", "prod", "candidate", "0")
+    assert stopped.stdout.strip().endswith("no canary")
+    itself = tunefleet(
+        platform, "adapters", "alias", "canary", "served", "prod", "prod", "5", code=2
+    )
+    assert "canary.alias" in itself.stderr
 
     target = tmp_path / "download"
     downloaded = tunefleet(platform, "adapters", "download", version, str(target))
@@ -433,6 +442,34 @@ def test_eval_commands(platform: LocalServer, version: str, colours: Path) -> No
     assert "evaluation_job.gate.metric" in bad.stderr
     unknown = tunefleet(platform, *evaluate, "--candidate", "a", "--system-prompt", "b=x", code=2)
     assert "'b' is not a candidate" in unknown.stderr
+
+
+def test_retraining_commands(platform: LocalServer, version: str, colours: Path) -> None:
+    dataset = upload(platform, colours)
+    tunefleet(platform, "adapters", "alias", "set", "served", "prod", "1")
+    created = tunefleet(
+        platform, "retraining", "create-policy", "--adapter", "adapters/served",
+        "--eval-dataset", dataset, "--grader", "exact_match", "--gate", "exact_match",
+        "--min-new-examples", "1000", "--auto",
+    )  # fmt: skip
+    assert created.stdout.strip() == "created retrainingPolicies/served for adapters/served"
+    listed = tunefleet(platform, "retraining", "policies").stdout
+    assert "retrainingPolicies/served" in listed and "AUTO" in listed
+    # Too little feedback: the run ends without training, and -w exits 3 (not promoted).
+    ran = tunefleet(platform, "retraining", "run", "served", "-w", code=3)
+    assert "new examples, fewer than the 1000 needed" in ran.stdout
+    assert "NOT_ENOUGH_DATA" in ran.stdout
+    (run,) = as_json(tunefleet(platform, "retraining", "runs", "served", "-o", "json"))
+    shown = tunefleet(platform, "retraining", "get", run["name"]).stdout
+    assert "started: manual" in shown and "champion prod is " + version in shown
+    refused = tunefleet(platform, "retraining", "approve", run["name"], code=1)
+    assert "RUN_NOT_AWAITING_APPROVAL" in refused.stderr
+    twice = tunefleet(platform, "retraining", "create-policy", "--adapter", "adapters/served",
+                      "--eval-dataset", dataset, "--grader", "exact_match", "--gate",
+                      "exact_match", code=1)  # fmt: skip
+    assert "ALREADY_EXISTS" in twice.stderr
+    tunefleet(platform, "retraining", "delete-policy", "served")
+    assert "(none)" in tunefleet(platform, "retraining", "policies").stdout
 
 
 def test_the_general_suite_uploads_whole_and_evaluates(

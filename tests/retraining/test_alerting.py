@@ -2,7 +2,8 @@
 deploy/monitoring's rules; a real Alertmanager, with deploy/monitoring's route and receiver,
 delivers the alert to the OpenAI front's webhook. Negative feedback with corrections fires
 TunefleetAdapterNegativeFeedbackHigh; Alertmanager delivers it again every two seconds; one run
-starts, trains, evaluates and promotes through the gate.
+starts, trains, evaluates and promotes through the gate. Then a gate nothing passes: the next
+run leaves prod where it was, with the reason.
 
 Only the timings differ from deploy/: the alert fires without its `for` wait (the other alert
 that starts runs, TunefleetAdapterRetrainDataReady, keeps its five minutes, so it stays out of
@@ -32,6 +33,7 @@ from tunefleet.v1 import retraining_pb2
 
 __all__ = ["chat_model"]
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+pytestmark = pytest.mark.timeout(900)  # a generous bound for a busy machine, not a claim
 Run = retraining_pb2.RetrainingRun
 T = TypeVar("T")
 
@@ -116,21 +118,20 @@ def test_an_alert_on_negative_feedback_starts_one_run_that_promotes(
             ).encode(),
             options={"validationFraction": 0},
         )
-        client.retraining.create_policy(
-            {
-                "adapter": ADAPTER,
-                "evaluation": {
-                    "dataset": frozen.name,
-                    "split": "DATASET_SPLIT_TRAIN",
-                    "graders": [{"type": "exact_match"}],
-                    "gate": {"metric": "exact_match"},
-                    "sampling": {"maxTokens": 8},
-                },
-                "data": {"minNewExamples": 8, "includeChampionData": False},
-                "recipe": RECIPE,
-                "promotion": "PROMOTION_AUTO",
-            }
-        )
+        policy: dict[str, Any] = {
+            "adapter": ADAPTER,
+            "evaluation": {
+                "dataset": frozen.name,
+                "split": "DATASET_SPLIT_TRAIN",
+                "graders": [{"type": "exact_match"}],
+                "gate": {"metric": "exact_match"},
+                "sampling": {"maxTokens": 8},
+            },
+            "data": {"minNewExamples": 8, "includeChampionData": False},
+            "recipe": RECIPE,
+            "promotion": "PROMOTION_AUTO",
+        }
+        client.retraining.create_policy(policy)
 
         # Alertmanager with deploy/'s route and receiver, pointed at this front, in seconds.
         config = yaml.safe_load((MONITORING / "alertmanager.yaml").read_text())
@@ -221,12 +222,25 @@ def test_an_alert_on_negative_feedback_starts_one_run_that_promotes(
         runs = list(client.retraining.runs("colours"))
         prod = next(a.version for a in client.adapters.aliases(ADAPTER) if a.name.endswith("prod"))
 
+        # The policy made again with a gate nothing passes: the alert still firing starts one
+        # run of it (a new policy's runs are its own), which leaves prod where it was.
+        client.retraining.delete_policy("colours")
+        policy["evaluation"]["gate"]["minImprovement"] = 2.0
+        client.retraining.create_policy(policy)
+        (second,) = until(lambda: list(client.retraining.runs("colours")) or None, "a new run")
+        second = client.retraining.wait(second.name)
+        after = next(a.version for a in client.adapters.aliases(ADAPTER) if a.name.endswith("prod"))
+
     assert failed == 0
     assert [r.name for r in runs] == [run.name]  # one run however often it was delivered
     assert run.trigger == Run.TRIGGER_ALERT
     assert run.trigger_detail.startswith("TunefleetAdapterNegativeFeedbackHigh firing since ")
     history = [(e.time.ToJsonString(), e.message) for e in run.events]
     assert (run.state, run.outcome) == (Run.STATE_SUCCEEDED, Run.OUTCOME_PROMOTED), history
-    # The alert fires once 20 ratings are in; the run takes what there is when it starts.
-    assert 20 <= run.sft_examples <= 25 and len(run.feedback) == run.sft_examples
+    # The alert fires at about 20 ratings (Prometheus extrapolates increase()); the run takes
+    # what there is when it starts, at least the policy's 8.
+    assert 8 <= run.sft_examples <= 25 and len(run.feedback) == run.sft_examples
     assert prod == run.challenger_version
+    assert (second.state, second.outcome) == (Run.STATE_SUCCEEDED, Run.OUTCOME_GATE_FAILED)
+    assert second.trigger == Run.TRIGGER_ALERT and second.gate_reasons
+    assert after == prod  # the refused challenger never served

@@ -11,9 +11,11 @@ frozen set has an unambiguous answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from tunefleet.client import (
 )
 from tunefleet.v1 import retraining_pb2
 
+pytestmark = pytest.mark.timeout(900)  # a generous bound for a busy machine, not a claim
 Run = retraining_pb2.RetrainingRun
 ADAPTER = "adapters/colours"
 FIXED = "Done."
@@ -68,7 +71,7 @@ def status(animal: str, tag: str = "") -> list[dict[str, str]]:
 async def platform(make_platform: Any) -> Platform:  # noqa: F811
     return await make_platform(  # type: ignore[no-any-return]
         inference={"base_model": "colours"},
-        retraining={"poll_seconds": 0.2, "trigger_seconds": 3600},
+        retraining={"poll_seconds": 0.2, "trigger_seconds": 3600, "canary_seconds": 0.2},
         evaluation={"concurrency": 4},
     )
 
@@ -268,6 +271,89 @@ async def test_a_manual_policy_waits_for_a_person(
     assert approval.actor == "anonymous" and "looks right" in approval.message
 
 
+async def prod_alias(client: AsyncClient) -> Any:
+    (alias,) = [a async for a in client.adapters.aliases(ADAPTER) if a.name.endswith("/prod")]
+    return alias
+
+
+async def canary_round(
+    client: AsyncClient, champion: str, ratings: dict[str, float], tag: str
+) -> Run:
+    """A run whose challenger takes half of prod's traffic once the gate passed, while users ask
+    prod and rate each answer by the side that gave it (`ratings`), until the run has ended. No
+    request may fail on the way."""
+    await rate(client, [f"{tag}{i}" for i in range(10)])
+    started = await client.retraining.start("colours")
+    await client.retraining.wait(started.name, until=lambda r: r.state == Run.STATE_CANARY)
+    alias = await prod_alias(client)
+    assert (alias.canary.alias, alias.canary.percent) == ("candidate", 50)
+    ended: list[Run] = []
+    failures: list[BaseException] = []
+
+    async def watch() -> None:
+        ended.append(await client.retraining.wait(started.name))
+
+    async def traffic() -> None:
+        turn = 0
+        while not ended:
+            key = f"user-{turn % 40}"
+            turn += 1
+            try:
+                answer = await client.inference.generate(
+                    messages=status("owl", key),
+                    adapter=f"{ADAPTER}@prod",
+                    max_tokens=4,
+                    routing_key=key,
+                )
+            except Exception as error:  # a failed request is what this looks for
+                failures.append(error)
+                continue
+            side = "champion" if answer.adapter_version == champion else "challenger"
+            await client.inference.feedback(answer.response_id, rating=ratings[side])
+
+    await asyncio.gather(watch(), traffic())
+    assert not failures, failures[:3]
+    assert not (await prod_alias(client)).HasField("canary")  # over, either way
+    return ended[0]
+
+
+async def test_a_canary_rated_worse_is_rolled_back_and_one_rated_well_is_promoted(
+    platform: Platform,
+    client: AsyncClient,
+    chat_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Users rate the challenger's answers down: the rollback rule sends all traffic back to
+    the champion. A second challenger, rated like the champion, holds its canary and is
+    promoted."""
+    champion = await upload_champion(client, chat_model, tmp_path, "first")
+    await client.adapters.set_alias(ADAPTER, "prod", champion)
+    canary = {"percent": 50, "minRatings": 8, "maxNegativeIncrease": 0.2}
+    await client.retraining.create_policy(
+        policy(await frozen_set(client), recipe=RECIPE, canary=canary)
+    )
+
+    run = await canary_round(client, champion, {"champion": 1, "challenger": -1}, "r")
+    assert (run.state, run.outcome) == (Run.STATE_SUCCEEDED, Run.OUTCOME_ROLLED_BACK), run
+    assert run.canary.challenger_ratings >= 8 and "rolled back" in run.events[-1].message
+    assert (await prod_alias(client)).version == champion
+    keys = [f"user-{index}" for index in range(40)]
+    while True:  # every user is answered by the champion again, once the server has followed
+        answers = [
+            await client.inference.generate(
+                messages=status("owl"), adapter=f"{ADAPTER}@prod", max_tokens=1, routing_key=key
+            )
+            for key in keys
+        ]
+        if {a.adapter_version for a in answers} == {champion}:
+            break
+
+    run = await canary_round(client, champion, {"champion": 1, "challenger": 1}, "s")
+    assert (run.state, run.outcome) == (Run.STATE_SUCCEEDED, Run.OUTCOME_PROMOTED), run
+    assert "the canary held" in "".join(e.message for e in run.events)
+    assert (await prod_alias(client)).version == run.challenger_version
+
+
 async def test_runs_without_enough_data_or_a_champion_end_with_the_reason(
     platform: Platform,
     client: AsyncClient,
@@ -333,3 +419,49 @@ async def test_bad_policies_are_refused_naming_the_field(
     with pytest.raises(Exception) as twice:
         await client.retraining.create_policy(policy(frozen), policy_id="other")
     assert twice.value.code.name == "ALREADY_EXISTS"  # type: ignore[attr-defined]
+
+
+async def runs_of(client: AsyncClient, count: int) -> list[Run]:
+    """The policy's runs, once there are `count` (the triggers started them)."""
+    while True:
+        runs = [r async for r in client.retraining.runs("colours")]
+        if len(runs) >= count:
+            return runs
+        await asyncio.sleep(0.1)
+
+
+async def test_schedules_and_thresholds_start_runs(
+    make_platform: Any,  # noqa: F811
+    chat_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Triggers checked every half second: a threshold of new examples starts one run (and the
+    pending-examples gauge shows them), a schedule starts one run per period."""
+    platform = await make_platform(
+        inference={"base_model": "colours"},
+        retraining={"poll_seconds": 0.2, "trigger_seconds": 0.5},
+    )
+    assert platform.server is not None
+    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
+        frozen = await frozen_set(client)
+        champion = await upload_champion(client, chat_model, tmp_path, "first")
+        await client.adapters.set_alias(ADAPTER, "prod", champion)
+        await client.retraining.create_policy(
+            policy(frozen, data={"minNewExamples": 3}, triggers={"onNewExamples": True})
+        )
+        await rate(client, ["a", "b", "c"])
+        (run,) = await runs_of(client, 1)
+        run = await client.retraining.wait(run.name)  # then the policy can go
+        assert (run.trigger, run.trigger_detail) == (Run.TRIGGER_NEW_EXAMPLES, "3 new examples")
+        labels = {"policy": "colours", "adapter": ADAPTER}
+        assert (
+            platform.registry.get_sample_value("tunefleet_retraining_min_new_examples", labels) == 3
+        )
+
+        await client.retraining.delete_policy("colours")
+        await client.retraining.create_policy(policy(frozen, triggers={"scheduleSeconds": 1}))
+        runs = await runs_of(client, 2)
+        assert {r.trigger for r in runs} == {Run.TRIGGER_SCHEDULE}
+        assert runs[0].create_time.ToDatetime() - runs[1].create_time.ToDatetime() >= timedelta(
+            seconds=1
+        )

@@ -117,6 +117,33 @@ def set_alias(
     console.print(f"{moved.name} -> {moved.version}", markup=False)
 
 
+@alias.command("canary")
+@click.argument("adapter")
+@click.argument("alias_name", metavar="ALIAS")
+@click.argument("other", metavar="OTHER")
+@click.argument("percent", type=click.IntRange(0, 99))
+@click.option("--reason", default="", help="Recorded in the audit trail.")
+@output_option
+@handles_errors
+def canary(
+    adapter: str, alias_name: str, other: str, percent: int, reason: str, output: str
+) -> None:
+    """Send PERCENT of ALIAS's requests to the version alias OTHER points at (0 stops it):
+    `tunefleet adapters alias canary orders prod candidate 10`. Responses name the version that
+    answered; a request's routing key keeps a user on one side."""
+    with client() as tunefleet:
+        changed = tunefleet.adapters.set_canary(adapter, alias_name, other, percent, reason=reason)
+    if output == "json":
+        print_json(changed)
+        return
+    split = (
+        f"{changed.canary.percent}% to {changed.canary.alias}"
+        if changed.HasField("canary")
+        else "no canary"
+    )
+    console.print(f"{changed.name} -> {changed.version}, {split}", markup=False)
+
+
 @adapters.command()
 @click.argument("version")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))

@@ -279,6 +279,27 @@ class Adapters(Resource[M]):
         return moved
 
     @operation
+    def set_canary(
+        self, adapter: str, alias: str, canary: str, percent: int, *, reason: str = ""
+    ) -> Program[adapter_pb2.AdapterAlias]:
+        """Send `percent` (1 to 99) of the requests for `alias` to the version of alias `canary`
+        (0 removes the canary). Servers routing the alias follow it at once.
+
+        Example::
+
+            client.adapters.set_canary("orders", "prod", "candidate", 10, reason="canary")
+        """
+        request = adapter_service_pb2.SetAdapterAliasCanaryRequest(
+            name=f"{resource_name('adapters', adapter)}/aliases/{alias}",
+            canary=adapter_pb2.AliasCanary(alias=canary, percent=percent),
+            reason=reason,
+        )
+        changed: adapter_pb2.AdapterAlias = yield Call(
+            self.Stub, "SetAdapterAliasCanary", request, idempotent=True
+        )
+        return changed
+
+    @operation
     def delete_alias(self, adapter: str, alias: str, *, reason: str = "") -> Program[None]:
         """Delete an alias; servers stop routing it.
 

@@ -145,12 +145,15 @@ class Inference(Resource[M]):
         stop: Sequence[str] = (),
         seed: int | None = None,
         tools: Tools = (),
+        routing_key: str = "",
     ) -> Program[inference_service_pb2.GenerateResponse]:
         """Generate a completion of `prompt` (raw text, or the model's token ids) or of a chat
         (`messages`, rendered with the model's chat template), with `adapter`
         (`adapters/{a}@{alias}`, `adapters/{a}/versions/{n}`) or the base model. Greedy unless
         `temperature` > 0. `tools` (OpenAI's form works) are offered to the model in a chat;
-        its calls come back in `tool_calls`, with finish reason TOOL_CALLS.
+        its calls come back in `tool_calls`, with finish reason TOOL_CALLS. For an alias with a
+        canary, requests with the same `routing_key` (a user or session id) land on the same
+        side of the split.
 
         Example::
 
@@ -163,6 +166,7 @@ class Inference(Resource[M]):
         request = generate_request(
             prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed, tools
         )
+        request.routing_key = routing_key
         response: inference_service_pb2.GenerateResponse = yield Call(
             self.Stub, "Generate", request
         )
@@ -182,6 +186,7 @@ class Inference(Resource[M]):
         seed: int | None = None,
         tools: Tools = (),
         timeout: float | None = None,
+        routing_key: str = "",
     ) -> Feed[inference_service_pb2.StreamGenerateResponse]:
         """Like `generate`, as pieces of text while they are produced; the last piece carries the
         finish reason, token counts and any tool calls. Leaving the loop early stops the
@@ -197,6 +202,7 @@ class Inference(Resource[M]):
                 prompt, messages, adapter, max_tokens, temperature, top_p, stop, seed, tools
             )
         )
+        request.request.routing_key = routing_key
         pieces = yield Open(self.Stub, "StreamGenerate", request, timeout=timeout)
         while (piece := (yield Read(pieces))) is not None:
             yield Emit(piece)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from tunefleet.adapters import store
 from tunefleet.adapters.store import TOPIC, AliasMoveRow, AliasRow, VersionRow
 from tunefleet.core import names
-from tunefleet.core.errors import Aborted, InvalidArgument, NotFound
+from tunefleet.core.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from tunefleet.storage.changes import append_change
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page, paginate
@@ -95,6 +95,64 @@ class Aliases:
         self.on_change()
         return current
 
+    def set_canary(self, name: str, canary: str, percent: int, reason: str, actor: str) -> AliasRow:
+        """Send `percent` of the requests for alias `name` to the version of alias `canary` of
+        the same adapter; `percent` 0 removes the canary."""
+        adapter, alias = names.alias_name(name)
+        if not 0 <= percent <= 99:
+            raise InvalidArgument(
+                "canary.percent", f"must be 1 to 99 (0 removes it), got {percent}"
+            )
+        if percent and not canary:
+            raise InvalidArgument("canary.alias", "is required with a percent")
+        if percent and canary == alias:
+            raise InvalidArgument("canary.alias", "must be another alias than the one it splits")
+        with self.db.session() as session:
+            current = session.execute(
+                select(AliasRow)
+                .where(AliasRow.adapter_id == adapter, AliasRow.alias == alias)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if current is None:
+                raise NotFound(f"{name} not found", metadata={"name": name})
+            if percent and session.get(AliasRow, (adapter, canary)) is None:
+                raise InvalidArgument(
+                    "canary.alias", f"adapters/{adapter}/aliases/{canary} does not exist"
+                )
+            current.canary_alias = canary if percent else None
+            current.canary_percent = percent
+            current.update_time, current.updated_by = utcnow(), actor
+            session.flush()
+            split = {"alias": canary, "percent": percent} if percent else None
+            change = append_change(
+                session,
+                TOPIC,
+                "TYPE_ALIAS_CANARY_CHANGED",
+                {
+                    "adapter": f"adapters/{adapter}",
+                    "alias": name,
+                    "version": names.version_name(adapter, current.version),
+                    "canary": split,
+                },
+            )
+            session.add(
+                AliasMoveRow(
+                    adapter_id=adapter,
+                    alias=alias,
+                    from_version=current.version,
+                    to_version=current.version,
+                    time=current.update_time,
+                    actor=actor,
+                    reason=reason,
+                    revision=change.revision,
+                    canary_changed=True,
+                    canary_alias=current.canary_alias,
+                    canary_percent=percent,
+                )
+            )
+        self.on_change()
+        return current
+
     def delete_alias(self, name: str, reason: str, actor: str) -> None:
         adapter, alias = names.alias_name(name)
         with self.db.session() as session:
@@ -105,6 +163,20 @@ class Aliases:
             ).scalar_one_or_none()
             if current is None:
                 raise NotFound(f"{name} not found")
+            split = session.scalars(
+                select(AliasRow).where(
+                    AliasRow.adapter_id == adapter,
+                    AliasRow.canary_alias == alias,
+                    AliasRow.canary_percent > 0,
+                )
+            ).first()
+            if split is not None:
+                raise FailedPrecondition(
+                    f"adapters/{adapter}/aliases/{split.alias} sends {split.canary_percent}% of "
+                    f"its requests to {name}: remove that canary first",
+                    reason="ALIAS_IS_A_CANARY",
+                    metadata={"alias": f"adapters/{adapter}/aliases/{split.alias}"},
+                )
             before = names.version_name(adapter, current.version)
             session.delete(current)
             change = append_change(

@@ -230,6 +230,20 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         self.metrics.alias_moves.inc()
         return alias_proto(row)
 
+    async def SetAdapterAliasCanary(
+        self, request: adapter_service_pb2.SetAdapterAliasCanaryRequest, context: Context
+    ) -> adapter_pb2.AdapterAlias:
+        row = await asyncio.to_thread(
+            self.manager.aliases.set_canary,
+            request.name,
+            request.canary.alias,
+            request.canary.percent,
+            request.reason,
+            current_principal.get().subject,
+        )
+        self.metrics.alias_moves.inc()
+        return alias_proto(row)
+
     async def DeleteAdapterAlias(
         self, request: adapter_service_pb2.DeleteAdapterAliasRequest, context: Context
     ) -> empty_pb2.Empty:
@@ -366,16 +380,19 @@ def lineage_dict(lineage: adapter_pb2.Lineage) -> dict[str, Any]:
 
 
 def alias_proto(row: AliasRow) -> adapter_pb2.AdapterAlias:
-    return adapter_pb2.AdapterAlias(
+    alias = adapter_pb2.AdapterAlias(
         name=f"adapters/{row.adapter_id}/aliases/{row.alias}",
         version=names.version_name(row.adapter_id, row.version),
         update_time=timestamp(row.update_time),
         updated_by=row.updated_by,
     )
+    if row.canary_percent and row.canary_alias:
+        alias.canary.alias, alias.canary.percent = row.canary_alias, row.canary_percent
+    return alias
 
 
 def move_proto(row: AliasMoveRow) -> adapter_pb2.AliasMove:
-    return adapter_pb2.AliasMove(
+    move = adapter_pb2.AliasMove(
         alias=f"adapters/{row.adapter_id}/aliases/{row.alias}",
         from_version=names.version_name(row.adapter_id, row.from_version)
         if row.from_version
@@ -385,13 +402,17 @@ def move_proto(row: AliasMoveRow) -> adapter_pb2.AliasMove:
         actor=row.actor,
         reason=row.reason,
         revision=row.revision,
+        canary_changed=row.canary_changed,
     )
+    if row.canary_changed and row.canary_percent and row.canary_alias:
+        move.canary.alias, move.canary.percent = row.canary_alias, row.canary_percent
+    return move
 
 
 def change_proto(
     revision: int, kind: str, payload: dict[str, Any], time: Any
 ) -> adapter_pb2.AdapterChange:
-    return adapter_pb2.AdapterChange(
+    change = adapter_pb2.AdapterChange(
         revision=revision,
         type=adapter_pb2.AdapterChange.Type.Value(kind),
         time=timestamp(time),
@@ -400,3 +421,7 @@ def change_proto(
         alias=payload.get("alias", ""),
         previous_version=payload.get("previous_version", ""),
     )
+    if payload.get("canary"):
+        change.canary.alias = payload["canary"]["alias"]
+        change.canary.percent = payload["canary"]["percent"]
+    return change

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, ForeignKeyConstraint, Integer, String
+from sqlalchemy import BigInteger, ForeignKey, ForeignKeyConstraint, Integer, String, false
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tunefleet.core import names
@@ -77,6 +77,9 @@ class AliasRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     update_time: Mapped[datetime]
     updated_by: Mapped[str] = mapped_column(String(256))
+    # Its canary: `canary_percent` of its requests go to the version of alias `canary_alias`.
+    canary_alias: Mapped[str | None] = mapped_column(String(63))
+    canary_percent: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class AliasMoveRow(Base):
@@ -92,6 +95,10 @@ class AliasMoveRow(Base):
     actor: Mapped[str] = mapped_column(String(256))
     reason: Mapped[str]
     revision: Mapped[int] = mapped_column(BigInteger)
+    # Set for a change of the canary (the versions then unchanged): the canary after it.
+    canary_changed: Mapped[bool] = mapped_column(server_default=false())
+    canary_alias: Mapped[str | None] = mapped_column(String(63))
+    canary_percent: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 def adapter(session: Session, adapter: str) -> AdapterRow:

@@ -26,8 +26,11 @@ The rules that keep every response answered by the weights of the version stampe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -97,6 +100,8 @@ class AdapterPool:
         self.models = models or ModelCatalogue()
         self.served: dict[str, ServedVersion] = {}  # serving name -> entry
         self.routes: dict[str, ServedVersion] = {}  # adapters/{adapter}@{alias} -> entry
+        # Routed aliases with a canary: adapters/{a}@{alias} -> (adapters/{a}@{other}, percent).
+        self.canaries: dict[str, tuple[str, int]] = {}
         self._alias_locks: dict[str, asyncio.Lock] = {}
         self.revision = -1  # of the registry's change feed (-1: from its newest change on)
         self.following = asyncio.Event()  # the watch is open: moves from now on are seen
@@ -106,15 +111,23 @@ class AdapterPool:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def acquire(self, reference: str) -> ServedVersion | None:
+    async def acquire(
+        self, reference: str, routing_key: str = "", split: bool = True
+    ) -> ServedVersion | None:
         """The loaded version a request names (None for the base model), held until `release`.
-        An alias is routed (and followed from then on) on first use."""
+        An alias is routed (and followed from then on) on first use. With `split`, a request for
+        an alias with a canary goes to the canary's version for its share of the requests (drawn
+        from `routing_key` when given, so that one key always lands on one side); a canary that
+        cannot answer (its alias gone, its version failing to load) leaves the request on the
+        alias's own version."""
         if not reference:
             return None
         ref = names.version_ref(reference, "adapter")
         for _ in range(MAX_ROUTING_TRIES):
             if ref.alias is not None:
                 served = self.routes.get(reference) or await self.route(reference)
+                if split and served.state == LOADED:
+                    served = await self._canary(reference, routing_key) or served
             else:
                 served = await self._version(reference)
             # Nothing awaits between this check and taking the reference: a version that is
@@ -141,6 +154,21 @@ class AdapterPool:
             log.warning("AdapterService is unavailable: serving %s as loaded", name)
             return loaded[0]
         return await self._ensure(info)
+
+    async def _canary(self, alias: str, routing_key: str) -> ServedVersion | None:
+        """The canary's loaded version when this request is drawn for it, else None."""
+        split = self.canaries.get(alias)
+        if split is None or not _drawn(alias, routing_key, split[1]):
+            return None
+        other, _ = split
+        try:
+            served = self.routes.get(other) or await self.route(other)
+        except TunefleetError as error:
+            log.warning(
+                "%s's canary %s cannot answer (%s): served by %s", alias, other, error, alias
+            )
+            return None
+        return served if served.state == LOADED else None
 
     def release(self, served: ServedVersion | None) -> None:
         if served is None:
@@ -360,8 +388,16 @@ class AdapterPool:
             if served.state == FAILED and served.failure is not None:
                 raise served.failure
             if served.state == LOADED:
+                self._set_canary(alias, await self.registry.canary(alias))
                 self.routes[alias] = served
             return served
+
+    def _set_canary(self, alias: str, canary: adapter_pb2.AliasCanary | None) -> None:
+        if canary is None or not canary.percent:
+            self.canaries.pop(alias, None)
+            return
+        adapter = alias.split("@")[0]
+        self.canaries[alias] = (f"{adapter}@{canary.alias}", canary.percent)
 
     async def follow(self) -> None:
         """Follow AdapterService's change feed for ever: alias moves and deletions, deleted
@@ -380,6 +416,8 @@ class AdapterPool:
         if again:  # resumed after a break: the feed brings what was missed; make sure of it
             for alias in list(self.routes):
                 await self.swap(alias, None, current=True)
+                with contextlib.suppress(TunefleetError):
+                    self._set_canary(alias, await self.registry.canary(alias))
 
     async def _apply(self, change: adapter_pb2.AdapterChange) -> None:
         kinds = adapter_pb2.AdapterChange
@@ -389,6 +427,12 @@ class AdapterPool:
             if routed in self.routes:
                 moved_at = change.time.ToDatetime(tzinfo=UTC)
                 await self.swap(routed, change.version or None, moved_at)
+        elif change.type == kinds.TYPE_ALIAS_CANARY_CHANGED:
+            adapter, alias = names.alias_name(change.alias)
+            routed = f"adapters/{adapter}@{alias}"
+            if routed in self.routes:
+                self._set_canary(routed, change.canary if change.HasField("canary") else None)
+                log.info("%s's canary is now %s", routed, self.canaries.get(routed))
         elif change.type == kinds.TYPE_VERSION_CREATED:
             self._prefetch(change.adapter, change.version)
         elif change.type == kinds.TYPE_VERSION_DELETED:
@@ -492,3 +536,11 @@ class AdapterPool:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.registry.close()
+
+
+def _drawn(alias: str, routing_key: str, percent: int) -> bool:
+    """Whether a request goes to the canary: by its key (one key, one side), else at random."""
+    if not routing_key:
+        return random.random() * 100 < percent  # noqa: S311 - a traffic split, not a secret
+    digest = hashlib.sha256(f"{alias}\n{routing_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent

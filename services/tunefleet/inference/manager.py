@@ -185,7 +185,7 @@ class InferenceManager:
         try:
             sampling = self._sampling(request.sampling)
             self._check_size(request, sampling)
-            served = await self.pool.acquire(request.adapter)
+            served = await self.pool.acquire(request.adapter, request.routing_key)
             version = served.version if served is not None else ""
             labels = version_labels(version)
             engine = served.engine if served is not None and served.engine else self.engine
@@ -261,7 +261,7 @@ class InferenceManager:
             )
         if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgument("top_logprobs", f"must be 0 to {MAX_TOP_LOGPROBS}")
-        served = await self.pool.acquire(request.adapter)
+        served = await self.pool.acquire(request.adapter, split=False)  # the alias's own version
         try:
             engine = served.engine if served is not None and served.engine else self.engine
             context = engine.context_length or self.engine.context_length

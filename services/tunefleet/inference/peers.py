@@ -72,6 +72,22 @@ class AdapterServiceClient(Peer):
             files=tuple(found.files),
         )
 
+    async def canary(self, alias: str) -> adapter_pb2.AliasCanary | None:
+        """The canary of `adapters/{adapter}@{alias}`, if it has one."""
+        adapter, _, name = alias.partition("@")
+        token = ""
+        while True:
+            request = adapter_service_pb2.ListAdapterAliasesRequest(
+                parent=adapter, page_size=1000, page_token=token
+            )
+            page = await self.call("ListAdapterAliases", request)
+            for found in page.aliases:
+                if found.name == f"{adapter}/aliases/{name}":
+                    return found.canary if found.HasField("canary") else None
+            token = page.next_page_token
+            if not token:
+                return None
+
     async def download(self, version: Version, paths: Iterable[str], directory: Path) -> None:
         """Write the version's files `paths` into `directory` (written off the event loop), each
         checked against its sha256 (DATA_LOSS if one differs or is missing)."""

@@ -135,6 +135,7 @@ async def _chat_completions(client: AsyncClient, base_model: str, params: ChatBo
         "stop": params.stops,
         "seed": params.seed,
         "tools": tools,
+        "routing_key": params.user or "",
     }
     created = int(time.time())
     if not params.stream:
@@ -289,6 +290,7 @@ async def _completions(client: AsyncClient, base_model: str, params: CompletionB
         "top_p": 1.0 if params.top_p is None else params.top_p,
         "stop": params.stops,
         "seed": params.seed,
+        "routing_key": params.user or "",
     }
     if params.stream:
         if len(prompts) != 1:

@@ -30,6 +30,8 @@ class _Body(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # The end user: requests of one user land on one side of an alias's canary.
+    user: str | None = Field(default=None, max_length=256)
 
     def refuse_unsupported(self) -> None:
         if self.n not in (None, 1):

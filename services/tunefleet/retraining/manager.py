@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -32,11 +31,17 @@ from tunefleet.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    relayed,
 )
 from tunefleet.core.protos import timestamp
 from tunefleet.retraining import store
 from tunefleet.retraining.metrics import RetrainingMetrics
+from tunefleet.retraining.policies import (
+    RECIPE_FIELDS,
+    check_policy,
+    comparison,
+    copy_field,
+    override,
+)
 from tunefleet.runtime.auth import current_principal
 from tunefleet.runtime.settings import RetrainingSettings
 from tunefleet.storage import idempotency
@@ -54,11 +59,7 @@ Run = retraining_pb2.RetrainingRun
 State = Run.State
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-FIELD = "retraining_policy"
-ALIAS = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 WATCH_SECONDS = 5.0
-# The training job's settings a policy's recipe may set; the rest is the run's own.
-RECIPE_FIELDS = ["method", "objective", "dpo", "lora", "hyperparameters", "resources", "priority"]
 ENDED_JOBS = {
     training_job_pb2.TrainingJob.STATE_SUCCEEDED,
     training_job_pb2.TrainingJob.STATE_FAILED,
@@ -143,8 +144,8 @@ class RetrainingManager:
         policy.CopyFrom(requested)
         for output in ("name", "create_time"):
             policy.ClearField(output)
-        await self._check_policy(policy)
-        identifier = policy_id or names.adapter_id(policy.adapter, f"{FIELD}.adapter")
+        await check_policy(policy, self.api)
+        identifier = policy_id or names.adapter_id(policy.adapter, "retraining_policy.adapter")
         if not store.ID.fullmatch(identifier):
             raise InvalidArgument("retraining_policy_id", "must be 1 to 63 of [a-z0-9-]")
         now = utcnow()
@@ -166,66 +167,6 @@ class RetrainingManager:
         await asyncio.to_thread(insert)
         return policy
 
-    async def _check_policy(self, policy: Policy) -> None:
-        """Defaults filled in, then every check, with the other services where they decide
-        (the adapter exists, the evaluation is one EvaluationService accepts)."""
-        names.adapter_id(policy.adapter, f"{FIELD}.adapter")
-        policy.champion_alias = policy.champion_alias or "prod"
-        policy.challenger_alias = policy.challenger_alias or "candidate"
-        for field in ("champion_alias", "challenger_alias"):
-            if not ALIAS.fullmatch(getattr(policy, field)):
-                raise InvalidArgument(f"{FIELD}.{field}", "must be 1 to 63 of [a-z0-9-]")
-        if policy.champion_alias == policy.challenger_alias:
-            raise InvalidArgument(f"{FIELD}.challenger_alias", "must differ from champion_alias")
-        data = policy.data
-        data.min_new_examples = data.min_new_examples or 10
-        if data.min_new_examples < 0:
-            raise InvalidArgument(f"{FIELD}.data.min_new_examples", "must not be negative")
-        if not 0 <= data.positive_fraction <= 1:
-            raise InvalidArgument(f"{FIELD}.data.positive_fraction", "must be 0 to 1")
-        if not data.HasField("include_champion_data"):
-            data.include_champion_data = True
-        if policy.triggers.schedule_seconds < 0:
-            raise InvalidArgument(f"{FIELD}.triggers.schedule_seconds", "must not be negative")
-        if policy.promotion == Policy.PROMOTION_UNSPECIFIED:
-            policy.promotion = Policy.PROMOTION_MANUAL
-        recipe = training_job_pb2.TrainingJob()
-        _override(policy.recipe, recipe)  # the rest of a recipe is the run's own: ignored
-        policy.recipe.CopyFrom(recipe)
-        if not policy.HasField("evaluation"):
-            raise InvalidArgument(f"{FIELD}.evaluation", "is required: the frozen comparison")
-        if not policy.evaluation.gate.metric:
-            raise InvalidArgument(
-                f"{FIELD}.evaluation.gate.metric", "is required: what the challenger must improve"
-            )
-        try:
-            await self.api.adapters.get(policy.adapter)
-        except ClientError as error:
-            if error.code.name == "NOT_FOUND":
-                raise InvalidArgument(f"{FIELD}.adapter", f"{policy.adapter} not found") from None
-            raise relayed(error, "AdapterService") from None
-        await self._check_evaluation(policy, "evaluation")
-        if policy.HasField("regression"):
-            await self._check_evaluation(policy, "regression")
-
-    async def _check_evaluation(self, policy: Policy, field: str) -> None:
-        """EvaluationService's own checks of the comparison (validate_only), with the champion
-        on both sides; its field names are answered under the policy's."""
-        template: evaluation_pb2.EvaluationJob = getattr(policy, field)
-        for output in ("candidates", "baseline", "results"):
-            template.ClearField(output)
-        try:
-            await self.api.evaluations.create(
-                _comparison(template, f"{policy.adapter}@{policy.champion_alias}", ""),
-                validate_only=True,
-            )
-        except ClientError as error:
-            refused = relayed(error, "EvaluationService")
-            if isinstance(refused, InvalidArgument):
-                where = refused.field.replace("evaluation_job", f"{FIELD}.{field}", 1)
-                raise InvalidArgument(where, refused.description) from None
-            raise refused from None
-
     def get_policy(self, name: str) -> Policy:
         with self.db.read() as session:
             return store.get_policy(session, store.policy_id(name)).policy()
@@ -243,13 +184,6 @@ class RetrainingManager:
                 raise _in_progress(active)
             session.delete(row)
 
-    def policy_for_adapter(self, adapter: str) -> Policy | None:
-        with self.db.read() as session:
-            for row in store.all_policies(session):
-                if row.adapter == adapter:
-                    return row.policy()
-        return None
-
     # --- runs ----------------------------------------------------------------------------------
 
     async def create_run(self, parent: str, requested: Run, request_id: str) -> Run:
@@ -261,6 +195,11 @@ class RetrainingManager:
             f"{parent}\n{trigger}\n{requested.trigger_detail}".encode()
         ).hexdigest()
         actor = current_principal.get().subject
+        policy = await asyncio.to_thread(self.get_policy, parent)
+        if request_id:  # one run per request id and policy: a policy made again starts afresh
+            idempotency.check_request_id(request_id)
+            incarnation = f"{request_id}:{policy.create_time.ToJsonString()}"
+            request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, incarnation))
 
         def insert(session: Session) -> str:
             store.get_policy(session, policy_id, for_update=True)
@@ -335,7 +274,9 @@ class RetrainingManager:
 
     async def reject(self, name: str, reason: str) -> Run:
         actor = current_principal.get().subject
-        await asyncio.to_thread(self._decide, name, actor, f"rejected: {reason or '-'}")
+        run = await asyncio.to_thread(self._decide, name, actor, f"rejected: {reason or '-'}")
+        policy = await asyncio.to_thread(self.get_policy, name.rsplit("/runs/", 1)[0])
+        await self._end_canary(policy, run, f"rejected by {actor}")
 
         def change(run: Run) -> None:
             _end(run, State.STATE_SUCCEEDED, outcome=Run.OUTCOME_REJECTED)
@@ -372,9 +313,11 @@ class RetrainingManager:
         task = self._tasks.get(name)
         if task is not None:
             task.cancel()
-        if run.training_job:
-            with contextlib.suppress(ClientError):
+        with contextlib.suppress(ClientError):  # best effort: what it started stops
+            if run.training_job:
                 await self.api.training_jobs.cancel(run.training_job)
+            policy = await asyncio.to_thread(self.get_policy, name.rsplit("/runs/", 1)[0])
+            await self._end_canary(policy, run, f"cancelled by {actor}")
         return run
 
     # --- running -------------------------------------------------------------------------------
@@ -415,6 +358,8 @@ class RetrainingManager:
             run = await self._train(policy, run)
         if run.state == State.STATE_EVALUATING:
             run = await self._evaluate(policy, run)
+        if run.state == State.STATE_CANARY:
+            run = await self._watch_canary(policy, run)
         if run.state == State.STATE_AWAITING_APPROVAL and policy.promotion == Policy.PROMOTION_AUTO:
             await self._promote(policy, run, "the gate passed")
 
@@ -618,14 +563,14 @@ class RetrainingManager:
         if champion.lineage.training_job:
             base = await self.api.training_jobs.get(champion.lineage.training_job)
             for field in RECIPE_FIELDS:
-                _copy_field(base, job, field)
+                copy_field(base, job, field)
         elif not policy.recipe.method:
             raise RunFailed(
                 "NO_RECIPE",
                 f"{run.champion_version} was not trained by tunefleet: the policy's recipe must "
                 "name the method and hyperparameters",
             )
-        _override(policy.recipe, job)
+        override(policy.recipe, job)
         adapter = await self.api.adapters.get(policy.adapter)
         job.base_model = champion.lineage.base_model or adapter.base_model
         job.adapter = policy.adapter
@@ -642,13 +587,13 @@ class RetrainingManager:
                 if not policy.HasField(field):
                     continue
                 template = getattr(policy, field)
-                comparison = _comparison(
+                wanted = comparison(
                     template, run.champion_version, run.challenger_version, field == "evaluation"
                 )
-                comparison.display_name = f"{run.name}: {field}"[:200]
+                wanted.display_name = f"{run.name}: {field}"[:200]
                 try:
                     job = await self.api.evaluations.create(
-                        comparison, request_id=_key(run.name, field)
+                        wanted, request_id=_key(run.name, field)
                     )
                 except ClientError as error:
                     if error.code.name in ("INVALID_ARGUMENT", "FAILED_PRECONDITION"):
@@ -677,6 +622,7 @@ class RetrainingManager:
                 )
             jobs.append(job)
         passed, reasons = _verdict(policy, jobs)
+        percent = policy.canary.percent
         if passed:
             await self.api.adapters.set_alias(
                 policy.adapter,
@@ -684,6 +630,14 @@ class RetrainingManager:
                 run.challenger_version,
                 reason=f"{run.name}: the gate passed",
             )
+            if percent:
+                await self.api.adapters.set_canary(
+                    policy.adapter,
+                    policy.champion_alias,
+                    policy.challenger_alias,
+                    percent,
+                    reason=f"{run.name}: canary of the challenger",
+                )
 
         def judged(current: Run) -> None:
             current.gate_passed = passed
@@ -692,17 +646,85 @@ class RetrainingManager:
                 _event(current, f"the gate did not pass: {'; '.join(reasons)}")
                 _end(current, State.STATE_SUCCEEDED, outcome=Run.OUTCOME_GATE_FAILED)
                 return
-            current.state = State.STATE_AWAITING_APPROVAL
-            _event(
-                current,
-                f"the gate passed; {policy.challenger_alias} is {current.challenger_version}",
-            )
+            said = f"the gate passed; {policy.challenger_alias} is {current.challenger_version}"
+            if percent:
+                current.state = State.STATE_CANARY
+                current.canary.start_time.CopyFrom(timestamp(datetime.now(UTC)))
+                said += f", answering {percent}% of {policy.champion_alias}'s requests"
+            else:
+                current.state = State.STATE_AWAITING_APPROVAL
+            _event(current, said)
 
         return await self._update(run.name, judged)
 
+    async def _watch_canary(self, policy: Policy, run: Run) -> Run:
+        """Compare the ratings of the challenger's answers with the champion's since the canary
+        started, until there are enough: worse by more than the policy's margin, the canary is
+        removed and the run ROLLED_BACK; else it goes on to promotion (or approval)."""
+        rule = policy.canary
+        while True:
+            measured = await self._canary_ratings(run)
+            champion = measured.champion_negative / max(1, measured.champion_ratings)
+            challenger = measured.challenger_negative / max(1, measured.challenger_ratings)
+            counts = (
+                f"challenger {measured.challenger_negative}/{measured.challenger_ratings} "
+                f"negative ({challenger:.0%}), champion {measured.champion_negative}/"
+                f"{measured.champion_ratings} ({champion:.0%})"
+            )
+            if measured.challenger_ratings >= rule.min_ratings:
+                break
+
+            run = await self._update(run.name, _measured(measured))
+            await asyncio.sleep(self.settings.canary_seconds)
+        worse = challenger > champion + rule.max_negative_increase
+        if worse:
+            await self._end_canary(policy, run, f"rolled back: {counts}")
+
+        def judged(current: Run) -> None:
+            current.canary.CopyFrom(measured)
+            if worse:
+                self.metrics.rollbacks.labels(policy.adapter).inc()
+                _event(
+                    current,
+                    f"rolled back: {counts}, more than {rule.max_negative_increase:.0%} above; "
+                    f"{policy.champion_alias} answers every request again",
+                )
+                _end(current, State.STATE_SUCCEEDED, outcome=Run.OUTCOME_ROLLED_BACK)
+                return
+            current.state = State.STATE_AWAITING_APPROVAL
+            _event(current, f"the canary held: {counts}")
+
+        return await self._update(run.name, judged)
+
+    async def _canary_ratings(self, run: Run) -> retraining_pb2.CanaryResult:
+        measured = retraining_pb2.CanaryResult()
+        measured.CopyFrom(run.canary)
+        since = run.canary.start_time.ToJsonString()
+        for side, version in (
+            ("champion", run.champion_version),
+            ("challenger", run.challenger_version),
+        ):
+            query = f'adapter_version = "{version}" AND create_time > "{since}"'
+            ratings = [f.rating async for f in self.api.inference.list_feedback(query, 1000)]
+            setattr(measured, f"{side}_ratings", len(ratings))
+            setattr(measured, f"{side}_negative", sum(1 for r in ratings if r < 0))
+        return measured
+
+    async def _end_canary(self, policy: Policy, run: Run, why: str) -> None:
+        """Send every request of the champion alias to its own version again."""
+        if policy.canary.percent and run.HasField("canary"):
+            await self.api.adapters.set_canary(
+                policy.adapter,
+                policy.champion_alias,
+                policy.challenger_alias,
+                0,
+                reason=f"{run.name}: {why}"[:1000],
+            )
+
     async def _promote(self, policy: Policy, run: Run, why: str) -> None:
         """Move the champion alias to the challenger, by compare-and-set against the champion
-        the run started from: a move made meanwhile (by a person) wins."""
+        the run started from: a move made meanwhile (by a person) wins. A canary ends either
+        way."""
         try:
             await self.api.adapters.set_alias(
                 policy.adapter,
@@ -724,8 +746,10 @@ class RetrainingManager:
                 )
                 _end(current, State.STATE_SUCCEEDED, outcome=Run.OUTCOME_CHAMPION_MOVED)
 
+            await self._end_canary(policy, run, "not promoted")
             await self._update(run.name, lost)
             return
+        await self._end_canary(policy, run, "promoted")
         self.metrics.promotions.labels(policy.adapter).inc()
 
         def promoted(current: Run) -> None:
@@ -823,45 +847,13 @@ class RetrainingManager:
         return started
 
 
-_MESSAGES = {"dpo", "lora", "hyperparameters", "resources"}
-
-
-def _copy_field(source: Any, target: Any, field: str) -> None:
-    if field in _MESSAGES:
-        getattr(target, field).CopyFrom(getattr(source, field))
-    else:
-        setattr(target, field, getattr(source, field))
-
-
-def _override(recipe: training_job_pb2.TrainingJob, job: training_job_pb2.TrainingJob) -> None:
-    """The recipe fields that `recipe` sets, copied onto `job`."""
-    for field in RECIPE_FIELDS:
-        if recipe.HasField(field) if field in _MESSAGES else getattr(recipe, field):  # type: ignore[arg-type]
-            _copy_field(recipe, job, field)
-
-
-def _comparison(
-    template: evaluation_pb2.EvaluationJob, champion: str, challenger: str, gated: bool = True
-) -> evaluation_pb2.EvaluationJob:
-    """The policy's evaluation with the champion as the baseline and the challenger beside it."""
-    job = evaluation_pb2.EvaluationJob()
-    job.CopyFrom(template)
-    job.ClearField("candidates")
-    job.candidates.add(name="champion", adapter=champion)
-    job.candidates.add(name="challenger", adapter=challenger or champion)
-    job.baseline = "champion"
-    if not gated:
-        job.ClearField("gate")
-    return job
-
-
 def _verdict(policy: Policy, jobs: list[evaluation_pb2.EvaluationJob]) -> tuple[bool, list[str]]:
     """Whether the challenger passes: the comparison's gate, and on the regression suite no more
     graders significantly worse than its `gate.max_regressions`."""
     reasons: list[str] = []
-    comparison = next(r for r in jobs[0].results if r.candidate == "challenger")
-    if not comparison.gate_passed:
-        reasons += [f"{jobs[0].name}: {why}" for why in comparison.gate_reasons] or [
+    judged = next(r for r in jobs[0].results if r.candidate == "challenger")
+    if not judged.gate_passed:
+        reasons += [f"{jobs[0].name}: {why}" for why in judged.gate_reasons] or [
             f"{jobs[0].name}: the gate did not pass"
         ]
     if len(jobs) > 1:
@@ -877,6 +869,13 @@ def _verdict(policy: Policy, jobs: list[evaluation_pb2.EvaluationJob]) -> tuple[
                 f"(at most {policy.regression.gate.max_regressions} allowed)"
             )
     return not reasons, reasons
+
+
+def _measured(measured: retraining_pb2.CanaryResult) -> Callable[[Run], None]:
+    def change(run: Run) -> None:
+        run.canary.CopyFrom(measured)
+
+    return change
 
 
 def _event(run: Run, message: str, actor: str = "") -> None:

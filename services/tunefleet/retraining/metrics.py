@@ -32,6 +32,12 @@ class RetrainingMetrics:
             "Retraining runs in progress (awaiting approval included).",
             registry=registry,
         )
+        self.rollbacks = Counter(
+            "tunefleet_retraining_rollbacks",
+            "Canaries the rollback rule ended (the challenger rated worse than the champion).",
+            ["adapter"],
+            registry=registry,
+        )
         self.promotions = Counter(
             "tunefleet_retraining_promotions",
             "Champion alias moves made by retraining runs.",

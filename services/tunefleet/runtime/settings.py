@@ -360,6 +360,8 @@ class RetrainingSettings(_Section):
     trigger_seconds: float = Field(default=60.0, gt=0)
     # How often a run looks at the training and evaluation jobs it waits on.
     poll_seconds: float = Field(default=5.0, gt=0)
+    # How often a run's canary counts the ratings of both versions' answers.
+    canary_seconds: float = Field(default=60.0, gt=0)
 
 
 class MlflowSettings(_Section):

@@ -524,6 +524,7 @@ class AdapterAlias(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. `adapters/{adapter}/aliases/{alias}`; the alias is 1-63 characters of lowercase
     letters, digits and hyphens, starting with a letter.
@@ -536,6 +537,12 @@ class AdapterAlias(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it last moved."""
 
+    @_builtins.property
+    def canary(self) -> Global___AliasCanary:
+        """Output only. Its canary, set with SetAdapterAliasCanary: a share of the requests that name
+        this alias is answered by the version another alias points at.
+        """
+
     def __init__(
         self,
         *,
@@ -543,14 +550,44 @@ class AdapterAlias(_message.Message):
         version: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        canary: Global___AliasCanary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "name", b"name", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterAlias: _TypeAlias = AdapterAlias  # noqa: Y015
+
+@_typing.final
+class AliasCanary(_message.Message):
+    """AliasCanary sends a share of an alias's requests to the version another alias of the same
+    adapter points at (prod 90 / candidate 10), so that a challenger earns feedback from real
+    traffic before it is promoted. Responses name the version that answered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The other alias, such as `candidate` (its name within the adapter)."""
+    percent: _builtins.int
+    """The share of requests it answers, 1 to 99 percent."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasCanary: _TypeAlias = AliasCanary  # noqa: Y015
 
 @_typing.final
 class AliasMove(_message.Message):
@@ -565,6 +602,8 @@ class AliasMove(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    CANARY_CHANGED_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     """The alias, `adapters/{adapter}/aliases/{alias}`."""
     from_version: _builtins.str
@@ -577,9 +616,17 @@ class AliasMove(_message.Message):
     """Why, as the mover said."""
     revision: _builtins.int
     """Revision of the change in the watch feed."""
+    canary_changed: _builtins.bool
+    """Whether this entry changed the canary rather than the version."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When."""
+
+    @_builtins.property
+    def canary(self) -> Global___AliasCanary:
+        """For a change of the alias's canary (the version unchanged): the canary set; unset when it
+        was removed.
+        """
 
     def __init__(
         self,
@@ -591,10 +638,12 @@ class AliasMove(_message.Message):
         actor: _builtins.str = ...,
         reason: _builtins.str = ...,
         revision: _builtins.int = ...,
+        canary: Global___AliasCanary | None = ...,
+        canary_changed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "from_version", b"from_version", "reason", b"reason", "revision", b"revision", "time", b"time", "to_version", b"to_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "canary", b"canary", "canary_changed", b"canary_changed", "from_version", b"from_version", "reason", b"reason", "revision", b"revision", "time", b"time", "to_version", b"to_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +679,8 @@ class AdapterChange(_message.Message):
         """Not a change: every change up to `revision` has been sent (only when asked for with
         `send_bookmarks`).
         """
+        TYPE_ALIAS_CANARY_CHANGED: AdapterChange._Type.ValueType  # 8
+        """An alias's canary was set or removed (`canary`; the alias's version is unchanged)."""
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper):
         """Type is what changed."""
@@ -652,6 +703,8 @@ class AdapterChange(_message.Message):
     """Not a change: every change up to `revision` has been sent (only when asked for with
     `send_bookmarks`).
     """
+    TYPE_ALIAS_CANARY_CHANGED: AdapterChange.Type.ValueType  # 8
+    """An alias's canary was set or removed (`canary`; the alias's version is unchanged)."""
 
     REVISION_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
@@ -660,6 +713,7 @@ class AdapterChange(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Position in the feed, increasing by one per change across the whole registry."""
     type: Global___AdapterChange.Type.ValueType
@@ -676,6 +730,10 @@ class AdapterChange(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When."""
 
+    @_builtins.property
+    def canary(self) -> Global___AliasCanary:
+        """For TYPE_ALIAS_CANARY_CHANGED, the alias's canary now; unset when removed."""
+
     def __init__(
         self,
         *,
@@ -686,10 +744,11 @@ class AdapterChange(_message.Message):
         version: _builtins.str = ...,
         alias: _builtins.str = ...,
         previous_version: _builtins.str = ...,
+        canary: Global___AliasCanary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "alias", b"alias", "previous_version", b"previous_version", "revision", b"revision", "time", b"time", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "alias", b"alias", "canary", b"canary", "previous_version", b"previous_version", "revision", b"revision", "time", b"time", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -476,6 +476,40 @@ class SetAdapterAliasRequest(_message.Message):
 Global___SetAdapterAliasRequest: _TypeAlias = SetAdapterAliasRequest  # noqa: Y015
 
 @_typing.final
+class SetAdapterAliasCanaryRequest(_message.Message):
+    """SetAdapterAliasCanaryRequest sets or removes an alias's canary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `adapters/{adapter}/aliases/{alias}`."""
+    reason: _builtins.str
+    """Optional. Why; recorded in the audit trail."""
+    @_builtins.property
+    def canary(self) -> _adapter_pb2.AliasCanary:
+        """Optional. The canary: another existing alias of the adapter and a percent, 1 to 99; unset
+        or percent 0 removes it.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        canary: _adapter_pb2.AliasCanary | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAdapterAliasCanaryRequest: _TypeAlias = SetAdapterAliasCanaryRequest  # noqa: Y015
+
+@_typing.final
 class DeleteAdapterAliasRequest(_message.Message):
     """DeleteAdapterAliasRequest names an alias to delete."""
 

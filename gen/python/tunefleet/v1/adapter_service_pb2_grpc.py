@@ -94,6 +94,11 @@ class AdapterServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.FromString,
                 _registered_method=True)
+        self.SetAdapterAliasCanary = channel.unary_unary(
+                '/tunefleet.v1.AdapterService/SetAdapterAliasCanary',
+                request_serializer=tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasCanaryRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.FromString,
+                _registered_method=True)
         self.DeleteAdapterAlias = channel.unary_unary(
                 '/tunefleet.v1.AdapterService/DeleteAdapterAlias',
                 request_serializer=tunefleet_dot_v1_dot_adapter__service__pb2.DeleteAdapterAliasRequest.SerializeToString,
@@ -206,6 +211,14 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAdapterAliasCanary(self, request, context):
+        """Sets (or with `percent` 0 removes) an alias's canary: a share of its requests answered by
+        the version another alias of the adapter points at. Audited as the alias's moves are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteAdapterAlias(self, request, context):
         """Deletes an alias.
         """
@@ -297,6 +310,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
             'SetAdapterAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAdapterAlias,
                     request_deserializer=tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.SerializeToString,
+            ),
+            'SetAdapterAliasCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAdapterAliasCanary,
+                    request_deserializer=tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasCanaryRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.SerializeToString,
             ),
             'DeleteAdapterAlias': grpc.unary_unary_rpc_method_handler(
@@ -624,6 +642,33 @@ class AdapterService:
             target,
             '/tunefleet.v1.AdapterService/SetAdapterAlias',
             tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasRequest.SerializeToString,
+            tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAdapterAliasCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.AdapterService/SetAdapterAliasCanary',
+            tunefleet_dot_v1_dot_adapter__service__pb2.SetAdapterAliasCanaryRequest.SerializeToString,
             tunefleet_dot_v1_dot_adapter__pb2.AdapterAlias.FromString,
             options,
             channel_credentials,

@@ -63,6 +63,10 @@ class AdapterServiceStub:
     """Streams a version's files: for each, a header with its sha256, then its chunks."""
     SetAdapterAlias: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.SetAdapterAliasRequest, _adapter_pb2.AdapterAlias]
     """Points an alias at a version, creating it if needed. The move is atomic and audited."""
+    SetAdapterAliasCanary: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.SetAdapterAliasCanaryRequest, _adapter_pb2.AdapterAlias]
+    """Sets (or with `percent` 0 removes) an alias's canary: a share of its requests answered by
+    the version another alias of the adapter points at. Audited as the alias's moves are.
+    """
     DeleteAdapterAlias: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.DeleteAdapterAliasRequest, _empty_pb2.Empty]
     """Deletes an alias."""
     ListAdapterAliases: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.ListAdapterAliasesRequest, _adapter_service_pb2.ListAdapterAliasesResponse]
@@ -107,6 +111,10 @@ class AdapterServiceAsyncStub(AdapterServiceStub):
     """Streams a version's files: for each, a header with its sha256, then its chunks."""
     SetAdapterAlias: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.SetAdapterAliasRequest, _adapter_pb2.AdapterAlias]  # type: ignore[assignment]
     """Points an alias at a version, creating it if needed. The move is atomic and audited."""
+    SetAdapterAliasCanary: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.SetAdapterAliasCanaryRequest, _adapter_pb2.AdapterAlias]  # type: ignore[assignment]
+    """Sets (or with `percent` 0 removes) an alias's canary: a share of its requests answered by
+    the version another alias of the adapter points at. Audited as the alias's moves are.
+    """
     DeleteAdapterAlias: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.DeleteAdapterAliasRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes an alias."""
     ListAdapterAliases: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.ListAdapterAliasesRequest, _adapter_service_pb2.ListAdapterAliasesResponse]  # type: ignore[assignment]
@@ -214,6 +222,16 @@ class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_adapter_pb2.AdapterAlias, _abc.Awaitable[_adapter_pb2.AdapterAlias]]:
         """Points an alias at a version, creating it if needed. The move is atomic and audited."""
+
+    @_abc_1.abstractmethod
+    def SetAdapterAliasCanary(
+        self,
+        request: _adapter_service_pb2.SetAdapterAliasCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_adapter_pb2.AdapterAlias, _abc.Awaitable[_adapter_pb2.AdapterAlias]]:
+        """Sets (or with `percent` 0 removes) an alias's canary: a share of its requests answered by
+        the version another alias of the adapter points at. Audited as the alias's moves are.
+        """
 
     @_abc_1.abstractmethod
     def DeleteAdapterAlias(

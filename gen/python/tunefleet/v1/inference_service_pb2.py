@@ -27,7 +27,7 @@ from tunefleet.v1 import common_pb2 as tunefleet_dot_v1_dot_common__pb2
 from tunefleet.v1 import inference_pb2 as tunefleet_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tunefleet/v1/inference_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x19tunefleet/v1/common.proto\x1a\x1ctunefleet/v1/inference.proto\"\xca\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12\x32\n\x10prompt_token_ids\x18\x05 \x01(\x0b\x32\x16.tunefleet.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParamsB\x07\n\x05input\"\xfe\x01\n\x16ScoreCompletionRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12\x32\n\x10prompt_token_ids\x18\x06 \x01(\x0b\x32\x16.tunefleet.v1.TokenIdsH\x00\x12\x12\n\ncompletion\x18\x04 \x01(\t\x12\x1c\n\x14\x63ompletion_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x13\n\x0bscore_input\x18\x08 \x01(\x08\x42\x07\n\x05input\"\xd0\x01\n\x17ScoreCompletionResponse\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12)\n\x06tokens\x18\x05 \x03(\x0b\x32\x19.tunefleet.v1.ScoredToken\x12/\n\x0cinput_tokens\x18\x06 \x03(\x0b\x32\x19.tunefleet.v1.ScoredToken\"G\n\x15StreamGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.tunefleet.v1.GenerateRequest\"\x90\x02\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\x12\x11\n\ttoken_ids\x18\x07 \x03(\x05\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_eos_token_id\"\xdd\x01\n\x16StreamGenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\"B\n\x19ListServedAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListServedAdaptersResponse\x12\x34\n\x0fserved_adapters\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.ServedAdapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"U\n\x15\x43reateFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x13ListFeedbackRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x19\n\x11include_responses\x18\x04 \x01(\x08\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfb\x05\n\x10InferenceService\x12O\n\x08Generate\x12\x1d.tunefleet.v1.GenerateRequest\x1a\x1e.tunefleet.v1.GenerateResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x0eStreamGenerate\x12#.tunefleet.v1.StreamGenerateRequest\x1a$.tunefleet.v1.StreamGenerateResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x64\n\x0fScoreCompletion\x12$.tunefleet.v1.ScoreCompletionRequest\x1a%.tunefleet.v1.ScoreCompletionResponse\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListServedAdapters\x12\'.tunefleet.v1.ListServedAdaptersRequest\x1a(.tunefleet.v1.ListServedAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12R\n\x0bLoadAdapter\x12 .tunefleet.v1.LoadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12V\n\rUnloadAdapter\x12\".tunefleet.v1.UnloadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12S\n\x0e\x43reateFeedback\x12#.tunefleet.v1.CreateFeedbackRequest\x1a\x16.tunefleet.v1.Feedback\"\x04\xe8\xe0\x18\x02\x12[\n\x0cListFeedback\x12!.tunefleet.v1.ListFeedbackRequest\x1a\".tunefleet.v1.ListFeedbackResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tunefleet/v1/inference_service.proto\x12\x0ctunefleet.v1\x1a\x17tunefleet/v1/auth.proto\x1a\x19tunefleet/v1/common.proto\x1a\x1ctunefleet/v1/inference.proto\"\xdf\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12\x32\n\x10prompt_token_ids\x18\x05 \x01(\x0b\x32\x16.tunefleet.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tunefleet.v1.SamplingParams\x12\x13\n\x0brouting_key\x18\x06 \x01(\tB\x07\n\x05input\"\xfe\x01\n\x16ScoreCompletionRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tunefleet.v1.ChatInputH\x00\x12\x32\n\x10prompt_token_ids\x18\x06 \x01(\x0b\x32\x16.tunefleet.v1.TokenIdsH\x00\x12\x12\n\ncompletion\x18\x04 \x01(\t\x12\x1c\n\x14\x63ompletion_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x13\n\x0bscore_input\x18\x08 \x01(\x08\x42\x07\n\x05input\"\xd0\x01\n\x17ScoreCompletionResponse\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12)\n\x06tokens\x18\x05 \x03(\x0b\x32\x19.tunefleet.v1.ScoredToken\x12/\n\x0cinput_tokens\x18\x06 \x03(\x0b\x32\x19.tunefleet.v1.ScoredToken\"G\n\x15StreamGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.tunefleet.v1.GenerateRequest\"\x90\x02\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\x12\x11\n\ttoken_ids\x18\x07 \x03(\x05\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_eos_token_id\"\xdd\x01\n\x16StreamGenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tunefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tunefleet.v1.Usage\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tunefleet.v1.ToolCall\"B\n\x19ListServedAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1aListServedAdaptersResponse\x12\x34\n\x0fserved_adapters\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.ServedAdapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"U\n\x15\x43reateFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x13ListFeedbackRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x19\n\x11include_responses\x18\x04 \x01(\x08\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.tunefleet.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfb\x05\n\x10InferenceService\x12O\n\x08Generate\x12\x1d.tunefleet.v1.GenerateRequest\x1a\x1e.tunefleet.v1.GenerateResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x0eStreamGenerate\x12#.tunefleet.v1.StreamGenerateRequest\x1a$.tunefleet.v1.StreamGenerateResponse\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x64\n\x0fScoreCompletion\x12$.tunefleet.v1.ScoreCompletionRequest\x1a%.tunefleet.v1.ScoreCompletionResponse\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListServedAdapters\x12\'.tunefleet.v1.ListServedAdaptersRequest\x1a(.tunefleet.v1.ListServedAdaptersResponse\"\x04\xe8\xe0\x18\x01\x12R\n\x0bLoadAdapter\x12 .tunefleet.v1.LoadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12V\n\rUnloadAdapter\x12\".tunefleet.v1.UnloadAdapterRequest\x1a\x1b.tunefleet.v1.ServedAdapter\"\x04\xe8\xe0\x18\x03\x12S\n\x0e\x43reateFeedback\x12#.tunefleet.v1.CreateFeedbackRequest\x1a\x16.tunefleet.v1.Feedback\"\x04\xe8\xe0\x18\x02\x12[\n\x0cListFeedback\x12!.tunefleet.v1.ListFeedbackRequest\x1a\".tunefleet.v1.ListFeedbackResponse\"\x04\xe8\xe0\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESERVICE'].methods_by_name['ListFeedback']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['ListFeedback']._serialized_options = b'\350\340\030\001'
   _globals['_GENERATEREQUEST']._serialized_start=137
-  _globals['_GENERATEREQUEST']._serialized_end=339
-  _globals['_SCORECOMPLETIONREQUEST']._serialized_start=342
-  _globals['_SCORECOMPLETIONREQUEST']._serialized_end=596
-  _globals['_SCORECOMPLETIONRESPONSE']._serialized_start=599
-  _globals['_SCORECOMPLETIONRESPONSE']._serialized_end=807
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=809
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=880
-  _globals['_GENERATERESPONSE']._serialized_start=883
-  _globals['_GENERATERESPONSE']._serialized_end=1155
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1158
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1379
-  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_start=1381
-  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_end=1447
-  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_start=1449
-  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_end=1556
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1558
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1608
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1610
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1649
-  _globals['_CREATEFEEDBACKREQUEST']._serialized_start=1651
-  _globals['_CREATEFEEDBACKREQUEST']._serialized_end=1736
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1738
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1841
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1843
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1932
-  _globals['_INFERENCESERVICE']._serialized_start=1935
-  _globals['_INFERENCESERVICE']._serialized_end=2698
+  _globals['_GENERATEREQUEST']._serialized_end=360
+  _globals['_SCORECOMPLETIONREQUEST']._serialized_start=363
+  _globals['_SCORECOMPLETIONREQUEST']._serialized_end=617
+  _globals['_SCORECOMPLETIONRESPONSE']._serialized_start=620
+  _globals['_SCORECOMPLETIONRESPONSE']._serialized_end=828
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=830
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=901
+  _globals['_GENERATERESPONSE']._serialized_start=904
+  _globals['_GENERATERESPONSE']._serialized_end=1176
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1179
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1400
+  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_start=1402
+  _globals['_LISTSERVEDADAPTERSREQUEST']._serialized_end=1468
+  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_start=1470
+  _globals['_LISTSERVEDADAPTERSRESPONSE']._serialized_end=1577
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1579
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1629
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1631
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1670
+  _globals['_CREATEFEEDBACKREQUEST']._serialized_start=1672
+  _globals['_CREATEFEEDBACKREQUEST']._serialized_end=1757
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1759
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1862
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1864
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1953
+  _globals['_INFERENCESERVICE']._serialized_start=1956
+  _globals['_INFERENCESERVICE']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

@@ -31,12 +31,17 @@ class GenerateRequest(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """Optional. Adapter to apply: `adapters/{adapter}@{alias}`, `adapters/{adapter}/versions/{version}`,
     or empty for the base model.
     """
     prompt: _builtins.str
     """Raw text, passed to the model as is."""
+    routing_key: _builtins.str
+    """Optional. For an alias with a canary: requests with the same key (a user or session id)
+    go to the same side of the split; without one, each request is drawn at random.
+    """
     @_builtins.property
     def chat(self) -> _inference_pb2.ChatInput:
         """A conversation, rendered with the chat template."""
@@ -57,10 +62,11 @@ class GenerateRequest(_message.Message):
         chat: _inference_pb2.ChatInput | None = ...,
         prompt_token_ids: _inference_pb2.TokenIds | None = ...,
         sampling: _inference_pb2.SamplingParams | None = ...,
+        routing_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "routing_key", b"routing_key", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -65,6 +65,7 @@ class RetrainingPolicy(_message.Message):
     PROMOTION_FIELD_NUMBER: _builtins.int
     TRIGGERS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `retrainingPolicies/{policy}`."""
     display_name: _builtins.str
@@ -115,6 +116,12 @@ class RetrainingPolicy(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the policy was created."""
 
+    @_builtins.property
+    def canary(self) -> Global___RetrainingCanary:
+        """Optional. A canary before promotion: once the gate passed, this share of the champion
+        alias's requests goes to the challenger, and its ratings are compared with the champion's.
+        """
+
     def __init__(
         self,
         *,
@@ -130,14 +137,92 @@ class RetrainingPolicy(_message.Message):
         promotion: Global___RetrainingPolicy.Promotion.ValueType = ...,
         triggers: Global___RetrainingTriggers | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        canary: Global___RetrainingCanary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "evaluation", b"evaluation", "recipe", b"recipe", "regression", b"regression", "triggers", b"triggers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "create_time", b"create_time", "data", b"data", "evaluation", b"evaluation", "recipe", b"recipe", "regression", b"regression", "triggers", b"triggers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "challenger_alias", b"challenger_alias", "champion_alias", b"champion_alias", "create_time", b"create_time", "data", b"data", "display_name", b"display_name", "evaluation", b"evaluation", "name", b"name", "promotion", b"promotion", "recipe", b"recipe", "regression", b"regression", "triggers", b"triggers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "canary", b"canary", "challenger_alias", b"challenger_alias", "champion_alias", b"champion_alias", "create_time", b"create_time", "data", b"data", "display_name", b"display_name", "evaluation", b"evaluation", "name", b"name", "promotion", b"promotion", "recipe", b"recipe", "regression", b"regression", "triggers", b"triggers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetrainingPolicy: _TypeAlias = RetrainingPolicy  # noqa: Y015
+
+@_typing.final
+class RetrainingCanary(_message.Message):
+    """RetrainingCanary says how a challenger earns real traffic before promotion, and when it is
+    rolled back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MIN_RATINGS_FIELD_NUMBER: _builtins.int
+    MAX_NEGATIVE_INCREASE_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    """Optional. The share of the champion alias's requests the challenger answers, 1 to 99
+    percent; 0: no canary (promotion follows the gate).
+    """
+    min_ratings: _builtins.int
+    """Optional. Ratings of the challenger's answers needed for a verdict; default 20."""
+    max_negative_increase: _builtins.float
+    """Optional. The rollback rule: when the share of negative ratings of the challenger's answers
+    is above the champion's (over the canary) by more than this, traffic returns to the
+    champion and the run ends ROLLED_BACK; default 0.1 (10 points).
+    """
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int = ...,
+        min_ratings: _builtins.int = ...,
+        max_negative_increase: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_negative_increase", b"max_negative_increase", "min_ratings", b"min_ratings", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrainingCanary: _TypeAlias = RetrainingCanary  # noqa: Y015
+
+@_typing.final
+class CanaryResult(_message.Message):
+    """CanaryResult is what a canary measured: each side's ratings since it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    CHAMPION_RATINGS_FIELD_NUMBER: _builtins.int
+    CHAMPION_NEGATIVE_FIELD_NUMBER: _builtins.int
+    CHALLENGER_RATINGS_FIELD_NUMBER: _builtins.int
+    CHALLENGER_NEGATIVE_FIELD_NUMBER: _builtins.int
+    champion_ratings: _builtins.int
+    """Ratings of the champion's answers."""
+    champion_negative: _builtins.int
+    """Of which negative."""
+    challenger_ratings: _builtins.int
+    """Ratings of the challenger's answers."""
+    challenger_negative: _builtins.int
+    """Of which negative."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the canary started."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        champion_ratings: _builtins.int = ...,
+        champion_negative: _builtins.int = ...,
+        challenger_ratings: _builtins.int = ...,
+        challenger_negative: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger_negative", b"challenger_negative", "challenger_ratings", b"challenger_ratings", "champion_negative", b"champion_negative", "champion_ratings", b"champion_ratings", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryResult: _TypeAlias = CanaryResult  # noqa: Y015
 
 @_typing.final
 class RetrainingData(_message.Message):
@@ -227,6 +312,10 @@ class RetrainingRun(_message.Message):
         """The gate passed; a person approves or rejects the promotion."""
         STATE_SUCCEEDED: RetrainingRun._State.ValueType  # 5
         """Ended: see `outcome`."""
+        STATE_CANARY: RetrainingRun._State.ValueType  # 8
+        """The gate passed; the challenger answers a share of the champion alias's requests while
+        its ratings are compared with the champion's (the policy's `canary`).
+        """
         STATE_FAILED: RetrainingRun._State.ValueType  # 6
         """Ended with an error: see `error_reason` and `error_message`."""
         STATE_CANCELLED: RetrainingRun._State.ValueType  # 7
@@ -247,6 +336,10 @@ class RetrainingRun(_message.Message):
     """The gate passed; a person approves or rejects the promotion."""
     STATE_SUCCEEDED: RetrainingRun.State.ValueType  # 5
     """Ended: see `outcome`."""
+    STATE_CANARY: RetrainingRun.State.ValueType  # 8
+    """The gate passed; the challenger answers a share of the champion alias's requests while
+    its ratings are compared with the champion's (the policy's `canary`).
+    """
     STATE_FAILED: RetrainingRun.State.ValueType  # 6
     """Ended with an error: see `error_reason` and `error_message`."""
     STATE_CANCELLED: RetrainingRun.State.ValueType  # 7
@@ -272,6 +365,8 @@ class RetrainingRun(_message.Message):
         """
         OUTCOME_NOT_ENOUGH_DATA: RetrainingRun._Outcome.ValueType  # 5
         """Fewer new examples than `data.min_new_examples`: nothing was trained."""
+        OUTCOME_ROLLED_BACK: RetrainingRun._Outcome.ValueType  # 6
+        """The canary's ratings broke the rollback rule: traffic returned to the champion."""
 
     class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
         """Outcome is how a run that SUCCEEDED ended."""
@@ -290,6 +385,8 @@ class RetrainingRun(_message.Message):
     """
     OUTCOME_NOT_ENOUGH_DATA: RetrainingRun.Outcome.ValueType  # 5
     """Fewer new examples than `data.min_new_examples`: nothing was trained."""
+    OUTCOME_ROLLED_BACK: RetrainingRun.Outcome.ValueType  # 6
+    """The canary's ratings broke the rollback rule: traffic returned to the champion."""
 
     class _Trigger:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -378,6 +475,7 @@ class RetrainingRun(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `retrainingPolicies/{policy}/runs/{run}`."""
     trigger: Global___RetrainingRun.Trigger.ValueType
@@ -444,6 +542,10 @@ class RetrainingRun(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it ended."""
 
+    @_builtins.property
+    def canary(self) -> Global___CanaryResult:
+        """Output only. The canary's measurements, when the policy has one and the gate passed."""
+
     def __init__(
         self,
         *,
@@ -469,10 +571,11 @@ class RetrainingRun(_message.Message):
         events: _abc.Iterable[Global___RetrainingRun.Event] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        canary: Global___CanaryResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gate_passed", b"_gate_passed", "create_time", b"create_time", "end_time", b"end_time", "feedback_until", b"feedback_until", "gate_passed", b"gate_passed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gate_passed", b"_gate_passed", "canary", b"canary", "create_time", b"create_time", "end_time", b"end_time", "feedback_until", b"feedback_until", "gate_passed", b"gate_passed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gate_passed", b"_gate_passed", "challenger_version", b"challenger_version", "champion_version", b"champion_version", "create_time", b"create_time", "end_time", b"end_time", "error_message", b"error_message", "error_reason", b"error_reason", "evaluation_jobs", b"evaluation_jobs", "events", b"events", "feedback", b"feedback", "feedback_until", b"feedback_until", "gate_passed", b"gate_passed", "gate_reasons", b"gate_reasons", "held_out_examples", b"held_out_examples", "name", b"name", "outcome", b"outcome", "preference_pairs", b"preference_pairs", "sft_examples", b"sft_examples", "state", b"state", "train_dataset", b"train_dataset", "training_job", b"training_job", "trigger", b"trigger", "trigger_detail", b"trigger_detail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gate_passed", b"_gate_passed", "canary", b"canary", "challenger_version", b"challenger_version", "champion_version", b"champion_version", "create_time", b"create_time", "end_time", b"end_time", "error_message", b"error_message", "error_reason", b"error_reason", "evaluation_jobs", b"evaluation_jobs", "events", b"events", "feedback", b"feedback", "feedback_until", b"feedback_until", "gate_passed", b"gate_passed", "gate_reasons", b"gate_reasons", "held_out_examples", b"held_out_examples", "name", b"name", "outcome", b"outcome", "preference_pairs", b"preference_pairs", "sft_examples", b"sft_examples", "state", b"state", "train_dataset", b"train_dataset", "training_job", b"training_job", "trigger", b"trigger", "trigger_detail", b"trigger_detail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gate_passed: _TypeAlias = _typing.Literal["gate_passed"]  # noqa: Y015
     _WhichOneofArgType__gate_passed: _TypeAlias = _typing.Literal["_gate_passed", b"_gate_passed"]  # noqa: Y015
