@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -57,7 +57,6 @@ from tunefleet.v1 import (
 Policy = retraining_pb2.RetrainingPolicy
 Run = retraining_pb2.RetrainingRun
 State = Run.State
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 5.0
 ENDED_JOBS = {
@@ -118,6 +117,7 @@ class RetrainingManager:
         with self.db.read() as session:
             waiting = [(row.policy_id, row.id) for row in store.unfinished(session)]
         for policy, run in waiting:
+            self.metrics.in_progress.inc()
             self._spawn(f"retrainingPolicies/{policy}/runs/{run}")
         self._triggers = asyncio.create_task(self._check_triggers(), name="retraining triggers")
 
