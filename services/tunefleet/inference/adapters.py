@@ -100,8 +100,11 @@ class AdapterPool:
         self.models = models or ModelCatalogue()
         self.served: dict[str, ServedVersion] = {}  # serving name -> entry
         self.routes: dict[str, ServedVersion] = {}  # adapters/{adapter}@{alias} -> entry
-        # Routed aliases with a canary: adapters/{a}@{alias} -> (adapters/{a}@{other}, percent).
+        # Aliases with a canary: adapters/{a}@{alias} -> (adapters/{a}@{other}, percent), read
+        # when an alias is first routed and kept up to date by the change feed; `_canary_news`
+        # counts the feed's canary changes per alias, so that a read overtaken by one is dropped.
         self.canaries: dict[str, tuple[str, int]] = {}
+        self._canary_news: dict[str, int] = {}
         self._alias_locks: dict[str, asyncio.Lock] = {}
         self.revision = -1  # of the registry's change feed (-1: from its newest change on)
         self.following = asyncio.Event()  # the watch is open: moves from now on are seen
@@ -388,9 +391,17 @@ class AdapterPool:
             if served.state == FAILED and served.failure is not None:
                 raise served.failure
             if served.state == LOADED:
-                self._set_canary(alias, await self.registry.canary(alias))
+                await self._read_canary(alias)
                 self.routes[alias] = served
             return served
+
+    async def _read_canary(self, alias: str) -> None:
+        """The alias's canary as AdapterService has it now, unless the feed brought a newer one
+        while it was read."""
+        news = self._canary_news.get(alias, 0)
+        canary = await self.registry.canary(alias)
+        if self._canary_news.get(alias, 0) == news:
+            self._set_canary(alias, canary)
 
     def _set_canary(self, alias: str, canary: adapter_pb2.AliasCanary | None) -> None:
         if canary is None or not canary.percent:
@@ -417,7 +428,7 @@ class AdapterPool:
             for alias in list(self.routes):
                 await self.swap(alias, None, current=True)
                 with contextlib.suppress(TunefleetError):
-                    self._set_canary(alias, await self.registry.canary(alias))
+                    await self._read_canary(alias)
 
     async def _apply(self, change: adapter_pb2.AdapterChange) -> None:
         kinds = adapter_pb2.AdapterChange
@@ -430,9 +441,9 @@ class AdapterPool:
         elif change.type == kinds.TYPE_ALIAS_CANARY_CHANGED:
             adapter, alias = names.alias_name(change.alias)
             routed = f"adapters/{adapter}@{alias}"
-            if routed in self.routes:
-                self._set_canary(routed, change.canary if change.HasField("canary") else None)
-                log.info("%s's canary is now %s", routed, self.canaries.get(routed))
+            self._canary_news[routed] = self._canary_news.get(routed, 0) + 1
+            self._set_canary(routed, change.canary if change.HasField("canary") else None)
+            log.info("%s's canary is now %s", routed, self.canaries.get(routed))
         elif change.type == kinds.TYPE_VERSION_CREATED:
             self._prefetch(change.adapter, change.version)
         elif change.type == kinds.TYPE_VERSION_DELETED:
