@@ -39,7 +39,7 @@ from tunefleet.client import (
     InvalidArgument,
     NotFound,
 )
-from tunefleet.v1 import retraining_pb2
+from tunefleet.v1 import dataset_pb2, retraining_pb2, training_job_pb2
 
 pytestmark = pytest.mark.timeout(900)  # a generous bound for a busy machine, not a claim
 Run = retraining_pb2.RetrainingRun
@@ -498,3 +498,26 @@ async def test_a_run_resumes_where_it_was_after_a_restart(
         jobs = [j async for j in client.training_jobs.list()]
         assert [j.name for j in jobs if j.labels.get("retraining-policy")] == [run.training_job]
         assert len([e async for e in client.evaluations.list()]) == 1
+
+
+async def test_a_dpo_recipe_trains_on_the_preference_pairs_of_the_feedback(
+    platform: Platform,
+    client: AsyncClient,
+    chat_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With DPO as the recipe's objective, a run trains on pairs (each correction preferred to
+    the answer it corrects): its dataset is a preference dataset and its job a DPO job."""
+    champion = await upload_champion(client, chat_model, tmp_path, "first")
+    await client.adapters.set_alias(ADAPTER, "prod", champion)
+    recipe: dict[str, Any] = {**RECIPE, "objective": "TRAINING_OBJECTIVE_DPO"}
+    recipe["hyperparameters"] = {**recipe["hyperparameters"], "maxSteps": 4}
+    await client.retraining.create_policy(policy(await frozen_set(client), recipe=recipe))
+    rated = await rate(client, [f"r{i}" for i in range(10)])
+    run = await client.retraining.wait((await client.retraining.start("colours")).name)
+    assert run.state == Run.STATE_SUCCEEDED, run
+    assert (run.preference_pairs, sorted(run.feedback)) == (10, sorted(rated))
+    dataset = await client.datasets.get(run.train_dataset)
+    assert dataset.kind == dataset_pb2.DATASET_KIND_PREFERENCE and dataset.record_count == 10
+    job = await client.training_jobs.get(run.training_job)
+    assert job.objective == training_job_pb2.TRAINING_OBJECTIVE_DPO
