@@ -40,6 +40,7 @@ REQUIRED_RPCS = {
         "DeleteAdapterVersion",
         "DownloadAdapterVersion",
         "SetAdapterAlias",
+        "SetAdapterAliasCanary",
         "DeleteAdapterAlias",
         "ListAdapterAliases",
         "ListAliasMoves",
@@ -67,6 +68,19 @@ REQUIRED_RPCS = {
         "CreateAnnotation",
         "GetAnnotationSummary",
     },
+    "retraining": {
+        "CreateRetrainingPolicy",
+        "GetRetrainingPolicy",
+        "ListRetrainingPolicies",
+        "DeleteRetrainingPolicy",
+        "CreateRetrainingRun",
+        "GetRetrainingRun",
+        "ListRetrainingRuns",
+        "WatchRetrainingRun",
+        "ApproveRetrainingRun",
+        "RejectRetrainingRun",
+        "CancelRetrainingRun",
+    },
 }
 
 STREAMING = {  # method: (client streaming, server streaming)
@@ -78,6 +92,7 @@ STREAMING = {  # method: (client streaming, server streaming)
     "WatchAdapterChanges": (False, True),
     "StreamGenerate": (False, True),
     "WatchEvaluationJob": (False, True),
+    "WatchRetrainingRun": (False, True),
 }
 
 

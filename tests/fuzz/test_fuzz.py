@@ -47,6 +47,7 @@ def service_methods() -> list[MethodDescriptor]:
         dataset_service_pb2,
         evaluation_service_pb2,
         inference_service_pb2,
+        retraining_service_pb2,
         training_service_pb2,
     )
 
@@ -56,6 +57,7 @@ def service_methods() -> list[MethodDescriptor]:
         adapter_service_pb2,
         inference_service_pb2,
         evaluation_service_pb2,
+        retraining_service_pb2,
     )
     return [
         method
@@ -183,8 +185,8 @@ def fuzz(target: Target, method: MethodDescriptor, examples: int) -> None:
 
 
 def serve(data_dir: Path, model: Served, database_url: str = "") -> Iterator[Target]:
-    """All four services in one `tunefleet serve`, with a dataset, an adapter, a version and
-    an alias on it."""
+    """Every service in one `tunefleet serve`, with a dataset, an adapter, a version, an alias,
+    a retraining policy and a run on it."""
     from tunefleet.client import Client
     from tunefleet.demo.server import LocalServer
 
@@ -219,6 +221,17 @@ def serve(data_dir: Path, model: Served, database_url: str = "") -> Iterator[Tar
             client.adapters.create("fuzz", base_model="tiny")
             version = client.adapters.upload_version("fuzz", model.adapters["alpha"])
             client.adapters.set_alias("fuzz", "prod", version.name)
+            client.retraining.create_policy(
+                {
+                    "adapter": "adapters/fuzz",
+                    "evaluation": {
+                        "dataset": dataset.name,
+                        "graders": [{"type": "exact_match"}],
+                        "gate": {"metric": "exact_match"},
+                    },
+                }
+            )
+            run = client.retraining.start("fuzz")
         known = [
             dataset.name,
             dataset.name.removeprefix("datasets/"),
@@ -226,6 +239,8 @@ def serve(data_dir: Path, model: Served, database_url: str = "") -> Iterator[Tar
             version.name,
             "adapters/fuzz@prod",
             "adapters/fuzz/aliases/prod",
+            "retrainingPolicies/fuzz",
+            run.name,
             "prod",
             "fuzz",
             "tiny",
@@ -259,7 +274,7 @@ def on_postgres(
 
 
 def test_the_fuzzing_covers_every_rpc_and_enough_requests() -> None:
-    assert len(METHODS) == 49
+    assert len(METHODS) == 61
     assert len(METHODS) * DEFAULT_EXAMPLES >= 2000
     assert len(METHODS) * max(DEFAULT_EXAMPLES // 4, 14) >= 500
 

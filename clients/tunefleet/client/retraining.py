@@ -42,10 +42,15 @@ class Retraining(Resource[M]):
 
     @operation
     def create_policy(
-        self, policy: retraining_pb2.RetrainingPolicy | Mapping[str, Any], *, policy_id: str = ""
+        self,
+        policy: retraining_pb2.RetrainingPolicy | Mapping[str, Any],
+        *,
+        policy_id: str = "",
+        request_id: str = "",
     ) -> Program[retraining_pb2.RetrainingPolicy]:
         """Create the retraining policy of an adapter, given as a `RetrainingPolicy` or its JSON
-        form; its id defaults to the adapter's.
+        form; its id defaults to the adapter's. Retried safely (a request id is generated when
+        none is given).
 
         Example::
 
@@ -62,9 +67,10 @@ class Retraining(Resource[M]):
         request = retraining_service_pb2.CreateRetrainingPolicyRequest(
             retraining_policy=to_message(retraining_pb2.RetrainingPolicy, policy, "policy"),
             retraining_policy_id=policy_id,
+            request_id=request_id or str(uuid.uuid4()),
         )
         created: retraining_pb2.RetrainingPolicy = yield Call(
-            self.Stub, "CreateRetrainingPolicy", request
+            self.Stub, "CreateRetrainingPolicy", request, idempotent=True
         )
         return created
 

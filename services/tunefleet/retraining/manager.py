@@ -139,7 +139,12 @@ class RetrainingManager:
 
     # --- policies ------------------------------------------------------------------------------
 
-    async def create_policy(self, requested: Policy, policy_id: str) -> Policy:
+    async def create_policy(
+        self, requested: Policy, policy_id: str, request_id: str = ""
+    ) -> Policy:
+        fingerprint = hashlib.sha256(
+            requested.SerializeToString(deterministic=True) + policy_id.encode()
+        ).hexdigest()
         policy = Policy()
         policy.CopyFrom(requested)
         for output in ("name", "create_time"):
@@ -152,20 +157,31 @@ class RetrainingManager:
         policy.name = f"retrainingPolicies/{identifier}"
         policy.create_time.CopyFrom(timestamp(now))
 
-        def insert() -> None:
-            try:
-                with self.db.session() as session:
-                    row = store.PolicyRow(id=identifier, create_time=now)
-                    row.store(policy)
-                    session.add(row)
-            except IntegrityError:
+        def insert(session: Session) -> str:
+            if session.get(store.PolicyRow, identifier) or store.policy_of(session, policy.adapter):
                 raise AlreadyExists(
                     f"{policy.name} exists, or another policy retrains {policy.adapter}",
                     metadata={"adapter": policy.adapter},
-                ) from None
+                )
+            row = store.PolicyRow(id=identifier, create_time=now)
+            row.store(policy)
+            session.add(row)
+            return policy.name
 
-        await asyncio.to_thread(insert)
-        return policy
+        try:
+            name, _ = await asyncio.to_thread(
+                idempotency.create_once,
+                self.db,
+                scope="CreateRetrainingPolicy",
+                request_id=request_id,
+                request_sha256=fingerprint,
+                create=insert,
+            )
+        except IntegrityError:  # the same policy created at the same moment
+            raise AlreadyExists(
+                f"{policy.name} exists", metadata={"adapter": policy.adapter}
+            ) from None
+        return await asyncio.to_thread(self.get_policy, name)
 
     def get_policy(self, name: str) -> Policy:
         with self.db.read() as session:

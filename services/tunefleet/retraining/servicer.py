@@ -24,7 +24,7 @@ class RetrainingServicer(retraining_service_pb2_grpc.RetrainingServiceServicer):
         self, request: Requests.CreateRetrainingPolicyRequest, context: Context
     ) -> retraining_pb2.RetrainingPolicy:
         return await self.manager.create_policy(
-            request.retraining_policy, request.retraining_policy_id
+            request.retraining_policy, request.retraining_policy_id, request.request_id
         )
 
     async def GetRetrainingPolicy(

@@ -144,5 +144,10 @@ def runs(session: Session, policy: str) -> list[RunRow]:
     )
 
 
+def policy_of(session: Session, adapter: str) -> PolicyRow | None:
+    """The policy that retrains `adapter`, if any."""
+    return session.scalars(select(PolicyRow).where(PolicyRow.adapter == adapter)).first()
+
+
 def all_policies(session: Session) -> list[PolicyRow]:
     return list(session.scalars(select(PolicyRow).order_by(PolicyRow.create_time)))

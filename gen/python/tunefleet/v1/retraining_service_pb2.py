@@ -27,7 +27,7 @@ from tunefleet.v1 import auth_pb2 as tunefleet_dot_v1_dot_auth__pb2
 from tunefleet.v1 import retraining_pb2 as tunefleet_dot_v1_dot_retraining__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunefleet/v1/retraining_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x17tunefleet/v1/auth.proto\x1a\x1dtunefleet/v1/retraining.proto\"x\n\x1d\x43reateRetrainingPolicyRequest\x12\x39\n\x11retraining_policy\x18\x01 \x01(\x0b\x32\x1e.tunefleet.v1.RetrainingPolicy\x12\x1c\n\x14retraining_policy_id\x18\x02 \x01(\t\"*\n\x1aGetRetrainingPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x1dListRetrainingPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"v\n\x1eListRetrainingPoliciesResponse\x12;\n\x13retraining_policies\x18\x01 \x03(\x0b\x32\x1e.tunefleet.v1.RetrainingPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x1d\x44\x65leteRetrainingPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"u\n\x1a\x43reateRetrainingRunRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x33\n\x0eretraining_run\x18\x02 \x01(\x0b\x32\x1b.tunefleet.v1.RetrainingRun\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\'\n\x17GetRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x19ListRetrainingRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"k\n\x1aListRetrainingRunsResponse\x12\x34\n\x0fretraining_runs\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.RetrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x19WatchRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x1b\x41pproveRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x1aRejectRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"*\n\x1a\x43\x61ncelRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\x8a\t\n\x11RetrainingService\x12k\n\x16\x43reateRetrainingPolicy\x12+.tunefleet.v1.CreateRetrainingPolicyRequest\x1a\x1e.tunefleet.v1.RetrainingPolicy\"\x04\xe8\xe0\x18\x02\x12\x65\n\x13GetRetrainingPolicy\x12(.tunefleet.v1.GetRetrainingPolicyRequest\x1a\x1e.tunefleet.v1.RetrainingPolicy\"\x04\xe8\xe0\x18\x01\x12y\n\x16ListRetrainingPolicies\x12+.tunefleet.v1.ListRetrainingPoliciesRequest\x1a,.tunefleet.v1.ListRetrainingPoliciesResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x16\x44\x65leteRetrainingPolicy\x12+.tunefleet.v1.DeleteRetrainingPolicyRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13\x43reateRetrainingRun\x12(.tunefleet.v1.CreateRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\\\n\x10GetRetrainingRun\x12%.tunefleet.v1.GetRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListRetrainingRuns\x12\'.tunefleet.v1.ListRetrainingRunsRequest\x1a(.tunefleet.v1.ListRetrainingRunsResponse\"\x04\xe8\xe0\x18\x01\x12\x62\n\x12WatchRetrainingRun\x12\'.tunefleet.v1.WatchRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x64\n\x14\x41pproveRetrainingRun\x12).tunefleet.v1.ApproveRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13RejectRetrainingRun\x12(.tunefleet.v1.RejectRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13\x43\x61ncelRetrainingRun\x12(.tunefleet.v1.CancelRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunefleet/v1/retraining_service.proto\x12\x0ctunefleet.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x17tunefleet/v1/auth.proto\x1a\x1dtunefleet/v1/retraining.proto\"\x8c\x01\n\x1d\x43reateRetrainingPolicyRequest\x12\x39\n\x11retraining_policy\x18\x01 \x01(\x0b\x32\x1e.tunefleet.v1.RetrainingPolicy\x12\x1c\n\x14retraining_policy_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"*\n\x1aGetRetrainingPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x1dListRetrainingPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"v\n\x1eListRetrainingPoliciesResponse\x12;\n\x13retraining_policies\x18\x01 \x03(\x0b\x32\x1e.tunefleet.v1.RetrainingPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x1d\x44\x65leteRetrainingPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"u\n\x1a\x43reateRetrainingRunRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x33\n\x0eretraining_run\x18\x02 \x01(\x0b\x32\x1b.tunefleet.v1.RetrainingRun\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\'\n\x17GetRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x19ListRetrainingRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"k\n\x1aListRetrainingRunsResponse\x12\x34\n\x0fretraining_runs\x18\x01 \x03(\x0b\x32\x1b.tunefleet.v1.RetrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x19WatchRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x1b\x41pproveRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x1aRejectRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"*\n\x1a\x43\x61ncelRetrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\x8a\t\n\x11RetrainingService\x12k\n\x16\x43reateRetrainingPolicy\x12+.tunefleet.v1.CreateRetrainingPolicyRequest\x1a\x1e.tunefleet.v1.RetrainingPolicy\"\x04\xe8\xe0\x18\x02\x12\x65\n\x13GetRetrainingPolicy\x12(.tunefleet.v1.GetRetrainingPolicyRequest\x1a\x1e.tunefleet.v1.RetrainingPolicy\"\x04\xe8\xe0\x18\x01\x12y\n\x16ListRetrainingPolicies\x12+.tunefleet.v1.ListRetrainingPoliciesRequest\x1a,.tunefleet.v1.ListRetrainingPoliciesResponse\"\x04\xe8\xe0\x18\x01\x12\x63\n\x16\x44\x65leteRetrainingPolicy\x12+.tunefleet.v1.DeleteRetrainingPolicyRequest\x1a\x16.google.protobuf.Empty\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13\x43reateRetrainingRun\x12(.tunefleet.v1.CreateRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\\\n\x10GetRetrainingRun\x12%.tunefleet.v1.GetRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x01\x12m\n\x12ListRetrainingRuns\x12\'.tunefleet.v1.ListRetrainingRunsRequest\x1a(.tunefleet.v1.ListRetrainingRunsResponse\"\x04\xe8\xe0\x18\x01\x12\x62\n\x12WatchRetrainingRun\x12\'.tunefleet.v1.WatchRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x01\x30\x01\x12\x64\n\x14\x41pproveRetrainingRun\x12).tunefleet.v1.ApproveRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13RejectRetrainingRun\x12(.tunefleet.v1.RejectRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x12\x62\n\x13\x43\x61ncelRetrainingRun\x12(.tunefleet.v1.CancelRetrainingRunRequest\x1a\x1b.tunefleet.v1.RetrainingRun\"\x04\xe8\xe0\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,32 +56,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRAININGSERVICE'].methods_by_name['RejectRetrainingRun']._serialized_options = b'\350\340\030\002'
   _globals['_RETRAININGSERVICE'].methods_by_name['CancelRetrainingRun']._loaded_options = None
   _globals['_RETRAININGSERVICE'].methods_by_name['CancelRetrainingRun']._serialized_options = b'\350\340\030\002'
-  _globals['_CREATERETRAININGPOLICYREQUEST']._serialized_start=140
-  _globals['_CREATERETRAININGPOLICYREQUEST']._serialized_end=260
-  _globals['_GETRETRAININGPOLICYREQUEST']._serialized_start=262
-  _globals['_GETRETRAININGPOLICYREQUEST']._serialized_end=304
-  _globals['_LISTRETRAININGPOLICIESREQUEST']._serialized_start=306
-  _globals['_LISTRETRAININGPOLICIESREQUEST']._serialized_end=376
-  _globals['_LISTRETRAININGPOLICIESRESPONSE']._serialized_start=378
-  _globals['_LISTRETRAININGPOLICIESRESPONSE']._serialized_end=496
-  _globals['_DELETERETRAININGPOLICYREQUEST']._serialized_start=498
-  _globals['_DELETERETRAININGPOLICYREQUEST']._serialized_end=543
-  _globals['_CREATERETRAININGRUNREQUEST']._serialized_start=545
-  _globals['_CREATERETRAININGRUNREQUEST']._serialized_end=662
-  _globals['_GETRETRAININGRUNREQUEST']._serialized_start=664
-  _globals['_GETRETRAININGRUNREQUEST']._serialized_end=703
-  _globals['_LISTRETRAININGRUNSREQUEST']._serialized_start=705
-  _globals['_LISTRETRAININGRUNSREQUEST']._serialized_end=787
-  _globals['_LISTRETRAININGRUNSRESPONSE']._serialized_start=789
-  _globals['_LISTRETRAININGRUNSRESPONSE']._serialized_end=896
-  _globals['_WATCHRETRAININGRUNREQUEST']._serialized_start=898
-  _globals['_WATCHRETRAININGRUNREQUEST']._serialized_end=939
-  _globals['_APPROVERETRAININGRUNREQUEST']._serialized_start=941
-  _globals['_APPROVERETRAININGRUNREQUEST']._serialized_end=1000
-  _globals['_REJECTRETRAININGRUNREQUEST']._serialized_start=1002
-  _globals['_REJECTRETRAININGRUNREQUEST']._serialized_end=1060
-  _globals['_CANCELRETRAININGRUNREQUEST']._serialized_start=1062
-  _globals['_CANCELRETRAININGRUNREQUEST']._serialized_end=1104
-  _globals['_RETRAININGSERVICE']._serialized_start=1107
-  _globals['_RETRAININGSERVICE']._serialized_end=2269
+  _globals['_CREATERETRAININGPOLICYREQUEST']._serialized_start=141
+  _globals['_CREATERETRAININGPOLICYREQUEST']._serialized_end=281
+  _globals['_GETRETRAININGPOLICYREQUEST']._serialized_start=283
+  _globals['_GETRETRAININGPOLICYREQUEST']._serialized_end=325
+  _globals['_LISTRETRAININGPOLICIESREQUEST']._serialized_start=327
+  _globals['_LISTRETRAININGPOLICIESREQUEST']._serialized_end=397
+  _globals['_LISTRETRAININGPOLICIESRESPONSE']._serialized_start=399
+  _globals['_LISTRETRAININGPOLICIESRESPONSE']._serialized_end=517
+  _globals['_DELETERETRAININGPOLICYREQUEST']._serialized_start=519
+  _globals['_DELETERETRAININGPOLICYREQUEST']._serialized_end=564
+  _globals['_CREATERETRAININGRUNREQUEST']._serialized_start=566
+  _globals['_CREATERETRAININGRUNREQUEST']._serialized_end=683
+  _globals['_GETRETRAININGRUNREQUEST']._serialized_start=685
+  _globals['_GETRETRAININGRUNREQUEST']._serialized_end=724
+  _globals['_LISTRETRAININGRUNSREQUEST']._serialized_start=726
+  _globals['_LISTRETRAININGRUNSREQUEST']._serialized_end=808
+  _globals['_LISTRETRAININGRUNSRESPONSE']._serialized_start=810
+  _globals['_LISTRETRAININGRUNSRESPONSE']._serialized_end=917
+  _globals['_WATCHRETRAININGRUNREQUEST']._serialized_start=919
+  _globals['_WATCHRETRAININGRUNREQUEST']._serialized_end=960
+  _globals['_APPROVERETRAININGRUNREQUEST']._serialized_start=962
+  _globals['_APPROVERETRAININGRUNREQUEST']._serialized_end=1021
+  _globals['_REJECTRETRAININGRUNREQUEST']._serialized_start=1023
+  _globals['_REJECTRETRAININGRUNREQUEST']._serialized_end=1081
+  _globals['_CANCELRETRAININGRUNREQUEST']._serialized_start=1083
+  _globals['_CANCELRETRAININGRUNREQUEST']._serialized_end=1125
+  _globals['_RETRAININGSERVICE']._serialized_start=1128
+  _globals['_RETRAININGSERVICE']._serialized_end=2290
 # @@protoc_insertion_point(module_scope)

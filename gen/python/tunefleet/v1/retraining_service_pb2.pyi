@@ -27,10 +27,13 @@ class CreateRetrainingPolicyRequest(_message.Message):
 
     RETRAINING_POLICY_FIELD_NUMBER: _builtins.int
     RETRAINING_POLICY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     retraining_policy_id: _builtins.str
     """Optional. The policy id, which becomes `retrainingPolicies/{id}`: 1 to 63 of [a-z0-9-];
     default the adapter's id.
     """
+    request_id: _builtins.str
+    """Optional. A client-chosen UUID; retrying with the same id returns the first policy."""
     @_builtins.property
     def retraining_policy(self) -> _retraining_pb2.RetrainingPolicy:
         """Required. The policy; output-only fields are ignored."""
@@ -40,10 +43,11 @@ class CreateRetrainingPolicyRequest(_message.Message):
         *,
         retraining_policy: _retraining_pb2.RetrainingPolicy | None = ...,
         retraining_policy_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retraining_policy", b"retraining_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["retraining_policy", b"retraining_policy", "retraining_policy_id", b"retraining_policy_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "retraining_policy", b"retraining_policy", "retraining_policy_id", b"retraining_policy_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
