@@ -26,7 +26,6 @@ The rules that keep every response answered by the weights of the version stampe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -399,7 +398,13 @@ class AdapterPool:
         """The alias's canary as AdapterService has it now, unless the feed brought a newer one
         while it was read."""
         news = self._canary_news.get(alias, 0)
-        canary = await self.registry.canary(alias)
+        try:
+            canary = await self.registry.canary(alias)
+        except NotFound:  # deleted meanwhile: requests for it say so themselves
+            canary = None
+        except TunefleetError as error:  # the feed brings it once AdapterService answers again
+            log.warning("cannot read %s's canary: %s", alias, error)
+            return
         if self._canary_news.get(alias, 0) == news:
             self._set_canary(alias, canary)
 
@@ -427,8 +432,7 @@ class AdapterPool:
         if again:  # resumed after a break: the feed brings what was missed; make sure of it
             for alias in list(self.routes):
                 await self.swap(alias, None, current=True)
-                with contextlib.suppress(TunefleetError):
-                    await self._read_canary(alias)
+                await self._read_canary(alias)
 
     async def _apply(self, change: adapter_pb2.AdapterChange) -> None:
         kinds = adapter_pb2.AdapterChange
