@@ -92,7 +92,7 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the mai
 	echo "make test: main suite exit $$main, measuring tests exit $$alone, vLLM suite exit $$vllm"; \
 	[ $$main -eq 0 ] && [ $$alone -eq 0 ] && [ $$vllm -eq 0 ]
 
-demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap (about 7 min on 2 cores)
+demo: $(VENV)/.installed  ## the whole product on this machine: ingest, fine-tune SmolLM2 with LoRA, evaluate, serve, hot-swap, one retraining turn
 	$(BIN)/python -m tunefleet.demo
 
 demo-quick: $(VENV)/.installed  ## the same tour on a tiny model (under a minute)
