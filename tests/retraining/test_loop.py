@@ -467,39 +467,6 @@ async def test_schedules_and_thresholds_start_runs(
         )
 
 
-async def test_a_run_resumes_where_it_was_after_a_restart(
-    make_platform: Any,  # noqa: F811
-    chat_model: Path,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    """The service stops while the run's training job runs (the trainer goes on, as a Pod
-    would); the restarted service resumes the run from its records: the same job, one
-    evaluation, promoted."""
-    platform = await make_platform(
-        inference={"base_model": "colours"},
-        retraining={"poll_seconds": 0.2, "trigger_seconds": 3600},
-    )
-    assert platform.server is not None
-    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
-        champion = await upload_champion(client, chat_model, tmp_path, "first")
-        await client.adapters.set_alias(ADAPTER, "prod", champion)
-        await client.retraining.create_policy(policy(await frozen_set(client), recipe=RECIPE))
-        await rate(client, [f"r{i}" for i in range(10)])
-        started = await client.retraining.start("colours")
-        training = await client.retraining.wait(started.name, until=lambda r: bool(r.training_job))
-    await platform.stop()
-    await platform.start()
-    assert platform.server is not None
-    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
-        run = await client.retraining.wait(started.name)
-        assert (run.state, run.outcome) == (Run.STATE_SUCCEEDED, Run.OUTCOME_PROMOTED), run
-        assert run.training_job == training.training_job
-        assert len(run.evaluation_jobs) == 1
-        jobs = [j async for j in client.training_jobs.list()]
-        assert [j.name for j in jobs if j.labels.get("retraining-policy")] == [run.training_job]
-        assert len([e async for e in client.evaluations.list()]) == 1
-
-
 async def test_a_dpo_recipe_trains_on_the_preference_pairs_of_the_feedback(
     platform: Platform,
     client: AsyncClient,
