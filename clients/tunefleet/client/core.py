@@ -15,6 +15,7 @@ and tell the type checker so: `client.datasets.get(...)` is a `Dataset`, and
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeAlias, TypeVar, overload
@@ -153,6 +154,28 @@ def pages(stub: type, method: str, request: Any, field: str) -> Feed[Any]:
         if not response.next_page_token:
             return
         request.page_token = response.next_page_token
+
+
+def watching(stub: type, method: str, request: Any, timeout: float | None) -> Feed[Any]:
+    """A Watch RPC's messages until it ends, opened again after a dropped stream (it starts
+    with the resource as it is then); `timeout` bounds the whole iteration."""
+    from tunefleet.client.errors import Unavailable
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    attempt = 0
+    while True:
+        left = None if deadline is None else max(0.001, deadline - time.monotonic())
+        updates = yield Open(stub, method, request, timeout=left)
+        try:
+            while (update := (yield Read(updates))) is not None:
+                attempt = 0
+                yield Emit(update)
+            return
+        except Unavailable:
+            if attempt >= 8:
+                raise
+        yield Sleep(min(5.0, 0.2 * (1 << attempt)))
+        attempt += 1
 
 
 def each(feed: Feed[T], callback: Callable[[T], object]) -> Program[None]:

@@ -3,27 +3,23 @@ the answers item by item."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from tunefleet.client.core import (
     Call,
-    Emit,
     Feed,
     M,
-    Open,
     Program,
-    Read,
     Resource,
-    Sleep,
     each,
     operation,
     pages,
     stream,
+    watching,
 )
-from tunefleet.client.errors import DeadlineExceeded, Unavailable
+from tunefleet.client.errors import DeadlineExceeded
 from tunefleet.client.helpers import resource_name, to_message
 from tunefleet.v1 import evaluation_pb2, evaluation_service_pb2, evaluation_service_pb2_grpc
 
@@ -132,24 +128,10 @@ class Evaluations(Resource[M]):
             for job in client.evaluations.watch(job.name):
                 print(job.answers_done, "/", job.answers_total)
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         request = evaluation_service_pb2.WatchEvaluationJobRequest(
             name=resource_name("evaluationJobs", name)
         )
-        attempt = 0
-        while True:
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            updates = yield Open(self.Stub, "WatchEvaluationJob", request, timeout=left)
-            try:
-                while (job := (yield Read(updates))) is not None:
-                    attempt = 0
-                    yield Emit(job)
-                return
-            except Unavailable:
-                if attempt >= 8:
-                    raise
-            yield Sleep(min(5.0, 0.2 * (1 << attempt)))
-            attempt += 1
+        yield from watching(self.Stub, "WatchEvaluationJob", request, timeout)
 
     @operation
     def wait(

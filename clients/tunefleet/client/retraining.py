@@ -3,7 +3,6 @@ their runs, and the approval of a promotion."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,16 +12,14 @@ from tunefleet.client.core import (
     Emit,
     Feed,
     M,
-    Open,
     Program,
-    Read,
     Resource,
-    Sleep,
     operation,
     pages,
     stream,
+    watching,
 )
-from tunefleet.client.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from tunefleet.client.errors import DeadlineExceeded, FailedPrecondition
 from tunefleet.client.helpers import resource_name, to_message
 from tunefleet.v1 import retraining_pb2, retraining_service_pb2, retraining_service_pb2_grpc
 
@@ -148,22 +145,8 @@ class Retraining(Resource[M]):
     def watch(self, name: str, *, timeout: float | None = None) -> Feed[RetrainingRun]:
         """The run now, then each time it changes, until it has ended; a dropped stream is
         opened again. `timeout` bounds the whole iteration (DeadlineExceeded)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         request = retraining_service_pb2.WatchRetrainingRunRequest(name=name)
-        attempt = 0
-        while True:
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            updates = yield Open(self.Stub, "WatchRetrainingRun", request, timeout=left)
-            try:
-                while (run := (yield Read(updates))) is not None:
-                    attempt = 0
-                    yield Emit(run)
-                return
-            except Unavailable:
-                if attempt >= 8:
-                    raise
-            yield Sleep(min(5.0, 0.2 * (1 << attempt)))
-            attempt += 1
+        yield from watching(self.Stub, "WatchRetrainingRun", request, timeout)
 
     @operation
     def wait(
