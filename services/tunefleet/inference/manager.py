@@ -181,7 +181,7 @@ class InferenceManager:
         started = time.perf_counter()
         labels, outcome, served = UNRESOLVED, "error", None
         prompt_ids: list[int] = []
-        text, finish, tokens, first = [], Finish.STOP, 0, None
+        text, finish, tokens, first, cached = [], Finish.STOP, 0, None, 0
         try:
             sampling = self._sampling(request.sampling)
             self._check_size(request, sampling)
@@ -201,6 +201,7 @@ class InferenceManager:
                         first = time.perf_counter()
                         self.metrics.time_to_first_token.labels(*labels).observe(first - started)
                     text.append(output.text)
+                    cached += output.cached_tokens
                     if output.finish is not None:
                         finish, tokens = output.finish, output.completion_tokens
                         piece = Piece(
@@ -236,6 +237,7 @@ class InferenceManager:
             self.metrics.requests.labels(*labels, outcome).inc()
             if labels is not UNRESOLVED:
                 self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
+                self.metrics.cached_prompt_tokens.labels(*labels).inc(cached)
                 self.metrics.generated_tokens.labels(*labels).inc(tokens)
                 self.metrics.latency.labels(*labels).observe(ended - started)
             if first is not None:

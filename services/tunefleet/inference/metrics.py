@@ -57,6 +57,13 @@ class InferenceMetrics:
             by_version,
             registry=registry,
         )
+        self.cached_prompt_tokens = Counter(
+            "tunefleet_inference_prompt_cached_tokens",
+            "Prompt tokens whose keys and values the engine took from an earlier prompt's "
+            "(prefix caching), by adapter and version.",
+            by_version,
+            registry=registry,
+        )
         self.generated_tokens = Counter(
             "tunefleet_inference_generated_tokens",
             "Generated tokens, by adapter and version.",

@@ -6,7 +6,14 @@ batch at token boundaries, as in vLLM: new prompts are prefilled beside the runn
 decoding step (those that fit one chunk of `prefill_chunk` tokens together, longer ones one
 chunk per step each, so a short prompt never waits behind a long one), then their KV caches
 join the batch's (left-padded); a row that finished, or whose client cancelled or gave up,
-leaves at the next step. Adapter loads and unloads run between two steps.
+leaves at the next step. A forward pass whose rows were all cancelled (a long prompt's chunk,
+most often) is abandoned at the next decoder layer. Adapter loads and unloads run between two
+steps.
+
+Prompts' KV caches are kept (`_PrefixCache`, `prefix_cache_mb`) and reused by later prompts for
+the same adapter that begin with the same tokens: a shared system prompt or few-shot turns, a
+chat's earlier turns. A prompt whose tokens are all cached but the last joins the decoding batch
+at once, with no prefill pass of its own.
 
 Requests for the base model and plain LoRA adapters share one batch (the mixed lane). PEFT holds
 the adapters, but its own mixed-batch forward loops over the adapters in every layer; instead,
@@ -25,7 +32,8 @@ import inspect
 import logging
 import queue
 import threading
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +54,10 @@ from tunefleet.inference.engine import (
 log = logging.getLogger(__name__)
 _STOP = object()
 _MIXED = object()  # the model's mode for the mixed lane: PEFT's adapters off
+
+
+class _Abandoned(Exception):
+    """Raised between two decoder layers when every row of the forward pass was cancelled."""
 
 
 @dataclass
@@ -83,6 +95,7 @@ class _Row:
     tokens: int = 0
     done: bool = False
     unsent: list[int] = field(default_factory=list)  # token ids since the last piece sent
+    cached: int = 0  # prompt tokens found in the prefix cache, told with the first piece
 
     @property
     def adapter(self) -> str | None:
@@ -97,8 +110,8 @@ class _Row:
         return self.done or self.pending.cancelled
 
     def send(self, text: str, finish: Finish | None = None, eos: int | None = None) -> None:
-        self.pending.put(Output(text, tuple(self.unsent), finish, self.tokens, eos))
-        self.unsent = []
+        self.pending.put(Output(text, tuple(self.unsent), finish, self.tokens, eos, self.cached))
+        self.unsent, self.cached = [], 0
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
@@ -221,6 +234,93 @@ class _Stacks:
             hook.remove()
 
 
+class _PrefixCache:
+    """The KV caches of prompts prefilled before, by adapter (its serving name, which always
+    names the same weights; None: the base model), for later prompts that begin with the same
+    tokens. An entry holds one whole prompt (prompts sharing a beginning each hold a copy of
+    it); the least recently used are dropped beyond `capacity` bytes, and an adapter's when it
+    is unloaded."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.size = capacity, 0
+        self._entries: OrderedDict[tuple[str | None, bytes], list[tuple[Any, Any]]] = OrderedDict()
+
+    def find(self, adapter: str | None, ids: list[int]) -> tuple[int, list[tuple[Any, Any]]]:
+        """How many of the first tokens of `ids` have cached keys and values (all but the last
+        at most: its logits are needed), and those, per layer."""
+        packed, best, found = _packed(ids), 0, None
+        for key in self._entries:
+            if key[0] == adapter:
+                common = _common_prefix(key[1], packed)
+                if common > best:
+                    best, found = common, key
+        best = min(best, len(ids) - 1)
+        if found is None or best <= 0:
+            return 0, []
+        self._entries.move_to_end(found)
+        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in self._entries[found]]
+
+    def add(self, adapter: str | None, ids: list[int], cache: Any, row: int, start: int) -> None:
+        """Keep the keys and values of `ids`, row `row` of `cache` from position `start`."""
+        key = (adapter, _packed(ids))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        size = sum(layer.keys[row, :, start:].nbytes * 2 for layer in cache.layers)
+        if size > self.capacity:
+            return
+        self._entries[key] = [
+            (
+                layer.keys[row : row + 1, :, start:].clone(),
+                layer.values[row : row + 1, :, start:].clone(),
+            )
+            for layer in cache.layers
+        ]
+        self.size += size
+        while self.size > self.capacity:
+            self._forget(next(iter(self._entries)))
+
+    def drop(self, adapter: str) -> None:
+        for key in [key for key in self._entries if key[0] == adapter]:
+            self._forget(key)
+
+    def _forget(self, key: tuple[str | None, bytes]) -> None:
+        self.size -= sum(k.nbytes + v.nbytes for k, v in self._entries.pop(key))
+
+
+def _packed(ids: list[int]) -> bytes:
+    return array("q", ids).tobytes()
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """How many tokens two packed sequences share at their start (a binary search of byte
+    comparisons: no Python loop over tokens)."""
+    low, high = 0, min(len(a), len(b)) // 8
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[: middle * 8] == b[: middle * 8]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _similar_lengths(rows: list[_Row], slack: float = 1.25) -> list[list[_Row]]:
+    """Rows prefilled in one pass are padded to the longest prompt: group them by length so
+    that a group's padded tokens are at most `slack` times its prompts' own (prefill is compute
+    bound on a real model; every padded token costs as much as a prompt token)."""
+    groups: list[list[_Row]] = []
+    for row in sorted(rows, key=lambda r: r.prompt):
+        group = groups[-1] if groups else []
+        if group and (len(group) + 1) * row.prompt <= slack * (
+            sum(r.prompt for r in group) + row.prompt
+        ):
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 class PeftEngine:
     name = "peft"
 
@@ -231,12 +331,17 @@ class PeftEngine:
         dtype: str = "float32",
         max_batch: int = 16,
         prefill_chunk: int = 256,
+        prefix_cache_mb: int = 256,
     ) -> None:
         self.model_dir, self.device, self.dtype = model_dir, device, dtype
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self._prefixes = _PrefixCache(prefix_cache_mb << 20)
         self.model: Any = None
         self.tokenizer: Any = None
         self.steps = 0  # forward passes so far (tests and benchmarks read it)
+        self.abandoned = 0  # of which cut short: all their rows were cancelled
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self._passing: list[_Row] = []  # the rows of the forward pass running now
         self._own: set[str] = set()  # adapters served in a lane of their own, through PEFT
         self._stacks: _Stacks | None = None
         self._lanes: dict[str | None, _Lane] = {}
@@ -254,6 +359,7 @@ class PeftEngine:
     def _load_base(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -266,6 +372,15 @@ class PeftEngine:
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         assert self._cache_argument in parameters
+        # Transformers' decoder layers are GradientCheckpointingLayers, and PEFT keeps these
+        # modules when it wraps the model: the hooks outlive adapter loads and unloads.
+        for layer in self.model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.register_forward_pre_hook(self._abandon_if_cancelled)
+
+    def _abandon_if_cancelled(self, module: Any, inputs: Any) -> None:
+        if self._passing and all(row.pending.cancelled for row in self._passing):
+            raise _Abandoned
 
     async def close(self) -> None:
         """Stop after the current step; requests still running end with EngineClosed."""
@@ -337,6 +452,7 @@ class PeftEngine:
                 if row.adapter == serving_name:
                     row.fail(gone)
         self._lanes.pop(serving_name, None)
+        self._prefixes.drop(serving_name)
         if len(self.model.peft_config) == 1:
             # PEFT cannot delete its last adapter cleanly: take the LoRA layers out instead.
             self.model = self.model.unload()
@@ -465,6 +581,8 @@ class PeftEngine:
             loop.call_soon_threadsafe(_deliver, items)
 
     def _take(self, item: _Call | _Request) -> None:
+        from transformers import DynamicCache
+
         if isinstance(item, _Call):
             if not item.future.set_running_or_notify_cancel():
                 return  # its caller left: a result could not be handed over
@@ -481,6 +599,13 @@ class PeftEngine:
             item.put(ValueError("the prompt has no tokens"))
             return
         row = _Row(item, TextStream(self.tokenizer, request.sampling.stop), self._generator(item))
+        cached, layers = self._prefixes.find(request.adapter, request.prompt_ids)
+        if cached * 2 >= row.prompt:  # worth leaving the prefill of a group of prompts for
+            row.cache = DynamicCache()
+            for index, (keys, values) in enumerate(layers):
+                row.cache.update(keys, values, index)
+            row.prefilled = row.cached = cached
+            self.cached_tokens += cached
         key = request.adapter if request.adapter in self._own else None
         self._lanes.setdefault(key, _Lane(key)).joining.append(row)
 
@@ -508,10 +633,12 @@ class PeftEngine:
             with torch.inference_mode():
                 joining = list(lane.joining)[: max(self.max_batch - len(lane.rows), 0)]
                 short = [r for r in joining if not r.prefilled and r.prompt <= self.prefill_chunk]
-                if short:
-                    self._prefill_together(lane, short)
+                for group in _similar_lengths(short):
+                    self._prefill_together(lane, group)
                 for row in joining:
-                    if row not in short:
+                    if row.prefilled == row.prompt - 1:  # all cached but the last token
+                        self._join_cached(lane, row)
+                    elif row not in short:
                         self._prefill(lane, row)
                 if lane.rows:
                     self._decode(lane)
@@ -538,6 +665,8 @@ class PeftEngine:
         self._mode = mode
 
     def _forward(self, lane: _Lane, rows: list[_Row], ids: Any, mask: Any, cache: Any) -> Any:
+        """The model's output, or None when every row was cancelled during the pass (their KV
+        cache is then half written: it leaves with them at the next step)."""
         import torch
 
         device = torch.device(self.device)
@@ -547,6 +676,7 @@ class PeftEngine:
             stacks.use([row.adapter for row in rows], device)
         try:
             self.steps += 1
+            self._passing = rows
             return self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -555,13 +685,17 @@ class PeftEngine:
                 **{self._cache_argument: cache},
                 logits_to_keep=1,
             )
+        except _Abandoned:
+            self.abandoned += 1
+            return None
         finally:
+            self._passing = []
             if stacks is not None:
                 stacks.select = None
 
     def _prefill_together(self, lane: _Lane, rows: list[_Row]) -> None:
-        """Prefill prompts that fit one chunk in one left-padded batch; their first tokens, and
-        the rows join the lane's batch."""
+        """Prefill prompts that fit one chunk (of similar lengths) in one left-padded batch;
+        their first tokens, and the rows join the lane's batch."""
         import torch
         from transformers import DynamicCache
 
@@ -573,11 +707,15 @@ class PeftEngine:
             mask[i, width - row.prompt :] = 1
         cache = DynamicCache()
         out = self._forward(lane, rows, ids, mask, cache)
+        if out is None:
+            return  # all cancelled: they leave at the next step
         for i, row in enumerate(rows):
             lane.joining.remove(row)
             row.prefilled = row.prompt
             row.next_id = self._choose(out.logits[i, -1].float(), row)
             self._emit(row, row.next_id)
+            prompt = row.pending.request.prompt_ids
+            self._prefixes.add(row.adapter, prompt, cache, i, width - row.prompt)
         self._join(lane, rows, cache, mask)  # rows already done leave at the next step
 
     def _prefill(self, lane: _Lane, row: _Row) -> None:
@@ -598,14 +736,27 @@ class PeftEngine:
             torch.ones((1, end), dtype=torch.long),
             row.cache,
         )
+        if out is None:
+            return
         row.prefilled = end
         if end < len(ids):
             return
         lane.joining.remove(row)
         row.next_id = self._choose(out.logits[0, -1].float(), row)
         self._emit(row, row.next_id)
+        self._prefixes.add(row.adapter, ids, row.cache, 0, 0)
         self._join(lane, [row], row.cache, torch.ones((1, end), dtype=torch.long))
         row.cache = None
+
+    def _join_cached(self, lane: _Lane, row: _Row) -> None:
+        """A row whose prompt is cached but for its last token joins the batch as a decoding
+        row: the next step feeds that token and draws its first."""
+        import torch
+
+        lane.joining.remove(row)
+        row.next_id = row.pending.request.prompt_ids[-1]
+        self._join(lane, [row], row.cache, torch.ones((1, row.prefilled), dtype=torch.long))
+        row.prefilled, row.cache = row.prompt, None
 
     def _join(self, lane: _Lane, rows: list[_Row], cache: Any, mask: Any) -> None:
         """Add prefilled rows (their KV cache and mask) to the lane's batch, left-padding the
@@ -635,6 +786,8 @@ class PeftEngine:
         ids = torch.tensor([[row.next_id] for row in lane.rows])
         lane.mask = torch.cat([lane.mask, torch.ones_like(lane.mask[:, :1])], dim=1)
         out = self._forward(lane, lane.rows, ids, lane.mask, lane.cache)
+        if out is None:
+            return
         logits = out.logits[:, -1, :].float()
         greedy = logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
         for i, row in enumerate(lane.rows):

@@ -405,11 +405,14 @@ class InferenceSettings(_Section):
     # Most prompt tokens one request may send; 0: the model's context. Prompts are also
     # bounded by the context less the tokens asked for.
     max_prompt_tokens: int = Field(default=0, ge=0)
-    # PEFT engine: device, dtype, rows decoded together, prompt tokens prefilled per step.
+    # PEFT engine: device, dtype, rows decoded together, prompt tokens prefilled per step, and
+    # the memory (MiB) for prompts' KV caches reused by later prompts that begin alike (a shared
+    # system prompt, a chat's earlier turns); 0: no prefix caching.
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch: int = Field(default=16, ge=1)
     prefill_chunk_tokens: int = Field(default=256, ge=16)
+    prefix_cache_mb: int = Field(default=256, ge=0)
     # gRPC address of the AdapterService whose versions are served and whose alias moves are
     # followed (the adapters Service); empty: this server's own address, which needs
     # AdapterService in this process (the embedded shape).
