@@ -301,6 +301,10 @@ def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
         platform, dataset, "adapters/cli", "--objective", "dpo", "--dpo-beta", "0.2", code=2
     )
     assert "DATASET_KIND_PREFERENCE" in dpo.stderr and "train_dataset" in dpo.stderr
+    # Two nodes on the local launcher: refused, naming the field (exit code 1: not the input's
+    # form but what this server can run).
+    nodes = create_job(platform, dataset, "adapters/cli", "--nodes", "2", code=1)
+    assert "FAILED_PRECONDITION" in nodes.stderr and "resources.node_count" in nodes.stderr
 
 
 @pytest.fixture(scope="module")

@@ -178,6 +178,8 @@ LAUNCHER_MAY = [
     ("get", "pods/log"),
     ("create", "secrets"),
     ("patch", "secrets"),
+    ("create", "services"),
+    ("patch", "services"),
 ]
 LAUNCHER_MAY_NOT = [
     ("get", "secrets"),
@@ -194,6 +196,8 @@ LAUNCHER_MAY_NOT = [
     ("create", "roles.rbac.authorization.k8s.io"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("create", "deployments.apps"),
+    ("get", "services"),
+    ("delete", "services"),
 ]
 
 
@@ -260,6 +264,9 @@ async def test_the_launcher_runs_a_job_with_the_training_accounts_token(
         assert kube.resume_from(identifier) == "s3://bucket/checkpoint-10"
         await launcher.cancel(run)
         assert kube.jobs(identifier) == []
+        multi = await launcher.launch(run_request(f"{identifier}m", node_count=2))  # + a Service
+        assert (await launcher.launch(run_request(f"{identifier}m", node_count=2))) == multi
+        await launcher.cancel(multi)
 
         async def pods_gone() -> bool:
             return not await asyncio.to_thread(kube.pods, identifier)

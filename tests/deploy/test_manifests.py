@@ -201,8 +201,10 @@ def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> 
         for verb in rule["verbs"]
     }
     assert ("batch", "jobs", "create") in granted and ("", "pods/log", "get") in granted
-    assert all(resource in {"jobs", "pods", "pods/log", "secrets"} for _, resource, _ in granted)
+    allowed = {"jobs", "pods", "pods/log", "secrets", "services"}
+    assert all(resource in allowed for _, resource, _ in granted)
     assert {verb for _, r, verb in granted if r == "secrets"} == {"create", "patch"}  # never read
+    assert {verb for _, r, verb in granted if r == "services"} == {"create", "patch"}
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
     (binding,) = by_kind(documents, "RoleBinding").values()
     assert binding["subjects"] == [

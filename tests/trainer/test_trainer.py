@@ -384,6 +384,59 @@ def test_two_processes_under_torchrun_train_like_one_with_their_combined_batch(
     assert (tmp_path / "parallel" / "result.json").exists()
 
 
+def test_two_nodes_under_torchrun_train_like_one_process_with_their_combined_batch(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """A two-node run as a multi-node Job runs it (the same command line): two torchrun "nodes"
+    of one process each on this machine, meeting at the first one's address (gloo on
+    127.0.0.1), each with its own output folder as each Pod has its own scratch volume. They
+    take the same steps as one process accumulating both micro-batches, and only the first
+    node reports and writes the result."""
+    import os
+    import subprocess
+    import sys
+
+    from tunefleet.demo.server import free_port
+    from tunefleet.training.launcher import Nodes, trainer_command
+
+    hyper = {"max_steps": 4, "eval_every_steps": 4}
+    train(make_spec(output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}))
+    port = free_port()
+    processes = []
+    for rank in (0, 1):
+        spec_file = tmp_path / f"spec-{rank}.json"
+        spec_file.write_text(json.dumps(make_spec(output=f"node-{rank}", hyperparameters=hyper)))
+        command = trainer_command(
+            sys.executable, 1, str(spec_file), Nodes(2, str(rank), "127.0.0.1", port)
+        )
+        processes.append(
+            subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )
+    for process in processes:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors[-4000:]
+
+    def progress(output: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / output / "progress.jsonl").open()
+        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
+
+    single, nodes = progress("single"), progress("node-0")
+    assert [e["step"] for e in nodes] == [1, 2, 3, 4]
+    for one, two in zip(single, nodes, strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    assert nodes[-1]["validation_loss"] == pytest.approx(single[-1]["validation_loss"], rel=1e-3)
+    assert (tmp_path / "node-0" / "result.json").exists()
+    assert not (tmp_path / "node-1" / "result.json").exists()
+    assert not (tmp_path / "node-1" / "progress.jsonl").exists()
+
+
 def _lora_gradients(model: Any, batch: Any) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     batch_loss(model, batch).backward()

@@ -58,6 +58,97 @@ def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> Non
     }
 
 
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+def test_a_multi_node_run_is_an_indexed_job_with_a_headless_service(version: str) -> None:
+    """Schemas only: the test API server (v1.20) drops `completionMode`."""
+    settings = KubernetesSettings()
+    request = run_request("multi1", gpus=8, node_count=4)
+    job = manifests.job_manifest(settings, request)
+    service = manifests.service_manifest(settings, request)
+    for manifest in (job, service, manifests.secret_manifest(settings, request)):
+        kubernetes_validate.validate(manifest, version, strict=True)
+    spec, name = job["spec"], "tunefleet-train-multi1"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == name
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert service["spec"]["selector"].items() <= pod_labels(job).items()
+    container = pod["containers"][0]
+    assert container["command"][1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=4",
+        "--node-rank=$(NODE_RANK)",  # filled in by Kubernetes from the variable below
+        f"--master-addr={name}-0.{name}",
+        "--master-port=29500",
+        "--nproc-per-node=8",
+        "-m",
+        "tunefleet.trainer",
+        "--spec",
+        "/etc/tunefleet/spec.json",
+    ]
+    (rank,) = [e for e in container["env"] if e["name"] == "NODE_RANK"]
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    one = manifests.job_manifest(settings, run_request("one1", gpus=8))
+    assert (
+        "completionMode" not in one["spec"] and "subdomain" not in one["spec"]["template"]["spec"]
+    )
+
+
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+def test_with_a_kueue_queue_jobs_are_created_suspended_and_labelled(version: str) -> None:
+    """Kueue admits a Job by unsuspending it; its priority class follows the job's priority.
+    (Schemas only: the v1.20 test API server drops `suspend`.)"""
+    settings = KubernetesSettings(queue_name="gpus", priority_classes={"high": 10, "normal": 0})
+    for priority, wanted in ((20, "high"), (10, "high"), (3, "normal"), (-1, None)):
+        for nodes in (1, 2):
+            request = run_request("kq1", priority=priority, node_count=nodes)
+            job = manifests.job_manifest(settings, request)
+            kubernetes_validate.validate(job, version, strict=True)
+            assert job["spec"]["suspend"] is True
+            labels = job["metadata"]["labels"]
+            assert labels[manifests.QUEUE_LABEL] == "gpus"
+            assert labels.get(manifests.PRIORITY_LABEL) == wanted
+    plain = manifests.job_manifest(KubernetesSettings(), run_request("kq2", priority=20))
+    assert "suspend" not in plain["spec"]
+    assert not {manifests.QUEUE_LABEL, manifests.PRIORITY_LABEL} & set(plain["metadata"]["labels"])
+
+
+def pod_labels(job: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = job["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_a_multi_node_run_s_outcome_and_logs_come_from_its_first_node() -> None:
+    """Every node's trainer ends; only the first (global rank 0) registers and says so."""
+    from types import SimpleNamespace
+
+    from tunefleet.training.kubernetes import _first_node, _outcome
+
+    def pod(index: str | None, finished: str, message: str) -> Any:
+        annotations = {manifests.INDEX_ANNOTATION: index} if index is not None else None
+        terminated = SimpleNamespace(
+            finished_at=finished, message=message, reason="Completed", exit_code=0
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(
+                annotations=annotations, resource_version="1", creation_timestamp=finished
+            ),
+            status=SimpleNamespace(
+                container_statuses=[SimpleNamespace(state=SimpleNamespace(terminated=terminated))]
+            ),
+        )
+
+    said = json.dumps({"adapter_version": "adapters/colours/versions/1"})
+    first, second = pod("0", "2026-12-04T10:00:00Z", said), pod("1", "2026-12-04T10:00:05Z", "")
+    assert _first_node([second, first]) == [first]
+    assert _outcome([first, second]) == {"adapter_version": "adapters/colours/versions/1"}
+    alone = pod(None, "2026-12-04T10:00:00Z", said)  # a one-node Job's Pod has no index
+    assert _outcome([alone]) == {"adapter_version": "adapters/colours/versions/1"}
+
+
 def test_the_strict_check_catches_unknown_fields() -> None:
     job = manifests.job_manifest(KubernetesSettings(), run_request())
     job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
@@ -129,6 +220,27 @@ async def test_the_api_server_accepts_the_job_and_launching_is_idempotent(kube: 
         assert (await launcher.status(run)).phase == Phase.PENDING
         kube.run_pod(pods[0])
         await until(lambda: _phase(launcher, run, Phase.RUNNING))
+    finally:
+        await launcher.close()
+
+
+@pytest.mark.kubernetes
+async def test_the_api_server_accepts_a_multi_node_run_and_its_service_goes_with_it(
+    kube: Kube,
+) -> None:
+    launcher = KubernetesLauncher(KubernetesSettings(**kube.settings()))
+    await launcher.start(lambda: None)
+    try:
+        run = await launcher.launch(run_request("multi2", node_count=2))
+        again = await launcher.launch(run_request("multi2", node_count=2))
+        assert run.run_id == again.run_id
+        (job,) = kube.jobs("multi2")
+        assert (job.spec.completions, job.spec.parallelism) == (2, 2)
+        assert job.spec.template.spec.subdomain == run.run_id
+        service = kube.core.read_namespaced_service(run.run_id, kube.namespace)
+        assert service.spec.cluster_ip == "None"
+        assert [o.uid for o in service.metadata.owner_references] == [job.metadata.uid]
+        await launcher.cancel(run)
     finally:
         await launcher.close()
 
@@ -213,6 +325,38 @@ async def test_state_follows_the_job_to_success(kube: Kube, kube_platform: Any) 
     job = await platform.wait(job.name, "SUCCEEDED", within=60)
     assert job.output_adapter_version == "adapters/colours/versions/1"
     await until(lambda: _job_complete(kube, job_id(job.name)))
+
+
+@pytest.mark.kubernetes
+async def test_a_job_of_two_nodes_runs_as_two_pods_and_succeeds(
+    kube: Kube, kube_platform: Any
+) -> None:
+    """The v1.20 server drops `completionMode`, so its Pods carry no index: the run still
+    needs both to succeed, and the result is the first node's."""
+    platform = await kube_platform()
+    dataset = await platform.upload()
+    nodes = training_job_pb2.ResourceRequest(gpu_count=2, gpu_type="nvidia-l4", node_count=2)
+    job = await platform.create(dataset.name, resources=nodes)
+    identifier = job_id(job.name)
+    pods = await until(pods_of(kube, identifier, count=2))
+    (kubernetes_job,) = kube.jobs(identifier)
+    assert kubernetes_job.spec.parallelism == 2
+    service = kube.core.read_namespaced_service(kubernetes_job.metadata.name, kube.namespace)
+    assert service.metadata.owner_references[0].uid == kubernetes_job.metadata.uid
+    for pod in pods:
+        kube.run_pod(pod)
+    await platform.wait(job.name, "RUNNING", within=60)
+    token = kube.spec(identifier)["report"]["token"]
+    version = "adapters/colours/versions/1"
+    await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
+    await platform.report(
+        job.name, token, worker_state=Worker.WORKER_STATE_SUCCEEDED, output_adapter_version=version
+    )
+    kube.end_pod(pods[1], 0, "")
+    kube.end_pod(pods[0], 0, json.dumps({"adapter_version": version}))
+    job = await platform.wait(job.name, "SUCCEEDED", within=60)
+    assert job.output_adapter_version == version
+    await until(lambda: _job_complete(kube, identifier))
 
 
 async def _job_complete(kube: Kube, identifier: str) -> bool:

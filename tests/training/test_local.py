@@ -469,3 +469,23 @@ async def test_a_restart_in_the_middle_of_a_run_loses_and_repeats_nothing(
         training_service_pb2.ListCheckpointsRequest(parent=job.name)
     )
     assert [c.step for c in checkpoints.checkpoints] == [400, 800]
+
+
+async def test_a_local_run_sees_only_its_own_gpus(tmp_path: Path) -> None:
+    """CUDA_VISIBLE_DEVICES holds the run's GPUs (none for a CPU run); the "python" here is a
+    script that writes what it sees."""
+    from tunefleet.training.launcher import Phase, RunRequest
+    from tunefleet.training.local import LocalLauncher
+
+    script = tmp_path / "python"
+    script.write_text('#!/bin/sh\nprintf "%s" "${CUDA_VISIBLE_DEVICES-unset}" > seen\n')
+    script.chmod(0o755)
+    launcher = LocalLauncher(tmp_path / "runs", python=str(script))
+    await launcher.start(lambda: None)
+    for job, count, devices, seen in (("gpu", 2, (1, 3), "1,3"), ("cpu", 0, (), "")):
+        run = await launcher.launch(RunRequest(job, {}, gpu_count=count, devices=devices))
+        for _ in range(600):
+            if (await launcher.status(run)).phase != Phase.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert (tmp_path / "runs" / job / "seen").read_text() == seen

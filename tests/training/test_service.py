@@ -210,6 +210,14 @@ async def test_create_is_idempotent_with_a_request_id(make_platform: MakePlatfor
             {"resources": training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="tpu-v9")},
             "training_job.resources.gpu_type",
         ),
+        (
+            {"resources": training_job_pb2.ResourceRequest(node_count=-1)},
+            "training_job.resources.node_count",
+        ),
+        (
+            {"resources": training_job_pb2.ResourceRequest(node_count=17)},
+            "training_job.resources.node_count",
+        ),
     ],
 )
 async def test_bad_jobs_are_refused_naming_the_field(
@@ -224,6 +232,18 @@ async def test_bad_jobs_are_refused_naming_the_field(
         training_service_pb2.ListTrainingJobsRequest()
     )
     assert not listed.training_jobs
+
+
+async def test_the_local_launcher_refuses_a_job_of_several_nodes(
+    make_platform: MakePlatform,
+) -> None:
+    platform = await make_platform(FakeLauncher())
+    dataset = await platform.upload()
+    nodes = training_job_pb2.ResourceRequest(node_count=2)
+    error = await refused(platform.create(dataset.name, resources=nodes))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(error).reason == "ONE_NODE_ONLY"  # type: ignore[union-attr]
+    assert (error.details() or "").startswith("training_job.resources.node_count")
 
 
 async def test_each_objective_refuses_the_other_kinds_data(
@@ -353,6 +373,41 @@ async def test_workers_can_only_report_for_their_own_job(make_platform: MakePlat
     assert not job.HasField("end_time")
 
 
+async def test_local_runs_get_gpus_of_their_own_and_wait_in_order_for_enough(
+    make_platform: MakePlatform,
+) -> None:
+    """Four local GPUs: jobs of 2, 3 and 1 GPUs. The second waits for three free GPUs, and the
+    third waits behind it (though one GPU is free), so a large job is never starved; then each
+    gets GPUs no other run holds."""
+    fake = FakeLauncher()
+    training = {"poll_seconds": 0.1, "max_running_jobs": 4, "local_gpus": 4}
+    platform = await make_platform(fake, training=training)
+    dataset = await platform.upload()
+
+    def gpus(count: int) -> training_job_pb2.ResourceRequest:
+        return training_job_pb2.ResourceRequest(gpu_count=count)
+
+    def devices(job: training_job_pb2.TrainingJob) -> tuple[int, ...]:
+        return fake.runs[job.name.removeprefix("trainingJobs/")].request.devices
+
+    two = await platform.create(dataset.name, resources=gpus(2))
+    await platform.wait(two.name, "RUNNING")
+    three = await platform.create(dataset.name, resources=gpus(3))
+    one = await platform.create(dataset.name, resources=gpus(1))
+    cpu = await platform.create(dataset.name)
+    assert devices(two) == (0, 1)
+    await platform.report(
+        two.name,
+        fake.runs[two.name.removeprefix("trainingJobs/")].token,
+        worker_state=Worker.WORKER_STATE_SUCCEEDED,
+    )
+    fake.finish(two.name, Phase.SUCCEEDED)
+    for job in (three, one, cpu):
+        await platform.wait(job.name, "RUNNING")
+    # Had the one-GPU job gone ahead while two GPUs were held, it would hold GPU 2.
+    assert (devices(three), devices(one), devices(cpu)) == ((0, 1, 2), (3,), ())
+
+
 async def test_queue_runs_by_priority_then_creation_order(make_platform: MakePlatform) -> None:
     fake = FakeLauncher()
     platform = await make_platform(fake)
@@ -384,6 +439,8 @@ async def test_queue_runs_by_priority_then_creation_order(make_platform: MakePla
         if len(order) == 3:
             break
     assert order == [high.name, low.name, low_too.name]
+    # The launcher is told each job's priority (Kueue's priority class comes from it).
+    assert fake.runs[high.name.removeprefix("trainingJobs/")].request.priority == 10
 
 
 async def test_cancel_a_queued_and_a_running_job(make_platform: MakePlatform) -> None:

@@ -56,7 +56,8 @@ def jobs() -> None:
 @click.option("--micro-batch-size", type=int)
 @click.option("--max-sequence-length", type=int)
 @click.option("--eval-every-steps", type=int)
-@click.option("--gpus", type=int, help="GPUs per job (Kubernetes launcher).")
+@click.option("--gpus", type=int, help="GPUs per job, of each node (Kubernetes launcher).")
+@click.option("--nodes", type=int, help="Nodes the job spans (Kubernetes launcher).")
 @click.option("--priority", type=int, default=0)
 @click.option("--name", "display_name", default="")
 @click.option(
@@ -84,6 +85,7 @@ def create(
     max_sequence_length: int | None,
     eval_every_steps: int | None,
     gpus: int | None,
+    nodes: int | None,
     priority: int,
     display_name: str,
     from_file: Path | None,
@@ -132,6 +134,8 @@ def create(
     )
     if gpus is not None:
         job.setdefault("resources", {})["gpuCount"] = gpus
+    if nodes is not None:
+        job.setdefault("resources", {})["nodeCount"] = nodes
     with client() as tunefleet:
         created = tunefleet.training_jobs.create(job, validate_only=validate_only)
         if output == "json" and not follow:

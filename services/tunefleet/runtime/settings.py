@@ -236,6 +236,14 @@ class KubernetesSettings(_Section):
     # Defaults for jobs that do not ask.
     cpu_cores: float = Field(default=8.0, gt=0)
     memory_bytes: int = Field(default=64 * GiB, ge=256 * MiB)
+    # Kueue: the LocalQueue (in `namespace`) that runs the Jobs. They are created suspended
+    # with its `kueue.x-k8s.io/queue-name` label, and run when Kueue admits them; Kueue's
+    # preemption suspends them again (the job waits QUEUED and resumes from its checkpoint).
+    # `training.max_running_jobs` still caps the Jobs created. Empty: no Kueue.
+    queue_name: str = ""
+    # Kueue WorkloadPriorityClasses by the least job priority that gets each, for example
+    # {"high": 10, "normal": 0}: priority 10 and above is "high", 0 to 9 "normal", below 0 none.
+    priority_classes: dict[str, int] = {}
 
 
 def _grader_name(value: str) -> str:
@@ -285,10 +293,13 @@ class TrainingSettings(_Section):
     launcher: Literal["local", "kubernetes"] = "local"
     # Runs at once per launcher; more jobs wait in the queue (priority, then creation order).
     max_running_jobs: int = Field(default=1, ge=1)
-    # GPUs the local launcher may hand to its processes (0: CPU only).
+    # GPUs the local launcher may hand to its processes (0: CPU only). Each run gets GPUs of its
+    # own (CUDA_VISIBLE_DEVICES); the job at the head of the queue, and those behind it, wait
+    # until as many are free as it asks for.
     local_gpus: int = Field(default=0, ge=0)
-    # Most GPUs one job may ask for.
+    # Most GPUs one job may ask for (per node), and most nodes (Kubernetes).
     max_gpus_per_job: int = Field(default=8, ge=1)
+    max_nodes_per_job: int = Field(default=16, ge=1)
     # Memory per GPU for the fit check when a job names no `gpu_type` and no memory.
     gpu_memory_bytes: int = Field(default=80 * GiB, ge=GiB)
     # Memory per GPU by type, for jobs that name one.

@@ -118,6 +118,16 @@ def check(
             f"the job asks for {resources.gpu_count}",
             reason="NOT_ENOUGH_GPUS",
         )
+    if resources.node_count < 0 or resources.node_count > settings.max_nodes_per_job:
+        raise InvalidArgument(
+            f"{FIELD}.resources.node_count", f"must be 0 to {settings.max_nodes_per_job}"
+        )
+    if settings.launcher == "local" and resources.node_count > 1:
+        raise FailedPrecondition(
+            f"{FIELD}.resources.node_count: the local launcher runs on this machine alone; "
+            "jobs of more than one node need the Kubernetes launcher",
+            reason="ONE_NODE_ONLY",
+        )
     if settings.launcher == "kubernetes" and resources.gpu_count == 0:
         raise InvalidArgument(
             f"{FIELD}.resources.gpu_count", "Kubernetes jobs need at least one GPU"

@@ -150,6 +150,14 @@ class KubernetesLauncher:
             self.core.patch_namespaced_secret(
                 name, self.namespace, {"stringData": secret["stringData"]}
             )
+        if request.node_count > 1:
+            try:
+                self.core.create_namespaced_service(
+                    self.namespace, manifests.service_manifest(self.settings, request)
+                )
+            except ApiException as error:
+                if error.status != 409:
+                    raise
         try:
             job = self.batch.create_namespaced_job(
                 self.namespace, manifests.job_manifest(self.settings, request)
@@ -159,16 +167,17 @@ class KubernetesLauncher:
             if error.status != 409:
                 raise
             job = self.batch.read_namespaced_job(name, self.namespace)  # launched before
-        # The Secret goes when the Job goes (garbage collection by owner).
+        # The Secret (and the Service) go when the Job goes (garbage collection by owner).
         owner = {
             "apiVersion": "batch/v1",
             "kind": "Job",
             "name": name,
             "uid": job.metadata.uid,
         }
-        self.core.patch_namespaced_secret(
-            name, self.namespace, {"metadata": {"ownerReferences": [owner]}}
-        )
+        owned = {"metadata": {"ownerReferences": [owner]}}
+        self.core.patch_namespaced_secret(name, self.namespace, owned)
+        if request.node_count > 1:
+            self.core.patch_namespaced_service(name, self.namespace, owned)
         with self._lock:
             self._jobs.setdefault(name, job)
         return Run(name, {"namespace": self.namespace})
@@ -259,7 +268,7 @@ class KubernetesLauncher:
         from kubernetes.client.exceptions import ApiException
 
         with self._lock:
-            pods = [p for p in self._pods.values() if _owned_by(p, run.run_id)]
+            pods = _first_node([p for p in self._pods.values() if _owned_by(p, run.run_id)])
         started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
         if not started:
             return [], cursor
@@ -362,11 +371,21 @@ def _last_terminated_reason(pods: list[Any]) -> str:
     return str(ended[-1][1].reason or "") if ended else ""
 
 
+def _first_node(pods: list[Any]) -> list[Any]:
+    """The Pods of a run's first node (all of a one-node run's): the trainer process of global
+    rank 0, which logs the progress and leaves the outcome, runs there."""
+    return [
+        pod
+        for pod in pods
+        if (pod.metadata.annotations or {}).get(manifests.INDEX_ANNOTATION, "0") == "0"
+    ]
+
+
 def _outcome(pods: list[Any]) -> dict[str, Any]:
-    """What the trainer container that ended last left in its termination message (see
-    tunefleet.trainer.outcome): the registered version, the stored registration request, or
-    why it failed."""
-    ended = _terminated(pods)
+    """What the first node's trainer container that ended last left in its termination message
+    (see tunefleet.trainer.outcome): the registered version, the stored registration request,
+    or why it failed."""
+    ended = _terminated(_first_node(pods))
     return outcome.read(ended[-1][1].message or "") if ended else {}
 
 

@@ -19,7 +19,10 @@ class RunRequest:
 
     job_id: str
     spec: dict[str, Any]  # the trainer spec (JSON), holding the job's worker token
-    gpu_count: int = 0
+    gpu_count: int = 0  # of each node
+    node_count: int = 1
+    devices: tuple[int, ...] = ()  # the local launcher's: which of its GPUs the run gets
+    priority: int = 0  # the job's
     gpu_type: str = ""
     cpu_cores: float = 0.0  # 0: the launcher's default
     memory_bytes: int = 0  # 0: the launcher's default
@@ -84,9 +87,37 @@ class JobLauncher(Protocol):
         """A checkpoint was stored: a retried run should resume from `uri`."""
 
 
-def trainer_command(python: str, gpu_count: int, spec_path: str) -> list[str]:
-    """The worker's command line: the trainer, under torchrun (one process per GPU) when the run
-    has more than one GPU."""
+@dataclass(frozen=True)
+class Nodes:
+    """Where the nodes of a multi-node run meet: `count` of them, this one's `rank` (a number, or
+    `$(NODE_RANK)` for Kubernetes to fill in from the Pod's index), and the first node's address,
+    which holds torchrun's store (global rank 0, which reports, checkpoints and registers, runs
+    there)."""
+
+    count: int
+    rank: str
+    address: str
+    port: int = 29500
+
+
+def trainer_command(
+    python: str, gpu_count: int, spec_path: str, nodes: Nodes | None = None
+) -> list[str]:
+    """The worker's command line: the trainer, under torchrun (one process per GPU of a node)
+    when the run has more than one GPU or more than one node."""
+    trainer = ["-m", "tunefleet.trainer", "--spec", spec_path]
+    if nodes is not None and nodes.count > 1:
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nodes.count}",
+            f"--node-rank={nodes.rank}",
+            f"--master-addr={nodes.address}",
+            f"--master-port={nodes.port}",
+            f"--nproc-per-node={max(gpu_count, 1)}",
+            *trainer,
+        ]
     if gpu_count > 1:
         return [
             python,
@@ -94,12 +125,9 @@ def trainer_command(python: str, gpu_count: int, spec_path: str) -> list[str]:
             "torch.distributed.run",
             "--standalone",
             f"--nproc-per-node={gpu_count}",
-            "-m",
-            "tunefleet.trainer",
-            "--spec",
-            spec_path,
+            *trainer,
         ]
-    return [python, "-m", "tunefleet.trainer", "--spec", spec_path]
+    return [python, *trainer]
 
 
 # The trainer's exit statuses (see tunefleet.trainer.__main__).

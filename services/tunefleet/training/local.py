@@ -84,8 +84,10 @@ class LocalLauncher:
             "PYTHONUNBUFFERED": "1",
             "TUNEFLEET_RESULT_FILE": str((directory / OUTCOME).resolve()),
         }
-        if request.gpu_count == 0:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        # The run sees its own GPUs only (none for a CPU run), numbered from 0 in the run. (A
+        # launch recorded before GPUs were assigned, repeated after an upgrade, sees them all.)
+        if request.devices or request.gpu_count == 0:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in request.devices)
         command = trainer_command(self.python, request.gpu_count, str(spec_path.resolve()))
         with (
             (directory / "stdout.log").open("ab") as out,

@@ -1,6 +1,16 @@
 """The Kubernetes objects of one training run: a Secret holding the trainer spec (it carries the
 worker token) and a batch/v1 Job running the trainer image on GPU nodes.
 
+A run of more than one node is an Indexed Job of one Pod per node (completions = parallelism =
+nodes) with a headless Service of the run's name as the Pods' subdomain, so that each Pod has a
+stable name, `<run>-<index>.<run>`: torchrun on every node meets the first one there, and takes
+its node rank from the Pod's completion index. Global rank 0 (on the first node) reports,
+checkpoints and registers.
+
+With a Kueue queue (`queue_name`), Jobs are created suspended and labelled for it (and with a
+WorkloadPriorityClass from the job's priority): Kueue admits one by unsuspending it, and preempts
+it by suspending it again.
+
 The Secret's `spec.json` is written once; the launcher later adds the key `resume_from` (the last
 checkpoint) with a blind patch, so the training service never needs to read Secrets back. The
 trainer reads that file beside its spec (tunefleet.trainer.spec.load_spec).
@@ -15,7 +25,7 @@ import json
 from typing import Any
 
 from tunefleet.runtime.settings import KubernetesSettings
-from tunefleet.training.launcher import EXIT_REASONS, RunRequest, trainer_command
+from tunefleet.training.launcher import EXIT_REASONS, Nodes, RunRequest, trainer_command
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 JOB_LABEL = "tunefleet.dev/training-job"
@@ -27,6 +37,13 @@ CONTAINER = "trainer"
 # The trainer image's user (deploy/images/trainer.Dockerfile); as the Pod's fsGroup it owns the
 # spec Secret's files (mode 0440) and the scratch volume.
 TRAINER_UID = 10001
+# Where the first node's torchrun listens for the others; the Pod annotation giving its index.
+RENDEZVOUS_PORT = 29500
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
 def run_name(job_id: str) -> str:
@@ -61,8 +78,33 @@ def secret_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[s
     }
 
 
+def service_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str, Any]:
+    """The headless Service giving a multi-node run's Pods their DNS names (before they are
+    ready: the first node must be found while it waits for the others)."""
+    name = run_name(request.job_id)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels(request.job_id),
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {MANAGED_BY: "tunefleet", JOB_LABEL: request.job_id},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "torchrun", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
 def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str, Any]:
     name = run_name(request.job_id)
+    nodes = None
+    if request.node_count > 1:
+        address = f"{name}-0.{name}"  # the first Pod, in the headless Service of the run's name
+        nodes = Nodes(request.node_count, "$(NODE_RANK)", address, RENDEZVOUS_PORT)
     gpus = str(request.gpu_count)
     cpu = request.cpu_cores or settings.cpu_cores
     memory = str(request.memory_bytes or settings.memory_bytes)
@@ -97,7 +139,7 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": trainer_command("python", request.gpu_count, f"{SPEC_DIR}/spec.json"),
+        "command": trainer_command("python", request.gpu_count, f"{SPEC_DIR}/spec.json", nodes),
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": SCRATCH},  # caches (torch, triton) go to scratch
@@ -120,21 +162,62 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.service_account,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "nodeSelector": node_selector,
+        "tolerations": settings.tolerations,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    job_spec: dict[str, Any] = {"completions": 1, "parallelism": 1}
+    if nodes is not None:
+        # Kubernetes fills in $(NODE_RANK) in the command from this variable.
+        index = f"metadata.annotations['{INDEX_ANNOTATION}']"
+        container["env"].append(
+            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}}
+        )
+        container["ports"] = [{"name": "torchrun", "containerPort": RENDEZVOUS_PORT}]
+        pod_spec["subdomain"] = name
+        job_spec = {
+            "completionMode": "Indexed",
+            "completions": nodes.count,
+            "parallelism": nodes.count,
+        }
+    job_labels = labels(request.job_id)
+    if settings.queue_name:
+        # Created suspended: Kueue admits the Job (unsuspends it) when its quota allows.
+        job_spec["suspend"] = True
+        job_labels[QUEUE_LABEL] = settings.queue_name
+        fitting = [
+            (least, c)
+            for c, least in settings.priority_classes.items()
+            if least <= request.priority
+        ]
+        if fitting:
+            job_labels[PRIORITY_LABEL] = max(fitting)[1]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": settings.namespace,
-            "labels": labels(request.job_id),
+            "labels": job_labels,
             "annotations": {"tunefleet.dev/training-job-name": f"trainingJobs/{request.job_id}"},
         },
         "spec": {
             "backoffLimit": settings.backoff_limit,
             "activeDeadlineSeconds": request.max_run_seconds or settings.active_deadline_seconds,
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "completions": 1,
-            "parallelism": 1,
+            **job_spec,
             # The trainer's own failures are final (see EXIT_REASONS: it failed, the spec cannot
             # work, it was cancelled, its result could not be registered, memory ran out); a Pod
             # disrupted by preemption or eviction is retried without counting against
@@ -158,24 +241,6 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
                     },
                 ]
             },
-            "template": {
-                "metadata": {"labels": labels(request.job_id)},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": settings.service_account,
-                    "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": TRAINER_UID,
-                        "runAsGroup": TRAINER_UID,
-                        "fsGroup": TRAINER_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "nodeSelector": node_selector,
-                    "tolerations": settings.tolerations,
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
+            "template": {"metadata": {"labels": labels(request.job_id)}, "spec": pod_spec},
         },
     }

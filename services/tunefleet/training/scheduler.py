@@ -128,7 +128,8 @@ class Scheduler:
             if row.state == "RUNNING":
                 await self._check_silence(row)
         rows = await asyncio.to_thread(self._active)
-        busy = sum(1 for row in rows if run_of(row) or row.launch.launching)
+        started = [row for row in rows if run_of(row) or row.launch.launching]
+        busy, held = len(started), {d for row in started for d in row.launch.devices}
         for row in rows:
             if busy >= self.training.max_running_jobs:
                 break
@@ -138,9 +139,21 @@ class Scheduler:
                 and not run_of(row)
                 and not row.launch.launching
             ):
-                await self._launch(row)
-                busy += 1
+                devices = self._devices(row, held)
+                if devices is None:
+                    break  # in queue order: the jobs behind wait too, so it is not starved
+                await self._launch(row, devices)
+                busy, held = busy + 1, held | set(devices)
         await asyncio.to_thread(self._count)
+
+    def _devices(self, row: JobRow, held: set[int]) -> list[int] | None:
+        """The local GPUs for a job, of those no run holds; None while too few are free. (A
+        cluster places its Pods on GPUs itself: no devices.)"""
+        wanted = row.job().resources.gpu_count
+        if self.training.launcher != "local" or not wanted:
+            return []
+        free = [d for d in range(self.training.local_gpus) if d not in held]
+        return free[:wanted] if len(free) >= wanted else None
 
     async def lease(self, job_id: str) -> None:
         """Lease the datasets of a job that wants its leases. A dataset deleted since the job was
@@ -250,9 +263,12 @@ class Scheduler:
             )
         self.metrics.counts({str(k): int(v) for k, v in counts.items()}, waiting)
 
-    async def _launch(self, row: JobRow) -> None:
+    async def _launch(self, row: JobRow, devices: list[int] | None = None) -> None:
+        """Launch a job's run on `devices` (None: a launch interrupted by a restart, repeated
+        on the devices it had)."""
         token = row.launch.token or secrets.token_urlsafe(32)
-        marked = await asyncio.to_thread(self._mark_launching, row.id, token)
+        devices = row.launch.devices if devices is None else devices
+        marked = await asyncio.to_thread(self._mark_launching, row.id, token, devices)
         if marked is None:
             return
         marked_row, resume_from = marked
@@ -278,6 +294,9 @@ class Scheduler:
             job_id=row.id,
             spec=spec,
             gpu_count=resources.gpu_count,
+            node_count=max(resources.node_count, 1),
+            devices=tuple(devices),
+            priority=marked_row.priority,
             gpu_type=resources.gpu_type,
             cpu_cores=resources.cpu_cores,
             memory_bytes=resources.memory_bytes,
@@ -299,7 +318,9 @@ class Scheduler:
         launched = await asyncio.to_thread(self._launched, row.id, run)
         await self._follow(launched, run)
 
-    def _mark_launching(self, job_id: str, token: str) -> tuple[JobRow, str] | None:
+    def _mark_launching(
+        self, job_id: str, token: str, devices: list[int]
+    ) -> tuple[JobRow, str] | None:
         """Record, before the launch, that it is under way with this token: a restart in the
         middle repeats the same launch instead of starting a second run. Returns the row and
         the newest checkpoint to resume from (a job launched again after a lost run)."""
@@ -308,7 +329,7 @@ class Scheduler:
             repeat = row.launch.launching and row.state == "CANCELLING"
             if row.state != "QUEUED" and not repeat:
                 return None
-            row.launch = LaunchState(launching=True, token=token)
+            row.launch = LaunchState(launching=True, token=token, devices=devices)
             row.token_sha256 = digest(token)
             latest = store.latest_checkpoint(session, job_id)
             session.flush()
@@ -320,7 +341,7 @@ class Scheduler:
             row = store.get(session, job_id, for_update=True)
             job = row.job()
             job.launcher_run_id = run.run_id
-            row.launch = LaunchState(run=run.state)
+            row.launch = LaunchState(run=run.state, devices=row.launch.devices)
             row.store(job)
             self.states.event(
                 session,

@@ -39,6 +39,7 @@ class LaunchState:
     cursor: dict[str, Any] = field(default_factory=dict)  # how far its logs were read
     retries: int = 0  # retries of the run the launcher reported
     cancel_sent: bool = False  # the launcher was asked to stop the run
+    devices: list[int] = field(default_factory=list)  # the local GPUs the run holds
 
 
 class JobRow(Base):

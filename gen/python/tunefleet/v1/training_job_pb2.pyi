@@ -331,8 +331,11 @@ class ResourceRequest(_message.Message):
     CPU_CORES_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
+    NODE_COUNT_FIELD_NUMBER: _builtins.int
     gpu_count: _builtins.int
-    """Optional. GPUs; 0 runs on CPU (the local launcher only)."""
+    """Optional. GPUs (of each node when `node_count` is more than 1); 0 runs on CPU (the local
+    launcher only).
+    """
     gpu_type: _builtins.str
     """Optional. GPU model for node selection, for example `nvidia-h100-80gb`."""
     gpu_memory_bytes: _builtins.int
@@ -341,6 +344,10 @@ class ResourceRequest(_message.Message):
     """Optional. CPU cores."""
     memory_bytes: _builtins.int
     """Optional. Host memory in bytes."""
+    node_count: _builtins.int
+    """Optional. Nodes the run spans, each with `gpu_count` GPUs, training data-parallel under
+    torchrun (Kubernetes only: an Indexed Job of that many Pods); 0 or 1: one node.
+    """
     @_builtins.property
     def max_run_duration(self) -> _duration_pb2.Duration:
         """Optional. Longest the run may take; the launcher stops it after that."""
@@ -354,10 +361,11 @@ class ResourceRequest(_message.Message):
         cpu_cores: _builtins.float = ...,
         memory_bytes: _builtins.int = ...,
         max_run_duration: _duration_pb2.Duration | None = ...,
+        node_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_duration", b"max_run_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "node_count", b"node_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
