@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway bench-evaluation bench-openai bench-canary images image-locks deploy clean
+.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway bench-evaluation bench-openai bench-canary gpu-check images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -131,6 +131,9 @@ bench-openai: $(VENV)/.installed  ## chat completions through the OpenAI front v
 
 bench-canary: $(VENV)/.installed  ## an alias with a 10% canary vs one without: throughput and latency, 16 clients
 	$(BIN)/python benchmarks/canary.py
+
+gpu-check: $(VENV)/.installed  ## on a GPU machine: QLoRA, LoRA and full fine-tuning of an 8B-shaped model, step time and memory (DRY_RUN=1: on CPU, tiny)
+	$(BIN)/python benchmarks/gpu.py $(if $(DRY_RUN),--dry-run)
 
 bench-serving: $(VLLM_VENV)/.installed  ## serving: 8 adapters vs 1, vs swapping per request, hot-swap latency; PEFT and vLLM engines
 	$(VLLM_BIN)/python benchmarks/serving.py
