@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import StartServer
+from tests.storage.conftest import database_url, postgres_server  # noqa: F401 (fixtures)
 from tests.trainer.conftest import build_chat_model
 from tunefleet.app.services import inference_service, registration
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage

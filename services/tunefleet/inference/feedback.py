@@ -66,6 +66,19 @@ class Feedback:
     comment: str = ""
 
 
+def _storable(value: Any) -> Any:
+    """`value` with its NUL characters as U+FFFD: PostgreSQL's text and JSON cannot hold them,
+    and one such response would hold back every response recorded after it. (A prompt may carry
+    one, and a byte-level tokenizer may generate one.)"""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    return value
+
+
 class ResponseLog:
     def __init__(self, db: Database, flush_seconds: float = 0.2) -> None:
         self.db = db
@@ -81,8 +94,8 @@ class ResponseLog:
             ResponseRow(
                 id=response_id,
                 adapter_version=version,
-                request=request,
-                text=text,
+                request=_storable(request),
+                text=_storable(text),
                 finish_reason=finish,
                 create_time=utcnow(),
             )
@@ -146,8 +159,8 @@ class ResponseLog:
                     id=identifier,
                     response_id=feedback.response_id,
                     rating=feedback.rating,
-                    corrected_text=feedback.corrected_text,
-                    comment=feedback.comment,
+                    corrected_text=_storable(feedback.corrected_text),
+                    comment=_storable(feedback.comment),
                     adapter_version=response.adapter_version,
                     create_time=utcnow(),
                 )
