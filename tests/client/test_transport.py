@@ -20,6 +20,8 @@ from tunefleet.v1 import (
     dataset_service_pb2_grpc,
     inference_service_pb2,
     inference_service_pb2_grpc,
+    training_job_pb2,
+    training_service_pb2_grpc,
 )
 
 
@@ -29,6 +31,7 @@ class Script:
     delay: float = 0.0
     calls: list[str] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)
+    after: list[int] = field(default_factory=list)  # each event stream's after_sequence
 
     def answer(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls.append(method)
@@ -62,6 +65,20 @@ class Inference(inference_service_pb2_grpc.InferenceServiceServicer):
         return inference_service_pb2.GenerateResponse(text="hi")
 
 
+class Training(training_service_pb2_grpc.TrainingServiceServicer):
+    """Events 1 to 5 of a job; the first stream breaks (UNAVAILABLE) after two of them."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def StreamTrainingJobEvents(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.script.after.append(request.after_sequence)
+        for sequence in range(request.after_sequence + 1, 6):
+            if len(self.script.after) == 1 and sequence == 3:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            yield training_job_pb2.TrainingEvent(sequence=sequence)
+
+
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, Script]]:
     script = Script()
@@ -72,6 +89,10 @@ def scripted() -> Iterator[tuple[str, Script]]:
     )
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         Inference(script),  # type: ignore[abstract]
+        server,
+    )
+    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
+        Training(script),  # type: ignore[abstract]
         server,
     )
     port = server.add_insecure_port("127.0.0.1:0")
@@ -91,6 +112,17 @@ def test_idempotent_calls_are_retried_while_unavailable(
     client = connect(mode, target, options=FAST)
     assert client.datasets.get("d1").name == "datasets/d1"
     assert script.calls == ["GetDataset"] * 3
+    client.close()
+
+
+def test_a_dropped_event_stream_resumes_after_the_last_event_seen(
+    mode: str, scripted: tuple[str, Script]
+) -> None:
+    target, script = scripted
+    client = connect(mode, target, options=FAST)
+    events = list(client.training_jobs.events("j1"))
+    assert [event.sequence for event in events] == [1, 2, 3, 4, 5]  # none lost or repeated
+    assert script.after == [0, 2]
     client.close()
 
 

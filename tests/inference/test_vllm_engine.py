@@ -156,6 +156,30 @@ async def test_a_max_model_len_above_the_models_context_is_one_clear_error(
     await engine.close()
 
 
+async def test_vllm_s_prefix_cache_hits_are_told_with_the_first_piece(tmp_path: Path) -> None:
+    """A 300-token prompt asked twice: the second time vLLM reuses its full blocks (128 tokens
+    each on CPU), and the engine says so once, on the first piece."""
+    vllm_available()
+    from tests.trainer.conftest import build_chat_model
+    from tunefleet.inference.vllm_engine import VllmEngine
+
+    model = build_chat_model(tmp_path / "long", max_positions=512)
+    engine = VllmEngine(
+        model, VllmSettings(max_model_len=512, gpu_memory_utilization=0.1, dtype="float32")
+    )
+    await engine.start()
+    try:
+        request = GenerationRequest([5 + i % 200 for i in range(300)], None, Sampling(max_tokens=4))
+        first = [output async for output in engine.generate(request)]
+        again = [output async for output in engine.generate(request)]
+        assert [o.token_ids for o in again] == [o.token_ids for o in first]
+        assert sum(o.cached_tokens for o in first) == 0
+        assert again[0].cached_tokens == 256
+        assert all(o.cached_tokens == 0 for o in again[1:])
+    finally:
+        await engine.close()
+
+
 async def test_the_service_routes_dora_to_the_peft_engine_beside_vllm(
     engine: Any, served: Served, tmp_path: Path
 ) -> None:

@@ -156,9 +156,17 @@ def pages(stub: type, method: str, request: Any, field: str) -> Feed[Any]:
         request.page_token = response.next_page_token
 
 
-def watching(stub: type, method: str, request: Any, timeout: float | None) -> Feed[Any]:
-    """A Watch RPC's messages until it ends, opened again after a dropped stream (it starts
-    with the resource as it is then); `timeout` bounds the whole iteration."""
+def watching(
+    stub: type,
+    method: str,
+    request: Any,
+    timeout: float | None,
+    seen: Callable[[Any], object] | None = None,
+) -> Feed[Any]:
+    """A streaming RPC's messages until it ends, opened again with `request` after a dropped
+    stream (a Watch starts with the resource as it is then; a feed that resumes after the last
+    message it saw moves its cursor in `request` with `seen`, called for each message);
+    `timeout` bounds the whole iteration."""
     from tunefleet.client.errors import Unavailable
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -169,6 +177,8 @@ def watching(stub: type, method: str, request: Any, timeout: float | None) -> Fe
         try:
             while (update := (yield Read(updates))) is not None:
                 attempt = 0
+                if seen is not None:
+                    seen(update)
                 yield Emit(update)
             return
         except Unavailable:

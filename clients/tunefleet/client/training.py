@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from tunefleet.client.core import (
     Call,
-    Emit,
     Feed,
     M,
-    Open,
     Program,
-    Read,
     Resource,
-    Sleep,
     each,
     operation,
     pages,
     stream,
+    watching,
 )
-from tunefleet.client.errors import Unavailable
 from tunefleet.client.helpers import resource_name, to_message
 from tunefleet.v1 import training_job_pb2, training_service_pb2, training_service_pb2_grpc
 
@@ -131,27 +126,18 @@ class TrainingJobs(Resource[M]):
                 if event.HasField("progress"):
                     print(event.progress.step, event.progress.train_loss)
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         request = training_service_pb2.StreamTrainingJobEventsRequest(
             name=resource_name("trainingJobs", name),
             after_sequence=after_sequence,
             no_follow=not follow,
         )
-        attempt = 0
-        while True:
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            events = yield Open(self.Stub, "StreamTrainingJobEvents", request, timeout=left)
-            try:
-                while (event := (yield Read(events))) is not None:
-                    attempt = 0
-                    request.after_sequence = event.sequence
-                    yield Emit(event)
-                return
-            except Unavailable:
-                if attempt >= 8:
-                    raise
-            yield Sleep(min(5.0, 0.2 * (1 << attempt)))
-            attempt += 1
+
+        def resume_after(event: training_job_pb2.TrainingEvent) -> None:
+            request.after_sequence = event.sequence
+
+        yield from watching(
+            self.Stub, "StreamTrainingJobEvents", request, timeout, seen=resume_after
+        )
 
     @operation
     def wait(

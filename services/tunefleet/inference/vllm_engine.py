@@ -114,7 +114,7 @@ class VllmEngine:
         lora = self._requests.get(request.adapter or BASE)
         if lora is None:
             raise AdapterNotLoaded(f"adapter {request.adapter} is not loaded")
-        tokens, cached = 0, None
+        tokens, first = 0, True
         async for output in self.engine.generate(
             {"prompt_token_ids": request.prompt_ids},
             params,
@@ -131,8 +131,9 @@ class VllmEngine:
             finish = None
             if output.finished:
                 finish = Finish.LENGTH if completion.finish_reason == "length" else Finish.STOP
-            reused = 0 if cached is not None else (output.num_cached_tokens or 0)
-            cached = reused
+            # Prompt tokens from vLLM's prefix cache, told with the first piece only.
+            reused = (output.num_cached_tokens or 0) if first else 0
+            first = False
             yield Output(completion.text, ids, finish, tokens, eos if ended else None, reused)
 
     async def score(

@@ -97,7 +97,7 @@ class Nodes:
     count: int
     rank: str
     address: str
-    port: int = 29500
+    port: int
 
 
 def trainer_command(
