@@ -305,6 +305,9 @@ def test_jobs_commands(platform: LocalServer, colours: Path) -> None:
     # form but what this server can run).
     nodes = create_job(platform, dataset, "adapters/cli", "--nodes", "2", code=1)
     assert "FAILED_PRECONDITION" in nodes.stderr and "resources.node_count" in nodes.stderr
+    # Sharding one process's model: refused, naming the field.
+    fsdp = create_job(platform, dataset, "adapters/cli", "--fsdp", code=2)
+    assert "INVALID_ARGUMENT" in fsdp.stderr and "resources.fsdp" in fsdp.stderr
 
 
 @pytest.fixture(scope="module")

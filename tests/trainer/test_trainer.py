@@ -437,6 +437,94 @@ def test_two_nodes_under_torchrun_train_like_one_process_with_their_combined_bat
     assert not (tmp_path / "node-1" / "progress.jsonl").exists()
 
 
+def _torchrun(tmp_path: Path, spec: dict[str, Any], processes: int = 2) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tunefleet.training.launcher import trainer_command
+
+    spec_file = tmp_path / f"{Path(spec['output_dir']).name}.json"
+    spec_file.write_text(json.dumps(spec))
+    result = subprocess.run(
+        trainer_command(sys.executable, processes, str(spec_file)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_on_two_processes_trains_like_one_unsharded_process(
+    make_spec: MakeSpec, tmp_path: Path, method: str
+) -> None:
+    """FSDP2 on CPU with gloo: two processes each holding half of every parameter, gradient and
+    optimizer moment take the same steps as one whole model accumulating both micro-batches;
+    the saved result has the same weights; and a sharded run resumed from its own sharded
+    checkpoint (gathered, written, broadcast back) continues as if never stopped."""
+    from safetensors.torch import load_file
+
+    hyper = {
+        "max_steps": 4,
+        "eval_every_steps": 2,
+        "checkpoint_every_steps": 2,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0,
+        "learning_rate": 1e-2 if method == "lora" else 1e-3,
+    }
+    common = {"method": method, "evaluation": {"examples": 2, "max_new_tokens": 4}}
+    single = make_spec(
+        output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}, **common
+    )
+    train(single)
+    _torchrun(tmp_path, make_spec(output="sharded", hyperparameters=hyper, fsdp=True, **common))
+    # Two steps, then resumed for the other two from the step-2 checkpoint.
+    halves = {"output": "resumed", "fsdp": True, **common}
+    _torchrun(tmp_path, make_spec(hyperparameters={**hyper, "max_steps": 2}, **halves))
+    _torchrun(tmp_path, make_spec(hyperparameters=hyper, resume=True, **halves))
+
+    def progress(output: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / output / "progress.jsonl").open()
+        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
+
+    reference = progress("single")
+    resumed = progress("resumed")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]  # reported once, by the first process
+    for output, steps in (("sharded", progress("sharded")), ("resumed", resumed)):
+        assert [e["step"] for e in steps] == [1, 2, 3, 4]
+        for one, two in zip(reference, steps, strict=True):
+            assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4), output
+            assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3), output
+            if one["validation_loss"] is not None:
+                assert two["validation_loss"] == pytest.approx(one["validation_loss"], rel=1e-4), (
+                    output
+                )
+    saved = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    expected = load_file(str(tmp_path / "single" / saved))
+    results = {}
+    for output in ("sharded", "resumed"):
+        weights = load_file(str(tmp_path / output / saved))
+        assert weights.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch_close(weights[name], value), f"{output}: {name}"
+        results[output] = json.loads((tmp_path / output / "result.json").read_text())
+    single_result = json.loads((tmp_path / "single" / "result.json").read_text())
+    for result in results.values():
+        # Evaluated at the end by both processes in step (generation included).
+        assert result["evaluation"]["task_metrics"] == single_result["evaluation"]["task_metrics"]
+        assert result["evaluation"]["validation_loss"] == pytest.approx(
+            single_result["evaluation"]["validation_loss"], rel=1e-4
+        )
+
+
+def torch_close(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5))
+
+
 def _lora_gradients(model: Any, batch: Any) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     batch_loss(model, batch).backward()

@@ -354,6 +354,50 @@ async def test_an_oversized_job_is_refused_with_the_numbers(make_platform: MakeP
     assert not listed.training_jobs
 
 
+async def test_fsdp_divides_the_model_state_by_the_gpus_and_needs_two(
+    make_platform: MakePlatform,
+) -> None:
+    """Full fine-tuning of a 7B model does not fit one 80 GiB GPU, nor eight that each hold a
+    whole copy; sharded across those eight (FSDP) it does, and the estimate says so."""
+    platform = await make_platform(FakeLauncher(), training={"local_gpus": 8})
+    dataset = await platform.upload()
+    eight = training_job_pb2.ResourceRequest(gpu_count=8, gpu_type="nvidia-a100-80gb")
+    full = {
+        "base_model": "llama-7b",
+        "adapter": "adapters/big",
+        "method": common_pb2.TRAINING_METHOD_FULL,
+        "hyperparameters": {"micro_batch_size": 1, "max_sequence_length": 2048},
+        "resources": eight,
+    }
+
+    async def validate(**fields: Any) -> training_job_pb2.TrainingJob:
+        request = training_service_pb2.CreateTrainingJobRequest(
+            training_job=job_request(dataset.name, **{**full, **fields}), validate_only=True
+        )
+        job: training_job_pb2.TrainingJob = await platform.training.CreateTrainingJob(request)
+        return job
+
+    error = await refused(validate())
+    info = error_info(error)
+    assert info is not None and info.reason == "INSUFFICIENT_GPU_MEMORY"
+    assert "shard the model across more GPUs (fsdp)" in (error.details() or "")
+    replicated = int(info.metadata["estimated_bytes"])
+
+    sharded = training_job_pb2.ResourceRequest(gpu_count=8, gpu_type="nvidia-a100-80gb", fsdp=True)
+    checked = await validate(resources=sharded)
+    estimate = checked.resource_estimate
+    assert estimate.gpu_memory_bytes < 80 * 2**30
+    # Model state is 16 bytes per parameter: the eighth of it comes off each GPU.
+    parameters = estimate.model_parameters
+    assert replicated - estimate.gpu_memory_bytes > 16 * parameters * 7 / 8 - 2**30
+    assert "sharded across 8 GPUs" in estimate.explanation
+
+    one = training_job_pb2.ResourceRequest(gpu_count=1, gpu_type="nvidia-a100-80gb", fsdp=True)
+    error = await refused(validate(resources=one))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "training_job.resources.fsdp" in (error.details() or "")
+
+
 async def test_workers_can_only_report_for_their_own_job(make_platform: MakePlatform) -> None:
     fake = FakeLauncher()
     platform = await make_platform(fake, training={"poll_seconds": 0.1, "max_running_jobs": 2})

@@ -58,6 +58,7 @@ def jobs() -> None:
 @click.option("--eval-every-steps", type=int)
 @click.option("--gpus", type=int, help="GPUs per job, of each node (Kubernetes launcher).")
 @click.option("--nodes", type=int, help="Nodes the job spans (Kubernetes launcher).")
+@click.option("--fsdp", is_flag=True, help="Shard the model across the job's GPUs (FSDP).")
 @click.option("--priority", type=int, default=0)
 @click.option("--name", "display_name", default="")
 @click.option(
@@ -86,6 +87,7 @@ def create(
     eval_every_steps: int | None,
     gpus: int | None,
     nodes: int | None,
+    fsdp: bool,
     priority: int,
     display_name: str,
     from_file: Path | None,
@@ -136,6 +138,8 @@ def create(
         job.setdefault("resources", {})["gpuCount"] = gpus
     if nodes is not None:
         job.setdefault("resources", {})["nodeCount"] = nodes
+    if fsdp:
+        job.setdefault("resources", {})["fsdp"] = True
     with client() as tunefleet:
         created = tunefleet.training_jobs.create(job, validate_only=validate_only)
         if output == "json" and not follow:

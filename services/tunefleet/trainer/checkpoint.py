@@ -12,15 +12,16 @@ from typing import Any
 import numpy as np
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    return {
-        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
-    }
-
-
 def save(
-    directory: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]
+    directory: Path,
+    step: int,
+    weights: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    state: dict[str, Any],
 ) -> Path:
+    """Write a checkpoint of the trainable `weights` and the optimizer's state (see
+    tunefleet.trainer.sharding for how they are gathered)."""
     import torch
     from safetensors.torch import save_file
 
@@ -28,10 +29,10 @@ def save(
     partial = directory / f".checkpoint-{step:08d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file(trainable_state(model), str(partial / "trainable.safetensors"))
+    save_file(weights, str(partial / "trainable.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": {
                 "python": random.getstate(),
@@ -66,29 +67,29 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_weights(checkpoint: Path, model: Any) -> None:
-    """Copy a checkpoint's trainable weights into `model`."""
-    import torch
+def read_weights(checkpoint: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            parameters[name].copy_(value)
+    return load_file(str(checkpoint / "trainable.safetensors"))
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore a checkpoint into the model, optimizer and scheduler; returns the loop state."""
+def read(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A checkpoint's trainable weights, its training state (optimizer, scheduler, RNG) and
+    the loop's state."""
     import torch
 
-    load_weights(path, model)
     # The checkpoint is this trainer's own output, so loading its pickled optimizer state is safe.
-    saved = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    state: dict[str, Any] = json.loads((checkpoint / "state.json").read_text())
+    return read_weights(checkpoint), saved, state
+
+
+def restore_training_state(saved: dict[str, Any], scheduler: Any) -> None:
+    """Put back the scheduler and the random number generators (the optimizer is restored with
+    the weights)."""
+    import torch
+
     scheduler.load_state_dict(saved["scheduler"])
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])
     torch.set_rng_state(saved["rng"]["torch"])
-    state: dict[str, Any] = json.loads((path / "state.json").read_text())
-    return state

@@ -3,8 +3,9 @@
 Every process holds the whole model and trains on its share of each epoch's micro-batches.
 After each optimizer step's backward passes, gradients are summed across processes in one
 flattened all-reduce; the loss is normalised by the trainable tokens of all processes, so the
-update equals a single process's on the combined batch. Process 0 reports, checkpoints and
-registers; the others only train. With one process (no WORLD_SIZE) every call is a no-op.
+update equals a single process's on the combined batch (tunefleet.trainer.sharding shards the
+model instead, with FSDP2). Process 0 reports, checkpoints and registers; the others only
+train. With one process (no WORLD_SIZE) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Distributed:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    local_rank: int = 0  # the rank among this node's processes
 
     @classmethod
     def from_environment(cls) -> Distributed:
@@ -30,17 +32,22 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         if world == 1:
-            return cls(0, 1, device)
+            return cls(0, 1, device, local_rank)
         import torch.distributed as dist
 
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), world, device)
+        return cls(dist.get_rank(), world, device, local_rank)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_main(self) -> bool:
+        """The first process of its node: it fetches what the node's processes read."""
+        return self.local_rank == 0
 
     def shard(self, items: list[T]) -> list[T]:
         """This process's share: every world-th item, the same count on every process."""
@@ -74,6 +81,16 @@ class Distributed:
         summed_all = _unflatten_dense_tensors(flat, grads)  # type: ignore[no-untyped-call]
         for grad, summed in zip(grads, summed_all, strict=True):
             grad.copy_(summed)
+
+    def broadcast(self, value: T) -> T:
+        """The first process's `value`, on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from tunefleet.trainer.spec import TrainerSpec
@@ -28,16 +30,9 @@ def load_model(spec: TrainerSpec, device: str = "cpu") -> Any:
     path = str(spec.model_dir)
     if spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization, device_map={"": device}
+            path, quantization_config=quantization_config(spec), device_map={"": device}
         )
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=torch.cuda.is_available()
@@ -65,6 +60,41 @@ def load_model(spec: TrainerSpec, device: str = "cpu") -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def quantization_config(spec: TrainerSpec) -> Any:
+    """QLoRA's 4-bit NF4 with double quantisation. Sharded (FSDP), the packed 4-bit weights are
+    stored as bfloat16 elements: FSDP shards and gathers floating-point tensors only."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16 if spec.fsdp else torch.uint8,
+    )
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: Any) -> Iterator[None]:
+    """The base model's outputs for a while: every PEFT layer passes its adapter by (a full
+    model has none). PEFT's own `disable_adapter` also turns the adapter's requires_grad off
+    and on again, which reaches only the parameters a module holds at that moment: under FSDP
+    the sharded ones then stay frozen and their gradients are never reduced. This sets the flag
+    the layers read, and nothing else."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, before, strict=True):
+            layer._disable_adapters = disabled
 
 
 def keep_4bit_layers_trainable(model: Any) -> None:

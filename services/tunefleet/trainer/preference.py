@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from tunefleet.trainer.data import IGNORE, Batch, Conversation, Example, batch_rows, encode
+from tunefleet.trainer.model import adapters_disabled
 from tunefleet.trainer.spec import DataSpec, SpecError
 
 
@@ -133,7 +134,7 @@ def dpo_scores(model: Any, batch: Batch, beta: float) -> PairScores:
     import torch.nn.functional as F
 
     policy = answer_logps(model, batch)
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), adapters_disabled(model):
         reference = answer_logps(model, batch)
     k = batch.pairs
     ratios = policy - reference

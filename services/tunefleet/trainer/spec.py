@@ -116,6 +116,9 @@ class TrainerSpec(_Strict):
     dpo: DpoSpec = DpoSpec()
     lora: LoraSpec = LoraSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
+    # Shard parameters, gradients and optimizer state across the run's processes (FSDP2) instead
+    # of a whole copy in each (tunefleet.trainer.sharding); one process ignores it.
+    fsdp: bool = False
     train_data: DataSpec
     validation_data: DataSpec | None = None
     output_dir: Path

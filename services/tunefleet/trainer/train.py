@@ -16,7 +16,7 @@ import numpy as np
 
 from tunefleet.core import graders
 from tunefleet.core.chat import render
-from tunefleet.trainer import checkpoint, outcome
+from tunefleet.trainer import checkpoint, outcome, sharding
 from tunefleet.trainer.data import (
     IGNORE,
     Batch,
@@ -27,7 +27,7 @@ from tunefleet.trainer.data import (
     load_conversations,
 )
 from tunefleet.trainer.distributed import Distributed
-from tunefleet.trainer.model import load_model
+from tunefleet.trainer.model import adapters_disabled, load_model
 from tunefleet.trainer.preference import (
     EncodedPairs,
     dpo_loss,
@@ -37,6 +37,7 @@ from tunefleet.trainer.preference import (
     pair_batches,
 )
 from tunefleet.trainer.report import Cancelled, Reporter
+from tunefleet.trainer.sharding import Sharded
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
 from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
 
@@ -92,9 +93,11 @@ def task_metrics(
     conversations: list[Conversation],
     metrics: Sequence[str],
     max_new_tokens: int,
+    synced: bool = False,
 ) -> dict[str, float]:
     """Greedy answers to held-out conversations (all turns but the last assistant one), scored by
-    EvaluationService's graders of the same names (one implementation)."""
+    EvaluationService's graders of the same names (one implementation). `synced`: every process
+    of a sharded model generates in step (each pass is collective)."""
     import torch
 
     model.eval()
@@ -111,6 +114,7 @@ def task_metrics(
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                synced_gpus=synced,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
         answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -144,6 +148,7 @@ class Trainer:
         progress = spec.output_dir / "progress.jsonl" if self.dist.main else None
         self.reporter = Reporter(progress, spec.report)
         self.store = open_store(spec.storage, spec.output_dir) if spec.storage else None
+        self.holder = sharding.for_run(self.dist, spec.fsdp)
 
     @property
     def dpo(self) -> bool:
@@ -231,8 +236,9 @@ class Trainer:
         random.seed(hp.seed)
         np.random.seed(hp.seed % 2**32)
         torch.manual_seed(hp.seed)
-        dist = self.dist
-        model = load_model(spec, dist.device)
+        dist, holder = self.dist, self.holder
+        # A sharded model is loaded on the CPU: fully_shard moves each process's shard to its GPU.
+        model = holder.prepare(load_model(spec, "cpu" if holder.sharded else dist.device))
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -251,14 +257,9 @@ class Trainer:
         eval_every = hp.eval_every_steps or steps_per_epoch
         checkpoint_every = hp.checkpoint_every_steps or eval_every
 
-        if spec.resume_from and dist.main:
-            assert self.store is not None  # checked with the spec
-            download_checkpoint(self.store, spec.resume_from, spec.checkpoint_dir)
-        dist.barrier()
-        resume = spec.resume or bool(spec.resume_from)
-        resumed_from = checkpoint.latest(spec.checkpoint_dir) if resume else None
+        resumed_from = self._resume_point()
         if resumed_from is not None:
-            state = checkpoint.load(resumed_from, model, optimizer, scheduler)
+            state = self._restore(resumed_from, model, optimizer, scheduler)
             state.setdefault("best_step", None)
             if state.get("best_step") == state["step"]:
                 state["best_uri"] = spec.resume_from  # this checkpoint is the best one
@@ -278,13 +279,14 @@ class Trainer:
             if eval_batches:
                 state["base_validation_loss"] = self._base_loss(model, eval_batches)
             if held_out:
-                with self._base_model(model):
+                with adapters_disabled(model):
                     state["base_task_metrics"] = task_metrics(
                         model,
                         tokenizer,
                         held_out,
                         spec.evaluation.metrics,
                         spec.evaluation.max_new_tokens,
+                        holder.sharded,
                     )
                 model.train()
         self.reporter.event(
@@ -313,17 +315,11 @@ class Trainer:
                     loss = self._loss(model, batch) / max(trainable, 1)
                     loss.backward()
                     train_loss += float(loss.detach())
-                dist.sum_gradients(parameters)
+                if not holder.sharded:  # FSDP reduced them in the backward pass
+                    dist.sum_gradients(parameters)
                 train_loss = dist.sum(train_loss)
                 tokens_seen += int(dist.sum(sum(b.tokens for b in group)))
-                if hp.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, hp.max_grad_norm))
-                else:
-                    grad_norm = float(
-                        torch.norm(
-                            torch.stack([p.grad.norm() for p in parameters if p.grad is not None])
-                        )
-                    )
+                grad_norm = holder.grad_norm(parameters, hp.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -361,8 +357,12 @@ class Trainer:
                     # With early stopping the result is the best step's: keep its weights.
                     or (improved and hp.early_stopping_patience > 0)
                 )
-                if save and dist.main:
-                    self._save_checkpoint(step, model, optimizer, scheduler, state, validation_loss)
+                if save and (dist.main or holder.sharded):
+                    weights, optimizer_state = holder.gather(model, optimizer)
+                    if dist.main:
+                        self._save_checkpoint(
+                            step, weights, optimizer_state, scheduler, state, validation_loss
+                        )
                 cancelled = dist.any(self.reporter.cancel_requested)
                 if stopped_early or cancelled:
                     break
@@ -378,10 +378,10 @@ class Trainer:
                 best=state["best"],
                 best_step=state["best_step"],
             )
-            if dist.main and self._restore_best(model, state):
+            if (dist.main or holder.sharded) and self._restore_best(model, state):
                 last_scores = {}  # evaluated again, on the restored weights
         dist.barrier()
-        if not dist.main:  # the first process evaluates, saves and registers
+        if not dist.main and not holder.sharded:  # the first process evaluates and registers
             return {"steps": state["step"]}
         return self._finish(model, tokenizer, eval_batches, held_out, state, train, last_scores)
 
@@ -401,11 +401,40 @@ class Trainer:
         )
         return False, stop
 
+    def _resume_point(self) -> Any:
+        """The checkpoint to resume from, if any. With a replicated model the first process of
+        every node fetches a stored one and each process reads it; with a sharded one only the
+        first process reads it (and broadcasts what it read)."""
+        spec, dist, sharded = self.spec, self.dist, self.holder.sharded
+        reads = dist.main or not sharded
+        if spec.resume_from and reads and (dist.local_main or sharded):
+            assert self.store is not None  # checked with the spec
+            download_checkpoint(self.store, spec.resume_from, spec.checkpoint_dir)
+        dist.barrier()
+        resume = spec.resume or bool(spec.resume_from)
+        found = checkpoint.latest(spec.checkpoint_dir) if resume and reads else None
+        return dist.broadcast(found) if sharded else found
+
+    def _restore(self, path: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+        """Load a checkpoint into the model, optimizer and scheduler; the loop's state."""
+        dist, holder = self.dist, self.holder
+        weights: dict[str, Any] = {}
+        saved: dict[str, Any] = {}
+        state: dict[str, Any] = {}
+        if dist.main or not holder.sharded:
+            weights, saved, state = checkpoint.read(path)
+        holder.restore(model, optimizer, weights, saved.get("optimizer", {}))
+        if holder.sharded:
+            rest = {k: v for k, v in saved.items() if k != "optimizer"}
+            saved, state = dist.broadcast((rest, state))
+        checkpoint.restore_training_state(saved, scheduler)
+        return state
+
     def _save_checkpoint(
         self,
         step: int,
-        model: Any,
-        optimizer: Any,
+        weights: dict[str, Any],
+        optimizer_state: dict[str, Any],
         scheduler: Any,
         state: dict[str, Any],
         validation_loss: float | None,
@@ -413,7 +442,9 @@ class Trainer:
         """Write, store and report a checkpoint, then delete local ones no longer kept (the
         newest `keep_checkpoints` and the best stay)."""
         spec = self.spec
-        path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state)
+        path = checkpoint.save(
+            spec.checkpoint_dir, step, weights, optimizer_state, scheduler, state
+        )
         stored = upload_checkpoint(self.store, path) if self.store else ""
         if state["best_step"] == step:
             state["best_uri"] = stored
@@ -432,26 +463,22 @@ class Trainer:
         best_step = state["best_step"]
         if best_step is None or best_step == state["step"]:
             return False
-        path = checkpoint.path(self.spec.checkpoint_dir, best_step)
-        if not path.exists() and state["best_uri"] and self.store is not None:
-            download_checkpoint(self.store, state["best_uri"], self.spec.checkpoint_dir)
-        if not path.exists():
-            raise RuntimeError(f"the checkpoint of the best step {best_step} is gone")
-        checkpoint.load_weights(path, model)
+        weights: dict[str, Any] = {}
+        if self.dist.main:  # the one that wrote the checkpoints
+            path = checkpoint.path(self.spec.checkpoint_dir, best_step)
+            if not path.exists() and state["best_uri"] and self.store is not None:
+                download_checkpoint(self.store, state["best_uri"], self.spec.checkpoint_dir)
+            if not path.exists():
+                raise RuntimeError(f"the checkpoint of the best step {best_step} is gone")
+            weights = checkpoint.read_weights(path)
+        self.holder.restore(model, None, weights, {})
         self.reporter.event("restored_best", step=best_step, best=state["best"])
         return True
-
-    def _base_model(self, model: Any) -> Any:
-        import contextlib
-
-        if hasattr(model, "disable_adapter"):
-            return model.disable_adapter()
-        return contextlib.nullcontext()
 
     def _base_loss(self, model: Any, eval_batches: list[Batch]) -> float:
         if self.dpo:
             return math.log(2)  # the base model is the reference: every reward is 0
-        with self._base_model(model):
+        with adapters_disabled(model):
             return evaluate_loss(model, eval_batches)
 
     def _finish(
@@ -480,7 +507,12 @@ class Trainer:
             "reward_margin": last_scores.get("reward_margin"),
             "base_task_metrics": state["base_task_metrics"],
             "task_metrics": task_metrics(
-                model, tokenizer, held_out, spec.evaluation.metrics, spec.evaluation.max_new_tokens
+                model,
+                tokenizer,
+                held_out,
+                spec.evaluation.metrics,
+                spec.evaluation.max_new_tokens,
+                self.holder.sharded,
             )
             if held_out
             else {},
@@ -490,13 +522,17 @@ class Trainer:
             model.eval()
             with torch.no_grad():
                 adapted = float(batch_loss(model, probe))
-                with model.disable_adapter():
+                with adapters_disabled(model):
                     plain = float(batch_loss(model, probe))
             evaluation["adapter_changes_logits"] = adapted != plain
         else:
             evaluation["adapter_changes_logits"] = True
+        # A sharded model's weights are gathered by every process; the first one saves them.
+        weights = self.holder.state_dict(model) if isinstance(self.holder, Sharded) else None
+        if not self.dist.main:
+            return {"steps": state["step"]}
         output = spec.output_dir / ("model" if spec.method == "full" else "adapter")
-        model.save_pretrained(str(output), safe_serialization=True)
+        model.save_pretrained(str(output), safe_serialization=True, state_dict=weights)
         if spec.method == "full":
             tokenizer.save_pretrained(str(output))
         result = {

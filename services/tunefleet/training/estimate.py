@@ -12,6 +12,9 @@ Per GPU (data parallel: every GPU holds the whole model and its optimizer state)
   s x s attention scores), doubled for fp32, plus the fp32 logits and their gradient, 8·b·s·V;
 - a fixed 1 GiB for the CUDA context and allocator slack.
 
+Sharded across N GPUs (FSDP), each holds 1/N of the model state, and for the layer that runs
+(and the next, prefetched) the whole of its weights: two layers' worth.
+
 The parameter count and layer shapes come from the model's config.json, built on PyTorch's meta
 device (no weights are read).
 """
@@ -91,20 +94,29 @@ def estimate(
     targets: list[str] | str,
     micro_batch_size: int,
     sequence_length: int,
+    shards: int = 1,
 ) -> Estimate:
     fp32 = precision == "fp32"
     per_parameter = {"full": 16.0, "lora": 4.0 if fp32 else 2.0, "qlora": 0.5}
     per_parameter["dora"] = per_parameter["lora"]
     adapter = 0 if method == "full" else adapter_parameters(shape, rank, targets, method == "dora")
     state = int(shape.parameters * per_parameter[method]) + 16 * adapter
+    gathered = 0
+    if shards > 1:
+        weight_bytes = 0.5 if method == "qlora" else 4.0 if fp32 else 2.0
+        layer = shape.parameters / max(shape.layers, 1) * weight_bytes
+        state, gathered = state // shards, int(2 * layer)
     b, s, h, layers = micro_batch_size, sequence_length, shape.hidden_size, shape.layers
     activations = 34 * s * b * h * layers * (2 if fp32 else 1)
     logits = 8 * b * s * shape.vocab_size
-    total = state + activations + logits + OVERHEAD_BYTES
+    total = state + gathered + activations + logits + OVERHEAD_BYTES
     explanation = (
         f"{shape.parameters / 1e9:.2f}B parameters x {per_parameter[method]:g} bytes ({method})"
         + (f" + {adapter / 1e6:.1f}M adapter parameters x 16 bytes" if adapter else "")
-        + f" = {state / GiB:.1f} GiB; activations for {b} x {s} tokens {activations / GiB:.1f} GiB"
+        + (f", sharded across {shards} GPUs" if shards > 1 else "")
+        + f" = {state / GiB:.1f} GiB"
+        + (f"; two gathered layers {gathered / GiB:.1f} GiB" if gathered else "")
+        + f"; activations for {b} x {s} tokens {activations / GiB:.1f} GiB"
         f"; logits {logits / GiB:.1f} GiB; CUDA overhead 1 GiB: about {total / GiB:.1f} GiB per GPU"
     )
     return Estimate(shape.parameters, total, explanation)

@@ -128,6 +128,13 @@ def check(
             "jobs of more than one node need the Kubernetes launcher",
             reason="ONE_NODE_ONLY",
         )
+    gpus = resources.gpu_count * max(resources.node_count, 1)
+    if resources.fsdp and gpus < 2:
+        raise InvalidArgument(
+            f"{FIELD}.resources.fsdp",
+            f"shards the model across the run's GPUs: it needs at least 2 (gpu_count x "
+            f"node_count is {gpus})",
+        )
     if settings.launcher == "kubernetes" and resources.gpu_count == 0:
         raise InvalidArgument(
             f"{FIELD}.resources.gpu_count", "Kubernetes jobs need at least one GPU"
@@ -162,6 +169,7 @@ def check(
         # DPO reads a pair's two answers in one batch: twice the rows.
         hyperparameters.micro_batch_size * (2 if objective == "dpo" else 1),
         hyperparameters.max_sequence_length,
+        shards=gpus if resources.fsdp else 1,
     )
     available = (
         resources.gpu_memory_bytes
@@ -173,6 +181,7 @@ def check(
             f"{FIELD}.resources: the job needs about {found.gpu_memory_bytes / GiB:.1f} GiB per "
             f"GPU but its GPUs have {available / GiB:.1f} GiB ({found.explanation}); "
             + ("use QLoRA, " if method != "qlora" else "")
+            + ("shard the model across more GPUs (fsdp), " if gpus > 1 else "")
             + "use a smaller micro_batch_size or max_sequence_length, or larger GPUs",
             reason="INSUFFICIENT_GPU_MEMORY",
             metadata={

@@ -287,6 +287,7 @@ class TrainingManager:
             "dpo": checked.dpo.model_dump(mode="json"),
             "lora": checked.lora.model_dump(mode="json"),
             "hyperparameters": checked.hyperparameters.model_dump(mode="json"),
+            "fsdp": job.resources.fsdp,
             **data,
             "storage": storage,
             "job": job.name,

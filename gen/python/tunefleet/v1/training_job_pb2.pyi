@@ -332,6 +332,7 @@ class ResourceRequest(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
     NODE_COUNT_FIELD_NUMBER: _builtins.int
+    FSDP_FIELD_NUMBER: _builtins.int
     gpu_count: _builtins.int
     """Optional. GPUs (of each node when `node_count` is more than 1); 0 runs on CPU (the local
     launcher only).
@@ -348,6 +349,11 @@ class ResourceRequest(_message.Message):
     """Optional. Nodes the run spans, each with `gpu_count` GPUs, training data-parallel under
     torchrun (Kubernetes only: an Indexed Job of that many Pods); 0 or 1: one node.
     """
+    fsdp: _builtins.bool
+    """Optional. Shard the model's parameters, gradients and optimizer state across all the run's
+    GPUs (FSDP2) instead of holding a whole copy on each: for bases whose training does not fit
+    one GPU. Needs at least 2 GPUs in all; the memory estimate divides the sharded part by them.
+    """
     @_builtins.property
     def max_run_duration(self) -> _duration_pb2.Duration:
         """Optional. Longest the run may take; the launcher stops it after that."""
@@ -362,10 +368,11 @@ class ResourceRequest(_message.Message):
         memory_bytes: _builtins.int = ...,
         max_run_duration: _duration_pb2.Duration | None = ...,
         node_count: _builtins.int = ...,
+        fsdp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_duration", b"max_run_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "node_count", b"node_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "fsdp", b"fsdp", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "node_count", b"node_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
