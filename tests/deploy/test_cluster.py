@@ -180,6 +180,8 @@ LAUNCHER_MAY = [
     ("patch", "secrets"),
     ("create", "services"),
     ("patch", "services"),
+    ("get", "localqueues.kueue.x-k8s.io"),
+    ("list", "workloads.kueue.x-k8s.io"),
 ]
 LAUNCHER_MAY_NOT = [
     ("get", "secrets"),
@@ -198,6 +200,8 @@ LAUNCHER_MAY_NOT = [
     ("create", "deployments.apps"),
     ("get", "services"),
     ("delete", "services"),
+    ("patch", "workloads.kueue.x-k8s.io"),
+    ("update", "workloads.kueue.x-k8s.io/status"),
 ]
 
 

@@ -1,5 +1,6 @@
 """A real Kubernetes control plane on 127.0.0.1 for tests: etcd, kube-apiserver and
-kube-controller-manager running only the Job and garbage-collection controllers.
+kube-controller-manager running only the Job and garbage-collection controllers, with Kueue's
+CRDs (kueue-crds.yaml; no Kueue controller: tests play it).
 
 There is no kubelet and no scheduler: a test plays them by patching Pod status. The binaries
 come from tests/kube/build-apiserver.sh (`make kube-deps`: Kubernetes v1.20.2 built from Debian's
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.helpers import free_port
 from tests.runtime.certs import CertificateAuthority
 
+HERE = Path(__file__).parent
 KUBE_BIN = Path(os.environ.get("TUNEFLEET_KUBE_CACHE", "/var/cache/tunefleet-kube")) / "bin"
 
 
@@ -133,6 +135,7 @@ def running_cluster(directory: Path) -> Iterator[Cluster]:
                 }
             )
         )
+        _install_crds(kubeconfig, HERE / "kueue-crds.yaml")
         start(
             "kube-controller-manager",
             [
@@ -153,6 +156,26 @@ def running_cluster(directory: Path) -> Iterator[Cluster]:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _install_crds(kubeconfig: Path, path: Path) -> None:
+    """Create the CRDs of `path` and wait until the server serves them."""
+    from kubernetes import client, config
+
+    api = client.ApiextensionsV1Api(config.new_client_from_config(str(kubeconfig)))
+    names = []
+    for document in yaml.safe_load_all(path.read_text()):
+        api.create_custom_resource_definition(document)
+        names.append(document["metadata"]["name"])
+    deadline = time.monotonic() + 60
+    for name in names:
+        while True:
+            conditions = api.read_custom_resource_definition(name).status.conditions or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the CRD {name} was not established")
+            time.sleep(0.1)
 
 
 def _wait_ready(

@@ -15,12 +15,13 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from tests.kube.kubelet import ProcessKubelet
 from tests.kube.namespace import Kube, pods_of, run_request, until
 from tests.storage.conftest import s3_client
 from tests.training.conftest import Platform, lora_adapter, stored_request
 from tunefleet.runtime.settings import KubernetesSettings
 from tunefleet.training import manifests
-from tunefleet.training.kubernetes import KubernetesLauncher, new_lines
+from tunefleet.training.kubernetes import KUEUE, KUEUE_JOB_UID, KubernetesLauncher, new_lines
 from tunefleet.training.launcher import Phase
 from tunefleet.v1 import adapter_service_pb2, training_job_pb2, training_service_pb2
 
@@ -460,6 +461,209 @@ async def test_a_preempted_job_waits_past_the_worker_timeout_and_resumes(
     await platform.report(job.name, token, worker_state=Worker.WORKER_STATE_RUNNING)
     await asyncio.sleep(1)
     assert (await platform.wait(job.name, "RUNNING")).state == State.STATE_RUNNING
+
+
+class PlayedKueue:
+    """Kueue's part, played by the test on the real API server with Kueue's CRDs: a Workload
+    for each queued Job (labelled with the Job's UID, owned by it), admission (quota reserved,
+    admitted, the Job unsuspended) and preemption (evicted, the Job suspended). The v1.20
+    server drops `spec.suspend`, so the Job controller makes Pods regardless: the Job's
+    Suspended condition says what Kueue's suspension would, and the test's kubelet runs a Pod
+    only while its Job is admitted."""
+
+    def __init__(self, kube: Kube, queue: str) -> None:
+        from kubernetes import client
+
+        self.kube, self.queue = kube, queue
+        self.custom = client.CustomObjectsApi(kube.core.api_client)
+        self.custom.create_namespaced_custom_object(
+            *KUEUE,
+            kube.namespace,
+            "localqueues",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta1",
+                "kind": "LocalQueue",
+                "metadata": {"name": queue},
+                "spec": {"clusterQueue": "gpus"},
+            },
+        )
+
+    def _name(self, job_id: str) -> str:
+        return f"job-{manifests.run_name(job_id)}-a1b2c"
+
+    def queued(self, job_id: str, message: str) -> None:
+        """Kueue took the Job in (its Workload) and cannot reserve quota for it yet."""
+        (job,) = self.kube.jobs(job_id)
+        assert job.metadata.labels[manifests.QUEUE_LABEL] == self.queue
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name}
+        workload = {
+            "apiVersion": "kueue.x-k8s.io/v1beta1",
+            "kind": "Workload",
+            "metadata": {
+                "name": self._name(job_id),
+                "labels": {KUEUE_JOB_UID: job.metadata.uid},
+                "ownerReferences": [{**owner, "uid": job.metadata.uid, "controller": True}],
+            },
+            "spec": {"queueName": self.queue, "podSets": [{"name": "main", "count": 1}]},
+        }
+        self.custom.create_namespaced_custom_object(
+            *KUEUE, self.kube.namespace, "workloads", workload
+        )
+        self._conditions(job_id, {"QuotaReserved": ("False", "Pending", message)}, True)
+
+    def admit(self, job_id: str) -> None:
+        admitted = {
+            "QuotaReserved": ("True", "QuotaReserved", "Quota reserved in ClusterQueue gpus"),
+            "Admitted": ("True", "Admitted", "The workload is admitted"),
+            "Evicted": ("False", "Admitted", "The workload is admitted"),
+        }
+        self._conditions(job_id, admitted, suspended=False)
+
+    def preempt(self, job_id: str, message: str) -> None:
+        evicted = {
+            "QuotaReserved": ("False", "Pending", "Preempted"),
+            "Admitted": ("False", "NoReservation", "The workload has no reservation"),
+            "Evicted": ("True", "Preempted", message),
+        }
+        self._conditions(job_id, evicted, suspended=True)
+
+    def _conditions(
+        self, job_id: str, conditions: dict[str, tuple[str, str, str]], suspended: bool
+    ) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status = {
+            "conditions": [
+                {
+                    "type": kind,
+                    "status": value,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": now,
+                }
+                for kind, (value, reason, message) in conditions.items()
+            ]
+        }
+        self.custom.patch_namespaced_custom_object_status(
+            *KUEUE, self.kube.namespace, "workloads", self._name(job_id), {"status": status}
+        )
+        condition = {
+            "type": "Suspended",
+            "status": "True" if suspended else "False",
+            "reason": "JobSuspended" if suspended else "JobResumed",
+            "message": "Job suspended" if suspended else "Job resumed",
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        }
+        self.kube.batch.patch_namespaced_job_status(
+            manifests.run_name(job_id), self.kube.namespace, {"status": {"conditions": [condition]}}
+        )
+
+
+@pytest.mark.kubernetes
+async def test_a_queue_that_does_not_exist_is_refused_at_start(kube: Kube) -> None:
+    """Jobs sent to a LocalQueue that is not there would wait suspended for ever."""
+    launcher = KubernetesLauncher(KubernetesSettings(**kube.settings(queue_name="gpu-jobs")))
+    with pytest.raises(RuntimeError, match="training.kubernetes.queue_name: there is no Kueue"):
+        await launcher.start(lambda: None)
+    await launcher.close()
+    PlayedKueue(kube, "gpu-jobs")  # now there is one
+    launcher = KubernetesLauncher(KubernetesSettings(**kube.settings(queue_name="gpu-jobs")))
+    await launcher.start(lambda: None)
+    await launcher.close()
+
+
+@pytest.mark.kubernetes
+@pytest.mark.timeout(600)
+async def test_a_job_kueue_preempts_and_readmits_resumes_and_ends_as_if_never_stopped(
+    kube: Kube, kube_platform: Any, tmp_path: Path
+) -> None:
+    """The real trainer runs in the Pods (tests/kube/kubelet.py). Kueue holds the Job for quota,
+    admits it, preempts it after a checkpoint (its Pod killed and deleted) and admits it again:
+    the job says why it waits at each turn, the new Pod resumes from the checkpoint, and the job
+    SUCCEEDS with the same losses as an uninterrupted run of the same job."""
+    kueue = PlayedKueue(kube, "gpu-jobs")
+    platform = await kube_platform(queue_name="gpu-jobs")
+    assert platform.server is not None
+    service = {"tunefleet-training.tunefleet.svc:50051": f"127.0.0.1:{platform.server.port}"}
+    kubelet = ProcessKubelet(kube, tmp_path / "pods", service)
+    dataset = await platform.upload()
+    steps = {"epochs": 2, "max_steps": 0, "eval_every_steps": 6, "checkpoint_every_steps": 3}
+
+    # An uninterrupted run of the job, admitted at once.
+    reference = await platform.create(
+        dataset.name, resources=GPU, hyperparameters=steps, adapter="adapters/reference"
+    )
+    (pod,) = await until(pods_of(kube, job_id(reference.name)))
+    kueue.queued(job_id(reference.name), "waiting for quota")
+    kueue.admit(job_id(reference.name))
+    run = await asyncio.to_thread(kubelet.start, pod)
+    assert await asyncio.to_thread(kubelet.finish, run) == 0, kubelet.log(run)[-3000:]
+    reference = await platform.wait(reference.name, "SUCCEEDED", within=120)
+
+    job = await platform.create(dataset.name, resources=GPU, hyperparameters=steps)
+    identifier = job_id(job.name)
+    (pod,) = await until(pods_of(kube, identifier))
+    no_quota = (
+        "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in "
+        "flavor default-flavor, 1 more needed"
+    )
+    kueue.queued(identifier, no_quota)
+
+    async def noted(text: str) -> bool:
+        events = await platform.events(job.name)
+        return any(text in e.log.text for e in events if e.HasField("log"))
+
+    await until(lambda: noted("waiting (WAITING_FOR_ADMISSION): Kueue has not admitted"))
+    assert await noted(no_quota)
+    assert (await platform.wait(job.name, "QUEUED")).state == State.STATE_QUEUED
+
+    kueue.admit(identifier)
+    first = await asyncio.to_thread(kubelet.start, pod)
+    await platform.wait(job.name, "RUNNING", within=60)
+
+    async def checkpointed() -> str:
+        return await asyncio.to_thread(kube.resume_from, identifier)
+
+    await until(checkpointed, within=120)  # a checkpoint stored and pointed at
+    preempted = "Preempted to accommodate a workload (UID: 1234) due to prioritization"
+    kueue.preempt(identifier, preempted)
+    await asyncio.to_thread(kubelet.evict, first)
+    progress = (await platform.wait(job.name, "QUEUED", within=30)).latest_progress
+    assert 0 < progress.step < progress.total_steps, "the run ended before it was preempted"
+    resume_from = kube.resume_from(identifier)
+    stored = await platform.training.ListCheckpoints(
+        training_service_pb2.ListCheckpointsRequest(parent=job.name)
+    )
+    checkpoint_step = {c.uri: c.step for c in stored.checkpoints}[resume_from]
+    job = await platform.wait(job.name, "QUEUED")
+    assert job.state_history[-1].reason == "PREEMPTED"
+    assert preempted in job.state_history[-1].message
+
+    kueue.admit(identifier)
+    pods = await until(pods_of(kube, identifier))  # the Job controller makes the next Pod
+    (again,) = [p for p in pods if p.metadata.name != pod.metadata.name]
+    second = await asyncio.to_thread(kubelet.start, again)
+    code = await asyncio.to_thread(kubelet.finish, second)
+    assert code == 0, kubelet.log(second)[-3000:]
+    job = await platform.wait(job.name, "SUCCEEDED", within=120)
+    assert [t.reason for t in job.state_history if t.state == State.STATE_RUNNING][-1] == "RESUMED"
+
+    # The second Pod's trainer resumed from the checkpoint the Secret pointed at.
+    events = [
+        json.loads(line)
+        for line in (second.folder / "scratch/output/progress.jsonl").read_text().splitlines()
+    ]
+    (resumed,) = [e for e in events if e["event"] == "resumed"]
+    assert resumed["step"] == checkpoint_step
+    assert min(e["step"] for e in events if e["event"] == "progress") == resumed["step"] + 1
+    # ... and ended as the uninterrupted run did.
+    assert job.latest_progress.step == reference.latest_progress.step == 24  # two epochs
+    assert job.latest_progress.train_loss == pytest.approx(
+        reference.latest_progress.train_loss, rel=1e-6
+    )
+    assert job.evaluation.validation_loss == pytest.approx(
+        reference.evaluation.validation_loss, rel=1e-6
+    )
 
 
 @pytest.mark.kubernetes

@@ -25,6 +25,8 @@ from tunefleet.training.launcher import LogLine, Phase, Run, RunRequest, RunStat
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 30
+KUEUE = ("kueue.x-k8s.io", "v1beta1")
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue's label on a Job's Workload
 MAX_LOG_BYTES = 1024 * 1024
 
 
@@ -47,6 +49,8 @@ class KubernetesLauncher:
     async def start(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         await asyncio.to_thread(self._connect)
+        if self.settings.queue_name:
+            await asyncio.to_thread(self._check_queue)
         versions = await asyncio.to_thread(lambda: (self._relist("jobs"), self._relist("pods")))
         for kind, version in zip(("jobs", "pods"), versions, strict=True):
             thread = threading.Thread(
@@ -67,6 +71,24 @@ class KubernetesLauncher:
                 self._api_client = client.ApiClient(configuration)
         self.batch = client.BatchV1Api(self._api_client)
         self.core = client.CoreV1Api(self._api_client)
+        self.custom = client.CustomObjectsApi(self._api_client)
+
+    def _check_queue(self) -> None:
+        """Refuse a queue that does not exist: its Jobs would wait suspended for ever."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.custom.get_namespaced_custom_object(
+                *KUEUE, self.namespace, "localqueues", self.settings.queue_name
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            raise RuntimeError(
+                f"training.kubernetes.queue_name: there is no Kueue LocalQueue "
+                f"{self.settings.queue_name!r} in namespace {self.namespace!r} (or Kueue is not "
+                "installed); Jobs sent to it would never be admitted"
+            ) from None
 
     async def close(self) -> None:
         self._stopped.set()
@@ -228,19 +250,37 @@ class KubernetesLauncher:
         if any(p.status.phase == "Running" for p in pods):
             return RunStatus(Phase.RUNNING, "", _termination_message(pods), retries)
         if "Suspended" in conditions or getattr(job.spec, "suspend", False):
-            return RunStatus(
-                Phase.PENDING,
+            reason, message = kueue_wait(self._workload(job)) or (
                 "PREEMPTED",
                 "the Job was suspended (preempted by the cluster's queue); it resumes from its "
                 "last checkpoint when it runs again",
-                retries,
             )
+            return RunStatus(Phase.PENDING, reason, message, retries)
         return RunStatus(
             Phase.PENDING,
             "WAITING_FOR_CAPACITY",
             "no Pod of the Job is running (waiting to be scheduled)",
             retries,
         )
+
+    def _workload(self, job: Any) -> dict[str, Any] | None:
+        """Kueue's Workload for the Job (labelled with the Job's UID), when a queue is set."""
+        from kubernetes.client.exceptions import ApiException
+
+        if not self.settings.queue_name:
+            return None
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                *KUEUE,
+                self.namespace,
+                "workloads",
+                label_selector=f"{KUEUE_JOB_UID}={job.metadata.uid}",
+            )
+        except ApiException as error:  # Kueue's CRDs missing, or no right to read them
+            log.debug("cannot read the Workload of %s: %s", job.metadata.name, error.reason)
+            return None
+        items: list[dict[str, Any]] = found.get("items", [])
+        return items[0] if items else None
 
     async def cancel(self, run: Run) -> None:
         await asyncio.to_thread(self._cancel, run)
@@ -303,6 +343,32 @@ class KubernetesLauncher:
         self.core.patch_namespaced_secret(
             run.run_id, self.namespace, {"stringData": {manifests.RESUME_KEY: uri}}
         )
+
+
+def kueue_wait(workload: dict[str, Any] | None) -> tuple[str, str] | None:
+    """Why Kueue holds a suspended Job, from its Workload's conditions: evicted (preempted), or
+    not admitted yet (its quota message); None when the Workload says neither."""
+    if workload is None:
+        return None
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions", [])}
+
+    def holds(kind: str) -> dict[str, Any] | None:
+        condition = conditions.get(kind)
+        return condition if condition and condition.get("status") == "True" else None
+
+    if holds("Admitted"):
+        return None  # unsuspended in a moment
+    if evicted := holds("Evicted"):
+        cause = evicted.get("reason") or "Evicted"
+        return (
+            "PREEMPTED" if cause == "Preempted" else _snake(cause),
+            f"Kueue evicted the Job ({cause}: {evicted.get('message', '')}); it resumes from its "
+            "last checkpoint when Kueue admits it again",
+        )
+    reserved = conditions.get("QuotaReserved") or {}
+    why = reserved.get("message") or "no quota reserved yet"
+    queue = (workload.get("spec") or {}).get("queueName", "")
+    return "WAITING_FOR_ADMISSION", f"Kueue has not admitted the Job (queue {queue}): {why}"
 
 
 def new_lines(text: str, last: str) -> tuple[list[LogLine], str]:

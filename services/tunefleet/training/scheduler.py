@@ -483,6 +483,20 @@ class Scheduler:
                     "log",
                     training_job_pb2.TrainingEvent.LogLine(stream="launcher", text=note),
                 )
+            waiting = status.reason if status.phase == Phase.PENDING else ""
+            if waiting != launch.waiting and job.state not in TERMINAL:
+                # Why a launched run waits (the cluster's queue, no capacity), said once per
+                # reason: a job waiting from its launch has no state change to say it with.
+                launch = dataclasses.replace(launch, waiting=waiting)
+                if waiting:
+                    self.states.event(
+                        session,
+                        job_id,
+                        "log",
+                        training_job_pb2.TrainingEvent.LogLine(
+                            stream="launcher", text=f"waiting ({waiting}): {status.message}"
+                        ),
+                    )
             row.launch = launch
             if job.state not in TERMINAL:
                 self._apply_phase(session, row, job, status)

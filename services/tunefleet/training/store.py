@@ -40,6 +40,7 @@ class LaunchState:
     retries: int = 0  # retries of the run the launcher reported
     cancel_sent: bool = False  # the launcher was asked to stop the run
     devices: list[int] = field(default_factory=list)  # the local GPUs the run holds
+    waiting: str = ""  # why the run last said it waits (noted once on the job's event feed)
 
 
 class JobRow(Base):
