@@ -563,7 +563,7 @@ class PlayedKueue:
 async def test_a_queue_that_does_not_exist_is_refused_at_start(kube: Kube) -> None:
     """Jobs sent to a LocalQueue that is not there would wait suspended for ever."""
     launcher = KubernetesLauncher(KubernetesSettings(**kube.settings(queue_name="gpu-jobs")))
-    with pytest.raises(RuntimeError, match="training.kubernetes.queue_name: there is no Kueue"):
+    with pytest.raises(RuntimeError, match="queue_name: there is no Kueue LocalQueue"):
         await launcher.start(lambda: None)
     await launcher.close()
     PlayedKueue(kube, "gpu-jobs")  # now there is one
