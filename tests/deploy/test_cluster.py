@@ -153,6 +153,7 @@ def can(kubectl: Kubectl, account: str, namespace: str, verb: str, resource: str
     """The server's answer (SubjectAccessReview) for the service account `account` of the test
     namespace doing `verb` on `resource` in `namespace`."""
     resource, _, subresource = resource.partition("/")  # pods/log: --subresource log
+    resource = resource.replace("#", "/")  # leases...#NAME: the object of that name
     result = kubectl(
         "auth",
         "can-i",
@@ -182,6 +183,9 @@ LAUNCHER_MAY = [
     ("patch", "services"),
     ("get", "localqueues.kueue.x-k8s.io"),
     ("list", "workloads.kueue.x-k8s.io"),
+    ("create", "leases.coordination.k8s.io"),
+    ("get", "leases.coordination.k8s.io#tunefleet-training-leader"),
+    ("update", "leases.coordination.k8s.io#tunefleet-training-leader"),
 ]
 LAUNCHER_MAY_NOT = [
     ("get", "secrets"),
@@ -201,6 +205,8 @@ LAUNCHER_MAY_NOT = [
     ("get", "services"),
     ("delete", "services"),
     ("patch", "workloads.kueue.x-k8s.io"),
+    ("update", "leases.coordination.k8s.io#someone-else"),
+    ("delete", "leases.coordination.k8s.io#tunefleet-training-leader"),
     ("update", "workloads.kueue.x-k8s.io/status"),
 ]
 

@@ -11,8 +11,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from tests.helpers import require_tool
+from tunefleet.inference.metrics import InferenceMetrics
 from tunefleet.runtime.settings import load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -109,8 +111,18 @@ def test_every_service_has_probes_limits_and_a_locked_down_container(overlay: st
         assert spec["serviceAccountName"] == expected_account
         ports = {p["name"]: p["port"] for p in services[f"tunefleet-{key}"]["spec"]["ports"]}
         assert ports == {"grpc": 50051, "metrics": 9090}
-    for one in ("training", "retraining"):  # a single process drives its jobs or runs
-        assert deployments[f"tunefleet-{one}"]["spec"]["strategy"]["type"] == "Recreate"
+    # A single process drives its runs: retraining always, training unless a leader is elected
+    # (then its replicas roll, and only the Lease's holder schedules).
+    assert deployments["tunefleet-retraining"]["spec"]["strategy"]["type"] == "Recreate"
+    training_spec = deployments["tunefleet-training"]["spec"]
+    settings = yaml.safe_load((DEPLOY / "overlays" / overlay / "tunefleet.yaml").read_text())
+    elected = settings["training"].get("leader_election", "none") != "none"
+    assert training_spec["strategy"]["type"] == ("RollingUpdate" if elected else "Recreate")
+    assert (training_spec["replicas"] > 1) == elected
+    if elected:
+        (container,) = training_spec["template"]["spec"]["containers"]
+        names = {e["name"]: e for e in container["env"]}
+        assert names["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     (training,) = deployments["tunefleet-training"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in training["env"]}
     assert env["TUNEFLEET_TRAINING__WORKER_REGISTRY_TOKEN"]["valueFrom"] == {
@@ -201,8 +213,16 @@ def test_the_training_role_grants_what_the_launcher_calls_and_nothing_more() -> 
         for verb in rule["verbs"]
     }
     assert ("batch", "jobs", "create") in granted and ("", "pods/log", "get") in granted
-    allowed = {"jobs", "pods", "pods/log", "secrets", "services"}
+    allowed = {"jobs", "pods", "pods/log", "secrets", "services", "localqueues", "workloads"}
+    allowed |= {"leases"}
     assert all(resource in allowed for _, resource, _ in granted)
+    assert {verb for _, r, verb in granted if r in ("localqueues", "workloads")} == {"get", "list"}
+    named = {
+        tuple(rule["resourceNames"]): set(rule["verbs"])
+        for rule in role["rules"]
+        if rule["resources"] == ["leases"] and "resourceNames" in rule
+    }
+    assert named == {("tunefleet-training-leader",): {"get", "update"}}  # its own Lease only
     assert {verb for _, r, verb in granted if r == "secrets"} == {"create", "patch"}  # never read
     assert {verb for _, r, verb in granted if r == "services"} == {"create", "patch"}
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
@@ -238,6 +258,15 @@ def test_the_gpu_overlay_serves_on_gpus_with_monitoring() -> None:
     labels = [d["metadata"].get("labels", {}) for d in configmaps]
     dashboards = [label for label in labels if label.get("grafana_dashboard") == "1"]
     assert len(dashboards) == 1
+    # Scaled on a metric every replica exports (InferenceMetrics), from the replicas it has.
+    (autoscaler,) = by_kind(documents, "HorizontalPodAutoscaler").values()
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == "tunefleet-inference"
+    assert autoscaler["spec"]["minReplicas"] == inference["replicas"]
+    (metric,) = autoscaler["spec"]["metrics"]
+    registry = CollectorRegistry()
+    InferenceMetrics(registry)
+    exported = {family.name for family in registry.collect()}
+    assert metric["pods"]["metric"]["name"] in exported
 
 
 @pytest.mark.parametrize("overlay", ["base", *OVERLAYS])

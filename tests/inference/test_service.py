@@ -88,7 +88,12 @@ async def test_generate_with_base_versions_and_aliases(serving: Serving, served:
             )
         )
     )
-    pieces = [piece async for piece in stream]
+    pieces: list[inference_service_pb2.StreamGenerateResponse] = []
+    async for piece in stream:
+        if not pieces:  # answering it: in flight (what an autoscaler reads)
+            assert serving.sample("tunefleet_inference_requests_in_flight") == 1
+        pieces.append(piece)
+    assert serving.sample("tunefleet_inference_requests_in_flight") == 0
     assert pieces[0].response_id and pieces[0].adapter_version == alpha
     assert "".join(p.text_delta for p in pieces) == by_version.text
     assert pieces[-1].finish_reason and pieces[-1].usage.completion_tokens > 0

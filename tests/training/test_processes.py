@@ -46,13 +46,27 @@ class Cluster:
     """One process per service; `servers[key]` and a channel to each."""
 
     def __init__(
-        self, data_dir: Path, models: dict[str, str], keys: list[str], serve: str = "colours"
+        self,
+        data_dir: Path,
+        models: dict[str, str],
+        keys: list[str],
+        serve: str = "colours",
+        training_settings: dict[str, Any] | None = None,
     ) -> None:
         common = {
             "models": models,
             "logging": {"level": "INFO"},
         }
-        self.servers = {key: LocalServer(data_dir, common, services=[key]) for key in keys}
+        # "training#2": a second replica of TrainingService, sharing the first one's data.
+        self.servers = {
+            key: LocalServer(data_dir, common, services=[key.partition("#")[0]]) for key in keys
+        }
+        for key, server in self.servers.items():
+            if "#" in key:  # its own settings file and log
+                suffix = key.replace("#", "-")
+                server.config = data_dir / f"tunefleet-{suffix}.yaml"
+                server.log = data_dir / f"server-{suffix}.log"
+        replicas = [server for key, server in self.servers.items() if key.startswith("training")]
         training = self.servers["training"].settings
         training["training"] = {
             "poll_seconds": 0.2,
@@ -60,7 +74,15 @@ class Cluster:
             # What the dev overlay sets: the adapters Service, not TrainingService's own address.
             "registry_endpoint": self.servers["adapters"].target,
             "datasets_endpoint": self.servers["datasets"].target,
+            **(training_settings or {}),
         }
+        if len(replicas) > 1:
+            # Workers report to any replica (as to the training Service of a cluster): gRPC
+            # picks the first that answers.
+            addresses = ",".join(replica.target for replica in replicas)
+            training["training"]["worker_endpoint"] = f"ipv4:{addresses}"
+            for replica in replicas[1:]:
+                replica.settings["training"] = training["training"]
         if "inference" in self.servers:
             self.servers["inference"].settings["inference"] = {
                 "base_model": serve,
@@ -157,8 +179,8 @@ def make_cluster(tmp_path: Path, chat_model: Path, tool_model: Path) -> Iterator
     clusters: list[Cluster] = []
     models = {"colours": str(chat_model), "tools": str(tool_model)}
 
-    def make(*keys: str, serve: str = "colours") -> Cluster:
-        cluster = Cluster(tmp_path / "data", models, list(keys), serve)
+    def make(*keys: str, serve: str = "colours", training: dict[str, Any] | None = None) -> Cluster:
+        cluster = Cluster(tmp_path / "data", models, list(keys), serve, training)
         clusters.append(cluster)
         return cluster.start()
 
@@ -300,6 +322,102 @@ def test_the_adapters_process_killed_while_the_trainer_registers(make_cluster: A
     versions = cluster.versions()
     assert [v.name for v in versions] == [job.output_adapter_version]
     assert versions[0].lineage.training_job == name
+
+
+def leading(server: LocalServer) -> bool | None:
+    """Whether the replica's scheduler leads (its metric), None while it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    values = [
+        line.split()[-1]
+        for line in text.splitlines()
+        if line.startswith("tunefleet_training_leader ")
+    ]
+    return bool(values) and float(values[0]) == 1.0
+
+
+def test_killing_the_leading_replica_mid_job_another_takes_over_and_it_finishes_once(
+    make_cluster: Any,
+) -> None:
+    """Two TrainingService processes share the training database and data (leader_election:
+    database, the default lease of 10 s). The follower serves the job's reads and takes
+    its worker's reports; the leader is killed (SIGKILL) mid-job; the follower leads within 15 s,
+    follows the run the dead leader launched (the trainer, in its own session, goes on) and the
+    job succeeds once: one run, one registered version, its datasets released."""
+    cluster = make_cluster(
+        "datasets", "adapters", "training", "training#2", training={"leader_election": "database"}
+    )
+    replicas = {key: cluster.servers[key] for key in ("training", "training#2")}
+    deadline = time.monotonic() + 60
+    while sorted(str(leading(server)) for server in replicas.values()) != ["False", "True"]:
+        assert time.monotonic() < deadline, {k: leading(s) for k, s in replicas.items()}
+        time.sleep(0.2)
+    leader = next(key for key, server in replicas.items() if leading(server))
+    follower = next(key for key in replicas if key != leader)
+    training = training_service_pb2_grpc.TrainingServiceStub(cluster.channels[follower])
+
+    def job(name: str) -> training_job_pb2.TrainingJob:
+        found: training_job_pb2.TrainingJob = training.GetTrainingJob(
+            training_service_pb2.GetTrainingJobRequest(name=name), timeout=30
+        )
+        return found
+
+    dataset = cluster.upload()
+    steps = {"max_steps": 2000, "epochs": 1000, "eval_every_steps": 500}
+    created = training.CreateTrainingJob(
+        training_service_pb2.CreateTrainingJobRequest(
+            training_job=job_request(dataset, hyperparameters=steps)
+        ),
+        timeout=60,
+    )
+    name = created.name
+    deadline = time.monotonic() + 300
+    while job(name).latest_progress.step < 5:  # launched by the leader, reported to either
+        assert time.monotonic() < deadline and job(name).state in (
+            State.STATE_QUEUED,
+            State.STATE_RUNNING,
+        ), job(name).error
+        time.sleep(0.1)
+    run_id = job(name).launcher_run_id
+
+    dead = replicas[leader].process
+    assert dead is not None
+    dead.kill()
+    dead.wait()
+    killed = time.monotonic()
+    while not leading(replicas[follower]):
+        assert time.monotonic() - killed < 15, "no replica took over within 15 s"
+        time.sleep(0.1)
+    took_over = time.monotonic() - killed
+    assert job(name).state == State.STATE_RUNNING, "the job ended before the takeover"
+
+    deadline = time.monotonic() + 300
+    while job(name).state not in (State.STATE_SUCCEEDED, State.STATE_FAILED):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    done = job(name)
+    assert done.state == State.STATE_SUCCEEDED, done.error
+    assert done.launcher_run_id == run_id  # the same run, not launched again
+    assert done.latest_progress.step == 2000
+    history = [State.Name(t.state) for t in done.state_history]
+    assert history.count("STATE_RUNNING") == 1 and history.count("STATE_SUCCEEDED") == 1, history
+    assert [v.name for v in cluster.versions()] == [done.output_adapter_version]
+    runs = cluster.servers[follower].data_dir / "training" / "runs"
+    assert [p.name for p in runs.iterdir()] == [name.removeprefix("trainingJobs/")]
+    # The new leader's duty: the ended job's datasets are released.
+    datasets = dataset_service_pb2_grpc.DatasetServiceStub(cluster.channels["datasets"])
+    deadline = time.monotonic() + 60
+    while datasets.ListDatasetLeases(
+        dataset_service_pb2.ListDatasetLeasesRequest(parent=dataset), timeout=30
+    ).leases:
+        assert time.monotonic() < deadline, "the datasets stayed leased"
+        time.sleep(0.2)
+    print(f"takeover {took_over:.1f} s after the leader was killed")
 
 
 def test_training_alone_needs_a_registry_endpoint(tmp_path: Path) -> None:

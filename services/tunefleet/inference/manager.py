@@ -182,6 +182,7 @@ class InferenceManager:
         labels, outcome, served = UNRESOLVED, "error", None
         prompt_ids: list[int] = []
         text, finish, tokens, first, cached = [], Finish.STOP, 0, None, 0
+        self.metrics.in_flight.inc()
         try:
             sampling = self._sampling(request.sampling)
             self._check_size(request, sampling)
@@ -232,6 +233,7 @@ class InferenceManager:
                 labels = version_labels(error.metadata["adapter_version"])  # refused, not loaded
             raise
         finally:
+            self.metrics.in_flight.dec()
             self.pool.release(served)
             ended = time.perf_counter()
             self.metrics.requests.labels(*labels, outcome).inc()

@@ -51,6 +51,12 @@ class InferenceMetrics:
             [*by_version, "outcome"],
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "tunefleet_inference_requests_in_flight",
+            "Generation requests this replica is answering (waiting or generating): what a "
+            "HorizontalPodAutoscaler scales InferenceService on.",
+            registry=registry,
+        )
         self.prompt_tokens = Counter(
             "tunefleet_inference_prompt_tokens",
             "Prompt tokens, by adapter and version.",

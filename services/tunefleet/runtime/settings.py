@@ -336,8 +336,24 @@ class TrainingSettings(_Section):
     heartbeat_seconds: float = Field(default=30.0, gt=0)
     # How often the scheduler looks at the queue and the launcher.
     poll_seconds: float = Field(default=2.0, gt=0)
+    # Several replicas: which one schedules (tunefleet.training.leadership). none: one replica;
+    # database: a lease row in the training database (replicas sharing it); kubernetes: a
+    # coordination.k8s.io/v1 Lease in kubernetes.namespace. Another replica takes over within
+    # leader_lease_seconds + leader_renew_seconds of the leader's death.
+    leader_election: Literal["none", "database", "kubernetes"] = "none"
+    leader_lease_seconds: float = Field(default=10.0, ge=2)
+    leader_renew_seconds: float = Field(default=2.0, gt=0)
     kubernetes: KubernetesSettings = KubernetesSettings()
     evaluation: AfterTrainingSettings = AfterTrainingSettings()
+
+    @model_validator(mode="after")
+    def _leases(self) -> TrainingSettings:
+        if self.leader_renew_seconds * 2 > self.leader_lease_seconds:
+            raise ValueError(
+                "leader_renew_seconds must be at most half of leader_lease_seconds (a leader "
+                "must renew its lease at least twice before it would expire)"
+            )
+        return self
 
 
 class EvaluationSettings(_Section):

@@ -31,7 +31,7 @@ from tunefleet.storage.blobs import BlobStore
 from tunefleet.storage.changes import Change, read_changes
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.storage.pagination import Page
-from tunefleet.training import jobs, store
+from tunefleet.training import jobs, leadership, store
 from tunefleet.training.launcher import JobLauncher
 from tunefleet.training.metrics import TrainingMetrics
 from tunefleet.training.peers import (
@@ -101,6 +101,7 @@ class TrainingManager:
             self.datasets,
             self.registry,
             self.evaluations,
+            leadership.for_settings(self.training, db),
         )
         self.reports = WorkerReports(
             db,

@@ -21,6 +21,11 @@ class TrainingMetrics:
         self.jobs = Gauge(
             "tunefleet_training_jobs", "Training jobs by state.", ["state"], registry=registry
         )
+        self.leader = Gauge(
+            "tunefleet_training_leader",
+            "1 on the TrainingService replica whose scheduler runs (the leader), 0 on the others.",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "tunefleet_training_queue_depth",
             "Jobs waiting to be launched.",
@@ -87,6 +92,13 @@ class TrainingMetrics:
         for gauge in gauges:
             with contextlib.suppress(KeyError):
                 gauge.remove(job)
+
+    def follower(self) -> None:
+        """No longer the leader: the job counts are the leader's to export (the series go, so
+        a sum over replicas counts each job once)."""
+        self.leader.set(0)
+        self.jobs.clear()
+        self.queue_depth.set(0)
 
     def counts(self, by_state: dict[str, int], queued_unlaunched: int) -> None:
         for state in STATES:

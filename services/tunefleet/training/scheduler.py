@@ -26,6 +26,7 @@ from tunefleet.runtime.streams import ChangeSignal
 from tunefleet.storage.database import Database, utcnow
 from tunefleet.training import store
 from tunefleet.training.launcher import JobLauncher, LogLine, Phase, Run, RunRequest, RunStatus
+from tunefleet.training.leadership import Leadership
 from tunefleet.training.metrics import TrainingMetrics
 from tunefleet.training.peers import (
     AdapterServiceClient,
@@ -56,8 +57,10 @@ class Scheduler:
         datasets: DatasetServiceClient,
         registry: AdapterServiceClient,
         evaluations: EvaluationServiceClient,
+        leadership: Leadership | None = None,
     ) -> None:
         self.db, self.training, self.launcher, self.metrics = db, training, launcher, metrics
+        self.leadership = leadership or Leadership()
         self.states, self.signal = states, signal
         self.datasets, self.registry, self.evaluations = datasets, registry, evaluations
         self.worker_endpoint = training.worker_endpoint
@@ -70,19 +73,33 @@ class Scheduler:
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self, worker_endpoint: str) -> None:
-        """Reconcile with the launcher, then run until `stop()`."""
+        """Reconcile with the launcher, then run until `stop()` (ticking while this replica
+        leads: see tunefleet.training.leadership)."""
         self.worker_endpoint = self.worker_endpoint or worker_endpoint
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.started_at = utcnow()
         await self.launcher.start(self.wake)
-        await self.tick()
+        await self.leadership.start(self._leading)
+        if self.leadership.leading:
+            await self.tick()
         self._task = asyncio.create_task(self._loop_forever(), name="training-scheduler")
+
+    def _leading(self, leading: bool) -> None:
+        if not leading:
+            self.metrics.follower()
+        else:
+            self.metrics.leader.set(1)
+            # Taking over: the silence clock starts again (reports may have failed while the
+            # last leader died), and the first tick is now.
+            self.started_at = utcnow()
+            self.wake()
 
     async def stop(self) -> None:
         if self._task is not None:
             await cancel(self._task)
             self._task = None
+        await self.leadership.stop()
         self._loop = None
         for task in list(self._settling.values()):
             await cancel(task)
@@ -104,6 +121,8 @@ class Scheduler:
                 async with asyncio.timeout(self.training.poll_seconds):
                     await self._wake.wait()
             self._wake.clear()
+            if not self.leadership.leading:
+                continue
             try:
                 await self.tick()
             except Exception:
@@ -131,7 +150,7 @@ class Scheduler:
         started = [row for row in rows if run_of(row) or row.launch.launching]
         busy, held = len(started), {d for row in started for d in row.launch.devices}
         for row in rows:
-            if busy >= self.training.max_running_jobs:
+            if busy >= self.training.max_running_jobs or not self.leadership.leading:
                 break
             if (
                 row.state == "QUEUED"

@@ -11,6 +11,7 @@ MODULES = (
     "tunefleet.datasets.store",
     "tunefleet.adapters.store",
     "tunefleet.training.store",
+    "tunefleet.training.leadership",
     "tunefleet.inference.feedback",
     "tunefleet.evaluation.store",
     "tunefleet.retraining.store",
