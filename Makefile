@@ -132,7 +132,7 @@ bench-openai: $(VENV)/.installed  ## chat completions through the OpenAI front v
 bench-canary: $(VENV)/.installed  ## an alias with a 10% canary vs one without: throughput and latency, 16 clients
 	$(BIN)/python benchmarks/canary.py
 
-gpu-check: $(VENV)/.installed  ## on a GPU machine: QLoRA, LoRA and full fine-tuning of an 8B-shaped model, step time and memory (DRY_RUN=1: on CPU, tiny)
+gpu-check: $(VENV)/.installed  ## on a GPU machine: QLoRA, LoRA and full fine-tuning of an 8B-shaped model (step time, memory), LoRA vs TRL on SmolLM2's shape (DRY_RUN=1: on CPU, tiny)
 	$(BIN)/python benchmarks/gpu.py $(if $(DRY_RUN),--dry-run)
 
 bench-serving: $(VLLM_VENV)/.installed  ## serving: 8 adapters vs 1, vs swapping per request, hot-swap latency; PEFT and vLLM engines

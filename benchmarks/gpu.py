@@ -16,8 +16,16 @@ torch.cuda.max_memory_allocated (the process's peak RSS in the dry run).
 It needs torch with CUDA and the `train` extra's packages (transformers, peft, pydantic, and
 bitsandbytes for QLoRA); a method whose child process fails is printed as failed, with its error.
 
-Not yet here (issue 22): LoRA on SmolLM2 against TRL's SFTTrainer on the GPU, and vLLM serving
-1 against 8 adapters on the GPU; `benchmarks/gpu_check.py` measures the PEFT engine's serving.
+Then LoRA on a model of SmolLM2-135M's shape (random weights, a small tokenizer, the real
+output-layer width) against TRL's SFTTrainer with PEFT, with benchmarks/train.py's runs (same
+data, LoRA r=16 on all linear layers, schedule, micro-batch and length; bf16 on the GPU; TRL
+with its defaults and in tunefleet's memory regime, gradient checkpointing off), in `--rounds`
+interleaved rounds: tokens per second, peak GPU memory and the ratio. It needs TRL (and
+`datasets`); without it that section says so. `--sections methods,trl` picks what runs.
+
+Not here: vLLM serving 1 against 8 adapters on the GPU (the GPU machine has no vLLM build of
+its own; `make bench-serving` measures it on CPU), and `benchmarks/gpu_check.py` measures the
+PEFT engine's serving on a GPU.
 """
 
 from __future__ import annotations
@@ -57,6 +65,18 @@ TINY = {
     "max_position_embeddings": 256,
 }
 METHODS = ("qlora", "lora", "full")
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M's config.json).
+SMOLLM2 = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+SMOLLM2_VOCABULARY = 49152
+SECTIONS = ("methods", "trl")
 
 
 def write_model(directory: Path, shape: dict[str, Any], dtype: str) -> Path:
@@ -130,6 +150,71 @@ def train(
     }
 
 
+def against_trl(directory: Path, dry_run: bool, rounds: int) -> None:
+    """tunefleet's LoRA against TRL's SFTTrainer on a SmolLM2-shaped model, rounds interleaved."""
+    import importlib.util
+
+    loaded = importlib.util.spec_from_file_location("runs", ROOT / "benchmarks" / "train.py")
+    assert loaded is not None and loaded.loader is not None
+    runs = importlib.util.module_from_spec(loaded)  # benchmarks/train.py's runs
+    loaded.loader.exec_module(runs)
+
+    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"tunefleet vs TRL: skipped, {' and '.join(missing)} not installed", flush=True)
+        return
+    shape: dict[str, Any] = SMOLLM2
+    if dry_run:
+        shape = {
+            k: v for k, v in TINY.items() if k not in ("vocab_size", "max_position_embeddings")
+        }
+    model = runs.build_model(directory / "smollm2", shape, 0 if dry_run else SMOLLM2_VOCABULARY)
+    data = runs.build_data(directory / "data.jsonl", 64 if dry_run else 512)
+    steps, length, batch = (2, 128, 2) if dry_run else (30, 512, 8)
+    precision = "fp32" if dry_run else "bf16"
+    sides = {
+        "lora": "tunefleet",
+        "trl": "TRL, defaults",
+        "trl-same-memory": "TRL, no checkpointing",
+    }
+    named = "a tiny Llama" if dry_run else "SmolLM2-135M"
+    print(
+        f"tunefleet vs TRL SFTTrainer: LoRA r=16 on {named}"
+        f"'s shape, {steps} steps of {batch} x up to {length} tokens, {precision}"
+        + (" (dry run: the code paths only; no figure here means anything)" if dry_run else ""),
+        flush=True,
+    )
+    ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
+    order = list(sides)
+    for number in range(1, rounds + 1):
+        speed = {}
+        for name in order:
+            out = directory / f"{name}-{number}.json"
+            try:
+                result = runs.spawn(name, model, data, steps, length, batch, out, precision)
+            except subprocess.CalledProcessError as error:
+                print(f"  round {number} {sides[name]:22s}: failed (exit {error.returncode})")
+                continue
+            speed[name] = result["tokens_per_second"]
+            memory = result.get("gpu_peak_mib", result["peak_mib"])
+            print(
+                f"  round {number} {sides[name]:22s}: {speed[name]:9,.0f} tokens/s, peak "
+                f"{memory:8,.0f} MiB ({'GPU' if 'gpu_peak_mib' in result else 'RSS'})",
+                flush=True,
+            )
+        for name in ratios:
+            if "lora" in speed and name in speed:
+                ratios[name].append(speed["lora"] / speed[name])
+        order = order[1:] + order[:1]
+    for name, values in ratios.items():
+        if values:
+            print(
+                f"  tokens/s, tunefleet / {sides[name]}: median {statistics.median(values):.2f}x "
+                f"({min(values):.2f}-{max(values):.2f})",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, two steps")
@@ -137,6 +222,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,7 +239,12 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run it on a GPU machine, or with --dry-run")
     shape = TINY if args.dry_run else LLAMA_3_8B
+    sections = args.sections.split(",")
     with tempfile.TemporaryDirectory() as scratch:
+        if "trl" in sections:
+            against_trl(Path(scratch), args.dry_run, 1 if args.dry_run else args.rounds)
+        if "methods" not in sections:
+            return
         started = time.perf_counter()
         model = write_model(Path(scratch) / "model", shape, dtype)
         print(

@@ -46,7 +46,9 @@ LARGER: dict[str, Any] = {
 }
 
 
-def build_model(directory: Path, shape: dict[str, Any]) -> Path:
+def build_model(directory: Path, shape: dict[str, Any], vocab_size: int = 0) -> Path:
+    """A random Llama of `shape` with a small byte-level BPE tokenizer (a `vocab_size` above the
+    tokenizer's gives the output layer a real model's width; the ids above go unused)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -71,7 +73,7 @@ def build_model(directory: Path, shape: dict[str, Any]) -> Path:
     fast.save_pretrained(directory)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(fast),
+        vocab_size=max(vocab_size, len(fast)),
         max_position_embeddings=1024,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
@@ -101,7 +103,14 @@ def build_data(path: Path, count: int) -> Path:
 
 
 def run_tunefleet(
-    model: Path, data: Path, steps: int, method: str, workdir: Path, max_length: int, batch: int
+    model: Path,
+    data: Path,
+    steps: int,
+    method: str,
+    workdir: Path,
+    max_length: int,
+    batch: int,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     from tunefleet.trainer.spec import parse_spec
     from tunefleet.trainer.train import Trainer
@@ -117,7 +126,7 @@ def run_tunefleet(
                 "epochs": 100,
                 "micro_batch_size": batch,
                 "max_sequence_length": max_length,
-                "precision": "fp32",
+                "precision": precision,
                 "seed": 1,
             },
             "train_data": {"uri": str(data)},
@@ -144,6 +153,7 @@ def run_trl(
     max_length: int,
     batch: int,
     defaults: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -153,7 +163,9 @@ def run_trl(
     records = [json.loads(line) for line in data.open()]
     dataset = datasets.Dataset.from_list([{"messages": r["messages"]} for r in records])
     config = SFTConfig(
-        max_steps=steps, learning_rate=2e-4, **trl_arguments(workdir, batch, max_length, defaults)
+        max_steps=steps,
+        learning_rate=2e-4,
+        **trl_arguments(workdir, batch, max_length, defaults, precision),
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(model)),
@@ -165,10 +177,12 @@ def run_trl(
     return {"tokens_per_second": timed_tokens_per_second(trainer)}
 
 
-def trl_arguments(workdir: Path, batch: int, max_length: int, defaults: bool) -> dict[str, Any]:
+def trl_arguments(
+    workdir: Path, batch: int, max_length: int, defaults: bool, precision: str = "fp32"
+) -> dict[str, Any]:
     """The arguments TRL's trainers share here: tunefleet's batch, length, schedule and
-    precision on CPU, no saving. TRL's default turns gradient checkpointing on; tunefleet's
-    regime (`defaults` False) keeps the activations."""
+    precision (fp32 on CPU; bf16 on a GPU), no saving. TRL's default turns gradient
+    checkpointing on; tunefleet's regime (`defaults` False) keeps the activations."""
     regime: dict[str, Any] = {} if defaults else {"gradient_checkpointing": False}
     return {
         "output_dir": str(workdir / "trl"),
@@ -180,9 +194,9 @@ def trl_arguments(workdir: Path, batch: int, max_length: int, defaults: bool) ->
         "report_to": "none",
         "save_strategy": "no",
         "seed": 1,
-        "use_cpu": True,
+        "use_cpu": precision == "fp32",
         "dataloader_num_workers": 0,
-        "bf16": False,
+        "bf16": precision == "bf16",
         "fp16": False,
         **regime,
     }
@@ -218,17 +232,35 @@ def child(args: argparse.Namespace) -> None:
                 args.max_length,
                 args.batch,
                 defaults=args.child == "trl",
+                precision=args.precision,
             )
         else:
             result = run_tunefleet(
-                args.model, args.data, args.steps, args.child, workdir, args.max_length, args.batch
+                args.model,
+                args.data,
+                args.steps,
+                args.child,
+                workdir,
+                args.max_length,
+                args.batch,
+                args.precision,
             )
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     args.out.write_text(json.dumps(result))
 
 
 def spawn(
-    name: str, model: Path, data: Path, steps: int, max_length: int, batch: int, out: Path
+    name: str,
+    model: Path,
+    data: Path,
+    steps: int,
+    max_length: int,
+    batch: int,
+    out: Path,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     subprocess.run(
         [
@@ -248,6 +280,8 @@ def spawn(
             str(batch),
             "--out",
             str(out),
+            "--precision",
+            precision,
         ],
         check=True,
         stdout=subprocess.DEVNULL,
@@ -267,6 +301,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)

@@ -13,7 +13,7 @@ GPU = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 
 def test_the_gpu_check_runs_dry_on_cpu() -> None:
     result = subprocess.run(
-        [sys.executable, str(GPU), "--dry-run"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(GPU), "--dry-run"], capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = {m.group(1): m.group(0) for m in re.finditer(r"^  (\w+) *: .*$", result.stdout, re.M)}
@@ -26,3 +26,8 @@ def test_the_gpu_check_runs_dry_on_cpu() -> None:
         for name, line in lines.items()
     }
     assert trainable["lora"] < trainable["full"] and trainable["qlora"] < trainable["full"]
+    # tunefleet's LoRA and TRL's SFTTrainer (both regimes) each train, and are compared.
+    rounds = re.findall(r"^  round 1 (.+?) *: +([\d,]+) tokens/s", result.stdout, re.M)
+    assert [side for side, _ in rounds] == ["tunefleet", "TRL, defaults", "TRL, no checkpointing"]
+    assert all(int(speed.replace(",", "")) > 0 for _, speed in rounds)
+    assert result.stdout.count("tokens/s, tunefleet / TRL") == 2, result.stdout
