@@ -60,15 +60,10 @@ class KubernetesLauncher:
             self._threads.append(thread)
 
     def _connect(self) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if self._api_client is None:
-            if self.settings.kubeconfig is not None:
-                self._api_client = config.new_client_from_config(str(self.settings.kubeconfig))
-            else:
-                configuration = client.Configuration()
-                config.load_incluster_config(client_configuration=configuration)
-                self._api_client = client.ApiClient(configuration)
+            self._api_client = api_client(self.settings)
         self.batch = client.BatchV1Api(self._api_client)
         self.core = client.CoreV1Api(self._api_client)
         self.custom = client.CustomObjectsApi(self._api_client)
@@ -343,6 +338,17 @@ class KubernetesLauncher:
         self.core.patch_namespaced_secret(
             run.run_id, self.namespace, {"stringData": {manifests.RESUME_KEY: uri}}
         )
+
+
+def api_client(settings: KubernetesSettings) -> Any:
+    """A client of the API server: from `kubeconfig`, else the Pod's service account."""
+    from kubernetes import client, config
+
+    if settings.kubeconfig is not None:
+        return config.new_client_from_config(str(settings.kubeconfig))
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 def kueue_wait(workload: dict[str, Any] | None) -> tuple[str, str] | None:

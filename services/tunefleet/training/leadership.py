@@ -169,25 +169,19 @@ class KubernetesLeadership(Elected):
     """The lease is a coordination.k8s.io/v1 Lease in the training namespace, written with the
     resource version it was read at (a concurrent writer gets 409 Conflict and loses)."""
 
-    def __init__(self, settings: TrainingSettings, api_client: Any = None) -> None:
+    def __init__(self, settings: TrainingSettings) -> None:
         super().__init__(settings.leader_lease_seconds, settings.leader_renew_seconds)
+        self.kubernetes = settings.kubernetes
         self.namespace = settings.kubernetes.namespace
-        self.kubeconfig = settings.kubernetes.kubeconfig
-        self._api_client = api_client
         self._api: Any = None
 
     def _coordination(self) -> Any:
-        from kubernetes import client, config
+        from kubernetes import client
+
+        from tunefleet.training.kubernetes import api_client
 
         if self._api is None:
-            if self._api_client is None:
-                if self.kubeconfig is not None:
-                    self._api_client = config.new_client_from_config(str(self.kubeconfig))
-                else:
-                    configuration = client.Configuration()
-                    config.load_incluster_config(client_configuration=configuration)
-                    self._api_client = client.ApiClient(configuration)
-            self._api = client.CoordinationV1Api(self._api_client)
+            self._api = client.CoordinationV1Api(api_client(self.kubernetes))
         return self._api
 
     def _take(self) -> bool:
