@@ -437,6 +437,105 @@ def test_two_nodes_under_torchrun_train_like_one_process_with_their_combined_bat
     assert not (tmp_path / "node-1" / "progress.jsonl").exists()
 
 
+def test_a_gang_that_lost_a_node_starts_again_from_its_checkpoint_as_if_never_stopped(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """Two torchrun "nodes" as a multi-node Job runs them (tunefleet.trainer.gang), each with its
+    own output folder and the shared blob store. The second node is killed after a checkpoint
+    was stored: the first node's trainer fails PEER_LOST, and the gang wrapper ends with that
+    status (torchrun's own would be 1, which fails the Job), which the Job retries. Both nodes
+    started again from the stored checkpoint end as one process on their combined batch does."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tunefleet.demo.server import free_port
+    from tunefleet.storage.blobs import LocalBlobStore
+    from tunefleet.trainer.outcome import PEER_LOST_EXIT
+    from tunefleet.training.launcher import EXIT_REASONS, Nodes, trainer_command
+
+    assert PEER_LOST_EXIT not in EXIT_REASONS  # the Job retries it
+    store = LocalBlobStore(tmp_path / "blobs")
+    records = write_records(tmp_path / "gang-records.jsonl", train=96, validation=24)
+    data = {"uri": store.uri(store.put_file(records).sha256), "split": "train"}
+    storage = {"blob_backend": "local", "blob_dir": str(tmp_path / "blobs")}
+    hyper = {"max_steps": 200, "epochs": 100, "eval_every_steps": 100, "checkpoint_every_steps": 4}
+    common = {"storage": storage, "train_data": data}
+    train(
+        make_spec(
+            output="single",
+            hyperparameters={**hyper, "gradient_accumulation_steps": 2},
+            **common,
+        )
+    )
+
+    def start(attempt: str, **spec: Any) -> list[subprocess.Popen[str]]:
+        port, processes = free_port(), []
+        for rank in (0, 1):
+            spec_file = tmp_path / f"{attempt}-{rank}.json"
+            document = make_spec(
+                output=f"{attempt}-{rank}", hyperparameters=hyper, **common, **spec
+            )
+            spec_file.write_text(json.dumps(document))
+            command = trainer_command(
+                sys.executable, 1, str(spec_file), Nodes(2, str(rank), "127.0.0.1", port)
+            )
+            environment = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "TUNEFLEET_RESULT_FILE": str(tmp_path / f"{attempt}-{rank}.outcome"),
+            }
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=environment,
+                )
+            )
+        return processes
+
+    def events(output: str) -> list[dict[str, Any]]:
+        path = tmp_path / output / "progress.jsonl"
+        return [json.loads(line) for line in path.open()] if path.exists() else []
+
+    first = start("first")
+    deadline = time.monotonic() + 300
+    while not [e for e in events("first-0") if e["event"] == "checkpoint"]:
+        assert time.monotonic() < deadline and first[0].poll() is None, first[0].stderr
+        time.sleep(0.05)
+    # The second node is gone: every process of its Pod (torchrun starts each trainer in a
+    # session of its own; Kubernetes kills the container's whole cgroup).
+    node = psutil.Process(first[1].pid)
+    for member in [*node.children(recursive=True), node]:
+        member.kill()
+    first[1].wait()
+    _, errors = first[0].communicate(timeout=300)
+    assert first[0].returncode == PEER_LOST_EXIT, errors[-4000:]
+    said = json.loads((tmp_path / "first-0.outcome").read_text())
+    assert said["reason"] == "PEER_LOST", said
+    stored = [e for e in events("first-0") if e["event"] == "checkpoint"]
+    reached = max(e["step"] for e in events("first-0") if e["event"] == "progress")
+    assert reached < 200, "the run ended before the node was lost"
+
+    # The Job's retries: both nodes again, reading the pointer to the last stored checkpoint.
+    again = start("again", resume_from=stored[-1]["uri"])
+    for process in again:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors[-4000:]
+    resumed = [e for e in events("again-0") if e["event"] == "progress"]
+    assert resumed[0]["step"] == stored[-1]["step"] + 1
+    single = {e["step"]: e for e in events("single") if e["event"] == "progress"}
+    for step in resumed:
+        assert step["train_loss"] == pytest.approx(single[step["step"]]["train_loss"], rel=1e-4)
+    assert resumed[-1]["step"] == 200
+    assert resumed[-1]["validation_loss"] == pytest.approx(single[200]["validation_loss"], rel=1e-4)
+
+
 def _torchrun(tmp_path: Path, spec: dict[str, Any], processes: int = 2) -> None:
     import os
     import subprocess

@@ -20,6 +20,7 @@ from tests.kube.namespace import Kube, pods_of, run_request, until
 from tests.storage.conftest import s3_client
 from tests.training.conftest import Platform, lora_adapter, stored_request
 from tunefleet.runtime.settings import KubernetesSettings
+from tunefleet.trainer.outcome import PEER_LOST_EXIT
 from tunefleet.training import manifests
 from tunefleet.training.kubernetes import KUEUE, KUEUE_JOB_UID, KubernetesLauncher, new_lines
 from tunefleet.training.launcher import Phase
@@ -50,7 +51,7 @@ def test_manifests_pass_strict_schema_validation(version: str, gpus: int) -> Non
     assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     if gpus > 1:  # one process per GPU
-        assert container["command"][1:4] == ["-m", "torch.distributed.run", "--standalone"]
+        assert container["command"][1:4] == ["-m", "tunefleet.trainer.gang", "--standalone"]
         assert f"--nproc-per-node={gpus}" in container["command"]
     assert job["spec"]["activeDeadlineSeconds"] == 3600
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {
@@ -77,7 +78,7 @@ def test_a_multi_node_run_is_an_indexed_job_with_a_headless_service(version: str
     container = pod["containers"][0]
     assert container["command"][1:] == [
         "-m",
-        "torch.distributed.run",
+        "tunefleet.trainer.gang",  # torchrun, exiting with the failed trainer's status
         "--nnodes=4",
         "--node-rank=$(NODE_RANK)",  # filled in by Kubernetes from the variable below
         f"--master-addr={name}-0.{name}",
@@ -96,6 +97,10 @@ def test_a_multi_node_run_is_an_indexed_job_with_a_headless_service(version: str
     assert (
         "completionMode" not in one["spec"] and "subdomain" not in one["spec"]["template"]["spec"]
     )
+    # A node lost fails every node's Pod (PEER_LOST, retried): the limit counts gang restarts.
+    assert spec["backoffLimit"] == 4 * one["spec"]["backoffLimit"]
+    (final, _) = spec["podFailurePolicy"]["rules"]
+    assert PEER_LOST_EXIT not in final["onExitCodes"]["values"]
 
 
 @pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])

@@ -2,7 +2,8 @@
 
 Exit status: 0 when the job succeeded, 2 when the spec cannot work (nothing big was loaded),
 3 when TrainingService cancelled the job, 4 when the trained result could not be registered,
-5 when memory ran out, 1 when training failed otherwise.
+5 when memory ran out, 6 when a process of a multi-process run lost a peer (another process or
+node went away: not its own fault), 1 when training failed otherwise.
 Progress goes to OUTPUT_DIR/progress.jsonl (and to TrainingService when
 the spec names an endpoint); the result to OUTPUT_DIR/result.json; the outcome (see outcome.py)
 to $TUNEFLEET_RESULT_FILE.
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tunefleet.trainer import outcome
+from tunefleet.trainer.outcome import PEER_LOST_EXIT
 from tunefleet.trainer.register import RegistrationFailed
 from tunefleet.trainer.report import Cancelled
 from tunefleet.trainer.spec import SpecError, load_spec
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(trainer, 4, "REGISTRATION_FAILED", str(error))
     except Exception as error:
         logging.exception("training failed")
-        code, reason = (5, "OUT_OF_MEMORY") if _out_of_memory(error) else (1, "TRAINER_FAILED")
+        if _out_of_memory(error):
+            code, reason = 5, "OUT_OF_MEMORY"
+        elif trainer.dist.world > 1 and _peer_lost(error):
+            code, reason = PEER_LOST_EXIT, "PEER_LOST"
+        else:
+            code, reason = 1, "TRAINER_FAILED"
         return _failed(trainer, code, reason, f"{type(error).__name__}: {error}")
     finally:
         trainer.reporter.close()
@@ -72,6 +79,26 @@ def _failed(trainer: object, code: int, reason: str, message: str) -> int:
     outcome.record(reason=reason, message=message)
     trainer.reporter.event("failed", reason=reason, message=message)  # type: ignore[attr-defined]
     return code
+
+
+# What a collective says when another process of the run went away (gloo, NCCL, the store).
+PEER_GONE = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "nccl communicator was aborted",
+    "remote process exited",
+)
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the run is gone (a preempted or
+    lost node), not because of this process's own fault."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error).lower()
+    return any(phrase in text for phrase in PEER_GONE)
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -15,6 +15,10 @@ from typing import Any
 LIMIT = 3500  # Kubernetes keeps 4096 bytes of a termination message
 _fields: dict[str, Any] = {}
 
+# The exit status of a process of a multi-process run whose peer went away (PEER_LOST): unlike
+# the trainer's other failures, not final (tunefleet.training.launcher).
+PEER_LOST_EXIT = 6
+
 
 def reset() -> None:
     _fields.clear()

@@ -103,14 +103,15 @@ class Nodes:
 def trainer_command(
     python: str, gpu_count: int, spec_path: str, nodes: Nodes | None = None
 ) -> list[str]:
-    """The worker's command line: the trainer, under torchrun (one process per GPU of a node)
-    when the run has more than one GPU or more than one node."""
+    """The worker's command line: the trainer, under torchrun (one process per GPU of a node,
+    through tunefleet.trainer.gang, which exits with the first failed process's status) when
+    the run has more than one GPU or more than one node."""
     trainer = ["-m", "tunefleet.trainer", "--spec", spec_path]
     if nodes is not None and nodes.count > 1:
         return [
             python,
             "-m",
-            "torch.distributed.run",
+            "tunefleet.trainer.gang",
             f"--nnodes={nodes.count}",
             f"--node-rank={nodes.rank}",
             f"--master-addr={nodes.address}",
@@ -122,7 +123,7 @@ def trainer_command(
         return [
             python,
             "-m",
-            "torch.distributed.run",
+            "tunefleet.trainer.gang",
             "--standalone",
             f"--nproc-per-node={gpu_count}",
             *trainer,

@@ -210,16 +210,19 @@ def job_manifest(settings: KubernetesSettings, request: RunRequest) -> dict[str,
             "annotations": {"tunefleet.dev/training-job-name": f"trainingJobs/{request.job_id}"},
         },
         "spec": {
-            "backoffLimit": settings.backoff_limit,
+            # A gang restart (a node lost: its peers end PEER_LOST) fails every node's Pod.
+            "backoffLimit": settings.backoff_limit * max(request.node_count, 1),
             "activeDeadlineSeconds": request.max_run_seconds or settings.active_deadline_seconds,
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
             **job_spec,
             # The trainer's own failures are final (see EXIT_REASONS: it failed, the spec cannot
             # work, it was cancelled, its result could not be registered, memory ran out); a Pod
             # disrupted by preemption or eviction is retried without counting against
-            # backoffLimit. (Servers before 1.26 ignore this and retry every failure up to
-            # backoffLimit.) The empty `onPodConditions` is for the 1.27 and 1.28 schemas, which
-            # require the field; their servers accept it empty beside `onExitCodes`.
+            # backoffLimit, and so is, counting, one whose trainer lost a peer (PEER_LOST_EXIT):
+            # all of a multi-node run's Pods start again, and resume from the checkpoint.
+            # (Servers before 1.26 ignore this and retry every failure up to backoffLimit.) The
+            # empty `onPodConditions` is for the 1.27 and 1.28 schemas, which require the field;
+            # their servers accept it empty beside `onExitCodes`.
             "podFailurePolicy": {
                 "rules": [
                     {
