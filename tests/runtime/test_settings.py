@@ -38,6 +38,18 @@ def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ({"TUNEFLEET_SERVER__AUTH__ENABLED": "true"}, "tokens_file is required"),
         ({"TUNEFLEET_SERVER__TLS__CERT_FILE": "/nope.crt"}, "key_file must be set together"),
         ({"TUNEFLEET_INFERENCE__VLLM__MAX_LORA_RANK": "24"}, "must be one of 1, 8, 16"),
+        (
+            {"TUNEFLEET_TRAINING__LEADER_ELECTION": "database"},
+            "worker_endpoint is required with leader_election",
+        ),
+        (
+            {
+                "TUNEFLEET_TRAINING__LEADER_ELECTION": "database",
+                "TUNEFLEET_TRAINING__WORKER_ENDPOINT": "ipv4:127.0.0.1:1,127.0.0.1:2",
+                "TUNEFLEET_TRAINING__LEADER_RENEW_SECONDS": "6",
+            },
+            "leader_renew_seconds must be at most half of leader_lease_seconds",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(

@@ -96,6 +96,7 @@ async def test_a_kubernetes_lease_moves_to_another_replica_when_its_leader_dies(
 ) -> None:
     settings = TrainingSettings(
         leader_election="kubernetes",
+        worker_endpoint="tunefleet-training:50051",
         leader_lease_seconds=LEASE,
         leader_renew_seconds=RENEW,
         kubernetes=KubernetesSettings(**kube.settings()),

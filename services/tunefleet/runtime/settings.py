@@ -348,6 +348,12 @@ class TrainingSettings(_Section):
 
     @model_validator(mode="after")
     def _leases(self) -> TrainingSettings:
+        if self.leader_election != "none" and not self.worker_endpoint:
+            raise ValueError(
+                "worker_endpoint is required with leader_election: workers report to any "
+                "replica, so name an address that outlives one (the training Service, or "
+                "ipv4:host1:port1,host2:port2)"
+            )
         if self.leader_renew_seconds * 2 > self.leader_lease_seconds:
             raise ValueError(
                 "leader_renew_seconds must be at most half of leader_lease_seconds (a leader "
