@@ -437,6 +437,7 @@ def test_two_nodes_under_torchrun_train_like_one_process_with_their_combined_bat
     assert not (tmp_path / "node-1" / "progress.jsonl").exists()
 
 
+@pytest.mark.timeout(600)  # three runs of 200 steps, two of them of two processes
 def test_a_gang_that_lost_a_node_starts_again_from_its_checkpoint_as_if_never_stopped(
     make_spec: MakeSpec, tmp_path: Path
 ) -> None:
@@ -555,6 +556,7 @@ def _torchrun(tmp_path: Path, spec: dict[str, Any], processes: int = 2) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.timeout(600)  # four runs, three of them of two processes
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fsdp_on_two_processes_trains_like_one_unsharded_process(
     make_spec: MakeSpec, tmp_path: Path, method: str
