@@ -25,11 +25,17 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny chat model with sharper attention (its query and key weights scaled up): a
-    random model's attention is nearly uniform, and would hide a wrong q/k layout."""
+    random model's attention is nearly uniform, and would hide a wrong q/k layout. Its rotary
+    base is not the default either (transformers 5 keeps it in `rope_parameters`)."""
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM
 
     directory = build_chat_model(tmp_path_factory.mktemp("gguf-source"))
+    config = json.loads((directory / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 500.0, "rope_type": "default"}
+    (directory / "config.json").write_text(json.dumps(config))
     network = AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
         for layer in network.model.layers:
@@ -77,6 +83,7 @@ def test_the_file_holds_llama_cpp_s_names_types_and_the_model_s_settings(
     assert scalar("llama.attention.head_count") == config["num_attention_heads"]
     assert scalar("llama.attention.head_count_kv") == config["num_key_value_heads"]
     assert scalar("llama.embedding_length") == config["hidden_size"]
+    assert scalar("llama.rope.freq_base") == pytest.approx(500.0)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     layers = config["num_hidden_layers"]
     expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {

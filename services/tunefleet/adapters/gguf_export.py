@@ -90,7 +90,7 @@ def export(model_dir: Path, output: Path, kind: str, *, permute_qk: bool = True)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(
         {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(
@@ -130,6 +130,16 @@ def export(model_dir: Path, output: Path, kind: str, *, permute_qk: bool = True)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    """The rotary base (transformers 5 keeps it in `rope_parameters`); scaled rotary embeddings
+    (llama3, yarn, ...) are refused rather than written as plain ones."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise ExportError(f"rope_parameters: {kind!r} rotary scaling is not exported yet")
+    return float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
 
 
 def _gguf_name(name: str) -> str | None:
