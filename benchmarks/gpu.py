@@ -172,11 +172,6 @@ def against_trl(directory: Path, dry_run: bool, rounds: int) -> None:
     data = runs.build_data(directory / "data.jsonl", 64 if dry_run else 512)
     steps, length, batch = (2, 128, 2) if dry_run else (30, 512, 8)
     precision = "fp32" if dry_run else "bf16"
-    sides = {
-        "lora": "tunefleet",
-        "trl": "TRL, defaults",
-        "trl-same-memory": "TRL, no checkpointing",
-    }
     named = "a tiny Llama" if dry_run else "SmolLM2-135M"
     print(
         f"tunefleet vs TRL SFTTrainer: LoRA r=16 on {named}"
@@ -184,35 +179,7 @@ def against_trl(directory: Path, dry_run: bool, rounds: int) -> None:
         + (" (dry run: the code paths only; no figure here means anything)" if dry_run else ""),
         flush=True,
     )
-    ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
-    order = list(sides)
-    for number in range(1, rounds + 1):
-        speed = {}
-        for name in order:
-            out = directory / f"{name}-{number}.json"
-            try:
-                result = runs.spawn(name, model, data, steps, length, batch, out, precision)
-            except subprocess.CalledProcessError as error:
-                print(f"  round {number} {sides[name]:22s}: failed (exit {error.returncode})")
-                continue
-            speed[name] = result["tokens_per_second"]
-            memory = result.get("gpu_peak_mib", result["peak_mib"])
-            print(
-                f"  round {number} {sides[name]:22s}: {speed[name]:9,.0f} tokens/s, peak "
-                f"{memory:8,.0f} MiB ({'GPU' if 'gpu_peak_mib' in result else 'RSS'})",
-                flush=True,
-            )
-        for name in ratios:
-            if "lora" in speed and name in speed:
-                ratios[name].append(speed["lora"] / speed[name])
-        order = order[1:] + order[:1]
-    for name, values in ratios.items():
-        if values:
-            print(
-                f"  tokens/s, tunefleet / {sides[name]}: median {statistics.median(values):.2f}x "
-                f"({min(values):.2f}-{max(values):.2f})",
-                flush=True,
-            )
+    runs.compare_with_trl(directory, model, data, steps, length, batch, rounds, precision)
 
 
 def main() -> None:

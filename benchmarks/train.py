@@ -291,6 +291,57 @@ def spawn(
     return result
 
 
+SIDES = {
+    "lora": "tunefleet",
+    "trl": "TRL, defaults",
+    "trl-same-memory": "TRL, no checkpointing",
+}
+
+
+def compare_with_trl(
+    directory: Path,
+    model: Path,
+    data: Path,
+    steps: int,
+    max_length: int,
+    batch: int,
+    rounds: int,
+    precision: str = "fp32",
+) -> None:
+    """tunefleet's LoRA and TRL's SFTTrainer (both regimes) in `rounds` interleaved rounds, in
+    a rotating order, every round printed (tokens per second, peak memory: the GPU's when the
+    run had one, else the process's RSS); then the median and range of each ratio."""
+    ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
+    order = list(SIDES)
+    for number in range(1, rounds + 1):
+        speed = {}
+        for name in order:
+            out = directory / f"{name}-{number}.json"
+            try:
+                result = spawn(name, model, data, steps, max_length, batch, out, precision)
+            except subprocess.CalledProcessError as error:
+                print(f"  round {number} {SIDES[name]:22s}: failed (exit {error.returncode})")
+                continue
+            speed[name] = result["tokens_per_second"]
+            memory = result.get("gpu_peak_mib", result["peak_mib"])
+            print(
+                f"  round {number} {SIDES[name]:22s}: {speed[name]:9,.0f} tokens/s, peak "
+                f"{memory:8,.0f} MiB ({'GPU' if 'gpu_peak_mib' in result else 'RSS'})",
+                flush=True,
+            )
+        for name in ratios:
+            if "lora" in speed and name in speed:
+                ratios[name].append(speed["lora"] / speed[name])
+        order = order[1:] + order[:1]  # rotate who goes first
+    for name, values in ratios.items():
+        if values:
+            print(
+                f"  tokens/s, tunefleet / {SIDES[name]}: median {statistics.median(values):.2f}x "
+                f"({min(values):.2f}-{max(values):.2f})",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=24)
@@ -311,36 +362,7 @@ def main() -> None:
         small = build_model(directory / "small", SMALL)
         data = build_data(directory / "data.jsonl", 512)
         print(f"model: Llama {SMALL}, data: 512 conversations of 20-230 words", flush=True)
-        sides = {
-            "lora": "tunefleet",
-            "trl": "TRL SFTTrainer, defaults",
-            "trl-same-memory": "TRL, no grad. checkpointing",
-        }
-        print(f"{'round':<7}{'trainer':<30}{'tokens/s':>12}{'peak MiB':>10}")
-        ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
-        order = list(sides)
-        for round_number in range(1, args.rounds + 1):
-            results = {}
-            for name in order:
-                out = directory / f"{name}-{round_number}.json"
-                results[name] = spawn(name, small, data, args.steps, 512, 8, out)
-                print(
-                    f"{round_number:<7}{sides[name]:<30}"
-                    f"{results[name]['tokens_per_second']:>12,.0f}"
-                    f"{results[name]['peak_mib']:>10,.0f}",
-                    flush=True,
-                )
-            for name in ratios:
-                ratios[name].append(
-                    results["lora"]["tokens_per_second"] / results[name]["tokens_per_second"]
-                )
-            order = order[1:] + order[:1]  # rotate who goes first
-        for name, values in ratios.items():
-            print(
-                f"throughput ratio tunefleet / {sides[name]}: median "
-                f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})",
-                flush=True,
-            )
+        compare_with_trl(directory, small, data, args.steps, 512, 8, args.rounds)
         larger = build_model(directory / "larger", LARGER)
         lora = spawn("lora", larger, data, 3, 128, 2, directory / "lora.json")
         qlora = spawn("qlora", larger, data, 3, 128, 2, directory / "qlora.json")

@@ -58,6 +58,22 @@ class Kube:
         secret = self.core.read_namespaced_secret(manifests.run_name(job_id), self.namespace)
         return base64.b64decode((secret.data or {}).get(manifests.RESUME_KEY, "")).decode()
 
+    def suspend(self, job_id: str, suspended: bool) -> None:
+        """The Job's Suspended condition, as Kueue's suspension (or admission) leaves it on
+        servers that know `spec.suspend` (the test server, v1.20, drops the field)."""
+        now = datetime.now(UTC).isoformat()
+        condition = {
+            "type": "Suspended",
+            "status": "True" if suspended else "False",
+            "reason": "JobSuspended" if suspended else "JobResumed",
+            "message": "Job suspended" if suspended else "Job resumed",
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        }
+        self.batch.patch_namespaced_job_status(
+            manifests.run_name(job_id), self.namespace, {"status": {"conditions": [condition]}}
+        )
+
     def run_pod(self, pod: Any) -> None:
         now = datetime.now(UTC).isoformat()
         self._status(pod, "Running", {"running": {"startedAt": now}})

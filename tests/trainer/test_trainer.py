@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,62 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         return trainer.run()
     finally:
         trainer.reporter.close()
+
+
+def events(output: Path, kind: str = "") -> list[dict[str, Any]]:
+    """The events of a run's progress.jsonl (of one `kind`); none before it exists."""
+    path = output / "progress.jsonl"
+    found = [json.loads(line) for line in path.open()] if path.exists() else []
+    return [e for e in found if not kind or e["event"] == kind]
+
+
+def write_spec(tmp_path: Path, spec: dict[str, Any]) -> str:
+    path = tmp_path / f"{Path(spec['output_dir']).name}.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def torchrun(tmp_path: Path, spec: dict[str, Any], processes: int = 2) -> None:
+    """One torchrun of `processes` trainers (a multi-GPU Job's command line), on CPU."""
+    from tunefleet.training.launcher import trainer_command
+
+    result = subprocess.run(
+        trainer_command(sys.executable, processes, write_spec(tmp_path, spec)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def start_nodes(tmp_path: Path, specs: list[dict[str, Any]]) -> list[subprocess.Popen[str]]:
+    """Torchrun "nodes" of one trainer each, as a multi-node Job's Pods run them (the same
+    command line), meeting at the first one's address on 127.0.0.1; each leaves its outcome in
+    `<output>.outcome`."""
+    from tunefleet.demo.server import free_port
+    from tunefleet.training.launcher import Nodes, trainer_command
+
+    port, processes = free_port(), []
+    for rank, spec in enumerate(specs):
+        nodes = Nodes(len(specs), str(rank), "127.0.0.1", port)
+        outcome = tmp_path / f"{Path(spec['output_dir']).name}.outcome"
+        processes.append(
+            subprocess.Popen(
+                trainer_command(sys.executable, 1, write_spec(tmp_path, spec), nodes),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "TUNEFLEET_RESULT_FILE": str(outcome)},
+            )
+        )
+    return processes
+
+
+def succeed(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors[-4000:]
 
 
 @pytest.mark.parametrize(
@@ -212,8 +271,6 @@ def test_bad_specs_are_refused(make_spec: MakeSpec, change: dict[str, Any], mess
 def test_qlora_without_bitsandbytes_is_refused(
     make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sys
-
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(SpecError, match="qlora needs bitsandbytes"):
         parse_spec(make_spec(method="qlora"))
@@ -244,8 +301,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(
     make_spec: MakeSpec, tmp_path: Path
 ) -> None:
     import signal
-    import subprocess
-    import sys
     import time
 
     hyper = {"epochs": 3, "checkpoint_every_steps": 4, "eval_every_steps": 6}
@@ -352,30 +407,11 @@ def test_two_processes_under_torchrun_train_like_one_with_their_combined_batch(
 ) -> None:
     """Data parallelism (what a multi-GPU Job runs), on CPU with the gloo backend: two processes
     with micro-batches of 8 take the same steps as one process accumulating two micro-batches."""
-    import os
-    import subprocess
-    import sys
-
-    from tunefleet.training.launcher import trainer_command
-
     hyper = {"max_steps": 4, "eval_every_steps": 4}
     train(make_spec(output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}))
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(make_spec(output="parallel", hyperparameters=hyper)))
-    result = subprocess.run(
-        trainer_command(sys.executable, 2, str(spec_file)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    def progress(output: str) -> list[dict[str, Any]]:
-        lines = (tmp_path / output / "progress.jsonl").open()
-        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
-
-    single, parallel = progress("single"), progress("parallel")
+    torchrun(tmp_path, make_spec(output="parallel", hyperparameters=hyper))
+    single = events(tmp_path / "single", "progress")
+    parallel = events(tmp_path / "parallel", "progress")
     assert [e["step"] for e in parallel] == [1, 2, 3, 4]  # reported once, by the first process
     for one, two in zip(single, parallel, strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
@@ -392,41 +428,15 @@ def test_two_nodes_under_torchrun_train_like_one_process_with_their_combined_bat
     127.0.0.1), each with its own output folder as each Pod has its own scratch volume. They
     take the same steps as one process accumulating both micro-batches, and only the first
     node reports and writes the result."""
-    import os
-    import subprocess
-    import sys
-
-    from tunefleet.demo.server import free_port
-    from tunefleet.training.launcher import Nodes, trainer_command
-
     hyper = {"max_steps": 4, "eval_every_steps": 4}
     train(make_spec(output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}))
-    port = free_port()
-    processes = []
-    for rank in (0, 1):
-        spec_file = tmp_path / f"spec-{rank}.json"
-        spec_file.write_text(json.dumps(make_spec(output=f"node-{rank}", hyperparameters=hyper)))
-        command = trainer_command(
-            sys.executable, 1, str(spec_file), Nodes(2, str(rank), "127.0.0.1", port)
+    succeed(
+        start_nodes(
+            tmp_path, [make_spec(output=f"node-{r}", hyperparameters=hyper) for r in (0, 1)]
         )
-        processes.append(
-            subprocess.Popen(
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        )
-    for process in processes:
-        _, errors = process.communicate(timeout=300)
-        assert process.returncode == 0, errors[-4000:]
-
-    def progress(output: str) -> list[dict[str, Any]]:
-        lines = (tmp_path / output / "progress.jsonl").open()
-        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
-
-    single, nodes = progress("single"), progress("node-0")
+    )
+    single = events(tmp_path / "single", "progress")
+    nodes = events(tmp_path / "node-0", "progress")
     assert [e["step"] for e in nodes] == [1, 2, 3, 4]
     for one, two in zip(single, nodes, strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
@@ -446,17 +456,13 @@ def test_a_gang_that_lost_a_node_starts_again_from_its_checkpoint_as_if_never_st
     was stored: the first node's trainer fails PEER_LOST, and the gang wrapper ends with that
     status (torchrun's own would be 1, which fails the Job), which the Job retries. Both nodes
     started again from the stored checkpoint end as one process on their combined batch does."""
-    import os
-    import subprocess
-    import sys
     import time
 
     import psutil
 
-    from tunefleet.demo.server import free_port
     from tunefleet.storage.blobs import LocalBlobStore
     from tunefleet.trainer.outcome import PEER_LOST_EXIT
-    from tunefleet.training.launcher import EXIT_REASONS, Nodes, trainer_command
+    from tunefleet.training.launcher import EXIT_REASONS
 
     assert PEER_LOST_EXIT not in EXIT_REASONS  # the Job retries it
     store = LocalBlobStore(tmp_path / "blobs")
@@ -474,39 +480,13 @@ def test_a_gang_that_lost_a_node_starts_again_from_its_checkpoint_as_if_never_st
     )
 
     def start(attempt: str, **spec: Any) -> list[subprocess.Popen[str]]:
-        port, processes = free_port(), []
-        for rank in (0, 1):
-            spec_file = tmp_path / f"{attempt}-{rank}.json"
-            document = make_spec(
-                output=f"{attempt}-{rank}", hyperparameters=hyper, **common, **spec
-            )
-            spec_file.write_text(json.dumps(document))
-            command = trainer_command(
-                sys.executable, 1, str(spec_file), Nodes(2, str(rank), "127.0.0.1", port)
-            )
-            environment = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "TUNEFLEET_RESULT_FILE": str(tmp_path / f"{attempt}-{rank}.outcome"),
-            }
-            processes.append(
-                subprocess.Popen(
-                    command,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=environment,
-                )
-            )
-        return processes
-
-    def events(output: str) -> list[dict[str, Any]]:
-        path = tmp_path / output / "progress.jsonl"
-        return [json.loads(line) for line in path.open()] if path.exists() else []
+        outputs = [f"{attempt}-{rank}" for rank in (0, 1)]
+        documents = [make_spec(output=o, hyperparameters=hyper, **common, **spec) for o in outputs]
+        return start_nodes(tmp_path, documents)
 
     first = start("first")
     deadline = time.monotonic() + 300
-    while not [e for e in events("first-0") if e["event"] == "checkpoint"]:
+    while not events(tmp_path / "first-0", "checkpoint"):
         assert time.monotonic() < deadline and first[0].poll() is None, first[0].stderr
         time.sleep(0.05)
     # The second node is gone: every process of its Pod (torchrun starts each trainer in a
@@ -519,41 +499,19 @@ def test_a_gang_that_lost_a_node_starts_again_from_its_checkpoint_as_if_never_st
     assert first[0].returncode == PEER_LOST_EXIT, errors[-4000:]
     said = json.loads((tmp_path / "first-0.outcome").read_text())
     assert said["reason"] == "PEER_LOST", said
-    stored = [e for e in events("first-0") if e["event"] == "checkpoint"]
-    reached = max(e["step"] for e in events("first-0") if e["event"] == "progress")
+    stored = events(tmp_path / "first-0", "checkpoint")
+    reached = max(e["step"] for e in events(tmp_path / "first-0", "progress"))
     assert reached < 200, "the run ended before the node was lost"
 
     # The Job's retries: both nodes again, reading the pointer to the last stored checkpoint.
-    again = start("again", resume_from=stored[-1]["uri"])
-    for process in again:
-        _, errors = process.communicate(timeout=300)
-        assert process.returncode == 0, errors[-4000:]
-    resumed = [e for e in events("again-0") if e["event"] == "progress"]
+    succeed(start("again", resume_from=stored[-1]["uri"]))
+    resumed = events(tmp_path / "again-0", "progress")
     assert resumed[0]["step"] == stored[-1]["step"] + 1
-    single = {e["step"]: e for e in events("single") if e["event"] == "progress"}
+    single = {e["step"]: e for e in events(tmp_path / "single", "progress")}
     for step in resumed:
         assert step["train_loss"] == pytest.approx(single[step["step"]]["train_loss"], rel=1e-4)
     assert resumed[-1]["step"] == 200
     assert resumed[-1]["validation_loss"] == pytest.approx(single[200]["validation_loss"], rel=1e-4)
-
-
-def _torchrun(tmp_path: Path, spec: dict[str, Any], processes: int = 2) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tunefleet.training.launcher import trainer_command
-
-    spec_file = tmp_path / f"{Path(spec['output_dir']).name}.json"
-    spec_file.write_text(json.dumps(spec))
-    result = subprocess.run(
-        trainer_command(sys.executable, processes, str(spec_file)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.timeout(600)  # four runs, three of them of two processes
@@ -580,20 +538,19 @@ def test_fsdp_on_two_processes_trains_like_one_unsharded_process(
         output="single", hyperparameters={**hyper, "gradient_accumulation_steps": 2}, **common
     )
     train(single)
-    _torchrun(tmp_path, make_spec(output="sharded", hyperparameters=hyper, fsdp=True, **common))
+    torchrun(tmp_path, make_spec(output="sharded", hyperparameters=hyper, fsdp=True, **common))
     # Two steps, then resumed for the other two from the step-2 checkpoint.
     halves = {"output": "resumed", "fsdp": True, **common}
-    _torchrun(tmp_path, make_spec(hyperparameters={**hyper, "max_steps": 2}, **halves))
-    _torchrun(tmp_path, make_spec(hyperparameters=hyper, resume=True, **halves))
+    torchrun(tmp_path, make_spec(hyperparameters={**hyper, "max_steps": 2}, **halves))
+    torchrun(tmp_path, make_spec(hyperparameters=hyper, resume=True, **halves))
 
-    def progress(output: str) -> list[dict[str, Any]]:
-        lines = (tmp_path / output / "progress.jsonl").open()
-        return [e for e in map(json.loads, lines) if e["event"] == "progress"]
-
-    reference = progress("single")
-    resumed = progress("resumed")
+    reference = events(tmp_path / "single", "progress")
+    resumed = events(tmp_path / "resumed", "progress")
     assert [e["step"] for e in resumed] == [1, 2, 3, 4]  # reported once, by the first process
-    for output, steps in (("sharded", progress("sharded")), ("resumed", resumed)):
+    for output, steps in (
+        ("sharded", events(tmp_path / "sharded", "progress")),
+        ("resumed", resumed),
+    ):
         assert [e["step"] for e in steps] == [1, 2, 3, 4]
         for one, two in zip(reference, steps, strict=True):
             assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4), output

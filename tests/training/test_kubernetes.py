@@ -425,19 +425,7 @@ async def test_a_preempted_job_waits_past_the_worker_timeout_and_resumes(
     checkpoint = training_job_pb2.Checkpoint(step=40, uri="s3://bucket/checkpoint-40")
     await platform.report(job.name, token, checkpoint=checkpoint)
 
-    (kube_job,) = kube.jobs(identifier)
-    now = datetime.now(UTC).isoformat()
-    suspended = {
-        "type": "Suspended",
-        "status": "True",
-        "reason": "JobSuspended",
-        "message": "Job suspended",
-        "lastProbeTime": now,
-        "lastTransitionTime": now,
-    }
-    kube.batch.patch_namespaced_job_status(
-        kube_job.metadata.name, kube.namespace, {"status": {"conditions": [suspended]}}
-    )
+    kube.suspend(identifier, True)
     kube.core.delete_namespaced_pod(pod.metadata.name, kube.namespace, grace_period_seconds=0)
     job = await platform.wait(job.name, "QUEUED", within=30)
     assert job.state_history[-1].reason == "PREEMPTED"
@@ -448,11 +436,7 @@ async def test_a_preempted_job_waits_past_the_worker_timeout_and_resumes(
     assert kube.jobs(identifier), "the Kubernetes Job was deleted"
 
     # Capacity again: the Job runs a Pod, which resumes from the checkpoint.
-    kube.batch.patch_namespaced_job_status(
-        kube_job.metadata.name,
-        kube.namespace,
-        {"status": {"conditions": [{**suspended, "status": "False"}]}},
-    )
+    kube.suspend(identifier, False)
     pods = await until(pods_of(kube, identifier), within=60)
     (again,) = [p for p in pods if p.metadata.name != pod.metadata.name]
     assert kube.resume_from(identifier) == "s3://bucket/checkpoint-40"
@@ -551,17 +535,7 @@ class PlayedKueue:
         self.custom.patch_namespaced_custom_object_status(
             *KUEUE, self.kube.namespace, "workloads", self._name(job_id), {"status": status}
         )
-        condition = {
-            "type": "Suspended",
-            "status": "True" if suspended else "False",
-            "reason": "JobSuspended" if suspended else "JobResumed",
-            "message": "Job suspended" if suspended else "Job resumed",
-            "lastProbeTime": now,
-            "lastTransitionTime": now,
-        }
-        self.kube.batch.patch_namespaced_job_status(
-            manifests.run_name(job_id), self.kube.namespace, {"status": {"conditions": [condition]}}
-        )
+        self.kube.suspend(job_id, suspended)
 
 
 @pytest.mark.kubernetes

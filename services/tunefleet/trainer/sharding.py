@@ -60,6 +60,10 @@ class Replicated:
         if optimizer is not None:
             optimizer.load_state_dict(state)
 
+    def state_dict(self, model: Any) -> dict[str, Any] | None:
+        """What `save_pretrained` saves: None, the model's own state."""
+        return None
+
     def grad_norm(self, parameters: list[Any], max_norm: float) -> float:
         import torch
 
@@ -114,7 +118,7 @@ class Sharded(Replicated):
         state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else {}
         return weights, state
 
-    def state_dict(self, model: Any) -> dict[str, Any]:
+    def state_dict(self, model: Any) -> dict[str, Any] | None:
         """Collective: the whole state dict, frozen weights too, on the first process's CPU
         (PEFT saves an adapted output layer's base weights with the adapter)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict

@@ -10,6 +10,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,6 @@ from tunefleet.trainer.preference import (
     pair_batches,
 )
 from tunefleet.trainer.report import Cancelled, Reporter
-from tunefleet.trainer.sharding import Sharded
 from tunefleet.trainer.spec import DataSpec, SpecError, TrainerSpec
 from tunefleet.trainer.storage import download_checkpoint, fetch, open_store, upload_checkpoint
 
@@ -401,7 +401,7 @@ class Trainer:
         )
         return False, stop
 
-    def _resume_point(self) -> Any:
+    def _resume_point(self) -> Path | None:
         """The checkpoint to resume from, if any. With a replicated model the first process of
         every node fetches a stored one and each process reads it; with a sharded one only the
         first process reads it (and broadcasts what it read)."""
@@ -415,7 +415,7 @@ class Trainer:
         found = checkpoint.latest(spec.checkpoint_dir) if resume and reads else None
         return dist.broadcast(found) if sharded else found
 
-    def _restore(self, path: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    def _restore(self, path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         """Load a checkpoint into the model, optimizer and scheduler; the loop's state."""
         dist, holder = self.dist, self.holder
         weights: dict[str, Any] = {}
@@ -528,7 +528,7 @@ class Trainer:
         else:
             evaluation["adapter_changes_logits"] = True
         # A sharded model's weights are gathered by every process; the first one saves them.
-        weights = self.holder.state_dict(model) if isinstance(self.holder, Sharded) else None
+        weights = self.holder.state_dict(model)
         if not self.dist.main:
             return {"steps": state["step"]}
         output = spec.output_dir / ("model" if spec.method == "full" else "adapter")

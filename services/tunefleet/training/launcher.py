@@ -108,27 +108,18 @@ def trainer_command(
     the run has more than one GPU or more than one node."""
     trainer = ["-m", "tunefleet.trainer", "--spec", spec_path]
     if nodes is not None and nodes.count > 1:
-        return [
-            python,
-            "-m",
-            "tunefleet.trainer.gang",
+        meeting = [
             f"--nnodes={nodes.count}",
             f"--node-rank={nodes.rank}",
             f"--master-addr={nodes.address}",
             f"--master-port={nodes.port}",
-            f"--nproc-per-node={max(gpu_count, 1)}",
-            *trainer,
         ]
-    if gpu_count > 1:
-        return [
-            python,
-            "-m",
-            "tunefleet.trainer.gang",
-            "--standalone",
-            f"--nproc-per-node={gpu_count}",
-            *trainer,
-        ]
-    return [python, *trainer]
+    elif gpu_count > 1:
+        meeting = ["--standalone"]
+    else:
+        return [python, *trainer]
+    gang = [python, "-m", "tunefleet.trainer.gang", *meeting]
+    return [*gang, f"--nproc-per-node={max(gpu_count, 1)}", *trainer]
 
 
 # The trainer's exit statuses (see tunefleet.trainer.__main__).

@@ -31,6 +31,7 @@ from sqlalchemy import Integer, String
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tunefleet.core.tasks import cancel
 from tunefleet.runtime.settings import TrainingSettings
 from tunefleet.storage.database import Base, Database, utcnow
 
@@ -114,8 +115,7 @@ class Elected(Leadership):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel(self._task)
             self._task = None
         if self._until:
             self._until = 0.0

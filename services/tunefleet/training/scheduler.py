@@ -362,14 +362,7 @@ class Scheduler:
             job.launcher_run_id = run.run_id
             row.launch = LaunchState(run=run.state, devices=row.launch.devices)
             row.store(job)
-            self.states.event(
-                session,
-                job_id,
-                "log",
-                training_job_pb2.TrainingEvent.LogLine(
-                    stream="launcher", text=f"launched on {self.launcher.name} as {run.run_id}"
-                ),
-            )
+            self._note(session, job_id, f"launched on {self.launcher.name} as {run.run_id}")
             session.flush()
             session.expunge(row)
         self.signal.notify()
@@ -496,31 +489,24 @@ class Scheduler:
                     f"the run failed and is retried (retry {status.retries}): {status.message}; "
                     "the trainer resumes from its last checkpoint"
                 )
-                self.states.event(
-                    session,
-                    job_id,
-                    "log",
-                    training_job_pb2.TrainingEvent.LogLine(stream="launcher", text=note),
-                )
+                self._note(session, job_id, note)
             waiting = status.reason if status.phase == Phase.PENDING else ""
             if waiting != launch.waiting and job.state not in TERMINAL:
                 # Why a launched run waits (the cluster's queue, no capacity), said once per
                 # reason: a job waiting from its launch has no state change to say it with.
                 launch = dataclasses.replace(launch, waiting=waiting)
                 if waiting:
-                    self.states.event(
-                        session,
-                        job_id,
-                        "log",
-                        training_job_pb2.TrainingEvent.LogLine(
-                            stream="launcher", text=f"waiting ({waiting}): {status.message}"
-                        ),
-                    )
+                    self._note(session, job_id, f"waiting ({waiting}): {status.message}")
             row.launch = launch
             if job.state not in TERMINAL:
                 self._apply_phase(session, row, job, status)
             row.store(job)
         self.signal.notify()
+
+    def _note(self, session: Session, job_id: str, text: str) -> None:
+        """A line of the launcher's own on the job's event feed."""
+        line = training_job_pb2.TrainingEvent.LogLine(stream="launcher", text=text)
+        self.states.event(session, job_id, "log", line)
 
     def _apply_phase(
         self, session: Session, row: JobRow, job: TrainingJob, status: RunStatus
