@@ -260,6 +260,48 @@ async def test_merge_equals_the_unmerged_adapter(
     assert torch.allclose(expected, actual, atol=1e-4)
 
 
+async def test_concurrent_merges_and_smoke_tests_each_load_the_right_model(
+    stub: Stub, make_adapter: MakeAdapter, base_model: Path, tmp_path: Path
+) -> None:
+    """transformers is not safe to load models from several threads at once (core/loading.py):
+    merges in two precisions and uploads (each smoke-tested) at the same time each get their own
+    model, equal to the unmerged adapter, and leave the process's default dtype alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    directory = make_adapter(target_modules=["q_proj", "v_proj"])
+    version = await stub.UploadAdapterVersion(upload_requests(directory))
+    dtypes = ["float32", "bfloat16", "float32", "bfloat16", "float32", "float32"]
+    merges = [
+        stub.MergeAdapterVersion(pb.MergeAdapterVersionRequest(name=version.name, dtype=dtype))
+        for dtype in dtypes
+    ]
+    uploads = [stub.UploadAdapterVersion(upload_requests(make_adapter(seed=s))) for s in (2, 3)]
+    results = await asyncio.gather(*merges, *uploads)
+    assert all(r.smoke_test.result == adapter_pb2.SmokeTest.RESULT_PASSED for r in results[-2:])
+    assert torch.get_default_dtype() == torch.float32
+
+    probe = torch.tensor([[1, 17, 42, 99, 256, 3]])
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_model), directory
+    )
+    with torch.no_grad():
+        expected = unmerged(probe).logits
+    for dtype, merged in zip(dtypes, results, strict=False):
+        out = tmp_path / merged.name.replace("/", "-")
+        out.mkdir()
+        for path, (data, _) in (await download(stub, merged.name)).items():
+            (out / path).write_bytes(data)
+        with torch.no_grad():
+            found = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(probe).logits
+        tolerance = 1e-4 if dtype == "float32" else 0.05  # bfloat16 keeps 8 bits of mantissa
+        assert torch.allclose(expected, found, atol=tolerance), (
+            dtype,
+            (expected - found).abs().max(),
+        )
+
+
 async def test_registry_metrics(
     stub: Stub, make_adapter: MakeAdapter, adapter_context: ServiceContext
 ) -> None:

