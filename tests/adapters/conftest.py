@@ -40,6 +40,32 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def gguf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny chat model (with tokenizer and chat template) with sharper attention (its query
+    and key weights scaled up): a random model's attention is nearly uniform, and would hide a
+    wrong q/k layout in a GGUF export. Its rotary base is not the default either (transformers 5
+    keeps it in `rope_parameters`)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.trainer.conftest import build_chat_model
+
+    directory = build_chat_model(tmp_path_factory.mktemp("gguf-source"))
+    config = json.loads((directory / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 500.0, "rope_type": "default"}
+    (directory / "config.json").write_text(json.dumps(config))
+    network = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for layer in network.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    network.save_pretrained(directory)
+    return directory
+
+
 MakeAdapter = Callable[..., Path]
 
 

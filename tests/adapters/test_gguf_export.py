@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import build_chat_model
 from tunefleet.adapters.gguf_export import ExportError, agreement, export
 
 LAYER_PARTS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
@@ -23,26 +22,8 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny chat model with sharper attention (its query and key weights scaled up): a
-    random model's attention is nearly uniform, and would hide a wrong q/k layout. Its rotary
-    base is not the default either (transformers 5 keeps it in `rope_parameters`)."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    directory = build_chat_model(tmp_path_factory.mktemp("gguf-source"))
-    config = json.loads((directory / "config.json").read_text())
-    config["rope_parameters"] = {"rope_theta": 500.0, "rope_type": "default"}
-    (directory / "config.json").write_text(json.dumps(config))
-    network = AutoModelForCausalLM.from_pretrained(directory)
-    with torch.no_grad():
-        for layer in network.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    network.save_pretrained(directory)
-    return directory
+def model(gguf_source: Path) -> Path:
+    return gguf_source
 
 
 def sequences(count: int = 8, length: int = 24) -> list[list[int]]:

@@ -46,6 +46,7 @@ REQUIRED_RPCS = {
         "ListAliasMoves",
         "WatchAdapterChanges",
         "MergeAdapterVersion",
+        "QuantizeModelVersion",
     },
     "inference": {
         "Generate",

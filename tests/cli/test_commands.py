@@ -358,6 +358,38 @@ def test_adapters_commands(platform: LocalServer, version: str, tmp_path: Path) 
     assert {Path(f).name for f in files} == {p.name for p in target.iterdir()}
 
 
+def test_adapters_export_writes_a_checked_gguf_file(
+    platform: LocalServer, version: str, tmp_path: Path
+) -> None:
+    from gguf import GGUFReader
+
+    target = tmp_path / "out" / "model.gguf"
+    short = f"served:{version.rsplit('/', 1)[1]}"
+    export = ["adapters", "export", short, "--format", "gguf-q8_0", "-o", str(target)]
+    exported = as_json(tunefleet(platform, *export, "--output", "json"))
+    stored = exported["version"]
+    assert (
+        stored["kind"] == "KIND_QUANTIZED_MODEL" and stored["format"] == "EXPORT_FORMAT_GGUF_Q8_0"
+    )
+    merged = tunefleet(platform, "adapters", "versions", "served", "-o", "json")
+    assert any(
+        v["name"] == stored["quantized_from"] and v["merged_from"] == version
+        for v in as_json(merged)
+    )
+    reader = GGUFReader(target)
+    assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "llama"
+    # Naming the export itself downloads it again, with its check.
+    again = tunefleet(
+        platform, "adapters", "export", stored["name"], "-o", str(tmp_path / "again.gguf")
+    )
+    assert "check passed: top-1 agreement" in again.stdout
+    assert (tmp_path / "again.gguf").read_bytes() == target.read_bytes()
+    unknown = tunefleet(
+        platform, "adapters", "export", short, "--format", "gguf-q5", "-o", "x", code=2
+    )
+    assert "gguf-q8_0" in unknown.stderr
+
+
 def test_generate_and_feedback(platform: LocalServer, version: str, tmp_path: Path) -> None:
     tunefleet(platform, "adapters", "alias", "set", "served", "live", "1")
     ask = ["generate", "--chat", "--adapter", "adapters/served@live", "--max-tokens", "8"]

@@ -351,6 +351,29 @@ async def test_unknown_and_foreign_adapters_are_refused(serving: Serving, served
     )
 
 
+async def test_merged_and_quantized_versions_are_refused_as_not_adapters(
+    serving: Serving, served: Served
+) -> None:
+    """Full models (a merge, its GGUF export) live in the registry beside the adapters, but are
+    no adapter of the served model: refused by name, never loaded as one."""
+    version = await serving.register("alpha", served.adapters["alpha"])
+    exported = await serving.adapters.QuantizeModelVersion(
+        adapter_service_pb2.QuantizeModelVersionRequest(
+            name=version, format=adapter_pb2.EXPORT_FORMAT_GGUF_F16
+        )
+    )
+    for full in (exported.quantized_from, exported.name):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await serving.generate(full)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION, full
+        info = error_info(raised.value)
+        assert info is not None and info.reason == "NOT_AN_ADAPTER", full
+    listed = await serving.inference.ListServedAdapters(
+        inference_service_pb2.ListServedAdaptersRequest()
+    )
+    assert not listed.served_adapters
+
+
 async def test_an_adapter_of_the_served_models_path_is_served(
     serving: Serving, served: Served
 ) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import click
-from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from tunefleet.cli.output import (
+    as_dict,
     client,
     console,
     handles_errors,
@@ -18,6 +22,8 @@ from tunefleet.cli.output import (
     size,
     when,
 )
+from tunefleet.client.adapters import EXPORT_FORMATS
+from tunefleet.client.adapters import export_format as parse_format
 
 
 @click.group()
@@ -144,6 +150,112 @@ def canary(
     console.print(f"{changed.name} -> {changed.version}, {split}", markup=False)
 
 
+def version_name(text: str) -> str:
+    """`orders:3` -> `adapters/orders/versions/3` and `orders@prod` -> `adapters/orders@prod`;
+    full names as given."""
+    match = re.fullmatch(r"([a-z][a-z0-9-]*)(?::(\d+)|@([a-z][a-z0-9-]*))", text)
+    if match is None:
+        return text
+    adapter, number, alias = match.groups()
+    return f"adapters/{adapter}/versions/{number}" if number else f"adapters/{adapter}@{alias}"
+
+
+def transfer_progress(output: str) -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=output == "json",
+    )
+
+
+@adapters.command()
+@click.argument("version")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(EXPORT_FORMATS),
+    default="gguf-q8_0",
+    show_default=True,
+    help="GGUF, for llama.cpp, Ollama and LM Studio.",
+)
+@click.option(
+    "-o",
+    "--out-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The file to write, such as model.gguf.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Least top-1 agreement with the full model that passes; default the server's (0.95).",
+)
+@click.option("--keep-failed", is_flag=True, help="Store an export that fails the check anyway.")
+@click.option(
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: machine-readable output for scripts.",
+)
+@handles_errors
+def export(
+    version: str,
+    export_format: str,
+    out_file: Path,
+    min_agreement: float | None,
+    keep_failed: bool,
+    output: str,
+) -> None:
+    """Export VERSION (orders:3, orders@prod or a full name) as one file: an adapter is merged
+    into its base model, quantized, checked against the merged model, stored as a new version
+    and downloaded. A version that is already such an export is downloaded as it is.
+
+    \b
+    tunefleet adapters export orders:3 --format gguf-q8_0 -o model.gguf
+    llama-cli -m model.gguf -cnv
+    """
+    name = version_name(version)
+    with client() as tunefleet:
+        found = tunefleet.adapters.get_version(name)
+        if found.format != parse_format(export_format):
+            if output != "json":
+                console.print(f"quantizing {found.name} to {export_format} and checking it ...")
+            found = tunefleet.adapters.quantize(
+                found.name,
+                export_format,
+                min_top1_agreement=min_agreement or 0.0,
+                keep_failed_export=keep_failed,
+            )
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        progress = transfer_progress(output)
+        with progress, tempfile.TemporaryDirectory(dir=out_file.parent) as temporary:
+            task = progress.add_task(f"downloading {found.name}", total=found.size_bytes)
+            (path,) = tunefleet.adapters.download(
+                found.name,
+                temporary,
+                on_progress=lambda done, _: progress.update(task, completed=done),
+            )
+            shutil.move(path, out_file)
+    check = found.export_check
+    if output == "json":
+        print_json({"version": as_dict(found), "file": str(out_file)})
+        return
+    result = "passed" if check.result == check.RESULT_PASSED else "FAILED"
+    console.print(
+        f"{out_file} ({size(out_file.stat().st_size)}): {found.name}, from "
+        f"{found.quantized_from}; check {result}: top-1 agreement {check.top1_agreement:.1%} "
+        f"(least {check.min_top1_agreement:.1%}), KL {check.kl_divergence:.4f} over "
+        f"{check.positions} positions",
+        markup=False,
+    )
+
+
 @adapters.command()
 @click.argument("version")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
@@ -151,16 +263,11 @@ def canary(
 @handles_errors
 def download(version: str, directory: Path, output: str) -> None:
     """Download VERSION's files (checked against their sha256) into DIRECTORY."""
-    progress = Progress(
-        "[progress.description]{task.description}",
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=console,
-        transient=True,
-        disable=output == "json",
-    )
+    version = version_name(version)
+    progress = transfer_progress(output)
     with progress, client() as tunefleet:
-        task = progress.add_task(f"downloading {version}", total=None)
+        found = tunefleet.adapters.get_version(version)
+        task = progress.add_task(f"downloading {version}", total=found.size_bytes)
         paths = tunefleet.adapters.download(
             version, directory, on_progress=lambda done, _: progress.update(task, completed=done)
         )

@@ -377,6 +377,61 @@ class Adapters(Resource[M]):
         )
         return merged
 
+    @operation
+    def quantize(
+        self,
+        version: str,
+        format: str | adapter_pb2.ExportFormat.ValueType,
+        *,
+        min_top1_agreement: float = 0.0,
+        keep_failed_export: bool = False,
+        request_id: str = "",
+    ) -> Program[adapter_pb2.AdapterVersion]:
+        """Export a version (an adapter is merged into its base model first) in `format`
+        (`gguf-q8_0`, `EXPORT_FORMAT_GGUF_Q8_0` or the enum), checked against the full model: a
+        new version, refused (FailedPrecondition, reason EXPORT_CHECK_FAILED) when its top-1
+        agreement is under the tolerance, unless `keep_failed_export`.
+
+        Example::
+
+            q8 = client.adapters.quantize("adapters/orders@prod", "gguf-q8_0")
+            print(q8.export_check.top1_agreement)
+            client.adapters.download(q8.name, "orders-gguf")
+        """
+        request = adapter_service_pb2.QuantizeModelVersionRequest(
+            name=version,
+            format=export_format(format),
+            min_top1_agreement=min_top1_agreement,
+            keep_failed_export=keep_failed_export,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        exported: adapter_pb2.AdapterVersion = yield Call(
+            self.Stub, "QuantizeModelVersion", request, idempotent=True
+        )
+        return exported
+
+
+def export_format(
+    value: str | adapter_pb2.ExportFormat.ValueType,
+) -> adapter_pb2.ExportFormat.ValueType:
+    """`gguf-q8_0` (the CLI's spelling) or `EXPORT_FORMAT_GGUF_Q8_0` as the enum; ValueError
+    naming the formats otherwise."""
+    if not isinstance(value, str):
+        return value
+    name = value if value.startswith("EXPORT_FORMAT_") else "EXPORT_FORMAT_" + value.upper()
+    try:
+        return adapter_pb2.ExportFormat.Value(name.replace("-", "_"))
+    except ValueError:
+        raise ValueError(f"format: {value!r} is not one of {', '.join(EXPORT_FORMATS)}") from None
+
+
+# The formats as the CLI spells them: gguf-f16, gguf-q8_0, gguf-q4_0.
+EXPORT_FORMATS = tuple(
+    value.name.removeprefix("EXPORT_FORMAT_").lower().replace("_", "-", 1)
+    for value in adapter_pb2.ExportFormat.DESCRIPTOR.values
+    if value.number
+)
+
 
 def _check_file(file: adapter_pb2.AdapterFile, size: int, sha256: str) -> None:
     if file.size_bytes and size != file.size_bytes:

@@ -327,6 +327,21 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             produced.append(row)
         return await self._version(row)
 
+    async def QuantizeModelVersion(
+        self, request: adapter_service_pb2.QuantizeModelVersionRequest, context: Context
+    ) -> adapter_pb2.AdapterVersion:
+        with self._registering() as produced:
+            row = await asyncio.to_thread(
+                self.manager.versions.quantize,
+                request.name,
+                adapter_pb2.ExportFormat.Name(request.format),
+                request.min_top1_agreement,
+                request.keep_failed_export,
+                request.request_id,
+            )
+            produced.append(row)
+        return await self._version(row)
+
     async def _adapter(self, row: AdapterRow) -> adapter_pb2.Adapter:
         aliases = await asyncio.to_thread(self.manager.aliases.aliases_of, row.id)
         return adapter_pb2.Adapter(
@@ -345,11 +360,7 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
         version = adapter_pb2.AdapterVersion(
             name=names.version_name(row.adapter_id, row.version),
             version=row.version,
-            kind=(
-                adapter_pb2.AdapterVersion.KIND_ADAPTER
-                if row.kind == "adapter"
-                else adapter_pb2.AdapterVersion.KIND_FULL_MODEL
-            ),
+            kind=adapter_pb2.AdapterVersion.Kind.Value(f"KIND_{row.kind.upper()}"),
             description=row.description,
             files=[adapter_pb2.AdapterFile(**f) for f in row.files["files"]],
             size_bytes=row.size_bytes,
@@ -368,6 +379,10 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
             version.config.CopyFrom(
                 json_format.ParseDict(row.config, adapter_pb2.AdapterConfigSummary())
             )
+        if row.export:
+            version.format = adapter_pb2.ExportFormat.Value(row.export["format"])
+            version.quantized_from = row.export["quantized_from"]
+            json_format.ParseDict(row.export["check"], version.export_check)
         return version
 
 

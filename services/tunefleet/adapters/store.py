@@ -44,6 +44,8 @@ class VersionRow(Base):
     training_job: Mapped[str] = mapped_column(String(256), index=True)
     serving_name: Mapped[str] = mapped_column(String(128), unique=True)
     merged_from: Mapped[str] = mapped_column(String(256))
+    # A quantized model: {"format", "quantized_from", "check": {top1_agreement, ...}}; {} else.
+    export: Mapped[dict[str, Any]] = mapped_column(server_default="{}")
     create_time: Mapped[datetime]
 
 

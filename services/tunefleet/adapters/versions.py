@@ -1,7 +1,8 @@
 """New versions of an adapter: registered from uploaded files or files already in the blob
-store, or merged into the base model; each checked (adapter_config.json, safetensors headers
-against the base model's modules, engine compatibility, a smoke test) before it is committed with
-its sha256 files and lineage."""
+store, merged into the base model, or a merged model quantized for export; each checked
+(adapter_config.json, safetensors headers against the base model's modules, engine compatibility,
+a smoke test; an export against its source) before it is committed with its sha256 files and
+lineage."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tunefleet.adapters import store, validation
+from tunefleet.adapters.gguf_export import Agreement, ExportError
+from tunefleet.adapters.peft_ops import QuantizedBase
 from tunefleet.adapters.store import TOPIC, AdapterRow, VersionDatasetRow, VersionRow
 from tunefleet.core import names
 from tunefleet.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -36,6 +39,16 @@ class RegistrySettings:
     max_version_bytes: int = 50 * 1024**3
     vllm_max_lora_rank: int = 64
     smoke_test: bool = True
+    export_min_agreement: float = 0.95
+
+
+# Export formats (ExportFormat's names) -> (the file's name in the version, the GGUF type).
+EXPORTS = {
+    "EXPORT_FORMAT_GGUF_F16": ("model-f16.gguf", "f16"),
+    "EXPORT_FORMAT_GGUF_Q8_0": ("model-q8_0.gguf", "q8_0"),
+    "EXPORT_FORMAT_GGUF_Q4_0": ("model-q4_0.gguf", "q4_0"),
+}
+NOT_SERVED = "a GGUF file, for llama.cpp, Ollama or LM Studio; tunefleet's engines do not serve it"
 
 
 @dataclass
@@ -44,6 +57,10 @@ class Hooks:
 
     smoke_test: Callable[[Path, Path], dict[str, Any]] | None = None
     merge: Callable[[Path, Path, Path, str], None] | None = None
+    # (full model, output file, GGUF type): writes the export.
+    quantize: Callable[[Path, Path, str], None] | None = None
+    # (full model, export file): how the export's next tokens agree with the full model's.
+    check_export: Callable[[Path, Path], Agreement] | None = None
 
 
 class Versions:
@@ -119,7 +136,10 @@ class Versions:
         *,
         scope: tuple[str, str, str],
         merged_from: str = "",
+        export: dict[str, Any] | None = None,
     ) -> VersionRow:
+        """A version of `staged` local files or of blobs already stored, checked first. An
+        `export` (its format, source and check) is a quantized model: not checked as weights."""
         scope_name, request_id, request_sha256 = scope
         if request_id:
             request_id = idempotency.check_request_id(request_id)
@@ -144,10 +164,22 @@ class Versions:
                 if path.endswith(".safetensors")
             }
             model_dir = self.models.find(base_model)
-            modules = _modules(model_dir)
-            analysis = validation.analyse(
-                sizes, config_text, tensors, modules, self.settings.vllm_max_lora_rank
-            )
+            if export:
+                analysis = validation.Analysis(
+                    "quantized_model",
+                    compatibility=[
+                        {"engine": engine, "compatible": False, "reasons": [NOT_SERVED]}
+                        for engine in ("SERVING_ENGINE_VLLM", "SERVING_ENGINE_PEFT")
+                    ],
+                )
+            else:
+                analysis = validation.analyse(
+                    sizes,
+                    config_text,
+                    tensors,
+                    _modules(model_dir),
+                    self.settings.vllm_max_lora_rank,
+                )
             smoke = self._smoke(analysis, model_dir, staged)
             if blob_files is None:
                 blob_files = {path: self.blobs.put_file(file) for path, file in staged.items()}
@@ -165,6 +197,7 @@ class Versions:
                 request_id,
                 request_sha256,
                 merged_from,
+                export or {},
             )
         except IntegrityError:
             if not request_id:
@@ -226,6 +259,7 @@ class Versions:
         request_id: str,
         request_sha256: str,
         merged_from: str,
+        export: dict[str, Any],
     ) -> VersionRow:
         files: list[dict[str, Any]] = [
             {"path": p, "size_bytes": i.size, "sha256": i.sha256}
@@ -256,6 +290,7 @@ class Versions:
                 training_job=lineage.get("training_job", ""),
                 serving_name=f"{adapter}-v{version}-{serving_suffix}",
                 merged_from=merged_from,
+                export=export,
                 create_time=utcnow(),
             )
             session.add(row)
@@ -279,7 +314,7 @@ class Versions:
             raise InvalidArgument("dtype", f"{dtype!r} is not bfloat16, float16 or float32")
         row = self._get_version(name)
         if row.kind != "adapter":
-            raise FailedPrecondition(f"{name} is already a full model")
+            raise FailedPrecondition(f"{name} is not an adapter but a {row.kind.replace('_', ' ')}")
         base_model = self._base_model(row.adapter_id)
         model_dir = self.models.find(base_model)
         if model_dir is None or self.hooks.merge is None:
@@ -303,6 +338,10 @@ class Versions:
                     "merging needs torch and peft (the [train] extra) on this server",
                     reason="MERGE_UNAVAILABLE",
                 ) from None
+            except QuantizedBase as refused:
+                raise FailedPrecondition(
+                    f"{source} cannot be merged: {refused}", reason="BASE_MODEL_QUANTIZED"
+                ) from None
             staged = {
                 str(p.relative_to(merged)): p for p in sorted(merged.rglob("*")) if p.is_file()
             }
@@ -318,6 +357,120 @@ class Versions:
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def quantize(
+        self,
+        name: str,
+        export_format: str,
+        min_agreement: float = 0.0,
+        keep_failed: bool = False,
+        request_id: str = "",
+    ) -> VersionRow:
+        """A quantized export of a full-model version (of an adapter version: its merge into the
+        base model, made now in the base's precision unless one exists), checked against it."""
+        if export_format not in EXPORTS:
+            raise InvalidArgument(
+                "format", f"{export_format or 'unset'}: one of {', '.join(EXPORTS)} is required"
+            )
+        if not 0 <= min_agreement <= 1:
+            raise InvalidArgument("min_top1_agreement", f"{min_agreement} is not in (0, 1]")
+        tolerance = min_agreement or self.settings.export_min_agreement
+        if self.hooks.quantize is None or self.hooks.check_export is None:
+            raise FailedPrecondition(
+                "exporting needs torch, transformers and gguf on this server",
+                reason="EXPORT_UNAVAILABLE",
+            )
+        fingerprint = hashlib.sha256(
+            f"{name}:{export_format}:{tolerance}:{keep_failed}".encode()
+        ).hexdigest()
+        if request_id:  # a retry: the first answer, without exporting again
+            request_id = idempotency.check_request_id(request_id)
+            with self.db.session() as session:
+                existing = idempotency.lookup(
+                    session, "QuantizeModelVersion", request_id, fingerprint
+                )
+            if existing:
+                return self._get_version(existing)
+        row = self._get_version(name)
+        if row.kind == "quantized_model":
+            raise FailedPrecondition(
+                f"{names.version_name(row.adapter_id, row.version)} is already quantized: "
+                f"quantize the full model it came from, {row.export['quantized_from']}",
+                reason="ALREADY_QUANTIZED",
+            )
+        if row.kind == "adapter":
+            row = self._merged(row)
+        source = names.version_name(row.adapter_id, row.version)
+        file_name, gguf_type = EXPORTS[export_format]
+        work = self.workdir / f"quantize-{uuid.uuid4().hex}"
+        try:
+            model_dir = work / "model"
+            self._materialise(
+                {f["path"]: BlobInfo(f["sha256"], f["size_bytes"]) for f in row.files["files"]},
+                model_dir,
+            )
+            output = work / "export" / file_name
+            output.parent.mkdir(parents=True)
+            try:
+                self.hooks.quantize(model_dir, output, gguf_type)
+            except ExportError as refused:  # the model's own limits
+                raise FailedPrecondition(
+                    f"{source} cannot be exported as {export_format}: {refused}",
+                    reason="EXPORT_NOT_SUPPORTED",
+                ) from None
+            found = self.hooks.check_export(model_dir, output)
+            check = {
+                "result": "RESULT_PASSED",
+                "top1_agreement": found.top1,
+                "kl_divergence": found.kl,
+                "positions": found.positions,
+                "min_top1_agreement": tolerance,
+            }
+            if found.top1 < tolerance:
+                if not keep_failed:
+                    raise FailedPrecondition(
+                        f"the {export_format} export of {source} agrees with it on "
+                        f"{found.top1:.1%} of next tokens (KL "
+                        f"{found.kl:.3g} nats over {found.positions} positions), "
+                        f"under the tolerance of {tolerance:.1%}: not stored (keep_failed_export "
+                        "stores it marked as failed)",
+                        reason="EXPORT_CHECK_FAILED",
+                        metadata={
+                            "top1_agreement": f"{found.top1:.4f}",
+                            "kl_divergence": f"{found.kl:.4g}",
+                        },
+                    )
+                check["result"] = "RESULT_FAILED"
+            return self.register_files(
+                row.adapter_id,
+                {file_name: output},
+                None,
+                f"{source} quantized to {export_format}",
+                row.lineage,
+                scope=("QuantizeModelVersion", request_id, fingerprint),
+                export={"format": export_format, "quantized_from": source, "check": check},
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _merged(self, adapter: VersionRow) -> VersionRow:
+        """The newest full model merged from `adapter`, merged now if there is none (under a
+        request id of its own, so that concurrent exports of one adapter merge it once)."""
+        source = names.version_name(adapter.adapter_id, adapter.version)
+        with self.db.read() as session:
+            found = session.scalars(
+                select(VersionRow)
+                .where(VersionRow.adapter_id == adapter.adapter_id)
+                .where(VersionRow.merged_from == source)
+                .order_by(VersionRow.version.desc())
+                .limit(1)
+            ).first()
+        if found is not None:
+            return found
+        merge_id = uuid.uuid5(
+            uuid.NAMESPACE_URL, f"{adapter.serving_name}#merge"
+        )  # unique for ever
+        return self.merge(source, "", str(merge_id))
 
 
 def _read_header(path: str, file: Path) -> dict[str, validation.TensorInfo]:

@@ -236,7 +236,7 @@ def _engines(settings: Settings, model_dir: Path) -> list[Engine]:
 
 
 def _adapters(context: ServiceContext) -> ServiceRegistration:
-    from tunefleet.adapters import peft_ops
+    from tunefleet.adapters import gguf_export, peft_ops
     from tunefleet.adapters.manager import AdapterManager
     from tunefleet.adapters.metrics import AdapterMetrics
     from tunefleet.adapters.servicer import POLL_SECONDS, AdapterServicer
@@ -254,8 +254,14 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         settings=RegistrySettings(
             vllm_max_lora_rank=settings.adapters.vllm_max_lora_rank,
             smoke_test=settings.adapters.smoke_test,
+            export_min_agreement=settings.adapters.export_min_agreement,
         ),
-        hooks=Hooks(smoke_test=peft_ops.smoke_test, merge=peft_ops.merge),
+        hooks=Hooks(
+            smoke_test=peft_ops.smoke_test,
+            merge=peft_ops.merge,
+            quantize=gguf_export.export,
+            check_export=gguf_export.check,
+        ),
         on_change=signal.notify,
     )
     feed = ChangeFeed(manager.latest_revision, signal, POLL_SECONDS)

@@ -266,7 +266,8 @@ class AdapterPool:
             )
         if info.full_model:
             raise FailedPrecondition(
-                f"{info.name} is a full model, served as a base model of its own",
+                f"{info.name} is a full model (merged or quantized), not an adapter: it is served "
+                "as a base model of its own",
                 reason="NOT_AN_ADAPTER",
                 metadata={"adapter_version": info.name},
             )

@@ -33,7 +33,7 @@ class Version:
 
     name: str  # adapters/{adapter}/versions/{n}
     serving_name: str  # unique to these bytes, never reused
-    full_model: bool  # a merged model, not an adapter
+    full_model: bool  # a merged (or quantized) model, not an adapter
     base_model: str
     files: tuple[adapter_pb2.AdapterFile, ...]
 
@@ -67,7 +67,7 @@ class AdapterServiceClient(Peer):
         return Version(
             name=found.name,
             serving_name=found.serving_name,
-            full_model=found.kind == adapter_pb2.AdapterVersion.KIND_FULL_MODEL,
+            full_model=found.kind != adapter_pb2.AdapterVersion.KIND_ADAPTER,
             base_model=base_model,
             files=tuple(found.files),
         )

@@ -201,6 +201,9 @@ class AdapterSettings(_Section):
     smoke_test: bool = True
     # WatchAdapterChanges streams one client (its token, or its address without auth) may hold.
     max_watchers_per_client: int = Field(default=64, ge=1)
+    # QuantizeModelVersion refuses an export whose most likely next token differs from its
+    # source's on more than this share of the check's positions (unless asked to keep it).
+    export_min_agreement: float = Field(default=0.95, gt=0, le=1)
 
 
 class KubernetesSettings(_Section):

@@ -22,6 +22,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    """Not used."""
+    EXPORT_FORMAT_GGUF_F16: _ExportFormat.ValueType  # 1
+    """One GGUF file (llama.cpp, Ollama, LM Studio), weights in 16-bit floats."""
+    EXPORT_FORMAT_GGUF_Q8_0: _ExportFormat.ValueType  # 2
+    """One GGUF file, weights in 8-bit blocks (Q8_0): about half the size of F16."""
+    EXPORT_FORMAT_GGUF_Q4_0: _ExportFormat.ValueType  # 3
+    """One GGUF file, weights in 4-bit blocks (Q4_0): round-to-nearest, which can erase a small
+    fine-tune; the check says whether it did.
+    """
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
+    """ExportFormat is a file format a full model is exported to."""
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+"""Not used."""
+EXPORT_FORMAT_GGUF_F16: ExportFormat.ValueType  # 1
+"""One GGUF file (llama.cpp, Ollama, LM Studio), weights in 16-bit floats."""
+EXPORT_FORMAT_GGUF_Q8_0: ExportFormat.ValueType  # 2
+"""One GGUF file, weights in 8-bit blocks (Q8_0): about half the size of F16."""
+EXPORT_FORMAT_GGUF_Q4_0: ExportFormat.ValueType  # 3
+"""One GGUF file, weights in 4-bit blocks (Q4_0): round-to-nearest, which can erase a small
+fine-tune; the check says whether it did.
+"""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
+
 @_typing.final
 class Adapter(_message.Message):
     """Adapter is a named line of fine-tuned weights for one base model: a sequence of immutable
@@ -419,6 +451,10 @@ class AdapterVersion(_message.Message):
         """A PEFT adapter (`adapter_config.json` and `adapter_model.safetensors`)."""
         KIND_FULL_MODEL: AdapterVersion._Kind.ValueType  # 2
         """A full model: the adapter merged into its base model, or a full fine-tune."""
+        KIND_QUANTIZED_MODEL: AdapterVersion._Kind.ValueType  # 3
+        """A quantized export of a full model (for example one GGUF file for llama.cpp), made by
+        QuantizeModelVersion; `format` says which.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """Kind is what the files are."""
@@ -429,6 +465,10 @@ class AdapterVersion(_message.Message):
     """A PEFT adapter (`adapter_config.json` and `adapter_model.safetensors`)."""
     KIND_FULL_MODEL: AdapterVersion.Kind.ValueType  # 2
     """A full model: the adapter merged into its base model, or a full fine-tune."""
+    KIND_QUANTIZED_MODEL: AdapterVersion.Kind.ValueType  # 3
+    """A quantized export of a full model (for example one GGUF file for llama.cpp), made by
+    QuantizeModelVersion; `format` says which.
+    """
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -444,6 +484,9 @@ class AdapterVersion(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     MERGED_FROM_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    QUANTIZED_FROM_FIELD_NUMBER: _builtins.int
+    EXPORT_CHECK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name, `adapters/{adapter}/versions/{version}`, numbered from 1."""
     version: _builtins.int
@@ -460,6 +503,12 @@ class AdapterVersion(_message.Message):
     """
     merged_from: _builtins.str
     """Output only. For a merged full model, the version it was merged from."""
+    format: Global___ExportFormat.ValueType
+    """Output only. For a quantized model, its format."""
+    quantized_from: _builtins.str
+    """Output only. For a quantized model, the full-model version it was quantized from (whose
+    `merged_from` names the adapter version, whose lineage names the base model).
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterFile]:
         """Output only. The stored files."""
@@ -488,6 +537,10 @@ class AdapterVersion(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was registered."""
 
+    @_builtins.property
+    def export_check(self) -> Global___ExportCheck:
+        """Output only. For a quantized model, how it compares with the version it was quantized from."""
+
     def __init__(
         self,
         *,
@@ -505,14 +558,85 @@ class AdapterVersion(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         merged_from: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        format: Global___ExportFormat.ValueType = ...,
+        quantized_from: _builtins.str = ...,
+        export_check: Global___ExportCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "lineage", b"lineage", "smoke_test", b"smoke_test"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "export_check", b"export_check", "lineage", b"lineage", "smoke_test", b"smoke_test"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "compatibility", b"compatibility", "config", b"config", "create_time", b"create_time", "description", b"description", "files", b"files", "kind", b"kind", "lineage", b"lineage", "merged_from", b"merged_from", "name", b"name", "serving_name", b"serving_name", "size_bytes", b"size_bytes", "smoke_test", b"smoke_test", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "compatibility", b"compatibility", "config", b"config", "create_time", b"create_time", "description", b"description", "export_check", b"export_check", "files", b"files", "format", b"format", "kind", b"kind", "lineage", b"lineage", "merged_from", b"merged_from", "name", b"name", "quantized_from", b"quantized_from", "serving_name", b"serving_name", "size_bytes", b"size_bytes", "smoke_test", b"smoke_test", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterVersion: _TypeAlias = AdapterVersion  # noqa: Y015
+
+@_typing.final
+class ExportCheck(_message.Message):
+    """ExportCheck compares a quantized model's next-token predictions with those of the full model
+    it was made from, on a fixed set of prompts (plain texts and chat turns rendered with the
+    model's own template), reading the export back with an independent reader (transformers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Result:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ExportCheck._Result.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RESULT_UNSPECIFIED: ExportCheck._Result.ValueType  # 0
+        """Not used."""
+        RESULT_PASSED: ExportCheck._Result.ValueType  # 1
+        """Agreement at or above the tolerance."""
+        RESULT_FAILED: ExportCheck._Result.ValueType  # 2
+        """Agreement below the tolerance: registered only because the request said
+        `keep_failed_export`, and not fit to replace its source.
+        """
+
+    class Result(_Result, metaclass=_ResultEnumTypeWrapper):
+        """Result is the outcome of the check."""
+
+    RESULT_UNSPECIFIED: ExportCheck.Result.ValueType  # 0
+    """Not used."""
+    RESULT_PASSED: ExportCheck.Result.ValueType  # 1
+    """Agreement at or above the tolerance."""
+    RESULT_FAILED: ExportCheck.Result.ValueType  # 2
+    """Agreement below the tolerance: registered only because the request said
+    `keep_failed_export`, and not fit to replace its source.
+    """
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    KL_DIVERGENCE_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    result: Global___ExportCheck.Result.ValueType
+    """Outcome."""
+    top1_agreement: _builtins.float
+    """Share of positions whose most likely next token is the source's, 0 to 1."""
+    kl_divergence: _builtins.float
+    """Mean KL divergence of the export's next-token distribution from the source's, in nats."""
+    positions: _builtins.int
+    """Token positions compared."""
+    min_top1_agreement: _builtins.float
+    """The tolerance applied: the least `top1_agreement` that passes."""
+    def __init__(
+        self,
+        *,
+        result: Global___ExportCheck.Result.ValueType = ...,
+        top1_agreement: _builtins.float = ...,
+        kl_divergence: _builtins.float = ...,
+        positions: _builtins.int = ...,
+        min_top1_agreement: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kl_divergence", b"kl_divergence", "min_top1_agreement", b"min_top1_agreement", "positions", b"positions", "result", b"result", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCheck: _TypeAlias = ExportCheck  # noqa: Y015
 
 @_typing.final
 class AdapterAlias(_message.Message):

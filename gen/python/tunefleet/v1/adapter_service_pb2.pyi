@@ -721,3 +721,45 @@ class MergeAdapterVersionRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MergeAdapterVersionRequest: _TypeAlias = MergeAdapterVersionRequest  # noqa: Y015
+
+@_typing.final
+class QuantizeModelVersionRequest(_message.Message):
+    """QuantizeModelVersionRequest asks for a quantized export of a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    KEEP_FAILED_EXPORT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `adapters/{adapter}/versions/{version}` or `adapters/{adapter}@{alias}`: an
+    adapter or a full model.
+    """
+    format: _adapter_pb2.ExportFormat.ValueType
+    """Required. The format to write."""
+    min_top1_agreement: _builtins.float
+    """Optional. The least top-1 agreement with the source that passes, in (0, 1]; default the
+    server's `adapters.export_min_agreement` (0.95).
+    """
+    keep_failed_export: _builtins.bool
+    """Optional. Register an export that fails the check anyway, marked RESULT_FAILED."""
+    request_id: _builtins.str
+    """Optional. A client-chosen UUID; retrying with the same id returns the first result."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        format: _adapter_pb2.ExportFormat.ValueType = ...,
+        min_top1_agreement: _builtins.float = ...,
+        keep_failed_export: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "keep_failed_export", b"keep_failed_export", "min_top1_agreement", b"min_top1_agreement", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuantizeModelVersionRequest: _TypeAlias = QuantizeModelVersionRequest  # noqa: Y015

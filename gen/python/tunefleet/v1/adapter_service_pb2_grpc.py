@@ -124,6 +124,11 @@ class AdapterServiceStub:
                 request_serializer=tunefleet_dot_v1_dot_adapter__service__pb2.MergeAdapterVersionRequest.SerializeToString,
                 response_deserializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.FromString,
                 _registered_method=True)
+        self.QuantizeModelVersion = channel.unary_unary(
+                '/tunefleet.v1.AdapterService/QuantizeModelVersion',
+                request_serializer=tunefleet_dot_v1_dot_adapter__service__pb2.QuantizeModelVersionRequest.SerializeToString,
+                response_deserializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -254,6 +259,17 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuantizeModelVersion(self, request, context):
+        """Quantizes a full-model version (an adapter version is first merged into its base model in
+        the base's own precision, or its existing merge is reused), checks the export against that
+        full model and stores it as a new version. An export whose agreement is under the tolerance
+        is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
+        `keep_failed_export` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +356,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
             'MergeAdapterVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.MergeAdapterVersion,
                     request_deserializer=tunefleet_dot_v1_dot_adapter__service__pb2.MergeAdapterVersionRequest.FromString,
+                    response_serializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.SerializeToString,
+            ),
+            'QuantizeModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuantizeModelVersion,
+                    request_deserializer=tunefleet_dot_v1_dot_adapter__service__pb2.QuantizeModelVersionRequest.FromString,
                     response_serializer=tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.SerializeToString,
             ),
     }
@@ -804,6 +825,33 @@ class AdapterService:
             target,
             '/tunefleet.v1.AdapterService/MergeAdapterVersion',
             tunefleet_dot_v1_dot_adapter__service__pb2.MergeAdapterVersionRequest.SerializeToString,
+            tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuantizeModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunefleet.v1.AdapterService/QuantizeModelVersion',
+            tunefleet_dot_v1_dot_adapter__service__pb2.QuantizeModelVersionRequest.SerializeToString,
             tunefleet_dot_v1_dot_adapter__pb2.AdapterVersion.FromString,
             options,
             channel_credentials,

@@ -77,6 +77,13 @@ class AdapterServiceStub:
     """Streams registry changes after a revision, then follows new ones."""
     MergeAdapterVersion: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.MergeAdapterVersionRequest, _adapter_pb2.AdapterVersion]
     """Merges a version into its base model and stores the result as a new full-model version."""
+    QuantizeModelVersion: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.QuantizeModelVersionRequest, _adapter_pb2.AdapterVersion]
+    """Quantizes a full-model version (an adapter version is first merged into its base model in
+    the base's own precision, or its existing merge is reused), checks the export against that
+    full model and stores it as a new version. An export whose agreement is under the tolerance
+    is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
+    `keep_failed_export` is set.
+    """
 
 @_typing.type_check_only
 class AdapterServiceAsyncStub(AdapterServiceStub):
@@ -125,6 +132,13 @@ class AdapterServiceAsyncStub(AdapterServiceStub):
     """Streams registry changes after a revision, then follows new ones."""
     MergeAdapterVersion: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.MergeAdapterVersionRequest, _adapter_pb2.AdapterVersion]  # type: ignore[assignment]
     """Merges a version into its base model and stores the result as a new full-model version."""
+    QuantizeModelVersion: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.QuantizeModelVersionRequest, _adapter_pb2.AdapterVersion]  # type: ignore[assignment]
+    """Quantizes a full-model version (an adapter version is first merged into its base model in
+    the base's own precision, or its existing merge is reused), checks the export against that
+    full model and stores it as a new version. An export whose agreement is under the tolerance
+    is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
+    `keep_failed_export` is set.
+    """
 
 class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdapterService is the adapter registry: adapters, their immutable versions, movable aliases,
@@ -272,5 +286,18 @@ class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_adapter_pb2.AdapterVersion, _abc.Awaitable[_adapter_pb2.AdapterVersion]]:
         """Merges a version into its base model and stores the result as a new full-model version."""
+
+    @_abc_1.abstractmethod
+    def QuantizeModelVersion(
+        self,
+        request: _adapter_service_pb2.QuantizeModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_adapter_pb2.AdapterVersion, _abc.Awaitable[_adapter_pb2.AdapterVersion]]:
+        """Quantizes a full-model version (an adapter version is first merged into its base model in
+        the base's own precision, or its existing merge is reused), checks the export against that
+        full model and stores it as a new version. An export whose agreement is under the tolerance
+        is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
+        `keep_failed_export` is set.
+        """
 
 def add_AdapterServiceServicer_to_server(servicer: AdapterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
