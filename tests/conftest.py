@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,19 @@ from tests.kube.namespace import Kube
 from tunefleet.runtime.context import ServiceContext, open_storage
 from tunefleet.runtime.server import ServiceRegistration, TunefleetServer
 from tunefleet.runtime.settings import ServerSettings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def torch_default_dtype_unchanged() -> Iterator[None]:
+    """torch's default dtype is process-wide: a test (or the code it runs) that leaves it changed
+    makes every later model in the process compute in it (core/loading.py)."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        assert found == torch.float32, f"the test left torch's default dtype {found}"
+
 
 StartServer = Callable[..., Awaitable[TunefleetServer]]
 

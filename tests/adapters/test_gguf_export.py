@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.adapters.gguf_export import ExportError, agreement, export
+from tunefleet.adapters.exports import agreement
+from tunefleet.adapters.gguf_export import ExportError, export
 
 LAYER_PARTS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
 LAYER_PARTS += ["ffn_gate", "ffn_up", "ffn_down"]
@@ -86,7 +87,10 @@ def test_the_file_holds_llama_cpp_s_names_types_and_the_model_s_settings(
 def test_exports_agree_with_the_source_as_their_precision_allows(
     model: Path, exported: dict[str, Path]
 ) -> None:
-    found = {kind: agreement(model, path, sequences()) for kind, path in exported.items()}
+    found = {
+        kind: agreement(model, path.parent, sequences(), path.name)
+        for kind, path in exported.items()
+    }
     assert found["f16"].top1 == 1.0 and found["f16"].kl < 1e-6
     assert found["q8_0"].top1 >= 0.95 and found["q8_0"].kl < 1e-4
     assert found["q4_0"].top1 < found["q8_0"].top1 and found["q4_0"].kl > found["q8_0"].kl

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,14 +22,14 @@ from tests.adapters.test_service import download
 from tests.conftest import StartServer
 from tests.helpers import error_info
 from tests.trainer.conftest import MakeSpec, chat_model, make_spec
-from tunefleet.adapters import gguf_export, peft_ops
+from tunefleet.adapters import exports, gguf_export, peft_ops
 from tunefleet.adapters.versions import Hooks
 from tunefleet.app.services import registration
 from tunefleet.core.errors import FailedPrecondition
 from tunefleet.runtime.context import ServiceContext, Storage, open_storage
 from tunefleet.runtime.settings import load_settings
 from tunefleet.storage.database import Database
-from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc
+from tunefleet.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:
     from tunefleet.v1.adapter_service_pb2_grpc import AdapterServiceAsyncStub as Stub
@@ -236,8 +235,8 @@ def manager_with(
     manager.versions.hooks = Hooks(
         smoke_test=peft_ops.smoke_test,
         merge=peft_ops.merge,
-        quantize=hooks.get("quantize", gguf_export.export),
-        check_export=gguf_export.check,
+        quantize=hooks.get("quantize", exports.write),
+        check_export=exports.check,
     )
     manager.create_adapter("orders", "tiny-llama", "", {})
     return manager
@@ -258,7 +257,10 @@ def register(manager: Any, lora: Path) -> str:
 def test_an_export_with_a_wrong_q_k_layout_is_refused_by_the_check(
     registry_db: Database, tmp_path: Path, gguf_source: Path, lora: Path
 ) -> None:
-    broken = functools.partial(gguf_export.export, permute_qk=False)
+    def broken(model_dir: Path, output: Path, export_format: str) -> None:
+        output.mkdir()
+        gguf_export.export(model_dir, output / "model-q8_0.gguf", "q8_0", permute_qk=False)
+
     manager = manager_with(registry_db, tmp_path, gguf_source, quantize=broken)
     name = register(manager, lora)
     with pytest.raises(FailedPrecondition) as raised:
@@ -277,8 +279,9 @@ def test_an_export_with_a_wrong_q_k_layout_is_refused_by_the_check(
 def test_a_full_disk_while_exporting_stores_nothing(
     registry_db: Database, tmp_path: Path, gguf_source: Path, lora: Path
 ) -> None:
-    def full(model_dir: Path, output: Path, kind: str) -> None:
-        output.write_bytes(b"GGUF" + b"\0" * 64)
+    def full(model_dir: Path, output: Path, export_format: str) -> None:
+        output.mkdir()
+        (output / "model-q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 64)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     manager = manager_with(registry_db, tmp_path, gguf_source, quantize=full)
@@ -292,7 +295,7 @@ def test_a_full_disk_while_exporting_stores_nothing(
 def test_a_model_outside_the_llama_family_is_refused_with_the_reason(
     registry_db: Database, tmp_path: Path, gguf_source: Path, lora: Path
 ) -> None:
-    def not_llama(model_dir: Path, output: Path, kind: str) -> None:
+    def not_llama(model_dir: Path, output: Path, export_format: str) -> None:
         raise gguf_export.ExportError("['GPT2LMHeadModel']: only the Llama family is exported")
 
     manager = manager_with(registry_db, tmp_path, gguf_source, quantize=not_llama)
@@ -377,3 +380,67 @@ def test_a_qlora_adapter_merged_into_the_full_precision_base_keeps_its_task_metr
     print(f"QLoRA on NF4 {trained:.1%}, merged into full precision {kept:.1%}")
     assert trained >= 0.9, as_trained[:4]
     assert kept >= trained - 0.02, as_merged[:4]
+
+
+@pytest.mark.parametrize(
+    ("export_format", "layer"),
+    [
+        (adapter_pb2.EXPORT_FORMAT_BNB_NF4, "Linear4bit"),
+        (adapter_pb2.EXPORT_FORMAT_BNB_INT8, "Linear8bitLt"),
+    ],
+)
+async def test_a_bitsandbytes_export_is_checked_and_served_by_the_peft_engine_as_it_is(
+    stub: Stub,
+    lora: Path,
+    tmp_path: Path,
+    export_format: adapter_pb2.ExportFormat.ValueType,
+    layer: str,
+) -> None:
+    """A bitsandbytes checkpoint with the model's tokenizer and chat template beside it: the PEFT
+    engine serves it as a base model, answering as transformers does with the same files."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefleet.inference.engine import GenerationRequest, Sampling
+    from tunefleet.inference.peft_engine import PeftEngine
+
+    adapter = await upload(stub, lora)
+    exported = await stub.QuantizeModelVersion(
+        pb.QuantizeModelVersionRequest(
+            name=adapter.name, format=export_format, keep_failed_export=True
+        )
+    )
+    assert exported.kind == adapter_pb2.AdapterVersion.KIND_QUANTIZED_MODEL
+    paths = {f.path for f in exported.files}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= paths
+    check = exported.export_check
+    print(adapter_pb2.ExportFormat.Name(export_format), f"top-1 {check.top1_agreement:.1%}")
+    assert check.positions > 100 and check.top1_agreement > 0.5
+    served = {c.engine: c.compatible for c in exported.compatibility}
+    assert served == {common_pb2.SERVING_ENGINE_PEFT: True, common_pb2.SERVING_ENGINE_VLLM: False}
+
+    directory = await fetch(stub, exported.name, tmp_path / "export")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert any(type(m).__name__ == layer for m in model.modules())
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which colour goes with the cat?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    engine = PeftEngine(directory)
+    await engine.start()
+    try:
+        request = GenerationRequest(ids, None, Sampling(max_tokens=8, temperature=0.0))
+        outputs = [output async for output in engine.generate(request)]
+    finally:
+        await engine.close()
+    found = [t for output in outputs for t in output.token_ids]
+    assert found == expected[0, len(ids) : len(ids) + len(found)].tolist() and found

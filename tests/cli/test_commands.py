@@ -388,6 +388,14 @@ def test_adapters_export_writes_a_checked_gguf_file(
         platform, "adapters", "export", short, "--format", "gguf-q5", "-o", "x", code=2
     )
     assert "gguf-q8_0" in unknown.stderr
+    # A bitsandbytes checkpoint is a folder of files; an existing folder is not written over.
+    folder = tmp_path / "int8"
+    int8 = ["adapters", "export", short, "--format", "bnb-int8", "-o", str(folder)]
+    assert "check " in tunefleet(platform, *int8, "--keep-failed").stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert "exists already" in tunefleet(platform, *int8, code=2).stderr
 
 
 def test_generate_and_feedback(platform: LocalServer, version: str, tmp_path: Path) -> None:

@@ -180,14 +180,15 @@ def transfer_progress(output: str) -> Progress:
     type=click.Choice(EXPORT_FORMATS),
     default="gguf-q8_0",
     show_default=True,
-    help="GGUF, for llama.cpp, Ollama and LM Studio.",
+    help="GGUF (one file) for llama.cpp, Ollama and LM Studio; bnb (a checkpoint folder) for "
+    "transformers and the PEFT engine.",
 )
 @click.option(
     "-o",
-    "--out-file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    "--out",
+    type=click.Path(path_type=Path),
     required=True,
-    help="The file to write, such as model.gguf.",
+    help="Where to write it: a file (model.gguf) for GGUF, a new folder for bnb.",
 )
 @click.option(
     "--min-agreement",
@@ -207,19 +208,21 @@ def transfer_progress(output: str) -> Progress:
 def export(
     version: str,
     export_format: str,
-    out_file: Path,
+    out: Path,
     min_agreement: float | None,
     keep_failed: bool,
     output: str,
 ) -> None:
-    """Export VERSION (orders:3, orders@prod or a full name) as one file: an adapter is merged
-    into its base model, quantized, checked against the merged model, stored as a new version
-    and downloaded. A version that is already such an export is downloaded as it is.
+    """Export VERSION (orders:3, orders@prod or a full name): an adapter is merged into its base
+    model, quantized, checked against the merged model, stored as a new version and downloaded.
+    A version that is already such an export is downloaded as it is.
 
     \b
     tunefleet adapters export orders:3 --format gguf-q8_0 -o model.gguf
     llama-cli -m model.gguf -cnv
     """
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a folder that exists already", param_hint="--out")
     name = version_name(version)
     with client() as tunefleet:
         found = tunefleet.adapters.get_version(name)
@@ -232,23 +235,27 @@ def export(
                 min_top1_agreement=min_agreement or 0.0,
                 keep_failed_export=keep_failed,
             )
-        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         progress = transfer_progress(output)
-        with progress, tempfile.TemporaryDirectory(dir=out_file.parent) as temporary:
+        with (
+            progress,
+            tempfile.TemporaryDirectory(dir=out.parent, ignore_cleanup_errors=True) as temporary,
+        ):
             task = progress.add_task(f"downloading {found.name}", total=found.size_bytes)
-            (path,) = tunefleet.adapters.download(
+            paths = tunefleet.adapters.download(
                 found.name,
                 temporary,
                 on_progress=lambda done, _: progress.update(task, completed=done),
             )
-            shutil.move(path, out_file)
+            # One file (GGUF) becomes OUT; a checkpoint's files, the folder OUT.
+            shutil.move(paths[0] if len(paths) == 1 else temporary, out)
     check = found.export_check
     if output == "json":
-        print_json({"version": as_dict(found), "file": str(out_file)})
+        print_json({"version": as_dict(found), "path": str(out)})
         return
     result = "passed" if check.result == check.RESULT_PASSED else "FAILED"
     console.print(
-        f"{out_file} ({size(out_file.stat().st_size)}): {found.name}, from "
+        f"{out} ({size(found.size_bytes)}): {found.name}, from "
         f"{found.quantized_from}; check {result}: top-1 agreement {check.top1_agreement:.1%} "
         f"(least {check.min_top1_agreement:.1%}), KL {check.kl_divergence:.4f} over "
         f"{check.positions} positions",

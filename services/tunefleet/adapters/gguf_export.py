@@ -8,20 +8,14 @@ query and key projections are permuted from the Hugging Face layout (rotary halv
 llama.cpp's interleaved one, as llama.cpp's own converter does. 2-D weights are stored as F16,
 Q8_0 or Q4_0 (blocks of 32 along each row); norms stay F32.
 
-`agreement` checks an export against its source: on a fixed set of token sequences, the share of
-positions whose most likely next token is the same, and the mean KL divergence of the export's
-next-token distribution from the source's. `check` does so on the fixed prompts below, tokenized
-by the model's own tokenizer and rendered with its own chat template.
+exports.py checks the file against its source.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tunefleet.core.loading import LOADING
 
 FORMATS = ("f16", "q8_0", "q4_0")
 LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
@@ -42,22 +36,6 @@ GLOBAL_TENSORS = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-
-
-# The check's prompts: plain text and chat turns, general and task-like, short enough for small
-# context windows.
-CHECK_TEXTS = (
-    "The quick brown fox jumps over the lazy dog, and then it runs into the forest.",
-    "In 1969, the first people walked on the Moon. The mission was called Apollo 11.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "Water boils at 100 degrees Celsius at sea level; at altitude it boils sooner.",
-)
-CHECK_CHATS = (
-    "Name three primary colours.",
-    "Extract the order as JSON: Kenji wants 4 bicycle lamps delivered to Berlin.",
-    "Translate to French: Good morning, how are you?",
-    "What is 12 times 7? Answer with the number only.",
-)
 
 
 class ExportError(ValueError):
@@ -224,53 +202,3 @@ def _add_tokenizer(writer: Any, model_dir: Path, config: dict[str, Any]) -> None
     )
     if template:
         writer.add_chat_template(template)
-
-
-@dataclass(frozen=True)
-class Agreement:
-    top1: float  # share of positions whose most likely next token is the source's
-    kl: float  # mean KL(source || export) of the next-token distributions, in nats
-    positions: int
-
-
-def agreement(source_dir: Path, gguf_file: Path, sequences: list[list[int]]) -> Agreement:
-    """The export's next-token predictions against its source's on `sequences` of token ids."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    with LOADING:
-        source = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
-        exported = AutoModelForCausalLM.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
-        )
-    same = total = 0
-    divergence = 0.0
-    with torch.no_grad():
-        for ids in sequences:
-            batch = torch.tensor([ids])
-            expected = source(batch).logits[0].float()
-            found = exported(batch).logits[0].float()
-            same += int((expected.argmax(-1) == found.argmax(-1)).sum())
-            total += len(ids)
-            log_p, log_q = F.log_softmax(expected, -1), F.log_softmax(found, -1)
-            divergence += float((log_p.exp() * (log_p - log_q)).sum())
-    return Agreement(same / max(total, 1), divergence / max(total, 1), total)
-
-
-def check(source_dir: Path, gguf_file: Path) -> Agreement:
-    """`agreement` on the check's fixed prompts, as the source's tokenizer and chat template
-    render them (each cut to the model's context)."""
-    from transformers import AutoTokenizer
-
-    config = json.loads((source_dir / "config.json").read_text())
-    context = int(config.get("max_position_embeddings") or 2048)
-    tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
-    sequences = [tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
-    if tokenizer.chat_template:
-        for prompt in CHECK_CHATS:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            sequences.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return agreement(source_dir, gguf_file, [list(map(int, s[:context])) for s in sequences if s])

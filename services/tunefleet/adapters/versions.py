@@ -19,7 +19,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tunefleet.adapters import store, validation
-from tunefleet.adapters.gguf_export import Agreement, ExportError
+from tunefleet.adapters.exports import FORMATS, Agreement
+from tunefleet.adapters.gguf_export import ExportError
 from tunefleet.adapters.peft_ops import QuantizedBase
 from tunefleet.adapters.store import TOPIC, AdapterRow, VersionDatasetRow, VersionRow
 from tunefleet.core import names
@@ -42,13 +43,17 @@ class RegistrySettings:
     export_min_agreement: float = 0.95
 
 
-# Export formats (ExportFormat's names) -> (the file's name in the version, the GGUF type).
-EXPORTS = {
-    "EXPORT_FORMAT_GGUF_F16": ("model-f16.gguf", "f16"),
-    "EXPORT_FORMAT_GGUF_Q8_0": ("model-q8_0.gguf", "q8_0"),
-    "EXPORT_FORMAT_GGUF_Q4_0": ("model-q4_0.gguf", "q4_0"),
+# What engines make of each library's exports (an export is never served as an adapter).
+SERVED_EXPORTS = {
+    "gguf": {
+        "SERVING_ENGINE_VLLM": "a GGUF file, for llama.cpp, Ollama or LM Studio",
+        "SERVING_ENGINE_PEFT": "a GGUF file, for llama.cpp, Ollama or LM Studio",
+    },
+    "bitsandbytes": {
+        "SERVING_ENGINE_VLLM": "bitsandbytes checkpoints are not checked with vLLM here",
+        "SERVING_ENGINE_PEFT": "",  # served as a base model of its own
+    },
 }
-NOT_SERVED = "a GGUF file, for llama.cpp, Ollama or LM Studio; tunefleet's engines do not serve it"
 
 
 @dataclass
@@ -57,10 +62,11 @@ class Hooks:
 
     smoke_test: Callable[[Path, Path], dict[str, Any]] | None = None
     merge: Callable[[Path, Path, Path, str], None] | None = None
-    # (full model, output file, GGUF type): writes the export.
+    # (full model, output folder, ExportFormat name): writes the export (exports.write).
     quantize: Callable[[Path, Path, str], None] | None = None
-    # (full model, export file): how the export's next tokens agree with the full model's.
-    check_export: Callable[[Path, Path], Agreement] | None = None
+    # (full model, export folder, format): how the export's next tokens agree with the full
+    # model's (exports.check).
+    check_export: Callable[[Path, Path, str], Agreement] | None = None
 
 
 class Versions:
@@ -165,12 +171,14 @@ class Versions:
             }
             model_dir = self.models.find(base_model)
             if export:
+                library = FORMATS[export["format"]].library
                 analysis = validation.Analysis(
                     "quantized_model",
                     compatibility=[
-                        {"engine": engine, "compatible": False, "reasons": [NOT_SERVED]}
-                        for engine in ("SERVING_ENGINE_VLLM", "SERVING_ENGINE_PEFT")
+                        {"engine": engine, "compatible": not why, "reasons": [why] if why else []}
+                        for engine, why in SERVED_EXPORTS[library].items()
                     ],
+                    notes=["a quantized full model: served as a base model of its own, if at all"],
                 )
             else:
                 analysis = validation.analyse(
@@ -368,9 +376,9 @@ class Versions:
     ) -> VersionRow:
         """A quantized export of a full-model version (of an adapter version: its merge into the
         base model, made now in the base's precision unless one exists), checked against it."""
-        if export_format not in EXPORTS:
+        if export_format not in FORMATS:
             raise InvalidArgument(
-                "format", f"{export_format or 'unset'}: one of {', '.join(EXPORTS)} is required"
+                "format", f"{export_format or 'unset'}: one of {', '.join(FORMATS)} is required"
             )
         if not 0 <= min_agreement <= 1:
             raise InvalidArgument("min_top1_agreement", f"{min_agreement} is not in (0, 1]")
@@ -401,7 +409,6 @@ class Versions:
         if row.kind == "adapter":
             row = self._merged(row)
         source = names.version_name(row.adapter_id, row.version)
-        file_name, gguf_type = EXPORTS[export_format]
         work = self.workdir / f"quantize-{uuid.uuid4().hex}"
         try:
             model_dir = work / "model"
@@ -409,16 +416,15 @@ class Versions:
                 {f["path"]: BlobInfo(f["sha256"], f["size_bytes"]) for f in row.files["files"]},
                 model_dir,
             )
-            output = work / "export" / file_name
-            output.parent.mkdir(parents=True)
+            output = work / "export"
             try:
-                self.hooks.quantize(model_dir, output, gguf_type)
+                self.hooks.quantize(model_dir, output, export_format)
             except ExportError as refused:  # the model's own limits
                 raise FailedPrecondition(
                     f"{source} cannot be exported as {export_format}: {refused}",
                     reason="EXPORT_NOT_SUPPORTED",
                 ) from None
-            found = self.hooks.check_export(model_dir, output)
+            found = self.hooks.check_export(model_dir, output, export_format)
             check = {
                 "result": "RESULT_PASSED",
                 "top1_agreement": found.top1,
@@ -443,7 +449,7 @@ class Versions:
                 check["result"] = "RESULT_FAILED"
             return self.register_files(
                 row.adapter_id,
-                {file_name: output},
+                {str(p.relative_to(output)): p for p in sorted(output.rglob("*")) if p.is_file()},
                 None,
                 f"{source} quantized to {export_format}",
                 row.lineage,

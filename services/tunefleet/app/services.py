@@ -236,7 +236,7 @@ def _engines(settings: Settings, model_dir: Path) -> list[Engine]:
 
 
 def _adapters(context: ServiceContext) -> ServiceRegistration:
-    from tunefleet.adapters import gguf_export, peft_ops
+    from tunefleet.adapters import exports, peft_ops
     from tunefleet.adapters.manager import AdapterManager
     from tunefleet.adapters.metrics import AdapterMetrics
     from tunefleet.adapters.servicer import POLL_SECONDS, AdapterServicer
@@ -259,8 +259,8 @@ def _adapters(context: ServiceContext) -> ServiceRegistration:
         hooks=Hooks(
             smoke_test=peft_ops.smoke_test,
             merge=peft_ops.merge,
-            quantize=gguf_export.export,
-            check_export=gguf_export.check,
+            quantize=exports.write,
+            check_export=exports.check,
         ),
         on_change=signal.notify,
     )

@@ -38,6 +38,12 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """One GGUF file, weights in 4-bit blocks (Q4_0): round-to-nearest, which can erase a small
     fine-tune; the check says whether it did.
     """
+    EXPORT_FORMAT_BNB_NF4: _ExportFormat.ValueType  # 4
+    """A transformers checkpoint with bitsandbytes NF4 linear layers (QLoRA's 4-bit type), which
+    transformers and the PEFT engine load as it is.
+    """
+    EXPORT_FORMAT_BNB_INT8: _ExportFormat.ValueType  # 5
+    """A transformers checkpoint with bitsandbytes LLM.int8() linear layers."""
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """ExportFormat is a file format a full model is exported to."""
@@ -52,6 +58,12 @@ EXPORT_FORMAT_GGUF_Q4_0: ExportFormat.ValueType  # 3
 """One GGUF file, weights in 4-bit blocks (Q4_0): round-to-nearest, which can erase a small
 fine-tune; the check says whether it did.
 """
+EXPORT_FORMAT_BNB_NF4: ExportFormat.ValueType  # 4
+"""A transformers checkpoint with bitsandbytes NF4 linear layers (QLoRA's 4-bit type), which
+transformers and the PEFT engine load as it is.
+"""
+EXPORT_FORMAT_BNB_INT8: ExportFormat.ValueType  # 5
+"""A transformers checkpoint with bitsandbytes LLM.int8() linear layers."""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
@@ -452,8 +464,8 @@ class AdapterVersion(_message.Message):
         KIND_FULL_MODEL: AdapterVersion._Kind.ValueType  # 2
         """A full model: the adapter merged into its base model, or a full fine-tune."""
         KIND_QUANTIZED_MODEL: AdapterVersion._Kind.ValueType  # 3
-        """A quantized export of a full model (for example one GGUF file for llama.cpp), made by
-        QuantizeModelVersion; `format` says which.
+        """A quantized export of a full model (one GGUF file for llama.cpp, or a bitsandbytes
+        checkpoint), made by QuantizeModelVersion; `format` says which.
         """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
@@ -466,8 +478,8 @@ class AdapterVersion(_message.Message):
     KIND_FULL_MODEL: AdapterVersion.Kind.ValueType  # 2
     """A full model: the adapter merged into its base model, or a full fine-tune."""
     KIND_QUANTIZED_MODEL: AdapterVersion.Kind.ValueType  # 3
-    """A quantized export of a full model (for example one GGUF file for llama.cpp), made by
-    QuantizeModelVersion; `format` says which.
+    """A quantized export of a full model (one GGUF file for llama.cpp, or a bitsandbytes
+    checkpoint), made by QuantizeModelVersion; `format` says which.
     """
 
     NAME_FIELD_NUMBER: _builtins.int

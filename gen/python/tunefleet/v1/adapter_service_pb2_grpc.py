@@ -261,8 +261,8 @@ class AdapterServiceServicer:
 
     def QuantizeModelVersion(self, request, context):
         """Quantizes a full-model version (an adapter version is first merged into its base model in
-        the base's own precision, or its existing merge is reused), checks the export against that
-        full model and stores it as a new version. An export whose agreement is under the tolerance
+        the base's own precision, or its existing merge is reused) to GGUF or bitsandbytes, checks
+        the export against that full model and stores it as a new version. An export whose agreement is under the tolerance
         is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
         `keep_failed_export` is set.
         """

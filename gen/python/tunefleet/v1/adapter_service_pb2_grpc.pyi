@@ -79,8 +79,8 @@ class AdapterServiceStub:
     """Merges a version into its base model and stores the result as a new full-model version."""
     QuantizeModelVersion: _grpc.UnaryUnaryMultiCallable[_adapter_service_pb2.QuantizeModelVersionRequest, _adapter_pb2.AdapterVersion]
     """Quantizes a full-model version (an adapter version is first merged into its base model in
-    the base's own precision, or its existing merge is reused), checks the export against that
-    full model and stores it as a new version. An export whose agreement is under the tolerance
+    the base's own precision, or its existing merge is reused) to GGUF or bitsandbytes, checks
+    the export against that full model and stores it as a new version. An export whose agreement is under the tolerance
     is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
     `keep_failed_export` is set.
     """
@@ -134,8 +134,8 @@ class AdapterServiceAsyncStub(AdapterServiceStub):
     """Merges a version into its base model and stores the result as a new full-model version."""
     QuantizeModelVersion: _aio.UnaryUnaryMultiCallable[_adapter_service_pb2.QuantizeModelVersionRequest, _adapter_pb2.AdapterVersion]  # type: ignore[assignment]
     """Quantizes a full-model version (an adapter version is first merged into its base model in
-    the base's own precision, or its existing merge is reused), checks the export against that
-    full model and stores it as a new version. An export whose agreement is under the tolerance
+    the base's own precision, or its existing merge is reused) to GGUF or bitsandbytes, checks
+    the export against that full model and stores it as a new version. An export whose agreement is under the tolerance
     is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
     `keep_failed_export` is set.
     """
@@ -294,8 +294,8 @@ class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_adapter_pb2.AdapterVersion, _abc.Awaitable[_adapter_pb2.AdapterVersion]]:
         """Quantizes a full-model version (an adapter version is first merged into its base model in
-        the base's own precision, or its existing merge is reused), checks the export against that
-        full model and stores it as a new version. An export whose agreement is under the tolerance
+        the base's own precision, or its existing merge is reused) to GGUF or bitsandbytes, checks
+        the export against that full model and stores it as a new version. An export whose agreement is under the tolerance
         is refused (FAILED_PRECONDITION, reason EXPORT_CHECK_FAILED, with the figures) unless
         `keep_failed_export` is set.
         """
