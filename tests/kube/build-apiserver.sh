@@ -6,6 +6,7 @@
 # prints the directory. Needs root (apt-get). Prints the directory holding the binaries.
 # Also installs etcd (Debian's etcd-server), which the test fixture starts beside them.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 
 # Bumped whenever the build below changes, so that a machine with an older cached build rebuilds.
 recipe=2
@@ -24,9 +25,12 @@ fi
 apt-get install -y -qq --no-install-recommends golang-go rsync make dpkg-dev \
   golang-github-modern-go-reflect2-dev >&2
 
-# A private apt configuration that adds the deb-src line, leaving the system's untouched.
+# A private apt configuration that adds the deb-src line, leaving the system's untouched. Its
+# mirror is the one the machine's own apt sources name (apt_source.py), which fails with one line
+# when there is none.
+source_line="$(python3 "$here/apt_source.py" bookworm)"
 mkdir -p "$cache/apt/lists/partial" "$cache/src"
-echo "deb-src http://deb.debian.org/debian bookworm main" > "$cache/apt/sources.list"
+echo "$source_line" > "$cache/apt/sources.list"
 apt_options=(-o "Dir::Etc::SourceList=$cache/apt/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
              -o "Dir::State::Lists=$cache/apt/lists")
 apt-get "${apt_options[@]}" update -qq >&2
