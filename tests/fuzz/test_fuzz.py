@@ -274,7 +274,7 @@ def on_postgres(
 
 
 def test_the_fuzzing_covers_every_rpc_and_enough_requests() -> None:
-    assert len(METHODS) == 61
+    assert len(METHODS) == 62
     assert len(METHODS) * DEFAULT_EXAMPLES >= 2000
     assert len(METHODS) * max(DEFAULT_EXAMPLES // 4, 14) >= 500
 
