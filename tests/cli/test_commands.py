@@ -398,6 +398,87 @@ def test_adapters_export_writes_a_checked_gguf_file(
     assert "exists already" in tunefleet(platform, *int8, code=2).stderr
 
 
+def test_the_adapter_lifecycle_from_the_command_line(
+    platform: LocalServer, chat_model: Path, tmp_path: Path
+) -> None:
+    """create -> upload -> get -> alias (with --expect's short form) -> merge -> download equals
+    the upload -> watch -> moves -> deletes, each through the binary against a real server."""
+    from tests.training.conftest import lora_adapter
+
+    def run(*args: str, code: int = 0) -> Any:
+        return as_json(tunefleet(platform, "adapters", *args, "-o", "json", code=code))
+
+    upload_dir = lora_adapter(chat_model, tmp_path / "adapter")
+    created = run("create", "life", "--base-model", "colours", "--label", "team=cli")
+    assert created["name"] == "adapters/life" and created["labels"] == {"team": "cli"}
+    uploaded = tunefleet(platform, "adapters", "upload", "life", str(upload_dir)).stdout
+    assert "name: adapters/life/versions/1" in uploaded
+    version = run("get", "life:1")
+    assert version["kind"] == "KIND_ADAPTER" and version["smoke_test"]["result"] == "RESULT_PASSED"
+    assert run("get", "life")["latest_version"] == "1"
+
+    moved = run("alias", "set", "life", "prod", "life:1", "--expect", "", "--reason", "first")
+    assert moved["version"] == "adapters/life/versions/1"
+    again = run("alias", "set", "life", "prod", "1", "--expect", "life:1")
+    assert again["version"] == "adapters/life/versions/1"
+    (listed,) = run("alias", "list", "life")
+    assert listed["name"] == "adapters/life/aliases/prod"
+    merged = run("merge", "life@prod", "--dtype", "float32")
+    assert merged["kind"] == "KIND_FULL_MODEL" and merged["merged_from"] == version["name"]
+
+    target = tmp_path / "download"
+    tunefleet(platform, "adapters", "download", "life:1", str(target))
+    for path in upload_dir.iterdir():
+        assert (target / path.name).read_bytes() == path.read_bytes(), path.name
+    assert {p.name for p in target.iterdir()} == {p.name for p in upload_dir.iterdir()}
+
+    watched = tunefleet(platform, "adapters", "watch", "life", "--limit", "4", "-o", "json")
+    kinds = [json.loads(line)["type"] for line in watched.stdout.splitlines()]
+    assert kinds[:3] == ["TYPE_ADAPTER_CREATED", "TYPE_VERSION_CREATED", "TYPE_ALIAS_MOVED"]
+    moves = run("alias", "moves", "life")
+    assert [m["reason"] for m in moves if m.get("reason")] == ["first"]
+    run("alias", "delete", "life", "prod", "--reason", "done")
+    assert run("delete", "life:2") == {"deleted": "adapters/life/versions/2"}
+    missing = tunefleet(platform, "adapters", "get", "life:2", code=1)
+    assert missing.stderr.startswith("error: NOT_FOUND")
+    assert run("delete", "life") == {"deleted": "life"}
+    bad = tunefleet(platform, "adapters", "create", "Bad Id", "--base-model", "colours", code=2)
+    assert "adapter_id" in bad.stderr
+
+
+def test_serving_scoring_checkpoints_and_leases_commands(
+    platform: LocalServer, version: str, colours: Path
+) -> None:
+    loaded = as_json(tunefleet(platform, "served", "load", version, "--pin", "-o", "json"))
+    assert loaded["adapter_version"] == version and loaded["pinned"]
+    assert version in tunefleet(platform, "served", "list").stdout
+    tunefleet(platform, "served", "unload", version)
+    scored = as_json(
+        tunefleet(
+            platform, "score", "Which colour goes with the cat?", " Colour: red.", "-o", "json"
+        )
+    )
+    assert scored["token_logprobs"] and all(p <= 0 for p in scored["token_logprobs"])
+    job = as_json(tunefleet(platform, "adapters", "get", version, "-o", "json"))["lineage"]
+    checkpoints = as_json(
+        tunefleet(platform, "jobs", "checkpoints", job["training_job"], "-o", "json")
+    )
+    assert isinstance(checkpoints, list)
+    dataset = upload(platform, colours)
+    lease = ["datasets", "leases"]
+    held = as_json(
+        tunefleet(
+            platform, *lease, "create", dataset, "cli-test", "--holder", "tests/cli", "-o", "json"
+        )
+    )
+    assert held["name"] == f"{dataset}/leases/cli-test"
+    assert "tests/cli" in tunefleet(platform, *lease, "list", dataset).stdout
+    refused = tunefleet(platform, "datasets", "delete", dataset, code=1)
+    assert "FAILED_PRECONDITION" in refused.stderr
+    tunefleet(platform, *lease, "delete", held["name"])
+    tunefleet(platform, "datasets", "delete", dataset)
+
+
 def test_generate_and_feedback(platform: LocalServer, version: str, tmp_path: Path) -> None:
     tunefleet(platform, "adapters", "alias", "set", "served", "live", "1")
     ask = ["generate", "--chat", "--adapter", "adapters/served@live", "--max-tokens", "8"]

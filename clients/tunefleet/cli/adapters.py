@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from tunefleet.cli.output import (
     as_dict,
+    calls,
     client,
     console,
     handles_errors,
     listing,
     output_option,
     print_json,
+    print_json_line,
     size,
     when,
 )
 from tunefleet.client.adapters import EXPORT_FORMATS
 from tunefleet.client.adapters import export_format as parse_format
+from tunefleet.v1 import adapter_pb2
 
 
 @click.group()
@@ -35,6 +40,7 @@ def adapters() -> None:
 @click.option("--filter", "filter_text", default="", help="Such as base_model=smollm2.")
 @output_option
 @handles_errors
+@calls("AdapterService.ListAdapters")
 def list_adapters(filter_text: str, output: str) -> None:
     """List adapters with their aliases."""
     with client() as tunefleet:
@@ -57,6 +63,7 @@ def list_adapters(filter_text: str, output: str) -> None:
 @click.argument("adapter")
 @output_option
 @handles_errors
+@calls("AdapterService.ListAdapterVersions")
 def versions(adapter: str, output: str) -> None:
     """List an adapter's versions, newest first, with their lineage and metrics."""
     with client() as tunefleet:
@@ -102,6 +109,7 @@ def alias() -> None:
 )
 @output_option
 @handles_errors
+@calls("AdapterService.SetAdapterAlias")
 def set_alias(
     adapter: str,
     alias_name: str,
@@ -110,9 +118,12 @@ def set_alias(
     expected_version: str | None,
     output: str,
 ) -> None:
-    """Point ALIAS of ADAPTER at VERSION (a number or adapters/{a}/versions/{n}). Servers that
-    route the alias switch to the new version without a restart."""
-    target: str | int = int(version) if version.isdigit() else version
+    """Point ALIAS of ADAPTER at VERSION (a number, orders:3 or adapters/{a}/versions/{n}).
+    Servers that route the alias switch to the new version without a restart. --expect takes
+    the same forms."""
+    target: str | int = int(version) if version.isdigit() else version_name(version)
+    if expected_version:
+        expected_version = version_name(expected_version)
     with client() as tunefleet:
         moved = tunefleet.adapters.set_alias(
             adapter, alias_name, target, reason=reason, expected_version=expected_version
@@ -131,6 +142,7 @@ def set_alias(
 @click.option("--reason", default="", help="Recorded in the audit trail.")
 @output_option
 @handles_errors
+@calls("AdapterService.SetAdapterAliasCanary")
 def canary(
     adapter: str, alias_name: str, other: str, percent: int, reason: str, output: str
 ) -> None:
@@ -205,6 +217,7 @@ def transfer_progress(output: str) -> Progress:
     help="json: machine-readable output for scripts.",
 )
 @handles_errors
+@calls("AdapterService.GetAdapterVersion", "AdapterService.QuantizeModelVersion")
 def export(
     version: str,
     export_format: str,
@@ -268,6 +281,7 @@ def export(
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @output_option
 @handles_errors
+@calls("AdapterService.GetAdapterVersion", "AdapterService.DownloadAdapterVersion")
 def download(version: str, directory: Path, output: str) -> None:
     """Download VERSION's files (checked against their sha256) into DIRECTORY."""
     version = version_name(version)
@@ -283,3 +297,225 @@ def download(version: str, directory: Path, output: str) -> None:
         return
     for path in paths:
         console.print(f"{path} ({size(path.stat().st_size)})", markup=False)
+
+
+@adapters.command()
+@click.argument("adapter_id", metavar="ID")
+@click.option("--base-model", required=True, help="The model every version is trained from.")
+@click.option("--description", default="")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+@output_option
+@handles_errors
+@calls("AdapterService.CreateAdapter")
+def create(
+    adapter_id: str, base_model: str, description: str, labels: tuple[str, ...], output: str
+) -> None:
+    """Create adapter ID (a named line of versions) for a base model."""
+    pairs = dict(label.partition("=")[::2] for label in labels)
+    if any(not key or not value for key, value in pairs.items()) or len(pairs) < len(labels):
+        raise click.BadParameter("labels are KEY=VALUE, each key once", param_hint="--label")
+    with client() as tunefleet:
+        created = tunefleet.adapters.create(
+            adapter_id, base_model=base_model, description=description, labels=pairs
+        )
+    show(created, output)
+
+
+@adapters.command()
+@click.argument("name")
+@output_option
+@handles_errors
+@calls("AdapterService.GetAdapter", "AdapterService.GetAdapterVersion")
+def get(name: str, output: str) -> None:
+    """Show an adapter (orders) or one version (orders:3, orders@prod, a full name)."""
+    with client() as tunefleet:
+        if is_version(name):
+            show(tunefleet.adapters.get_version(version_name(name)), output)
+        else:
+            show(tunefleet.adapters.get(name), output)
+
+
+@adapters.command()
+@click.argument("name")
+@output_option
+@handles_errors
+@calls("AdapterService.DeleteAdapter", "AdapterService.DeleteAdapterVersion")
+def delete(name: str, output: str) -> None:
+    """Delete an adapter with all its versions (orders), or one version (orders:3) that no alias
+    points at."""
+    with client() as tunefleet:
+        if is_version(name):
+            name = version_name(name)
+            tunefleet.adapters.delete_version(name)
+        else:
+            tunefleet.adapters.delete(name)
+    done({"deleted": name}, f"deleted {name}", output)
+
+
+@adapters.command()
+@click.argument("adapter")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--description", default="")
+@output_option
+@handles_errors
+@calls("AdapterService.UploadAdapterVersion")
+def upload(adapter: str, directory: Path, description: str, output: str) -> None:
+    """Upload a PEFT adapter folder (adapter_config.json and weights) as a new version of
+    ADAPTER; the server checks it against the base model before it is visible."""
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    progress = transfer_progress(output)
+    with progress, client() as tunefleet:
+        task = progress.add_task(f"uploading {directory}", total=total)
+        version = tunefleet.adapters.upload_version(
+            adapter,
+            directory,
+            description=description,
+            on_progress=lambda done, _: progress.update(task, completed=done),
+        )
+    show(version, output)
+
+
+@adapters.command()
+@click.argument("adapter")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    help="PATH=URI: a file of the version and the blob it is in (repeatable).",
+)
+@click.option("--description", default="")
+@output_option
+@handles_errors
+@calls("AdapterService.CreateAdapterVersion")
+def register(adapter: str, files: tuple[str, ...], description: str, output: str) -> None:
+    """Register files already in the server's blob store as a new version of ADAPTER (what a
+    trainer does), checked like an upload."""
+    pairs = dict(item.partition("=")[::2] for item in files)
+    if any(not path or not uri for path, uri in pairs.items()) or len(pairs) < len(files):
+        raise click.BadParameter("files are PATH=URI, each path once", param_hint="--file")
+    with client() as tunefleet:
+        version = tunefleet.adapters.register_version(adapter, pairs, description=description)
+    show(version, output)
+
+
+@adapters.command()
+@click.argument("version")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None)
+@output_option
+@handles_errors
+@calls("AdapterService.MergeAdapterVersion")
+def merge(version: str, dtype: str | None, output: str) -> None:
+    """Merge VERSION into its base model's weights, stored as a new full-model version (default:
+    in the base model's own precision)."""
+    with client() as tunefleet:
+        merged = tunefleet.adapters.merge(version_name(version), dtype=dtype or "")
+    show(merged, output)
+
+
+@adapters.command()
+@click.argument("adapter", required=False, default="")
+@click.option("--after", "after_revision", type=int, default=0, help="Changes after this revision.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@output_option
+@handles_errors
+@calls("AdapterService.WatchAdapterChanges")
+def watch(adapter: str, after_revision: int, limit: int | None, output: str) -> None:
+    """Print registry changes (of ADAPTER, or all) as they happen, from --after: versions added,
+    aliases moved, deletions. JSON lines with -o json. Ctrl-C stops."""
+    with client() as tunefleet:
+        for count, change in enumerate(
+            tunefleet.adapters.watch(after_revision=after_revision, adapter=adapter), 1
+        ):
+            if output == "json":
+                print_json_line(change)
+            else:
+                kind = adapter_pb2.AdapterChange.Type.Name(change.type).removeprefix("TYPE_")
+                what = " -> ".join(filter(None, [change.alias, change.version])) or change.adapter
+                console.print(f"{change.revision:>6}  {kind:<18} {what}", markup=False)
+            if limit is not None and count >= limit:
+                return
+
+
+@alias.command("list")
+@click.argument("adapter")
+@output_option
+@handles_errors
+@calls("AdapterService.ListAdapterAliases")
+def list_aliases(adapter: str, output: str) -> None:
+    """List ADAPTER's aliases, the version each points at and its canary."""
+    with client() as tunefleet:
+        items = list(tunefleet.adapters.aliases(adapter))
+    listing(
+        items,
+        output,
+        ["ALIAS", "VERSION", "CANARY", "MOVED", "BY"],
+        lambda a: (
+            a.name,
+            a.version,
+            f"{a.canary.percent}% to {a.canary.alias}" if a.HasField("canary") else "-",
+            when(a.update_time),
+            a.updated_by or "-",
+        ),
+    )
+
+
+@alias.command("delete")
+@click.argument("adapter")
+@click.argument("alias_name", metavar="ALIAS")
+@click.option("--reason", default="", help="Recorded in the audit trail.")
+@output_option
+@handles_errors
+@calls("AdapterService.DeleteAdapterAlias")
+def delete_alias(adapter: str, alias_name: str, reason: str, output: str) -> None:
+    """Delete ALIAS of ADAPTER (servers stop routing it)."""
+    with client() as tunefleet:
+        tunefleet.adapters.delete_alias(adapter, alias_name, reason=reason)
+    name = f"adapters/{adapter.removeprefix('adapters/')}/aliases/{alias_name}"
+    done({"deleted": name}, f"deleted {name}", output)
+
+
+@alias.command("moves")
+@click.argument("adapter")
+@output_option
+@handles_errors
+@calls("AdapterService.ListAliasMoves")
+def moves(adapter: str, output: str) -> None:
+    """The audit trail of ADAPTER's alias moves, newest first: who, when, from, to and why."""
+    with client() as tunefleet:
+        items = list(tunefleet.adapters.alias_moves(adapter))
+    listing(
+        items,
+        output,
+        ["ALIAS", "FROM", "TO", "WHEN", "BY", "REASON"],
+        lambda m: (
+            m.alias,
+            m.from_version or "-",
+            m.to_version or "-",
+            when(m.time),
+            m.actor,
+            m.reason or "-",
+        ),
+    )
+
+
+def is_version(name: str) -> bool:
+    """orders:3, orders@prod and full version names; not orders or adapters/orders."""
+    return ":" in name or "@" in name or "/versions/" in name
+
+
+def show(message: Any, output: str) -> None:
+    """A resource as JSON, or its fields as the API's JSON names them, one per line."""
+    if output == "json":
+        print_json(message)
+        return
+    for key, value in as_dict(message).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        console.print(f"{key}: {text}", markup=False)
+
+
+def done(document: dict[str, str], text: str, output: str) -> None:
+    if output == "json":
+        print_json(document)
+    else:
+        console.print(text, markup=False)

@@ -10,6 +10,7 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from tunefleet.cli.output import (
+    calls,
     client,
     console,
     enum_name,
@@ -176,6 +177,7 @@ def report(dataset: dataset_pb2.Dataset) -> None:
 @click.option("--validate-only", is_flag=True, help="Report without storing the dataset.")
 @output_option
 @handles_errors
+@calls("DatasetService.UploadDataset")
 def upload(
     path: Path,
     display_name: str,
@@ -274,6 +276,7 @@ def upload(
 )
 @output_option
 @handles_errors
+@calls("InferenceService.ListFeedback", "DatasetService.UploadDataset")
 def from_feedback(
     filter_text: str,
     positive_fraction: float,
@@ -327,6 +330,7 @@ def from_feedback(
 @click.option("--filter", "filter_text", default="", help="Such as state=READY or labels.team=x.")
 @output_option
 @handles_errors
+@calls("DatasetService.ListDatasets")
 def list_datasets(filter_text: str, output: str) -> None:
     """List datasets, newest first."""
     with client() as tunefleet:
@@ -351,6 +355,7 @@ def list_datasets(filter_text: str, output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("DatasetService.GetDataset")
 def get(name: str, output: str) -> None:
     """Show a dataset with its validation and cleaning report."""
     with client() as tunefleet:
@@ -368,6 +373,7 @@ def get(name: str, output: str) -> None:
 @click.option("--limit", type=int, default=5, show_default=True)
 @output_option
 @handles_errors
+@calls("DatasetService.PreviewDatasetRecords")
 def preview(name: str, split: str, offset: int, limit: int, output: str) -> None:
     """Print cleaned records of a dataset."""
     with client() as tunefleet:
@@ -402,6 +408,7 @@ def preview(name: str, split: str, offset: int, limit: int, output: str) -> None
 )
 @output_option
 @handles_errors
+@calls("DatasetService.CheckContamination")
 def contamination(
     dataset: str, evaluation_dataset: str, near_duplicate_threshold: float | None, output: str
 ) -> None:
@@ -437,9 +444,69 @@ def contamination(
 
 @datasets.command()
 @click.argument("name")
+@output_option
 @handles_errors
-def delete(name: str) -> None:
+@calls("DatasetService.DeleteDataset")
+def delete(name: str, output: str) -> None:
     """Delete a dataset (refused while a training job uses it)."""
     with client() as tunefleet:
         tunefleet.datasets.delete(name)
+    if output == "json":
+        print_json({"deleted": name})
+        return
+    console.print(f"deleted {name}", markup=False)
+
+
+@datasets.group()
+def leases() -> None:
+    """Leases keep a dataset from deletion while something uses it (a training job holds one)."""
+
+
+@leases.command("list")
+@click.argument("dataset")
+@output_option
+@handles_errors
+@calls("DatasetService.ListDatasetLeases")
+def list_leases(dataset: str, output: str) -> None:
+    """List DATASET's leases and their holders."""
+    with client() as tunefleet:
+        items = list(tunefleet.datasets.leases(dataset))
+    listing(
+        items,
+        output,
+        ["LEASE", "HOLDER", "CREATED"],
+        lambda x: (x.name, x.holder, when(x.create_time)),
+    )
+
+
+@leases.command("create")
+@click.argument("dataset")
+@click.argument("lease_id", metavar="ID")
+@click.option("--holder", required=True, help="Who holds it, as a resource name.")
+@output_option
+@handles_errors
+@calls("DatasetService.CreateDatasetLease")
+def create_lease(dataset: str, lease_id: str, holder: str, output: str) -> None:
+    """Lease DATASET as ID for HOLDER: it cannot be deleted until the lease is."""
+    with client() as tunefleet:
+        lease = tunefleet.datasets.create_lease(dataset, lease_id, holder=holder)
+    if output == "json":
+        print_json(lease)
+        return
+    console.print(f"{lease.name} held by {lease.holder}", markup=False)
+
+
+@leases.command("delete")
+@click.argument("name")
+@click.option("--allow-missing", is_flag=True, help="Succeed when it does not exist.")
+@output_option
+@handles_errors
+@calls("DatasetService.DeleteDatasetLease")
+def delete_lease(name: str, allow_missing: bool, output: str) -> None:
+    """Delete a lease, datasets/{dataset}/leases/{lease} (a lease left by a job that is gone)."""
+    with client() as tunefleet:
+        tunefleet.datasets.delete_lease(name, allow_missing=allow_missing)
+    if output == "json":
+        print_json({"deleted": name})
+        return
     console.print(f"deleted {name}", markup=False)

@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from tunefleet.cli.output import (
+    calls,
     client,
     console,
     counting_progress,
@@ -124,6 +125,11 @@ def evaluations() -> None:
 )
 @output_option
 @handles_errors
+@calls(
+    "EvaluationService.CreateEvaluationJob",
+    "EvaluationService.WatchEvaluationJob",
+    "EvaluationService.GetEvaluationJob",
+)
 def create(
     dataset: str | None,
     candidates: tuple[str, ...],
@@ -213,6 +219,7 @@ def create(
 @evaluations.command("list")
 @output_option
 @handles_errors
+@calls("EvaluationService.ListEvaluationJobs")
 def list_jobs(output: str) -> None:
     """List evaluation jobs, newest first."""
     with client() as tunefleet:
@@ -236,6 +243,7 @@ def list_jobs(output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("EvaluationService.GetEvaluationJob")
 def get(name: str, output: str) -> None:
     """Show a job: its candidates, then per candidate and grader the score with its 95%
     interval and the paired comparison with the baseline (difference, interval, p-value,
@@ -317,6 +325,7 @@ def _score_row(candidate: str, score: evaluation_pb2.EvaluationScore) -> list[st
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("EvaluationService.CancelEvaluationJob")
 def cancel(name: str, output: str) -> None:
     """Cancel a queued or running job."""
     with client() as tunefleet:
@@ -331,6 +340,7 @@ def cancel(name: str, output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("EvaluationService.WatchEvaluationJob", "EvaluationService.GetEvaluationJob")
 def wait_command(name: str, output: str) -> None:
     """Wait for a job to end, then show it: exit 1 unless it SUCCEEDED, 3 when it did but the
     gate did not pass a candidate."""
@@ -368,6 +378,7 @@ def finish(tunefleet: Client, name: str, output: str) -> None:
 )
 @output_option
 @handles_errors
+@calls("EvaluationService.ListEvaluationItemResults")
 def items(name: str, candidate: str, below: tuple[str, str] | None, output: str) -> None:
     """List a job's answers with their scores, for failure analysis."""
     limit = None
@@ -472,6 +483,11 @@ def suite(suite: str, path: Path | None, upload: bool, lm_eval: Path | None, out
     help="Who judges: each annotator judges each item once.",
 )
 @handles_errors
+@calls(
+    "EvaluationService.CreateAnnotationTask",
+    "EvaluationService.CreateAnnotation",
+    "EvaluationService.GetAnnotationSummary",
+)
 def annotate(name: str, candidate: str, baseline: str, annotator: str) -> None:
     """Compare answers by hand (human A/B), in the terminal (it works over SSH): two answers to
     one item at a time, in random order and without names; press 1 or 2 for the better one, t

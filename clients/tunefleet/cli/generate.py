@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from tunefleet.cli.output import (
+    calls,
     client,
     console,
     enum_name,
@@ -31,6 +32,7 @@ from tunefleet.v1 import inference_pb2
 @click.option("--seed", type=int)
 @output_option
 @handles_errors
+@calls("InferenceService.Generate", "InferenceService.StreamGenerate")
 def generate(
     prompt: str | None,
     adapter: str,
@@ -93,6 +95,7 @@ def generate(
 @click.option("--comment", default="")
 @output_option
 @handles_errors
+@calls("InferenceService.CreateFeedback")
 def feedback(
     response_id: str, rating: float, corrected_text: str, comment: str, output: str
 ) -> None:

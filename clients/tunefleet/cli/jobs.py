@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from tunefleet.cli.output import (
+    calls,
     client,
     console,
     counting_progress,
@@ -19,6 +20,7 @@ from tunefleet.cli.output import (
     output_option,
     print_json,
     print_json_line,
+    size,
     when,
 )
 from tunefleet.client import Client
@@ -70,6 +72,7 @@ def jobs() -> None:
 @click.option("--follow", "-f", is_flag=True, help="Then follow its progress (like jobs logs -f).")
 @output_option
 @handles_errors
+@calls("TrainingService.CreateTrainingJob")
 def create(
     base_model: str | None,
     train_dataset: str | None,
@@ -157,6 +160,7 @@ def create(
 @click.option("--filter", "filter_text", default="", help="Such as state=RUNNING.")
 @output_option
 @handles_errors
+@calls("TrainingService.ListTrainingJobs")
 def list_jobs(filter_text: str, output: str) -> None:
     """List training jobs, newest first."""
     with client() as tunefleet:
@@ -181,6 +185,7 @@ def list_jobs(filter_text: str, output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("TrainingService.GetTrainingJob")
 def get(name: str, output: str) -> None:
     """Show a job: state, progress, evaluation and result."""
     with client() as tunefleet:
@@ -233,6 +238,7 @@ def get(name: str, output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("TrainingService.CancelTrainingJob")
 def cancel(name: str, output: str) -> None:
     """Cancel a job; it ends CANCELLED once its worker has stopped."""
     with client() as tunefleet:
@@ -248,6 +254,7 @@ def cancel(name: str, output: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @output_option
 @handles_errors
+@calls("TrainingService.StreamTrainingJobEvents", "TrainingService.GetTrainingJob")
 def logs(name: str, follow: bool, output: str) -> None:
     """Print a job's events: state changes, the loss table, checkpoints, the worker's log lines.
 
@@ -319,3 +326,26 @@ def follow_job(tunefleet: Client, name: str, output: str) -> None:
         console.print(f"{job.name} {state(job.state)} {result}".rstrip(), markup=False)
     if job.state != TrainingJob.STATE_SUCCEEDED:
         raise SystemExit(1)
+
+
+@jobs.command()
+@click.argument("name")
+@output_option
+@handles_errors
+@calls("TrainingService.ListCheckpoints")
+def checkpoints(name: str, output: str) -> None:
+    """List the job's stored checkpoints, oldest first: step, validation loss, size, where."""
+    with client() as tunefleet:
+        items = list(tunefleet.training_jobs.checkpoints(name))
+    listing(
+        items,
+        output,
+        ["STEP", "VALIDATION LOSS", "SIZE", "CREATED", "URI"],
+        lambda c: (
+            c.step,
+            f"{c.validation_loss:.4f}" if c.HasField("validation_loss") else "-",
+            size(c.size_bytes),
+            when(c.create_time),
+            c.uri,
+        ),
+    )

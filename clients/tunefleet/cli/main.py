@@ -14,6 +14,7 @@ from tunefleet.cli.generate import feedback, generate
 from tunefleet.cli.jobs import jobs
 from tunefleet.cli.output import Settings
 from tunefleet.cli.retraining import retraining
+from tunefleet.cli.serving import score, served
 
 SERVICE_KEYS = (
     "datasets",
@@ -69,6 +70,8 @@ def cli(
     tunefleet generate --chat --adapter adapters/a@prod "Hello"
     tunefleet eval create --dataset D --candidate base --candidate new=adapters/a@prod \
         --grader exact_match --gate exact_match -w    judge it against the base model
+
+    Exit codes: 0 done, 1 the server refused or failed, 2 bad input, 3 a gate did not pass.
     """
     context.obj = Settings(target, token, tls, ca_file, timeout)
 
@@ -80,6 +83,8 @@ cli.add_command(generate)
 cli.add_command(feedback)
 cli.add_command(evaluations)
 cli.add_command(retraining)
+cli.add_command(served)
+cli.add_command(score)
 
 
 @cli.command()

@@ -53,6 +53,17 @@ class Settings:
         return Client(self.target, token=self.token, tls=tls, options=self.options())
 
 
+def calls(*rpcs: str) -> Callable[[F], F]:
+    """Name the RPCs (`Service.Method`) a command calls: a test checks from the protos'
+    descriptors that every public RPC has a command."""
+
+    def mark(command: F) -> F:
+        command.rpcs = rpcs  # type: ignore[attr-defined]
+        return command
+
+    return mark
+
+
 def client() -> Client:
     settings: Settings = click.get_current_context().find_object(Settings)  # type: ignore[assignment]
     return settings.client()

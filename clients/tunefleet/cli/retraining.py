@@ -10,6 +10,8 @@ import click
 
 from tunefleet.cli.evaluations import show as show_evaluation
 from tunefleet.cli.output import (
+    as_dict,
+    calls,
     client,
     console,
     enum_name,
@@ -58,6 +60,7 @@ def retraining() -> None:
 )
 @output_option
 @handles_errors
+@calls("RetrainingService.CreateRetrainingPolicy")
 def create_policy(
     adapter: str | None,
     eval_dataset: str | None,
@@ -109,6 +112,7 @@ def create_policy(
 @retraining.command("policies")
 @output_option
 @handles_errors
+@calls("RetrainingService.ListRetrainingPolicies")
 def policies(output: str) -> None:
     """List retraining policies."""
     with client() as tunefleet:
@@ -129,13 +133,35 @@ def policies(output: str) -> None:
     )
 
 
+@retraining.command("get-policy")
+@click.argument("name")
+@output_option
+@handles_errors
+@calls("RetrainingService.GetRetrainingPolicy")
+def get_policy(name: str, output: str) -> None:
+    """Show a policy: its adapter and aliases, the recipe, the evaluation, gate and triggers."""
+    with client() as tunefleet:
+        policy = tunefleet.retraining.get_policy(name)
+    if output == "json":
+        print_json(policy)
+        return
+    for key, value in as_dict(policy).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        console.print(f"{key}: {text}", markup=False)
+
+
 @retraining.command("delete-policy")
 @click.argument("name")
+@output_option
 @handles_errors
-def delete_policy(name: str) -> None:
+@calls("RetrainingService.DeleteRetrainingPolicy")
+def delete_policy(name: str, output: str) -> None:
     """Delete a policy and its runs (refused while a run is in progress)."""
     with client() as tunefleet:
         tunefleet.retraining.delete_policy(name)
+    if output == "json":
+        print_json({"deleted": name})
+        return
     console.print(f"deleted {name}", markup=False)
 
 
@@ -144,6 +170,7 @@ def delete_policy(name: str) -> None:
 @click.option("--wait", "-w", is_flag=True, help="Wait until it ends or awaits approval.")
 @output_option
 @handles_errors
+@calls("RetrainingService.CreateRetrainingRun", "RetrainingService.WatchRetrainingRun")
 def start(policy: str, wait: bool, output: str) -> None:
     """Start a run of POLICY now. With -w, exit 1 unless the run SUCCEEDED, 3 when it did
     without promoting (the gate, a person or a concurrent move said no)."""
@@ -179,6 +206,7 @@ ENDED = (Run.STATE_SUCCEEDED, Run.STATE_FAILED, Run.STATE_CANCELLED)
 @click.argument("policy")
 @output_option
 @handles_errors
+@calls("RetrainingService.ListRetrainingRuns")
 def runs(policy: str, output: str) -> None:
     """List a policy's runs, newest first."""
     with client() as tunefleet:
@@ -203,6 +231,7 @@ def runs(policy: str, output: str) -> None:
 @click.argument("name")
 @output_option
 @handles_errors
+@calls("RetrainingService.GetRetrainingRun", "EvaluationService.GetEvaluationJob")
 def get(name: str, output: str) -> None:
     """Show a run: its data, job, the gate's table and its history."""
     with client() as tunefleet:
@@ -246,6 +275,7 @@ def report(tunefleet: Client, run: Run, output: str) -> None:
 @click.option("--reason", default="", help="Why; kept in the run and the alias's history.")
 @output_option
 @handles_errors
+@calls("RetrainingService.ApproveRetrainingRun")
 def approve(name: str, reason: str, output: str) -> None:
     """Approve the promotion of a run awaiting approval."""
     with client() as tunefleet:
@@ -259,19 +289,29 @@ def approve(name: str, reason: str, output: str) -> None:
 @retraining.command("reject")
 @click.argument("name")
 @click.option("--reason", default="", help="Why; kept in the run.")
+@output_option
 @handles_errors
-def reject(name: str, reason: str) -> None:
+@calls("RetrainingService.RejectRetrainingRun")
+def reject(name: str, reason: str, output: str) -> None:
     """Reject the promotion of a run awaiting approval."""
     with client() as tunefleet:
         run = tunefleet.retraining.reject(name, reason=reason)
+    if output == "json":
+        print_json(run)
+        return
     console.print(f"{run.name}: {outcome(run)}", markup=False)
 
 
 @retraining.command("cancel")
 @click.argument("name")
+@output_option
 @handles_errors
-def cancel(name: str) -> None:
+@calls("RetrainingService.CancelRetrainingRun")
+def cancel(name: str, output: str) -> None:
     """Cancel a run in progress (and its training job)."""
     with client() as tunefleet:
         run = tunefleet.retraining.cancel(name)
+    if output == "json":
+        print_json(run)
+        return
     console.print(f"{run.name}: {state(run.state)}", markup=False)

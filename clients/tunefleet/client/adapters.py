@@ -197,6 +197,37 @@ class Adapters(Resource[M]):
         return version
 
     @operation
+    def register_version(
+        self,
+        adapter: str,
+        files: Mapping[str, str],
+        *,
+        description: str = "",
+        lineage: adapter_pb2.Lineage | None = None,
+        request_id: str = "",
+    ) -> Program[adapter_pb2.AdapterVersion]:
+        """Register files already in the server's blob store (path in the version -> blob URI,
+        as a trainer writes them) as a new version, checked like an upload.
+
+        Example::
+
+            version = client.adapters.register_version(
+                "orders", {"adapter_config.json": uri_of_config, "adapter_model.safetensors": uri}
+            )
+        """
+        request = adapter_service_pb2.CreateAdapterVersionRequest(
+            parent=resource_name("adapters", adapter),
+            files=[adapter_pb2.AdapterFile(path=path, uri=uri) for path, uri in files.items()],
+            description=description,
+            lineage=lineage,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        version: adapter_pb2.AdapterVersion = yield Call(
+            self.Stub, "CreateAdapterVersion", request, idempotent=True
+        )
+        return version
+
+    @operation
     def download(
         self,
         version: str,

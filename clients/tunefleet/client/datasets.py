@@ -118,6 +118,55 @@ class Datasets(Resource[M]):
         yield Call(self.Stub, "DeleteDataset", request, idempotent=True)
 
     @stream
+    def leases(self, dataset: str, page_size: int = 100) -> Feed[dataset_pb2.DatasetLease]:
+        """The leases on a dataset: who uses it (a training job, an evaluation), and so keeps it
+        from deletion.
+
+        Example::
+
+            for lease in client.datasets.leases("datasets/0f3c..."):
+                print(lease.holder)
+        """
+        request = dataset_service_pb2.ListDatasetLeasesRequest(
+            parent=resource_name("datasets", dataset), page_size=page_size
+        )
+        yield from pages(self.Stub, "ListDatasetLeases", request, "leases")
+
+    @operation
+    def create_lease(
+        self, dataset: str, lease_id: str, *, holder: str
+    ) -> Program[dataset_pb2.DatasetLease]:
+        """Lease a dataset for `holder` (a resource name): it cannot be deleted until every lease
+        is deleted.
+
+        Example::
+
+            client.datasets.create_lease("datasets/0f3c...", "nightly-eval", holder="jobs/nightly")
+        """
+        request = dataset_service_pb2.CreateDatasetLeaseRequest(
+            parent=resource_name("datasets", dataset),
+            lease_id=lease_id,
+            lease=dataset_pb2.DatasetLease(holder=holder),
+        )
+        lease: dataset_pb2.DatasetLease = yield Call(
+            self.Stub, "CreateDatasetLease", request, idempotent=True
+        )
+        return lease
+
+    @operation
+    def delete_lease(self, name: str, *, allow_missing: bool = False) -> Program[None]:
+        """Delete a lease, `datasets/{dataset}/leases/{lease}`.
+
+        Example::
+
+            client.datasets.delete_lease("datasets/0f3c.../leases/nightly-eval")
+        """
+        request = dataset_service_pb2.DeleteDatasetLeaseRequest(
+            name=name, allow_missing=allow_missing
+        )
+        yield Call(self.Stub, "DeleteDatasetLease", request, idempotent=True)
+
+    @stream
     def preview(
         self,
         name: str,
