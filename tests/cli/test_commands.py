@@ -412,7 +412,7 @@ def test_the_adapter_lifecycle_from_the_command_line(
     created = run("create", "life", "--base-model", "colours", "--label", "team=cli")
     assert created["name"] == "adapters/life" and created["labels"] == {"team": "cli"}
     uploaded = tunefleet(platform, "adapters", "upload", "life", str(upload_dir)).stdout
-    assert "name: adapters/life/versions/1" in uploaded
+    assert "adapters/life/versions/1" in uploaded
     version = run("get", "life:1")
     assert version["kind"] == "KIND_ADAPTER" and version["smoke_test"]["result"] == "RESULT_PASSED"
     assert run("get", "life")["latest_version"] == "1"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -23,6 +21,7 @@ from tunefleet.cli.output import (
     output_option,
     print_json,
     print_json_line,
+    show,
     size,
     when,
 )
@@ -502,16 +501,6 @@ def moves(adapter: str, output: str) -> None:
 def is_version(name: str) -> bool:
     """orders:3, orders@prod and full version names; not orders or adapters/orders."""
     return ":" in name or "@" in name or "/versions/" in name
-
-
-def show(message: Any, output: str) -> None:
-    """A resource as JSON, or its fields as the API's JSON names them, one per line."""
-    if output == "json":
-        print_json(message)
-        return
-    for key, value in as_dict(message).items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        console.print(f"{key}: {text}", markup=False)
 
 
 def done(document: dict[str, str], text: str, output: str) -> None:

@@ -158,6 +158,17 @@ def fields(pairs: Iterable[tuple[str, Any]]) -> None:
     console.print(view)
 
 
+def show(message: Message, output: str) -> None:
+    """One resource: as JSON, or its fields as the API's JSON names them."""
+    if output == "json":
+        print_json(message)
+        return
+    fields(
+        (key, value if isinstance(value, str) else json.dumps(value))
+        for key, value in as_dict(message).items()
+    )
+
+
 def counting_progress(output: str) -> Progress:
     """A bar counting steps or answers with the ETA, gone when done; off for `-o json`."""
     return Progress(

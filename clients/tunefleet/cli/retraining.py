@@ -10,7 +10,6 @@ import click
 
 from tunefleet.cli.evaluations import show as show_evaluation
 from tunefleet.cli.output import (
-    as_dict,
     calls,
     client,
     console,
@@ -20,6 +19,7 @@ from tunefleet.cli.output import (
     listing,
     output_option,
     print_json,
+    show,
     table,
     when,
 )
@@ -141,13 +141,7 @@ def policies(output: str) -> None:
 def get_policy(name: str, output: str) -> None:
     """Show a policy: its adapter and aliases, the recipe, the evaluation, gate and triggers."""
     with client() as tunefleet:
-        policy = tunefleet.retraining.get_policy(name)
-    if output == "json":
-        print_json(policy)
-        return
-    for key, value in as_dict(policy).items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        console.print(f"{key}: {text}", markup=False)
+        show(tunefleet.retraining.get_policy(name), output)
 
 
 @retraining.command("delete-policy")

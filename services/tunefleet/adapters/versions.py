@@ -334,10 +334,7 @@ class Versions:
         work = self.workdir / f"merge-{uuid.uuid4().hex}"
         try:
             adapter_dir = work / "adapter"
-            self._materialise(
-                {f["path"]: BlobInfo(f["sha256"], f["size_bytes"]) for f in row.files["files"]},
-                adapter_dir,
-            )
+            self._materialise(_blobs(row), adapter_dir)
             merged = work / "merged"
             try:
                 self.hooks.merge(model_dir, adapter_dir, merged, dtype)
@@ -350,9 +347,7 @@ class Versions:
                 raise FailedPrecondition(
                     f"{source} cannot be merged: {refused}", reason="BASE_MODEL_QUANTIZED"
                 ) from None
-            staged = {
-                str(p.relative_to(merged)): p for p in sorted(merged.rglob("*")) if p.is_file()
-            }
+            staged = _files(merged)
             fingerprint = hashlib.sha256(f"{source}:{dtype}".encode()).hexdigest()
             return self.register_files(
                 row.adapter_id,
@@ -412,10 +407,7 @@ class Versions:
         work = self.workdir / f"quantize-{uuid.uuid4().hex}"
         try:
             model_dir = work / "model"
-            self._materialise(
-                {f["path"]: BlobInfo(f["sha256"], f["size_bytes"]) for f in row.files["files"]},
-                model_dir,
-            )
+            self._materialise(_blobs(row), model_dir)
             output = work / "export"
             try:
                 self.hooks.quantize(model_dir, output, export_format)
@@ -449,7 +441,7 @@ class Versions:
                 check["result"] = "RESULT_FAILED"
             return self.register_files(
                 row.adapter_id,
-                {str(p.relative_to(output)): p for p in sorted(output.rglob("*")) if p.is_file()},
+                _files(output),
                 None,
                 f"{source} quantized to {export_format}",
                 row.lineage,
@@ -473,10 +465,18 @@ class Versions:
             ).first()
         if found is not None:
             return found
-        merge_id = uuid.uuid5(
-            uuid.NAMESPACE_URL, f"{adapter.serving_name}#merge"
-        )  # unique for ever
+        # Serving names are unique for ever: a re-created adapter's version 1 gets another id.
+        merge_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{adapter.serving_name}#merge")
         return self.merge(source, "", str(merge_id))
+
+
+def _blobs(row: VersionRow) -> dict[str, BlobInfo]:
+    return {f["path"]: BlobInfo(f["sha256"], f["size_bytes"]) for f in row.files["files"]}
+
+
+def _files(directory: Path) -> dict[str, Path]:
+    """The files under `directory` by their path in it."""
+    return {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _read_header(path: str, file: Path) -> dict[str, validation.TensorInfo]:
