@@ -6,10 +6,11 @@ MinHashLSH for near duplicates), on the same generated files, in the same run.
 
 The files mix the four formats (one file per format), with 10% exact duplicates (case and
 whitespace changed), 5% near duplicates (one word of the answer replaced) and 2% records with
-PII. Each pipeline runs in its own process, so peak memory is that process's maximum RSS; the
-two alternate over `--rounds` rounds (the first one first in odd rounds, second in even ones),
-every round printed. Both use 3-gram shingles, 128 permutations and a Jaccard threshold of 0.8
-(tunefleet's tokens are words, and characters in unspaced scripts; the baseline's are words).
+PII. Each pipeline runs in its own process, so peak memory is that process's maximum RSS; after
+a warm-up run of each, the two alternate over `--rounds` rounds (benchmarks/harness.py: who goes
+first rotates), every round printed, and each ratio is printed as its median and range. Both use
+3-gram shingles, 128 permutations and a Jaccard threshold of 0.8 (tunefleet's tokens are words,
+and characters in unspaced scripts; the baseline's are words).
 tunefleet also validates every record, detects and redacts PII, splits and writes the dataset;
 the baseline does none of that.
 
@@ -29,7 +30,6 @@ import os
 import random
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import rotations, spread, warm_up  # noqa: E402
+
 FORMATS = ("alpaca", "sharegpt", "openai_chat", "prompt_completion")
 THRESHOLD, NUM_PERM = 0.8, 128
 _WORD = re.compile(r"\w+")
@@ -320,31 +325,27 @@ def main() -> None:
             f"{'round':<7}{'pipeline':<28}{'records/s':>12}{'peak MiB':>10}{'exact rec.':>12}"
             f"{'near rec.':>11}{'precision':>11}"
         )
+
+        def run(name: str, label: int | str) -> dict[str, Any]:
+            result = run_child(name, truth_path, directory)
+            result.update(score(truth, result.pop("removed")))
+            print(
+                f"{label!s:<7}{labels[name]:<28}{total / result['seconds']:>12,.0f}"
+                f"{result['peak_mib']:>10,.0f}{result['exact_recall']:>12.3f}"
+                f"{result['near_recall']:>11.3f}{result['precision']:>11.4f}",
+                flush=True,
+            )
+            return result
+
+        warm_up(list(labels), lambda name: run(name, "warm"))
         speed, memory = [], []
-        for round_number in range(1, args.rounds + 1):
-            order = ("tunefleet", "baseline") if round_number % 2 else ("baseline", "tunefleet")
-            results = {}
-            for name in order:
-                result = run_child(name, truth_path, directory)
-                result.update(score(truth, result.pop("removed")))
-                results[name] = result
-                print(
-                    f"{round_number:<7}{labels[name]:<28}{total / result['seconds']:>12,.0f}"
-                    f"{result['peak_mib']:>10,.0f}{result['exact_recall']:>12.3f}"
-                    f"{result['near_recall']:>11.3f}{result['precision']:>11.4f}",
-                    flush=True,
-                )
+        for round_number, order in rotations(list(labels), args.rounds):
+            results = {name: run(name, round_number) for name in order}
             ours, theirs = results["tunefleet"], results["baseline"]
             speed.append(theirs["seconds"] / ours["seconds"])
             memory.append(ours["peak_mib"] / theirs["peak_mib"])
-        print(
-            f"speed ratio (tunefleet / baseline), median (min-max) over {args.rounds} rounds: "
-            f"{statistics.median(speed):.2f}x ({min(speed):.2f}-{max(speed):.2f})"
-        )
-        print(
-            "peak memory ratio (tunefleet / baseline): "
-            f"{statistics.median(memory):.2f} ({min(memory):.2f}-{max(memory):.2f})"
-        )
+        print(f"speed ratio (tunefleet / baseline) over {args.rounds} rounds: {spread(speed)}")
+        print(f"peak memory ratio (tunefleet / baseline): {spread(memory, unit='')}")
         chinese_slice(directory)
     code_slice()
 

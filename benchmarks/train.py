@@ -8,7 +8,8 @@ RSS of the process that trained (each run has its own process). All use LoRA r=1
 layers, lr 2e-4 with warmup and cosine decay, micro batch 8, fp32, on CPU here. TRL runs twice:
 with its defaults (which turn on gradient checkpointing: less activation memory, a second forward
 pass per step) and in tunefleet's memory regime (gradient checkpointing off). The three alternate
-over `--rounds` rounds, in a rotating order, every round printed; the ratios are medians.
+over `--rounds` rounds after a warm-up of each (benchmarks/harness.py), in a rotating order,
+every round printed; each ratio is printed as its median and range.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import json
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import rotations, spread, warm_up  # noqa: E402
+
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -312,34 +317,35 @@ def compare_with_trl(
     a rotating order, every round printed (tokens per second, peak memory: the GPU's when the
     run had one, else the process's RSS); then the median and range of each ratio."""
     ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
-    order = list(SIDES)
-    for number in range(1, rounds + 1):
+
+    def run(name: str, number: int | str, run_steps: int) -> dict[str, Any] | None:
+        out = directory / f"{name}-{number}.json"
+        try:
+            result = spawn(name, model, data, run_steps, max_length, batch, out, precision)
+        except subprocess.CalledProcessError as error:
+            print(f"  round {number} {SIDES[name]:22s}: failed (exit {error.returncode})")
+            return None
+        memory = result.get("gpu_peak_mib", result["peak_mib"])
+        print(
+            f"  round {number} {SIDES[name]:22s}: {result['tokens_per_second']:9,.0f} tokens/s, "
+            f"peak {memory:8,.0f} MiB ({'GPU' if 'gpu_peak_mib' in result else 'RSS'})",
+            flush=True,
+        )
+        return result
+
+    warm_up(list(SIDES), lambda name: run(name, "warm-up", min(steps, 4)))
+    for number, order in rotations(list(SIDES), rounds):
         speed = {}
         for name in order:
-            out = directory / f"{name}-{number}.json"
-            try:
-                result = spawn(name, model, data, steps, max_length, batch, out, precision)
-            except subprocess.CalledProcessError as error:
-                print(f"  round {number} {SIDES[name]:22s}: failed (exit {error.returncode})")
-                continue
-            speed[name] = result["tokens_per_second"]
-            memory = result.get("gpu_peak_mib", result["peak_mib"])
-            print(
-                f"  round {number} {SIDES[name]:22s}: {speed[name]:9,.0f} tokens/s, peak "
-                f"{memory:8,.0f} MiB ({'GPU' if 'gpu_peak_mib' in result else 'RSS'})",
-                flush=True,
-            )
+            result = run(name, number, steps)
+            if result is not None:
+                speed[name] = result["tokens_per_second"]
         for name in ratios:
             if "lora" in speed and name in speed:
                 ratios[name].append(speed["lora"] / speed[name])
-        order = order[1:] + order[:1]  # rotate who goes first
     for name, values in ratios.items():
         if values:
-            print(
-                f"  tokens/s, tunefleet / {SIDES[name]}: median {statistics.median(values):.2f}x "
-                f"({min(values):.2f}-{max(values):.2f})",
-                flush=True,
-            )
+            print(f"  tokens/s, tunefleet / {SIDES[name]}: {spread(values)}", flush=True)
 
 
 def main() -> None:
