@@ -50,6 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import rotations, spread  # noqa: E402
+
 ADAPTERS = 8
 PROMPTS = [
     "<|user|>Which colour goes with the cat?<|end|><|assistant|>",
@@ -218,12 +220,15 @@ async def throughput(name: str, model: Path, adapters: list[Path], args: Any) ->
         one = requests_for(engine, args.requests, 1, args.max_tokens)
         eight = requests_for(engine, args.requests, ADAPTERS, args.max_tokens)
         await load_all()
-        await load(engine, eight, args.concurrency)  # warm-up, not counted
+        warm = await load(engine, eight, args.concurrency)  # warm-up, not counted
         await unload_all()
-        await swapping(engine, named, eight[: ADAPTERS * 2], args.concurrency)  # warm-up
+        warm_swap = await swapping(engine, named, eight[: ADAPTERS * 2], args.concurrency)
+        print(
+            f"  {name} warm-up (not counted): eight {warm.rate:7.1f} tokens/s, "
+            f"swap {warm_swap.rate:7.1f} tokens/s"
+        )
         phases = ["one", "eight", "swap"]
-        for round_ in range(args.rounds):
-            order = phases[round_ % 3 :] + phases[: round_ % 3]
+        for round_, order in rotations(phases, args.rounds):
             for phase in order:
                 if phase == "swap":
                     runs[phase].append(await swapping(engine, named, eight, args.concurrency))
@@ -233,7 +238,7 @@ async def throughput(name: str, model: Path, adapters: list[Path], args: Any) ->
                     runs[phase].append(await load(engine, requests, args.concurrency))
                     await unload_all()
             print(
-                f"  {name} round {round_ + 1} ({', '.join(order)}): "
+                f"  {name} round {round_} ({', '.join(order)}): "
                 + ", ".join(f"{p} {runs[p][-1].rate:7.1f} tokens/s" for p in phases)
             )
     finally:
@@ -442,10 +447,6 @@ async def until(condition: Any) -> None:
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 async def main() -> None:
