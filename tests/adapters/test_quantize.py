@@ -216,6 +216,21 @@ async def test_a_retry_with_the_same_request_id_stores_one_export(stub: Stub, lo
     )
     kinds = [v.kind for v in versions.adapter_versions]
     assert kinds.count(adapter_pb2.AdapterVersion.KIND_QUANTIZED_MODEL) == 1
+    assert kinds.count(adapter_pb2.AdapterVersion.KIND_FULL_MODEL) == 1  # merged once
+
+
+async def test_concurrent_exports_of_one_adapter_merge_it_once(stub: Stub, lora: Path) -> None:
+    adapter = await upload(stub, lora)
+    q8, f16 = await asyncio.gather(
+        stub.QuantizeModelVersion(pb.QuantizeModelVersionRequest(name=adapter.name, format=Q8_0)),
+        stub.QuantizeModelVersion(pb.QuantizeModelVersionRequest(name=adapter.name, format=F16)),
+    )
+    assert q8.quantized_from == f16.quantized_from
+    versions = await stub.ListAdapterVersions(
+        pb.ListAdapterVersionsRequest(parent="adapters/orders")
+    )
+    kinds = [v.kind for v in versions.adapter_versions]
+    assert kinds.count(adapter_pb2.AdapterVersion.KIND_FULL_MODEL) == 1
 
 
 @pytest.fixture
