@@ -1,7 +1,7 @@
 """Training benchmark: tunefleet's trainer against TRL's SFTTrainer with PEFT, on the same small
 model, data and hyperparameters, in the same run; and QLoRA against LoRA peak memory.
 
-    python benchmarks/train.py [--steps 24] [--rounds 3]
+    python benchmarks/train.py [--steps 24] [--rounds 5]
 
 Throughput is useful (non-padding) tokens per second of the training loop; memory is the peak
 RSS of the process that trained (each run has its own process). All use LoRA r=16 on all linear
@@ -351,7 +351,7 @@ def compare_with_trl(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

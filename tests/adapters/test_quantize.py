@@ -184,6 +184,7 @@ async def test_bad_requests_are_refused_naming_the_field_or_reason(stub: Stub, l
 
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert "format" in await refused(invalid, name=adapter.name)
+    assert "format" in await refused(invalid, name=adapter.name, format=99)  # a newer client's
     details = await refused(invalid, name=adapter.name, format=Q8_0, min_top1_agreement=1.5)
     assert "min_top1_agreement" in details
     await refused(grpc.StatusCode.NOT_FOUND, name="adapters/orders/versions/9", format=Q8_0)

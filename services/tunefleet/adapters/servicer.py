@@ -330,11 +330,12 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     async def QuantizeModelVersion(
         self, request: adapter_service_pb2.QuantizeModelVersionRequest, context: Context
     ) -> adapter_pb2.AdapterVersion:
+        known = adapter_pb2.ExportFormat.DESCRIPTOR.values_by_number.get(request.format)
         with self._registering() as produced:
             row = await asyncio.to_thread(
                 self.manager.versions.quantize,
                 request.name,
-                adapter_pb2.ExportFormat.Name(request.format),
+                known.name if known else str(request.format),  # unknown: INVALID_ARGUMENT
                 request.min_top1_agreement,
                 request.keep_failed_export,
                 request.request_id,
