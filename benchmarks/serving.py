@@ -504,6 +504,9 @@ async def main() -> None:
                 print(f"    {what}:")
                 for end in ("token", "response"):
                     times = swaps[f"{kind} {end}"]
+                    if not times:  # too few --swaps for a move of this kind
+                        print(f"      first {end:<8} (no moves)")
+                        continue
                     print(
                         f"      first {end:<8} ({len(times)} moves): "
                         f"p50 {statistics.median(times) * 1000:.0f} ms, "
