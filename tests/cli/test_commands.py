@@ -66,6 +66,14 @@ def test_every_command_has_help() -> None:
         assert "Usage: tunefleet" in result.stdout, path
 
 
+def test_malformed_key_value_flags_are_refused_before_any_call() -> None:
+    """No server is reachable: the refusal comes from the flag itself (exit 2, naming it)."""
+    label = tunefleet(None, "adapters", "create", "a", "--base-model", "m", "--label", "x", code=2)
+    assert "--label" in label.stderr and "KEY=VALUE" in label.stderr
+    files = tunefleet(None, "adapters", "register", "a", "--file", "p=u", "--file", "p=v", code=2)
+    assert "--file" in files.stderr and "each path once" in files.stderr
+
+
 def test_datasets_commands(platform: LocalServer, colours: Path) -> None:
     upload = tunefleet(
         platform,
@@ -463,7 +471,8 @@ def test_serving_scoring_checkpoints_and_leases_commands(
     checkpoints = as_json(
         tunefleet(platform, "jobs", "checkpoints", job["training_job"], "-o", "json")
     )
-    assert isinstance(checkpoints, list)
+    steps = [int(c["step"]) for c in checkpoints]
+    assert steps and steps == sorted(steps) and all(c["uri"] for c in checkpoints), checkpoints
     dataset = upload(platform, colours)
     lease = ["datasets", "leases"]
     held = as_json(

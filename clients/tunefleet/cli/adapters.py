@@ -16,6 +16,7 @@ from tunefleet.cli.output import (
     calls,
     client,
     console,
+    deleted,
     handles_errors,
     listing,
     output_option,
@@ -348,7 +349,7 @@ def delete(name: str, output: str) -> None:
             tunefleet.adapters.delete_version(name)
         else:
             tunefleet.adapters.delete(name)
-    done({"deleted": name}, f"deleted {name}", output)
+    deleted(name, output)
 
 
 @adapters.command()
@@ -471,7 +472,7 @@ def delete_alias(adapter: str, alias_name: str, reason: str, output: str) -> Non
     with client() as tunefleet:
         tunefleet.adapters.delete_alias(adapter, alias_name, reason=reason)
     name = f"adapters/{adapter.removeprefix('adapters/')}/aliases/{alias_name}"
-    done({"deleted": name}, f"deleted {name}", output)
+    deleted(name, output)
 
 
 @alias.command("moves")
@@ -501,10 +502,3 @@ def moves(adapter: str, output: str) -> None:
 def is_version(name: str) -> bool:
     """orders:3, orders@prod and full version names; not orders or adapters/orders."""
     return ":" in name or "@" in name or "/versions/" in name
-
-
-def done(document: dict[str, str], text: str, output: str) -> None:
-    if output == "json":
-        print_json(document)
-    else:
-        console.print(text, markup=False)

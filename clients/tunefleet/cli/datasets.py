@@ -13,6 +13,7 @@ from tunefleet.cli.output import (
     calls,
     client,
     console,
+    deleted,
     enum_name,
     fields,
     handles_errors,
@@ -451,10 +452,7 @@ def delete(name: str, output: str) -> None:
     """Delete a dataset (refused while a training job uses it)."""
     with client() as tunefleet:
         tunefleet.datasets.delete(name)
-    if output == "json":
-        print_json({"deleted": name})
-        return
-    console.print(f"deleted {name}", markup=False)
+    deleted(name, output)
 
 
 @datasets.group()
@@ -506,7 +504,4 @@ def delete_lease(name: str, allow_missing: bool, output: str) -> None:
     """Delete a lease, datasets/{dataset}/leases/{lease} (a lease left by a job that is gone)."""
     with client() as tunefleet:
         tunefleet.datasets.delete_lease(name, allow_missing=allow_missing)
-    if output == "json":
-        print_json({"deleted": name})
-        return
-    console.print(f"deleted {name}", markup=False)
+    deleted(name, output)

@@ -169,6 +169,14 @@ def show(message: Message, output: str) -> None:
     )
 
 
+def deleted(name: str, output: str) -> None:
+    """What a delete command prints: `{"deleted": NAME}` for scripts, else a line."""
+    if output == "json":
+        print_json({"deleted": name})
+    else:
+        console.print(f"deleted {name}", markup=False)
+
+
 def counting_progress(output: str) -> Progress:
     """A bar counting steps or answers with the ETA, gone when done; off for `-o json`."""
     return Progress(

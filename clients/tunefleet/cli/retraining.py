@@ -13,6 +13,7 @@ from tunefleet.cli.output import (
     calls,
     client,
     console,
+    deleted,
     enum_name,
     fields,
     handles_errors,
@@ -153,10 +154,7 @@ def delete_policy(name: str, output: str) -> None:
     """Delete a policy and its runs (refused while a run is in progress)."""
     with client() as tunefleet:
         tunefleet.retraining.delete_policy(name)
-    if output == "json":
-        print_json({"deleted": name})
-        return
-    console.print(f"deleted {name}", markup=False)
+    deleted(name, output)
 
 
 @retraining.command("run")

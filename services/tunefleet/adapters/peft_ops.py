@@ -63,8 +63,6 @@ def merge(model_dir: Path, adapter_dir: Path, output_dir: Path, dtype: str) -> N
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else "auto"
     with LOADING:
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
-        if not base.dtype.is_floating_point or base.dtype.itemsize < 2:
-            raise QuantizedBase(f"the base model loaded as {base.dtype}, not 16 or 32-bit floats")
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(output_dir), safe_serialization=True)
     with contextlib.suppress(OSError, ValueError):  # a base model without a tokenizer
