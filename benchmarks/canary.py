@@ -8,9 +8,10 @@ same run.
 Both aliases point at the same first version; `prod` has a canary of `--percent` to `candidate`
 (a second version), `plain` has none. Every round sends, from 16 concurrent clients, `--requests`
 greedy chats each with a distinct routing key to `plain` and to `prod`, back to back in
-alternating order, and prints generated tokens per second, p50 latency and the share of `prod`'s
-requests the candidate answered; the summary is the median over rounds and the ratio
-canary / plain (throughput: 1.00 means the split costs nothing).
+a rotating order (benchmarks/harness.py), after a warm-up of both, and prints generated tokens per
+second, p50 latency and the share of `prod`'s requests the candidate answered; the summary is each
+ratio canary / plain over the rounds, as its median and range (throughput: 1.00 means the split
+costs nothing).
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tunefleet.client import AsyncClient
-from tunefleet.demo import models, task
-from tunefleet.demo.server import LocalServer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import rotations, spread  # noqa: E402
+from tunefleet.client import AsyncClient  # noqa: E402
+from tunefleet.demo import models, task  # noqa: E402
+from tunefleet.demo.server import LocalServer  # noqa: E402
 
 CLIENTS = 16
 
@@ -104,8 +110,7 @@ async def main() -> None:
             await client.adapters.set_canary("bench", "prod", "candidate", args.percent)
             for alias in ("plain", "prod"):  # warm-up: both versions loaded, both aliases routed
                 await run(client, alias, 2, args.tokens, -1)
-            for round_number in range(args.rounds):
-                order = ("plain", "prod") if round_number % 2 == 0 else ("prod", "plain")
+            for round_number, order in rotations(["plain", "prod"], args.rounds):
                 for alias in order:
                     generated, seconds, latencies, versions = await run(
                         client, alias, args.requests, args.tokens, round_number
@@ -114,7 +119,7 @@ async def main() -> None:
                     summary[alias].append((generated / seconds, p50))
                     share = versions.get(v2.name, 0) / max(1, sum(versions.values()))
                     print(
-                        f"round {round_number + 1} {alias:5s}: {generated:5d} tokens in "
+                        f"round {round_number} {alias:5s}: {generated:5d} tokens in "
                         f"{seconds:6.2f} s = {generated / seconds:7.1f} tokens/s, "
                         f"p50 {p50 * 1000:7.1f} ms, answered by the candidate {share:.0%}",
                         flush=True,
@@ -122,16 +127,12 @@ async def main() -> None:
         finally:
             await client.close()
             server.stop()
-    (plain_tps, plain_p50), (prod_tps, prod_p50) = (
-        (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
-        for rows in (summary["plain"], summary["prod"])
-    )
+    pairs = list(zip(summary["plain"], summary["prod"], strict=True))
     print(
-        f"\nmedians over {args.rounds} rounds ({name}, {CLIENTS} clients, max_tokens "
-        f"{args.tokens}, canary {args.percent}%): plain {plain_tps:.1f} tokens/s p50 "
-        f"{plain_p50 * 1000:.1f} ms | canary {prod_tps:.1f} tokens/s p50 "
-        f"{prod_p50 * 1000:.1f} ms | throughput canary/plain {prod_tps / plain_tps:.3f}, "
-        f"p50 canary/plain {prod_p50 / plain_p50:.3f}"
+        f"\nover {args.rounds} rounds ({name}, {CLIENTS} clients, max_tokens {args.tokens}, "
+        f"canary {args.percent}%): throughput canary / plain "
+        f"{spread([prod[0] / plain[0] for plain, prod in pairs])}, p50 latency canary / plain "
+        f"{spread([prod[1] / plain[1] for plain, prod in pairs])}"
     )
 
 

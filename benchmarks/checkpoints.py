@@ -1,6 +1,7 @@
 """Checkpoint retention benchmark: the scratch disk a run's checkpoints take, and the run's time,
 keeping the newest 3 and the best (tunefleet's default) against keeping every checkpoint (what
-the trainer did before), in the same run, rounds interleaved.
+the trainer did before), in the same run: after a warm-up of each, rounds interleaved in a
+rotating order (benchmarks/harness.py), each round printed, each ratio as its median and range.
 
     python benchmarks/checkpoints.py [--steps 24] [--rounds 3] [--method full]
 
@@ -18,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import rotations, spread, warm_up  # noqa: E402
 from benchmarks.train import SMALL, build_data, build_model  # noqa: E402
 
 KEEP_ALL = 1_000_000
@@ -103,28 +104,27 @@ def main() -> None:
         model = build_model(workdir / "model", SMALL)
         data = build_data(workdir / "data.jsonl", 400)
         mib = 1024 * 1024
-        results: dict[str, list[dict[str, Any]]] = {"keep 3 + best": [], "keep all": []}
+        sides = {"keep 3 + best": 3, "keep all": KEEP_ALL}
         print(f"{args.method}, {args.steps} steps, a checkpoint every step")
-        print(f"{'round':>5} {'side':<14} {'peak MiB':>9} {'end MiB':>8} {'seconds':>8}")
-        for round_number in range(1, args.rounds + 1):
-            for label, keep in (("keep 3 + best", 3), ("keep all", KEEP_ALL)):
-                measured = run(
-                    model, data, args.steps, args.method, keep, workdir / f"r{round_number}"
-                )
-                results[label].append(measured)
-                print(
-                    f"{round_number:>5} {label:<14} {measured['peak'] / mib:>9.1f} "
-                    f"{measured['final'] / mib:>8.1f} {measured['seconds']:>8.1f}"
-                )
-        kept, every = results["keep 3 + best"], results["keep all"]
-        peak_ratio = statistics.median(
-            e["peak"] / k["peak"] for k, e in zip(kept, every, strict=True)
-        )
-        time_ratio = statistics.median(
-            k["seconds"] / e["seconds"] for k, e in zip(kept, every, strict=True)
-        )
-        print(f"checkpoint disk, keep all / keep 3 + best (median of rounds): {peak_ratio:.1f}x")
-        print(f"run time, keep 3 + best / keep all (median of rounds): {time_ratio:.2f}x")
+        print(f"{'round':>7} {'side':<14} {'peak MiB':>9} {'end MiB':>8} {'seconds':>8}")
+
+        def measure(label: str, number: int | str, steps: int) -> dict[str, Any]:
+            measured = run(model, data, steps, args.method, sides[label], workdir / f"r{number}")
+            print(
+                f"{number:>7} {label:<14} {measured['peak'] / mib:>9.1f} "
+                f"{measured['final'] / mib:>8.1f} {measured['seconds']:>8.1f}"
+            )
+            return measured
+
+        warm_up(list(sides), lambda label: measure(label, "warm-up", 4))
+        disk, time_ratio = [], []
+        for number, order in rotations(list(sides), args.rounds):
+            results = {label: measure(label, number, args.steps) for label in order}
+            kept, every = results["keep 3 + best"], results["keep all"]
+            disk.append(every["peak"] / kept["peak"])
+            time_ratio.append(kept["seconds"] / every["seconds"])
+        print(f"checkpoint disk, keep all / keep 3 + best: {spread(disk)}")
+        print(f"run time, keep 3 + best / keep all: {spread(time_ratio)}")
 
 
 if __name__ == "__main__":

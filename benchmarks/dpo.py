@@ -10,8 +10,9 @@ read a pair's two answers in one forward pass. Throughput is useful (non-padding
 second of the training loop, chosen and rejected rows both counted, as each side counts them;
 memory is the peak RSS of the process that trained (each run has its own process). TRL runs
 twice: with its defaults (gradient checkpointing on: less activation memory, a second forward
-pass per step) and in tunefleet's memory regime (gradient checkpointing off). The three alternate
-over `--rounds` rounds in a rotating order, every round printed; the ratios are medians.
+pass per step) and in tunefleet's memory regime (gradient checkpointing off). After a warm-up of
+each on 16 pairs, the three alternate over `--rounds` rounds in a rotating order
+(benchmarks/harness.py), every round printed; each ratio is printed as its median and range.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import json
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import rotations, spread, warm_up  # noqa: E402
 from benchmarks.train import (  # noqa: E402
     SMALL,
     build_model,
@@ -176,30 +177,31 @@ def main() -> None:
             "trl": "TRL DPOTrainer, defaults",
             "trl-same-memory": "TRL, no grad. checkpointing",
         }
-        print(f"{'round':<7}{'trainer':<30}{'tokens/s':>10}{'peak MiB':>10}{'last loss':>11}")
+        print(f"{'round':<9}{'trainer':<30}{'tokens/s':>10}{'peak MiB':>10}{'last loss':>11}")
+
+        def run(name: str, number: int | str, pairs: Path) -> dict[str, Any]:
+            result = spawn(name, model, pairs, directory / f"{name}-{number}.json")
+            print(
+                f"{number:<9}{sides[name]:<30}{result['tokens_per_second']:>10,.0f}"
+                f"{result['peak_mib']:>10,.0f}{result['train_loss']:>11.4f}",
+                flush=True,
+            )
+            return result
+
+        few = build_pairs(directory / "warm-up.jsonl", 16)
+        warm_up(list(sides), lambda name: run(name, "warm-up", few))
         ratios: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
         memory: dict[str, list[float]] = {"trl": [], "trl-same-memory": []}
-        order = list(sides)
-        for round_number in range(1, args.rounds + 1):
-            results = {}
-            for name in order:
-                results[name] = spawn(name, model, data, directory / f"{name}-{round_number}.json")
-                print(
-                    f"{round_number:<7}{sides[name]:<30}"
-                    f"{results[name]['tokens_per_second']:>10,.0f}"
-                    f"{results[name]['peak_mib']:>10,.0f}{results[name]['train_loss']:>11.4f}",
-                    flush=True,
-                )
+        for number, order in rotations(list(sides), args.rounds):
+            results = {name: run(name, number, data) for name in order}
             for name in ratios:
                 ours, theirs = results["tunefleet"], results[name]
                 ratios[name].append(ours["tokens_per_second"] / theirs["tokens_per_second"])
                 memory[name].append(ours["peak_mib"] / theirs["peak_mib"])
-            order = order[1:] + order[:1]  # rotate who goes first
         for name, values in ratios.items():
             print(
-                f"tunefleet / {sides[name]}: throughput median {statistics.median(values):.2f}x "
-                f"({min(values):.2f}-{max(values):.2f}), peak memory median "
-                f"{statistics.median(memory[name]):.2f}",
+                f"tunefleet / {sides[name]}: throughput {spread(values)}, "
+                f"peak memory {spread(memory[name], unit='')}",
                 flush=True,
             )
 

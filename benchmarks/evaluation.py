@@ -2,31 +2,36 @@
 batches them) against lm-evaluation-harness's `hf` backend, on the same model, items, decoding
 and grader, in the same run.
 
-    python benchmarks/evaluation.py [--items 60] [--rounds 2] [--batch 8]
+    python benchmarks/evaluation.py [--items 60] [--rounds 3] [--batch 8]
 
 Both sides answer the first `--items` questions of the bundled general suite with
 SmolLM2-135M-Instruct (the demo's model) in float32 on the CPU, greedily, through the chat
 template, at most 32 tokens, and grade them by exact match after SQuAD's normalisation (lm-eval
 through the task `tunefleet eval suite general --lm-eval` writes). lm-eval's model is loaded
 once and generates `--batch` prompts at a time; EvaluationService keeps `--batch` requests in
-flight (evaluation.concurrency) and its engine batches what arrives. Rounds alternate the two
-sides; every round is printed, then the ratio of the medians. Model loading and server start
-are outside the timings.
+flight (evaluation.concurrency) and its engine batches what arrives. After a warm-up of each on
+8 items, rounds alternate the two sides in a rotating order (benchmarks/harness.py), every round
+printed; the ratio of their speeds is printed as its median and range. Model loading and server
+start are outside the timings.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tunefleet.client import Client
-from tunefleet.demo import models
-from tunefleet.demo.server import LocalServer
-from tunefleet.suites import general, jsonl, write_lm_eval_task
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import rotations, spread, warm_up  # noqa: E402
+from tunefleet.client import Client  # noqa: E402
+from tunefleet.demo import models  # noqa: E402
+from tunefleet.demo.server import LocalServer  # noqa: E402
+from tunefleet.suites import general, jsonl, write_lm_eval_task  # noqa: E402
 
 MAX_TOKENS = 32  # the lm-eval task's max_gen_toks
 
@@ -71,7 +76,7 @@ def lm_eval_round(model: Any, manager: Any, items: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
 
@@ -93,21 +98,26 @@ def main() -> None:
     with LocalServer(scratch / "server", settings) as server, Client(server.target) as client:
         options = {"validationFraction": 0, "removeNearDuplicates": False}
         dataset = client.datasets.upload(jsonl(general()), options=options).name
-        times: dict[str, list[float]] = {"tunefleet": [], "lm-eval hf": []}
-        for round_ in range(1, args.rounds + 1):
-            for side in times:
-                if side == "tunefleet":
-                    seconds, accuracy = tunefleet_round(client, dataset, args.items)
-                else:
-                    seconds, accuracy = lm_eval_round(lm, manager, args.items)
-                times[side].append(seconds)
-                print(
-                    f"round {round_} {side:<11} {seconds:7.1f} s  {args.items / seconds:6.2f} "
-                    f"items/s  exact match {accuracy:.3f}",
-                    flush=True,
-                )
-    ours, theirs = (statistics.median(times[side]) for side in times)
-    print(f"tunefleet items/s over lm-eval hf items/s (medians): {theirs / ours:.2f}x")
+
+        def run(side: str, number: int | str, items: int) -> float:
+            if side == "tunefleet":
+                seconds, accuracy = tunefleet_round(client, dataset, items)
+            else:
+                seconds, accuracy = lm_eval_round(lm, manager, items)
+            print(
+                f"round {number:<7} {side:<11} {seconds:7.1f} s  {items / seconds:6.2f} "
+                f"items/s  exact match {accuracy:.3f}",
+                flush=True,
+            )
+            return items / seconds
+
+        sides = ["tunefleet", "lm-eval hf"]
+        warm_up(sides, lambda side: run(side, "warm-up", 8))
+        ratios = []
+        for number, order in rotations(sides, args.rounds):
+            speed = {side: run(side, number, args.items) for side in order}
+            ratios.append(speed["tunefleet"] / speed["lm-eval hf"])
+    print(f"tunefleet items/s / lm-eval hf items/s over {args.rounds} rounds: {spread(ratios)}")
 
 
 if __name__ == "__main__":

@@ -9,25 +9,27 @@ through Debian's nginx (`apt-get install nginx`) running the gateway's configura
 2. the same from 8 threads at once: calls per second;
 3. a PreviewDatasetRecords stream of a whole dataset: time per streamed message;
 4. uploads (a client stream) of a dataset of `--records` records, new content each time.
-Each pair is run in alternation for several rounds; medians are reported, with the ratio
-gateway / direct.
+Each pair runs once untimed, then 5 rounds in a rotating order, every round printed
+(benchmarks/harness.py); medians are reported, with the ratio gateway / direct of each round as
+its median and range.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# The nginx runner lives with the gateway's tests.
+# The nginx runner lives with the gateway's tests; the harness with the benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import spread, time_rounds
 from tests.deploy.nginx import running_gateway
 from tunefleet.app.services import SERVICES
 from tunefleet.client import Client
@@ -35,26 +37,21 @@ from tunefleet.demo.server import LocalServer
 
 ROUNDS = 5
 THREADS = 8
+Times = dict[str, list[float]]
 
 
-def compare(direct: Callable[[int], object], gateway: Callable[[int], object]) -> list[float]:
-    """Median seconds of ROUNDS runs of each (given the round's number), alternating so that
-    drift hits both alike."""
-    times: list[list[float]] = [[], []]
-    for round_number in range(ROUNDS):
-        for index, function in enumerate((direct, gateway)):
-            started = time.perf_counter()
-            function(round_number * 2 + index)
-            times[index].append(time.perf_counter() - started)
-    return [statistics.median(t) for t in times]
+def compare(label: str, direct: Callable[[], object], gateway: Callable[[], object]) -> Times:
+    return time_rounds({"direct": direct, "gateway": gateway}, ROUNDS, label)
 
 
-def report(label: str, times: list[float], count: int, unit: str) -> None:
-    """Microseconds per `unit` (a call, a message, a record), and the ratio."""
-    direct, gateway = times
+def report(label: str, times: Times, count: int, unit: str) -> None:
+    """Median microseconds per `unit` (a call, a message, a record) of each, and the ratio
+    gateway / direct of each round as its median and range."""
+    direct, gateway = (statistics.median(times[side]) / count * 1e6 for side in times)
+    ratios = [g / d for d, g in zip(times["direct"], times["gateway"], strict=True)]
     print(
-        f"{label:<34} direct {direct / count * 1e6:9.1f} us/{unit}"
-        f"  gateway {gateway / count * 1e6:9.1f} us/{unit}  ratio {gateway / direct:5.2f}"
+        f"{label:<34} direct {direct:9.1f} us/{unit}  gateway {gateway:9.1f} us/{unit}"
+        f"  gateway / direct {spread(ratios)}"
     )
 
 
@@ -88,50 +85,57 @@ def main() -> None:
                 f"{ROUNDS} rounds"
             )
 
-            def gets(client: Client) -> Callable[[int], None]:
-                def run(_: int) -> None:
+            def gets(client: Client) -> Callable[[], None]:
+                def run() -> None:
                     for _ in range(calls):
                         client.datasets.get(dataset.name)
 
                 return run
 
-            def parallel_gets(client: Client) -> Callable[[int], None]:
-                def run(_: int) -> None:
+            def parallel_gets(client: Client) -> Callable[[], None]:
+                def run() -> None:
                     with ThreadPoolExecutor(THREADS) as pool:
                         list(pool.map(lambda _: client.datasets.get(dataset.name), range(calls)))
 
                 return run
 
-            def preview(client: Client) -> Callable[[int], None]:
-                def run(_: int) -> None:
+            def preview(client: Client) -> Callable[[], None]:
+                def run() -> None:
                     list(client.datasets.preview(dataset.name, limit=dataset.record_count))
 
                 return run
 
-            def upload(client: Client) -> Callable[[int], None]:
-                def run(tag: int) -> None:
+            tags = itertools.count()  # new content for every upload
+
+            def upload(client: Client) -> Callable[[], None]:
+                def run() -> None:
                     client.datasets.upload(
-                        records(args.records, tag), options={"validationFraction": 0}
+                        records(args.records, next(tags)), options={"validationFraction": 0}
                     )
 
                 return run
 
-            report("GetDataset, one at a time", compare(gets(direct), gets(gateway)), calls, "call")
+            report(
+                "GetDataset, one at a time",
+                compare("GetDataset, one at a time", gets(direct), gets(gateway)),
+                calls,
+                "call",
+            )
             report(
                 f"GetDataset, {THREADS} threads",
-                compare(parallel_gets(direct), parallel_gets(gateway)),
+                compare("GetDataset, threads", parallel_gets(direct), parallel_gets(gateway)),
                 calls,
                 "call",
             )
             report(
                 "PreviewDatasetRecords stream",
-                compare(preview(direct), preview(gateway)),
+                compare("PreviewDatasetRecords", preview(direct), preview(gateway)),
                 dataset.record_count,
                 "msg",
             )
             report(
                 "UploadDataset stream",
-                compare(upload(direct), upload(gateway)),
+                compare("UploadDataset", upload(direct), upload(gateway)),
                 args.records,
                 "record",
             )

@@ -6,8 +6,9 @@ InferenceService), on one embedded `tunefleet serve`, in the same run.
 
 For 1 and 16 concurrent clients, each sending `--requests` greedy chats one after another (the
 same prompts, so the same tokens, on both sides), every round runs both sides back to back in
-alternating order and prints generated tokens per second and p50/p99 latency; the summary is the
-median over rounds and the ratio HTTP / gRPC (throughput: 1.00 means the front costs nothing).
+a rotating order (benchmarks/harness.py), after a warm-up request each way, and prints generated
+tokens per second and p50/p99 latency; the summary is each ratio HTTP / gRPC over the rounds, as
+its median and range (throughput: 1.00 means the front costs nothing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +24,13 @@ from typing import Any
 
 import openai
 
-from tunefleet.client import AsyncClient
-from tunefleet.demo import models, task
-from tunefleet.demo.server import LocalServer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import rotations, spread  # noqa: E402
+from tunefleet.client import AsyncClient  # noqa: E402
+from tunefleet.demo import models, task  # noqa: E402
+from tunefleet.demo.server import LocalServer  # noqa: E402
 
 SYSTEM = "Extract the order as JSON."
 
@@ -105,9 +111,8 @@ async def main() -> None:
             for side, client in sides.items():
                 await run(side, client, name, 1, 1, args.tokens)
             summary: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
-            for round_number in range(args.rounds):
+            for round_number, order in rotations(["grpc", "http"], args.rounds):
                 for clients in (1, 16):
-                    order = ("grpc", "http") if round_number % 2 == 0 else ("http", "grpc")
                     for side in order:
                         generated, seconds, latencies = await run(
                             side, sides[side], name, clients, args.requests, args.tokens
@@ -119,7 +124,7 @@ async def main() -> None:
                         )
                         summary.setdefault((clients, side), []).append(row)
                         print(
-                            f"round {round_number + 1} clients {clients:2d} {side:4s}: "
+                            f"round {round_number} clients {clients:2d} {side:4s}: "
                             f"{generated:5d} tokens in {seconds:6.2f} s = {row[0]:7.1f} tokens/s, "
                             f"p50 {row[1] * 1000:7.1f} ms, p99 {row[2] * 1000:7.1f} ms",
                             flush=True,
@@ -128,19 +133,16 @@ async def main() -> None:
             await grpc_client.close()
             await http_client.close()
             server.stop()
-    print(f"\nmedians over {args.rounds} rounds ({name}, max_tokens {args.tokens}):")
+    print(f"\nover {args.rounds} rounds ({name}, max_tokens {args.tokens}):")
     for clients in (1, 16):
-        grpc_rows, http_rows = summary[(clients, "grpc")], summary[(clients, "http")]
-        medians = [
-            [statistics.median(row[i] for row in rows) for i in range(3)]
-            for rows in (grpc_rows, http_rows)
-        ]
-        (g_tps, g_p50, g_p99), (h_tps, h_p50, h_p99) = medians
+        pairs = list(zip(summary[(clients, "grpc")], summary[(clients, "http")], strict=True))
+        g_tps, g_p50 = (statistics.median(g[i] for g, _ in pairs) for i in (0, 1))
+        h_tps, h_p50 = (statistics.median(h[i] for _, h in pairs) for i in (0, 1))
         print(
-            f"  {clients:2d} clients: gRPC {g_tps:7.1f} tokens/s p50 {g_p50 * 1000:7.1f} ms "
-            f"p99 {g_p99 * 1000:7.1f} ms | HTTP {h_tps:7.1f} tokens/s p50 {h_p50 * 1000:7.1f} ms "
-            f"p99 {h_p99 * 1000:7.1f} ms | throughput HTTP/gRPC {h_tps / g_tps:.3f}, "
-            f"p50 HTTP/gRPC {h_p50 / g_p50:.3f}"
+            f"  {clients:2d} clients: gRPC {g_tps:7.1f} tokens/s p50 {g_p50 * 1000:7.1f} ms | "
+            f"HTTP {h_tps:7.1f} tokens/s p50 {h_p50 * 1000:7.1f} ms (medians) | throughput "
+            f"HTTP / gRPC {spread([h[0] / g[0] for g, h in pairs])}, p50 HTTP / gRPC "
+            f"{spread([h[1] / g[1] for g, h in pairs])}"
         )
 
 

@@ -1,7 +1,7 @@
 """SDK benchmark: what the typed facade costs over the generated stubs, sync and async, measured
 against the same embedded server in the same run.
 
-    python benchmarks/sdk.py [--calls 2000] [--records 240]
+    python benchmarks/sdk.py [--calls 2000] [--pages 60]
 
 1. Sequential GetDataset calls: a raw `DatasetServiceStub` against `Client.datasets.get`, and a
    raw `grpc.aio` stub against `AsyncClient.datasets.get` (the SDK adds name handling, deadline,
@@ -11,6 +11,8 @@ against the same embedded server in the same run.
 3. Paging: ListDatasets page by page by hand against iterating `datasets.list`.
 4. GetDataset against a server in this process that answers at once: the facade's own cost,
    which the real server's few milliseconds per call hide in 1.-3.
+Each comparison runs both sides once untimed, then 5 rounds in a rotating order, every round
+printed (benchmarks/harness.py); the ratio sdk / raw is printed as its median and range.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,43 +30,34 @@ from typing import Any
 
 import grpc
 
-from tunefleet.client import AsyncClient, Client
-from tunefleet.demo import task
-from tunefleet.demo.server import LocalServer
-from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import spread, time_rounds, time_rounds_async  # noqa: E402
+from tunefleet.client import AsyncClient, Client  # noqa: E402
+from tunefleet.demo import task  # noqa: E402
+from tunefleet.demo.server import LocalServer  # noqa: E402
+from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc  # noqa: E402
 
 ROUNDS = 5
+Times = dict[str, list[float]]
 
 
-def compare(raw: Callable[[], object], sdk: Callable[[], object]) -> tuple[float, float]:
-    """Median seconds of ROUNDS runs of each, alternating so that drift hits both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(ROUNDS):
-        for index, function in enumerate((raw, sdk)):
-            started = time.perf_counter()
-            function()
-            times[index].append(time.perf_counter() - started)
-    return statistics.median(times[0]), statistics.median(times[1])
+def compare(label: str, raw: Callable[[], object], sdk: Callable[[], object]) -> Times:
+    return time_rounds({"raw": raw, "sdk": sdk}, ROUNDS, label)
 
 
 async def compare_async(
-    raw: Callable[[], Awaitable[object]], sdk: Callable[[], Awaitable[object]]
-) -> tuple[float, float]:
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(ROUNDS):
-        for index, function in enumerate((raw, sdk)):
-            started = time.perf_counter()
-            await function()
-            times[index].append(time.perf_counter() - started)
-    return statistics.median(times[0]), statistics.median(times[1])
+    label: str, raw: Callable[[], Awaitable[object]], sdk: Callable[[], Awaitable[object]]
+) -> Times:
+    return await time_rounds_async({"raw": raw, "sdk": sdk}, ROUNDS, label)
 
 
-def report(label: str, times: tuple[float, float], unit: str, count: int) -> None:
-    baseline, sdk = times
-    print(
-        f"{label:<38} raw {baseline / count * 1e6:8.1f} {unit}  sdk {sdk / count * 1e6:8.1f} {unit}"
-        f"  ratio {sdk / baseline:5.2f}"
-    )
+def report(label: str, times: Times, unit: str, count: int) -> None:
+    """Median time per unit of each, and the ratio sdk / raw of each round as median and range."""
+    raw, sdk = (statistics.median(times[side]) / count * 1e6 for side in ("raw", "sdk"))
+    ratios = [s / r for r, s in zip(times["raw"], times["sdk"], strict=True)]
+    print(f"{label:<38} raw {raw:8.1f} {unit}  sdk {sdk:8.1f} {unit}  sdk / raw {spread(ratios)}")
 
 
 def main() -> None:
@@ -110,10 +103,13 @@ def main() -> None:
                 if not token:
                     return count
 
-        report("GetDataset, sync", compare(raw_gets, sdk_gets), "us/call", calls)
+        report(
+            "GetDataset, sync", compare("GetDataset, sync", raw_gets, sdk_gets), "us/call", calls
+        )
         report(
             "PreviewDatasetRecords stream, sync",
             compare(
+                "PreviewDatasetRecords stream, sync",
                 lambda: list(stub.PreviewDatasetRecords(preview)),
                 lambda: list(client.datasets.preview(dataset.name, limit=records)),
             ),
@@ -123,7 +119,9 @@ def main() -> None:
         pages = raw_pages()
         report(
             "ListDatasets pages of 1, sync",
-            compare(raw_pages, lambda: list(client.datasets.list(page_size=1))),
+            compare(
+                "ListDatasets pages", raw_pages, lambda: list(client.datasets.list(page_size=1))
+            ),
             "us/page",
             pages,
         )
@@ -157,10 +155,15 @@ async def measure_async(target: str, name: str, calls: int, records: int) -> Non
         async for _ in client.datasets.preview(name, limit=records):
             pass
 
-    report("GetDataset, async", await compare_async(raw_gets, sdk_gets), "us/call", calls)
+    report(
+        "GetDataset, async",
+        await compare_async("GetDataset, async", raw_gets, sdk_gets),
+        "us/call",
+        calls,
+    )
     report(
         "PreviewDatasetRecords stream, async",
-        await compare_async(raw_stream, sdk_stream),
+        await compare_async("PreviewDatasetRecords stream, async", raw_stream, sdk_stream),
         "us/msg",
         records,
     )
@@ -184,6 +187,7 @@ def no_op_server(calls: int) -> None:
         stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         get = dataset_service_pb2.GetDatasetRequest(name="datasets/d")
         times = compare(
+            "GetDataset, no-op server",
             lambda: [stub.GetDataset(get, timeout=30) for _ in range(calls)],
             lambda: [client.datasets.get("datasets/d") for _ in range(calls)],
         )

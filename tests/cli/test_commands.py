@@ -18,6 +18,7 @@ from tests.helpers import free_port
 from tunefleet.cli.main import cli
 from tunefleet.cli.output import Settings
 from tunefleet.demo.server import LocalServer
+from tunefleet.storage.blobs import LocalBlobStore
 
 __all__ = ["chat_model", "colours", "platform"]  # fixtures shared with the SDK's tests
 pytestmark = pytest.mark.timeout(300)
@@ -440,6 +441,19 @@ def test_the_adapter_lifecycle_from_the_command_line(
         assert (target / path.name).read_bytes() == path.read_bytes(), path.name
     assert {p.name for p in target.iterdir()} == {p.name for p in upload_dir.iterdir()}
 
+    # register: files a trainer wrote to the server's blob store become a version, checked.
+    blobs = LocalBlobStore(platform.data_dir / "blobs")
+    files = [
+        f"{p.name}={blobs.uri(blobs.put_file(p).sha256)}" for p in sorted(upload_dir.iterdir())
+    ]
+    registered = run("register", "life", *(f for pair in files for f in ("--file", pair)))
+    assert registered["name"] == "adapters/life/versions/3"
+    assert registered["smoke_test"]["result"] == "RESULT_PASSED"
+    assert {f["sha256"] for f in registered["files"]} == {f["sha256"] for f in version["files"]}
+    missing_blob = files[0].split("=")[0] + "=" + blobs.uri("0" * 64)
+    refused = tunefleet(platform, "adapters", "register", "life", "--file", missing_blob, code=2)
+    assert refused.stderr.startswith("error: INVALID_ARGUMENT") and "files" in refused.stderr
+
     watched = tunefleet(platform, "adapters", "watch", "life", "--limit", "4", "-o", "json")
     kinds = [json.loads(line)["type"] for line in watched.stdout.splitlines()]
     assert kinds[:3] == ["TYPE_ADAPTER_CREATED", "TYPE_VERSION_CREATED", "TYPE_ALIAS_MOVED"]
@@ -592,6 +606,10 @@ def test_retraining_commands(platform: LocalServer, version: str, colours: Path)
     assert created.stdout.strip() == "created retrainingPolicies/served for adapters/served"
     listed = tunefleet(platform, "retraining", "policies").stdout
     assert "retrainingPolicies/served" in listed and "AUTO" in listed
+    policy = as_json(tunefleet(platform, "retraining", "get-policy", "served", "-o", "json"))
+    assert policy["name"] == "retrainingPolicies/served"
+    assert policy["adapter"] == "adapters/served"
+    assert policy["evaluation"]["dataset"] == dataset
     # Too little feedback: the run ends without training, and -w exits 3 (not promoted).
     ran = tunefleet(platform, "retraining", "run", "served", "-w", code=3)
     assert "new examples, fewer than the 1000 needed" in ran.stdout
