@@ -230,7 +230,7 @@ async def test_a_client_that_leaves_a_stream_stops_its_generation(front: Front) 
         await stream.close()
     await wait_for(lambda: cancelled() == 1.0, "the generation to be cancelled")
     ok = {"adapter": "base", "version": "", "outcome": "ok"}
-    assert registry.get_sample_value("tunefleet_inference_requests_total", ok) is None
+    assert registry.get_sample_value("tunefleet_inference_requests_total", ok) == 0
 
 
 async def test_a_client_that_leaves_before_a_whole_answer_stops_its_generation(

@@ -467,6 +467,30 @@ async def test_schedules_and_thresholds_start_runs(
         )
 
 
+async def test_a_restarted_service_exports_the_run_counts_of_its_policies_at_zero(
+    make_platform: Any,  # noqa: F811
+    chat_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """TunefleetRetrainingRunsFailing counts increase(): the first run to fail after a restart
+    must move a series from 0, not create it at 1."""
+    platform = await make_platform(inference={"base_model": "colours"})
+    assert platform.server is not None
+    async with AsyncClient(f"127.0.0.1:{platform.server.port}") as client:
+        frozen = await frozen_set(client)
+        champion = await upload_champion(client, chat_model, tmp_path, "first")
+        await client.adapters.set_alias(ADAPTER, "prod", champion)
+        await client.retraining.create_policy(policy(frozen))
+    await platform.stop()
+    await platform.start()
+    for outcome in ("failed", "promoted", "gate_failed", "rolled_back", "cancelled"):
+        labels = {"policy": "colours", "adapter": ADAPTER, "outcome": outcome}
+        value = platform.registry.get_sample_value("tunefleet_retraining_runs_ended_total", labels)
+        assert value == 0, outcome
+    labels = {"adapter": ADAPTER}
+    assert platform.registry.get_sample_value("tunefleet_retraining_promotions_total", labels) == 0
+
+
 async def test_a_dpo_recipe_trains_on_the_preference_pairs_of_the_feedback(
     platform: Platform,
     client: AsyncClient,

@@ -19,3 +19,15 @@ def test_dpo_reward_accuracy_is_exported_while_the_job_runs() -> None:
     assert registry.get_sample_value("tunefleet_training_reward_accuracy", {"job": job}) == 0.75
     metrics.ended(job, "succeeded", 10.0)
     assert registry.get_sample_value("tunefleet_training_reward_accuracy", {"job": job}) is None
+
+
+def test_every_ending_is_counted_from_zero_those_that_never_started_included() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    ended = "tunefleet_training_jobs_ended_total"
+    for state in ("succeeded", "failed", "cancelled"):
+        assert registry.get_sample_value(ended, {"state": state}) == 0
+    metrics.ended("trainingJobs/a", "failed", None)  # failed before it started: no duration
+    assert registry.get_sample_value(ended, {"state": "failed"}) == 1
+    count = "tunefleet_training_job_duration_seconds_count"
+    assert registry.get_sample_value(count, {"state": "failed"}) == 0

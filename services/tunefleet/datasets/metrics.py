@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tunefleet.datasets.pipeline import IngestResult, ValidationReport
+from tunefleet.v1 import dataset_pb2
 
 
 class DatasetMetrics:
@@ -53,6 +54,15 @@ class DatasetMetrics:
             "Bytes read per second by the most recent ingestion.",
             registry=registry,
         )
+        # At zero from the start, so that a first rejection, duplicate or finding is an increase.
+        for code in dataset_pb2.RecordErrorCode.keys():  # noqa: SIM118
+            if code != "RECORD_ERROR_CODE_UNSPECIFIED":
+                self.rejected.labels(code.removeprefix("RECORD_ERROR_CODE_"))
+        for kind in ("exact", "near"):
+            self.duplicates.labels(kind)
+        for pii in dataset_pb2.PiiType.keys():  # noqa: SIM118
+            if pii != "PII_TYPE_UNSPECIFIED":
+                self.pii.labels(pii.removeprefix("PII_TYPE_"))
 
     def observe_rejected(self, report: ValidationReport) -> None:
         """Count the records of an upload that was rejected as a whole."""

@@ -198,6 +198,7 @@ class AdapterPool:
     async def _ensure(self, info: Version, pin: bool = False) -> ServedVersion:
         """The entry of a version, loaded if needed. The result may be FAILED, or (rarely,
         when it was evicted meanwhile) UNLOADING: callers check its state."""
+        self.metrics.version_seen(info.name)
         # Also for a loaded entry: the same bytes may come back in an adapter created again
         # for another base model.
         self._check_model(info)

@@ -36,7 +36,7 @@ from tunefleet.inference.engine import (
     TokenScore,
 )
 from tunefleet.inference.feedback import Feedback, FeedbackRow, ResponseLog
-from tunefleet.inference.metrics import InferenceMetrics, version_labels
+from tunefleet.inference.metrics import UNRESOLVED, InferenceMetrics, version_labels
 from tunefleet.storage.pagination import (
     Page,
     check_page_size,
@@ -47,10 +47,6 @@ from tunefleet.v1 import common_pb2, inference_pb2, inference_service_pb2
 
 MAX_STOP_STRINGS = 8
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-# The metric labels of a request that never reached a version (bad input, unknown adapter):
-# not the name it sent, which would let any client create series. Refusals of a version that
-# exists (not servable, not loaded, no room) carry its name and are counted under it.
-UNRESOLVED = ("unresolved", "")
 FINISH = {
     Finish.STOP: inference_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -164,6 +160,8 @@ class InferenceManager:
     async def create_feedback(self, feedback: Feedback, request_id: str) -> FeedbackRow:
         row, created = await self.responses.create_feedback(feedback, request_id)
         if created:
+            # A version this replica never served: its other series appear at zero now.
+            self.metrics.version_seen(row.adapter_version)
             labels = version_labels(row.adapter_version)
             self.metrics.feedback_score.labels(*labels).observe((row.rating + 1) / 2)
             sign = "negative" if row.rating < 0 else "positive" if row.rating > 0 else "neutral"
@@ -230,7 +228,9 @@ class InferenceManager:
             if error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 outcome = "invalid"
             elif labels is UNRESOLVED and "adapter_version" in error.metadata:
-                labels = version_labels(error.metadata["adapter_version"])  # refused, not loaded
+                refused = error.metadata["adapter_version"]  # refused, not loaded
+                self.metrics.version_seen(refused)
+                labels = version_labels(refused)
             raise
         finally:
             self.metrics.in_flight.dec()

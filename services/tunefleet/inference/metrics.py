@@ -8,8 +8,18 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily
 
+# Every outcome of a request, and every rating sign and `corrected` of feedback: the series of
+# a version exist, at zero, from when the process first meets the version (`version_seen`).
+OUTCOMES = ("ok", "cancelled", "invalid", "error")
+RATINGS = ("negative", "neutral", "positive")
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+# The metric labels of a request that never reached a version (bad input, unknown adapter):
+# not the name it sent, which would let any client create series. Refusals of a version that
+# exists (not servable, not loaded, no room) carry its name and are counted under it.
+UNRESOLVED = ("unresolved", "")
 
 
 def version_labels(version: str) -> tuple[str, str]:
@@ -159,3 +169,40 @@ class InferenceMetrics:
             buckets=LATENCY,
             registry=registry,
         )
+        for result in ("hit", "miss"):
+            self.cache.labels(result)
+        for outcome in ("loaded", "failed"):
+            self.loads.labels(outcome)
+        for outcome in ("swapped", "failed"):
+            self.swaps.labels(outcome)
+        self._seen: set[tuple[str, str]] = set()
+        self.version_seen("")  # the base model
+        self.version_seen(None)  # requests that named no version that exists
+
+    def version_seen(self, version: str | None) -> None:
+        """Every per-version series of `version` (None: 'unresolved') at zero, once: from then
+        on its first request, error or rating is an increase. A series that appears at 1 hides
+        that first event from increase() and rate() (TunefleetAdapterErrorRate, the feedback
+        alerts)."""
+        labels = version_labels(version) if version is not None else UNRESOLVED
+        if labels in self._seen:
+            return
+        self._seen.add(labels)
+        for outcome in OUTCOMES:
+            self.requests.labels(*labels, outcome)
+        if version is None:
+            return
+        for metric in (
+            self.prompt_tokens,
+            self.cached_prompt_tokens,
+            self.generated_tokens,
+            self.time_to_first_token,
+            self.time_per_output_token,
+            self.latency,
+            self.queue_time,
+            self.feedback_score,
+        ):
+            metric.labels(*labels)
+        for rating in RATINGS:
+            for corrected in ("false", "true"):
+                self.feedback.labels(*labels, rating, corrected)

@@ -116,6 +116,9 @@ class RetrainingManager:
         )
         with self.db.read() as session:
             waiting = [(row.policy_id, row.id) for row in store.unfinished(session)]
+            known = [row.policy() for row in store.all_policies(session)]
+        for known_policy in known:
+            self.metrics.policy(known_policy.name.split("/")[-1], known_policy.adapter)
         for policy, run in waiting:
             self.metrics.in_progress.inc()
             self._spawn(f"retrainingPolicies/{policy}/runs/{run}")
@@ -181,7 +184,9 @@ class RetrainingManager:
             raise AlreadyExists(
                 f"{policy.name} exists", metadata={"adapter": policy.adapter}
             ) from None
-        return await asyncio.to_thread(self.get_policy, name)
+        created = await asyncio.to_thread(self.get_policy, name)
+        self.metrics.policy(created.name.split("/")[-1], created.adapter)
+        return created
 
     def get_policy(self, name: str) -> Policy:
         with self.db.read() as session:
@@ -837,6 +842,7 @@ class RetrainingManager:
             ]
         for policy, busy, runs in policies:
             labels = (policy.name.split("/")[-1], policy.adapter)
+            self.metrics.policy(*labels)  # one another replica created, or updated
             self.metrics.min_examples.labels(*labels).set(policy.data.min_new_examples)
             try:
                 pending = await self._new_examples(policy, f"{policy.name}/pending")

@@ -5,6 +5,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from tunefleet.v1 import retraining_pb2
+
+Run = retraining_pb2.RetrainingRun
+# How a run ends: the outcome of a succeeded run, or the state it ended in.
+OUTCOMES = [
+    *(
+        name.removeprefix("OUTCOME_").lower()
+        for name in Run.Outcome.keys()  # noqa: SIM118
+        if name != "OUTCOME_UNSPECIFIED"
+    ),
+    "failed",
+    "cancelled",
+]
+
 
 class RetrainingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -44,3 +58,11 @@ class RetrainingMetrics:
             ["adapter"],
             registry=registry,
         )
+
+    def policy(self, policy: str, adapter: str) -> None:
+        """A policy's counters at zero, from when the process knows it (at start or when it is
+        created): a series that appears at 1 would hide its first run's end from increase()."""
+        for outcome in OUTCOMES:
+            self.runs.labels(policy, adapter, outcome)
+        self.promotions.labels(adapter)
+        self.rollbacks.labels(adapter)

@@ -7,10 +7,11 @@ Each server process owns one `CollectorRegistry`; services register their own me
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from wsgiref.simple_server import WSGIServer
 
+from google.protobuf import descriptor_pool
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -23,6 +24,8 @@ from prometheus_client import (
 
 from tunefleet.runtime.interceptors import AroundInterceptor, RpcCall, final_code
 
+# The codes whose series exist from a server's start: success, and the server's own failures.
+WATCHED_CODES = ("OK", "INTERNAL", "UNKNOWN", "DATA_LOSS")
 # Upper bounds in seconds: from sub-millisecond metadata reads up to minute-long uploads.
 LATENCY_BUCKETS = (
     0.001,
@@ -70,6 +73,20 @@ class ServerMetrics:
             ["grpc_service", "grpc_method"],
             registry=self.registry,
         )
+
+    def serving(self, services: Sequence[str]) -> None:
+        """The request counts of every method of `services` (full names) at zero, for the codes
+        alerts and the dashboard read: the first INTERNAL after a start is an increase
+        (TunefleetServerErrors), not a series that appears at 1."""
+        pool = descriptor_pool.Default()
+        for service in services:
+            try:
+                methods = pool.FindServiceByName(service).methods
+            except KeyError:  # a service without a descriptor (generic handlers): its first call
+                continue
+            for method in methods:
+                for code in WATCHED_CODES:
+                    self.requests.labels(service, method.name, code)
 
 
 class MetricsInterceptor(AroundInterceptor):

@@ -89,6 +89,7 @@ class TunefleetServer:
     async def start(self) -> None:
         settings = self.settings
         names = [s.name for s in self.services]
+        self.metrics.serving(names)
         self._gate = GateInterceptor(names)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             RequestContextInterceptor(),

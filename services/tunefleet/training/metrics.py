@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tunefleet.v1 import training_job_pb2
 
@@ -13,6 +13,7 @@ STATES = [
     for name in training_job_pb2.TrainingJob.State.keys()  # noqa: SIM118
     if name != "STATE_UNSPECIFIED"
 ]
+ENDED = ["succeeded", "failed", "cancelled"]
 HOURS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 72 * 3600)
 
 
@@ -31,9 +32,15 @@ class TrainingMetrics:
             "Jobs waiting to be launched.",
             registry=registry,
         )
+        self.ended_jobs = Counter(
+            "tunefleet_training_jobs_ended",
+            "Training jobs that ended, by final state (those that never started included).",
+            ["state"],
+            registry=registry,
+        )
         self.duration = Histogram(
             "tunefleet_training_job_duration_seconds",
-            "Time from a job's start to its end, by final state.",
+            "Time from a job's start to its end, by final state (jobs that started).",
             ["state"],
             buckets=HOURS,
             registry=registry,
@@ -70,6 +77,11 @@ class TrainingMetrics:
         )
         for state in STATES:
             self.jobs.labels(state)
+        # At zero from the start: a series that appears at 1 hides the first failure after a
+        # restart from increase() (TunefleetTrainingJobsFailing).
+        for state in ENDED:
+            self.ended_jobs.labels(state)
+            self.duration.labels(state)
 
     def progress(self, job: str, progress: training_job_pb2.TrainingProgress) -> None:
         if progress.HasField("train_loss"):
@@ -81,6 +93,7 @@ class TrainingMetrics:
         self.tokens_per_second.labels(job).set(progress.tokens_per_second)
 
     def ended(self, job: str, state: str, seconds: float | None) -> None:
+        self.ended_jobs.labels(state).inc()
         if seconds is not None:
             self.duration.labels(state).observe(seconds)
         gauges = (
