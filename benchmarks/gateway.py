@@ -37,20 +37,20 @@ from tunefleet.demo.server import LocalServer
 
 ROUNDS = 5
 THREADS = 8
-Times = dict[str, list[float]]
 
 
-def compare(label: str, direct: Callable[[], object], gateway: Callable[[], object]) -> Times:
-    return time_rounds({"direct": direct, "gateway": gateway}, ROUNDS, label)
-
-
-def report(label: str, times: Times, count: int, unit: str) -> None:
-    """Median microseconds per `unit` (a call, a message, a record) of each, and the ratio
-    gateway / direct of each round as its median and range."""
-    direct, gateway = (statistics.median(times[side]) / count * 1e6 for side in times)
+def compare(
+    label: str, direct: Callable[[], object], gateway: Callable[[], object], count: int, unit: str
+) -> None:
+    """Time both in rounds; print the median microseconds per `unit` (a call, a message, a
+    record) of each, and the ratio gateway / direct of each round as its median and range."""
+    times = time_rounds({"direct": direct, "gateway": gateway}, ROUNDS, label)
     ratios = [g / d for d, g in zip(times["direct"], times["gateway"], strict=True)]
+    direct_us, gateway_us = (
+        statistics.median(times[side]) / count * 1e6 for side in ("direct", "gateway")
+    )
     print(
-        f"{label:<34} direct {direct:9.1f} us/{unit}  gateway {gateway:9.1f} us/{unit}"
+        f"{label:<34} direct {direct_us:9.1f} us/{unit}  gateway {gateway_us:9.1f} us/{unit}"
         f"  gateway / direct {spread(ratios)}"
     )
 
@@ -115,30 +115,22 @@ def main() -> None:
 
                 return run
 
-            report(
-                "GetDataset, one at a time",
-                compare("GetDataset, one at a time", gets(direct), gets(gateway)),
-                calls,
-                "call",
-            )
-            report(
+            compare("GetDataset, one at a time", gets(direct), gets(gateway), calls, "call")
+            compare(
                 f"GetDataset, {THREADS} threads",
-                compare("GetDataset, threads", parallel_gets(direct), parallel_gets(gateway)),
+                parallel_gets(direct),
+                parallel_gets(gateway),
                 calls,
                 "call",
             )
-            report(
+            compare(
                 "PreviewDatasetRecords stream",
-                compare("PreviewDatasetRecords", preview(direct), preview(gateway)),
+                preview(direct),
+                preview(gateway),
                 dataset.record_count,
                 "msg",
             )
-            report(
-                "UploadDataset stream",
-                compare("UploadDataset", upload(direct), upload(gateway)),
-                args.records,
-                "record",
-            )
+            compare("UploadDataset stream", upload(direct), upload(gateway), args.records, "record")
 
 
 if __name__ == "__main__":

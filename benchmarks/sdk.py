@@ -40,20 +40,25 @@ from tunefleet.demo.server import LocalServer  # noqa: E402
 from tunefleet.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc  # noqa: E402
 
 ROUNDS = 5
-Times = dict[str, list[float]]
 
 
-def compare(label: str, raw: Callable[[], object], sdk: Callable[[], object]) -> Times:
-    return time_rounds({"raw": raw, "sdk": sdk}, ROUNDS, label)
+def compare(
+    label: str, raw: Callable[[], object], sdk: Callable[[], object], unit: str, count: int
+) -> None:
+    report(label, time_rounds({"raw": raw, "sdk": sdk}, ROUNDS, label), unit, count)
 
 
 async def compare_async(
-    label: str, raw: Callable[[], Awaitable[object]], sdk: Callable[[], Awaitable[object]]
-) -> Times:
-    return await time_rounds_async({"raw": raw, "sdk": sdk}, ROUNDS, label)
+    label: str,
+    raw: Callable[[], Awaitable[object]],
+    sdk: Callable[[], Awaitable[object]],
+    unit: str,
+    count: int,
+) -> None:
+    report(label, await time_rounds_async({"raw": raw, "sdk": sdk}, ROUNDS, label), unit, count)
 
 
-def report(label: str, times: Times, unit: str, count: int) -> None:
+def report(label: str, times: dict[str, list[float]], unit: str, count: int) -> None:
     """Median time per unit of each, and the ratio sdk / raw of each round as median and range."""
     raw, sdk = (statistics.median(times[side]) / count * 1e6 for side in ("raw", "sdk"))
     ratios = [s / r for r, s in zip(times["raw"], times["sdk"], strict=True)]
@@ -103,25 +108,19 @@ def main() -> None:
                 if not token:
                     return count
 
-        report(
-            "GetDataset, sync", compare("GetDataset, sync", raw_gets, sdk_gets), "us/call", calls
-        )
-        report(
+        compare("GetDataset, sync", raw_gets, sdk_gets, "us/call", calls)
+        compare(
             "PreviewDatasetRecords stream, sync",
-            compare(
-                "PreviewDatasetRecords stream, sync",
-                lambda: list(stub.PreviewDatasetRecords(preview)),
-                lambda: list(client.datasets.preview(dataset.name, limit=records)),
-            ),
+            lambda: list(stub.PreviewDatasetRecords(preview)),
+            lambda: list(client.datasets.preview(dataset.name, limit=records)),
             "us/msg",
             records,
         )
         pages = raw_pages()
-        report(
+        compare(
             "ListDatasets pages of 1, sync",
-            compare(
-                "ListDatasets pages", raw_pages, lambda: list(client.datasets.list(page_size=1))
-            ),
+            raw_pages,
+            lambda: list(client.datasets.list(page_size=1)),
             "us/page",
             pages,
         )
@@ -155,17 +154,9 @@ async def measure_async(target: str, name: str, calls: int, records: int) -> Non
         async for _ in client.datasets.preview(name, limit=records):
             pass
 
-    report(
-        "GetDataset, async",
-        await compare_async("GetDataset, async", raw_gets, sdk_gets),
-        "us/call",
-        calls,
-    )
-    report(
-        "PreviewDatasetRecords stream, async",
-        await compare_async("PreviewDatasetRecords stream, async", raw_stream, sdk_stream),
-        "us/msg",
-        records,
+    await compare_async("GetDataset, async", raw_gets, sdk_gets, "us/call", calls)
+    await compare_async(
+        "PreviewDatasetRecords stream, async", raw_stream, sdk_stream, "us/msg", records
     )
     await client.close()
     await channel.close()
@@ -186,12 +177,13 @@ def no_op_server(calls: int) -> None:
     with grpc.insecure_channel(target) as channel, Client(target) as client:
         stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         get = dataset_service_pb2.GetDatasetRequest(name="datasets/d")
-        times = compare(
-            "GetDataset, no-op server",
+        compare(
+            "GetDataset, no-op server, sync",
             lambda: [stub.GetDataset(get, timeout=30) for _ in range(calls)],
             lambda: [client.datasets.get("datasets/d") for _ in range(calls)],
+            "us/call",
+            calls,
         )
-        report("GetDataset, no-op server, sync", times, "us/call", calls)
     server.stop(0)
 
 

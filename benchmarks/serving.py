@@ -104,16 +104,16 @@ class Run:
         return self.tokens / self.seconds
 
 
-def requests_for(engine: Any, count: int, spread: int, max_tokens: int) -> list[Any]:
+def requests_for(engine: Any, count: int, adapters: int, max_tokens: int) -> list[Any]:
     """The same requests for every load: prompts and token counts vary, adapters round-robin
-    over the first `spread`."""
+    over the first `adapters`."""
     from tunefleet.inference.engine import GenerationRequest, Sampling
 
     prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
     return [
         GenerationRequest(
             prompts[index % len(prompts)],
-            f"adapter-{index % spread}",
+            f"adapter-{index % adapters}",
             Sampling(max_tokens=8 + (index * 7) % (max_tokens - 7)),
         )
         for index in range(count)

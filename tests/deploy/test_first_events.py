@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.client.conftest import UPLOAD_OPTIONS, colours, job_spec
-from tests.deploy.test_monitoring import rule_groups
+from tests.deploy.test_monitoring import alert_names, rule_groups
 from tests.helpers import require_tool
 from tests.trainer.conftest import chat_model
 from tests.training.conftest import lora_adapter
@@ -50,8 +50,8 @@ def scrape(server: LocalServer) -> Scrape:
 
 
 def find(scraped: Scrape, name: str, **labels: str) -> tuple[str, float]:
-    """The one series of `name` with `labels` (among its others), as promtool writes it, and its
-    value."""
+    """The one series of `name` with `labels` (among its others), written as promtool's input
+    series are, and its value."""
     found = [
         (dict(key), value)
         for (series, key), value in scraped.items()
@@ -206,9 +206,8 @@ def test_a_first_event_moves_its_series_from_zero_to_one(observed: Observed) -> 
             {"version": observed.candidate, "outcome": "ok"},
         ),
     ]:
-        series, zero = find(before, name, **labels)
-        assert (series, zero) == (find(observed.later, name, **labels)[0], 0)
-        assert find(observed.later, name, **labels)[1] == 1, series
+        assert find(before, name, **labels) == (find(observed.later, name, **labels)[0], 0)
+        assert find(observed.later, name, **labels)[1] == 1, (name, labels)
 
 
 # Minutes (samples a minute apart) of each promtool case: the series are absent for BEFORE
@@ -216,11 +215,12 @@ def test_a_first_event_moves_its_series_from_zero_to_one(observed: Observed) -> 
 BEFORE, ZERO = 30, 10
 START = f"_x{BEFORE - 1} 0x{ZERO - 1}"  # absent, then 0
 QUIET = f"{START} 0x60"  # a series exported at 0 that nothing moves
+ONCE = f"{START} 1x60"  # one event, then no more
 
 
-def rising(step: float, first: float | None = None) -> str:
-    """Absent, 0, then `first` (default `step`) rising by `step` a minute."""
-    return f"{START} {step if first is None else first}+{step}x60"
+def rising(step: float) -> str:
+    """Absent, 0, then `step` more every minute."""
+    return f"{START} {step}+{step}x60"
 
 
 def cases(observed: Observed) -> list[dict[str, Any]]:
@@ -318,11 +318,7 @@ def cases(observed: Observed) -> list[dict[str, Any]]:
         },
         {
             "alert": "TunefleetTrainingJobsFailing",
-            "series": [
-                series(
-                    fresh, rising(0, first=1), "tunefleet_training_jobs_ended_total", state="failed"
-                )
-            ],
+            "series": [series(fresh, ONCE, "tunefleet_training_jobs_ended_total", state="failed")],
             "at": 45,
             "labels": {},
         },
@@ -353,7 +349,7 @@ def cases(observed: Observed) -> list[dict[str, Any]]:
             "series": [
                 series(
                     later,
-                    rising(0, first=1),
+                    ONCE,
                     "tunefleet_retraining_runs_ended_total",
                     outcome="failed",
                 )
@@ -377,7 +373,7 @@ def cases(observed: Observed) -> list[dict[str, Any]]:
             "series": [
                 series(
                     fresh,
-                    rising(0, first=1),
+                    ONCE,
                     "tunefleet_evaluation_jobs_ended_total",
                     state="failed",
                 )
@@ -432,6 +428,8 @@ def test_every_alert_fires_on_the_first_events_after_a_restart(
 ) -> None:
     promtool = require_tool("promtool", "Debian package prometheus")
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_groups()))
+    every = cases(observed)
+    assert {case["alert"] for case in every} == alert_names()  # a new alert needs its case
     tests = [
         promtool_case(
             f"{case['alert']}: the first events after a restart",
@@ -440,10 +438,8 @@ def test_every_alert_fires_on_the_first_events_after_a_restart(
             case["at"],
             case["labels"],
         )
-        for case in cases(observed)
+        for case in every
     ]
-    alerts = {r["alert"] for g in rule_groups()["groups"] for r in g["rules"] if "alert" in r}  # type: ignore[attr-defined]
-    assert {case["alert"] for case in cases(observed)} == alerts
     failed = find(observed.fresh, "tunefleet_training_jobs_ended_total", state="failed")[0]
     late = find(
         observed.loaded,

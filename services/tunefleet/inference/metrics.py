@@ -175,23 +175,21 @@ class InferenceMetrics:
             self.loads.labels(outcome)
         for outcome in ("swapped", "failed"):
             self.swaps.labels(outcome)
-        self._seen: set[tuple[str, str]] = set()
+        for outcome in OUTCOMES:  # requests that named no version that exists
+            self.requests.labels(*UNRESOLVED, outcome)
+        self._seen: set[str] = set()
         self.version_seen("")  # the base model
-        self.version_seen(None)  # requests that named no version that exists
 
-    def version_seen(self, version: str | None) -> None:
-        """Every per-version series of `version` (None: 'unresolved') at zero, once: from then
-        on its first request, error or rating is an increase. A series that appears at 1 hides
-        that first event from increase() and rate() (TunefleetAdapterErrorRate, the feedback
-        alerts)."""
-        labels = version_labels(version) if version is not None else UNRESOLVED
-        if labels in self._seen:
+    def version_seen(self, version: str) -> None:
+        """Every per-version series of `version` at zero, once: from then on its first request,
+        error or rating is an increase. A series that appears at 1 hides that first event from
+        increase() and rate() (TunefleetAdapterErrorRate, the feedback alerts)."""
+        if version in self._seen:
             return
-        self._seen.add(labels)
+        self._seen.add(version)
+        labels = version_labels(version)
         for outcome in OUTCOMES:
             self.requests.labels(*labels, outcome)
-        if version is None:
-            return
         for metric in (
             self.prompt_tokens,
             self.cached_prompt_tokens,
